@@ -1,0 +1,36 @@
+# The two commands of the README: `make demo` and `make test`. Both build .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONSTRAINTS := constraints-cpu.txt
+PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c $(CONSTRAINTS)
+DEMO_OUT ?= data/demo
+
+.PHONY: demo test lint install clean
+
+install: $(STAMP)
+
+# torch first (the CPU wheel pinned by constraints), then DeepSpeed, whose build imports torch,
+# without build isolation and without compiling its C++/CUDA ops, then the project itself.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip setuptools wheel
+	$(PIP) torch
+	DS_BUILD_OPS=0 $(PIP) --no-build-isolation "deepspeed>=0.19,<0.20"
+	$(PIP) -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/vitpipe demo --out $(DEMO_OUT) --overwrite
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) data runs .pytest_cache

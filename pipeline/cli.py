@@ -1,0 +1,181 @@
+"""The `vitpipe` command line. Every command validates its settings through pipeline.config first,
+so a bad option fails before any Ray work starts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import (
+    ConfigError,
+    DigitsConfig,
+    FractalsConfig,
+    ImageFolderConfig,
+    PipelineConfig,
+    Section,
+    load_config,
+    validate,
+)
+
+EXIT_USAGE, EXIT_FAILED = 2, 1
+
+
+def _optional_size(text: str) -> str | None:
+    return None if text.lower() in ("none", "0") else text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vitpipe", description="Pretrain, fine-tune and evaluate ViTs on Ray."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = commands.add_parser("info", help="versions, accelerator and the reachable Ray cluster")
+    _add_address(info)
+
+    check = commands.add_parser("validate", help="check a pipeline config file and print it resolved")
+    check.add_argument("config", type=Path)
+
+    demo = commands.add_parser("demo", help="build the embedded datasets (digits, a small fractal corpus)")
+    demo.add_argument("--out", type=Path, default=Path("data/demo"))
+    demo.add_argument("--overwrite", action="store_true")
+    _add_address(demo)
+
+    datasets = commands.add_parser("datasets", help="write a dataset as WebDataset shards")
+    kinds = datasets.add_subparsers(dest="kind", required=True, metavar="KIND")
+
+    digits = kinds.add_parser("digits", help="scikit-learn's handwritten digits, train and test splits")
+    digits.add_argument("out", type=Path)
+    digits.add_argument("--test-fraction", type=float)
+    digits.add_argument("--shard-size", type=int)
+
+    fractals = kinds.add_parser("fractals", help="FractalDB-style synthetic pretraining corpus")
+    fractals.add_argument("out", type=Path)
+    fractals.add_argument("--classes", type=int)
+    fractals.add_argument("--per-class", type=int)
+    fractals.add_argument("--size", type=int, help="image side in pixels")
+    fractals.add_argument("--shard-size", type=int)
+    fractals.add_argument("--min-maps", type=int)
+    fractals.add_argument("--max-maps", type=int)
+    fractals.add_argument("--jitter", type=float, help="relative per-instance perturbation of the IFS")
+    fractals.add_argument("--jpeg-quality", type=int)
+
+    folder = kinds.add_parser("imagefolder", help="a class_name/image.ext tree of your own images")
+    folder.add_argument("src", type=Path)
+    folder.add_argument("out", type=Path)
+    folder.add_argument("--split")
+    folder.add_argument("--shard-samples", type=_optional_size, help="samples per shard ('none': no limit)")
+    folder.add_argument("--shard-bytes", type=_optional_size, help="bytes per shard, e.g. 256MB ('none')")
+    folder.add_argument("--max-pixels", type=int, help="larger images are skipped (decompression bombs)")
+
+    for sub in (digits, fractals, folder):
+        sub.add_argument("--name", help="shard file prefix and dataset name")
+        sub.add_argument("--seed", type=int)
+        sub.add_argument("--overwrite", action="store_true", help="replace an existing dataset at OUT")
+        sub.add_argument("--preview", action="store_true", help="also write OUT/preview.png")
+        _add_address(sub)
+    return parser
+
+
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray)")
+
+
+DATASET_MODELS: dict[str, type[Section]] = {
+    "digits": DigitsConfig,
+    "fractals": FractalsConfig,
+    "imagefolder": ImageFolderConfig,
+}
+NOT_SETTINGS = {"command", "kind", "out", "overwrite", "preview", "address"}
+
+
+def dataset_config(args: argparse.Namespace) -> Section:
+    """The validated dataset config from the options given (unset options keep the schema's defaults)."""
+    values: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS and v is not None}
+    if "src" in values:
+        values["src"] = str(values["src"])
+    for key in ("shard_samples", "shard_bytes"):
+        if key in vars(args) and vars(args)[key] is None and f"--{key.replace('_', '-')}" in sys.argv:
+            values[key] = None
+    if "shard_samples" in values and values["shard_samples"] is not None:
+        values["shard_samples"] = _as_int(values["shard_samples"], "--shard-samples")
+    return validate(
+        values, DATASET_MODELS[args.kind], source=f"vitpipe datasets {args.kind}", key_style="cli"
+    )
+
+
+def _as_int(text: str, option: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{option}: expected a whole number or 'none', got {text!r}") from None
+
+
+def build_dataset(config: Section, out: Path, overwrite: bool, preview: bool) -> None:
+    """Build one dataset with the builder for its kind; print its summary."""
+    from pipeline.datasets.card import summarize
+    from pipeline.datasets.digits import build_digits
+    from pipeline.datasets.fractals import build_fractals
+    from pipeline.datasets.imagefolder import build_imagefolder
+    from pipeline.datasets.preview import write_preview
+
+    builders: dict[str, Callable[..., Path]] = {
+        "digits": build_digits,
+        "fractals": build_fractals,
+        "imagefolder": build_imagefolder,
+    }
+    builders[config.kind](config, out, overwrite=overwrite)  # type: ignore[attr-defined]
+    print(summarize(out))
+    if preview:
+        print(f"  preview: {write_preview(out)}")
+
+
+def run_demo(out: Path, overwrite: bool) -> None:
+    """The embedded datasets of the quickstart: digits (dataset B) and a small fractal corpus (dataset A)."""
+    started = time.perf_counter()
+    build_dataset(DigitsConfig(), out / "digits", overwrite, preview=True)
+    build_dataset(
+        FractalsConfig(classes=10, per_class=100, size=32, shard_size=250), out / "fractals", overwrite, preview=True
+    )
+    print(f"demo datasets ready under {out} in {time.perf_counter() - started:.1f}s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as error:
+        print(f"vitpipe: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FileExistsError, FileNotFoundError, NotADirectoryError, ValueError, ConnectionError) as error:
+        print(f"vitpipe: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from pipeline.ray_session import init_ray
+
+    if args.command == "info":
+        from pipeline.info import report
+
+        print(report(args.address))
+    elif args.command == "validate":
+        config = load_config(args.config, PipelineConfig)
+        print(f"{args.config}: valid (config hash {config.digest()})")
+        print(config.model_dump_json(indent=2))
+    elif args.command == "demo":
+        print(init_ray(args.address), file=sys.stderr)
+        run_demo(args.out, args.overwrite)
+    elif args.command == "datasets":
+        config = dataset_config(args)  # validate before Ray starts
+        print(init_ray(args.address), file=sys.stderr)
+        build_dataset(config, args.out, args.overwrite, args.preview)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

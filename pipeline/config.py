@@ -1,0 +1,386 @@
+"""The config schema of every stage, and the one loader every command validates through.
+
+A config that fails here fails before any Ray work starts, with the file and the key path named.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ByteSize,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from vit.variants import parse_variant
+
+_EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
+def _exponent_string_to_float(value: Any) -> Any:
+    """YAML 1.1 reads `1e-3` (no dot) as a string; accept it as the float it was meant to be."""
+    if isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
+        return float(value)
+    return value
+
+
+# Strict numbers: YAML already types its scalars, so `true` or "10" where a number belongs is a mistake.
+Float = Annotated[float, BeforeValidator(_exponent_string_to_float), Strict()]
+PositiveInt = Annotated[int, Strict(), Field(gt=0)]
+NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
+PositiveFloat = Annotated[Float, Field(gt=0)]
+NonNegativeFloat = Annotated[Float, Field(ge=0)]
+UnitFraction = Annotated[Float, Field(ge=0, lt=1)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)]
+
+PIL_DEFAULT_MAX_PIXELS = 89_478_485
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message names the source file and every bad key path."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, and a validated config is immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def digest(self) -> str:
+        """A stable hash of the settings, for caching and for refusing to mix outputs of two configs."""
+        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# --- datasets: the corpora the project can write as WebDataset shards ------------------------------
+
+
+class DigitsConfig(Section):
+    """scikit-learn's handwritten digits (8x8 grayscale, 10 classes) split train/test, stratified."""
+
+    kind: Literal["digits"] = "digits"
+    name: Name = "digits"
+    test_fraction: Annotated[Float, Field(gt=0, lt=1)] = 0.2
+    seed: NonNegativeInt = 0
+    shard_size: PositiveInt = 512
+
+
+class FractalsConfig(Section):
+    """A FractalDB-style corpus: one random iterated function system per class, perturbed per instance."""
+
+    kind: Literal["fractals"] = "fractals"
+    name: Name = "fractals"
+    classes: Annotated[int, Strict(), Field(gt=0, le=1_000_000)] = 10
+    per_class: Annotated[int, Strict(), Field(gt=0, le=1_000_000)] = 100
+    size: Annotated[int, Strict(), Field(ge=16, le=1024)] = 32
+    seed: NonNegativeInt = 0
+    shard_size: PositiveInt = 1000
+    min_maps: Annotated[int, Strict(), Field(ge=2, le=8)] = 2
+    max_maps: Annotated[int, Strict(), Field(ge=2, le=8)] = 4
+    jitter: Annotated[Float, Field(ge=0, le=0.5)] = 0.1
+    jpeg_quality: Annotated[int, Strict(), Field(ge=1, le=100)] = 90
+
+    @model_validator(mode="after")
+    def _maps_ordered(self) -> FractalsConfig:
+        if self.min_maps > self.max_maps:
+            raise ValueError(f"min_maps ({self.min_maps}) is larger than max_maps ({self.max_maps})")
+        return self
+
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "gif", "tif", "tiff")
+
+
+class ImageFolderConfig(Section):
+    """A `class_name/image.ext` tree (ImageNet's layout) the user brings, sharded as one split."""
+
+    kind: Literal["imagefolder"] = "imagefolder"
+    name: Name = "images"
+    src: str
+    split: Name = "train"
+    shard_samples: PositiveInt | None = 1000
+    shard_bytes: ByteSize | None = ByteSize(256 * 1024**2)
+    seed: NonNegativeInt = 0
+    max_pixels: PositiveInt = PIL_DEFAULT_MAX_PIXELS
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+
+    @model_validator(mode="after")
+    def _some_shard_limit(self) -> ImageFolderConfig:
+        if self.shard_samples is None and self.shard_bytes is None:
+            raise ValueError("set shard_samples, shard_bytes or both: a shard needs a size limit")
+        if self.shard_bytes is not None and self.shard_bytes <= 0:
+            raise ValueError("shard_bytes must be positive")
+        return self
+
+
+DatasetConfig = Annotated[DigitsConfig | FractalsConfig | ImageFolderConfig, Field(discriminator="kind")]
+
+
+# --- preprocess, model, pretrain, fine-tune, evaluate ----------------------------------------------
+
+
+class PreprocessConfig(Section):
+    """WebDataset shards to patch-tensor Parquet shards: decode, resize, patchify, once."""
+
+    image_size: PositiveInt = 224
+    patch_size: PositiveInt = 16
+    channels: Literal[1, 3] = 3
+    resize: Literal["shorter-side-center-crop", "squash", "pad"] = "shorter-side-center-crop"
+    image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "ppm")
+    label_key: str | None = "cls"
+    max_pixels: PositiveInt = PIL_DEFAULT_MAX_PIXELS
+    max_failure_rate: Annotated[Float, Field(ge=0, le=1)] = 0.01
+
+    @model_validator(mode="after")
+    def _grid_divides(self) -> PreprocessConfig:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        return self
+
+
+class ModelConfig(Section):
+    """A ViT: a named variant ("Ti/16") whose dimensions may be overridden for small experiments."""
+
+    variant: str = "Ti/16"
+    width: PositiveInt | None = None
+    depth: PositiveInt | None = None
+    mlp_dim: PositiveInt | None = None
+    heads: PositiveInt | None = None
+    pool: Literal["cls", "gap"] = "cls"
+    representation_size: PositiveInt | None = None
+    dropout: UnitFraction = 0.0
+    drop_path: UnitFraction = 0.0
+
+    @field_validator("variant")
+    @classmethod
+    def _known_variant(cls, variant: str) -> str:
+        parse_variant(variant)
+        return variant
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        shape = parse_variant(self.variant).shape
+        width, heads = self.width or shape.width, self.heads or shape.heads
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        return self
+
+
+class OptimizerConfig(Section):
+    """Optimizer and clipping; weight decay applies to weight matrices only."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: PositiveFloat = 1e-3
+    betas: tuple[UnitFraction, UnitFraction] = (0.9, 0.999)
+    momentum: UnitFraction = 0.9
+    weight_decay: NonNegativeFloat = 0.1
+    grad_clip: PositiveFloat | None = 1.0
+
+
+class ScheduleConfig(Section):
+    """Linear warmup, then decay to `min_lr_ratio` of the peak."""
+
+    warmup_steps: NonNegativeInt = 10_000
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: Annotated[Float, Field(ge=0, le=1)] = 0.0
+
+
+class PretrainConfig(Section):
+    """DeepSpeed ZeRO pretraining on Ray Train; the batch is global and must split evenly."""
+
+    data: str
+    model: ModelConfig = ModelConfig()
+    num_workers: PositiveInt = 2
+    use_gpu: bool = False
+    cpus_per_worker: PositiveFloat = 1.0
+    global_batch_size: PositiveInt = 4096
+    micro_batch_size: PositiveInt = 64
+    steps: PositiveInt = 100_000
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    bf16: bool = False
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    label_smoothing: UnitFraction = 0.0
+    checkpoint_every: PositiveInt = 1000
+    keep_checkpoints: PositiveInt = 3
+    storage_path: str | None = None
+    seed: NonNegativeInt = 0
+    deepspeed: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> PretrainConfig:
+        per_step = self.micro_batch_size * self.num_workers
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not a multiple of "
+                f"micro_batch_size x num_workers = {self.micro_batch_size} x {self.num_workers}"
+            )
+        return self
+
+
+class FinetuneConfig(Section):
+    """Fine-tuning on target datasets, the paper's recipe by default (SGD momentum, no decay)."""
+
+    targets: list[str] = Field(min_length=1)
+    modes: tuple[Literal["pretrained", "scratch"], ...] = ("pretrained", "scratch")
+    steps: PositiveInt = 500
+    batch_size: PositiveInt = 512
+    optimizer: OptimizerConfig = OptimizerConfig(name="sgd", lr=0.03, weight_decay=0.0)
+    schedule: ScheduleConfig = ScheduleConfig(warmup_steps=50)
+    freeze_backbone: bool = False
+    cpus_per_task: PositiveFloat = 1.0
+    gpus_per_task: NonNegativeFloat = 0.0
+    seed: NonNegativeInt = 0
+
+
+class EvaluateConfig(Section):
+    """Few-shot linear evaluation on frozen features: closed-form ridge regression to {-1, 1}."""
+
+    shots: tuple[PositiveInt, ...] = (1, 5, 10, 25)
+    seeds: PositiveInt = 3
+    l2_regularization: PositiveFloat = 1.0
+
+
+class PipelineConfig(Section):
+    """A whole job: datasets, then preprocess, pretrain, fine-tune and evaluate."""
+
+    name: Name
+    run_dir: str = "runs"
+    datasets: dict[Name, DatasetConfig] = Field(default_factory=dict)
+    preprocess: dict[Name, PreprocessConfig] = Field(default_factory=dict)
+    pretrain: PretrainConfig | None = None
+    finetune: FinetuneConfig | None = None
+    evaluate: EvaluateConfig | None = None
+
+
+# --- loading -----------------------------------------------------------------------------------------
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Parse a YAML file safely; a missing file or a syntax error names the file (and the line)."""
+    path = Path(path)
+    try:
+        with path.open() as stream:
+            return yaml.safe_load(stream)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read config: {error.strerror or error}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+
+
+def load_config(path: str | Path, model: type[ModelT] = PipelineConfig) -> ModelT:  # type: ignore[assignment]
+    """Load and validate a YAML config file against `model`."""
+    return validate(load_yaml(path), model, source=str(path))
+
+
+def validate(data: Any, model: type[ModelT], source: str, key_style: str = "yaml") -> ModelT:
+    """Validate a mapping against `model`; on failure raise ConfigError naming `source` and each key.
+
+    key_style "cli" writes top-level keys as command-line options (`--per-class`).
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        lines = [_describe(item, data, model, key_style) for item in error.errors()]
+        noun = "error" if len(lines) == 1 else "errors"
+        raise ConfigError(f"{source}: {len(lines)} config {noun}:\n" + "\n".join(lines)) from None
+
+
+def _describe(item: dict[str, Any], data: Any, model: type[BaseModel], key_style: str) -> str:
+    keys = _user_key_path(item["loc"], data)
+    path = _format_path(keys, key_style)
+    message = str(item["msg"]).removeprefix("Value error, ")
+    if item["type"] == "extra_forbidden":
+        allowed = _allowed_keys(model, keys[:-1], data)
+        close = difflib.get_close_matches(str(keys[-1]), allowed, n=1)
+        hint = f"; did you mean {_format_path([close[0]], key_style)!r}?" if close else ""
+        return f"  {path}: unknown key{hint}"
+    if item["type"] == "missing":
+        return f"  {path}: required key is missing"
+    got = item.get("input")
+    shown = "" if isinstance(got, dict | list) or not keys else f" (got {got!r})"
+    return f"  {path or '(top level)'}: {message}{shown}"
+
+
+def _user_key_path(loc: tuple[Any, ...], data: Any) -> list[Any]:
+    """The error's location as the user wrote it: drop the discriminator tags pydantic inserts."""
+    keys: list[Any] = []
+    node = data
+    for part in loc:
+        inside_dict = isinstance(node, dict) and part in node
+        inside_list = isinstance(node, list) and isinstance(part, int) and part < len(node)
+        if inside_dict or inside_list:
+            node = node[part]  # type: ignore[index]
+        elif isinstance(node, dict) and node.get("kind") == part:
+            continue  # the tagged-union branch, not a key of the file
+        else:
+            node = None
+        keys.append(part)
+    return keys
+
+
+def _format_path(keys: list[Any], key_style: str) -> str:
+    text = ""
+    for key in keys:
+        if isinstance(key, int):
+            text += f"[{key}]"
+        elif key_style == "cli" and not text:
+            text = "--" + str(key).replace("_", "-")
+        else:
+            text += ("." if text else "") + str(key)
+    return text
+
+
+def _allowed_keys(model: type[BaseModel], parent: list[Any], data: Any) -> list[str]:
+    """Field names of the section at `parent`, for a did-you-mean hint."""
+    annotation: Any = model
+    node = data
+    for part in parent:
+        node = node.get(part) if isinstance(node, dict) else None
+        annotation = _resolve(_child_annotation(annotation, part), node)
+    is_model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+    return list(annotation.model_fields) if is_model else []
+
+
+def _child_annotation(annotation: Any, part: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        field = annotation.model_fields.get(str(part))
+        return field.annotation if field is not None else None
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is dict:
+        return args[1]
+    return args[0] if args else None
+
+
+def _resolve(annotation: Any, node: Any) -> Any:
+    """Unwrap Annotated and Optional; pick a tagged-union branch by the node's `kind`."""
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    branches = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    if not branches or typing.get_origin(annotation) in (dict, list, tuple):
+        return annotation
+    kind = node.get("kind") if isinstance(node, dict) else None
+    chosen = [b for b in branches if "kind" in b.model_fields and b.model_fields["kind"].default == kind]
+    return (chosen or branches)[0]

@@ -1,0 +1,1 @@
+"""Datasets vitpipe writes as standard WebDataset shards: digits, synthetic fractals, image folders."""

@@ -1,0 +1,104 @@
+"""Writing WebDataset tar shards: deterministic bytes, atomic files, one Ray task per shard.
+
+A shard is a plain tar of `key.ext` members grouped by key, readable by `webdataset.WebDataset`
+and by Python's `tarfile`. Members carry fixed metadata (mtime 0, root-owned, read-only) so the
+same samples always give the same bytes, whichever worker or machine wrote them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from pipeline.progress import Progress
+from pipeline.ray_session import cluster_cpus
+
+Sample = tuple[str, dict[str, bytes]]  # key, {extension: bytes}
+
+
+@dataclass
+class ShardResult:
+    """What one shard task wrote, and what it skipped."""
+
+    file: str
+    samples: int
+    bytes: int
+    class_counts: dict[int, int] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def shard_name(name: str, index: int) -> str:
+    """`{name}-{index:06d}.tar`, the numbering brace patterns such as `{000000..000012}` expand to."""
+    return f"{name}-{index:06d}.tar"
+
+
+def brace_pattern(name: str, count: int) -> str:
+    """The brace pattern naming shards 0..count-1, as WebDataset and `vitpipe preprocess` accept."""
+    if count == 1:
+        return shard_name(name, 0)
+    return f"{name}-{{{0:06d}..{count - 1:06d}}}.tar"
+
+
+def write_shard(path: Path, samples: Iterable[Sample]) -> tuple[int, int]:
+    """Write samples to `path` atomically (temporary name, then rename); return (samples, bytes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    count = 0
+    seen: set[str] = set()
+    with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            if "." in key or "/" in key or key in seen:
+                raise ValueError(f"{path.name}: sample key {key!r} is empty, repeated or has '.' or '/'")
+            seen.add(key)
+            for extension, payload in members.items():
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size, info.mtime, info.mode = len(payload), 0, 0o444
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(payload))
+            count += 1
+    os.replace(partial, path)
+    return count, path.stat().st_size
+
+
+def run_shard_tasks(
+    task: Callable[..., ShardResult],
+    shard_args: Sequence[tuple[Any, ...]],
+    *,
+    label: str,
+    shared: tuple[Any, ...] = (),
+) -> list[ShardResult]:
+    """Run `task(*shared, *args)` as one Ray task per shard; results in shard order.
+
+    At most two tasks per cluster CPU are in flight, so the driver's memory stays bounded however
+    many shards there are, and adding nodes adds throughput with no change here.
+    """
+    remote = ray.remote(num_cpus=1, max_retries=2)(task)
+    shared_refs = tuple(ray.put(value) for value in shared)
+    limit = 2 * cluster_cpus()
+    progress = Progress(label, total=len(shard_args))
+    pending: dict[ray.ObjectRef, int] = {}
+    results: list[ShardResult | None] = [None] * len(shard_args)
+    next_index = 0
+    while next_index < len(shard_args) or pending:
+        while next_index < len(shard_args) and len(pending) < limit:
+            pending[remote.remote(*shared_refs, *shard_args[next_index])] = next_index
+            next_index += 1
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            result = ray.get(ref)
+            results[pending.pop(ref)] = result
+            progress.update(items=result.samples)
+    return [result for result in results if result is not None]
+
+
+def result_dicts(results: Iterable[ShardResult]) -> list[dict[str, Any]]:
+    """Per-shard entries for dataset.json (file, samples, bytes), without the per-sample details."""
+    return [{k: v for k, v in asdict(r).items() if k in ("file", "samples", "bytes")} for r in results]

@@ -1,0 +1,48 @@
+"""The one way vitpipe gets Ray: join the cluster the user names, else start a local one."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+ADDRESS_ENV = "RAY_ADDRESS"
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, verbose: bool = False) -> str:
+    """Connect to `address` (or $RAY_ADDRESS) if given, else start a local Ray sized to this machine.
+
+    Returns a one-line description of what Ray is running on. Calling it again is a no-op, so
+    library code can call it freely and a test session can start Ray once for every test.
+    """
+    if ray.is_initialized():
+        return _describe()
+    address = address or os.environ.get(ADDRESS_ENV) or None
+    options: dict = {
+        "logging_level": logging.INFO if verbose else logging.WARNING,
+        "log_to_driver": True,
+    }
+    if address is None:
+        options |= {"num_cpus": num_cpus or os.cpu_count() or 1, "include_dashboard": False}
+    try:
+        ray.init(address=address, **options)
+    except ConnectionError as error:
+        raise ConnectionError(
+            f"cannot reach the Ray cluster at {address!r}: {error}. Check the address, that the head node "
+            "is up, and, if the cluster uses token authentication, that RAY_AUTH_TOKEN or "
+            "~/.ray/auth_token holds its token."
+        ) from error
+    return _describe()
+
+
+def cluster_cpus() -> int:
+    """CPUs the connected cluster has in total (at least 1)."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _describe() -> str:
+    resources = ray.cluster_resources()
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    gpus = int(resources.get("GPU", 0))
+    return f"Ray {ray.__version__}: {nodes} node(s), {int(resources.get('CPU', 0))} CPU, {gpus} GPU"

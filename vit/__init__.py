@@ -1,0 +1,1 @@
+"""vit: the Vision Transformer and the math of training it. Plain PyTorch/DeepSpeed; never imports Ray."""
