@@ -1,0 +1,50 @@
+"""Shared fixtures: one local Ray for the whole session, and the embedded datasets built once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+
+from pipeline.config import DigitsConfig, FractalsConfig
+from pipeline.ray_session import init_ray
+
+REPO = Path(__file__).resolve().parents[1]
+VITPIPE = [sys.executable, "-m", "pipeline.cli"]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray with 2 CPUs, started once for every test that needs one."""
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_dir(ray_local, tmp_path_factory) -> Path:
+    from pipeline.datasets.digits import build_digits
+
+    out = tmp_path_factory.mktemp("datasets") / "digits"
+    build_digits(DigitsConfig(shard_size=400), out)
+    return out
+
+
+FRACTALS = FractalsConfig(classes=10, per_class=30, size=32, shard_size=64, seed=7)
+
+
+@pytest.fixture(scope="session")
+def fractals_dir(ray_local, tmp_path_factory) -> Path:
+    from pipeline.datasets.fractals import build_fractals
+
+    out = tmp_path_factory.mktemp("datasets") / "fractals"
+    build_fractals(FRACTALS, out)
+    return out
+
+
+def run_vitpipe(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in a fresh process, as a user would."""
+    return subprocess.run([*VITPIPE, *args], capture_output=True, text=True, cwd=REPO, timeout=300, **kwargs)
