@@ -24,10 +24,6 @@ from pipeline.config import (
 EXIT_USAGE, EXIT_FAILED = 2, 1
 
 
-def _optional_size(text: str) -> str | None:
-    return None if text.lower() in ("none", "0") else text
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vitpipe", description="Pretrain, fine-tune and evaluate ViTs on Ray."
@@ -68,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     folder.add_argument("src", type=Path)
     folder.add_argument("out", type=Path)
     folder.add_argument("--split")
-    folder.add_argument("--shard-samples", type=_optional_size, help="samples per shard ('none': no limit)")
-    folder.add_argument("--shard-bytes", type=_optional_size, help="bytes per shard, e.g. 256MB ('none')")
+    folder.add_argument("--shard-samples", help="samples per shard ('none': no limit)")
+    folder.add_argument("--shard-bytes", help="bytes per shard, e.g. 256MB ('none')")
     folder.add_argument("--max-pixels", type=int, help="larger images are skipped (decompression bombs)")
 
     for sub in (digits, fractals, folder):
@@ -99,9 +95,9 @@ def dataset_config(args: argparse.Namespace) -> Section:
     if "src" in values:
         values["src"] = str(values["src"])
     for key in ("shard_samples", "shard_bytes"):
-        if key in vars(args) and vars(args)[key] is None and f"--{key.replace('_', '-')}" in sys.argv:
-            values[key] = None
-    if "shard_samples" in values and values["shard_samples"] is not None:
+        if key in values and str(values[key]).lower() == "none":
+            values[key] = None  # 'none' lifts that limit
+    if values.get("shard_samples") is not None:
         values["shard_samples"] = _as_int(values["shard_samples"], "--shard-samples")
     return validate(
         values, DATASET_MODELS[args.kind], source=f"vitpipe datasets {args.kind}", key_style="cli"
@@ -139,7 +135,10 @@ def run_demo(out: Path, overwrite: bool) -> None:
     started = time.perf_counter()
     build_dataset(DigitsConfig(), out / "digits", overwrite, preview=True)
     build_dataset(
-        FractalsConfig(classes=10, per_class=100, size=32, shard_size=250), out / "fractals", overwrite, preview=True
+        FractalsConfig(classes=10, per_class=100, size=32, shard_size=250),
+        out / "fractals",
+        overwrite,
+        preview=True,
     )
     print(f"demo datasets ready under {out} in {time.perf_counter() - started:.1f}s")
 

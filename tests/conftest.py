@@ -48,3 +48,24 @@ def fractals_dir(ray_local, tmp_path_factory) -> Path:
 def run_vitpipe(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
     """Run the CLI in a fresh process, as a user would."""
     return subprocess.run([*VITPIPE, *args], capture_output=True, text=True, cwd=REPO, timeout=300, **kwargs)
+
+
+# A valid pipeline config that tests mutate one key at a time.
+GOOD_JOB = """
+name: quick
+datasets:
+  corpus: {kind: fractals, classes: 10, per_class: 100, size: 32}
+  digits: {kind: digits}
+preprocess:
+  corpus: {image_size: 32, patch_size: 4}
+pretrain:
+  data: corpus
+  model: {variant: Ti/4, width: 96, depth: 4, heads: 3, mlp_dim: 384}
+  num_workers: 2
+  global_batch_size: 128
+  micro_batch_size: 32
+  zero_stage: 2
+  optimizer: {lr: 1e-3, weight_decay: 0.05}
+finetune:
+  targets: [digits]
+"""

@@ -15,26 +15,7 @@ from pipeline.config import (
     load_config,
     validate,
 )
-from tests.conftest import run_vitpipe
-
-GOOD = """
-name: quick
-datasets:
-  corpus: {kind: fractals, classes: 10, per_class: 100, size: 32}
-  digits: {kind: digits}
-preprocess:
-  corpus: {image_size: 32, patch_size: 4}
-pretrain:
-  data: corpus
-  model: {variant: Ti/4, width: 96, depth: 4, heads: 3, mlp_dim: 384}
-  num_workers: 2
-  global_batch_size: 128
-  micro_batch_size: 32
-  zero_stage: 2
-  optimizer: {lr: 1e-3, weight_decay: 0.05}
-finetune:
-  targets: [digits]
-"""
+from tests.conftest import GOOD_JOB, run_vitpipe
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -50,38 +31,46 @@ def errors_of(tmp_path: Path, text: str) -> str:
 
 
 def test_valid_config_loads_with_defaults_and_exponent_floats(tmp_path):
-    config = load_config(write(tmp_path, GOOD))
+    config = load_config(write(tmp_path, GOOD_JOB))
     assert isinstance(config, PipelineConfig)
     assert config.pretrain is not None
     assert config.pretrain.optimizer.lr == pytest.approx(1e-3)
     assert config.datasets["corpus"].kind == "fractals"
     assert config.pretrain.schedule.decay == "cosine"
-    assert config.digest() == load_config(write(tmp_path, GOOD)).digest()
+    assert config.digest() == load_config(write(tmp_path, GOOD_JOB)).digest()
 
 
 def test_unknown_key_names_file_key_path_and_suggestion(tmp_path):
-    message = errors_of(tmp_path, GOOD.replace("per_class: 100", "per_clas: 100"))
+    message = errors_of(tmp_path, GOOD_JOB.replace("per_class: 100", "per_clas: 100"))
     assert str(tmp_path / "job.yaml") in message
     assert "datasets.corpus.per_clas: unknown key; did you mean 'per_class'?" in message
 
 
 def test_unknown_nested_key_in_pretrain(tmp_path):
-    message = errors_of(tmp_path, GOOD.replace("weight_decay: 0.05", "wieght_decay: 0.05"))
+    message = errors_of(tmp_path, GOOD_JOB.replace("weight_decay: 0.05", "wieght_decay: 0.05"))
     assert "pretrain.optimizer.wieght_decay: unknown key; did you mean 'weight_decay'?" in message
 
 
 @pytest.mark.parametrize(
     ("old", "new", "expected"),
     [
-        ("classes: 10", "classes: ten", "datasets.corpus.classes: Input should be a valid integer (got 'ten')"),
-        ("classes: 10", "classes: true", "datasets.corpus.classes: Input should be a valid integer (got True)"),
+        (
+            "classes: 10",
+            "classes: ten",
+            "datasets.corpus.classes: Input should be a valid integer (got 'ten')",
+        ),
+        (
+            "classes: 10",
+            "classes: true",
+            "datasets.corpus.classes: Input should be a valid integer (got True)",
+        ),
         ("num_workers: 2", "num_workers: 2.5", "pretrain.num_workers: Input should be a valid integer"),
         ("lr: 1e-3", "lr: fast", "pretrain.optimizer.lr: Input should be a valid number (got 'fast')"),
         ("targets: [digits]", "targets: digits", "finetune.targets: Input should be a valid list"),
     ],
 )
 def test_wrong_type_names_key(tmp_path, old, new, expected):
-    assert expected in errors_of(tmp_path, GOOD.replace(old, new))
+    assert expected in errors_of(tmp_path, GOOD_JOB.replace(old, new))
 
 
 @pytest.mark.parametrize(
@@ -89,7 +78,11 @@ def test_wrong_type_names_key(tmp_path, old, new, expected):
     [
         ("size: 32}", "size: 8}", "datasets.corpus.size: Input should be greater than or equal to 16"),
         ("classes: 10", "classes: 0", "datasets.corpus.classes: Input should be greater than 0"),
-        ("patch_size: 4", "patch_size: 5", "preprocess.corpus: image_size 32 is not a multiple of patch_size 5"),
+        (
+            "patch_size: 4",
+            "patch_size: 5",
+            "preprocess.corpus: image_size 32 is not a multiple of patch_size 5",
+        ),
         ("variant: Ti/4", "variant: XL/4", "pretrain.model.variant: unknown variant 'XL'"),
         ("micro_batch_size: 32", "micro_batch_size: 48", "global_batch_size 128 is not a multiple of"),
         ("zero_stage: 2", "zero_stage: 4", "pretrain.zero_stage: Input should be 0, 1, 2 or 3"),
@@ -97,11 +90,13 @@ def test_wrong_type_names_key(tmp_path, old, new, expected):
     ],
 )
 def test_impossible_values_name_key(tmp_path, old, new, expected):
-    assert expected in errors_of(tmp_path, GOOD.replace(old, new))
+    assert expected in errors_of(tmp_path, GOOD_JOB.replace(old, new))
 
 
 def test_every_error_is_reported_at_once(tmp_path):
-    message = errors_of(tmp_path, GOOD.replace("classes: 10", "classes: 0").replace("size: 32}", "size: 9}"))
+    message = errors_of(
+        tmp_path, GOOD_JOB.replace("classes: 10", "classes: 0").replace("size: 32}", "size: 9}")
+    )
     assert "2 config errors" in message
 
 
@@ -120,7 +115,7 @@ def test_missing_required_key(tmp_path):
 
 
 def test_missing_file_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="nope.yaml: cannot read config"):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read config"):
         load_config(tmp_path / "nope.yaml")
 
 
@@ -131,7 +126,9 @@ def test_yaml_tags_are_not_executed(tmp_path):
 
 def test_cli_style_errors_name_options():
     with pytest.raises(ConfigError) as caught:
-        validate({"classes": -1, "min_maps": 5, "max_maps": 3}, FractalsConfig, "vitpipe datasets", key_style="cli")
+        validate(
+            {"classes": -1, "min_maps": 5, "max_maps": 3}, FractalsConfig, "vitpipe datasets", key_style="cli"
+        )
     assert "--classes: Input should be greater than 0 (got -1)" in str(caught.value)
 
 

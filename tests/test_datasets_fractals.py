@@ -26,7 +26,9 @@ def test_card_and_shards(fractals_dir):
     assert card["splits"]["train"]["samples"] == total
     assert len(card["splits"]["train"]["shards"]) == -(-total // FRACTALS.shard_size)
     assert card["classes"] == [f"fractal_{c:06d}" for c in range(FRACTALS.classes)]
-    assert card["splits"]["train"]["per_class"] == {str(c): FRACTALS.per_class for c in range(FRACTALS.classes)}
+    assert card["splits"]["train"]["per_class"] == {
+        str(c): FRACTALS.per_class for c in range(FRACTALS.classes)
+    }
     assert card["images_per_second"] > 0
 
 

@@ -1,0 +1,95 @@
+"""The `vitpipe` command line as users call it: exit codes, messages, the preview picture."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.datasets.card import read_card
+from tests.conftest import GOOD_JOB, run_vitpipe
+
+
+def test_datasets_fractals_with_preview(tmp_path, ray_local, capsys):
+    out = tmp_path / "fr"
+    code = main(
+        [
+            "datasets",
+            "fractals",
+            str(out),
+            "--classes",
+            "3",
+            "--per-class",
+            "4",
+            "--size",
+            "24",
+            "--shard-size",
+            "5",
+            "--seed",
+            "3",
+            "--preview",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "train: 12 samples in 3 shard(s)" in printed
+    preview = Image.open(out / "preview.png")
+    assert preview.size[1] == 3 * 66  # one row per class
+    assert read_card(out)["config"]["seed"] == 3
+
+
+def test_existing_output_is_refused_with_exit_1(tmp_path, ray_local, capsys):
+    out = tmp_path / "d"
+    assert main(["datasets", "digits", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["datasets", "digits", str(out)]) == 1
+    assert "already exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert main(["datasets", "digits", str(out), "--overwrite", "--test-fraction", "0.5"]) == 0
+    assert read_card(out)["splits"]["test"]["samples"] in (898, 899)
+
+
+def test_imagefolder_missing_source_exit_1(tmp_path, ray_local, capsys):
+    assert main(["datasets", "imagefolder", str(tmp_path / "nothing"), str(tmp_path / "out")]) == 1
+    assert "nothing: image folder does not exist" in capsys.readouterr().err
+
+
+def test_imagefolder_shard_limits_from_the_command_line(tmp_path, capsys):
+    assert (
+        main(["datasets", "imagefolder", "src", "out", "--shard-samples", "none", "--shard-bytes", "none"])
+        == 2
+    )
+    assert "set shard_samples, shard_bytes or both" in capsys.readouterr().err
+    assert main(["datasets", "imagefolder", "src", "out", "--shard-samples", "many"]) == 2
+    assert "--shard-samples: expected a whole number or 'none', got 'many'" in capsys.readouterr().err
+    assert main(["datasets", "imagefolder", "src", "out", "--shard-bytes", "lots"]) == 2
+    assert "--shard-bytes: could not parse value and unit from byte string" in capsys.readouterr().err
+
+
+def test_validate_prints_resolved_config(tmp_path, capsys):
+    path = tmp_path / "job.yaml"
+    path.write_text(GOOD_JOB)
+    assert main(["validate", str(path)]) == 0
+    printed = capsys.readouterr().out
+    resolved = json.loads(printed.split("\n", 1)[1])
+    assert resolved["pretrain"]["optimizer"]["betas"] == [0.9, 0.999]
+    path.write_text(GOOD_JOB.replace("zero_stage: 2", "zero_stage: 5"))
+    assert main(["validate", str(path)]) == 2
+    assert "pretrain.zero_stage" in capsys.readouterr().err
+
+
+def test_info_reports_versions_and_accelerator():
+    result = run_vitpipe("info")
+    assert result.returncode == 0, result.stderr
+    for name in (
+        "python",
+        "torch",
+        "ray",
+        "deepspeed",
+        "webdataset",
+        "pyarrow",
+        "accelerator",
+        "ray cluster",
+    ):
+        assert name in result.stdout
+    assert "missing" not in result.stdout
