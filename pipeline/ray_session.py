@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import ray
 
@@ -24,8 +25,11 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, verbose
         "log_to_driver": True,
     }
     if address is None:
+        # "local" always starts a new instance; None would join any cluster this machine runs.
+        address = "local"
         options |= {"num_cpus": num_cpus or os.cpu_count() or 1, "include_dashboard": False}
     try:
+        _check_reachable(address)
         ray.init(address=address, **options)
     except ConnectionError as error:
         raise ConnectionError(
@@ -34,6 +38,20 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, verbose
             "~/.ray/auth_token holds its token."
         ) from error
     return _describe()
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when a HOST:PORT (or ray://HOST:PORT) address has nobody listening.
+
+    Ray itself retries an unreachable GCS for well over a minute before giving up.
+    """
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local" and other forms Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise ConnectionError(f"nothing answers at {host}:{port} ({error.strerror or error})") from None
 
 
 def cluster_cpus() -> int:

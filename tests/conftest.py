@@ -47,7 +47,8 @@ def fractals_dir(ray_local, tmp_path_factory) -> Path:
 
 def run_vitpipe(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
     """Run the CLI in a fresh process, as a user would."""
-    return subprocess.run([*VITPIPE, *args], capture_output=True, text=True, cwd=REPO, timeout=300, **kwargs)
+    kwargs.setdefault("timeout", 300)
+    return subprocess.run([*VITPIPE, *args], capture_output=True, text=True, cwd=REPO, **kwargs)
 
 
 # A valid pipeline config that tests mutate one key at a time.

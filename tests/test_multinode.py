@@ -1,0 +1,60 @@
+"""Dataset generation on a simulated two-node Ray cluster, reached the way users reach one: --address."""
+
+from __future__ import annotations
+
+import pytest
+from ray.cluster_utils import Cluster
+
+from pipeline.datasets.card import read_card
+from tests.conftest import run_vitpipe
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    """A head and a worker node on this machine, one CPU each; this process does not join it."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()
+
+
+def test_info_sees_both_nodes(two_node_cluster):
+    result = run_vitpipe("info", "--address", two_node_cluster.address)
+    assert result.returncode == 0, result.stderr
+    assert "2 node(s), 2 CPU" in result.stdout
+
+
+def test_fractals_generated_across_nodes_match_a_local_run(two_node_cluster, tmp_path):
+    args = ["--classes", "4", "--per-class", "6", "--size", "16", "--shard-size", "5", "--seed", "11"]
+    remote = run_vitpipe(
+        "datasets", "fractals", str(tmp_path / "cluster"), *args, "--address", two_node_cluster.address
+    )
+    assert remote.returncode == 0, remote.stderr
+    assert "2 node(s), 2 CPU" in remote.stderr
+    local = run_vitpipe(
+        "datasets", "fractals", str(tmp_path / "local"), *args, env={"RAY_ADDRESS": "", **_env()}
+    )
+    assert local.returncode == 0, local.stderr
+    cluster_card, local_card = read_card(tmp_path / "cluster"), read_card(tmp_path / "local")
+    assert cluster_card["splits"]["train"]["samples"] == 24
+    for ours, theirs in zip(
+        cluster_card["splits"]["train"]["shards"], local_card["splits"]["train"]["shards"], strict=True
+    ):
+        assert (tmp_path / "cluster" / ours["file"]).read_bytes() == (
+            tmp_path / "local" / theirs["file"]
+        ).read_bytes()
+
+
+def test_unreachable_address_is_a_clear_error(tmp_path):
+    out = tmp_path / "never-written"
+    result = run_vitpipe("datasets", "digits", str(out), "--address", "127.0.0.1:1", timeout=120)
+    assert result.returncode == 1
+    assert "cannot reach the Ray cluster at '127.0.0.1:1'" in result.stderr
+    assert not out.exists()
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)
