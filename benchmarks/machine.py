@@ -1,0 +1,44 @@
+"""Describe the machine a benchmark ran on, for the results JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pipeline.info import accelerator, package_versions
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict:
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "accelerator": accelerator(),
+        "platform": platform.platform(),
+        "versions": package_versions(),
+    }
+
+
+def save(name: str, results: dict) -> Path:
+    """Write results/{name}.json with the machine and the time of the run."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    path.write_text(
+        json.dumps({"benchmark": name, "when": stamp, "machine": machine(), **results}, indent=2) + "\n"
+    )
+    return path
