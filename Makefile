@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/vitpipe demo --out $(DEMO_OUT) --overwrite
+	$(BIN)/vitpipe demo --job jobs/quickstart.yaml --out $(DEMO_OUT) --overwrite
 
 test: $(STAMP)
 	$(BIN)/ruff check .

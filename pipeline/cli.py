@@ -22,6 +22,7 @@ from pipeline.config import (
 )
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
+DEMO_JOB = Path(__file__).resolve().parents[1] / "jobs" / "quickstart.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("validate", help="check a pipeline config file and print it resolved")
     check.add_argument("config", type=Path)
 
-    demo = commands.add_parser("demo", help="build the embedded datasets (digits, a small fractal corpus)")
+    demo = commands.add_parser("demo", help="build the datasets of the quickstart job (digits, fractals)")
+    demo.add_argument("--job", type=Path, default=DEMO_JOB, help="job whose datasets to build")
     demo.add_argument("--out", type=Path, default=Path("data/demo"))
     demo.add_argument("--overwrite", action="store_true")
     _add_address(demo)
@@ -130,17 +132,13 @@ def build_dataset(config: Section, out: Path, overwrite: bool, preview: bool) ->
         print(f"  preview: {write_preview(out)}")
 
 
-def run_demo(out: Path, overwrite: bool) -> None:
-    """The embedded datasets of the quickstart: digits (dataset B) and a small fractal corpus (dataset A)."""
+def run_demo(job: PipelineConfig, out: Path, overwrite: bool) -> None:
+    """Build every dataset of `job` under `out/{name}`, with previews: the quickstart's A and B."""
     started = time.perf_counter()
-    build_dataset(DigitsConfig(), out / "digits", overwrite, preview=True)
-    build_dataset(
-        FractalsConfig(classes=10, per_class=100, size=32, shard_size=250),
-        out / "fractals",
-        overwrite,
-        preview=True,
-    )
-    print(f"demo datasets ready under {out} in {time.perf_counter() - started:.1f}s")
+    for name, dataset in job.datasets.items():
+        build_dataset(dataset, out / name, overwrite, preview=True)
+    seconds = time.perf_counter() - started
+    print(f"{len(job.datasets)} datasets of job {job.name!r} ready under {out} in {seconds:.1f}s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -167,8 +165,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{args.config}: valid (config hash {config.digest()})")
         print(config.model_dump_json(indent=2))
     elif args.command == "demo":
+        job = load_config(args.job, PipelineConfig)
         print(init_ray(args.address), file=sys.stderr)
-        run_demo(args.out, args.overwrite)
+        run_demo(job, args.out, args.overwrite)
     elif args.command == "datasets":
         config = dataset_config(args)  # validate before Ray starts
         print(init_ray(args.address), file=sys.stderr)

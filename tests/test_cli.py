@@ -8,7 +8,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.datasets.card import read_card
-from tests.conftest import GOOD_JOB, run_vitpipe
+from tests.conftest import GOOD_JOB, REPO, run_vitpipe
 
 
 def test_datasets_fractals_with_preview(tmp_path, ray_local, capsys):
@@ -93,3 +93,20 @@ def test_info_reports_versions_and_accelerator():
     ):
         assert name in result.stdout
     assert "missing" not in result.stdout
+
+
+def test_demo_builds_the_quickstart_datasets(tmp_path, ray_local, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 0
+    assert read_card(out / "fractals")["splits"]["train"]["samples"] == 1000
+    assert read_card(out / "digits")["splits"]["test"]["samples"] == 360
+    assert (out / "fractals" / "preview.png").is_file()
+    assert (out / "digits" / "preview.png").is_file()
+    assert "2 datasets of job 'quickstart' ready" in capsys.readouterr().out
+
+
+def test_every_job_in_jobs_validates():
+    jobs = sorted((REPO / "jobs").glob("*.yaml"))
+    assert jobs
+    for job in jobs:
+        assert main(["validate", str(job)]) == 0, job
