@@ -34,8 +34,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, verbose
     except ConnectionError as error:
         raise ConnectionError(
             f"cannot reach the Ray cluster at {address!r}: {error}. Check the address, that the head node "
-            "is up, and, if the cluster uses token authentication, that RAY_AUTH_TOKEN or "
-            "~/.ray/auth_token holds its token."
+            "is up, and, if the cluster uses token authentication, that RAY_AUTH_MODE=token is set here "
+            "too and RAY_AUTH_TOKEN or ~/.ray/auth_token holds the cluster's token."
         ) from error
     return _describe()
 
