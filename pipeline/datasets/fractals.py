@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import ray
 from PIL import Image
 
 from pipeline.config import FractalsConfig
@@ -184,8 +185,6 @@ def build_fractals(config: FractalsConfig, out: Path, overwrite: bool = False) -
 
 
 def _run_class_tasks(config: FractalsConfig, chunks: list[tuple[list[int]]]) -> list[list[IFS]]:
-    import ray
-
     remote = ray.remote(num_cpus=1)(sample_classes)
     refs = [remote.remote(config.seed, ids, config.min_maps, config.max_maps) for (ids,) in chunks]
     return ray.get(refs)
