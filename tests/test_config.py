@@ -143,9 +143,10 @@ def test_cross_field_rules():
 
 def test_cli_rejects_bad_option_before_starting_ray(tmp_path):
     out = tmp_path / "never"
-    result = run_vitpipe("datasets", "fractals", str(out), "--classes", "0", "--size", "4")
+    result = run_vitpipe("datasets", "fractals", str(out), "--classes", "0", "--size", "4", "--seed", "-1")
     assert result.returncode == 2
     assert "--classes: Input should be greater than 0 (got 0)" in result.stderr
     assert "--size: Input should be greater than or equal to 16 (got 4)" in result.stderr
+    assert "--seed: Input should be greater than or equal to 0 (got -1)" in result.stderr
     assert "Ray" not in result.stderr  # validation happens before Ray is started
     assert not out.exists()
