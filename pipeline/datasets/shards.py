@@ -54,7 +54,7 @@ def write_shard(path: Path, samples: Iterable[Sample]) -> tuple[int, int]:
     seen: set[str] = set()
     with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
         for key, members in samples:
-            if "." in key or "/" in key or key in seen:
+            if not key or "." in key or "/" in key or key in seen:
                 raise ValueError(f"{path.name}: sample key {key!r} is empty, repeated or has '.' or '/'")
             seen.add(key)
             for extension, payload in members.items():
