@@ -11,7 +11,7 @@ import ray
 ADDRESS_ENV = "RAY_ADDRESS"
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None, verbose: bool = False) -> str:
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
     """Connect to `address` (or $RAY_ADDRESS) if given, else start a local Ray sized to this machine.
 
     Returns a one-line description of what Ray is running on. Calling it again is a no-op, so
@@ -20,10 +20,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, verbose
     if ray.is_initialized():
         return _describe()
     address = address or os.environ.get(ADDRESS_ENV) or None
-    options: dict = {
-        "logging_level": logging.INFO if verbose else logging.WARNING,
-        "log_to_driver": True,
-    }
+    options: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address is None:
         # "local" always starts a new instance; None would join any cluster this machine runs.
         address = "local"

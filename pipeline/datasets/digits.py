@@ -42,7 +42,7 @@ def split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> dict[s
 
 def encode_png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(image, mode="L" if image.ndim == 2 else "RGB").save(buffer, format="PNG")
+    Image.fromarray(image, mode="L").save(buffer, format="PNG")
     return buffer.getvalue()
 
 
