@@ -38,6 +38,7 @@ def ray_cluster(address: str | None) -> str:
     from pipeline.ray_session import ADDRESS_ENV, init_ray
 
     target = address or os.environ.get(ADDRESS_ENV) or "auto"
+    was_connected = ray.is_initialized()
     try:
         description = init_ray(target)
     except ConnectionError as error:
@@ -45,7 +46,8 @@ def ray_cluster(address: str | None) -> str:
             return "no Ray cluster running here (pass --address or set RAY_ADDRESS to reach one)"
         return f"unreachable: {error}"
     resources = {k: v for k, v in sorted(ray.cluster_resources().items()) if "node:" not in k}
-    ray.shutdown()
+    if not was_connected:
+        ray.shutdown()
     shown = ", ".join(f"{k}={v:g}" for k, v in resources.items())
     return f"{description}\n  resources: {shown}"
 
