@@ -100,7 +100,8 @@ def dataset_config(args: argparse.Namespace) -> Section:
         if key in values and str(values[key]).lower() == "none":
             values[key] = None  # 'none' lifts that limit
     if values.get("shard_samples") is not None:
-        values["shard_samples"] = _as_int(values["shard_samples"], "--shard-samples")
+        option = f"vitpipe datasets {args.kind}: --shard-samples"
+        values["shard_samples"] = _as_int(values["shard_samples"], option)
     return validate(
         values, DATASET_MODELS[args.kind], source=f"vitpipe datasets {args.kind}", key_style="cli"
     )

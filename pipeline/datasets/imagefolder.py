@@ -128,7 +128,7 @@ def checked_image_bytes(payload: bytes, max_pixels: int) -> tuple[str, bytes]:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise UnusableImageError(f"over the pixel limit: {error}") from None
-    except Exception as error:
+    except Exception as error:  # PIL raises many kinds for bad bytes; each one means skip
         raise UnusableImageError(f"cannot decode: {type(error).__name__}: {error}") from None
     if image.format in KEPT_FORMATS:
         return KEPT_FORMATS[image.format], payload
