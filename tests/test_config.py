@@ -54,6 +54,7 @@ def test_unknown_nested_key_in_pretrain(tmp_path):
 @pytest.mark.parametrize(
     ("old", "new", "expected"),
     [
+        # wrong types
         (
             "classes: 10",
             "classes: ten",
@@ -67,15 +68,7 @@ def test_unknown_nested_key_in_pretrain(tmp_path):
         ("num_workers: 2", "num_workers: 2.5", "pretrain.num_workers: Input should be a valid integer"),
         ("lr: 1e-3", "lr: fast", "pretrain.optimizer.lr: Input should be a valid number (got 'fast')"),
         ("targets: [digits]", "targets: digits", "finetune.targets: Input should be a valid list"),
-    ],
-)
-def test_wrong_type_names_key(tmp_path, old, new, expected):
-    assert expected in errors_of(tmp_path, GOOD_JOB.replace(old, new))
-
-
-@pytest.mark.parametrize(
-    ("old", "new", "expected"),
-    [
+        # impossible values
         ("size: 32}", "size: 8}", "datasets.corpus.size: Input should be greater than or equal to 16"),
         ("classes: 10", "classes: 0", "datasets.corpus.classes: Input should be greater than 0"),
         (
@@ -89,7 +82,7 @@ def test_wrong_type_names_key(tmp_path, old, new, expected):
         ("kind: digits", "kind: mnist", "datasets.digits: Input tag 'mnist' found using 'kind'"),
     ],
 )
-def test_impossible_values_name_key(tmp_path, old, new, expected):
+def test_bad_value_names_key_and_value(tmp_path, old, new, expected):
     assert expected in errors_of(tmp_path, GOOD_JOB.replace(old, new))
 
 
