@@ -1,0 +1,210 @@
+"""The Vision Transformer of Dosovitskiy et al. on uint8 patch tensors, in plain PyTorch.
+
+Pre-norm encoder blocks with fused QKV projections and `scaled_dot_product_attention`; class-token or
+global-average pooling; optional tanh pre-logits layer; zero-initialised head. The stem normalises
+uint8 patches on the device and embeds them with one matmul (the patch layout is `vit.patches`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vit.config import ViTConfig
+from vit.patches import describe_patch_dim
+
+
+def lecun_normal_(weight: torch.Tensor) -> None:
+    """Truncated normal with variance 1/fan_in (flax's default Dense/Conv init, used by the paper)."""
+    fan_in = weight.shape[1:].numel()
+    # 0.8796 is the std of a unit normal truncated to [-2, 2]; dividing keeps the variance 1/fan_in.
+    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
+    nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+
+class PatchStem(nn.Module):
+    """uint8 patches -> normalised floats -> linear patch embedding (the paper's "E")."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.config = config
+        pixels_per_channel = config.patch_size * config.patch_size
+        # The layout is (row, col, channel) within a patch, so channel values repeat with period C.
+        mean = torch.tensor(config.mean).repeat(pixels_per_channel)
+        std = torch.tensor(config.std).repeat(pixels_per_channel)
+        self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)
+        self.register_buffer("shift", -mean / std, persistent=False)
+        self.proj = nn.Linear(config.patch_dim, config.width)
+
+    def check(self, patches: torch.Tensor, *, normalized: bool) -> None:
+        """Raise a ValueError that says what the model expects when the input does not fit it."""
+        cfg = self.config
+        expected = (cfg.num_patches, cfg.patch_dim)
+        what = (
+            f"[batch, {cfg.num_patches}, {cfg.patch_dim}] "
+            f"({cfg.grid}x{cfg.grid} patches of {cfg.patch_size}x{cfg.patch_size}x{cfg.channels} "
+            f"for {cfg.image_size}px images)"
+        )
+        if patches.ndim != 3 or tuple(patches.shape[1:]) != expected:
+            hint = describe_patch_dim(patches.shape[-1]) if patches.ndim >= 1 else ""
+            raise ValueError(f"ViT expects patches {what}; got shape {list(patches.shape)}{hint}")
+        if normalized and not patches.is_floating_point():
+            raise ValueError(f"normalized=True expects floating-point patches; got {patches.dtype}")
+        if not normalized and patches.dtype != torch.uint8:
+            raise ValueError(
+                f"ViT expects uint8 patches {what}; got {patches.dtype} "
+                "(pass normalized=True for patches that are already normalised floats)"
+            )
+
+    def normalize(self, patches: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels -> (x/255 - mean) / std in float32."""
+        return patches.float() * self.scale.float() + self.shift.float()
+
+    def forward(self, patches: torch.Tensor, *, normalized: bool = False) -> torch.Tensor:
+        self.check(patches, normalized=normalized)
+        x = patches if normalized else self.normalize(patches)
+        return self.proj(x.to(self.proj.weight.dtype))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a whole residual branch per sample, rescaling the kept ones."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; Q, K and V come from one fused matmul."""
+
+    def __init__(self, width: int, heads: int, attention_dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.attention_dropout = attention_dropout
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+        qkv = self.qkv(x).view(batch, tokens, 3, self.heads, width // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        dropout = self.attention_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, width))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, mlp_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, mlp_dim)
+        self.fc2 = nn.Linear(mlp_dim, width)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.dropout(F.gelu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer encoder block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, config: ViTConfig, drop_path: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.attn = Attention(config.width, config.heads, config.attention_dropout)
+        self.norm2 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.mlp = Mlp(config.width, config.mlp_dim, config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.dropout(self.attn(self.norm1(x))))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class VisionTransformer(nn.Module):
+    """ViT classifier: `model(uint8 patches [B, N, P*P*C]) -> logits [B, num_classes]`."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.stem = PatchStem(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.width)) if config.pool == "cls" else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.seq_len, config.width))
+        self.dropout = nn.Dropout(config.dropout)
+        # Stochastic depth grows linearly with depth, from 0 at the first block to drop_path at the last.
+        rates = torch.linspace(0.0, config.drop_path, config.depth).tolist() if config.depth > 1 else [0.0]
+        self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
+        self.norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.pre_logits = (
+            nn.Sequential(nn.Linear(config.width, config.representation_size), nn.Tanh())
+            if config.representation_size
+            else nn.Identity()
+        )
+        self.head = nn.Linear(config.feature_dim, config.num_classes)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise as the reference implementation does; the head starts at zero."""
+        lecun_normal_(self.stem.proj.weight)
+        nn.init.zeros_(self.stem.proj.bias)
+        nn.init.normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.zeros_(self.cls_token)
+        width = self.config.width
+        for block in self.blocks:
+            # Xavier on each of Q, K, V separately, as if they were three width x width layers.
+            for part in block.attn.qkv.weight.split(width, dim=0):
+                nn.init.xavier_uniform_(part)
+            nn.init.zeros_(block.attn.qkv.bias)
+            nn.init.xavier_uniform_(block.attn.proj.weight)
+            nn.init.zeros_(block.attn.proj.bias)
+            for layer in (block.mlp.fc1, block.mlp.fc2):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.normal_(layer.bias, std=1e-6)
+            for norm in (block.norm1, block.norm2):
+                norm.reset_parameters()
+        self.norm.reset_parameters()
+        if isinstance(self.pre_logits, nn.Sequential):
+            lecun_normal_(self.pre_logits[0].weight)
+            nn.init.zeros_(self.pre_logits[0].bias)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def encode(self, patches: torch.Tensor, *, normalized: bool = False) -> torch.Tensor:
+        """Token sequence after the final LayerNorm: [B, seq_len, width]."""
+        x = self.stem(patches, normalized=normalized)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.dropout(x + self.pos_embed)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def features(self, patches: torch.Tensor, *, normalized: bool = False) -> torch.Tensor:
+        """Pooled pre-logits features [B, feature_dim]: what the head and few-shot probes read."""
+        tokens = self.encode(patches, normalized=normalized)
+        pooled = tokens[:, 0] if self.config.pool == "cls" else tokens.mean(dim=1)
+        return self.pre_logits(pooled)
+
+    def forward(self, patches: torch.Tensor, *, normalized: bool = False) -> torch.Tensor:
+        """Logits [B, num_classes] for uint8 patches (or normalised floats with `normalized=True`)."""
+        return self.head(self.features(patches, normalized=normalized))
+
+    def normalize(self, patches: torch.Tensor) -> torch.Tensor:
+        """The stem's normalisation alone, for augmentations that mix images (mixup) before the model."""
+        self.stem.check(patches, normalized=False)
+        return self.stem.normalize(patches)

@@ -1,0 +1,185 @@
+"""Weights on disk without pickle: a folder with `model.safetensors` + `config.json`.
+
+`load_pretrained` reads vitpipe folders and HF transformers ViT folders alike, and adapts the weights to
+the model asked for: position embeddings resampled to a new resolution, a new zero head for a new class
+count, the pre-logits layer dropped for fine-tuning as the paper does. Anything else that does not fit is
+a ValueError naming the file, the key and both shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from vit.config import ViTConfig
+from vit.model import VisionTransformer
+from vit.posemb import resample_posemb
+
+log = logging.getLogger(__name__)
+
+FORMAT = "vitpipe.vit/1"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+# Fields a checkpoint can be loaded under a different value of; every other field must match it.
+ADAPTABLE = frozenset(
+    {"image_size", "num_classes", "representation_size", "dropout", "attention_dropout", "drop_path"}
+)
+HEAD_KEYS = ("head.weight", "head.bias")
+PRE_LOGITS_KEYS = ("pre_logits.0.weight", "pre_logits.0.bias")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Weights read from disk in vitpipe's naming, with the config they were saved under."""
+
+    config: ViTConfig
+    state: dict[str, torch.Tensor]
+    labels: list[str] | None
+    source: str
+
+
+def save_pretrained(
+    model: VisionTransformer, directory: str | Path, *, labels: list[str] | None = None
+) -> Path:
+    """Write `model.safetensors` and `config.json` (architecture, normalisation, optional class names)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if labels is not None and len(labels) != model.config.num_classes:
+        raise ValueError(f"{len(labels)} labels given for a model with {model.config.num_classes} classes")
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    save_file(state, directory / WEIGHTS_FILE, metadata={"format": "pt", "vitpipe": FORMAT})
+    config: dict[str, Any] = {"format": FORMAT, "vit": model.config.to_dict()}
+    if labels is not None:
+        config["labels"] = list(labels)
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def read_config_json(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE}; not a saved vitpipe or HF ViT model")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file missing")
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+
+
+def read_checkpoint(directory: str | Path) -> Checkpoint:
+    """Read a vitpipe folder, or an HF transformers ViT folder (converted to vitpipe's naming)."""
+    directory = Path(directory)
+    data = read_config_json(directory)
+    if data.get("format") == FORMAT:
+        config = ViTConfig.from_dict(data.get("vit", {}), source=str(directory / CONFIG_FILE))
+        state = read_safetensors(directory / WEIGHTS_FILE)
+        return Checkpoint(config, state, data.get("labels"), str(directory / WEIGHTS_FILE))
+    if data.get("model_type") == "vit":
+        from vit.hf import read_hf_checkpoint
+
+        return read_hf_checkpoint(directory)
+    raise ValueError(
+        f"{directory / CONFIG_FILE}: neither a vitpipe model (format {FORMAT!r}) "
+        f"nor an HF ViT (model_type 'vit'); got format={data.get('format')!r}, "
+        f"model_type={data.get('model_type')!r}"
+    )
+
+
+def adapt_state_dict(
+    state: dict[str, torch.Tensor], source: ViTConfig, target: ViTConfig, source_name: str = "checkpoint"
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Fit weights saved under `source` to a model built from `target`; returns them and what changed."""
+    fixed = [
+        f"{name}: the checkpoint has {getattr(source, name)!r}, the model asks for {getattr(target, name)!r}"
+        for name in source.to_dict()
+        if name not in ADAPTABLE and getattr(source, name) != getattr(target, name)
+    ]
+    if fixed:
+        raise ValueError(f"{source_name} cannot be loaded into this model: " + "; ".join(fixed))
+    state = dict(state)
+    notes: list[str] = []
+    if source.grid != target.grid and "pos_embed" in state:
+        state["pos_embed"] = resample_posemb(
+            state["pos_embed"], (target.grid, target.grid), num_prefix_tokens=target.num_prefix_tokens
+        )
+        notes.append(
+            f"position embeddings resampled from {source.grid}x{source.grid} to {target.grid}x{target.grid}"
+        )
+    if source.representation_size != target.representation_size:
+        for key in PRE_LOGITS_KEYS:
+            state.pop(key, None)
+        if target.representation_size:
+            notes.append(f"new pre-logits layer of size {target.representation_size}")
+        else:
+            notes.append("pre-logits layer dropped")
+    if source.num_classes != target.num_classes or source.feature_dim != target.feature_dim:
+        for key in HEAD_KEYS:
+            state.pop(key, None)
+        notes.append(f"new zero-initialised head for {target.num_classes} classes")
+    return state, notes
+
+
+def load_state(
+    model: VisionTransformer,
+    state: dict[str, torch.Tensor],
+    source: str,
+    *,
+    fresh: frozenset[str] = frozenset(),
+) -> None:
+    """Copy weights into the model; every missing, unexpected or mis-shaped key is named in one error.
+
+    Keys in `fresh` may be absent from `state`: those layers keep the model's own initialisation.
+    """
+    expected = model.state_dict()
+    problems = [
+        f"{key!r} has shape {list(state[key].shape)} in the checkpoint, "
+        f"the model expects {list(tensor.shape)}"
+        for key, tensor in expected.items()
+        if key in state and state[key].shape != tensor.shape
+    ]
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        problems.append(f"unexpected key(s) {unexpected}")
+    missing = sorted(set(expected) - set(state) - fresh)
+    if missing:
+        problems.append(f"missing key(s) {missing}")
+    if problems:
+        raise ValueError(f"{source}: weights do not fit the model: " + "; ".join(problems))
+    model.load_state_dict(state, strict=False)
+
+
+def load_pretrained(directory: str | Path, **overrides: Any) -> VisionTransformer:
+    """A model from a vitpipe or HF folder; `overrides` (image_size, num_classes, ...) adapt it."""
+    checkpoint = read_checkpoint(directory)
+    target = checkpoint.config.replace(**overrides)
+    state, notes = adapt_state_dict(checkpoint.state, checkpoint.config, target, checkpoint.source)
+    model = VisionTransformer(target)
+    # The head and pre-logits layer may be absent (dropped above, or a headless HF ViTModel checkpoint):
+    # they keep the model's own initialisation, a zero head.
+    own = model.state_dict()
+    fresh = frozenset(key for key in HEAD_KEYS + PRE_LOGITS_KEYS if key in own and key not in state)
+    if fresh and not notes:
+        notes.append(f"initialised afresh (absent from the checkpoint): {sorted(fresh)}")
+    load_state(model, state, checkpoint.source, fresh=fresh)
+    for note in notes:
+        log.info("%s: %s", checkpoint.source, note)
+    return model
