@@ -53,7 +53,9 @@ def make_batch(config: ViTConfig, batch: int) -> tuple[torch.Tensor, torch.Tenso
     return patchify(images, config.patch_size), pixels, labels
 
 
-def training_step(model: torch.nn.Module, forward: Callable[[], torch.Tensor], labels: torch.Tensor) -> Callable:
+def training_step(
+    model: torch.nn.Module, forward: Callable[[], torch.Tensor], labels: torch.Tensor
+) -> Callable:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
 
@@ -112,7 +114,9 @@ def bench_variant(name: str, image_size: int, batch: int, rounds: int, warmup: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--variants", nargs="+", default=["Ti/16", "S/16"])
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=32)

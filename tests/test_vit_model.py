@@ -1,0 +1,190 @@
+"""The ViT itself: variants, pooling, the uint8 stem, initialisation, regularisers and input checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vit.config import ViTConfig
+from vit.model import VisionTransformer
+from vit.patches import patchify
+from vit.variants import VARIANTS
+
+TINY = {"width": 32, "depth": 2, "mlp_dim": 64, "heads": 2}
+
+
+def tiny(**overrides) -> ViTConfig:
+    return ViTConfig(**{"image_size": 32, "patch_size": 8, "num_classes": 5, **TINY, **overrides})
+
+
+def uint8_patches(config: ViTConfig, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, config.image_size, config.image_size, config.channels)
+    return patchify(torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator), config.patch_size)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_variant_configs_follow_the_paper_table(name):
+    config = ViTConfig.from_variant(f"{name}/14", image_size=224)
+    shape = VARIANTS[name]
+    assert (config.width, config.depth, config.mlp_dim, config.heads) == (
+        shape.width,
+        shape.depth,
+        shape.mlp_dim,
+        shape.heads,
+    )
+    assert config.patch_size == 14
+    assert config.num_patches == 256
+    assert config.seq_len == 257
+
+
+def test_vit_b16_has_the_reference_parameter_count():
+    model = VisionTransformer(ViTConfig.from_variant("B/16", num_classes=1000))
+    # timm's vit_base_patch16_224 and HF's google/vit-base-patch16-224 both have 86,567,656 parameters.
+    assert sum(p.numel() for p in model.parameters()) == 86_567_656
+
+
+@pytest.mark.parametrize(
+    ("overrides", "seq_len", "feature_dim"),
+    [
+        ({}, 17, 32),
+        ({"pool": "gap"}, 16, 32),
+        ({"representation_size": 24}, 17, 24),
+        ({"channels": 1}, 17, 32),
+    ],
+)
+def test_forward_shapes_for_pooling_choices(overrides, seq_len, feature_dim):
+    config = tiny(**overrides)
+    model = VisionTransformer(config).eval()
+    patches = uint8_patches(config, batch=3)
+    assert model.encode(patches).shape == (3, seq_len, 32)
+    assert model.features(patches).shape == (3, feature_dim)
+    assert model(patches).shape == (3, 5)
+    assert (model.cls_token is None) == (config.pool == "gap")
+
+
+def test_gap_pools_the_mean_of_all_patch_tokens_and_cls_the_first_token():
+    patches = uint8_patches(tiny())
+    cls_model = VisionTransformer(tiny()).eval()
+    gap_model = VisionTransformer(tiny(pool="gap")).eval()
+    with torch.no_grad():
+        assert torch.equal(cls_model.features(patches), cls_model.encode(patches)[:, 0])
+        torch.testing.assert_close(gap_model.features(patches), gap_model.encode(patches).mean(dim=1))
+
+
+def test_pre_logits_layer_is_a_tanh_projection():
+    model = VisionTransformer(tiny(representation_size=24)).eval()
+    patches = uint8_patches(model.config)
+    with torch.no_grad():
+        pooled = model.encode(patches)[:, 0]
+        expected = torch.tanh(pooled @ model.pre_logits[0].weight.T + model.pre_logits[0].bias)
+        torch.testing.assert_close(model.features(patches), expected)
+
+
+def test_head_starts_at_zero_and_the_rest_is_randomly_initialised():
+    model = VisionTransformer(tiny())
+    assert not model.head.weight.any()
+    assert not model.head.bias.any()
+    assert not model(uint8_patches(model.config)).any()
+    assert model.stem.proj.weight.std() > 0
+    assert model.pos_embed.std() > 0
+    assert not model.cls_token.any()
+    # LeCun normal: the patch embedding's variance is 1/fan_in.
+    big = VisionTransformer(ViTConfig.from_variant("Ti/16", depth=1))
+    assert big.stem.proj.weight.var().item() == pytest.approx(1 / 768, rel=0.05)
+
+
+def test_stem_normalises_uint8_pixels_with_the_configured_mean_and_std():
+    config = tiny(mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 0.125))
+    model = VisionTransformer(config)
+    patches = uint8_patches(config)
+    image_channels = patches.reshape(2, 16, 8 * 8, 3).float() / 255
+    expected = (image_channels - torch.tensor([0.1, 0.2, 0.3])) / torch.tensor([0.5, 0.25, 0.125])
+    torch.testing.assert_close(model.normalize(patches), expected.reshape(2, 16, 192))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(patches, normalized=False), model(model.normalize(patches), normalized=True)
+        )
+
+
+def test_dropout_and_drop_path_act_in_training_only():
+    config = tiny(dropout=0.1, drop_path=0.2, attention_dropout=0.1)
+    model = VisionTransformer(config)
+    torch.nn.init.normal_(model.head.weight)
+    patches = uint8_patches(config, batch=4)
+    assert [block.drop_path.rate for block in model.blocks] == pytest.approx([0.0, 0.2])
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(patches), model(patches))
+        model.train()
+        assert not torch.equal(model(patches), model(patches))
+
+
+def test_every_parameter_receives_a_gradient():
+    config = tiny(representation_size=16)
+    model = VisionTransformer(config)
+    torch.nn.init.normal_(model.head.weight)
+    loss = torch.nn.functional.cross_entropy(model(uint8_patches(config)), torch.tensor([0, 1]))
+    loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert missing == []
+
+
+def test_wrong_patch_size_is_rejected_with_what_was_expected():
+    model = VisionTransformer(tiny())  # 8x8x3 patches, 4x4 grid
+    wrong = patchify(torch.zeros(2, 32, 32, 3, dtype=torch.uint8), 16)
+    with pytest.raises(
+        ValueError, match=r"expects patches \[batch, 16, 192\] \(4x4 patches of 8x8x3 for 32px images\)"
+    ):
+        model(wrong)
+    with pytest.raises(ValueError, match=r"got shape \[2, 4, 768\] \(fits 16x16x3 patches\)"):
+        model(wrong)
+
+
+def test_wrong_channel_count_is_rejected():
+    model = VisionTransformer(tiny())
+    gray = patchify(torch.zeros(2, 32, 32, 1, dtype=torch.uint8), 8)
+    with pytest.raises(ValueError, match=r"got shape \[2, 16, 64\] \(fits 8x8x1 patches\)"):
+        model(gray)
+
+
+def test_float_input_is_rejected_unless_marked_normalized():
+    model = VisionTransformer(tiny())
+    patches = uint8_patches(model.config)
+    with pytest.raises(
+        ValueError, match=r"expects uint8 patches .* got torch.float32 \(pass normalized=True"
+    ):
+        model(patches.float())
+    with pytest.raises(ValueError, match=r"normalized=True expects floating-point patches; got torch.uint8"):
+        model(patches, normalized=True)
+    with pytest.raises(ValueError, match=r"got shape \[16, 192\]"):
+        model(patches[0])
+
+
+def test_invalid_configs_list_every_problem():
+    with pytest.raises(
+        ValueError,
+        match=r"image_size 30 is not a multiple of patch_size 8.*width 32 is not divisible by heads 3",
+    ):
+        ViTConfig(image_size=30, patch_size=8, **{**TINY, "heads": 3})
+    with pytest.raises(ValueError, match=r"mean has 3 values for 1 channel\(s\)"):
+        ViTConfig(channels=1, mean=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match=r"drop_path must be in \[0, 1\) \(got 1.5\)"):
+        ViTConfig(drop_path=1.5)
+    with pytest.raises(ValueError, match=r"unknown variant 'Q'"):
+        ViTConfig.from_variant("Q/16")
+
+
+def test_config_round_trips_through_a_dict_and_rejects_unknown_keys():
+    config = tiny(channels=1, pool="gap", representation_size=8)
+    assert ViTConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match=r"model/config.json: unknown ViT config key\(s\) hidden_size"):
+        ViTConfig.from_dict({**config.to_dict(), "hidden_size": 3}, source="model/config.json")
+
+
+def test_patches_from_numpy_preprocessing_feed_the_model():
+    config = tiny(channels=1)
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 1), dtype=np.uint8)
+    logits = VisionTransformer(config)(torch.from_numpy(patchify(images, 8)))
+    assert logits.shape == (2, 5)
