@@ -104,17 +104,27 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
     )
 
 
+def _refuse_fixed_changes(source: ViTConfig, changes: dict[str, Any], source_name: str) -> None:
+    """Raise naming every field outside ADAPTABLE whose requested value differs from the checkpoint's."""
+    known = source.to_dict()
+    unknown = sorted(set(changes) - set(known))
+    if unknown:
+        raise ValueError(f"{source_name}: unknown ViT config field(s) {unknown}")
+    fixed = [
+        f"{name}: the checkpoint has {getattr(source, name)!r}, the model asks for {value!r}"
+        for name, value in changes.items()
+        if name not in ADAPTABLE
+        and (tuple(value) if isinstance(value, list) else value) != getattr(source, name)
+    ]
+    if fixed:
+        raise ValueError(f"{source_name} cannot be loaded into this model: " + "; ".join(fixed))
+
+
 def adapt_state_dict(
     state: dict[str, torch.Tensor], source: ViTConfig, target: ViTConfig, source_name: str = "checkpoint"
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Fit weights saved under `source` to a model built from `target`; returns them and what changed."""
-    fixed = [
-        f"{name}: the checkpoint has {getattr(source, name)!r}, the model asks for {getattr(target, name)!r}"
-        for name in source.to_dict()
-        if name not in ADAPTABLE and getattr(source, name) != getattr(target, name)
-    ]
-    if fixed:
-        raise ValueError(f"{source_name} cannot be loaded into this model: " + "; ".join(fixed))
+    _refuse_fixed_changes(source, {name: getattr(target, name) for name in target.to_dict()}, source_name)
     state = dict(state)
     notes: list[str] = []
     if source.grid != target.grid and "pos_embed" in state:
@@ -170,6 +180,7 @@ def load_state(
 def load_pretrained(directory: str | Path, **overrides: Any) -> VisionTransformer:
     """A model from a vitpipe or HF folder; `overrides` (image_size, num_classes, ...) adapt it."""
     checkpoint = read_checkpoint(directory)
+    _refuse_fixed_changes(checkpoint.config, overrides, checkpoint.source)
     target = checkpoint.config.replace(**overrides)
     state, notes = adapt_state_dict(checkpoint.state, checkpoint.config, target, checkpoint.source)
     model = VisionTransformer(target)
