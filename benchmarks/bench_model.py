@@ -3,7 +3,9 @@
 One step = forward + backward + AdamW update on a batch, fp32. The two models have identical shapes and
 are timed interleaved (vitpipe, HF, vitpipe, HF, ...) so that drift of the machine hits both alike; the
 median over rounds is reported. Achieved GFLOP/s uses vitpipe's analytic count (3x forward FLOPs) for
-both, divided by the best GFLOP/s of a large fp32 matmul measured in the same run.
+both, divided by the best GFLOP/s of a large fp32 matmul measured in the same run. The speedup is the
+median of per-round ratios (each round's two steps ran back to back), with its range: on a shared
+virtual machine single steps vary by +-15%, so the range says how far to trust the median.
 
     .venv/bin/python -m benchmarks.bench_model            # Ti/16 and S/16 at 224, batch 32
     .venv/bin/python -m benchmarks.bench_model --variants Ti/16 --rounds 3
@@ -12,6 +14,7 @@ both, divided by the best GFLOP/s of a large fp32 matmul measured in the same ru
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -109,8 +112,19 @@ def bench_variant(name: str, image_size: int, batch: int, rounds: int, warmup: i
             "images_per_s": batch / median,
             "gflops": flops / median / 1e9,
         }
-    result["speedup_vs_hf"] = result["hf"]["median_step_s"] / result["vitpipe"]["median_step_s"]
+    ratios = [theirs / ours for ours, theirs in zip(times["vitpipe"], times["hf"], strict=True)]
+    result["speedup_vs_hf"] = statistics.median(ratios)
+    result["speedup_vs_hf_range"] = [min(ratios), max(ratios)]
     return result
+
+
+def cpu_steal_ticks() -> int:
+    """Ticks the hypervisor gave this VM's CPUs to someone else (the 8th field of /proc/stat's cpu line)."""
+    try:
+        with open("/proc/stat") as stat:
+            return int(stat.readline().split()[8])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def main() -> None:
@@ -128,6 +142,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
+    steal_start, wall_start = cpu_steal_ticks(), time.perf_counter()
     peak = matmul_peak()
     print(f"fp32 matmul peak: {peak['gflops']:.1f} GFLOP/s ({args.threads} threads)")
     results = {}
@@ -143,8 +158,12 @@ def main() -> None:
                 f"({result[key]['gflops']:.1f} GFLOP/s, {result[key]['fraction_of_peak']:.0%} of peak)"
                 for key in ("vitpipe", "hf")
             )
-            + f"; vitpipe/HF {result['speedup_vs_hf']:.3f}x"
+            + f"; vitpipe/HF {result['speedup_vs_hf']:.3f}x (rounds "
+            + f"{result['speedup_vs_hf_range'][0]:.2f}-{result['speedup_vs_hf_range'][1]:.2f})"
         )
+    wall = time.perf_counter() - wall_start
+    steal = (cpu_steal_ticks() - steal_start) / os.sysconf("SC_CLK_TCK") / (wall * (os.cpu_count() or 1))
+    print(f"CPU time stolen by the hypervisor during the run: {steal:.1%}")
     path = save(
         args.name,
         {
@@ -154,6 +173,7 @@ def main() -> None:
             "rounds": args.rounds,
             "warmup": args.warmup,
             "matmul_peak": peak,
+            "cpu_steal_fraction": steal,
             "variants": results,
         },
     )

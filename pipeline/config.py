@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from vit.config import ViTConfig
 from vit.variants import parse_variant
 
 _EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$")
@@ -178,6 +179,29 @@ class ModelConfig(Section):
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
         return self
+
+    @property
+    def patch_size(self) -> int:
+        return parse_variant(self.variant).patch_size
+
+    def vit_config(self, *, image_size: int, channels: int, num_classes: int) -> ViTConfig:
+        """The model this section describes, for data of the given image size, channels and classes."""
+        overrides = {
+            name: value
+            for name in ("width", "depth", "mlp_dim", "heads")
+            if (value := getattr(self, name)) is not None
+        }
+        return ViTConfig.from_variant(
+            self.variant,
+            image_size=image_size,
+            channels=channels,
+            num_classes=num_classes,
+            pool=self.pool,
+            representation_size=self.representation_size,
+            dropout=self.dropout,
+            drop_path=self.drop_path,
+            **overrides,
+        )
 
 
 class OptimizerConfig(Section):

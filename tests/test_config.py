@@ -10,6 +10,7 @@ from pipeline.config import (
     ConfigError,
     FractalsConfig,
     ImageFolderConfig,
+    ModelConfig,
     PipelineConfig,
     PretrainConfig,
     load_config,
@@ -143,3 +144,15 @@ def test_cli_rejects_bad_option_before_starting_ray(tmp_path):
     assert "--seed: Input should be greater than or equal to 0 (got -1)" in result.stderr
     assert "Ray" not in result.stderr  # validation happens before Ray is started
     assert not out.exists()
+
+
+def test_model_section_builds_the_vit_it_describes():
+    section = ModelConfig(variant="Ti/4", width=96, depth=4, heads=3, mlp_dim=384, pool="gap", drop_path=0.1)
+    config = section.vit_config(image_size=32, channels=1, num_classes=10)
+    assert section.patch_size == 4
+    assert (config.width, config.depth, config.heads, config.mlp_dim) == (96, 4, 3, 384)
+    assert (config.patch_size, config.image_size, config.channels, config.num_classes) == (4, 32, 1, 10)
+    assert (config.pool, config.drop_path, config.mean) == ("gap", 0.1, (0.5,))
+    assert (
+        ModelConfig(variant="B/16").vit_config(image_size=224, channels=3, num_classes=1000).mlp_dim == 3072
+    )
