@@ -188,3 +188,15 @@ def test_patches_from_numpy_preprocessing_feed_the_model():
     images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 1), dtype=np.uint8)
     logits = VisionTransformer(config)(torch.from_numpy(patchify(images, 8)))
     assert logits.shape == (2, 5)
+
+
+def test_vit_package_imports_neither_pipeline_nor_ray():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, vit.model, vit.weights, vit.hf, vit.flops, vit.posemb, vit.patches; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pipeline', 'ray')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
