@@ -16,7 +16,7 @@ import torch
 
 from vit.config import DEFAULT_MEAN, DEFAULT_STD, ViTConfig
 from vit.model import VisionTransformer
-from vit.weights import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, read_config_json, read_safetensors
+from vit.weights import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, read_config_json, read_json, read_safetensors
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 SHARD_INDEX_FILE = "model.safetensors.index.json"
@@ -50,20 +50,25 @@ _MODULES_TO_HUB = {
     "mlp.fc2.": "output.dense.",
 }
 _MODULES_LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")
-_HUB_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.*)$")
+_VIT_HUB_LAYER = re.compile(r"^vit\.encoder\.layer\.(\d+)\.(.*)$")
+
+
+def _rename_layer_key(key: str, layer: re.Pattern[str], new_prefix: str, renames: dict[str, str]) -> str:
+    """Rename a per-layer key between the two HF layouts; other keys pass through unchanged."""
+    match = layer.match(key)
+    if not match:
+        return key
+    index, rest = match.groups()
+    for old, new in renames.items():
+        if rest.startswith(old):
+            rest = new + rest[len(old) :]
+            break
+    return f"{new_prefix}{index}.{rest}"
 
 
 def _hub_name(key: str) -> str:
     """A key without the `vit.` prefix, in the Hub layout whichever layout it came in."""
-    match = _MODULES_LAYER.match(key)
-    if not match:
-        return key
-    index, rest = match.groups()
-    for modules, hub in _MODULES_TO_HUB.items():
-        if rest.startswith(modules):
-            rest = hub + rest[len(modules) :]
-            break
-    return f"encoder.layer.{index}.{rest}"
+    return _rename_layer_key(key, _MODULES_LAYER, "encoder.layer.", _MODULES_TO_HUB)
 
 
 def _split_hub_state(
@@ -210,20 +215,8 @@ def to_hf_state_dict(
     out = {f"vit.{key}": tensor.contiguous() for key, tensor in hub.items()}
     out["classifier.weight"], out["classifier.bias"] = state["head.weight"], state["head.bias"]
     if layout == "modules":
-        hub_to_modules = {hub_name: modules for modules, hub_name in _MODULES_TO_HUB.items()}
-
-        def rename(key: str) -> str:
-            match = re.match(r"^vit\.encoder\.layer\.(\d+)\.(.*)$", key)
-            if not match:
-                return key
-            index, rest = match.groups()
-            for hub_name, modules in hub_to_modules.items():
-                if rest.startswith(hub_name):
-                    rest = modules + rest[len(hub_name) :]
-                    break
-            return f"vit.layers.{index}.{rest}"
-
-        out = {rename(key): tensor for key, tensor in out.items()}
+        hub_to_modules = {hub: modules for modules, hub in _MODULES_TO_HUB.items()}
+        out = {_rename_layer_key(k, _VIT_HUB_LAYER, "vit.layers.", hub_to_modules): t for k, t in out.items()}
     return out
 
 
@@ -287,7 +280,7 @@ def read_hf_state(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
     if (directory / WEIGHTS_FILE).is_file():
         return read_safetensors(directory / WEIGHTS_FILE), str(directory / WEIGHTS_FILE)
     if (directory / SHARD_INDEX_FILE).is_file():
-        index = json.loads((directory / SHARD_INDEX_FILE).read_text())
+        index = read_json(directory / SHARD_INDEX_FILE)
         state: dict[str, torch.Tensor] = {}
         for shard in sorted(set(index["weight_map"].values())):
             state.update(read_safetensors(directory / shard))
@@ -314,7 +307,7 @@ def read_hf_checkpoint(directory: str | Path) -> Checkpoint:
     directory = Path(directory)
     hf_config = read_config_json(directory)
     preprocessor_path = directory / PREPROCESSOR_FILE
-    preprocessor = json.loads(preprocessor_path.read_text()) if preprocessor_path.is_file() else None
+    preprocessor = read_json(preprocessor_path) if preprocessor_path.is_file() else None
     state, source = read_hf_state(directory)
     config = config_from_hf(hf_config, state, preprocessor, source)
     return Checkpoint(

@@ -67,6 +67,11 @@ def read_config_json(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {CONFIG_FILE}; not a saved vitpipe or HF ViT model")
+    return read_json(path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file; anything else is a ValueError naming the file."""
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
