@@ -127,3 +127,11 @@ def test_corrupt_or_missing_files_are_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"format": "vitpipe.vit/1", "vit": {"widht": 3}}))
     with pytest.raises(ValueError, match=r"config.json: unknown ViT config key\(s\) widht"):
         load_pretrained(tmp_path)
+
+
+def test_saving_over_an_earlier_model_replaces_it_and_leaves_no_partial_files(tmp_path):
+    save_pretrained(trained_like(), tmp_path)
+    second = trained_like(CONFIG.replace(num_classes=2))
+    save_pretrained(second, tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert torch.equal(load_pretrained(tmp_path).head.weight, second.head.weight)

@@ -7,7 +7,6 @@ q_proj`). Both are accepted here; exports are written in the Hub layout.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +15,15 @@ import torch
 
 from vit.config import DEFAULT_MEAN, DEFAULT_STD, ViTConfig
 from vit.model import VisionTransformer
-from vit.weights import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, read_config_json, read_json, read_safetensors
+from vit.weights import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    Checkpoint,
+    read_config_json,
+    read_json,
+    read_safetensors,
+    write_model_folder,
+)
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 SHARD_INDEX_FILE = "model.safetensors.index.json"
@@ -262,16 +269,15 @@ def preprocessor_dict(config: ViTConfig) -> dict[str, Any]:
 
 def export_hf(model: VisionTransformer, directory: str | Path, *, labels: list[str] | None = None) -> Path:
     """Write a folder that `transformers.ViTForImageClassification.from_pretrained` loads."""
-    from safetensors.torch import save_file
-
     if labels is not None and len(labels) != model.config.num_classes:
         raise ValueError(f"{len(labels)} labels given for a model with {model.config.num_classes} classes")
-    state = to_hf_state_dict(model, layout="hub")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(state, directory / WEIGHTS_FILE, metadata={"format": "pt"})
-    (directory / CONFIG_FILE).write_text(json.dumps(hf_config_dict(model.config, labels), indent=2) + "\n")
-    (directory / PREPROCESSOR_FILE).write_text(json.dumps(preprocessor_dict(model.config), indent=2) + "\n")
+    json_files = {
+        PREPROCESSOR_FILE: preprocessor_dict(model.config),
+        CONFIG_FILE: hf_config_dict(model.config, labels),
+    }
+    write_model_folder(directory, to_hf_state_dict(model, layout="hub"), {"format": "pt"}, json_files)
     return directory
 
 

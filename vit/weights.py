@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,12 +56,26 @@ def save_pretrained(
     if labels is not None and len(labels) != model.config.num_classes:
         raise ValueError(f"{len(labels)} labels given for a model with {model.config.num_classes} classes")
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(state, directory / WEIGHTS_FILE, metadata={"format": "pt", "vitpipe": FORMAT})
     config: dict[str, Any] = {"format": FORMAT, "vit": model.config.to_dict()}
     if labels is not None:
         config["labels"] = list(labels)
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    write_model_folder(directory, state, {"format": "pt", "vitpipe": FORMAT}, {CONFIG_FILE: config})
     return directory
+
+
+def write_model_folder(
+    directory: Path, state: dict[str, torch.Tensor], metadata: dict[str, str], json_files: dict[str, Any]
+) -> None:
+    """Weights first, JSON files last, each under a temporary name renamed when complete: a folder
+    whose config.json exists holds whole files, even if the writer was killed midway."""
+    (directory / CONFIG_FILE).unlink(missing_ok=True)
+    partial = directory / f".{WEIGHTS_FILE}.partial"
+    save_file(state, partial, metadata=metadata)
+    os.replace(partial, directory / WEIGHTS_FILE)
+    for name, content in json_files.items():
+        partial = directory / f".{name}.partial"
+        partial.write_text(json.dumps(content, indent=2) + "\n")
+        os.replace(partial, directory / name)
 
 
 def read_config_json(directory: Path) -> dict[str, Any]:
