@@ -177,3 +177,26 @@ def test_export_refuses_what_hf_vit_cannot_express(tmp_path, overrides, what):
     model = VisionTransformer(CONFIGS["w48 d3 p12@48"].replace(**overrides))
     with pytest.raises(ValueError, match=rf"classifies the class token with no pre-logits layer.*{what}"):
         export_hf(model, tmp_path)
+
+
+def test_checkpoint_without_qkv_biases_converts_with_zero_biases():
+    config = CONFIGS["w48 d3 p12@48"]
+    theirs = perturb(hf_model(config, qkv_bias=False))
+    ours = VisionTransformer(config).eval()
+    ours.load_state_dict(from_hf_state_dict(theirs.state_dict(), config))
+    assert not ours.blocks[0].attn.qkv.bias.any()
+    images, pixels = images_for(config)
+    with torch.no_grad():
+        assert_same_logits(ours(patchify(images, 12)), theirs(pixel_values=pixels).logits)
+
+
+def test_incomplete_hf_config_or_weights_are_named():
+    theirs = hf_model(CONFIGS["w48 d3 p12@48"])
+    hf_config = theirs.config.to_dict()
+    del hf_config["hidden_size"]
+    with pytest.raises(ValueError, match=r"x/config.json: HF config lacks \['hidden_size'\]"):
+        config_from_hf(hf_config, theirs.state_dict(), None, "x/config.json")
+    state = dict(theirs.state_dict())
+    del state["vit.layers.2.mlp.fc1.weight"]
+    with pytest.raises(ValueError, match=r"HF weight 'encoder.layer.2.intermediate.dense.weight' missing"):
+        from_hf_state_dict(state, CONFIGS["w48 d3 p12@48"])

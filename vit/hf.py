@@ -47,6 +47,7 @@ _TOP_NAMES = {
     "pre_logits.0.bias": "pooler.dense.bias",
 }
 _QKV = ("query", "key", "value")
+_REQUIRED_HF_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")
 # transformers 5 in-memory module names -> Hub layout, within one encoder layer.
 _MODULES_TO_HUB = {
     "attention.q_proj.": "attention.attention.query.",
@@ -116,6 +117,9 @@ def config_from_hf(
     if preprocessor and preprocessor.get("do_normalize", True):
         mean = tuple(preprocessor.get("image_mean", mean))
         std = tuple(preprocessor.get("image_std", std))
+    missing = [key for key in _REQUIRED_HF_KEYS if key not in hf_config]
+    if missing:
+        raise ValueError(f"{source}: HF config lacks {missing}")
     backbone, classifier = _split_hub_state(state)
     representation_size = None
     if "pooler.dense.weight" in backbone:
