@@ -200,3 +200,21 @@ def test_vit_package_imports_neither_pipeline_nor_ray():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_package_exports_load_lazily_so_the_config_schema_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pipeline.config; before = 'torch' in sys.modules; import vit; "
+        "config = vit.ViTConfig(image_size=8, patch_size=4, width=8, depth=1, heads=2); "
+        "model = vit.VisionTransformer(config); "
+        "print(before, type(model).__name__)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "VisionTransformer"]
+    import vit
+
+    with pytest.raises(AttributeError, match="module 'vit' has no attribute 'nope'"):
+        _ = vit.nope
