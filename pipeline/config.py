@@ -173,11 +173,9 @@ class ModelConfig(Section):
         return variant
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> ModelConfig:
-        shape = parse_variant(self.variant).shape
-        width, heads = self.width or shape.width, self.heads or shape.heads
-        if width % heads:
-            raise ValueError(f"width {width} is not divisible by heads {heads}")
+    def _architecture_is_valid(self) -> ModelConfig:
+        # vit.ViTConfig owns the architecture rules; data-dependent sizes are checked when data is known.
+        self.vit_config(image_size=self.patch_size, channels=1, num_classes=1)
         return self
 
     @property
