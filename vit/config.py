@@ -138,6 +138,6 @@ class ViTConfig:
                 f"{source}: unknown ViT config key(s) {', '.join(unknown)}; known: {sorted(known)}"
             )
         try:
-            return cls(**{k: tuple(v) if k in ("mean", "std") else v for k, v in data.items()})
+            return cls(**data)
         except ValueError as error:
             raise ValueError(f"{source}: {error}") from None

@@ -14,9 +14,9 @@ def resample_posemb(
     *,
     num_prefix_tokens: int,
     old_grid: tuple[int, int] | None = None,
-    mode: str = "bilinear",
 ) -> torch.Tensor:
-    """Resample position embeddings [1, prefix + gh*gw, D] to a new (rows, cols) grid by 2D interpolation.
+    """Resample position embeddings [1, prefix + gh*gw, D] to a new (rows, cols) grid by bilinear
+    interpolation (as big_vision does).
 
     The prefix rows (the class token's entry) are kept as they are. An unchanged grid returns an exact
     copy. Downsampling is antialiased so that the result is a smoothed, not aliased, embedding.
@@ -41,11 +41,7 @@ def resample_posemb(
     image = grid_part.detach().float().reshape(1, *old_grid, width).permute(0, 3, 1, 2)
     downsampling = new_grid[0] < old_grid[0] or new_grid[1] < old_grid[1]
     resized = F.interpolate(
-        image,
-        size=tuple(new_grid),
-        mode=mode,
-        align_corners=False if mode in ("bilinear", "bicubic") else None,
-        antialias=downsampling and mode in ("bilinear", "bicubic"),
+        image, size=tuple(new_grid), mode="bilinear", align_corners=False, antialias=downsampling
     )
     resized = resized.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], width)
     return torch.cat([prefix.detach().float(), resized], dim=1).to(dtype)
