@@ -200,3 +200,22 @@ def test_incomplete_hf_config_or_weights_are_named():
     del state["vit.layers.2.mlp.fc1.weight"]
     with pytest.raises(ValueError, match=r"HF weight 'encoder.layer.2.intermediate.dense.weight' missing"):
         from_hf_state_dict(state, CONFIGS["w48 d3 p12@48"])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"hidden_act": "relu"}, r"hidden_act 'relu' is not supported \(ViT uses 'gelu'\)"),
+        ({"image_size": [48, 96]}, r"non-square image_size \[48, 96\] is not supported"),
+    ],
+)
+def test_hf_configs_vitpipe_cannot_express_are_refused(change, message):
+    theirs = hf_model(CONFIGS["w48 d3 p12@48"])
+    with pytest.raises(ValueError, match=rf"x/config.json: {message}"):
+        config_from_hf({**theirs.config.to_dict(), **change}, theirs.state_dict(), None, "x/config.json")
+
+
+def test_hf_folder_without_weights_is_named(tmp_path):
+    hf_model(CONFIGS["w48 d3 p12@48"]).config.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no model.safetensors, model.safetensors.index.json or"):
+        load_pretrained(tmp_path)

@@ -135,3 +135,9 @@ def test_saving_over_an_earlier_model_replaces_it_and_leaves_no_partial_files(tm
     save_pretrained(second, tmp_path)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     assert torch.equal(load_pretrained(tmp_path).head.weight, second.head.weight)
+
+
+def test_unknown_override_is_named(tmp_path):
+    save_pretrained(trained_like(), tmp_path)
+    with pytest.raises(ValueError, match=r"unknown ViT config field\(s\) \['widht'\]"):
+        load_pretrained(tmp_path, widht=64)
