@@ -47,6 +47,7 @@ PositiveFloat = Annotated[Float, Field(gt=0)]
 NonNegativeFloat = Annotated[Float, Field(ge=0)]
 UnitFraction = Annotated[Float, Field(ge=0, lt=1)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)]
+Extension = Annotated[str, Field(pattern=r"^[a-z0-9_]+(\.[a-z0-9_]+)*$")]  # a tar member's suffix, lower case
 
 PIL_DEFAULT_MAX_PIXELS = 89_478_485
 
@@ -139,9 +140,12 @@ class PreprocessConfig(Section):
     patch_size: PositiveInt = 16
     channels: Literal[1, 3] = 3
     resize: Literal["shorter-side-center-crop", "squash", "pad"] = "shorter-side-center-crop"
-    image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "ppm")
-    label_key: str | None = "cls"
+    resample: Literal["bilinear", "bicubic"] = "bilinear"  # always antialiased when shrinking
+    image_keys: tuple[Extension, ...] = Field(("jpg", "jpeg", "png", "webp", "ppm"), min_length=1)
+    # "cls": an integer in the sample's .cls member; "json:label": a field of its .json; None: unlabelled.
+    label_key: Annotated[str, Field(pattern=r"^[a-z0-9_]+(\.[a-z0-9_]+)*(:[A-Za-z0-9_.-]+)?$")] | None = "cls"
     max_pixels: PositiveInt = PIL_DEFAULT_MAX_PIXELS
+    compression: Literal["none", "lz4", "zstd", "snappy"] = "lz4"
     max_failure_rate: Annotated[Float, Field(ge=0, le=1)] = 0.01
 
     @model_validator(mode="after")
@@ -151,6 +155,12 @@ class PreprocessConfig(Section):
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
             )
         return self
+
+    def output_hash(self) -> str:
+        """Hash of the settings that shape the output files (not the failure threshold), for resuming."""
+        settings = self.model_dump(mode="json", exclude={"max_failure_rate"})
+        payload = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 class ModelConfig(Section):

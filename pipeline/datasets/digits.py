@@ -16,7 +16,8 @@ from PIL import Image
 
 from pipeline.config import DigitsConfig
 from pipeline.datasets.card import prepare_output_dir, split_entry, write_card
-from pipeline.datasets.shards import ShardResult, run_shard_tasks, shard_name, write_shard
+from pipeline.datasets.shards import ShardResult, shard_name, write_shard
+from pipeline.ray_tasks import run_shard_tasks
 
 DIGIT_LEVELS = 16  # sklearn's digits count ink in 0..16
 

@@ -22,7 +22,8 @@ from PIL import Image
 
 from pipeline.config import FractalsConfig
 from pipeline.datasets.card import prepare_output_dir, split_entry, write_card
-from pipeline.datasets.shards import ShardResult, run_shard_tasks, shard_name, write_shard
+from pipeline.datasets.shards import ShardResult, shard_name, write_shard
+from pipeline.ray_tasks import run_shard_tasks
 
 _CLASS_STREAM, _INSTANCE_STREAM, _ORDER_STREAM = 0, 1, 2
 MIN_FILL = 0.12  # fraction of a 64x64 frame an attractor must cover to make a class

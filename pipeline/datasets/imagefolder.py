@@ -22,7 +22,8 @@ from PIL import Image
 
 from pipeline.config import ImageFolderConfig
 from pipeline.datasets.card import prepare_output_dir, split_entry, write_card
-from pipeline.datasets.shards import ShardResult, run_shard_tasks, shard_name, write_shard
+from pipeline.datasets.shards import ShardResult, shard_name, write_shard
+from pipeline.ray_tasks import run_shard_tasks
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they are; others become PNG
 JUNK_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}

@@ -10,15 +10,10 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-import ray
-
-from pipeline.progress import Progress
-from pipeline.ray_session import cluster_cpus
 
 Sample = tuple[str, dict[str, bytes]]  # key, {extension: bytes}
 
@@ -66,37 +61,6 @@ def write_shard(path: Path, samples: Iterable[Sample]) -> tuple[int, int]:
             count += 1
     os.replace(partial, path)
     return count, path.stat().st_size
-
-
-def run_shard_tasks(
-    task: Callable[..., ShardResult],
-    shard_args: Sequence[tuple[Any, ...]],
-    *,
-    label: str,
-    shared: tuple[Any, ...] = (),
-) -> list[ShardResult]:
-    """Run `task(*shared, *args)` as one Ray task per shard; results in shard order.
-
-    At most two tasks per cluster CPU are in flight, so the driver's memory stays bounded however
-    many shards there are, and adding nodes adds throughput with no change here.
-    """
-    remote = ray.remote(num_cpus=1, max_retries=2)(task)
-    shared_refs = tuple(ray.put(value) for value in shared)
-    limit = 2 * cluster_cpus()
-    progress = Progress(label, total=len(shard_args))
-    pending: dict[ray.ObjectRef, int] = {}
-    results: list[ShardResult | None] = [None] * len(shard_args)
-    next_index = 0
-    while next_index < len(shard_args) or pending:
-        while next_index < len(shard_args) and len(pending) < limit:
-            pending[remote.remote(*shared_refs, *shard_args[next_index])] = next_index
-            next_index += 1
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        for ref in ready:
-            result = ray.get(ref)
-            results[pending.pop(ref)] = result
-            progress.update(items=result.samples)
-    return [result for result in results if result is not None]
 
 
 def result_dicts(results: Iterable[ShardResult]) -> list[dict[str, Any]]:

@@ -1,0 +1,104 @@
+"""`_manifest.json`: what a patch directory holds, written last, from the shards' own footers.
+
+It has no timestamps or paths of the machine that wrote it, so a run that was killed and resumed
+writes the same bytes as one that was not.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections import Counter
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from pipeline.config import PreprocessConfig
+from pipeline.preprocess.patchfile import PATCHES_FORMAT, PatchGeometry
+from pipeline.preprocess.shard import ShardReport
+from pipeline.preprocess.sources import resolve
+
+MANIFEST_FILE = "_manifest.json"
+ROOT_SPLIT = "."  # the split name of shards that sit directly in the input folder
+
+
+def build_manifest(
+    config: PreprocessConfig, input_spec: str, classes: list[str] | None, reports: list[ShardReport]
+) -> dict[str, Any]:
+    per_class: Counter[str] = Counter()
+    splits: dict[str, dict[str, Any]] = {}
+    for report in reports:
+        per_class.update(report.per_class)
+        if report.file is not None:
+            split = splits.setdefault(split_of(report.file), {"samples": 0, "files": []})
+            split["samples"] += report.samples
+            split["files"].append(report.file)
+    samples = sum(r.samples for r in reports)
+    failed = sum(r.failed for r in reports)
+    return {
+        "format": PATCHES_FORMAT,
+        "input": input_spec,
+        "config": config.model_dump(mode="json"),
+        "config_hash": config.output_hash(),
+        "patches": PatchGeometry.of(config).describe(),
+        "classes": classes,
+        "totals": {
+            "shards": len(reports),
+            "unreadable_shards": sum(1 for r in reports if r.file is None),
+            "samples": samples,
+            "failed": failed,
+            "failure_rate": failed / (samples + failed) if samples + failed else 0.0,
+            "per_class": {label: per_class[label] for label in sorted(per_class, key=int)},
+        },
+        "splits": dict(sorted(splits.items())),
+        "shards": [
+            {"source": r.source, "file": r.file, "samples": r.samples, "failed": r.failed} for r in reports
+        ],
+        "failures": [failure for r in reports for failure in r.failures],
+    }
+
+
+def split_of(file: str) -> str:
+    """`train/x-000001.parquet` is in split `train`; a file at the top level is in split `.`."""
+    return posixpath.dirname(file) or ROOT_SPLIT
+
+
+def write_manifest(filesystem: pafs.FileSystem, root: str, manifest: dict[str, Any]) -> str:
+    path = posixpath.join(root, MANIFEST_FILE)
+    partial = posixpath.join(root, f".{MANIFEST_FILE}.partial")
+    with filesystem.open_output_stream(partial) as stream:
+        stream.write((json.dumps(manifest, indent=2) + "\n").encode())
+    filesystem.move(partial, path)
+    return path
+
+
+def read_manifest(directory: str) -> dict[str, Any]:
+    """The manifest of a patch directory (local path or URL); errors name the directory."""
+    filesystem, root = resolve(directory)
+    path = posixpath.join(root, MANIFEST_FILE)
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            manifest = json.loads(stream.read())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{directory}: no {MANIFEST_FILE}; not a finished `vitpipe preprocess` output"
+        ) from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON: {error}") from None
+    if manifest.get("format") != PATCHES_FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r} is not {PATCHES_FORMAT!r}")
+    return manifest
+
+
+def patch_files(directory: str, split: str | None = None) -> list[str]:
+    """The patch files of one split (or all), in order: local paths, or URLs when `directory` is one."""
+    manifest = read_manifest(directory)
+    _, root = resolve(directory)
+    if split is not None and split not in manifest["splits"]:
+        known = ", ".join(manifest["splits"]) or "none"
+        raise KeyError(f"{directory}: no split {split!r}; it has {known}")
+    names = [split] if split is not None else list(manifest["splits"])
+    scheme = directory.split("://", 1)[0] + "://" if "://" in directory else ""
+    return [
+        scheme + posixpath.join(root, file) for name in names for file in manifest["splits"][name]["files"]
+    ]

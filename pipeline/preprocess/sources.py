@@ -1,0 +1,135 @@
+"""Where shards are: a directory, a glob or a brace pattern, on local disk or any pyarrow/fsspec filesystem.
+
+Each input shard gets a name relative to the input's root directory (`train/corpus-000003.tar`), which
+becomes its output's name (`train/corpus-000003.parquet`), so splits and sub-folders carry over.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import posixpath
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import braceexpand
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+_BRACE = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """One input shard: the path its filesystem opens, its name under the input root, its size."""
+
+    path: str
+    name: str
+    size: int | None  # None when it does not exist (an unreadable shard, found out by the worker)
+
+    @property
+    def output_name(self) -> str:
+        """`train/x-000001.tar` -> `train/x-000001.parquet`."""
+        stem = next((self.name[: -len(s)] for s in SHARD_SUFFIXES if self.name.endswith(s)), self.name)
+        return stem + ".parquet"
+
+
+@dataclass(frozen=True)
+class ShardListing:
+    filesystem: pafs.FileSystem
+    root: str
+    shards: list[ShardSource]
+
+
+def resolve(location: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path of a local path, a `file://` URL or any URL pyarrow or fsspec knows."""
+    if "://" not in location:
+        return pafs.LocalFileSystem(), str(Path(location).expanduser().absolute())
+    try:
+        return pafs.FileSystem.from_uri(location)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as pyarrow_error:
+        try:
+            import fsspec
+        except ImportError:
+            raise ValueError(f"{location}: pyarrow cannot open it ({pyarrow_error})") from None
+        try:
+            filesystem, path = fsspec.core.url_to_fs(location)
+        except (ValueError, ImportError) as error:
+            raise ValueError(f"{location}: no filesystem for this URL ({error})") from None
+        return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem)), path
+
+
+def list_shards(location: str) -> ShardListing:
+    """Expand INPUT into its shards, sorted by name; an input that names no shard is an error."""
+    filesystem, path = resolve(location)
+    if _BRACE.search(path):
+        paths = list(braceexpand.braceexpand(path))
+        root = _common_dir(paths)
+        infos = filesystem.get_file_info(paths)
+        shards = [
+            _source(p, root, info.size if info.type == pafs.FileType.File else None)
+            for p, info in zip(paths, infos, strict=True)
+        ]
+    elif _GLOB_CHARS.search(path):
+        root = _static_prefix_dir(path)
+        shards = [
+            _source(info.path, root, info.size)
+            for info in _walk(filesystem, root)
+            if fnmatch.fnmatchcase(info.path, path)
+        ]
+    else:
+        info = filesystem.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{location}: no such file or directory")
+        if info.type == pafs.FileType.File:
+            root = posixpath.dirname(path)
+            shards = [_source(path, root, info.size)]
+        else:
+            root = path
+            shards = [_source(i.path, root, i.size) for i in _walk(filesystem, root) if _is_shard(i.path)]
+    if not shards:
+        raise FileNotFoundError(
+            f"{location}: no shards found (looking for {', '.join(SHARD_SUFFIXES)} files)"
+        )
+    shards.sort(key=lambda shard: shard.name)
+    outputs = [shard.output_name for shard in shards]
+    if len(set(outputs)) != len(outputs):
+        clash = next(name for name in outputs if outputs.count(name) > 1)
+        raise ValueError(f"{location}: two input shards would both be written to {clash}; rename one")
+    return ShardListing(filesystem, root, shards)
+
+
+def _walk(filesystem: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
+    """Regular files below `root`, skipping hidden files and folders (`.partial`, `.git`, ...)."""
+    selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
+    return [
+        info
+        for info in filesystem.get_file_info(selector)
+        if info.type == pafs.FileType.File
+        and not any(part.startswith(".") for part in posixpath.relpath(info.path, root).split("/"))
+    ]
+
+
+def _is_shard(path: str) -> bool:
+    return path.endswith(SHARD_SUFFIXES)
+
+
+def _source(path: str, root: str, size: int | None) -> ShardSource:
+    return ShardSource(path=path, name=posixpath.relpath(path, root), size=size)
+
+
+def _common_dir(paths: list[str]) -> str:
+    return posixpath.commonpath([posixpath.dirname(p) for p in paths]) if paths else ""
+
+
+def _static_prefix_dir(pattern: str) -> str:
+    """The deepest directory of a glob before its first wildcard: `/d/train/*.tar` -> `/d/train`."""
+    parts = pattern.split("/")
+    static = []
+    for part in parts[:-1]:
+        if _GLOB_CHARS.search(part):
+            break
+        static.append(part)
+    return "/".join(static) or "/"

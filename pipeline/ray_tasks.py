@@ -1,0 +1,54 @@
+"""One Ray task per shard, a bounded number in flight: how every per-shard job in vitpipe runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+import ray
+
+from pipeline.progress import Progress
+from pipeline.ray_session import cluster_cpus
+
+
+class CountsSamples(Protocol):
+    samples: int
+
+
+ResultT = TypeVar("ResultT", bound=CountsSamples)
+
+
+def run_shard_tasks(
+    task: Callable[..., ResultT],
+    shard_args: Sequence[tuple[Any, ...]],
+    *,
+    label: str,
+    shared: tuple[Any, ...] = (),
+    max_in_flight: int | None = None,
+    on_result: Callable[[ResultT], None] | None = None,
+) -> list[ResultT]:
+    """Run `task(*shared, *args)` as one Ray task per shard; results in shard order.
+
+    At most `max_in_flight` tasks (default: two per cluster CPU) are submitted at once, so the
+    driver's memory stays bounded however many shards there are, and adding nodes adds throughput
+    with no change here. `on_result` sees each result as it arrives (for logging or bookkeeping).
+    """
+    remote = ray.remote(num_cpus=1, max_retries=2)(task)
+    shared_refs = tuple(ray.put(value) for value in shared)
+    limit = max_in_flight or 2 * cluster_cpus()
+    progress = Progress(label, total=len(shard_args))
+    pending: dict[ray.ObjectRef, int] = {}
+    results: list[ResultT | None] = [None] * len(shard_args)
+    next_index = 0
+    while next_index < len(shard_args) or pending:
+        while next_index < len(shard_args) and len(pending) < limit:
+            pending[remote.remote(*shared_refs, *shard_args[next_index])] = next_index
+            next_index += 1
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            result = ray.get(ref)
+            results[pending.pop(ref)] = result
+            if on_result is not None:
+                on_result(result)
+            progress.update(items=result.samples)
+    return [result for result in results if result is not None]
