@@ -16,6 +16,7 @@ from pipeline.config import (
     FractalsConfig,
     ImageFolderConfig,
     PipelineConfig,
+    PreprocessConfig,
     Section,
     load_config,
     validate,
@@ -70,6 +71,31 @@ def build_parser() -> argparse.ArgumentParser:
     folder.add_argument("--shard-bytes", help="bytes per shard, e.g. 256MB ('none')")
     folder.add_argument("--max-pixels", type=int, help="larger images are skipped (decompression bombs)")
 
+    prep = commands.add_parser(
+        "preprocess", help="decode, resize and patchify WebDataset shards into Parquet patch shards"
+    )
+    prep.add_argument("input", help="a folder, a glob or a brace pattern of .tar shards; a path or a URL")
+    prep.add_argument("output", help="folder (or URL) for the patch files and _manifest.json")
+    prep.add_argument("--image-size", type=int)
+    prep.add_argument("--patch-size", type=int)
+    prep.add_argument("--channels", type=int, help="3 (RGB) or 1 (grayscale)")
+    prep.add_argument("--resize", help="shorter-side-center-crop (default), squash or pad")
+    prep.add_argument("--resample", help="bilinear (default) or bicubic; antialiased either way")
+    prep.add_argument("--image-keys", help="comma-separated image extensions, first found wins")
+    prep.add_argument("--label-key", help="'cls', 'json:FIELD', or 'none' for an unlabelled corpus")
+    prep.add_argument("--max-pixels", type=int, help="larger images are skipped (decompression bombs)")
+    prep.add_argument("--compression", help="Parquet compression: lz4 (default), zstd, snappy or none")
+    prep.add_argument("--max-failure-rate", type=float, help="exit non-zero above this fraction failed")
+    prep.add_argument("--workers", type=int, help="shards processed at once (default: all cluster CPUs)")
+    prep.add_argument("--overwrite", action="store_true", help="replace outputs made with another config")
+    _add_address(prep)
+
+    look = commands.add_parser("inspect", help="summarise a preprocessed folder and draw samples as a PNG")
+    look.add_argument("directory")
+    look.add_argument("--samples", type=int, default=32, help="how many samples to draw")
+    look.add_argument("--split", help="which split to draw (default: the first)")
+    look.add_argument("--out", help="PNG path (default: DIRECTORY/samples.png)")
+
     for sub in (digits, fractals, folder):
         sub.add_argument("--name", help="shard file prefix and dataset name")
         sub.add_argument("--seed", type=int)
@@ -107,6 +133,30 @@ def dataset_config(args: argparse.Namespace) -> Section:
     )
 
 
+PREPROCESS_OPTIONS = (
+    "image_size",
+    "patch_size",
+    "channels",
+    "resize",
+    "resample",
+    "image_keys",
+    "label_key",
+    "max_pixels",
+    "compression",
+    "max_failure_rate",
+)
+
+
+def preprocess_config(args: argparse.Namespace) -> PreprocessConfig:
+    """The validated preprocessing config from the options given."""
+    values: dict[str, Any] = {k: getattr(args, k) for k in PREPROCESS_OPTIONS if getattr(args, k) is not None}
+    if "image_keys" in values:
+        values["image_keys"] = tuple(key.strip().lstrip(".") for key in values["image_keys"].split(","))
+    if str(values.get("label_key", "")).lower() == "none":
+        values["label_key"] = None
+    return validate(values, PreprocessConfig, source="vitpipe preprocess", key_style="cli")
+
+
 def _as_int(text: str, option: str) -> int:
     try:
         return int(text)
@@ -134,12 +184,25 @@ def build_dataset(config: Section, out: Path, overwrite: bool, preview: bool) ->
 
 
 def run_demo(job: PipelineConfig, out: Path, overwrite: bool) -> None:
-    """Build every dataset of `job` under `out/{name}`, with previews: the quickstart's A and B."""
+    """Build every dataset of `job` under `out/{name}` with previews, then preprocess each one the job
+    preprocesses into `out/{name}-patches` with a sample grid: the quickstart's A and B, ready to train."""
+    from pipeline.preprocess.inspect import describe, write_grid
+    from pipeline.preprocess.run import preprocess
+
     started = time.perf_counter()
     for name, dataset in job.datasets.items():
         build_dataset(dataset, out / name, overwrite, preview=True)
+    for name, config in job.preprocess.items():
+        patches = out / f"{name}-patches"
+        result = preprocess(str(out / name), str(patches), config, overwrite=overwrite)
+        print(result.summary())
+        print(describe(str(patches)))
+        print(f"  samples: {write_grid(str(patches))}")
     seconds = time.perf_counter() - started
-    print(f"{len(job.datasets)} datasets of job {job.name!r} ready under {out} in {seconds:.1f}s")
+    print(
+        f"{len(job.datasets)} datasets and {len(job.preprocess)} patch sets of job {job.name!r} "
+        f"ready under {out} in {seconds:.1f}s"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -169,6 +232,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         job = load_config(args.job, PipelineConfig)
         print(init_ray(args.address), file=sys.stderr)
         run_demo(job, args.out, args.overwrite)
+    elif args.command == "preprocess":
+        from pipeline.preprocess.run import preprocess
+
+        config = preprocess_config(args)  # validate before Ray starts
+        if args.workers is not None and args.workers < 1:
+            raise ConfigError(f"vitpipe preprocess: --workers must be at least 1 (got {args.workers})")
+        print(init_ray(args.address), file=sys.stderr)
+        result = preprocess(args.input, args.output, config, overwrite=args.overwrite, workers=args.workers)
+        print(result.summary())
+        return EXIT_FAILED if result.exceeded else 0
+    elif args.command == "inspect":
+        from pipeline.preprocess.inspect import describe, write_grid
+
+        print(describe(args.directory))
+        print(f"  samples: {write_grid(args.directory, args.out, args.samples, split=args.split)}")
     elif args.command == "datasets":
         config = dataset_config(args)  # validate before Ray starts
         print(init_ray(args.address), file=sys.stderr)
