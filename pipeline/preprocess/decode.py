@@ -19,6 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.config import PreprocessConfig
 
+DRAFT_GAP = 2
 SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
@@ -58,10 +59,15 @@ def decode_image(data: bytes, config: PreprocessConfig) -> np.ndarray:
 
 
 def _draft(image: Image.Image, config: PreprocessConfig) -> None:
-    """Ask libjpeg for the smallest DCT scale (1/2, 1/4, 1/8) that still leaves enough pixels to resize."""
+    """Ask libjpeg for the smallest DCT scale (1/2, 1/4, 1/8) that keeps twice the target's pixels.
+
+    Twice, as Pillow's `thumbnail` does: the antialiased resize then does the last step. Measured on a
+    2000x1500 photo to 224: mean |difference| to a full decode 0.2 (1.0 at the 99th percentile);
+    keeping only 1x was 25% faster but differed by 2.9 (22).
+    """
     width, height = image.size
     side = max(width, height) if config.resize == "pad" else min(width, height)
-    scale = config.image_size / side
+    scale = DRAFT_GAP * config.image_size / side
     if scale >= 1:
         return
     mode = "L" if config.channels == 1 and image.mode == "RGB" else None

@@ -1,0 +1,106 @@
+"""A tar shard as a stream of samples: grouping by key, duplicates, truncation, labels."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+
+from pipeline.preprocess.samples import Failure, LabelError, Sample, parse_label, read_samples
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue()
+
+
+def read(data: bytes) -> list[Sample | Failure]:
+    return list(read_samples(io.BytesIO(data)))
+
+
+def test_members_group_by_key_as_webdataset_does():
+    items = read(
+        tar_bytes(
+            [
+                ("dir/a.jpg", b"A"),
+                ("dir/a.cls", b"1"),
+                ("dir/a.seg.PNG", b"S"),
+                ("__meta__.json", b"{}"),
+                ("b.jpg", b"B"),
+            ]
+        )
+    )
+    assert items == [
+        Sample("dir/a", {"jpg": b"A", "cls": b"1", "seg.png": b"S"}),
+        Sample("b", {"jpg": b"B"}),
+    ]
+
+
+def test_duplicate_keys_keep_the_first_sample_and_report_the_rest():
+    items = read(
+        tar_bytes([("a.jpg", b"1"), ("b.jpg", b"2"), ("a.jpg", b"3"), ("c.jpg", b"4"), ("c.jpg", b"5")])
+    )
+    assert items[:2] == [Sample("a", {"jpg": b"1"}), Sample("b", {"jpg": b"2"})]
+    assert items[2] == Failure("a", "duplicate key: an earlier sample in this shard has the same key")
+    assert items[3] == Failure("c", "duplicate key: member c.jpg appears twice")
+
+
+def test_truncated_tar_keeps_the_samples_before_the_break():
+    data = tar_bytes([("a.jpg", b"x" * 600), ("b.jpg", b"y" * 5000), ("c.jpg", b"z" * 600)])
+    items = read(data[:2500])  # inside b's data
+    assert items[0] == Sample("a", {"jpg": b"x" * 600})
+    assert isinstance(items[1], Failure)
+    assert items[1].key == "b"
+    assert items[1].reason.startswith("truncated shard: the tar breaks off after 1 members")
+    assert len(items) == 2
+
+
+@pytest.mark.parametrize("data", [b"", b"this is not a tar file at all" * 40], ids=["empty", "text"])
+def test_bytes_that_are_not_a_tar_are_an_unreadable_shard(data):
+    (failure,) = read(data)
+    assert failure.key is None
+    assert failure.reason.startswith("unreadable shard: not a tar file")
+
+
+def test_gzipped_tar_is_read():
+    import gzip
+
+    items = read(gzip.compress(tar_bytes([("a.jpg", b"1")])))
+    assert items == [Sample("a", {"jpg": b"1"})]
+
+
+@pytest.mark.parametrize(
+    ("members", "key", "label"),
+    [
+        ({"cls": b"7\n"}, "cls", 7),
+        ({"json": b'{"label": 3}'}, "json:label", 3),
+        ({"json": b'{"meta": {"class": 12}}'}, "json:meta.class", 12),
+        ({"txt": b" 0 "}, "txt", 0),
+    ],
+)
+def test_label_sources(members, key, label):
+    assert parse_label(members, key) == label
+
+
+@pytest.mark.parametrize(
+    ("members", "key", "reason"),
+    [
+        ({"jpg": b""}, "cls", "missing label: the sample has no .cls member"),
+        ({"cls": b"cat"}, "cls", "malformed label: .cls holds 'cat', not an integer"),
+        ({"cls": b"-2"}, "cls", "malformed label: cls is -2, a class index cannot be negative"),
+        ({"json": b"{not json"}, "json:label", "malformed label: .json is not valid JSON"),
+        ({"json": b'{"other": 1}'}, "json:label", "missing label: .json has no field 'label'"),
+        ({"json": b'{"label": true}'}, "json:label", "malformed label: json:label is True, not an integer"),
+        ({"json": b'{"label": "3"}'}, "json:label", "malformed label: json:label is '3', not an integer"),
+    ],
+)
+def test_bad_labels_name_the_problem(members, key, reason):
+    with pytest.raises(LabelError) as raised:
+        parse_label(members, key)
+    assert str(raised.value).startswith(reason)
