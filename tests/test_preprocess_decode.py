@@ -1,4 +1,4 @@
-"""Image bytes to a model-sized uint8 array: modes, orientation, resize policies, the JPEG fast path, bad bytes."""
+"""Image bytes to a model-sized uint8 array: modes, orientation, resize policies, JPEG draft, bad bytes."""
 
 from __future__ import annotations
 
@@ -84,14 +84,18 @@ def three_bands(width: int, height: int) -> Image.Image:
 
 def test_center_crop_keeps_the_middle_square():
     pixels = decode_image(encode(three_bands(96, 32)), config())
-    assert (pixels[..., 1] == 255).all() and (pixels[..., [0, 2]] == 0).all()
+    assert (pixels[..., 1] == 255).all()
+    assert (pixels[..., [0, 2]] == 0).all()
 
 
 def test_squash_keeps_everything_and_pad_letterboxes_on_black():
     squashed = decode_image(encode(three_bands(96, 32)), config(image_size=12, resize="squash"))
-    assert squashed[:, 0, 0].min() == 255 and squashed[:, -1, 2].min() == 255
+    assert squashed[:, 0, 0].min() == 255
+    assert squashed[:, -1, 2].min() == 255
     padded = decode_image(encode(Image.new("RGB", (64, 32), "white")), config(resize="pad"))
-    assert (padded[:4] == 0).all() and (padded[12:] == 0).all() and (padded[4:12] == 255).all()
+    assert (padded[:4] == 0).all()
+    assert (padded[12:] == 0).all()
+    assert (padded[4:12] == 255).all()
 
 
 def test_exif_orientation_is_applied():
@@ -101,7 +105,8 @@ def test_exif_orientation_is_applied():
     stored = upright.transpose(Image.Transpose.ROTATE_90)
     pixels = decode_image(encode(stored, "JPEG", quality=95, exif=exif), config(resize="pad"))
     # Upright again and letterboxed: red band on the left, blue on the right.
-    assert pixels[8, 1, 0] > 200 and pixels[8, 14, 2] > 200
+    assert pixels[8, 1, 0] > 200
+    assert pixels[8, 14, 2] > 200
 
 
 @pytest.mark.parametrize("size", [(500, 375), (2000, 1500)], ids=["imagenet-size", "large"])
@@ -122,7 +127,12 @@ def png_bomb(width: int, height: int) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
 
 
 def truncated_jpeg() -> bytes:
@@ -175,6 +185,8 @@ def test_large_jpegs_are_decoded_at_reduced_dct_scale(monkeypatch):
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
     data = encode(Image.new("RGB", (2000, 1500), "gray"), "JPEG")
     decode_image(data, config(image_size=224, patch_size=16))
-    assert scales == [2]  # 1500/2 = 750 >= 2 x 224; 1/4 would leave 375 < 448
+    assert scales == [2]  # 1500/2 = 750 >= 2 x 224
     decode_image(data, config(image_size=64, patch_size=16))
-    assert scales[-1] == 8  # 1500/8 = 187 >= 128
+    assert scales[-1] == 2  # 1/8 would still leave 187 >= 2 x 64, but its 1x1 IDCT aliases
+    decode_image(data, config(image_size=384, patch_size=16))
+    assert len(scales) == 2  # 750 < 2 x 384: decoded in full

@@ -8,7 +8,6 @@ antialiased resize runs in torch's vectorised uint8 kernel rather than Pillow's.
 from __future__ import annotations
 
 import io
-import math
 import struct
 import warnings
 
@@ -59,19 +58,18 @@ def decode_image(data: bytes, config: PreprocessConfig) -> np.ndarray:
 
 
 def _draft(image: Image.Image, config: PreprocessConfig) -> None:
-    """Ask libjpeg for the smallest DCT scale (1/2, 1/4, 1/8) that keeps twice the target's pixels.
+    """Let libjpeg decode at half scale (its scaled IDCT) when twice the target still fits in half.
 
-    Twice, as Pillow's `thumbnail` does: the antialiased resize then does the last step. Measured on a
-    2000x1500 photo to 224: mean |difference| to a full decode 0.2 (1.0 at the 99th percentile);
-    keeping only 1x was 25% faster but differed by 2.9 (22).
+    Measured against a full decode (mean |difference| per pixel, 0-255), half scale costs nothing
+    visible: 0.2 for 2000x1500 photos to 224, where it makes decode+resize 3.2x faster. Quarter and
+    eighth scales differ by 1-4.6 (their 2x2 and 1x1 IDCTs alias), so they are not used.
     """
     width, height = image.size
     side = max(width, height) if config.resize == "pad" else min(width, height)
-    scale = DRAFT_GAP * config.image_size / side
-    if scale >= 1:
+    if DRAFT_GAP * config.image_size > side // 2:
         return
     mode = "L" if config.channels == 1 and image.mode == "RGB" else None
-    image.draft(mode, (math.ceil(width * scale), math.ceil(height * scale)))
+    image.draft(mode, (width // 2, height // 2))
 
 
 def _oriented(image: Image.Image) -> Image.Image:
