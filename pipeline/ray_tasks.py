@@ -34,7 +34,6 @@ def run_shard_tasks(
     with no change here. `on_result` sees each result as it arrives (for logging or bookkeeping).
     """
     remote = ray.remote(num_cpus=1, max_retries=2)(task)
-    shared_refs = tuple(ray.put(value) for value in shared)
     limit = max_in_flight or 2 * cluster_cpus()
     progress = Progress(label, total=len(shard_args))
     pending: dict[ray.ObjectRef, int] = {}
@@ -42,7 +41,9 @@ def run_shard_tasks(
     next_index = 0
     while next_index < len(shard_args) or pending:
         while next_index < len(shard_args) and len(pending) < limit:
-            pending[remote.remote(*shared_refs, *shard_args[next_index])] = next_index
+            # `shared` goes by value: small arguments travel inside the task spec. A `ray.put` of them
+            # failed on a reused two-node cluster with a spurious OwnerDiedError (driver alive).
+            pending[remote.remote(*shared, *shard_args[next_index])] = next_index
             next_index += 1
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:

@@ -58,3 +58,21 @@ def _env() -> dict[str, str]:
     import os
 
     return dict(os.environ)
+
+
+def test_preprocess_across_nodes_matches_a_local_run(two_node_cluster, digits_dir, tmp_path):
+    from pipeline.config import PreprocessConfig
+    from pipeline.preprocess.run import preprocess
+
+    remote = run_vitpipe(
+        "preprocess", str(digits_dir), str(tmp_path / "cluster"), "--image-size", "16", "--patch-size", "4",
+        "--address", two_node_cluster.address,
+    )  # fmt: skip
+    assert remote.returncode == 0, remote.stderr
+    assert "2 node(s), 2 CPU" in remote.stderr
+    assert "preprocessed 5 shard(s): 5 now" in remote.stdout
+    preprocess(str(digits_dir), str(tmp_path / "local"), PreprocessConfig(image_size=16, patch_size=4))
+    files = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*") if p.is_file())
+    assert len(files) == 6  # five patch files and the manifest
+    for name in files:
+        assert (tmp_path / "cluster" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
