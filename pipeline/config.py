@@ -145,7 +145,8 @@ class PreprocessConfig(Section):
     # "cls": an integer in the sample's .cls member; "json:label": a field of its .json; None: unlabelled.
     label_key: Annotated[str, Field(pattern=r"^[a-z0-9_]+(\.[a-z0-9_]+)*(:[A-Za-z0-9_.-]+)?$")] | None = "cls"
     max_pixels: PositiveInt = PIL_DEFAULT_MAX_PIXELS
-    compression: Literal["none", "lz4", "zstd", "snappy"] = "lz4"
+    # Photos' patches barely compress (lz4: -7% for 15% more time per image); synthetic corpora do.
+    compression: Literal["none", "lz4", "zstd", "snappy"] = "none"
     max_failure_rate: Annotated[Float, Field(ge=0, le=1)] = 0.01
 
     @model_validator(mode="after")
