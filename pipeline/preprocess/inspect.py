@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from pipeline.preprocess.manifest import MANIFEST_FILE, patch_files, read_manifest
-from pipeline.preprocess.patchfile import PatchGeometry, patches_array
+from pipeline.preprocess.patchfile import geometry_of, patches_array
 from pipeline.preprocess.sources import resolve
 from vit.patches import unpatchify
 
@@ -58,13 +58,14 @@ def read_samples(directory: str, count: int, split: str | None = None) -> list[d
     split = split or next(iter(manifest["splits"]), None)
     if split is None:
         return []
-    geometry = PatchGeometry(**{k: manifest["patches"][k] for k in ("image_size", "patch_size", "channels")})
     filesystem, _ = resolve(directory)
     samples: list[dict[str, Any]] = []
     for path in patch_files(directory, split):
         _, local = resolve(path)
         with filesystem.open_input_file(local) as handle:
-            for batch in pq.ParquetFile(handle).iter_batches(batch_size=max(count, 1)):
+            patch_file = pq.ParquetFile(handle)
+            geometry = geometry_of(patch_file.schema_arrow)
+            for batch in patch_file.iter_batches(batch_size=max(count, 1)):
                 patches = patches_array(batch.column("patches"), geometry)
                 images = unpatchify(patches, geometry.patch_size, geometry.channels)
                 for key, label, image in zip(batch.column("key"), batch.column("label"), images, strict=True):
