@@ -61,9 +61,10 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def digest(self) -> str:
-        """A stable hash of the settings, for caching and for refusing to mix outputs of two configs."""
-        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    def digest(self, exclude: set[str] | None = None) -> str:
+        """A stable hash of the settings (less `exclude`), for caching and for refusing to mix outputs."""
+        settings = self.model_dump(mode="json", exclude=exclude)
+        payload = json.dumps(settings, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -159,9 +160,7 @@ class PreprocessConfig(Section):
 
     def output_hash(self) -> str:
         """Hash of the settings that shape the output files (not the failure threshold), for resuming."""
-        settings = self.model_dump(mode="json", exclude={"max_failure_rate"})
-        payload = json.dumps(settings, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return self.digest(exclude={"max_failure_rate"})
 
 
 class ModelConfig(Section):

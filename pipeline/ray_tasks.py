@@ -25,13 +25,12 @@ def run_shard_tasks(
     label: str,
     shared: tuple[Any, ...] = (),
     max_in_flight: int | None = None,
-    on_result: Callable[[ResultT], None] | None = None,
 ) -> list[ResultT]:
     """Run `task(*shared, *args)` as one Ray task per shard; results in shard order.
 
     At most `max_in_flight` tasks (default: two per cluster CPU) are submitted at once, so the
     driver's memory stays bounded however many shards there are, and adding nodes adds throughput
-    with no change here. `on_result` sees each result as it arrives (for logging or bookkeeping).
+    with no change here.
     """
     remote = ray.remote(num_cpus=1, max_retries=2)(task)
     limit = max_in_flight or 2 * cluster_cpus()
@@ -49,7 +48,5 @@ def run_shard_tasks(
         for ref in ready:
             result = ray.get(ref)
             results[pending.pop(ref)] = result
-            if on_result is not None:
-                on_result(result)
             progress.update(items=result.samples)
     return [result for result in results if result is not None]
