@@ -321,3 +321,32 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path):
     clean = tmp_path / "clean"
     preprocess(str(corpus), str(clean), PreprocessConfig(image_size=64, patch_size=16))
     assert tree_bytes(killed) == tree_bytes(clean)
+
+
+def test_an_unexpected_decoder_exception_is_recorded_not_raised(tmp_path, monkeypatch):
+    """The shard task itself (no Ray): a bug-like exception on one sample costs that sample only."""
+    import pyarrow.fs as pafs
+
+    from pipeline.preprocess import shard as shard_module
+    from pipeline.preprocess.sources import list_shards
+
+    write_shard(
+        tmp_path / "in" / "s.tar", [(k, {"png": good_png(i), "cls": b"0"}) for i, k in enumerate("abc")]
+    )
+    real_decode = shard_module.decode_image
+
+    def flaky_decode(data, config):
+        if data == good_png(1):
+            raise RuntimeError("decoder crashed")
+        return real_decode(data, config)
+
+    monkeypatch.setattr(shard_module, "decode_image", flaky_decode)
+    (source,) = list_shards(str(tmp_path / "in")).shards
+    local = pafs.LocalFileSystem()
+    report = shard_module.preprocess_shard(
+        local, local, str(tmp_path / "out"), PreprocessConfig(image_size=8, patch_size=4), None, source
+    )
+    assert (report.samples, report.failed) == (2, 1)
+    assert report.failures == [
+        {"shard": "s.tar", "key": "b", "reason": "unexpected error: RuntimeError: decoder crashed"}
+    ]

@@ -7,7 +7,14 @@ import tarfile
 
 import pytest
 
-from pipeline.preprocess.samples import Failure, LabelError, Sample, parse_label, read_samples
+from pipeline.preprocess.samples import (
+    Failure,
+    LabelError,
+    Sample,
+    UnreadableShardError,
+    parse_label,
+    read_samples,
+)
 
 
 def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
@@ -63,9 +70,8 @@ def test_truncated_tar_keeps_the_samples_before_the_break():
 
 @pytest.mark.parametrize("data", [b"", b"this is not a tar file at all" * 40], ids=["empty", "text"])
 def test_bytes_that_are_not_a_tar_are_an_unreadable_shard(data):
-    (failure,) = read(data)
-    assert failure.key is None
-    assert failure.reason.startswith("unreadable shard: not a tar file")
+    with pytest.raises(UnreadableShardError, match=r"^unreadable shard: not a tar file"):
+        read(data)
 
 
 def test_gzipped_tar_is_read():

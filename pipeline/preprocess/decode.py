@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from pipeline.config import PreprocessConfig
+from pipeline.preprocess.samples import SampleError
 
 DRAFT_GAP = 2
 SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
-class DecodeError(ValueError):
+class DecodeError(SampleError):
     """An image that cannot be used; the message starts with the kind of problem (`corrupt image: ...`)."""
 
 

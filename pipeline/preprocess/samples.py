@@ -26,8 +26,16 @@ class Sample:
 
 @dataclass(frozen=True)
 class Failure:
-    key: str | None  # None: the problem is the shard's, not one sample's
+    key: str
     reason: str
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; the message starts with the kind of problem (`missing label: ...`)."""
+
+
+class UnreadableShardError(OSError):
+    """The shard is not a tar at all: nothing in it can be read."""
 
 
 def read_samples(stream: BinaryIO) -> Iterator[Sample | Failure]:
@@ -35,7 +43,8 @@ def read_samples(stream: BinaryIO) -> Iterator[Sample | Failure]:
 
     A key seen earlier in the shard keeps its first sample; a sample holding the same member twice is
     dropped whole (which copy is right is unknowable). A tar that breaks off ends the stream with a
-    Failure naming the sample being read; the samples before it are kept.
+    Failure naming the sample being read; the samples before it are kept. Bytes that are no tar at
+    all raise UnreadableShardError before anything is yielded.
     """
     seen: set[str] = set()
     key: str | None = None
@@ -56,8 +65,7 @@ def read_samples(stream: BinaryIO) -> Iterator[Sample | Failure]:
     try:
         tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115  closed in the finally below
     except _TAR_ERRORS as error:
-        yield Failure(None, f"unreadable shard: not a tar file ({error})")
-        return
+        raise UnreadableShardError(f"unreadable shard: not a tar file ({error})") from None
     try:
         while True:
             try:
@@ -80,10 +88,9 @@ def read_samples(stream: BinaryIO) -> Iterator[Sample | Failure]:
                 members[extension] = payload
                 count += 1
             except _TAR_ERRORS as error:
-                if count == 0 and key is None:
-                    yield Failure(None, f"unreadable shard: not a tar file ({error})")
-                else:
-                    yield Failure(key, f"truncated shard: the tar breaks off after {count} members ({error})")
+                if key is None:
+                    raise UnreadableShardError(f"unreadable shard: not a tar file ({error})") from None
+                yield Failure(key, f"truncated shard: the tar breaks off after {count} members ({error})")
                 return
         if (done := finish()) is not None:
             yield done
@@ -97,7 +104,7 @@ def _is_meta(name: str) -> bool:
     return leaf.startswith("__") and leaf.split(".")[0].endswith("__")
 
 
-class LabelError(ValueError):
+class LabelError(SampleError):
     """A sample's label is missing or not a class index."""
 
 

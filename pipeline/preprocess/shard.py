@@ -20,7 +20,7 @@ import torch
 from pipeline.config import PreprocessConfig
 from pipeline.preprocess.decode import decode_image
 from pipeline.preprocess.patchfile import PatchGeometry, PatchShardWriter
-from pipeline.preprocess.samples import Failure, parse_label, read_samples
+from pipeline.preprocess.samples import Failure, SampleError, UnreadableShardError, parse_label, read_samples
 from pipeline.preprocess.sources import ShardSource
 from vit.patches import patchify
 
@@ -85,18 +85,17 @@ def preprocess_shard(
         with stream:
             for item in read_samples(stream):
                 if isinstance(item, Failure):
-                    if item.reason.startswith("unreadable shard"):
-                        writer.abort()
-                        out_fs.delete_file(partial)
-                        return _unreadable(report, item.reason, started)
                     _record(report, item.key, item.reason)
                     continue
                 try:
                     label = _label(item.members, config, num_classes)
                     image = _image_bytes(item.members, config)
                     patches = patchify(decode_image(image, config), config.patch_size)
-                except Exception as error:
-                    _record(report, item.key, _reason(error))
+                except SampleError as error:
+                    _record(report, item.key, str(error))
+                    continue
+                except Exception as error:  # a decoder bug on odd bytes must not stop the shard either
+                    _record(report, item.key, f"unexpected error: {type(error).__name__}: {error}")
                     continue
                 writer.add(item.key, label, patches)
                 report.samples += 1
@@ -104,6 +103,10 @@ def preprocess_shard(
                     per_class[label] += 1
         report.per_class = {str(label): per_class[label] for label in sorted(per_class)}
         writer.close(report.footer(config.output_hash(), source.size))
+    except UnreadableShardError as error:  # raised before any sample, so nothing is lost
+        writer.abort()
+        _delete_quietly(out_fs, partial)
+        return _unreadable(report, str(error), started)
     except BaseException:
         writer.abort()
         _delete_quietly(out_fs, partial)
@@ -118,7 +121,7 @@ def _label(members: dict[str, bytes], config: PreprocessConfig, num_classes: int
         return None
     label = parse_label(members, config.label_key)
     if num_classes is not None and label >= num_classes:
-        raise ValueError(f"label out of range: {label} is not one of the dataset's {num_classes} classes")
+        raise SampleError(f"label out of range: {label} is not one of the dataset's {num_classes} classes")
     return label
 
 
@@ -128,15 +131,7 @@ def _image_bytes(members: dict[str, bytes], config: PreprocessConfig) -> bytes:
             return members[extension]
     present = ", ".join(f".{e}" for e in sorted(members)) or "nothing"
     wanted = ", ".join(f".{e}" for e in config.image_keys)
-    raise ValueError(f"no image: the sample has {present}, none of {wanted}")
-
-
-def _reason(error: Exception) -> str:
-    """Problems vitpipe names itself read as they are; anything else keeps its exception type."""
-    text = str(error)
-    if isinstance(error, ValueError) and ": " in text:
-        return text
-    return f"unexpected error: {type(error).__name__}: {text}"
+    raise SampleError(f"no image: the sample has {present}, none of {wanted}")
 
 
 def _record(report: ShardReport, key: str | None, reason: str) -> None:
