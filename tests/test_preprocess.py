@@ -20,7 +20,7 @@ from sklearn.datasets import load_sample_image
 
 from pipeline.cli import main
 from pipeline.config import PreprocessConfig
-from pipeline.datasets.card import read_card, shard_paths
+from pipeline.datasets.card import CARD_FORMAT, read_card, shard_paths
 from pipeline.datasets.shards import write_shard
 from pipeline.preprocess.manifest import patch_files, read_manifest
 from pipeline.preprocess.patchfile import PatchGeometry, patches_array
@@ -107,12 +107,18 @@ def test_webdataset_shardwriter_shards_by_brace_pattern_and_file_url(tmp_path):
                     "json": {"label": index % 4},
                 }
             )
-    pattern = f"file://{source}/part-{{000000..000002}}.tar"
+    (source / "dataset.json").write_text('{"classes": ["not", "ours"]}')  # a foreign card: ignored
+    pattern = f"file://{source}/part-{{000000..000003}}.tar"  # part-000003.tar does not exist
     config = PreprocessConfig(image_size=32, patch_size=8, label_key="json:label")
     result = preprocess(pattern, f"file://{tmp_path / 'out'}", config)
     assert result.manifest["totals"]["samples"] == 12
     assert result.manifest["classes"] is None
-    assert [s["file"] for s in result.manifest["shards"]] == [f"part-{i:06d}.parquet" for i in range(3)]
+    written = [f"part-{i:06d}.parquet" for i in range(3)]
+    assert [s["file"] for s in result.manifest["shards"]] == [*written, None]
+    (missing,) = result.manifest["failures"]
+    assert missing["shard"] == "part-000003.tar"
+    assert missing["reason"].startswith("unreadable shard: cannot open")
+    assert result.exceeded  # 1 of 4 shards lost is over the 1% limit
     keys, labels, patches = read_rows(tmp_path / "out")
     assert keys == [f"img{i:03d}" for i in range(12)]
     assert labels == [i % 4 for i in range(12)]
@@ -172,7 +178,7 @@ def bad_input(tmp_path) -> Path:
     (root / "whole.tar").unlink()
     (root / "cut-000002.tar").write_bytes(whole[:5500])  # breaks off inside t1.png's data (from 4608)
     (root / "junk-000003.tar").write_bytes(b"GIF89a this is no tar" * 100)
-    (root / "dataset.json").write_text(json.dumps({"classes": ["zero", "one"]}))
+    (root / "dataset.json").write_text(json.dumps({"format": CARD_FORMAT, "classes": ["zero", "one"]}))
     return root
 
 

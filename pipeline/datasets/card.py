@@ -55,13 +55,21 @@ def read_card(directory: str | Path) -> dict[str, Any]:
     """Read a dataset's card; a missing or foreign card is an error naming the directory."""
     path = Path(directory) / CARD_FILE
     try:
-        card = json.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise FileNotFoundError(f"{directory}: no {CARD_FILE}; not a dataset written by vitpipe") from None
+    return parse_card(text, str(path))
+
+
+def parse_card(text: str | bytes, source: str) -> dict[str, Any]:
+    """A card's JSON, checked to be vitpipe's; errors name `source` (the card's path or URL)."""
+    try:
+        card = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON: {error}") from None
-    if card.get("format") != CARD_FORMAT:
-        raise ValueError(f"{path}: format {card.get('format')!r} is not {CARD_FORMAT!r}")
+        raise ValueError(f"{source}: not valid JSON: {error}") from None
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        found = card.get("format") if isinstance(card, dict) else None
+        raise ValueError(f"{source}: format {found!r} is not {CARD_FORMAT!r}")
     return card
 
 

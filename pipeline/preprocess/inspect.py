@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import posixpath
-from collections import Counter
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from pipeline.preprocess.manifest import MANIFEST_FILE, patch_files, read_manifest
+from pipeline.preprocess.manifest import MANIFEST_FILE, failure_kinds, patch_files, read_manifest
 from pipeline.preprocess.patchfile import geometry_of, patches_array
 from pipeline.preprocess.sources import resolve
 from vit.patches import unpatchify
@@ -43,8 +42,7 @@ def describe(directory: str, max_failures: int = 5) -> str:
     )
     failures = manifest["failures"]
     if failures:
-        reasons = Counter(failure["reason"].split(":")[0] for failure in failures)
-        lines.append("  failures: " + ", ".join(f"{reason} {n}" for reason, n in reasons.most_common()))
+        lines.append(f"  failures: {failure_kinds(failures)}")
         for failure in failures[:max_failures]:
             lines.append(f"    {failure['shard']} {failure['key']}: {failure['reason']}")
         if len(failures) > max_failures:

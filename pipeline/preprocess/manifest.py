@@ -58,6 +58,12 @@ def build_manifest(
     }
 
 
+def failure_kinds(failures: list[dict[str, Any]]) -> str:
+    """`corrupt image 3, duplicate key 1`: failures counted by the kind their reason starts with."""
+    kinds = Counter(failure["reason"].split(":")[0] for failure in failures)
+    return ", ".join(f"{kind} {count}" for kind, count in kinds.most_common())
+
+
 def split_of(file: str) -> str:
     """`train/x-000001.parquet` is in split `train`; a file at the top level is in split `.`."""
     return posixpath.dirname(file) or ROOT_SPLIT

@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 import posixpath
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
 
 from pipeline.config import PreprocessConfig
-from pipeline.datasets.card import CARD_FILE
-from pipeline.preprocess.manifest import MANIFEST_FILE, build_manifest, write_manifest
+from pipeline.datasets.card import CARD_FILE, parse_card
+from pipeline.preprocess.manifest import MANIFEST_FILE, build_manifest, failure_kinds, write_manifest
 from pipeline.preprocess.patchfile import read_shard_metadata
 from pipeline.preprocess.shard import PARTIAL_SUFFIX, ShardReport, preprocess_shard
 from pipeline.preprocess.sources import ShardListing, ShardSource, list_shards, resolve
@@ -61,9 +60,8 @@ class PreprocessResult:
         ]
         if totals["unreadable_shards"]:
             lines.append(f"  unreadable shards: {totals['unreadable_shards']} (rerun to retry them)")
-        reasons = Counter(failure["reason"].split(":")[0] for failure in manifest["failures"])
-        if reasons:
-            lines.append("  failures: " + ", ".join(f"{reason} {n}" for reason, n in reasons.most_common()))
+        if manifest["failures"]:
+            lines.append(f"  failures: {failure_kinds(manifest['failures'])}")
         lines.append(
             f"  patches: {geometry['num_patches']} x {geometry['patch_dim']} uint8 per image "
             f"({geometry['image_size']}px, patch {geometry['patch_size']}, {geometry['channels']} channel(s))"
@@ -169,14 +167,15 @@ def _remove_partials(filesystem: pafs.FileSystem, root: str) -> None:
 
 
 def class_names(listing: ShardListing) -> list[str] | None:
-    """Class names from a `dataset.json` beside the shards or one folder up, when the input has one."""
+    """Class names from the vitpipe `dataset.json` beside the shards or one folder up, if there is one.
+
+    A `dataset.json` that is not vitpipe's is someone else's file, and ignored.
+    """
     for folder in (listing.root, posixpath.dirname(listing.root)):
+        path = posixpath.join(folder, CARD_FILE)
         try:
-            with listing.filesystem.open_input_stream(posixpath.join(folder, CARD_FILE)) as stream:
-                card = json.loads(stream.read())
-        except (OSError, json.JSONDecodeError):
+            with listing.filesystem.open_input_stream(path) as stream:
+                return parse_card(stream.read(), path)["classes"]
+        except (OSError, ValueError, KeyError):
             continue
-        classes = card.get("classes")
-        if isinstance(classes, list) and all(isinstance(name, str) for name in classes):
-            return classes
     return None
