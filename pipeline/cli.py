@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--image-keys", help="comma-separated image extensions, first found wins")
     prep.add_argument("--label-key", help="'cls', 'json:FIELD', or 'none' for an unlabelled corpus")
     prep.add_argument("--max-pixels", type=int, help="larger images are skipped (decompression bombs)")
-    prep.add_argument("--compression", help="Parquet compression: lz4 (default), zstd, snappy or none")
+    prep.add_argument("--compression", help="Parquet compression: none (default), lz4, zstd or snappy")
     prep.add_argument("--max-failure-rate", type=float, help="exit non-zero above this fraction failed")
     prep.add_argument("--workers", type=int, help="shards processed at once (default: all cluster CPUs)")
     prep.add_argument("--overwrite", action="store_true", help="replace outputs made with another config")

@@ -78,6 +78,26 @@ def test_unknown_nested_key_in_pretrain(tmp_path):
             "preprocess.corpus: image_size 32 is not a multiple of patch_size 5",
         ),
         ("variant: Ti/4", "variant: XL/4", "pretrain.model.variant: unknown variant 'XL'"),
+        (
+            "patch_size: 4}",
+            "patch_size: 4, label_key: json label}",
+            "preprocess.corpus.label_key: String should",
+        ),
+        (
+            "patch_size: 4}",
+            "patch_size: 4, image_keys: [.JPG]}",
+            "preprocess.corpus.image_keys[0]: String should",
+        ),
+        (
+            "patch_size: 4}",
+            "patch_size: 4, image_keys: []}",
+            "preprocess.corpus.image_keys: Tuple should have at least 1",
+        ),
+        (
+            "patch_size: 4}",
+            "patch_size: 4, compression: gzip}",
+            "preprocess.corpus.compression: Input should be",
+        ),
         ("micro_batch_size: 32", "micro_batch_size: 48", "global_batch_size 128 is not a multiple of"),
         ("zero_stage: 2", "zero_stage: 4", "pretrain.zero_stage: Input should be 0, 1, 2 or 3"),
         ("kind: digits", "kind: mnist", "datasets.digits: Input tag 'mnist' found using 'kind'"),

@@ -280,6 +280,10 @@ def test_missing_input_and_bad_options_fail_before_any_work(tmp_path, capsys):
     assert "image_size 30 is not a multiple of patch_size 4" in capsys.readouterr().err
     assert main(["preprocess", str(tmp_path), str(tmp_path / "out"), "--resize", "stretch"]) == 2
     assert "--resize" in capsys.readouterr().err
+    assert main(["preprocess", str(tmp_path), str(tmp_path / "out"), "--workers", "0"]) == 2
+    assert "--workers must be at least 1 (got 0)" in capsys.readouterr().err
+    assert main(["preprocess", str(tmp_path), str(tmp_path / "out"), "--image-keys", "jpg,PNG"]) == 2
+    assert "--image-keys[1]: String should match pattern" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
