@@ -10,8 +10,8 @@ that the machine's drift hits every contender alike (medians reported):
 - vitpipe: `preprocess()` end to end (tar read, decode, resize, patchify, Parquet write, manifest)
   on a local Ray with 1 and then 2 CPUs, workers warmed up first;
 - components, ms per image on one core: JPEG half-scale draft vs full decode (+ resize), torch's
-  uint8 antialiased resize vs Pillow's, and the Parquet patch column as fixed-size binary vs a
-  nested fixed-size list (write and read).
+  uint8 antialiased resize vs Pillow's, the Parquet patch column as fixed-size binary vs a nested
+  fixed-size list (write and read), and what compression saves on 64 distinct photos' patches.
 
     .venv/bin/python -m benchmarks.bench_preprocess [--rounds 5]
 """
@@ -90,12 +90,17 @@ def naive_rate(directory: Path) -> float:
     return count / (time.perf_counter() - started)
 
 
-def decode_rate(directory: Path) -> float:
-    """Full JPEG decode alone (bytes already in memory)."""
+def jpeg_payloads(directory: Path) -> list[bytes]:
     payloads = []
     for url in shard_urls(directory):
         with tarfile.open(url) as tar:
             payloads += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
+    return payloads
+
+
+def decode_rate(directory: Path) -> float:
+    """Full JPEG decode alone (bytes already in memory)."""
+    payloads = jpeg_payloads(directory)
     started = time.perf_counter()
     for payload in payloads:
         Image.open(io.BytesIO(payload)).load()
@@ -120,13 +125,15 @@ def per_call_ms(function, seconds: float = 1.0) -> float:
     return 1e3 * (time.perf_counter() - started) / calls
 
 
-def component_times(large_jpeg: bytes) -> dict[str, float]:
-    """The three choices inside vitpipe's worker, each against the obvious alternative."""
+def component_times(jpegs: list[bytes]) -> dict[str, float]:
+    """The choices inside vitpipe's worker, each against the obvious alternative."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from pipeline.preprocess import decode
     from vit.patches import patchify
+
+    large_jpeg = jpegs[0]
 
     def full_decode_and_resize() -> np.ndarray:
         image = Image.open(io.BytesIO(large_jpeg)).convert("RGB")
@@ -137,7 +144,7 @@ def component_times(large_jpeg: bytes) -> dict[str, float]:
 
     square = np.asarray(Image.open(io.BytesIO(large_jpeg)).convert("RGB"))[:, 250:1750]
     pil_square = Image.fromarray(np.ascontiguousarray(square))
-    patches = np.stack([patchify(decode.decode_image(large_jpeg, CONFIG), 16) for _ in range(64)])
+    patches = np.stack([patchify(decode.decode_image(jpeg, CONFIG), 16) for jpeg in jpegs[:64]])
     flat = pa.array(patches.reshape(-1))
     nested = pa.FixedSizeListArray.from_arrays(pa.FixedSizeListArray.from_arrays(flat, 768), 196)
     binary = pa.FixedSizeBinaryArray.from_buffers(
@@ -159,6 +166,12 @@ def component_times(large_jpeg: bytes) -> dict[str, float]:
             read = per_call_ms(lambda: pq.read_table(path), 2.0)  # noqa: B023
             times[f"parquet_{name}_write_ms_per_image"] = write / len(patches)
             times[f"parquet_{name}_read_ms_per_image"] = read / len(patches)
+        table = pa.table({"patches": binary})
+        for codec in ("none", "lz4", "zstd"):
+            path = f"{tmp}/{codec}.parquet"
+            write = per_call_ms(lambda: pq.write_table(table, path, compression=codec), 2.0)  # noqa: B023
+            times[f"parquet_{codec}_write_ms_per_image"] = write / len(patches)
+            times[f"parquet_{codec}_size_vs_raw"] = Path(path).stat().st_size / patches.nbytes
     return {key: round(value, 3) for key, value in times.items()}
 
 
@@ -169,9 +182,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         corpora = {name: make_corpus(root / name, size, count) for name, (size, count) in CORPORA.items()}
-        with tarfile.open(shard_urls(corpora["large_2000x1500"])[0]) as tar:
-            large_jpeg = tar.extractfile(tar.getmember("img000000.jpg")).read()
-        components = component_times(large_jpeg)
+        components = component_times(jpeg_payloads(corpora["large_2000x1500"]))
         print(components, flush=True)
         rates: dict[str, dict[str, list[float]]] = {name: {} for name in corpora}
         for cpus in (1, 2):
