@@ -1,0 +1,74 @@
+"""INPUT to shards: folders, globs, brace patterns, URLs, and the errors for inputs that name none."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.preprocess.sources import list_shards
+
+
+def touch(path, size: int = 10) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+
+
+def test_a_folder_gives_every_shard_below_it_named_relative_to_it(tmp_path):
+    for name in (
+        "train/a-000000.tar",
+        "train/a-000001.tar.gz",
+        "test/a-000000.tgz",
+        "notes.txt",
+        ".hidden/b.tar",
+    ):
+        touch(tmp_path / name)
+    listing = list_shards(str(tmp_path))
+    assert [s.name for s in listing.shards] == [
+        "test/a-000000.tgz",
+        "train/a-000000.tar",
+        "train/a-000001.tar.gz",
+    ]
+    assert [s.output_name for s in listing.shards] == [
+        "test/a-000000.parquet",
+        "train/a-000000.parquet",
+        "train/a-000001.parquet",
+    ]
+
+
+def test_glob_and_brace_patterns_are_relative_to_their_fixed_prefix(tmp_path):
+    for index in range(3):
+        touch(tmp_path / "train" / f"a-{index:06d}.tar", size=index + 1)
+    globbed = list_shards(str(tmp_path / "train" / "a-00000[01].tar"))
+    assert [s.name for s in globbed.shards] == ["a-000000.tar", "a-000001.tar"]
+    braced = list_shards(f"file://{tmp_path}/train/a-{{000001..000003}}.tar")
+    assert [(s.name, s.size) for s in braced.shards] == [
+        ("a-000001.tar", 2),
+        ("a-000002.tar", 3),
+        ("a-000003.tar", None),  # missing: the worker records it as an unreadable shard
+    ]
+
+
+def test_urls_pyarrow_does_not_know_go_through_fsspec():
+    fsspec = pytest.importorskip("fsspec")
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/corpus/train/x-000000.tar", b"0123")
+    listing = list_shards("memory://corpus")
+    assert [(s.name, s.size) for s in listing.shards] == [("train/x-000000.tar", 4)]
+    with listing.filesystem.open_input_stream(listing.shards[0].path) as stream:
+        assert stream.read() == b"0123"
+
+
+def test_inputs_that_name_no_shard_are_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+        list_shards(str(tmp_path / "absent"))
+    touch(tmp_path / "readme.txt")
+    with pytest.raises(FileNotFoundError, match=r"no shards found \(looking for .tar, .tar.gz, .tgz files\)"):
+        list_shards(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no shards found"):
+        list_shards(str(tmp_path / "*.tar"))
+
+
+def test_two_inputs_for_one_output_name_are_refused(tmp_path):
+    touch(tmp_path / "a.tar")
+    touch(tmp_path / "a.tgz")
+    with pytest.raises(ValueError, match=r"would both be written to a.parquet"):
+        list_shards(str(tmp_path))
