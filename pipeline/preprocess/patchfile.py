@@ -3,9 +3,10 @@
 Columns: `key` (string), `label` (int64, null when unlabelled), `patches` (fixed-size binary of
 N * P*P*C uint8 bytes: the image's patches in `vit.patches.patchify` layout), `source` (the input
 shard's name). The patches are one fixed-size binary value per row rather than a nested list:
-Parquet encodes a list element by element, which made writing 15x and reading 30x slower (measured
-on 224px patches). The file's footer holds `vitpipe.shard`: the config hash, the source shard's size,
-counts and every failed sample, so a rerun can trust a finished file without reading its rows.
+Parquet encodes a list element by element, 8x slower to write and 15x slower to read for 224px
+photo patches (benchmarks/bench_preprocess.py). The file's footer holds `vitpipe.shard`: the
+config hash, the source shard's size, counts and every failed sample, so a rerun can trust a
+finished file without reading its rows.
 """
 
 from __future__ import annotations
@@ -156,9 +157,10 @@ def read_shard_metadata(filesystem: pafs.FileSystem, path: str) -> dict[str, Any
     try:
         with filesystem.open_input_file(path) as handle:
             metadata = pq.read_metadata(handle).metadata or {}
-        return json.loads(metadata[SHARD_METADATA_KEY.encode()])
+        footer = json.loads(metadata[SHARD_METADATA_KEY.encode()])
     except (OSError, pa.ArrowException, KeyError, ValueError):
         return None
+    return footer if isinstance(footer, dict) and "config_hash" in footer else None
 
 
 def patches_array(column: pa.Array | pa.ChunkedArray, geometry: PatchGeometry | None = None) -> np.ndarray:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import posixpath
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipeline.config import PreprocessConfig
+from pipeline.config import OUTPUT_NEUTRAL, PreprocessConfig
 from pipeline.datasets.card import CARD_FILE, parse_card
 from pipeline.preprocess.manifest import MANIFEST_FILE, build_manifest, failure_kinds, write_manifest
 from pipeline.preprocess.patchfile import read_shard_metadata
@@ -23,6 +24,8 @@ from pipeline.preprocess.shard import PARTIAL_SUFFIX, ShardReport, preprocess_sh
 from pipeline.preprocess.sources import ShardListing, ShardSource, list_shards, resolve
 from pipeline.ray_session import init_ray
 from pipeline.ray_tasks import run_shard_tasks
+
+FOOTER_READERS = 16
 
 
 @dataclass
@@ -98,18 +101,18 @@ def preprocess(
     classes = class_names(listing)
     reports: dict[str, ShardReport] = {}
     todo: list[ShardSource] = []
-    for shard in listing.shards:
-        footer = read_shard_metadata(out_fs, posixpath.join(out_root, shard.output_name))
-        if footer is None or footer.get("source_size") != shard.size or footer["config_hash"] != config_hash:
-            if footer is not None and footer["config_hash"] != config_hash and not overwrite:
-                raise FileExistsError(
-                    f"{output}: {shard.output_name} was made with another preprocessing config "
-                    f"(hash {footer['config_hash']}, this run's is {config_hash}); choose another OUTPUT "
-                    "or pass --overwrite to replace it"
-                )
-            todo.append(shard)
-        else:
+    for shard, footer in zip(listing.shards, _footers(out_fs, out_root, listing.shards), strict=True):
+        made_here = footer is not None and footer["config_hash"] == config_hash
+        if footer is not None and not made_here and not overwrite:
+            raise FileExistsError(
+                f"{output}: {shard.output_name} was made with another preprocessing config "
+                f"(hash {footer['config_hash']}, this run's is {config_hash}); choose another OUTPUT "
+                "or pass --overwrite to replace it"
+            )
+        if made_here and footer["source_size"] == shard.size:
             reports[shard.name] = ShardReport.from_footer(footer, shard.output_name)
+        else:
+            todo.append(shard)
     _remove_partials(out_fs, out_root)
     processed_samples = 0
     if todo:
@@ -138,6 +141,15 @@ def preprocess(
     )
 
 
+def _footers(
+    filesystem: pafs.FileSystem, root: str, shards: list[ShardSource]
+) -> list[dict[str, Any] | None]:
+    """Every planned output's footer, read concurrently: on object storage each one is a request."""
+    paths = [posixpath.join(root, shard.output_name) for shard in shards]
+    with ThreadPoolExecutor(max_workers=FOOTER_READERS) as pool:
+        return list(pool.map(lambda path: read_shard_metadata(filesystem, path), paths))
+
+
 def _refuse_other_config(
     filesystem: pafs.FileSystem, root: str, output: str, config: PreprocessConfig, overwrite: bool
 ) -> None:
@@ -149,7 +161,7 @@ def _refuse_other_config(
         return
     if overwrite or previous.get("config_hash") == config.output_hash():
         return
-    old, new = previous.get("config", {}), config.model_dump(mode="json")
+    old, new = previous.get("config", {}), config.model_dump(mode="json", exclude=OUTPUT_NEUTRAL)
     changes = [f"{key} {old.get(key)!r} -> {new[key]!r}" for key in new if old.get(key) != new[key]]
     raise FileExistsError(
         f"{output}: already holds patches preprocessed with another config ({'; '.join(changes)}); "
