@@ -61,9 +61,10 @@ def decode_image(data: bytes, config: PreprocessConfig) -> np.ndarray:
 def _draft(image: Image.Image, config: PreprocessConfig) -> None:
     """Let libjpeg decode at half scale (its scaled IDCT) when twice the target still fits in half.
 
-    Measured against a full decode (mean |difference| per pixel, 0-255), half scale costs nothing
-    visible: 0.2 for 2000x1500 photos to 224, where it makes decode+resize 3.2x faster. Quarter and
-    eighth scales differ by 1-4.6 (their 2x2 and 1x1 IDCTs alias), so they are not used.
+    Against a full decode (mean |difference| per pixel, 0-255) half scale costs nothing visible:
+    under 0.5 for 2000x1500 photos to 224 (tests/test_preprocess_decode.py), where decode+resize
+    is 3.6x faster (benchmarks/bench_preprocess.py). Quarter and eighth scales differed by 1-4.6
+    in a one-off check (their 2x2 and 1x1 IDCTs alias), so they are not used.
     """
     width, height = image.size
     side = max(width, height) if config.resize == "pad" else min(width, height)
@@ -131,7 +132,7 @@ def _resize(pixels: np.ndarray, height: int, width: int, resample: str) -> np.nd
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a read-only array from Pillow; it is only read
         # [1, C, H, W] with channels-last strides: torch's uint8 kernel then reads and writes
-        # interleaved pixels directly (1.7x faster here), and the result needs no transposing copy.
+        # interleaved pixels directly, and the result needs no transposing copy.
         batch = torch.from_numpy(pixels).unsqueeze(0).permute(0, 3, 1, 2)
     resized = F.interpolate(batch, size=(height, width), mode=resample, antialias=True, align_corners=False)
     return resized[0].permute(1, 2, 0).numpy()
