@@ -11,7 +11,7 @@ import json
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -28,6 +28,9 @@ from pydantic import (
 
 from vit.config import ViTConfig
 from vit.variants import parse_variant
+
+if TYPE_CHECKING:
+    from vit.train import TrainSpec
 
 _EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$")
 
@@ -237,22 +240,32 @@ class ScheduleConfig(Section):
 class PretrainConfig(Section):
     """DeepSpeed ZeRO pretraining on Ray Train; the batch is global and must split evenly."""
 
-    data: str
+    data: str  # a preprocessed patch directory (path or URL), or in a job the name of a preprocess entry
+    split: Name = "train"  # the split to train on; a patch directory without sub-folders has only "."
     model: ModelConfig = ModelConfig()
     num_workers: PositiveInt = 2
     use_gpu: bool = False
     cpus_per_worker: PositiveFloat = 1.0
+    # CPUs each Ray Data read task takes; they run beside the workers, so the cluster needs them spare.
+    data_cpus: PositiveFloat = 0.5
+    placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # how workers go onto nodes
     global_batch_size: PositiveInt = 4096
     micro_batch_size: PositiveInt = 64
     steps: PositiveInt = 100_000
+    epochs: PositiveInt | None = None  # a budget in passes over the data instead of `steps`
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     bf16: bool = False
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     label_smoothing: UnitFraction = 0.0
+    flip: bool = True  # random horizontal flips, on the device
+    mixup_alpha: NonNegativeFloat = 0.0  # 0 turns mixup off
+    shuffle_buffer: NonNegativeInt = 2048  # rows per worker shuffled locally; 0 reads in file order
     checkpoint_every: PositiveInt = 1000
     keep_checkpoints: PositiveInt = 3
+    max_failures: NonNegativeInt = 3  # worker-group restarts from the latest checkpoint before giving up
+    log_every: PositiveInt = 10
     storage_path: str | None = None
     seed: NonNegativeInt = 0
     deepspeed: dict[str, Any] = Field(default_factory=dict)
@@ -265,7 +278,46 @@ class PretrainConfig(Section):
                 f"global_batch_size {self.global_batch_size} is not a multiple of "
                 f"micro_batch_size x num_workers = {self.micro_batch_size} x {self.num_workers}"
             )
+        if self.epochs is not None and "steps" in self.model_fields_set:
+            raise ValueError("set either steps or epochs, not both")
+        if self.deepspeed:
+            from vit.train import DERIVED_DEEPSPEED_KEYS
+
+            clash = sorted(DERIVED_DEEPSPEED_KEYS & set(self.deepspeed))
+            if clash:
+                raise ValueError(f"deepspeed: {clash} are derived from vitpipe's own keys; set those instead")
         return self
+
+    @property
+    def grad_accum(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+
+    def train_spec(self, total_steps: int) -> TrainSpec:
+        """The plain settings the per-worker loop (`vit.train`) runs on."""
+        from vit.train import TrainSpec
+
+        opt, schedule = self.optimizer, self.schedule
+        return TrainSpec(
+            total_steps=total_steps,
+            micro_batch_size=self.micro_batch_size,
+            grad_accum=self.grad_accum,
+            optimizer=opt.name,
+            lr=opt.lr,
+            betas=opt.betas,
+            momentum=opt.momentum,
+            weight_decay=opt.weight_decay,
+            grad_clip=opt.grad_clip,
+            warmup_steps=schedule.warmup_steps,
+            decay=schedule.decay,
+            min_lr_ratio=schedule.min_lr_ratio,
+            label_smoothing=self.label_smoothing,
+            zero_stage=self.zero_stage,
+            offload_optimizer=self.offload_optimizer,
+            bf16=self.bf16,
+            flip=self.flip,
+            mixup_alpha=self.mixup_alpha,
+            extra_deepspeed=dict(self.deepspeed),
+        )
 
 
 class FinetuneConfig(Section):

@@ -1,10 +1,12 @@
-"""Analytic FLOP count of a ViT (2 FLOPs per multiply-add, matmuls and attention), for MFU.
+"""Analytic FLOP count of a ViT (2 FLOPs per multiply-add, matmuls and attention) and device peaks, for MFU.
 
 Elementwise work (norms, GELU, softmax, residuals) is left out, as MFU conventions do; it is well under
 1% of the total for the standard variants.
 """
 
 from __future__ import annotations
+
+import torch
 
 from vit.config import ViTConfig
 
@@ -33,3 +35,45 @@ def forward_flops(config: ViTConfig) -> int:
 def train_flops(config: ViTConfig) -> int:
     """Training FLOPs per image: forward + backward, counted as 3x forward (the usual MFU convention)."""
     return 3 * forward_flops(config)
+
+
+# Dense peak FLOP/s per GPU from the vendors' datasheets (no sparsity): bf16 tensor cores, and TF32 for
+# fp32 training. The longest matching name wins ("H100 PCIe" before "H100").
+GPU_PEAK_FLOPS: dict[str, tuple[float, float]] = {
+    "B200": (2250e12, 1100e12),
+    "H200": (989e12, 494e12),
+    "H100": (989e12, 494e12),  # SXM; the NVL and PCIe cards have their own rows
+    "H100 NVL": (835e12, 418e12),
+    "H100 PCIe": (756e12, 378e12),
+    "GH200": (989e12, 494e12),
+    "A100": (312e12, 156e12),
+    "L40S": (362e12, 183e12),
+    "L4": (121e12, 60e12),
+    "A10G": (70e12, 35e12),
+    "A10": (125e12, 62.5e12),
+    "V100": (125e12, 15.7e12),  # fp16 tensor cores; V100 has no bf16
+}
+
+
+def gpu_peak_flops(device_name: str, bf16: bool) -> float | None:
+    """The datasheet peak of a GPU by its CUDA device name, or None for a GPU not in the table."""
+    matches = [name for name in GPU_PEAK_FLOPS if name.lower() in device_name.lower()]
+    if not matches:
+        return None
+    bf16_peak, tf32_peak = GPU_PEAK_FLOPS[max(matches, key=len)]
+    return bf16_peak if bf16 else tf32_peak
+
+
+def measured_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5) -> float:
+    """FLOP/s of square matmuls on this CPU with this process's threads: the peak MFU is quoted against
+    on a CPU, where no datasheet number fits the threads a worker was given."""
+    import time
+
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)  # warm up the kernels and thread pool
+    runs, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds or runs < 3:
+        torch.mm(a, b)
+        runs += 1
+    return 2 * size**3 * runs / elapsed

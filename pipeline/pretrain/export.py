@@ -1,0 +1,90 @@
+"""`vitpipe export RUN`: a checkpoint's consolidated fp32 weights as a vitpipe model folder (what
+fine-tuning reads) and an HF transformers folder, from any number of ranks and any ZeRO stage."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from pipeline.pretrain.checkpoints import CheckpointInfo, list_checkpoints
+from pipeline.preprocess.sources import resolve
+
+EXPORT_DIR = "export"
+VITPIPE_DIR = "vitpipe"
+HF_DIR = "hf"
+
+
+@dataclass(frozen=True)
+class Export:
+    step: int
+    checkpoint: str
+    vitpipe: str
+    hf: str
+
+
+def choose_checkpoint(run_dir: str, name: str | None = None) -> CheckpointInfo:
+    """The newest checkpoint of a run, or the one named (`checkpoint_00000200` or its step, `200`)."""
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise FileNotFoundError(f"{run_dir}: no finished checkpoint (no checkpoint_*/vitpipe.json)")
+    if name is None:
+        return checkpoints[-1]
+    for info in checkpoints:
+        if name in (posixpath.basename(info.path), str(info.step)):
+            return info
+    known = ", ".join(str(info.step) for info in checkpoints)
+    raise FileNotFoundError(f"{run_dir}: no checkpoint {name!r}; steps with one: {known}")
+
+
+def export_checkpoint(run_dir: str, checkpoint: str | None = None, out: str | None = None) -> Export:
+    """Consolidate one checkpoint and write `OUT/vitpipe` and `OUT/hf` (OUT defaults to RUN/export)."""
+    from vit.config import ViTConfig
+    from vit.hf import export_hf
+    from vit.model import VisionTransformer
+    from vit.train import consolidated_state
+    from vit.weights import load_state, save_pretrained
+
+    info = choose_checkpoint(run_dir, checkpoint)
+    out = out or posixpath.join(run_dir, EXPORT_DIR)
+    with tempfile.TemporaryDirectory(prefix="vitpipe-export-") as scratch:
+        folder = _local_copy(info.path, Path(scratch) / "checkpoint")
+        model = VisionTransformer(ViTConfig.from_dict(info.meta["vit"], source=f"{info.path}/vitpipe.json"))
+        load_state(model, consolidated_state(folder, info.tag), info.path)
+        staged = Path(scratch) / "export"
+        save_pretrained(model, staged / VITPIPE_DIR, labels=info.meta.get("classes"))
+        export_hf(model, staged / HF_DIR, labels=info.meta.get("classes"))
+        (staged / "export.json").write_text(
+            json.dumps({"checkpoint": info.path, "step": info.step}, indent=2) + "\n"
+        )
+        _publish(staged, out)
+    return Export(info.step, info.path, posixpath.join(out, VITPIPE_DIR), posixpath.join(out, HF_DIR))
+
+
+def _local_copy(location: str, scratch: Path) -> Path:
+    """A local folder with the checkpoint: the folder itself when local, else a download."""
+    filesystem, path = resolve(location)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return Path(path)
+    pafs.copy_files(path, str(scratch), source_filesystem=filesystem)
+    return scratch
+
+
+def _publish(staged: Path, out: str) -> None:
+    """Replace OUT with the staged export (local: a rename per part; remote: an upload)."""
+    filesystem, root = resolve(out)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        target = Path(root)
+        target.mkdir(parents=True, exist_ok=True)
+        for part in staged.iterdir():
+            destination = target / part.name
+            if destination.is_dir():
+                shutil.rmtree(destination)
+            shutil.move(str(part), destination)
+        return
+    pafs.copy_files(str(staged), root, destination_filesystem=filesystem)

@@ -1,0 +1,142 @@
+"""Rank 0's record of a run: `metrics.jsonl`, TensorBoard events, console progress, the loss curve.
+
+Records go straight into the run directory when it is on a local or shared filesystem; for object
+storage (s3://, gs://) they are written in a local folder and copied up at every checkpoint and at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from pipeline.preprocess.sources import resolve
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+LOSS_PLOT = "loss.png"
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step (and per event) and mirrors the numbers to TensorBoard."""
+
+    def __init__(self, run_dir: str) -> None:
+        from tensorboardX import SummaryWriter
+
+        self.filesystem, self.root = resolve(run_dir)
+        self.remote = not isinstance(self.filesystem, pafs.LocalFileSystem)
+        self.local = Path(tempfile.mkdtemp(prefix="vitpipe-metrics-")) if self.remote else Path(self.root)
+        self.local.mkdir(parents=True, exist_ok=True)
+        if self.remote:
+            self._download(METRICS_FILE)  # a resumed run appends to the record it left
+        self._jsonl = (self.local / METRICS_FILE).open("a", buffering=1)
+        self._board = SummaryWriter(str(self.local / TENSORBOARD_DIR), flush_secs=30)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """One step's metrics; every finite number also becomes a TensorBoard scalar at that step."""
+        self._jsonl.write(json.dumps(record) + "\n")
+        step = record["step"]
+        for name, value in record.items():
+            if name != "step" and isinstance(value, int | float) and math.isfinite(value):
+                self._board.add_scalar(f"train/{name}", value, step)
+
+    def event(self, name: str, **fields: Any) -> None:
+        """A line that is not a step: start, resume, checkpoint, end."""
+        self._jsonl.write(json.dumps({"event": name, "time": round(time.time(), 3), **fields}) + "\n")
+
+    def sync(self) -> None:
+        """Flush, and copy the files to the run directory when it is remote."""
+        self._jsonl.flush()
+        self._board.flush()
+        if self.remote:
+            pafs.copy_files(
+                str(self.local), self.root, destination_filesystem=self.filesystem, use_threads=False
+            )
+
+    def close(self) -> None:
+        self.sync()
+        self._jsonl.close()
+        self._board.close()
+
+    def _download(self, name: str) -> None:
+        source = posixpath.join(self.root, name)
+        if self.filesystem.get_file_info(source).type == pafs.FileType.File:
+            pafs.copy_files(source, str(self.local / name), source_filesystem=self.filesystem)
+
+
+class ProgressLine:
+    """`pretrain: step 120/600 (20%) loss 1.234 acc 0.45 lr 1.0e-03 512 img/s MFU 12.3% ETA 3m10s`."""
+
+    def __init__(self, total_steps: int, first_step: int) -> None:
+        self.total, self.first = total_steps, first_step
+        self.started = time.perf_counter()
+
+    def line(self, record: dict[str, Any]) -> str:
+        step = record["step"]
+        done = step - self.first
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / done * (self.total - step) if done else float("nan")
+        mfu = f" MFU {record['mfu']:.1%}" if record.get("mfu") is not None else ""
+        return (
+            f"pretrain: step {step}/{self.total} ({step / self.total:.0%}) loss {record['loss']:.4f} "
+            f"acc {record['accuracy']:.3f} lr {record['lr']:.2e} {record['images_per_s']:,.0f} img/s{mfu} "
+            f"ETA {format_seconds(eta)}"
+        )
+
+
+def format_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def read_records(run_dir: str) -> list[dict[str, Any]]:
+    """Every line of a run's metrics.jsonl (steps and events), in the order written."""
+    filesystem, root = resolve(run_dir)
+    path = posixpath.join(root, METRICS_FILE)
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            text = stream.read().decode()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def plot_loss(records: list[dict[str, Any]], out: Path) -> Path:
+    """Training loss, accuracy and learning rate against step; a resumed run's redone steps show as
+    the last value written for each step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    latest = {r["step"]: r for r in records if "step" in r and "loss" in r}
+    steps = sorted(latest)
+    figure, (loss_axis, lr_axis) = plt.subplots(
+        2, 1, figsize=(7, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    loss_axis.plot(steps, [latest[s]["loss"] for s in steps], color="tab:blue", label="loss")
+    loss_axis.set_ylabel("training loss")
+    accuracy_axis = loss_axis.twinx()
+    accuracy_axis.plot(steps, [latest[s]["accuracy"] for s in steps], color="tab:orange", label="accuracy")
+    accuracy_axis.set_ylabel("training accuracy")
+    accuracy_axis.set_ylim(0, 1)
+    for event in (r for r in records if r.get("event") == "resumed"):
+        loss_axis.axvline(event["step"], color="grey", linestyle=":", linewidth=1)
+    lr_axis.plot(steps, [latest[s]["lr"] for s in steps], color="tab:green")
+    lr_axis.set_ylabel("lr")
+    lr_axis.set_xlabel("step")
+    loss_axis.set_title("pretraining (dotted: resumed from a checkpoint)")
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out

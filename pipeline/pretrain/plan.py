@@ -1,0 +1,136 @@
+"""What a pretraining run will do, worked out on the driver before any worker starts.
+
+Every check that can fail early does so here with the directory, split or key named: missing or empty
+data, unlabelled data, a patch geometry the model cannot take, too little data for one global batch,
+and a run directory that already holds a different model.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pipeline.config import PretrainConfig
+from pipeline.preprocess.manifest import ROOT_SPLIT, patch_files, read_manifest
+from vit.config import ViTConfig
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """The patch files of the training split and what they hold."""
+
+    directory: str
+    split: str
+    files: list[str]
+    samples: int
+    image_size: int
+    patch_size: int
+    channels: int
+    classes: list[str]
+
+
+@dataclass(frozen=True)
+class PretrainPlan:
+    """Everything the workers are told: data, model, step budget, and the batch split."""
+
+    data: DataPlan
+    vit: ViTConfig
+    num_workers: int
+    grad_accum: int
+    steps_per_epoch: int
+    total_steps: int
+
+    def describe(self) -> str:
+        d, v = self.data, self.vit
+        epochs = self.total_steps / self.steps_per_epoch
+        return (
+            f"pretrain: {d.samples:,} images ({d.split!r} of {d.directory}, {len(d.files)} files), "
+            f"{len(d.classes)} classes, ViT width {v.width} depth {v.depth} heads {v.heads} on "
+            f"{v.image_size}px / patch {v.patch_size} ({v.num_patches} patches); {self.num_workers} "
+            f"worker(s) x accumulation {self.grad_accum}; {self.total_steps:,} steps "
+            f"({self.steps_per_epoch:,} per epoch, {epochs:.1f} epochs)"
+        )
+
+
+def plan_data(config: PretrainConfig, directory: str) -> DataPlan:
+    """Read the manifest of a preprocessed directory and check it can be pretrained on."""
+    manifest = read_manifest(directory)
+    splits = manifest["splits"]
+    split = config.split
+    if split not in splits and split == "train" and set(splits) == {ROOT_SPLIT}:
+        split = ROOT_SPLIT  # shards were not in split folders: all of them are the training data
+    if split not in splits:
+        known = ", ".join(repr(name) for name in splits) or "none"
+        raise ValueError(f"{directory}: no split {config.split!r} to pretrain on (it has {known})")
+    samples = int(splits[split]["samples"])
+    if samples == 0:
+        raise ValueError(f"{directory}: split {split!r} holds no samples")
+    if manifest["config"].get("label_key") is None:
+        raise ValueError(f"{directory}: preprocessed without labels (label_key: none); pretraining needs them")
+    geometry = manifest["patches"]
+    return DataPlan(
+        directory=directory,
+        split=split,
+        files=patch_files(directory, split),
+        samples=samples,
+        image_size=int(geometry["image_size"]),
+        patch_size=int(geometry["patch_size"]),
+        channels=int(geometry["channels"]),
+        classes=_classes(manifest, directory),
+    )
+
+
+def _classes(manifest: dict[str, Any], directory: str) -> list[str]:
+    names = manifest.get("classes")
+    if names:
+        return list(names)
+    labels = [int(label) for label in manifest["totals"]["per_class"]]
+    if not labels:
+        raise ValueError(f"{directory}: no labelled samples")
+    return [str(label) for label in range(max(labels) + 1)]
+
+
+def plan_pretrain(config: PretrainConfig, directory: str) -> PretrainPlan:
+    """The data plan plus the model for it, the steps per epoch and the step budget."""
+    data = plan_data(config, directory)
+    model = config.model
+    if model.patch_size != data.patch_size:
+        raise ValueError(
+            f"{directory}: preprocessed with patch_size {data.patch_size}, but model {model.variant!r} "
+            f"uses patch {model.patch_size}; preprocess again or choose a /{data.patch_size} variant"
+        )
+    vit = model.vit_config(image_size=data.image_size, channels=data.channels, num_classes=len(data.classes))
+    # Ray Data's equal split gives each worker floor(samples / workers) rows; every worker then runs
+    # the same number of whole steps, so none waits on another at the end of an epoch.
+    per_worker = data.samples // config.num_workers
+    steps_per_epoch = per_worker // (config.micro_batch_size * config.grad_accum)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{directory}: split {data.split!r} has {data.samples} samples, fewer than one global batch of "
+            f"{config.global_batch_size}; lower global_batch_size or add data"
+        )
+    total = config.epochs * steps_per_epoch if config.epochs is not None else config.steps
+    return PretrainPlan(data, vit, config.num_workers, config.grad_accum, steps_per_epoch, total)
+
+
+def shuffled_files(files: list[str], seed: int) -> list[str]:
+    """The file order the run reads in: fixed by the seed, so a resumed run reads the same order."""
+    order = list(files)
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def worker_settings(config: PretrainConfig, plan: PretrainPlan) -> dict[str, Any]:
+    """The plain dict every Ray Train worker receives as its `train_loop_config`."""
+    return {
+        "spec": asdict(config.train_spec(plan.total_steps)),
+        "vit": plan.vit.to_dict(),
+        "classes": plan.data.classes,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "checkpoint_every": config.checkpoint_every,
+        "log_every": config.log_every,
+        "shuffle_buffer": config.shuffle_buffer,
+        "seed": config.seed,
+        "use_gpu": config.use_gpu,
+    }
