@@ -17,8 +17,10 @@ from pipeline.config import (
     ImageFolderConfig,
     PipelineConfig,
     PreprocessConfig,
+    PretrainConfig,
     Section,
     load_config,
+    load_yaml,
     validate,
 )
 
@@ -96,6 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     look.add_argument("--split", help="which split to draw (default: the first)")
     look.add_argument("--out", help="PNG path (default: DIRECTORY/samples.png)")
 
+    train = commands.add_parser(
+        "pretrain", help="pretrain a ViT with DeepSpeed ZeRO on Ray Train (resumes a run that has checkpoints)"
+    )
+    train.add_argument("config", type=Path, help="a pretrain config YAML, or a job YAML with a pretrain: section")
+    train.add_argument("--data", help="preprocessed patch directory (default: the config's data)")
+    train.add_argument("--name", help="run name (default: the config file's stem, or the job's name)")
+    train.add_argument("--storage", help="where runs live, a path or URL (default: storage_path, else ./runs)")
+    _add_address(train)
+
+    export = commands.add_parser("export", help="consolidate a pretraining checkpoint into vitpipe + HF weights")
+    export.add_argument("run", help="the run directory (STORAGE/NAME)")
+    export.add_argument("--checkpoint", help="checkpoint folder name or step (default: the newest)")
+    export.add_argument("--out", help="output folder (default: RUN/export)")
+
     for sub in (digits, fractals, folder):
         sub.add_argument("--name", help="shard file prefix and dataset name")
         sub.add_argument("--seed", type=int)
@@ -157,6 +173,17 @@ def preprocess_config(args: argparse.Namespace) -> PreprocessConfig:
     return validate(values, PreprocessConfig, source="vitpipe preprocess", key_style="cli")
 
 
+def pretrain_config(path: Path) -> tuple[PretrainConfig, str]:
+    """A pretrain config file, or a job file's pretrain section; with the run name it implies."""
+    data = load_yaml(path)
+    if isinstance(data, dict) and "pretrain" in data:
+        job = validate(data, PipelineConfig, str(path))
+        if job.pretrain is None:
+            raise ConfigError(f"{path}: pretrain: is empty")
+        return job.pretrain, job.name
+    return validate(data, PretrainConfig, str(path)), path.stem
+
+
 def _as_int(text: str, option: str) -> int:
     try:
         return int(text)
@@ -212,7 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"vitpipe: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except (FileExistsError, FileNotFoundError, NotADirectoryError, ValueError, ConnectionError) as error:
+    except (
+        FileExistsError, FileNotFoundError, NotADirectoryError, ValueError, ConnectionError, RuntimeError
+    ) as error:  # fmt: skip
         print(f"vitpipe: error: {error}", file=sys.stderr)
         return EXIT_FAILED
 
@@ -242,6 +271,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         result = preprocess(args.input, args.output, config, overwrite=args.overwrite, workers=args.workers)
         print(result.summary())
         return EXIT_FAILED if result.exceeded else 0
+    elif args.command == "pretrain":
+        from pipeline.pretrain.launch import pretrain
+
+        config, name = pretrain_config(args.config)  # validate before Ray starts
+        result = pretrain(config, name=args.name or name, data=args.data, storage_path=args.storage,
+                          address=args.address)  # fmt: skip
+        print(result.summary())
+    elif args.command == "export":
+        from pipeline.pretrain.export import export_checkpoint
+
+        exported = export_checkpoint(args.run, args.checkpoint, args.out)
+        print(f"exported step {exported.step} of {exported.checkpoint}")
+        print(f"  weights: {exported.vitpipe} (vitpipe), {exported.hf} (HF transformers)")
     elif args.command == "inspect":
         from pipeline.preprocess.inspect import describe, write_grid
 

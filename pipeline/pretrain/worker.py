@@ -44,6 +44,7 @@ def train_loop(settings: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`."""
     if not settings["use_gpu"]:
         os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed picks an accelerator
+    import ray
     import ray.train
     import torch.distributed as dist
 
@@ -83,13 +84,16 @@ def train_loop(settings: dict[str, Any]) -> None:
         else:
             engine = build_engine(model, spec, world)
 
+        nodes: list[str | None] = [None] * world  # where the ranks run, for the record
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
         log = cleanup.enter_context(closing(MetricsLog(settings["run_dir"]))) if rank == 0 else None
         if log is not None:
             if resumed_from is None:
-                log.event("started", step=0, workers=world, total_steps=spec.total_steps)
+                log.event("started", step=0, workers=world, nodes=len(set(nodes)), total_steps=spec.total_steps)
             else:
                 log.event(
-                    "resumed", step=step, workers=world, from_workers=resumed_from["world_size"],
+                    "resumed", step=step, workers=world, nodes=len(set(nodes)),
+                    from_workers=resumed_from["world_size"],
                     total_steps=spec.total_steps,
                 )  # fmt: skip
             print(f"pretrain: {'resuming at step ' + str(step) if step else 'starting'} on {world} worker(s)")
@@ -121,6 +125,7 @@ def train_loop(settings: dict[str, Any]) -> None:
             micro = skip
             while micro < micro_per_epoch and step < spec.total_steps:
                 started = time.perf_counter()
+                lr = float(engine.get_lr()[0])  # the rate this step trains with
                 totals = torch.zeros(3, dtype=torch.float64)
                 waited = 0.0
                 for _ in range(spec.grad_accum):
@@ -139,7 +144,7 @@ def train_loop(settings: dict[str, Any]) -> None:
                 dist.all_reduce(totals)
                 seconds = time.perf_counter() - started
                 if step % settings["log_every"] == 0 or step == spec.total_steps or step == 1:
-                    record = _record(step, epoch, totals, engine, seconds, waited, images_per_step,
+                    record = _record(step, epoch, totals, engine, lr, seconds, waited, images_per_step,
                                      flops_per_step, peak, vit_config.seq_len)  # fmt: skip
                     if log is not None:
                         log.write(record)
@@ -159,7 +164,7 @@ def _train(engine: Any, batch: dict[str, torch.Tensor], spec: Any, rng: np.rando
 
 
 def _record(
-    step: int, epoch: int, totals: torch.Tensor, engine: Any, seconds: float, waited: float,
+    step: int, epoch: int, totals: torch.Tensor, engine: Any, lr: float, seconds: float, waited: float,
     images_per_step: int, flops_per_step: float, peak: float, seq_len: int,
 ) -> dict[str, Any]:  # fmt: skip
     loss_sum, correct, images = totals.tolist()
@@ -170,7 +175,7 @@ def _record(
         "epoch": epoch,
         "loss": loss_sum / images,
         "accuracy": correct / images,
-        "lr": float(engine.get_lr()[0]),
+        "lr": lr,
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "images_per_s": images_per_s,
         "tokens_per_s": images_per_s * seq_len,

@@ -1,0 +1,166 @@
+"""Pretraining on a simulated two-node Ray cluster, launched the way users launch it: `vitpipe pretrain`.
+
+Real Ray Train workers run real DeepSpeed ZeRO on CPUs (gloo); the runs share one module-scoped cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from ray.cluster_utils import Cluster
+
+from pipeline.pretrain.metrics import read_records
+from tests.conftest import REPO, VITPIPE, run_vitpipe
+
+pytestmark = pytest.mark.slow
+
+TINY_RUN = {
+    "model": {"variant": "Ti/4", "width": 64, "depth": 2, "heads": 2, "mlp_dim": 128},
+    "num_workers": 2,
+    "cpus_per_worker": 1.0,
+    "placement": "SPREAD",
+    "global_batch_size": 32,
+    "micro_batch_size": 16,
+    "steps": 80,
+    "zero_stage": 2,
+    "optimizer": {"lr": 3.0e-3, "weight_decay": 0.05},
+    "schedule": {"warmup_steps": 8, "decay": "cosine"},
+    "flip": False,
+    "shuffle_buffer": 64,
+    "checkpoint_every": 20,
+    "log_every": 5,
+}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and a worker node, two logical CPUs each: one per training worker, one for Ray Data."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fractal_patches(fractals_dir, tmp_path_factory) -> str:
+    from pipeline.config import PreprocessConfig
+    from pipeline.preprocess.run import preprocess
+
+    out = tmp_path_factory.mktemp("patches") / "fractals"
+    preprocess(str(fractals_dir), str(out), PreprocessConfig(image_size=16, patch_size=4))
+    return str(out)
+
+
+def write_config(path: Path, data: str, **changes) -> Path:
+    config = {**TINY_RUN, "data": data, **changes}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def steps(records: list[dict]) -> list[dict]:
+    return [r for r in records if "step" in r and "loss" in r]
+
+
+def events(records: list[dict], name: str) -> list[dict]:
+    return [r for r in records if r.get("event") == name]
+
+
+def assert_learned(records: list[dict]) -> None:
+    logged = steps(records)
+    first, last = logged[0], logged[-1]
+    assert first["step"] == 1
+    assert last["loss"] < first["loss"] / 2, (first["loss"], last["loss"])
+    assert last["accuracy"] > 0.3  # ten classes: chance is 0.1
+
+
+@pytest.fixture(scope="module")
+def zero2_run(cluster, fractal_patches, tmp_path_factory) -> Path:
+    runs = tmp_path_factory.mktemp("runs")
+    config = write_config(runs / "zero2.yaml", fractal_patches)
+    result = run_vitpipe(
+        "pretrain", str(config), "--storage", str(runs), "--address", cluster.address, timeout=400
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pretrained 80 steps" in result.stdout
+    return runs / "zero2"
+
+
+def test_zero2_pretrains_across_two_nodes(zero2_run):
+    records = read_records(str(zero2_run))
+    started = events(records, "started")[0]
+    assert started["workers"] == 2 and started["nodes"] == 2
+    assert_learned(records)
+    last = steps(records)[-1]
+    for key in ("lr", "grad_norm", "images_per_s", "tokens_per_s", "mfu", "step_s", "data_wait_s"):
+        assert last[key] is not None and last[key] >= 0, key
+    assert last["tokens_per_s"] == pytest.approx(last["images_per_s"] * 17)  # 16 patches + class token
+    assert last["lr"] < 3.0e-3 * 0.01  # cosine decayed to ~0 at the last step
+    # keep_checkpoints defaults to 3: of 20, 40, 60, 80 the oldest is gone
+    assert sorted(p.name for p in zero2_run.glob("checkpoint_0*")) == [
+        "checkpoint_00000040", "checkpoint_00000060", "checkpoint_00000080",
+    ]  # fmt: skip
+    assert (zero2_run / "loss.png").stat().st_size > 10_000
+    assert list((zero2_run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (zero2_run / "export" / "vitpipe" / "model.safetensors").is_file()
+    assert (zero2_run / "export" / "hf" / "config.json").is_file()
+
+
+def test_finished_run_resumes_on_one_worker_from_its_step(zero2_run, cluster, fractal_patches):
+    config = write_config(zero2_run.parent / "zero2.yaml", fractal_patches, num_workers=1, steps=100)
+    result = run_vitpipe(
+        "pretrain", str(config), "--storage", str(zero2_run.parent), "--address", cluster.address, timeout=400
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_records(str(zero2_run))
+    resumed = events(records, "resumed")[-1]
+    assert (resumed["step"], resumed["workers"], resumed["from_workers"]) == (80, 1, 2)
+    after = records[records.index(resumed) :]
+    assert [r["step"] for r in steps(after)] == [85, 90, 95, 100]  # continues at 81, nothing redone
+    assert events(after, "finished")[0]["step"] == 100
+    assert json.loads((zero2_run / "export" / "export.json").read_text())["step"] == 100
+
+
+def test_zero3_run_survives_a_killed_worker(cluster, fractal_patches, tmp_path):
+    config = write_config(tmp_path / "zero3.yaml", fractal_patches, zero_stage=3, steps=100, max_failures=2)
+    run_dir = tmp_path / "zero3"
+    command = [*VITPIPE, "pretrain", str(config), "--storage", str(tmp_path), "--address", cluster.address]
+    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as run:
+        killed = _kill_a_worker_after(run_dir, step=30, run=run)
+        stdout, stderr = run.communicate(timeout=400)
+    assert killed, "no Ray Train worker process was found to kill"
+    assert run.returncode == 0, stderr[-3000:]
+    records = read_records(str(run_dir))
+    resumed = events(records, "resumed")
+    assert len(resumed) == 1 and resumed[0]["workers"] == 2
+    restart = resumed[0]["step"]
+    assert restart >= 20 and restart % 20 == 0  # from the newest checkpoint, not from the start
+    logged = [r["step"] for r in steps(records)]
+    redone = [s for s in set(logged) if logged.count(s) > 1]
+    assert all(restart < s <= restart + 20 for s in redone), (restart, sorted(redone))
+    assert events(records, "finished")[-1]["step"] == 100 and logged[-1] == 100
+    assert_learned(records)
+
+
+def _kill_a_worker_after(run_dir: Path, step: int, run: subprocess.Popen) -> bool:
+    """SIGKILL one Ray Train worker process once the run has logged `step`."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and run.poll() is None:
+        if any(r.get("step", 0) >= step and "loss" in r for r in read_records(str(run_dir))):
+            workers = [
+                p for p in psutil.process_iter(["cmdline"])
+                if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")
+            ]  # fmt: skip
+            if workers:
+                os.kill(workers[-1].pid, signal.SIGKILL)
+                return True
+        time.sleep(0.2)
+    return False
