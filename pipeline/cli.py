@@ -99,15 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
     look.add_argument("--out", help="PNG path (default: DIRECTORY/samples.png)")
 
     train = commands.add_parser(
-        "pretrain", help="pretrain a ViT with DeepSpeed ZeRO on Ray Train (resumes a run that has checkpoints)"
+        "pretrain",
+        help="pretrain a ViT with DeepSpeed ZeRO on Ray Train (resumes a run that has checkpoints)",
     )
-    train.add_argument("config", type=Path, help="a pretrain config YAML, or a job YAML with a pretrain: section")
+    train.add_argument(
+        "config", type=Path, help="a pretrain config YAML, or a job YAML with a pretrain: section"
+    )
     train.add_argument("--data", help="preprocessed patch directory (default: the config's data)")
     train.add_argument("--name", help="run name (default: the config file's stem, or the job's name)")
-    train.add_argument("--storage", help="where runs live, a path or URL (default: storage_path, else ./runs)")
+    train.add_argument(
+        "--storage", help="where runs live, a path or URL (default: storage_path, else ./runs)"
+    )
     _add_address(train)
 
-    export = commands.add_parser("export", help="consolidate a pretraining checkpoint into vitpipe + HF weights")
+    export = commands.add_parser(
+        "export", help="consolidate a pretraining checkpoint into vitpipe + HF weights"
+    )
     export.add_argument("run", help="the run directory (STORAGE/NAME)")
     export.add_argument("--checkpoint", help="checkpoint folder name or step (default: the newest)")
     export.add_argument("--out", help="output folder (default: RUN/export)")

@@ -97,11 +97,13 @@ def zero2_run(cluster, fractal_patches, tmp_path_factory) -> Path:
 def test_zero2_pretrains_across_two_nodes(zero2_run):
     records = read_records(str(zero2_run))
     started = events(records, "started")[0]
-    assert started["workers"] == 2 and started["nodes"] == 2
+    assert started["workers"] == 2
+    assert started["nodes"] == 2
     assert_learned(records)
     last = steps(records)[-1]
     for key in ("lr", "grad_norm", "images_per_s", "tokens_per_s", "mfu", "step_s", "data_wait_s"):
-        assert last[key] is not None and last[key] >= 0, key
+        assert last[key] is not None, key
+        assert last[key] >= 0, key
     assert last["tokens_per_s"] == pytest.approx(last["images_per_s"] * 17)  # 16 patches + class token
     assert last["lr"] < 3.0e-3 * 0.01  # cosine decayed to ~0 at the last step
     # keep_checkpoints defaults to 3: of 20, 40, 60, 80 the oldest is gone
@@ -133,20 +135,25 @@ def test_zero3_run_survives_a_killed_worker(cluster, fractal_patches, tmp_path):
     config = write_config(tmp_path / "zero3.yaml", fractal_patches, zero_stage=3, steps=100, max_failures=2)
     run_dir = tmp_path / "zero3"
     command = [*VITPIPE, "pretrain", str(config), "--storage", str(tmp_path), "--address", cluster.address]
-    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as run:
+    with subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as run:
         killed = _kill_a_worker_after(run_dir, step=30, run=run)
-        stdout, stderr = run.communicate(timeout=400)
+        _, stderr = run.communicate(timeout=400)
     assert killed, "no Ray Train worker process was found to kill"
     assert run.returncode == 0, stderr[-3000:]
     records = read_records(str(run_dir))
     resumed = events(records, "resumed")
-    assert len(resumed) == 1 and resumed[0]["workers"] == 2
+    assert len(resumed) == 1
+    assert resumed[0]["workers"] == 2
     restart = resumed[0]["step"]
-    assert restart >= 20 and restart % 20 == 0  # from the newest checkpoint, not from the start
+    assert restart >= 20
+    assert restart % 20 == 0  # from the newest checkpoint, not from the start
     logged = [r["step"] for r in steps(records)]
     redone = [s for s in set(logged) if logged.count(s) > 1]
     assert all(restart < s <= restart + 20 for s in redone), (restart, sorted(redone))
-    assert events(records, "finished")[-1]["step"] == 100 and logged[-1] == 100
+    assert events(records, "finished")[-1]["step"] == 100
+    assert logged[-1] == 100
     assert_learned(records)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,9 @@ from vit.optim import WarmupDecay, param_groups
 from vit.patches import patchify
 from vit.train import TrainSpec, deepspeed_config
 
-TINY = ViTConfig(image_size=16, patch_size=4, channels=3, num_classes=5, width=32, depth=2, heads=2, mlp_dim=64)
+TINY = ViTConfig(
+    image_size=16, patch_size=4, channels=3, num_classes=5, width=32, depth=2, heads=2, mlp_dim=64
+)
 
 
 def test_weight_decay_applies_to_weight_matrices_only():
@@ -23,8 +27,10 @@ def test_weight_decay_applies_to_weight_matrices_only():
     names = {id(p): name for name, p in model.named_parameters()}
     decayed_names = {names[id(p)] for p in decayed["params"]}
     plain_names = {names[id(p)] for p in plain["params"]}
-    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
-    assert "stem.proj.weight" in decayed_names and "blocks.0.attn.qkv.weight" in decayed_names
+    assert decayed["weight_decay"] == 0.1
+    assert plain["weight_decay"] == 0.0
+    assert "stem.proj.weight" in decayed_names
+    assert "blocks.0.attn.qkv.weight" in decayed_names
     assert "head.weight" in decayed_names
     assert {"pos_embed", "cls_token", "stem.proj.bias", "blocks.0.norm1.weight", "norm.bias"} <= plain_names
     assert not any(name.endswith("bias") or "norm" in name for name in decayed_names)
@@ -42,11 +48,13 @@ def test_frozen_parameters_are_left_out_of_the_groups():
 def test_schedule_warms_up_linearly_then_decays_to_the_floor(decay):
     schedule = WarmupDecay(total_steps=110, warmup_steps=10, decay=decay, floor=0.1)
     assert [schedule(s) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
-    assert schedule(9) == pytest.approx(1.0) and schedule(10) == pytest.approx(1.0)
+    assert schedule(9) == pytest.approx(1.0)
+    assert schedule(10) == pytest.approx(1.0)
     assert schedule(60) == pytest.approx(0.55)  # halfway: both shapes pass the midpoint
-    assert schedule(110) == pytest.approx(0.1) and schedule(500) == pytest.approx(0.1)
+    assert schedule(110) == pytest.approx(0.1)
+    assert schedule(500) == pytest.approx(0.1)
     values = [schedule(s) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 def test_constant_schedule_stays_at_the_peak_after_warmup():
@@ -68,7 +76,8 @@ def test_flip_in_patch_space_equals_patchifying_the_mirrored_image():
     mirrored = torch.from_numpy(patchify(images[:, :, ::-1].copy(), 4))
     assert torch.equal(hflip_patches(patches, 4, 3), mirrored)
     chosen = hflip_patches(patches, 4, 3, torch.tensor([True, False, True]))
-    assert torch.equal(chosen[0], mirrored[0]) and torch.equal(chosen[1], patches[1])
+    assert torch.equal(chosen[0], mirrored[0])
+    assert torch.equal(chosen[1], patches[1])
     assert torch.equal(hflip_patches(hflip_patches(patches, 4, 3), 4, 3), patches)
 
 
@@ -85,15 +94,19 @@ def test_label_smoothing_and_mixup_keep_targets_distributions():
 def test_deepspeed_config_splits_the_batch_and_merges_extra_keys():
     spec = TrainSpec(
         total_steps=10, micro_batch_size=8, grad_accum=4, zero_stage=3, offload_optimizer=True, bf16=True,
-        grad_clip=1.0, extra_deepspeed={"zero_optimization": {"overlap_comm": True}, "comms_logger": {"enabled": False}},
+        grad_clip=1.0,
+        extra_deepspeed={"zero_optimization": {"overlap_comm": True}, "comms_logger": {"enabled": False}},
     )  # fmt: skip
     config = deepspeed_config(spec, world_size=2)
-    assert config["train_batch_size"] == 64 and config["gradient_accumulation_steps"] == 4
-    assert config["train_micro_batch_size_per_gpu"] == 8 and config["gradient_clipping"] == 1.0
+    assert config["train_batch_size"] == 64
+    assert config["gradient_accumulation_steps"] == 4
+    assert config["train_micro_batch_size_per_gpu"] == 8
+    assert config["gradient_clipping"] == 1.0
     assert config["zero_optimization"] == {
         "stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False}, "overlap_comm": True,
     }  # fmt: skip
-    assert config["bf16"] == {"enabled": True} and config["comms_logger"] == {"enabled": False}
+    assert config["bf16"] == {"enabled": True}
+    assert config["comms_logger"] == {"enabled": False}
     assert deepspeed_config(spec, 2, load_universal=True)["checkpoint"] == {"load_universal": True}
 
 

@@ -14,7 +14,7 @@ def hflip_patches(
     """Mirror images left-right: reverse the patch columns of the grid and the pixel columns of each
     patch. `flip` is a bool mask [B] of which images to mirror (all when None)."""
     batch, tokens, _ = patches.shape
-    grid = int(round(tokens**0.5))
+    grid = round(tokens**0.5)
     shaped = patches.view(batch, grid, grid, patch_size, patch_size, channels)
     mirrored = shaped.flip(2).flip(4).reshape(patches.shape)
     if flip is None:

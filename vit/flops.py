@@ -64,7 +64,9 @@ def gpu_peak_flops(device_name: str, bf16: bool) -> float | None:
     return bf16_peak if bf16 else tf32_peak
 
 
-def measured_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5) -> float:
+def measured_matmul_flops(
+    dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5
+) -> float:
     """FLOP/s of square matmuls on this CPU with this process's threads: the peak MFU is quoted against
     on a CPU, where no datasheet number fits the threads a worker was given."""
     import time

@@ -73,7 +73,9 @@ def deepspeed_config(spec: TrainSpec, world_size: int, *, load_universal: bool =
     """The DeepSpeed config for `spec` on `world_size` ranks, with the user's extra raw keys merged in."""
     clash = sorted(DERIVED_DEEPSPEED_KEYS & set(spec.extra_deepspeed))
     if clash:
-        raise ValueError(f"deepspeed: {clash} are set from vitpipe's own settings; remove them from deepspeed:")
+        raise ValueError(
+            f"deepspeed: {clash} are set from vitpipe's own settings; remove them from deepspeed:"
+        )
     zero: dict[str, Any] = {"stage": spec.zero_stage}
     config: dict[str, Any] = {
         "train_batch_size": spec.micro_batch_size * spec.grad_accum * world_size,
@@ -232,12 +234,12 @@ def consolidated_state(directory: str | Path, tag: str) -> dict[str, torch.Tenso
     folder = Path(directory) / tag
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such checkpoint")
-    if any(folder.glob("*optim_states.pt")) and not (folder / "mp_rank_00_model_states.pt").is_file():
-        raise FileNotFoundError(f"{folder}: mp_rank_00_model_states.pt missing; the checkpoint is incomplete")
+    if not any(folder.glob("*model_states.pt")):  # ZeRO-3 names it zero_pp_rank_0_mp_rank_00_model_states.pt
+        raise FileNotFoundError(f"{folder}: no *model_states.pt file; the checkpoint is incomplete")
     if any(folder.glob("*zero_pp_rank_*_optim_states.pt")):
         with contextlib.redirect_stdout(io.StringIO()), _quiet_deepspeed():
             state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
     else:  # ZeRO stage 0 without bf16: rank 0's model file holds the full fp32 weights
-        saved = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)  # noqa: S614
+        saved = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         state = saved["module"]
     return {name: tensor.float().contiguous() for name, tensor in state.items()}

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from pipeline.pretrain.checkpoints import CheckpointInfo, list_checkpoints
 from pipeline.preprocess.sources import resolve
+from pipeline.pretrain.checkpoints import CheckpointInfo, list_checkpoints
 
 EXPORT_DIR = "export"
 VITPIPE_DIR = "vitpipe"

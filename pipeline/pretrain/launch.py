@@ -16,11 +16,11 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from pipeline.config import PretrainConfig
+from pipeline.preprocess.sources import resolve
 from pipeline.pretrain.checkpoints import latest_checkpoint
 from pipeline.pretrain.export import Export, export_checkpoint
 from pipeline.pretrain.metrics import LOSS_PLOT, plot_loss, read_records
 from pipeline.pretrain.plan import PretrainPlan, plan_pretrain, shuffled_files, worker_settings
-from pipeline.preprocess.sources import resolve
 
 DEFAULT_STORAGE = "runs"
 
@@ -75,9 +75,13 @@ def check_resources(config: PretrainConfig) -> None:
     needs = {"CPU": config.num_workers * config.cpus_per_worker + config.data_cpus}
     if config.use_gpu:
         needs["GPU"] = config.num_workers
-    short = {key: (need, resources.get(key, 0)) for key, need in needs.items() if resources.get(key, 0) < need}
+    short = {
+        key: (need, resources.get(key, 0)) for key, need in needs.items() if resources.get(key, 0) < need
+    }
     if short:
-        described = ", ".join(f"{need:g} {key} needed, {have:g} in the cluster" for key, (need, have) in short.items())
+        described = ", ".join(
+            f"{need:g} {key} needed, {have:g} in the cluster" for key, (need, have) in short.items()
+        )
         raise ValueError(
             f"pretrain: {config.num_workers} worker(s) and the data readers cannot be placed ({described}); "
             "lower num_workers, cpus_per_worker or data_cpus, or grow the cluster"
@@ -112,7 +116,7 @@ def pretrain(
     return PretrainResult(run_dir, plan, exported.step, exported, plot)
 
 
-def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, run_dir: str):  # noqa: ANN202
+def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, run_dir: str):
     import ray.data
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig

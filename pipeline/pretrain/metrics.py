@@ -93,7 +93,7 @@ class ProgressLine:
 def format_seconds(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
-    minutes, secs = divmod(int(round(seconds)), 60)
+    minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 

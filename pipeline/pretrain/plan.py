@@ -67,7 +67,9 @@ def plan_data(config: PretrainConfig, directory: str) -> DataPlan:
     if samples == 0:
         raise ValueError(f"{directory}: split {split!r} holds no samples")
     if manifest["config"].get("label_key") is None:
-        raise ValueError(f"{directory}: preprocessed without labels (label_key: none); pretraining needs them")
+        raise ValueError(
+            f"{directory}: preprocessed without labels (label_key: none); pretraining needs them"
+        )
     geometry = manifest["patches"]
     return DataPlan(
         directory=directory,

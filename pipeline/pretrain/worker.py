@@ -20,9 +20,9 @@ import pyarrow as pa
 import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
 
+from pipeline.preprocess.patchfile import patches_array
 from pipeline.pretrain.checkpoints import META_FILE, checkpoint_dir_name, tag_of
 from pipeline.pretrain.metrics import MetricsLog, ProgressLine
-from pipeline.preprocess.patchfile import patches_array
 
 DATASET = "train"
 
@@ -89,7 +89,9 @@ def train_loop(settings: dict[str, Any]) -> None:
         log = cleanup.enter_context(closing(MetricsLog(settings["run_dir"]))) if rank == 0 else None
         if log is not None:
             if resumed_from is None:
-                log.event("started", step=0, workers=world, nodes=len(set(nodes)), total_steps=spec.total_steps)
+                log.event(
+                    "started", step=0, workers=world, nodes=len(set(nodes)), total_steps=spec.total_steps
+                )
             else:
                 log.event(
                     "resumed", step=step, workers=world, nodes=len(set(nodes)),
@@ -115,7 +117,9 @@ def train_loop(settings: dict[str, Any]) -> None:
                     drop_last=True,
                     collate_fn=collate,
                     local_shuffle_buffer_size=settings["shuffle_buffer"] or None,
-                    local_shuffle_seed=settings["seed"] * 1_000_003 + epoch if settings["shuffle_buffer"] else None,
+                    local_shuffle_seed=settings["seed"] * 1_000_003 + epoch
+                    if settings["shuffle_buffer"]
+                    else None,
                     prefetch_batches=2,
                     pin_memory=torch.cuda.is_available(),
                 )
@@ -155,7 +159,9 @@ def train_loop(settings: dict[str, Any]) -> None:
             log.event("finished", step=step)
 
 
-def _train(engine: Any, batch: dict[str, torch.Tensor], spec: Any, rng: np.random.Generator, device: Any) -> Any:
+def _train(
+    engine: Any, batch: dict[str, torch.Tensor], spec: Any, rng: np.random.Generator, device: Any
+) -> Any:
     from vit.train import train_micro_batch
 
     patches = batch["patches"].to(device, non_blocking=True)
