@@ -177,6 +177,8 @@ class ModelConfig(Section):
     depth: PositiveInt | None = None
     mlp_dim: PositiveInt | None = None
     heads: PositiveInt | None = None
+    # The image channels the model is meant for (3 RGB, 1 grey); the data must match. Default: the data's.
+    channels: Literal[1, 3] | None = None
     pool: Literal["cls", "gap"] = "cls"
     representation_size: PositiveInt | None = None
     dropout: UnitFraction = 0.0

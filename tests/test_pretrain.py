@@ -8,17 +8,24 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+import torch
 import yaml
 from ray.cluster_utils import Cluster
 
+from pipeline.pretrain.export import choose_checkpoint
 from pipeline.pretrain.metrics import read_records
 from tests.conftest import REPO, VITPIPE, run_vitpipe
+from vit.config import ViTConfig
+from vit.model import VisionTransformer
+from vit.patches import patchify
+from vit.weights import load_pretrained
 
 pytestmark = pytest.mark.slow
 
@@ -129,6 +136,77 @@ def test_finished_run_resumes_on_one_worker_from_its_step(zero2_run, cluster, fr
     assert [r["step"] for r in steps(after)] == [85, 90, 95, 100]  # continues at 81, nothing redone
     assert events(after, "finished")[0]["step"] == 100
     assert json.loads((zero2_run / "export" / "export.json").read_text())["step"] == 100
+
+
+def test_a_run_directory_of_another_model_is_refused(zero2_run, fractal_patches):
+    model = {**TINY_RUN["model"], "width": 96}
+    config = write_config(zero2_run.parent / "wider.yaml", fractal_patches, model=model)
+    result = run_vitpipe("pretrain", str(config), "--name", "zero2", "--storage", str(zero2_run.parent))
+    assert result.returncode != 0
+    assert f"{zero2_run}: holds checkpoints of another model (width 64 -> 96" in result.stderr
+    assert "Ray " not in result.stderr  # refused before Ray started
+
+
+def test_workers_the_cluster_cannot_place_are_refused(cluster, fractal_patches, tmp_path):
+    config = write_config(tmp_path / "big.yaml", fractal_patches, num_workers=4, global_batch_size=64)
+    result = run_vitpipe("pretrain", str(config), "--storage", str(tmp_path), "--address", cluster.address)
+    assert result.returncode != 0
+    assert "4 worker(s) and the data readers cannot be placed (4.5 CPU needed, 4 in the cluster)" in (
+        result.stderr
+    )
+    assert not (tmp_path / "big").exists()
+
+
+def test_exported_weights_give_the_deepspeed_engines_logits(zero2_run, tmp_path, monkeypatch):
+    """The newest checkpoint, exported by `vitpipe export`, against the same checkpoint loaded into a
+    one-rank DeepSpeed engine (gloo, this process): vit and HF transformers give the engine's logits."""
+    transformers = pytest.importorskip("transformers")
+    from tests.test_vit_hf import assert_same_logits, images_for
+
+    info = choose_checkpoint(str(zero2_run))
+    result = run_vitpipe(
+        "export", str(zero2_run), "--checkpoint", str(info.step), "--out", str(tmp_path / "out")
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"exported step {info.step}" in result.stdout
+
+    config = ViTConfig.from_dict(info.meta["vit"])
+    images, pixels = images_for(config, batch=6)
+    patches = patchify(images, config.patch_size)
+    engine_logits = _deepspeed_engine_logits(info, patches, tmp_path, monkeypatch)
+    with torch.no_grad():
+        ours = load_pretrained(tmp_path / "out" / "vitpipe").eval()(patches)
+        hf = transformers.ViTForImageClassification.from_pretrained(tmp_path / "out" / "hf").eval()
+        theirs = hf(pixel_values=pixels).logits
+    assert_same_logits(ours, engine_logits)
+    assert_same_logits(theirs, engine_logits)
+
+
+def _deepspeed_engine_logits(info, patches: torch.Tensor, scratch: Path, monkeypatch) -> torch.Tensor:
+    """Logits of a DeepSpeed ZeRO engine restored from checkpoint `info` in a one-rank gloo group."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from vit.train import TrainSpec, build_engine, load_checkpoint, to_universal
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        folder = Path(info.path)
+        universal = info.meta["world_size"] != 1  # written by two ranks: reshard for this one
+        if universal:
+            folder = to_universal(folder, info.tag, scratch / "universal")
+        model = VisionTransformer(ViTConfig.from_dict(info.meta["vit"]))
+        spec = TrainSpec(total_steps=info.step, micro_batch_size=16, zero_stage=info.meta["zero_stage"])
+        engine = build_engine(model, spec, world_size=1, load_universal=universal)
+        load_checkpoint(engine, folder, info.tag)
+        engine.eval()
+        with torch.no_grad():
+            return engine(patches).float()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_zero3_run_survives_a_killed_worker(cluster, fractal_patches, tmp_path):

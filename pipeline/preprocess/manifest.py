@@ -86,6 +86,8 @@ def read_manifest(directory: str) -> dict[str, Any]:
         with filesystem.open_input_stream(path) as stream:
             manifest = json.loads(stream.read())
     except FileNotFoundError:
+        if filesystem.get_file_info(root).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{directory}: no such directory") from None
         raise FileNotFoundError(
             f"{directory}: no {MANIFEST_FILE}; not a finished `vitpipe preprocess` output"
         ) from None

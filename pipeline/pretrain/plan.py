@@ -102,6 +102,11 @@ def plan_pretrain(config: PretrainConfig, directory: str) -> PretrainPlan:
             f"{directory}: preprocessed with patch_size {data.patch_size}, but model {model.variant!r} "
             f"uses patch {model.patch_size}; preprocess again or choose a /{data.patch_size} variant"
         )
+    if model.channels is not None and model.channels != data.channels:
+        raise ValueError(
+            f"{directory}: preprocessed with {data.channels} channel(s), but the model is set to "
+            f"channels: {model.channels}; preprocess with channels: {model.channels} or drop model.channels"
+        )
     vit = model.vit_config(image_size=data.image_size, channels=data.channels, num_classes=len(data.classes))
     # Ray Data's equal split gives each worker floor(samples / workers) rows; every worker then runs
     # the same number of whole steps, so none waits on another at the end of an epoch.

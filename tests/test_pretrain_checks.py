@@ -1,0 +1,80 @@
+"""`vitpipe pretrain` refuses what cannot train, naming the file or key, before Ray or any worker starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import run_vitpipe
+
+RUN = {
+    "model": {"variant": "Ti/4", "width": 32, "depth": 1, "heads": 2, "mlp_dim": 64},
+    "num_workers": 2,
+    "cpus_per_worker": 0.5,
+    "global_batch_size": 32,
+    "micro_batch_size": 8,
+    "steps": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def patch_sets(fractals_dir, tmp_path_factory) -> dict[str, Path]:
+    """The fractal corpus preprocessed with labels and without."""
+    from pipeline.config import PreprocessConfig
+    from pipeline.preprocess.run import preprocess
+
+    root = tmp_path_factory.mktemp("patch-sets")
+    sets = {"labelled": PreprocessConfig(image_size=16, patch_size=4), "unlabelled": None}
+    sets["unlabelled"] = sets["labelled"].model_copy(update={"label_key": None})
+    for name, config in sets.items():
+        preprocess(str(fractals_dir), str(root / name), config)
+    (root / "empty").mkdir()
+    return {name: root / name for name in [*sets, "empty"]} | {"missing": root / "missing"}
+
+
+def refusal(tmp_path: Path, data: Path, **changes) -> str:
+    """Run `vitpipe pretrain` on a config; assert it fails before Ray starts and return its message."""
+    config = {**RUN, "data": str(data), **changes}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = run_vitpipe("pretrain", str(path), "--storage", str(tmp_path / "runs"))
+    assert result.returncode != 0, result.stdout
+    assert "Ray " not in result.stderr  # refused before a Ray session was started or joined
+    assert not (tmp_path / "runs").exists()
+    return result.stderr
+
+
+@pytest.mark.parametrize(
+    ("data", "changes", "message"),
+    [
+        ("missing", {}, "no such directory"),
+        ("empty", {}, "no _manifest.json; not a finished `vitpipe preprocess` output"),
+        ("unlabelled", {}, "preprocessed without labels (label_key: none)"),
+        ("labelled", {"split": "val"}, "no split 'val' to pretrain on"),
+        ("labelled", {"model": {"variant": "Ti/8"}}, "preprocessed with patch_size 4, but model 'Ti/8'"),
+        ("labelled", {"model": {**RUN["model"], "channels": 1}}, "preprocessed with 3 channel(s)"),
+        ("labelled", {"global_batch_size": 512}, "has 300 samples, fewer than one global batch of 512"),
+    ],
+)  # fmt: skip
+def test_data_the_model_cannot_train_on_is_refused_naming_the_directory(
+    patch_sets, tmp_path, data, changes, message
+):
+    stderr = refusal(tmp_path, patch_sets[data], **changes)
+    assert str(patch_sets[data]) in stderr
+    assert message in stderr
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"global_batch_size": 40}, "global_batch_size 40 is not a multiple of micro_batch_size x"),
+        ({"zero_stage": 4}, "zero_stage: Input should be 0, 1, 2 or 3 (got 4)"),
+        ({"steps": 10, "epochs": 2}, "set either steps or epochs, not both"),
+        ({"deepspeed": {"train_batch_size": 8}}, "deepspeed: ['train_batch_size'] are derived from vitpipe"),
+        ({"placement": "EVERYWHERE"}, "placement: Input should be 'PACK', 'SPREAD' or 'STRICT_SPREAD'"),
+    ],
+)  # fmt: skip
+def test_settings_that_cannot_work_are_refused_naming_the_key(patch_sets, tmp_path, changes, message):
+    assert message in refusal(tmp_path, patch_sets["labelled"], **changes)
