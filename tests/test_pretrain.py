@@ -186,7 +186,8 @@ def _deepspeed_engine_logits(info, patches: torch.Tensor, scratch: Path, monkeyp
     """Logits of a DeepSpeed ZeRO engine restored from checkpoint `info` in a one-rank gloo group."""
     import torch.distributed as dist
 
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    for name, value in {"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)
     from vit.train import TrainSpec, build_engine, load_checkpoint, to_universal
 
     with socket.socket() as probe:

@@ -90,13 +90,14 @@ def train_loop(settings: dict[str, Any]) -> None:
         if log is not None:
             if resumed_from is None:
                 log.event(
-                    "started", step=0, workers=world, nodes=len(set(nodes)), total_steps=spec.total_steps
-                )
+                    "started", step=0, workers=world, nodes=len(set(nodes)), total_steps=spec.total_steps,
+                    threads=torch.get_num_threads(),
+                )  # fmt: skip
             else:
                 log.event(
                     "resumed", step=step, workers=world, nodes=len(set(nodes)),
                     from_workers=resumed_from["world_size"],
-                    total_steps=spec.total_steps,
+                    total_steps=spec.total_steps, threads=torch.get_num_threads(),
                 )  # fmt: skip
             print(f"pretrain: {'resuming at step ' + str(step) if step else 'starting'} on {world} worker(s)")
 
