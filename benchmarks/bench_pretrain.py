@@ -235,8 +235,10 @@ def gpu_section(variant: str, micro_batches: list[int], steps: int, warmup: int)
 
     from vit.train import TrainSpec, build_engine, train_micro_batch
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29531")
+    # What Ray Train sets in each worker (DeepSpeed asserts LOCAL_RANK), for one process on one GPU.
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531", "RANK": "0", "LOCAL_RANK": "0",
+                        "WORLD_SIZE": "1"}.items():  # fmt: skip
+        os.environ.setdefault(name, value)
     dist.init_process_group("nccl", rank=0, world_size=1)
     torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name()

@@ -1,0 +1,103 @@
+"""A run's records without a training run: metrics JSONL + TensorBoard (local and object storage), the
+progress line, the loss plot, and which checkpoints count as finished."""
+
+from __future__ import annotations
+
+import json
+import struct
+import uuid
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+from tensorboardX.proto.event_pb2 import Event
+
+from pipeline.pretrain.checkpoints import META_FILE, checkpoint_dir_name, latest_checkpoint, list_checkpoints
+from pipeline.pretrain.export import choose_checkpoint
+from pipeline.pretrain.metrics import MetricsLog, ProgressLine, format_seconds, plot_loss, read_records
+
+
+def step_record(step: int, loss: float) -> dict:
+    return {"step": step, "loss": loss, "accuracy": 0.5, "lr": 1e-3, "images_per_s": 100.0, "mfu": None}
+
+
+def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):
+    with closing(MetricsLog(str(tmp_path))) as log:
+        log.event("started", step=0, workers=2)
+        log.write(step_record(1, 2.5))
+        log.write(step_record(2, 2.0))
+    records = read_records(str(tmp_path))
+    assert [r.get("event") for r in records] == ["started", None, None]
+    assert records[2] == step_record(2, 2.0)
+    scalars = tensorboard_scalars(next((tmp_path / "tensorboard").glob("events.out.tfevents.*")))
+    assert scalars["train/loss"] == [(1, 2.5), (2, 2.0)]
+    assert "train/mfu" not in scalars  # None is not a number to plot
+
+
+def tensorboard_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of a TensorBoard event file (TFRecord framing: length, its CRC, the event, its CRC)."""
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    data, offset = path.read_bytes(), 0
+    while offset < len(data):
+        (length,) = struct.unpack_from("<Q", data, offset)
+        event = Event.FromString(data[offset + 12 : offset + 12 + length])
+        offset += 12 + length + 4
+        for value in event.summary.value:
+            scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_metrics_on_object_storage_are_uploaded_and_appended_to_on_resume():
+    run = f"memory://runs/{uuid.uuid4().hex}"
+    with closing(MetricsLog(run)) as log:
+        log.write(step_record(1, 2.5))
+    with closing(MetricsLog(run)) as log:  # a resumed run: the same record continues
+        log.event("resumed", step=1)
+        log.write(step_record(2, 2.0))
+    records = read_records(run)
+    assert [r.get("step") for r in records] == [1, 1, 2]
+    assert records[1]["event"] == "resumed"
+
+
+def test_read_records_of_a_run_without_metrics_is_empty(tmp_path):
+    assert read_records(str(tmp_path / "never-ran")) == []
+
+
+def test_progress_line_reports_eta_from_the_steps_of_this_launch():
+    progress = ProgressLine(total_steps=100, first_step=40)
+    progress.started -= 60.0  # 60 s for the 10 steps since resuming at 40
+    line = progress.line({**step_record(50, 1.23456), "mfu": 0.123})
+    assert line.startswith(
+        "pretrain: step 50/100 (50%) loss 1.2346 acc 0.500 lr 1.00e-03 100 img/s MFU 12.3%"
+    )
+    assert line.endswith("ETA 5m00s")
+    assert [format_seconds(s) for s in (4.6, 61, 3 * 3600 + 59)] == ["5s", "1m01s", "3h00m"]
+    assert format_seconds(float("nan")) == "?"
+
+
+def test_loss_plot_is_a_png(tmp_path):
+    records = [step_record(s, 3.0 / s) for s in range(1, 40)] + [{"event": "resumed", "step": 20}]
+    out = plot_loss(records, tmp_path / "loss.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.stat().st_size > 10_000
+
+
+def make_checkpoint(run: Path, step: int, *, finished: bool = True) -> None:
+    folder = run / checkpoint_dir_name(step)
+    folder.mkdir(parents=True)
+    if finished:
+        (folder / META_FILE).write_text(json.dumps({"step": step, "tag": f"step{step:08d}"}))
+
+
+def test_only_checkpoints_with_their_vitpipe_json_count(tmp_path):
+    for step, finished in [(200, True), (400, True), (600, False)]:
+        make_checkpoint(tmp_path, step, finished=finished)
+    (tmp_path / "checkpoint_tmp_notes").mkdir()
+    assert [info.step for info in list_checkpoints(str(tmp_path))] == [200, 400]
+    assert latest_checkpoint(str(tmp_path)).step == 400
+    assert choose_checkpoint(str(tmp_path), "200").path == str(tmp_path / "checkpoint_00000200")
+    assert choose_checkpoint(str(tmp_path), "checkpoint_00000400").step == 400
+    with pytest.raises(FileNotFoundError, match="no checkpoint '600'; steps with one: 200, 400"):
+        choose_checkpoint(str(tmp_path), "600")
+    with pytest.raises(FileNotFoundError, match="no finished checkpoint"):
+        choose_checkpoint(str(tmp_path / "empty"))
