@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +72,26 @@ pretrain:
 finetune:
   targets: [digits]
 """
+
+
+@pytest.fixture(scope="session")
+def one_rank_group():
+    """A one-process gloo group with the variables Ray Train sets, for DeepSpeed engines in this process
+    (on DeepSpeed's CPU accelerator, as in the Ray Train workers here). One per session: DeepSpeed
+    caches the group it first sees, so a destroyed and re-created group would break later engines."""
+    import torch.distributed as dist
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    variables = {"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -157,7 +156,7 @@ def test_workers_the_cluster_cannot_place_are_refused(cluster, fractal_patches, 
     assert not (tmp_path / "big").exists()
 
 
-def test_exported_weights_give_the_deepspeed_engines_logits(zero2_run, tmp_path, monkeypatch):
+def test_exported_weights_give_the_deepspeed_engines_logits(zero2_run, tmp_path, one_rank_group):
     """The newest checkpoint, exported by `vitpipe export`, against the same checkpoint loaded into a
     one-rank DeepSpeed engine (gloo, this process): vit and HF transformers give the engine's logits."""
     transformers = pytest.importorskip("transformers")
@@ -173,7 +172,7 @@ def test_exported_weights_give_the_deepspeed_engines_logits(zero2_run, tmp_path,
     config = ViTConfig.from_dict(info.meta["vit"])
     images, pixels = images_for(config, batch=6)
     patches = patchify(images, config.patch_size)
-    engine_logits = _deepspeed_engine_logits(info, patches, tmp_path, monkeypatch)
+    engine_logits = _deepspeed_engine_logits(info, patches, tmp_path)
     with torch.no_grad():
         ours = load_pretrained(tmp_path / "out" / "vitpipe").eval()(patches)
         hf = transformers.ViTForImageClassification.from_pretrained(tmp_path / "out" / "hf").eval()
@@ -182,32 +181,21 @@ def test_exported_weights_give_the_deepspeed_engines_logits(zero2_run, tmp_path,
     assert_same_logits(theirs, engine_logits)
 
 
-def _deepspeed_engine_logits(info, patches: torch.Tensor, scratch: Path, monkeypatch) -> torch.Tensor:
-    """Logits of a DeepSpeed ZeRO engine restored from checkpoint `info` in a one-rank gloo group."""
-    import torch.distributed as dist
-
-    for name, value in {"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}.items():
-        monkeypatch.setenv(name, value)
+def _deepspeed_engine_logits(info, patches: torch.Tensor, scratch: Path) -> torch.Tensor:
+    """Logits of a DeepSpeed ZeRO engine restored from checkpoint `info` on one rank."""
     from vit.train import TrainSpec, build_engine, load_checkpoint, to_universal
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        folder = Path(info.path)
-        universal = info.meta["world_size"] != 1  # written by two ranks: reshard for this one
-        if universal:
-            folder = to_universal(folder, info.tag, scratch / "universal")
-        model = VisionTransformer(ViTConfig.from_dict(info.meta["vit"]))
-        spec = TrainSpec(total_steps=info.step, micro_batch_size=16, zero_stage=info.meta["zero_stage"])
-        engine = build_engine(model, spec, world_size=1, load_universal=universal)
-        load_checkpoint(engine, folder, info.tag)
-        engine.eval()
-        with torch.no_grad():
-            return engine(patches).float()
-    finally:
-        dist.destroy_process_group()
+    folder = Path(info.path)
+    universal = info.meta["world_size"] != 1  # written by two ranks: reshard for this one
+    if universal:
+        folder = to_universal(folder, info.tag, scratch / "universal")
+    model = VisionTransformer(ViTConfig.from_dict(info.meta["vit"]))
+    spec = TrainSpec(total_steps=info.step, micro_batch_size=16, zero_stage=info.meta["zero_stage"])
+    engine = build_engine(model, spec, world_size=1, load_universal=universal)
+    load_checkpoint(engine, folder, info.tag)
+    engine.eval()
+    with torch.no_grad():
+        return engine(patches).float()
 
 
 def test_zero3_run_survives_a_killed_worker(cluster, fractal_patches, tmp_path):

@@ -122,3 +122,20 @@ def test_peak_flops_come_from_the_datasheet_table_or_a_measurement():
     assert gpu_peak_flops("NVIDIA A100-SXM4-80GB", bf16=False) == 156e12
     assert gpu_peak_flops("Some Future GPU", bf16=True) is None
     assert measured_matmul_flops(size=256, seconds=0.05) > 1e8
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_bf16_deepspeed_engine_trains_on_uint8_patches(stage, one_rank_group):
+    """The GPU recipe's path (bf16 weights, fp32 loss) on DeepSpeed's CPU accelerator: it learns a batch."""
+    from vit.train import build_engine, train_micro_batch
+
+    torch.manual_seed(0)
+    spec = TrainSpec(total_steps=30, micro_batch_size=8, zero_stage=stage, bf16=True, warmup_steps=0, lr=3e-3)
+    engine = build_engine(VisionTransformer(TINY), spec, world_size=1)
+    assert next(engine.module.parameters()).dtype == torch.bfloat16
+    patches = torch.randint(0, 256, (8, TINY.num_patches, TINY.patch_dim), dtype=torch.uint8)
+    labels = torch.arange(8) % TINY.num_classes
+    rng = np.random.default_rng(0)
+    results = [train_micro_batch(engine, patches, labels, spec, rng) for _ in range(30)]
+    assert results[-1].loss < results[0].loss / 2
+    assert results[-1].correct == 8
