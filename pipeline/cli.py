@@ -180,13 +180,19 @@ def preprocess_config(args: argparse.Namespace) -> PreprocessConfig:
     return validate(values, PreprocessConfig, source="vitpipe preprocess", key_style="cli")
 
 
-def pretrain_config(path: Path) -> tuple[PretrainConfig, str]:
+def pretrain_config(path: Path, data_dir: str | None = None) -> tuple[PretrainConfig, str]:
     """A pretrain config file, or a job file's pretrain section; with the run name it implies."""
     data = load_yaml(path)
     if isinstance(data, dict) and "pretrain" in data:
         job = validate(data, PipelineConfig, str(path))
         if job.pretrain is None:
             raise ConfigError(f"{path}: pretrain: is empty")
+        if data_dir is None and job.pretrain.data in job.preprocess:
+            raise ConfigError(
+                f"{path}: pretrain.data {job.pretrain.data!r} names the job's preprocess entry; pass "
+                f"its preprocessed directory with --data (after `make demo`: "
+                f"data/demo/{job.pretrain.data}-patches)"
+            )
         return job.pretrain, job.name
     return validate(data, PretrainConfig, str(path)), path.stem
 
@@ -281,7 +287,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "pretrain":
         from pipeline.pretrain.launch import pretrain
 
-        config, name = pretrain_config(args.config)  # validate before Ray starts
+        config, name = pretrain_config(args.config, args.data)  # validate before Ray starts
         result = pretrain(config, name=args.name or name, data=args.data, storage_path=args.storage,
                           address=args.address)  # fmt: skip
         print(result.summary())
