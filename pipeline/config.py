@@ -264,6 +264,10 @@ class PretrainConfig(Section):
     flip: bool = True  # random horizontal flips, on the device
     mixup_alpha: NonNegativeFloat = 0.0  # 0 turns mixup off
     shuffle_buffer: NonNegativeInt = 2048  # rows per worker shuffled locally; 0 reads in file order
+    # Hold the split in Ray's object store, read once, instead of reading the files every epoch (which
+    # costs seconds per epoch: most of the time on a small corpus). auto: when it fills under a quarter
+    # of the cluster's object store.
+    cache_data: Literal["auto"] | bool = "auto"
     checkpoint_every: PositiveInt = 1000
     keep_checkpoints: PositiveInt = 3
     max_failures: NonNegativeInt = 3  # worker-group restarts from the latest checkpoint before giving up

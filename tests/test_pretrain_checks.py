@@ -88,3 +88,15 @@ def test_a_job_file_names_its_data_by_preprocess_entry_so_pretrain_asks_for_the_
         "pretrain.data 'fractals' names the job's preprocess entry; pass its preprocessed directory "
         "with --data" in capsys.readouterr().err
     )
+
+
+def test_cache_data_auto_holds_a_split_under_a_quarter_of_the_object_store(patch_sets):
+    from pipeline.config import PretrainConfig
+    from pipeline.pretrain.plan import plan_data, should_cache
+
+    data = plan_data(PretrainConfig(data="x"), str(patch_sets["labelled"]))
+    assert data.bytes_in_memory == 300 * (16 * 16 * 3 + 8)
+    assert should_cache("auto", data.bytes_in_memory, object_store_bytes=4 * data.bytes_in_memory + 1)
+    assert not should_cache("auto", data.bytes_in_memory, object_store_bytes=4 * data.bytes_in_memory)
+    assert should_cache(True, 10**15, 1)
+    assert not should_cache(False, 1, 10**15)

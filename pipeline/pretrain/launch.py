@@ -20,7 +20,13 @@ from pipeline.preprocess.sources import resolve
 from pipeline.pretrain.checkpoints import latest_checkpoint
 from pipeline.pretrain.export import Export, export_checkpoint
 from pipeline.pretrain.metrics import LOSS_PLOT, plot_loss, read_records
-from pipeline.pretrain.plan import PretrainPlan, plan_pretrain, shuffled_files, worker_settings
+from pipeline.pretrain.plan import (
+    PretrainPlan,
+    plan_pretrain,
+    should_cache,
+    shuffled_files,
+    worker_settings,
+)
 
 DEFAULT_STORAGE = "runs"
 
@@ -126,6 +132,11 @@ def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, ru
 
     files = shuffled_files(plan.data.files, config.seed)
     dataset = ray.data.read_parquet(files, columns=["patches", "label"], num_cpus=config.data_cpus)
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    if should_cache(config.cache_data, plan.data.bytes_in_memory, store):
+        print(f"pretrain: caching the {plan.data.bytes_in_memory / 2**20:,.0f} MiB split in the object store",
+              file=sys.stderr)  # fmt: skip
+        dataset = _materialize_in_order(dataset)
     env = {"DS_ACCELERATOR": "cpu"} if not config.use_gpu else {}
     env |= {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     trainer = TorchTrainer(
@@ -150,6 +161,18 @@ def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, ru
     )
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     return trainer.fit()
+
+
+def _materialize_in_order(dataset):
+    """Read the dataset into the object store once, its blocks in file order (what resuming relies on)."""
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options
+    previous, options.preserve_order = options.preserve_order, True
+    try:
+        return dataset.materialize()
+    finally:
+        options.preserve_order = previous
 
 
 def _plot(records: list[dict], run_dir: str) -> str | None:

@@ -129,12 +129,13 @@ def plot_loss(records: list[dict[str, Any]], out: Path) -> Path:
     accuracy_axis.plot(steps, [latest[s]["accuracy"] for s in steps], color="tab:orange", label="accuracy")
     accuracy_axis.set_ylabel("training accuracy")
     accuracy_axis.set_ylim(0, 1)
-    for event in (r for r in records if r.get("event") == "resumed"):
-        loss_axis.axvline(event["step"], color="grey", linestyle=":", linewidth=1)
+    resumes = [r["step"] for r in records if r.get("event") == "resumed"]
+    for step in resumes:
+        loss_axis.axvline(step, color="grey", linestyle=":", linewidth=1)
     lr_axis.plot(steps, [latest[s]["lr"] for s in steps], color="tab:green")
     lr_axis.set_ylabel("lr")
     lr_axis.set_xlabel("step")
-    loss_axis.set_title("pretraining (dotted: resumed from a checkpoint)")
+    loss_axis.set_title("pretraining" + (" (dotted: resumed from a checkpoint)" if resumes else ""))
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110)

@@ -15,6 +15,8 @@ from pipeline.config import PretrainConfig
 from pipeline.preprocess.manifest import ROOT_SPLIT, patch_files, read_manifest
 from vit.config import ViTConfig
 
+CACHE_FRACTION = 0.25  # of the object store, at most, for cache_data: auto
+
 
 @dataclass(frozen=True)
 class DataPlan:
@@ -28,6 +30,11 @@ class DataPlan:
     patch_size: int
     channels: int
     classes: list[str]
+
+    @property
+    def bytes_in_memory(self) -> int:
+        """The split's size as uint8 patches and int64 labels, as the object store would hold it."""
+        return self.samples * (self.image_size**2 * self.channels + 8)
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,13 @@ def plan_pretrain(config: PretrainConfig, directory: str) -> PretrainPlan:
         )
     total = config.epochs * steps_per_epoch if config.epochs is not None else config.steps
     return PretrainPlan(data, vit, config.num_workers, config.grad_accum, steps_per_epoch, total)
+
+
+def should_cache(setting: str | bool, data_bytes: int, object_store_bytes: float) -> bool:
+    """Whether to read the split once into the object store: `cache_data`, with auto sized to the cluster."""
+    if setting == "auto":
+        return data_bytes < CACHE_FRACTION * object_store_bytes
+    return bool(setting)
 
 
 def shuffled_files(files: list[str], seed: int) -> list[str]:
