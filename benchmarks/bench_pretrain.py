@@ -8,6 +8,7 @@ CPU section, one run, on the embedded fractal corpus preprocessed to 32px / patc
   * ray+deepspeed, 1 worker: `pipeline.pretrain.launch.pretrain`, exactly what `vitpipe pretrain` runs;
     its per-step images/s from the run's metrics (each step's wall time, data wait included).
   * ZeRO 0-3 with 2 workers on one node, same model and per-worker batch.
+  * ZeRO-2 with 2 workers reading the files every epoch vs holding the split in the object store.
 Reported: median images/s over the steps after warm-up, and the overhead 1 - ray/plain.
 
 GPU section (CUDA only): one process, one GPU, `vit.train.build_engine` (the engine each Ray worker
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import platform
@@ -148,8 +150,9 @@ def cpu_vit_config(classes: int) -> ViTConfig:
 
 
 def cpu_ray(
-    directory: str, storage: Path, name: str, *, workers: int, zero: int, steps: int, warmup: int
-) -> dict[str, Any]:
+    directory: str, storage: Path, name: str, *, workers: int, zero: int, steps: int, warmup: int,
+    cache: bool | str = "auto",
+) -> dict[str, Any]:  # fmt: skip
     """`vitpipe pretrain` in this process; per-step images/s read back from the run's metrics."""
     from pipeline.config import PretrainConfig
     from pipeline.pretrain.launch import pretrain
@@ -158,7 +161,7 @@ def cpu_ray(
     config = PretrainConfig(
         data=directory, model=CPU_MODEL, num_workers=workers, cpus_per_worker=1.0 / workers,
         global_batch_size=MICRO * workers, micro_batch_size=MICRO, steps=steps + warmup, zero_stage=zero,
-        checkpoint_every=10_000, log_every=1, shuffle_buffer=256,
+        checkpoint_every=10_000, log_every=1, shuffle_buffer=256, cache_data=cache,
     )  # fmt: skip
     started = time.perf_counter()
     result = pretrain(config, name=name, storage_path=str(storage))
@@ -166,6 +169,9 @@ def cpu_ray(
     records = read_records(result.run_dir)
     timed = [r for r in records if "images_per_s" in r and r["step"] > warmup]
     threads = next(r["threads"] for r in records if r.get("event") == "started")
+    events = {r["event"]: r["time"] for r in records if "event" in r}
+    logged = [r for r in records if "images_per_s" in r]
+    epoch_starts = [b["data_wait_s"] for a, b in itertools.pairwise(logged) if b["epoch"] != a["epoch"]]
     return {
         "images_per_s": statistics.median(r["images_per_s"] for r in timed),
         "step_s": statistics.median(r["step_s"] for r in timed),
@@ -176,6 +182,9 @@ def cpu_ray(
         "threads_per_worker": threads,
         "zero_stage": zero,
         "wall_s_including_start_checkpoint_export": wall,
+        "train_s_first_to_last_step": events["finished"] - events["started"],
+        "epoch_start_wait_s": statistics.median(epoch_starts) if epoch_starts else None,
+        "cache_data": cache,
     }
 
 
@@ -195,6 +204,13 @@ def cpu_section(steps: int, warmup: int) -> dict[str, Any]:
             for stage in range(4)
         ]
         plain_after = cpu_plain(data, steps, warmup, threads)
+        # Reading the files every epoch against holding the split in the object store (cache_data).
+        reads = {
+            f"cache_data_{cache}".lower(): cpu_ray(
+                data, runs, f"cache-{cache}", workers=2, zero=2, steps=steps, warmup=warmup, cache=cache
+            )
+            for cache in (False, True)
+        }
     plain = statistics.mean([plain_before["images_per_s"], plain_after["images_per_s"]])
     return {
         "model": {**CPU_MODEL, "image_size": CPU_IMAGE, "patch_size": CPU_PATCH},
@@ -204,6 +220,7 @@ def cpu_section(steps: int, warmup: int) -> dict[str, Any]:
         "ray_train_deepspeed_1_worker": one,
         "overhead_1_worker": 1 - one["images_per_s"] / plain,
         "zero_stages_2_workers": {f"zero{z['zero_stage']}": z for z in zero},
+        "epoch_reads_2_workers_zero2": reads,
     }
 
 
