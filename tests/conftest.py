@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -45,6 +46,22 @@ def fractals_dir(ray_local, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("datasets") / "fractals"
     build_fractals(FRACTALS, out)
     return out
+
+
+@contextlib.contextmanager
+def two_node_cluster(cpus_per_node: int):
+    """A head and a worker node on this machine (`ray.cluster_utils.Cluster`); this process does not join."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": cpus_per_node, "include_dashboard": False}
+    )
+    cluster.add_node(num_cpus=cpus_per_node)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
 
 
 def run_vitpipe(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:

@@ -3,32 +3,28 @@
 from __future__ import annotations
 
 import pytest
-from ray.cluster_utils import Cluster
 
 from pipeline.datasets.card import read_card
-from tests.conftest import run_vitpipe
+from tests.conftest import run_vitpipe, two_node_cluster
 
 
 @pytest.fixture(scope="module")
-def two_node_cluster():
-    """A head and a worker node on this machine, one CPU each; this process does not join it."""
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    yield cluster
-    cluster.shutdown()
+def two_nodes():
+    """A head and a worker node on this machine, one CPU each."""
+    with two_node_cluster(cpus_per_node=1) as cluster:
+        yield cluster
 
 
-def test_info_sees_both_nodes(two_node_cluster):
-    result = run_vitpipe("info", "--address", two_node_cluster.address)
+def test_info_sees_both_nodes(two_nodes):
+    result = run_vitpipe("info", "--address", two_nodes.address)
     assert result.returncode == 0, result.stderr
     assert "2 node(s), 2 CPU" in result.stdout
 
 
-def test_fractals_generated_across_nodes_match_a_local_run(two_node_cluster, tmp_path):
+def test_fractals_generated_across_nodes_match_a_local_run(two_nodes, tmp_path):
     args = ["--classes", "4", "--per-class", "6", "--size", "16", "--shard-size", "5", "--seed", "11"]
     remote = run_vitpipe(
-        "datasets", "fractals", str(tmp_path / "cluster"), *args, "--address", two_node_cluster.address
+        "datasets", "fractals", str(tmp_path / "cluster"), *args, "--address", two_nodes.address
     )
     assert remote.returncode == 0, remote.stderr
     assert "2 node(s), 2 CPU" in remote.stderr
@@ -60,13 +56,13 @@ def _env() -> dict[str, str]:
     return dict(os.environ)
 
 
-def test_preprocess_across_nodes_matches_a_local_run(two_node_cluster, digits_dir, tmp_path):
+def test_preprocess_across_nodes_matches_a_local_run(two_nodes, digits_dir, tmp_path):
     from pipeline.config import PreprocessConfig
     from pipeline.preprocess.run import preprocess
 
     remote = run_vitpipe(
         "preprocess", str(digits_dir), str(tmp_path / "cluster"), "--image-size", "16", "--patch-size", "4",
-        "--address", two_node_cluster.address,
+        "--address", two_nodes.address,
     )  # fmt: skip
     assert remote.returncode == 0, remote.stderr
     assert "2 node(s), 2 CPU" in remote.stderr

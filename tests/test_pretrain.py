@@ -16,11 +16,10 @@ import psutil
 import pytest
 import torch
 import yaml
-from ray.cluster_utils import Cluster
 
 from pipeline.pretrain.export import choose_checkpoint
 from pipeline.pretrain.metrics import read_records
-from tests.conftest import REPO, VITPIPE, run_vitpipe
+from tests.conftest import REPO, VITPIPE, run_vitpipe, two_node_cluster
 from vit.config import ViTConfig
 from vit.model import VisionTransformer
 from vit.patches import patchify
@@ -49,11 +48,8 @@ TINY_RUN = {
 @pytest.fixture(scope="module")
 def cluster():
     """A head and a worker node, two logical CPUs each: one per training worker, one for Ray Data."""
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    cluster.add_node(num_cpus=2)
-    cluster.wait_for_nodes()
-    yield cluster
-    cluster.shutdown()
+    with two_node_cluster(cpus_per_node=2) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")
