@@ -100,3 +100,16 @@ def test_cache_data_auto_holds_a_split_under_a_quarter_of_the_object_store(patch
     assert not should_cache("auto", data.bytes_in_memory, object_store_bytes=4 * data.bytes_in_memory)
     assert should_cache(True, 10**15, 1)
     assert not should_cache(False, 1, 10**15)
+
+
+def test_plan_splits_the_global_batch_and_counts_steps_per_epoch(patch_sets):
+    from pipeline.config import PretrainConfig
+    from pipeline.pretrain.plan import plan_pretrain
+
+    settings = {key: value for key, value in RUN.items() if key != "steps"}
+    plan = plan_pretrain(PretrainConfig(data="x", epochs=3, **settings), str(patch_sets["labelled"]))
+    # 300 samples, 2 workers: 150 each; global 32 = micro 8 x accumulation 2 x 2 workers: 9 whole steps
+    assert (plan.grad_accum, plan.steps_per_epoch, plan.total_steps) == (2, 9, 27)
+    assert (plan.vit.image_size, plan.vit.channels, plan.vit.num_classes) == (16, 3, 10)
+    assert "300 images" in plan.describe()
+    assert "27 steps (9 per epoch, 3.0 epochs)" in plan.describe()

@@ -124,13 +124,17 @@ def test_peak_flops_come_from_the_datasheet_table_or_a_measurement():
     assert measured_matmul_flops(size=256, seconds=0.05) > 1e8
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_bf16_deepspeed_engine_trains_on_uint8_patches(stage, one_rank_group):
-    """The GPU recipe's path (bf16 weights, fp32 loss) on DeepSpeed's CPU accelerator: it learns a batch."""
+@pytest.mark.parametrize(("stage", "offload"), [(0, False), (2, False), (3, False), (2, True)])
+def test_bf16_deepspeed_engine_trains_on_uint8_patches(stage, offload, one_rank_group):
+    """The GPU recipe's path (bf16 weights, fp32 loss) on DeepSpeed's CPU accelerator: it learns a batch,
+    with the optimizer state offloaded too."""
     from vit.train import build_engine, train_micro_batch
 
     torch.manual_seed(0)
-    spec = TrainSpec(total_steps=30, micro_batch_size=8, zero_stage=stage, bf16=True, warmup_steps=0, lr=3e-3)
+    spec = TrainSpec(
+        total_steps=30, micro_batch_size=8, zero_stage=stage, offload_optimizer=offload, bf16=True,
+        warmup_steps=0, lr=3e-3,
+    )  # fmt: skip
     engine = build_engine(VisionTransformer(TINY), spec, world_size=1)
     assert next(engine.module.parameters()).dtype == torch.bfloat16
     patches = torch.randint(0, 256, (8, TINY.num_patches, TINY.patch_dim), dtype=torch.uint8)
