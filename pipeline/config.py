@@ -257,7 +257,7 @@ class PretrainConfig(Section):
     epochs: PositiveInt | None = None  # a budget in passes over the data instead of `steps`
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
-    bf16: bool = False
+    bf16: Literal["auto"] | bool = "auto"  # auto: on GPUs that support it (Ampere and newer), else fp32
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     label_smoothing: UnitFraction = 0.0
@@ -319,7 +319,7 @@ class PretrainConfig(Section):
             label_smoothing=self.label_smoothing,
             zero_stage=self.zero_stage,
             offload_optimizer=self.offload_optimizer,
-            bf16=self.bf16,
+            bf16=self.bf16 is True,  # "auto" is decided on the worker, which sees the device
             flip=self.flip,
             mixup_alpha=self.mixup_alpha,
             extra_deepspeed=dict(self.deepspeed),

@@ -154,4 +154,5 @@ def worker_settings(config: PretrainConfig, plan: PretrainPlan) -> dict[str, Any
         "shuffle_buffer": config.shuffle_buffer,
         "seed": config.seed,
         "use_gpu": config.use_gpu,
+        "bf16": config.bf16,
     }

@@ -55,7 +55,9 @@ def train_loop(settings: dict[str, Any]) -> None:
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    spec = TrainSpec(**{**settings["spec"], "betas": tuple(settings["spec"]["betas"])})
+    spec = TrainSpec(
+        **{**settings["spec"], "betas": tuple(settings["spec"]["betas"]), "bf16": _use_bf16(settings["bf16"])}
+    )
     vit_config = ViTConfig.from_dict(settings["vit"])
     device = ray.train.torch.get_device()
     steps_per_epoch = settings["steps_per_epoch"]
@@ -190,6 +192,13 @@ def _record(
         "step_s": seconds,
         "data_wait_s": waited,
     }
+
+
+def _use_bf16(setting: str | bool) -> bool:
+    """`bf16: auto` is bf16 on a GPU that supports it (Ampere and newer), fp32 on CPUs and older GPUs."""
+    if setting == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(setting)
 
 
 def _peak_flops(bf16: bool, gpu_peak: Any, measured: Any) -> float | None:
