@@ -38,13 +38,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vit.augment import random_hflip, soft_targets
 from vit.config import ViTConfig
 from vit.flops import gpu_peak_flops, train_flops
 from vit.model import VisionTransformer
 from vit.optim import WarmupDecay, param_groups
+from vit.train import soft_cross_entropy
 
 CPU_MODEL = {"variant": "Ti/4", "width": 128, "depth": 4, "heads": 4, "mlp_dim": 512}
 CPU_IMAGE, CPU_PATCH, MICRO = 32, 4, 32
@@ -70,8 +70,8 @@ def plain_step(
     images = model.normalize(patches)
     targets = soft_targets(labels, config.num_classes)
     with torch.autocast(patches.device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = model(images, normalized=True).float()
-    loss = torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        logits = model(images, normalized=True)
+    loss = soft_cross_entropy(logits, targets)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()

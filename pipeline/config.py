@@ -287,11 +287,9 @@ class PretrainConfig(Section):
         if self.epochs is not None and "steps" in self.model_fields_set:
             raise ValueError("set either steps or epochs, not both")
         if self.deepspeed:
-            from vit.train import DERIVED_DEEPSPEED_KEYS
+            from vit.train import refuse_derived_keys
 
-            clash = sorted(DERIVED_DEEPSPEED_KEYS & set(self.deepspeed))
-            if clash:
-                raise ValueError(f"deepspeed: {clash} are derived from vitpipe's own keys; set those instead")
+            refuse_derived_keys(self.deepspeed)
         return self
 
     @property

@@ -112,7 +112,7 @@ def test_deepspeed_config_splits_the_batch_and_merges_extra_keys():
 
 def test_deepspeed_keys_vitpipe_derives_cannot_be_overridden():
     spec = TrainSpec(total_steps=1, micro_batch_size=8, extra_deepspeed={"train_batch_size": 99})
-    with pytest.raises(ValueError, match=r"\['train_batch_size'\] are set from vitpipe"):
+    with pytest.raises(ValueError, match=r"\['train_batch_size'\] are derived from vitpipe"):
         deepspeed_config(spec, 1)
 
 
@@ -143,3 +143,12 @@ def test_bf16_deepspeed_engine_trains_on_uint8_patches(stage, offload, one_rank_
     results = [train_micro_batch(engine, patches, labels, spec, rng) for _ in range(30)]
     assert results[-1].loss < results[0].loss / 2
     assert results[-1].correct == 8
+
+
+def test_soft_cross_entropy_of_one_hot_targets_is_cross_entropy():
+    from vit.train import soft_cross_entropy
+
+    logits = torch.randn(4, 5, dtype=torch.bfloat16)
+    labels = torch.tensor([0, 3, 4, 1])
+    expected = torch.nn.functional.cross_entropy(logits.float(), labels)
+    assert soft_cross_entropy(logits, soft_targets(labels, 5)).item() == pytest.approx(expected.item())

@@ -69,13 +69,21 @@ class TrainSpec:
         return WarmupDecay(self.total_steps, self.warmup_steps, self.decay, self.min_lr_ratio)
 
 
+def refuse_derived_keys(extra: dict[str, Any]) -> None:
+    """Raw DeepSpeed keys may add to the generated config, not contradict what vitpipe derives."""
+    clash = sorted(DERIVED_DEEPSPEED_KEYS & set(extra))
+    if clash:
+        raise ValueError(f"deepspeed: {clash} are derived from vitpipe's own keys; set those instead")
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy against soft targets (label smoothing, mixup), in fp32."""
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
 def deepspeed_config(spec: TrainSpec, world_size: int, *, load_universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed config for `spec` on `world_size` ranks, with the user's extra raw keys merged in."""
-    clash = sorted(DERIVED_DEEPSPEED_KEYS & set(spec.extra_deepspeed))
-    if clash:
-        raise ValueError(
-            f"deepspeed: {clash} are set from vitpipe's own settings; remove them from deepspeed:"
-        )
+    refuse_derived_keys(spec.extra_deepspeed)
     zero: dict[str, Any] = {"stage": spec.zero_stage}
     config: dict[str, Any] = {
         "train_batch_size": spec.micro_batch_size * spec.grad_accum * world_size,
@@ -164,8 +172,8 @@ def train_micro_batch(
     targets = soft_targets(labels, config.num_classes, spec.label_smoothing)
     if spec.mixup_alpha > 0:
         images, targets = mixup(images, targets, float(rng.beta(spec.mixup_alpha, spec.mixup_alpha)))
-    logits = engine(images, normalized=True).float()
-    loss = torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    logits = engine(images, normalized=True)
+    loss = soft_cross_entropy(logits, targets)
     engine.backward(loss)
     engine.step()
     correct = int((logits.detach().argmax(-1) == labels).sum())
