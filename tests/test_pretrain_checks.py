@@ -113,3 +113,19 @@ def test_plan_splits_the_global_batch_and_counts_steps_per_epoch(patch_sets):
     assert (plan.vit.image_size, plan.vit.channels, plan.vit.num_classes) == (16, 3, 10)
     assert "300 images" in plan.describe()
     assert "27 steps (9 per epoch, 3.0 epochs)" in plan.describe()
+
+
+def test_bf16_auto_is_decided_on_the_worker_by_its_device(monkeypatch):
+    import torch
+
+    from pipeline.config import PretrainConfig
+    from pipeline.pretrain.worker import _use_bf16
+
+    assert PretrainConfig(data="x").train_spec(10).bf16 is False  # "auto" does not force it on the driver
+    assert PretrainConfig(data="x", bf16=True).train_spec(10).bf16 is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _use_bf16("auto") is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert _use_bf16("auto") is True
+    assert _use_bf16(False) is False
