@@ -4,17 +4,22 @@ so a bad option fails before any Ray work starts."""
 from __future__ import annotations
 
 import argparse
+import posixpath
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import (
     ConfigError,
     DigitsConfig,
+    EvaluateConfig,
+    FinetuneConfig,
     FractalsConfig,
     ImageFolderConfig,
+    ModelConfig,
     PipelineConfig,
     PreprocessConfig,
     PretrainConfig,
@@ -119,6 +124,26 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", help="checkpoint folder name or step (default: the newest)")
     export.add_argument("--out", help="output folder (default: RUN/export)")
 
+    tune = commands.add_parser(
+        "finetune",
+        help="fine-tune on target datasets (pretrained and from scratch) as parallel Ray tasks; evaluate",
+    )
+    score = commands.add_parser(
+        "evaluate", help="evaluate weights on target datasets without training: few-shot linear and test"
+    )
+    for sub in (tune, score):
+        sub.add_argument("config", type=Path, help="a job YAML with a finetune: (and evaluate:) section")
+        sub.add_argument(
+            "--weights", help="pretrained weights, vitpipe or HF folder (default: finetune.weights, "
+            "else the export of the job's pretraining run)",
+        )  # fmt: skip
+        sub.add_argument(
+            "--target", action="append", default=[], metavar="NAME=DIR",
+            help="a target's preprocessed directory (repeatable); adds to or replaces the config's targets",
+        )  # fmt: skip
+        sub.add_argument("--out", help="results folder, a path or URL (default: runs/NAME/transfer)")
+        _add_address(sub)
+
     for sub in (digits, fractals, folder):
         sub.add_argument("--name", help="shard file prefix and dataset name")
         sub.add_argument("--seed", type=int)
@@ -195,6 +220,64 @@ def pretrain_config(path: Path, data_dir: str | None = None) -> tuple[PretrainCo
             )
         return job.pretrain, job.name
     return validate(data, PretrainConfig, str(path)), path.stem
+
+
+@dataclass(frozen=True)
+class TransferInputs:
+    """Everything `vitpipe finetune`/`evaluate` resolved from the job file and the options."""
+
+    finetune: FinetuneConfig
+    evaluate: EvaluateConfig | None
+    targets: dict[str, str]
+    weights: str | None
+    model: ModelConfig | None
+    out: str
+    name: str
+
+
+def transfer_inputs(args: argparse.Namespace, train: bool) -> TransferInputs:
+    """Resolve targets, weights and the output folder; every problem is a ConfigError, before Ray starts."""
+    from pipeline.pretrain.export import EXPORT_DIR, VITPIPE_DIR
+    from pipeline.pretrain.launch import DEFAULT_STORAGE, run_location
+
+    command = "finetune" if train else "evaluate"
+    job = load_config(args.config, PipelineConfig)
+    given: dict[str, str] = {}
+    for option in args.target:
+        name, separator, directory = option.partition("=")
+        if not separator or not name or not directory:
+            raise ConfigError(f"vitpipe {command}: --target expects NAME=DIR, got {option!r}")
+        given[name] = directory
+    finetune = job.finetune
+    if finetune is None:
+        if train or not given:
+            raise ConfigError(f"{args.config}: no finetune: section (and no --target NAME=DIR)")
+        finetune = FinetuneConfig(targets=list(given))
+    targets: dict[str, str] = {}
+    for entry in finetune.targets:
+        if entry in given:
+            targets[entry] = given[entry]
+        elif entry in job.preprocess or entry in job.datasets:
+            raise ConfigError(
+                f"{args.config}: finetune target {entry!r} names the job's preprocess entry; pass its "
+                f"preprocessed directory with --target {entry}=DIR (after `make demo`: "
+                f"--target {entry}=data/demo/{entry}-patches)"
+            )
+        else:
+            targets[Path(entry.rstrip("/")).name or entry] = entry
+    targets |= {name: directory for name, directory in given.items() if name not in targets}
+    run_dir = (
+        run_location(job.pretrain, job.name)[1] if job.pretrain else posixpath.join(DEFAULT_STORAGE, job.name)
+    )
+    weights = args.weights or finetune.weights
+    if weights is None and job.pretrain is not None:
+        weights = posixpath.join(run_dir, EXPORT_DIR, VITPIPE_DIR)
+    if weights is None and (not train or "pretrained" in finetune.modes):
+        raise ConfigError(f"{args.config}: no weights to {command}; set finetune.weights or pass --weights")
+    evaluate = job.evaluate if job.evaluate is not None or train else EvaluateConfig()
+    out = args.out or posixpath.join(run_dir, "transfer" if train else "evaluate")
+    model = job.pretrain.model if job.pretrain else None
+    return TransferInputs(finetune, evaluate, targets, weights, model, out, job.name)
 
 
 def _as_int(text: str, option: str) -> int:
@@ -291,6 +374,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         result = pretrain(config, name=args.name or name, data=args.data, storage_path=args.storage,
                           address=args.address)  # fmt: skip
         print(result.summary())
+    elif args.command in ("finetune", "evaluate"):
+        from pipeline.transfer.launch import transfer
+
+        train = args.command == "finetune"
+        inputs = transfer_inputs(args, train)  # validate before Ray starts
+        result = transfer(
+            inputs.finetune, inputs.evaluate, inputs.targets, out=inputs.out, weights=inputs.weights,
+            model=inputs.model, train=train, name=inputs.name, address=args.address,
+        )  # fmt: skip
+        print(result.summary())
+        for failure in result.failures:
+            where = failure["target"] + (f"/{failure['mode']}" if failure.get("mode") else "")
+            print(f"vitpipe: {where} failed: {failure['error']}", file=sys.stderr)
+        return EXIT_FAILED if result.failures else 0
     elif args.command == "export":
         from pipeline.pretrain.export import export_checkpoint
 

@@ -325,18 +325,80 @@ class PretrainConfig(Section):
 
 
 class FinetuneConfig(Section):
-    """Fine-tuning on target datasets, the paper's recipe by default (SGD momentum, no decay)."""
+    """Fine-tuning on target datasets, the paper's recipe by default (SGD momentum, no decay, warmup +
+    cosine, clipping at 1); one Ray task per target and mode, all submitted at once."""
 
+    # Preprocessed patch directories (paths or URLs), or in a job the names of preprocess entries.
     targets: list[str] = Field(min_length=1)
-    modes: tuple[Literal["pretrained", "scratch"], ...] = ("pretrained", "scratch")
+    # Pretrained weights: a vitpipe or HF folder. In a job with a pretrain section: that run's export.
+    weights: str | None = None
+    modes: tuple[Literal["pretrained", "scratch"], ...] = Field(("pretrained", "scratch"), min_length=1)
     steps: PositiveInt = 500
     batch_size: PositiveInt = 512
+    micro_batch_size: PositiveInt | None = None  # gradient accumulation when it is below batch_size
     optimizer: OptimizerConfig = OptimizerConfig(name="sgd", lr=0.03, weight_decay=0.0)
     schedule: ScheduleConfig = ScheduleConfig(warmup_steps=50)
-    freeze_backbone: bool = False
+    label_smoothing: UnitFraction = 0.0
+    flip: bool = True
+    freeze_backbone: bool = False  # train the head alone: a linear probe
+    val_fraction: Annotated[Float, Field(ge=0, lt=1)] = 0.1  # of train, held out to pick the best weights
+    validate_every: PositiveInt | None = None  # default: ten validations per run
+    log_every: PositiveInt = 10
+    bf16: Literal["auto"] | bool = "auto"
     cpus_per_task: PositiveFloat = 1.0
     gpus_per_task: NonNegativeFloat = 0.0
+    max_retries: NonNegativeInt = 2  # a task whose worker process dies is run again this many times
     seed: NonNegativeInt = 0
+
+    @field_validator("targets")
+    @classmethod
+    def _distinct_targets(cls, targets: list[str]) -> list[str]:
+        repeated = sorted({target for target in targets if targets.count(target) > 1})
+        if repeated:
+            raise ValueError(f"targets listed twice: {repeated}")
+        return targets
+
+    @field_validator("modes")
+    @classmethod
+    def _distinct_modes(cls, modes: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(modes)) != len(modes):
+            raise ValueError(f"a mode is listed twice: {list(modes)}")
+        return modes
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> FinetuneConfig:
+        if self.batch_size % self.micro_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_size}"
+            )
+        return self
+
+    @property
+    def micro_size(self) -> int:
+        return self.micro_batch_size or self.batch_size
+
+    def train_spec(self, bf16: bool = False) -> TrainSpec:
+        """The plain settings of the fine-tuning loop (`vit.finetune`)."""
+        from vit.train import TrainSpec
+
+        opt, schedule = self.optimizer, self.schedule
+        return TrainSpec(
+            total_steps=self.steps,
+            micro_batch_size=self.micro_size,
+            grad_accum=self.batch_size // self.micro_size,
+            optimizer=opt.name,
+            lr=opt.lr,
+            betas=opt.betas,
+            momentum=opt.momentum,
+            weight_decay=opt.weight_decay,
+            grad_clip=opt.grad_clip,
+            warmup_steps=schedule.warmup_steps,
+            decay=schedule.decay,
+            min_lr_ratio=schedule.min_lr_ratio,
+            label_smoothing=self.label_smoothing,
+            bf16=bf16,
+            flip=self.flip,
+        )
 
 
 class EvaluateConfig(Section):
@@ -345,6 +407,12 @@ class EvaluateConfig(Section):
     shots: tuple[PositiveInt, ...] = (1, 5, 10, 25)
     seeds: PositiveInt = 3
     l2_regularization: PositiveFloat = 1.0
+    batch_size: PositiveInt = 256  # images per forward pass when extracting features and scoring
+
+    @field_validator("shots")
+    @classmethod
+    def _sorted_shots(cls, shots: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(sorted(set(shots)))
 
 
 class PipelineConfig(Section):

@@ -98,6 +98,17 @@ def read_manifest(directory: str) -> dict[str, Any]:
     return manifest
 
 
+def manifest_classes(manifest: dict[str, Any], directory: str) -> list[str]:
+    """The class names of a labelled patch directory; labels as names when the input had none."""
+    names = manifest.get("classes")
+    if names:
+        return list(names)
+    labels = [int(label) for label in manifest["totals"]["per_class"]]
+    if not labels:
+        raise ValueError(f"{directory}: no labelled samples")
+    return [str(label) for label in range(max(labels) + 1)]
+
+
 def patch_files(directory: str, split: str | None = None) -> list[str]:
     """The patch files of one split (or all), in order: local paths, or URLs when `directory` is one."""
     manifest = read_manifest(directory)

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 import posixpath
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.fs as pafs
-
-from pipeline.preprocess.sources import resolve
 from pipeline.pretrain.checkpoints import CheckpointInfo, list_checkpoints
+from pipeline.storage import local_folder, publish_folder
 
 EXPORT_DIR = "export"
 VITPIPE_DIR = "vitpipe"
@@ -53,7 +50,7 @@ def export_checkpoint(run_dir: str, checkpoint: str | None = None, out: str | No
     info = choose_checkpoint(run_dir, checkpoint)
     out = out or posixpath.join(run_dir, EXPORT_DIR)
     with tempfile.TemporaryDirectory(prefix="vitpipe-export-") as scratch:
-        folder = _local_copy(info.path, Path(scratch) / "checkpoint")
+        folder = local_folder(info.path, Path(scratch) / "checkpoint")
         model = VisionTransformer(ViTConfig.from_dict(info.meta["vit"], source=f"{info.path}/vitpipe.json"))
         load_state(model, consolidated_state(folder, info.tag), info.path)
         staged = Path(scratch) / "export"
@@ -62,29 +59,5 @@ def export_checkpoint(run_dir: str, checkpoint: str | None = None, out: str | No
         (staged / "export.json").write_text(
             json.dumps({"checkpoint": info.path, "step": info.step}, indent=2) + "\n"
         )
-        _publish(staged, out)
+        publish_folder(staged, out)
     return Export(info.step, info.path, posixpath.join(out, VITPIPE_DIR), posixpath.join(out, HF_DIR))
-
-
-def _local_copy(location: str, scratch: Path) -> Path:
-    """A local folder with the checkpoint: the folder itself when local, else a download."""
-    filesystem, path = resolve(location)
-    if isinstance(filesystem, pafs.LocalFileSystem):
-        return Path(path)
-    pafs.copy_files(path, str(scratch), source_filesystem=filesystem)
-    return scratch
-
-
-def _publish(staged: Path, out: str) -> None:
-    """Replace OUT with the staged export (local: a rename per part; remote: an upload)."""
-    filesystem, root = resolve(out)
-    if isinstance(filesystem, pafs.LocalFileSystem):
-        target = Path(root)
-        target.mkdir(parents=True, exist_ok=True)
-        for part in staged.iterdir():
-            destination = target / part.name
-            if destination.is_dir():
-                shutil.rmtree(destination)
-            shutil.move(str(part), destination)
-        return
-    pafs.copy_files(str(staged), root, destination_filesystem=filesystem)

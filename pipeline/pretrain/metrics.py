@@ -73,8 +73,8 @@ class MetricsLog:
 class ProgressLine:
     """`pretrain: step 120/600 (20%) loss 1.234 acc 0.45 lr 1.0e-03 512 img/s MFU 12.3% ETA 3m10s`."""
 
-    def __init__(self, total_steps: int, first_step: int) -> None:
-        self.total, self.first = total_steps, first_step
+    def __init__(self, total_steps: int, first_step: int, label: str = "pretrain") -> None:
+        self.total, self.first, self.label = total_steps, first_step, label
         self.started = time.perf_counter()
 
     def line(self, record: dict[str, Any]) -> str:
@@ -83,10 +83,11 @@ class ProgressLine:
         elapsed = time.perf_counter() - self.started
         eta = elapsed / done * (self.total - step) if done else float("nan")
         mfu = f" MFU {record['mfu']:.1%}" if record.get("mfu") is not None else ""
+        val = f" val {record['val_top1']:.3f}" if record.get("val_top1") is not None else ""
         return (
-            f"pretrain: step {step}/{self.total} ({step / self.total:.0%}) loss {record['loss']:.4f} "
-            f"acc {record['accuracy']:.3f} lr {record['lr']:.2e} {record['images_per_s']:,.0f} img/s{mfu} "
-            f"ETA {format_seconds(eta)}"
+            f"{self.label}: step {step}/{self.total} ({step / self.total:.0%}) loss {record['loss']:.4f} "
+            f"acc {record['accuracy']:.3f}{val} lr {record['lr']:.2e} "
+            f"{record['images_per_s']:,.0f} img/s{mfu} ETA {format_seconds(eta)}"
         )
 
 

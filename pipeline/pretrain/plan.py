@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pipeline.config import PretrainConfig
-from pipeline.preprocess.manifest import ROOT_SPLIT, patch_files, read_manifest
+from pipeline.preprocess.manifest import ROOT_SPLIT, manifest_classes, patch_files, read_manifest
 from vit.config import ViTConfig
 
 CACHE_FRACTION = 0.25  # of the object store, at most, for cache_data: auto
@@ -86,18 +86,8 @@ def plan_data(config: PretrainConfig, directory: str) -> DataPlan:
         image_size=int(geometry["image_size"]),
         patch_size=int(geometry["patch_size"]),
         channels=int(geometry["channels"]),
-        classes=_classes(manifest, directory),
+        classes=manifest_classes(manifest, directory),
     )
-
-
-def _classes(manifest: dict[str, Any], directory: str) -> list[str]:
-    names = manifest.get("classes")
-    if names:
-        return list(names)
-    labels = [int(label) for label in manifest["totals"]["per_class"]]
-    if not labels:
-        raise ValueError(f"{directory}: no labelled samples")
-    return [str(label) for label in range(max(labels) + 1)]
 
 
 def plan_pretrain(config: PretrainConfig, directory: str) -> PretrainPlan:

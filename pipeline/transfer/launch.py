@@ -1,0 +1,235 @@
+"""`vitpipe finetune` / `vitpipe evaluate`: every (target, mode) as its own Ray task, all submitted at once,
+results gathered as they finish. A target that fails is reported beside the others' results, not instead.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import EvaluateConfig, FinetuneConfig, ModelConfig
+from pipeline.storage import local_folder, publish_folder
+from pipeline.transfer.plan import TargetError, TargetPlan, check_fits, plan_target, target_architecture
+from pipeline.transfer.report import RESULTS_MD, write_results
+from vit.config import ViTConfig
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    out: str
+    document: dict[str, Any]
+    table: str
+
+    @property
+    def failures(self) -> list[dict[str, Any]]:
+        return self.document["failures"]
+
+    def summary(self) -> str:
+        finished = len(self.document["results"])
+        return (
+            f"{finished} run(s) finished, {len(self.failures)} failed; results in {self.out} "
+            f"({RESULTS_MD}, results.json, results.png)\n\n{self.table}"
+        )
+
+
+def read_architecture(weights: str) -> ViTConfig:
+    """The architecture of a vitpipe or HF weights folder (path or URL); errors name the folder."""
+    from vit.weights import read_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="vitpipe-weights-") as scratch:
+        return read_checkpoint(local_folder(weights, Path(scratch) / "weights")).config
+
+
+def plan_runs(
+    targets: dict[str, str],
+    *,
+    weights: str | None,
+    architecture: ViTConfig | None,
+    model: ModelConfig | None,
+    modes: tuple[str, ...],
+) -> tuple[list[tuple[TargetPlan, str, ViTConfig]], list[dict[str, Any]]]:
+    """(target, mode, architecture) of every run that can start, and a failure for each that cannot.
+
+    The architecture is the weights' (`architecture`), else the one `model` describes for the target.
+    """
+    runs, failures = [], []
+    for name, directory in targets.items():
+        try:
+            target = plan_target(name, directory)
+            fitted = architecture if architecture is not None else _model_for(model, target)
+            check_fits(target, fitted, weights or "the model config")
+        except TargetError as error:
+            failures.extend({"target": name, "mode": mode, "error": str(error)} for mode in modes)
+            print(f"transfer: skipping {error}", file=sys.stderr)
+            continue
+        print(f"transfer: {target.describe()}", file=sys.stderr)
+        for mode in modes:
+            if mode == "pretrained":
+                runs.append((target, mode, fitted))  # the checkpoint's own, adapted in the task
+            else:
+                runs.append((target, mode, target_architecture(fitted, target)))
+    return runs, failures
+
+
+def _model_for(model: ModelConfig | None, target: TargetPlan) -> ViTConfig:
+    if model is None:
+        raise TargetError(f"target {target.name!r}: no weights and no model config to build a model from")
+    try:
+        return model.vit_config(
+            image_size=target.image_size,
+            channels=model.channels or target.channels,
+            num_classes=len(target.classes),
+        )
+    except ValueError as error:
+        raise TargetError(f"target {target.name!r}: the model config does not fit it: {error}") from None
+
+
+def check_resources(finetune: FinetuneConfig) -> None:
+    """A task no node can hold would wait forever; refuse it with the numbers instead."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    needs = {"CPU": finetune.cpus_per_task, "GPU": finetune.gpus_per_task}
+    for resource, need in needs.items():
+        largest = max((node.get(resource, 0.0) for node in nodes), default=0.0)
+        if need > largest:
+            raise ValueError(
+                f"finetune: a task needs {need:g} {resource} but the largest node has {largest:g}; lower "
+                f"{'cpus_per_task' if resource == 'CPU' else 'gpus_per_task'} or add bigger nodes"
+            )
+
+
+def task_settings(
+    finetune: FinetuneConfig,
+    evaluate: EvaluateConfig | None,
+    target: TargetPlan,
+    mode: str,
+    architecture: ViTConfig,
+    *,
+    weights: str | None,
+    out: str,
+    train: bool,
+) -> dict[str, Any]:
+    """The plain dict one task receives."""
+    fewshot = None
+    if evaluate is not None:
+        fewshot = {"shots": list(evaluate.shots), "seeds": evaluate.seeds, "l2": evaluate.l2_regularization}
+    return {
+        "target": asdict(target),
+        "mode": mode,
+        "weights": weights,
+        "architecture": architecture.to_dict(),
+        "train": train,
+        "spec": asdict(finetune.train_spec()),
+        "bf16": finetune.bf16,
+        "freeze_backbone": finetune.freeze_backbone,
+        "val_fraction": finetune.val_fraction,
+        "validate_every": finetune.validate_every,
+        "log_every": finetune.log_every,
+        "seed": finetune.seed,
+        "fewshot": fewshot,
+        "eval_batch_size": evaluate.batch_size if evaluate else finetune.micro_size,
+        "threads": max(1, int(finetune.cpus_per_task)),
+        "out": posixpath.join(out, target.name, mode),
+    }
+
+
+def transfer(
+    finetune: FinetuneConfig,
+    evaluate: EvaluateConfig | None,
+    targets: dict[str, str],
+    *,
+    out: str,
+    weights: str | None = None,
+    model: ModelConfig | None = None,
+    train: bool = True,
+    name: str = "",
+    address: str | None = None,
+) -> TransferResult:
+    """Fine-tune (or, with `train=False`, only evaluate) every target in every mode; write the results.
+
+    `weights` are the pretrained weights (needed by mode `pretrained`); `model` describes the model that
+    mode `scratch` builds when there are no weights to take the architecture from.
+    """
+    from pipeline.ray_session import init_ray
+
+    modes = finetune.modes if train else ("pretrained",)
+    if "pretrained" in modes and weights is None:
+        raise ValueError("transfer: mode 'pretrained' needs weights (finetune.weights or --weights)")
+    architecture = read_architecture(weights) if weights is not None else None
+    if architecture is None and model is None:
+        raise ValueError("transfer: no weights and no model config to build the scratch model from")
+    runs, failures = plan_runs(targets, weights=weights, architecture=architecture, model=model, modes=modes)
+    settings = {
+        "name": name,
+        "weights": weights,
+        "train": train,
+        "finetune": finetune.model_dump(mode="json"),
+        "evaluate": evaluate.model_dump(mode="json") if evaluate else None,
+        "targets": dict(targets),
+    }
+    results: list[dict[str, Any]] = []
+    if runs:
+        print(init_ray(address), file=sys.stderr)
+        check_resources(finetune)
+        results, task_failures = _run_tasks(finetune, evaluate, runs, weights=weights, out=out, train=train)
+        failures += task_failures
+    with tempfile.TemporaryDirectory(prefix="vitpipe-results-") as scratch:
+        document = write_results(Path(scratch) / "results", results, failures, settings)
+        table = (Path(scratch) / "results" / RESULTS_MD).read_text()
+        publish_folder(Path(scratch) / "results", out)
+    return TransferResult(out, document, table)
+
+
+def _run_tasks(
+    finetune: FinetuneConfig,
+    evaluate: EvaluateConfig | None,
+    runs: list[tuple[TargetPlan, str, ViTConfig]],
+    *,
+    weights: str | None,
+    out: str,
+    train: bool,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Submit every run, then collect each as it finishes; a failed task becomes a failure entry."""
+    import ray
+
+    from pipeline.transfer.task import transfer_task
+
+    remote = ray.remote(transfer_task)
+    options = {
+        "num_cpus": finetune.cpus_per_task,
+        "num_gpus": finetune.gpus_per_task,
+        "max_retries": finetune.max_retries,
+        "retry_exceptions": False,  # a bad target fails the same way again; only a lost worker is retried
+    }
+    pending = {}
+    for target, mode, architecture in runs:
+        settings = task_settings(
+            finetune, evaluate, target, mode, architecture, weights=weights, out=out, train=train
+        )
+        ref = remote.options(name=f"transfer:{target.name}/{mode}", **options).remote(settings)
+        pending[ref] = (target.name, mode)
+    print(f"transfer: {len(pending)} task(s) submitted", file=sys.stderr)
+    started = time.perf_counter()
+    results, failures = [], []
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        target, mode = pending.pop(ready[0])
+        elapsed = time.perf_counter() - started
+        try:
+            result = ray.get(ready[0])
+        except ray.exceptions.RayError as error:
+            cause = getattr(error, "cause", None)
+            message = f"{type(cause).__name__}: {cause}" if cause is not None else str(error).strip()
+            failures.append({"target": target, "mode": mode, "error": message})
+            print(f"transfer: {target}/{mode} FAILED after {elapsed:.0f}s: {message}", file=sys.stderr)
+            continue
+        results.append(result)
+        top1 = f"test top-1 {result['top1']:.4f}" if result.get("top1") is not None else "evaluated"
+        print(f"transfer: {target}/{mode} done after {elapsed:.0f}s, {top1}", file=sys.stderr)
+    return results, failures

@@ -1,0 +1,114 @@
+"""What a transfer run will do, checked on the driver target by target before any task starts.
+
+A target that cannot be fine-tuned (unlabelled, a split missing, classes absent from the test split, a
+patch geometry the checkpoint cannot take) gets an error naming it and is left out; the others go on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.preprocess.manifest import manifest_classes, read_manifest
+from pipeline.transfer.data import SplitReader
+from vit.config import ViTConfig
+
+TRAIN_SPLIT, TEST_SPLIT = "train", "test"
+
+
+class TargetError(ValueError):
+    """A target dataset that cannot be fine-tuned or evaluated; the message starts with its name."""
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """A target dataset's preprocessed splits and what they hold."""
+
+    name: str
+    directory: str
+    image_size: int
+    patch_size: int
+    channels: int
+    classes: list[str]
+    train_samples: int
+    test_samples: int
+
+    def describe(self) -> str:
+        return (
+            f"{self.name}: {self.train_samples:,} train / {self.test_samples:,} test images, "
+            f"{len(self.classes)} classes, {self.image_size}px / patch {self.patch_size} ({self.directory})"
+        )
+
+
+def plan_target(name: str, directory: str) -> TargetPlan:
+    """Read a target's manifest and labels; every problem is a TargetError naming the target."""
+    try:
+        return _plan(name, directory)
+    except TargetError:
+        raise
+    except (OSError, ValueError, KeyError) as error:
+        raise TargetError(f"target {name!r}: {error}") from None
+
+
+def _plan(name: str, directory: str) -> TargetPlan:
+    manifest = read_manifest(directory)
+    if manifest["config"].get("label_key") is None:
+        raise TargetError(
+            f"target {name!r}: {directory} was preprocessed without labels (label_key: none); "
+            "fine-tuning and evaluation need a labelled train and test split"
+        )
+    splits = manifest["splits"]
+    missing = [split for split in (TRAIN_SPLIT, TEST_SPLIT) if not splits.get(split, {}).get("samples")]
+    if missing:
+        held = ", ".join(f"{split!r} ({info['samples']})" for split, info in splits.items()) or "none"
+        raise TargetError(
+            f"target {name!r}: {directory} has no samples in split(s) {missing}; it holds {held}. A target "
+            "needs train/ and test/ shard folders"
+        )
+    classes = manifest_classes(manifest, directory)
+    train_labels = SplitReader(directory, TRAIN_SPLIT).labels()
+    test_labels = SplitReader(directory, TEST_SPLIT).labels()
+    for split, labels in ((TRAIN_SPLIT, train_labels), (TEST_SPLIT, test_labels)):
+        absent = sorted(set(range(len(classes))) - set(np.unique(labels).tolist()))
+        if absent:
+            shown = ", ".join(classes[label] for label in absent[:10]) + (" ..." if len(absent) > 10 else "")
+            raise TargetError(
+                f"target {name!r}: {len(absent)} of {len(classes)} classes have no example in the {split} "
+                f"split of {directory} ({shown}); per-class accuracy would be undefined. Rebuild the split "
+                "so every class is in it"
+            )
+    geometry = manifest["patches"]
+    return TargetPlan(
+        name=name,
+        directory=directory,
+        image_size=int(geometry["image_size"]),
+        patch_size=int(geometry["patch_size"]),
+        channels=int(geometry["channels"]),
+        classes=classes,
+        train_samples=len(train_labels),
+        test_samples=len(test_labels),
+    )
+
+
+def check_fits(target: TargetPlan, architecture: ViTConfig, source: str) -> None:
+    """The checkpoint's patch size and channel count are fixed: the target must be preprocessed to match
+    (the resolution may differ; position embeddings are resampled)."""
+    problems = [
+        f"{field} {getattr(target, field)} in the data, {getattr(architecture, field)} in the model"
+        for field in ("patch_size", "channels")
+        if getattr(target, field) != getattr(architecture, field)
+    ]
+    if problems:
+        raise TargetError(
+            f"target {target.name!r}: {target.directory} does not fit the model of {source}: "
+            + "; ".join(problems)
+            + f". Preprocess it with patch_size {architecture.patch_size}, channels {architecture.channels}"
+        )
+
+
+def target_architecture(architecture: ViTConfig, target: TargetPlan) -> ViTConfig:
+    """The model fine-tuned on a target: its resolution and classes, no pre-logits layer (as the paper)."""
+    return architecture.replace(
+        image_size=target.image_size, num_classes=len(target.classes), representation_size=None
+    )
