@@ -48,6 +48,23 @@ def fractals_dir(ray_local, tmp_path_factory) -> Path:
     return out
 
 
+def preprocess_to(source: Path, out: Path, **settings) -> str:
+    """Preprocess a dataset's shards with the given PreprocessConfig settings; returns the output folder."""
+    from pipeline.config import PreprocessConfig
+    from pipeline.preprocess.run import preprocess
+
+    preprocess(str(source), str(out), PreprocessConfig(**settings))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def digits_patches(digits_dir, tmp_path_factory) -> str:
+    """Digits as 32px RGB images in 4px patches: the transfer target of the tests."""
+    return preprocess_to(
+        digits_dir, tmp_path_factory.mktemp("patches") / "digits", image_size=32, patch_size=4
+    )
+
+
 @contextlib.contextmanager
 def two_node_cluster(cpus_per_node: int):
     """A head and a worker node on this machine (`ray.cluster_utils.Cluster`); this process does not join."""

@@ -1,0 +1,186 @@
+"""Bad transfer inputs: each bad target is reported by name with its reason and the others still run;
+a bad config, option or weights folder fails before Ray starts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import yaml
+
+from pipeline.preprocess.manifest import MANIFEST_FILE, read_manifest
+from pipeline.transfer.plan import TargetError, check_fits, plan_target
+from tests.conftest import preprocess_to, run_vitpipe
+from vit.config import ViTConfig
+from vit.model import VisionTransformer
+from vit.weights import save_pretrained
+
+TINY = ViTConfig(
+    image_size=16, patch_size=4, channels=3, num_classes=10, width=32, depth=1, heads=2, mlp_dim=64
+)
+JOB = {
+    "name": "checks",
+    "finetune": {
+        "targets": ["digits"], "modes": ["pretrained"], "steps": 4, "batch_size": 32,
+        "val_fraction": 0.0, "flip": False,
+    },
+    "evaluate": {"shots": [1, 5], "seeds": 1},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    return save_pretrained(VisionTransformer(TINY), tmp_path_factory.mktemp("weights") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def bad_targets(digits_dir, digits_patches, tmp_path_factory) -> dict[str, str]:
+    """Digits made unusable in one way each."""
+    root = tmp_path_factory.mktemp("bad-targets")
+    targets = {
+        "unlabelled": preprocess_to(
+            digits_dir, root / "unlabelled", image_size=32, patch_size=4, label_key=None
+        ),
+        "no-test": preprocess_to(digits_dir / "train", root / "no-test", image_size=32, patch_size=4),
+        "patch8": preprocess_to(digits_dir, root / "patch8", image_size=32, patch_size=8),
+        "gray": preprocess_to(digits_dir, root / "gray", image_size=32, patch_size=4, channels=1),
+    }
+    targets["no-nines"] = _drop_class_from_test(digits_patches, root / "no-nines", label=9)
+    return targets
+
+
+def _drop_class_from_test(source: str, out: Path, label: int) -> str:
+    """A copy of a patch directory whose test split has no example of `label`."""
+    shutil.copytree(source, out)
+    manifest = read_manifest(str(out))
+    kept = 0
+    for name in manifest["splits"]["test"]["files"]:
+        table = pq.read_table(out / name)
+        table = table.filter(
+            pq.ParquetFile(out / name).read(columns=["label"]).column("label").to_numpy() != label
+        )
+        pq.write_table(table, out / name)
+        kept += table.num_rows
+    manifest["splits"]["test"]["samples"] = kept
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return str(out)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("unlabelled", "was preprocessed without labels (label_key: none)"),
+        ("no-test", "has no samples in split(s) ['train', 'test']; it holds '.' (1437)"),
+        ("no-nines", "1 of 10 classes have no example in the test split"),
+    ],
+)
+def test_a_target_that_cannot_be_evaluated_is_refused_by_name(bad_targets, name, message):
+    with pytest.raises(TargetError) as refused:
+        plan_target(name, bad_targets[name])
+    assert str(refused.value).startswith(f"target {name!r}: ")
+    assert message in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("patch8", "patch_size 8 in the data, 4 in the model"),
+        ("gray", "channels 1 in the data, 3 in the model"),
+    ],
+)
+def test_a_target_the_checkpoint_cannot_take_is_refused_by_name(bad_targets, name, message):
+    target = plan_target(name, bad_targets[name])
+    with pytest.raises(TargetError, match=rf"target '{name}': .* does not fit the model of w: {message}"):
+        check_fits(target, TINY, "w")
+
+
+def write_job(tmp_path: Path, **finetune) -> Path:
+    job = {**JOB, "finetune": {**JOB["finetune"], **finetune}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def test_bad_targets_are_reported_and_the_good_one_still_finishes(
+    ray_local, weights, digits_patches, bad_targets, tmp_path
+):
+    options = [f"--target={name}={directory}" for name, directory in bad_targets.items()]
+    address = ray.get_runtime_context().gcs_address
+    result = run_vitpipe(
+        "finetune", str(write_job(tmp_path)), "--weights", str(weights), f"--target=digits={digits_patches}",
+        *options, "--out", str(tmp_path / "out"), "--address", address,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    document = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [(r["target"], r["mode"]) for r in document["results"]] == [("digits", "pretrained")]
+    assert document["results"][0]["top1"] > 0
+    failed = {f["target"]: f["error"] for f in document["failures"]}
+    assert set(failed) == set(bad_targets)
+    assert "without labels" in failed["unlabelled"]
+    assert "patch_size 8 in the data" in failed["patch8"]
+    assert "channels 1 in the data" in failed["gray"]
+    for name in bad_targets:
+        assert f"vitpipe: {name}/pretrained failed: target {name!r}" in result.stderr
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert "| digits | pretrained |" in markdown
+    assert "Failed:" in markdown
+    assert (tmp_path / "out" / "results.png").is_file()
+
+
+def refused(tmp_path: Path, *args: str) -> str:
+    result = run_vitpipe(*args)
+    assert result.returncode != 0, result.stdout
+    assert "Ray " not in result.stderr  # refused before a Ray session was started or joined
+    assert not (tmp_path / "out").exists()
+    return result.stderr
+
+
+def test_malformed_target_option_is_refused(tmp_path, weights):
+    job = str(write_job(tmp_path))
+    message = refused(tmp_path, "finetune", job, "--weights", str(weights), "--target", "digits")
+    assert "--target expects NAME=DIR, got 'digits'" in message
+
+
+def test_a_target_naming_a_preprocess_entry_asks_for_its_directory(tmp_path, weights):
+    job = {**JOB, "preprocess": {"digits": {"image_size": 32, "patch_size": 4}}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    message = refused(tmp_path, "finetune", str(path), "--weights", str(weights))
+    assert "finetune target 'digits' names the job's preprocess entry" in message
+    assert "--target digits=data/demo/digits-patches" in message
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"batch_size": 30, "micro_batch_size": 8}, "batch_size 30 is not a multiple of micro_batch_size 8"),
+        ({"targets": ["a", "a"]}, "targets listed twice: ['a']"),
+        ({"modes": ["scratch", "scratch"]}, "a mode is listed twice"),
+        ({"val_fraction": 1.0}, "finetune.val_fraction: Input should be less than 1"),
+    ],
+)
+def test_a_bad_finetune_section_fails_before_ray(tmp_path, weights, changes, message):
+    assert message in refused(
+        tmp_path, "finetune", str(write_job(tmp_path, **changes)), "--weights", str(weights)
+    )
+
+
+def test_pretrained_mode_without_weights_is_refused(tmp_path, digits_patches):
+    job = str(write_job(tmp_path))
+    message = refused(tmp_path, "finetune", job, f"--target=digits={digits_patches}")
+    assert "no weights to finetune; set finetune.weights or pass --weights" in message
+
+
+def test_unreadable_weights_fail_naming_the_file_before_any_task(tmp_path, weights, digits_patches):
+    broken = tmp_path / "broken"
+    shutil.copytree(weights, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    job = str(write_job(tmp_path))
+    message = refused(
+        tmp_path, "finetune", job, "--weights", str(broken), f"--target=digits={digits_patches}"
+    )
+    assert f"{broken / 'model.safetensors'}: not a readable safetensors file" in message
