@@ -87,6 +87,25 @@ def run_vitpipe(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*VITPIPE, *args], capture_output=True, text=True, cwd=REPO, **kwargs)
 
 
+# A pretraining run small enough for a test: a two-block ViT, 80 steps on two workers with ZeRO-2.
+TINY_RUN = {
+    "model": {"variant": "Ti/4", "width": 64, "depth": 2, "heads": 2, "mlp_dim": 128},
+    "num_workers": 2,
+    "cpus_per_worker": 1.0,
+    "placement": "SPREAD",
+    "global_batch_size": 32,
+    "micro_batch_size": 16,
+    "steps": 80,
+    "zero_stage": 2,
+    "optimizer": {"lr": 3.0e-3, "weight_decay": 0.05},
+    "schedule": {"warmup_steps": 8, "decay": "cosine"},
+    "flip": False,
+    "shuffle_buffer": 64,
+    "checkpoint_every": 20,
+    "log_every": 5,
+}
+
+
 # A valid pipeline config that tests mutate one key at a time.
 GOOD_JOB = """
 name: quick

@@ -19,30 +19,13 @@ import yaml
 
 from pipeline.pretrain.export import choose_checkpoint
 from pipeline.pretrain.metrics import read_records
-from tests.conftest import REPO, VITPIPE, run_vitpipe, two_node_cluster
+from tests.conftest import REPO, TINY_RUN, VITPIPE, run_vitpipe, two_node_cluster
 from vit.config import ViTConfig
 from vit.model import VisionTransformer
 from vit.patches import patchify
 from vit.weights import load_pretrained
 
 pytestmark = pytest.mark.slow
-
-TINY_RUN = {
-    "model": {"variant": "Ti/4", "width": 64, "depth": 2, "heads": 2, "mlp_dim": 128},
-    "num_workers": 2,
-    "cpus_per_worker": 1.0,
-    "placement": "SPREAD",
-    "global_batch_size": 32,
-    "micro_batch_size": 16,
-    "steps": 80,
-    "zero_stage": 2,
-    "optimizer": {"lr": 3.0e-3, "weight_decay": 0.05},
-    "schedule": {"warmup_steps": 8, "decay": "cosine"},
-    "flip": False,
-    "shuffle_buffer": 64,
-    "checkpoint_every": 20,
-    "log_every": 5,
-}
 
 
 @pytest.fixture(scope="module")
