@@ -33,3 +33,10 @@ def publish_folder(staged: Path, out: str) -> None:
             shutil.move(str(part), destination)
         return
     pafs.copy_files(str(staged), root, destination_filesystem=filesystem)
+
+
+def remove_folder(location: str) -> None:
+    """Delete a folder and everything in it, if it exists."""
+    filesystem, path = resolve(location)
+    if filesystem.get_file_info(path).type == pafs.FileType.Directory:
+        filesystem.delete_dir(path)

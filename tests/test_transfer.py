@@ -142,6 +142,21 @@ def test_evaluate_scores_exported_weights_as_the_fine_tuning_run_did(
     assert set(evaluated["fewshot"]) == {"1", "5", "10", "25"}
 
 
+def test_evaluate_of_pretrained_weights_gives_few_shot_only(
+    digits_run, pretrained, digits_patches, address, tmp_path
+):
+    result = run_vitpipe(
+        "evaluate", str(write_job(tmp_path / "job.yaml")), "--weights", str(pretrained),
+        f"--target=digits={digits_patches}", "--out", str(tmp_path / "eval"), "--address", address,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())["results"][0]
+    assert "top1" not in evaluated  # ten fractal classes are not the ten digits, though as many
+    assert "are not the target's" in evaluated["note"]
+    fine_tuning = json.loads((digits_run / "digits" / "pretrained" / "result.json").read_text())
+    assert evaluated["fewshot"] == fine_tuning["fewshot"]  # the same probe of the same starting weights
+
+
 def test_two_targets_run_in_parallel_and_a_killed_task_does_not_lose_the_other(
     pretrained, digits_dir, digits_patches, address, tmp_path
 ):

@@ -38,6 +38,14 @@ def weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def hf_weights(tmp_path_factory) -> Path:
+    """The same kind of model as an HF transformers folder: what fine-tuning from a Hub checkpoint reads."""
+    from vit.hf import export_hf
+
+    return export_hf(VisionTransformer(TINY), tmp_path_factory.mktemp("weights") / "hf")
+
+
+@pytest.fixture(scope="module")
 def bad_targets(digits_dir, digits_patches, tmp_path_factory) -> dict[str, str]:
     """Digits made unusable in one way each."""
     root = tmp_path_factory.mktemp("bad-targets")
@@ -106,13 +114,14 @@ def write_job(tmp_path: Path, **finetune) -> Path:
 
 
 def test_bad_targets_are_reported_and_the_good_one_still_finishes(
-    ray_local, weights, digits_patches, bad_targets, tmp_path
+    ray_local, hf_weights, digits_patches, bad_targets, tmp_path
 ):
     options = [f"--target={name}={directory}" for name, directory in bad_targets.items()]
     address = ray.get_runtime_context().gcs_address
+    job = str(write_job(tmp_path))
     result = run_vitpipe(
-        "finetune", str(write_job(tmp_path)), "--weights", str(weights), f"--target=digits={digits_patches}",
-        *options, "--out", str(tmp_path / "out"), "--address", address,
+        "finetune", job, "--weights", str(hf_weights), f"--target=digits={digits_patches}", *options,
+        "--out", str(tmp_path / "out"), "--address", address,
     )  # fmt: skip
     assert result.returncode == 1, result.stderr[-3000:]
     document = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -184,3 +193,20 @@ def test_unreadable_weights_fail_naming_the_file_before_any_task(tmp_path, weigh
         tmp_path, "finetune", job, "--weights", str(broken), f"--target=digits={digits_patches}"
     )
     assert f"{broken / 'model.safetensors'}: not a readable safetensors file" in message
+
+
+def test_an_output_folder_holding_the_weights_is_refused(tmp_path, digits_patches):
+    weights = save_pretrained(VisionTransformer(TINY), tmp_path / "out" / "digits" / "pretrained" / "model")
+    job = str(write_job(tmp_path))
+    result = run_vitpipe(
+        "evaluate",
+        job,
+        "--weights",
+        str(weights),
+        f"--target=digits={digits_patches}",
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert result.returncode == 1
+    assert "lie inside the output folder" in result.stderr
+    assert (weights / "model.safetensors").is_file()

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import EvaluateConfig, FinetuneConfig, ModelConfig
-from pipeline.storage import local_folder, publish_folder
+from pipeline.preprocess.sources import resolve
+from pipeline.storage import local_folder, publish_folder, remove_folder
 from pipeline.transfer.plan import TargetError, TargetPlan, check_fits, plan_target, target_architecture
 from pipeline.transfer.report import RESULTS_MD, write_results
 from vit.config import ViTConfig
@@ -89,6 +90,16 @@ def _model_for(model: ModelConfig | None, target: TargetPlan) -> ViTConfig:
         raise TargetError(f"target {target.name!r}: the model config does not fit it: {error}") from None
 
 
+def _inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or below it (local paths resolved; URLs compared as written)."""
+
+    def scheme(location: str) -> str:
+        return location.split("://", 1)[0] if "://" in location else ""
+
+    inner, outer = resolve(path)[1].rstrip("/") + "/", resolve(folder)[1].rstrip("/") + "/"
+    return scheme(path) == scheme(folder) and inner.startswith(outer)
+
+
 def check_resources(finetune: FinetuneConfig) -> None:
     """A task no node can hold would wait forever; refuse it with the numbers instead."""
     import ray
@@ -161,6 +172,10 @@ def transfer(
     modes = finetune.modes if train else ("pretrained",)
     if "pretrained" in modes and weights is None:
         raise ValueError("transfer: mode 'pretrained' needs weights (finetune.weights or --weights)")
+    if weights is not None and _inside(weights, out):
+        raise ValueError(
+            f"transfer: the weights {weights} lie inside the output folder {out}; choose another --out"
+        )
     architecture = read_architecture(weights) if weights is not None else None
     if architecture is None and model is None:
         raise ValueError("transfer: no weights and no model config to build the scratch model from")
@@ -212,6 +227,7 @@ def _run_tasks(
         settings = task_settings(
             finetune, evaluate, target, mode, architecture, weights=weights, out=out, train=train
         )
+        remove_folder(settings["out"])  # a new command starts afresh; a retried task appends to its log
         ref = remote.options(name=f"transfer:{target.name}/{mode}", **options).remote(settings)
         pending[ref] = (target.name, mode)
     print(f"transfer: {len(pending)} task(s) submitted", file=sys.stderr)

@@ -59,7 +59,7 @@ def _run(settings: dict[str, Any]) -> dict[str, Any]:
     num_classes = len(target["classes"])
     batch = settings["eval_batch_size"]
 
-    probe_model = _starting_model(settings, keep_pre_logits=True)
+    probe_model = _starting_model(settings, keep_pre_logits=True).to(device)
     fewshot = None
     if settings["fewshot"] is not None:
         fewshot = fewshot_table(probe_model, train_reader, test_reader, num_classes, settings, device)
@@ -71,7 +71,8 @@ def _run(settings: dict[str, Any]) -> dict[str, Any]:
         del probe_model
         model = _starting_model(settings, keep_pre_logits=False)
         result |= _finetune(model, train_reader, settings, device, bf16, metrics, label)
-    if model.config.num_classes == num_classes:
+    mismatch = None if settings["train"] else _head_mismatch(settings["weights"], target["classes"])
+    if mismatch is None:
         test = evaluate_classifier(model, test_reader.batches(batch), num_classes, device)
         result |= {
             "top1": test.top1,
@@ -83,16 +84,27 @@ def _run(settings: dict[str, Any]) -> dict[str, Any]:
         print(f"{label}: test top-1 {test.top1:.4f}, top-{test.top_k} {test.top5:.4f}", flush=True)
     else:
         test = None
-        result["note"] = (
-            f"the weights have a {model.config.num_classes}-class head, the target {num_classes} classes: "
-            "no test classification without fine-tuning"
-        )
+        result["note"] = f"{mismatch}: no test classification without fine-tuning"
     result["fewshot"] = fewshot
     result["seconds"] = time.perf_counter() - started
     _publish(model, result, test, settings)
     metrics.event("finished", seconds=result["seconds"])
     metrics.close()
     return result
+
+
+def _head_mismatch(weights: str, classes: list[str]) -> str | None:
+    """Why the head of weights evaluated as they are cannot classify the target, or None when it can: the
+    same classes in the same order (by name when the weights name their classes, else by count)."""
+    from vit.weights import read_checkpoint
+
+    checkpoint = read_checkpoint(weights)
+    heads = checkpoint.config.num_classes
+    if heads != len(classes):
+        return f"the weights have a {heads}-class head, the target {len(classes)} classes"
+    if checkpoint.labels is not None and list(checkpoint.labels) != list(classes):
+        return f"the weights' classes {checkpoint.labels[:3]}... are not the target's {classes[:3]}..."
+    return None
 
 
 def _use_bf16(setting: str | bool, device: torch.device) -> bool:
@@ -245,6 +257,7 @@ def _publish(
     classes = settings["target"]["classes"]
     labels = classes if model.config.num_classes == len(classes) else None
     out = settings["out"]
+    model.to("cpu")
     with tempfile.TemporaryDirectory(prefix="vitpipe-transfer-") as scratch:
         staged = Path(scratch) / "staged"
         staged.mkdir()
