@@ -100,11 +100,11 @@ def test_demo_builds_and_preprocesses_the_quickstart_datasets(tmp_path, ray_loca
 
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
-    assert read_card(out / "fractals")["splits"]["train"]["samples"] == 1000
+    assert read_card(out / "fractals")["splits"]["train"]["samples"] == 5000
     assert read_card(out / "digits")["splits"]["test"]["samples"] == 360
     assert (out / "fractals" / "preview.png").is_file()
     assert (out / "digits" / "preview.png").is_file()
-    assert read_manifest(str(out / "fractals-patches"))["totals"]["samples"] == 1000
+    assert read_manifest(str(out / "fractals-patches"))["totals"]["samples"] == 5000
     assert read_manifest(str(out / "digits-patches"))["splits"]["test"]["samples"] == 360
     assert (out / "digits-patches" / "samples.png").is_file()
     assert "2 datasets and 2 patch sets of job 'quickstart' ready" in capsys.readouterr().out

@@ -90,6 +90,11 @@ def _model_for(model: ModelConfig | None, target: TargetPlan) -> ViTConfig:
         raise TargetError(f"target {target.name!r}: the model config does not fit it: {error}") from None
 
 
+def absolute(location: str) -> str:
+    """A URL as it is; a local path made absolute."""
+    return location if "://" in location else str(Path(location).expanduser().absolute())
+
+
 def _inside(path: str, folder: str) -> bool:
     """Whether `path` is `folder` or below it (local paths resolved; URLs compared as written)."""
 
@@ -169,6 +174,9 @@ def transfer(
     """
     from pipeline.ray_session import init_ray
 
+    # Tasks may run on other machines, in other directories: local paths go to them absolute.
+    out, weights = absolute(out), absolute(weights) if weights is not None else None
+    targets = {name: absolute(directory) for name, directory in targets.items()}
     modes = finetune.modes if train else ("pretrained",)
     if "pretrained" in modes and weights is None:
         raise ValueError("transfer: mode 'pretrained' needs weights (finetune.weights or --weights)")
