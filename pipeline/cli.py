@@ -272,6 +272,11 @@ def transfer_inputs(args: argparse.Namespace, train: bool) -> TransferInputs:
     weights = args.weights or finetune.weights
     if weights is None and job.pretrain is not None:
         weights = posixpath.join(run_dir, EXPORT_DIR, VITPIPE_DIR)
+        if "://" not in weights and not Path(weights).is_dir():
+            raise ConfigError(
+                f"{args.config}: no pretrained weights at {weights} (the export of the job's pretraining "
+                f"run); run `vitpipe pretrain {args.config}` first, or pass --weights"
+            )
     if weights is None and (not train or "pretrained" in finetune.modes):
         raise ConfigError(f"{args.config}: no weights to {command}; set finetune.weights or pass --weights")
     evaluate = job.evaluate if job.evaluate is not None or train else EvaluateConfig()

@@ -239,6 +239,21 @@ class ScheduleConfig(Section):
     min_lr_ratio: Annotated[Float, Field(ge=0, le=1)] = 0.0
 
 
+def recipe_settings(optimizer: OptimizerConfig, schedule: ScheduleConfig) -> dict[str, Any]:
+    """An optimizer and LR schedule section as `vit.train.TrainSpec` fields (pretraining and fine-tuning)."""
+    return {
+        "optimizer": optimizer.name,
+        "lr": optimizer.lr,
+        "betas": optimizer.betas,
+        "momentum": optimizer.momentum,
+        "weight_decay": optimizer.weight_decay,
+        "grad_clip": optimizer.grad_clip,
+        "warmup_steps": schedule.warmup_steps,
+        "decay": schedule.decay,
+        "min_lr_ratio": schedule.min_lr_ratio,
+    }
+
+
 class PretrainConfig(Section):
     """DeepSpeed ZeRO pretraining on Ray Train; the batch is global and must split evenly."""
 
@@ -300,20 +315,11 @@ class PretrainConfig(Section):
         """The plain settings the per-worker loop (`vit.train`) runs on."""
         from vit.train import TrainSpec
 
-        opt, schedule = self.optimizer, self.schedule
         return TrainSpec(
             total_steps=total_steps,
             micro_batch_size=self.micro_batch_size,
             grad_accum=self.grad_accum,
-            optimizer=opt.name,
-            lr=opt.lr,
-            betas=opt.betas,
-            momentum=opt.momentum,
-            weight_decay=opt.weight_decay,
-            grad_clip=opt.grad_clip,
-            warmup_steps=schedule.warmup_steps,
-            decay=schedule.decay,
-            min_lr_ratio=schedule.min_lr_ratio,
+            **recipe_settings(self.optimizer, self.schedule),
             label_smoothing=self.label_smoothing,
             zero_stage=self.zero_stage,
             offload_optimizer=self.offload_optimizer,
@@ -377,26 +383,16 @@ class FinetuneConfig(Section):
     def micro_size(self) -> int:
         return self.micro_batch_size or self.batch_size
 
-    def train_spec(self, bf16: bool = False) -> TrainSpec:
-        """The plain settings of the fine-tuning loop (`vit.finetune`)."""
+    def train_spec(self) -> TrainSpec:
+        """The plain settings of the fine-tuning loop (`vit.finetune`); bf16 is decided in the task."""
         from vit.train import TrainSpec
 
-        opt, schedule = self.optimizer, self.schedule
         return TrainSpec(
             total_steps=self.steps,
             micro_batch_size=self.micro_size,
             grad_accum=self.batch_size // self.micro_size,
-            optimizer=opt.name,
-            lr=opt.lr,
-            betas=opt.betas,
-            momentum=opt.momentum,
-            weight_decay=opt.weight_decay,
-            grad_clip=opt.grad_clip,
-            warmup_steps=schedule.warmup_steps,
-            decay=schedule.decay,
-            min_lr_ratio=schedule.min_lr_ratio,
+            **recipe_settings(self.optimizer, self.schedule),
             label_smoothing=self.label_smoothing,
-            bf16=bf16,
             flip=self.flip,
         )
 

@@ -210,3 +210,12 @@ def test_an_output_folder_holding_the_weights_is_refused(tmp_path, digits_patche
     assert result.returncode == 1
     assert "lie inside the output folder" in result.stderr
     assert (weights / "model.safetensors").is_file()
+
+
+def test_a_job_whose_pretraining_has_not_run_says_so(tmp_path, digits_patches):
+    job = {**JOB, "pretrain": {"data": "x", "storage_path": str(tmp_path / "runs")}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    message = refused(tmp_path, "finetune", str(path), f"--target=digits={digits_patches}")
+    assert f"no pretrained weights at {tmp_path / 'runs' / 'checks' / 'export' / 'vitpipe'}" in message
+    assert "run `vitpipe pretrain" in message
