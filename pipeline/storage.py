@@ -15,6 +15,7 @@ def local_folder(location: str, scratch: Path) -> Path:
     filesystem, path = resolve(location)
     if isinstance(filesystem, pafs.LocalFileSystem):
         return Path(path)
+    scratch.mkdir(parents=True, exist_ok=True)
     pafs.copy_files(path, str(scratch), source_filesystem=filesystem)
     return scratch
 
