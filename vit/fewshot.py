@@ -76,20 +76,6 @@ def sample_shots(labels: np.ndarray, num_classes: int, shots: int, seed: int) ->
     return np.concatenate(chosen)
 
 
-@dataclass(frozen=True)
-class FewShotResult:
-    shots: int
-    accuracies: list[float]  # one per seed
-
-    @property
-    def mean(self) -> float:
-        return float(np.mean(self.accuracies))
-
-    @property
-    def std(self) -> float:
-        return float(np.std(self.accuracies))
-
-
 def fewshot_accuracy(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,

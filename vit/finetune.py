@@ -12,14 +12,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
 from vit.augment import random_hflip, soft_targets
+from vit.evaluate import Batch
 from vit.train import TrainSpec, make_optimizer, soft_cross_entropy
 
-Batch = tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]
 HEAD_PREFIX = "head."
 
 

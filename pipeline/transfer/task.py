@@ -23,7 +23,7 @@ from pipeline.transfer.data import SplitReader, holdout
 from pipeline.transfer.plan import TEST_SPLIT, TRAIN_SPLIT
 from vit.config import ViTConfig
 from vit.evaluate import Classification, evaluate_classifier, extract_features
-from vit.fewshot import FewShotResult, fewshot_accuracy, sample_shots
+from vit.fewshot import fewshot_accuracy, sample_shots
 
 RESULT_FILE = "result.json"
 CONFUSION_PLOT = "confusion.png"
@@ -123,10 +123,9 @@ def _starting_model(settings: dict[str, Any], *, keep_pre_logits: bool) -> torch
     from vit.weights import load_pretrained
 
     target = settings["target"]
-    architecture = ViTConfig.from_dict(settings["architecture"], source="transfer settings")
     if settings["mode"] == "scratch":
         torch.manual_seed(settings["seed"])
-        return VisionTransformer(architecture)
+        return VisionTransformer(ViTConfig.from_dict(settings["architecture"], source="transfer settings"))
     if keep_pre_logits:
         return load_pretrained(settings["weights"], image_size=target["image_size"])
     return load_pretrained(
@@ -177,8 +176,8 @@ def fewshot_table(
                 rows = torch.tensor([row_of[int(index)] for index in drawn])
                 probe_data = (features[rows], torch.as_tensor(labels[drawn]), test_features, test_labels)
                 accuracies.append(fewshot_accuracy(*probe_data, num_classes, options["l2"]))
-            outcome = FewShotResult(shots, accuracies)
-            table[str(shots)] = {"mean": outcome.mean, "std": outcome.std, "accuracies": accuracies}
+            mean, std = float(np.mean(accuracies)), float(np.std(accuracies))
+            table[str(shots)] = {"mean": mean, "std": std, "accuracies": accuracies}
     return {key: table[key] for key in sorted(table, key=int)}
 
 
