@@ -4,6 +4,7 @@ a bad config, option or weights folder fails before Ray starts."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import yaml
 
 from pipeline.preprocess.manifest import MANIFEST_FILE, read_manifest
 from pipeline.transfer.plan import TargetError, check_fits, plan_target
-from tests.conftest import preprocess_to, run_vitpipe
+from tests.conftest import REPO, preprocess_to, run_vitpipe
 from vit.config import ViTConfig
 from vit.model import VisionTransformer
 from vit.weights import save_pretrained
@@ -119,6 +120,10 @@ def test_bad_targets_are_reported_and_the_good_one_still_finishes(
     options = [f"--target={name}={directory}" for name, directory in bad_targets.items()]
     address = ray.get_runtime_context().gcs_address
     job = str(write_job(tmp_path))
+    stale = tmp_path / "out" / "digits" / "pretrained" / "stale.txt"  # left by an earlier command
+    stale.parent.mkdir(parents=True)
+    stale.write_text("old")
+    digits_patches = os.path.relpath(digits_patches, REPO)  # tasks get it absolute
     result = run_vitpipe(
         "finetune", job, "--weights", str(hf_weights), f"--target=digits={digits_patches}", *options,
         "--out", str(tmp_path / "out"), "--address", address,
@@ -127,6 +132,8 @@ def test_bad_targets_are_reported_and_the_good_one_still_finishes(
     document = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [(r["target"], r["mode"]) for r in document["results"]] == [("digits", "pretrained")]
     assert document["results"][0]["top1"] > 0
+    assert document["targets"]["digits"] == str(REPO / digits_patches)
+    assert not stale.exists()  # a new command starts its (target, mode) folder afresh
     failed = {f["target"]: f["error"] for f in document["failures"]}
     assert set(failed) == set(bad_targets)
     assert "without labels" in failed["unlabelled"]
@@ -219,3 +226,42 @@ def test_a_job_whose_pretraining_has_not_run_says_so(tmp_path, digits_patches):
     message = refused(tmp_path, "finetune", str(path), f"--target=digits={digits_patches}")
     assert f"no pretrained weights at {tmp_path / 'runs' / 'checks' / 'export' / 'vitpipe'}" in message
     assert "run `vitpipe pretrain" in message
+
+
+def test_targets_weights_and_output_resolve_from_the_job_and_options(tmp_path, weights):
+    from pipeline.cli import build_parser, transfer_inputs
+
+    export = tmp_path / "runs" / "checks" / "export" / "vitpipe"
+    export.mkdir(parents=True)
+    job = {**JOB, "pretrain": {"data": "x", "storage_path": str(tmp_path / "runs")}}
+    job["finetune"] = {**JOB["finetune"], "targets": [str(tmp_path / "data" / "cifar-384/")]}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    inputs = transfer_inputs(
+        build_parser().parse_args(["finetune", str(path), "--target=extra=/x"]), train=True
+    )
+    assert inputs.targets == {"cifar-384": str(tmp_path / "data" / "cifar-384/"), "extra": "/x"}
+    assert inputs.weights == str(export)  # the job's pretraining export
+    assert inputs.out == str(tmp_path / "runs" / "checks" / "transfer")
+    assert inputs.model is not None
+
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(yaml.safe_dump({"name": "bare"}))
+    args = build_parser().parse_args(["evaluate", str(bare), "--weights", str(weights), "--target=d=/d"])
+    inputs = transfer_inputs(args, train=False)
+    assert inputs.targets == {"d": "/d"}
+    assert inputs.evaluate is not None
+    assert inputs.evaluate.shots == (1, 5, 10, 25)  # the paper's few-shot settings by default
+    assert inputs.out == "runs/bare/evaluate"
+
+
+def test_a_head_is_scored_on_a_target_only_with_the_same_classes(tmp_path):
+    from pipeline.transfer.task import _head_mismatch
+
+    digits = [str(d) for d in range(10)]
+    named = save_pretrained(VisionTransformer(TINY), tmp_path / "named", labels=digits)
+    unnamed = save_pretrained(VisionTransformer(TINY), tmp_path / "unnamed")
+    assert _head_mismatch(str(named), digits) is None
+    assert _head_mismatch(str(unnamed), digits) is None  # no names: as many classes is taken as the same
+    assert "are not the target's" in _head_mismatch(str(named), digits[::-1])
+    assert "a 10-class head, the target 5 classes" in _head_mismatch(str(unnamed), digits[:5])
