@@ -5,7 +5,6 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONSTRAINTS := constraints-cpu.txt
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c $(CONSTRAINTS)
-DEMO_OUT ?= data/demo
 
 .PHONY: demo test lint install clean
 
@@ -21,8 +20,10 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PIP) -e ".[test]"
 	touch $(STAMP)
 
+# The quickstart end to end: datasets, preprocessing, pretraining (ZeRO-2, 2 Ray workers), fine-tuning
+# pretrained vs scratch, report (runs/quickstart/report.md). A second `make demo` reuses every stage.
 demo: $(STAMP)
-	$(BIN)/vitpipe demo --job jobs/quickstart.yaml --out $(DEMO_OUT) --overwrite
+	$(BIN)/vitpipe run jobs/quickstart.yaml
 
 test: $(STAMP)
 	$(BIN)/ruff check .

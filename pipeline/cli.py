@@ -4,9 +4,7 @@ so a bad option fails before any Ray work starts."""
 from __future__ import annotations
 
 import argparse
-import posixpath
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +26,9 @@ from pipeline.config import (
     load_yaml,
     validate,
 )
+from pipeline.runner.plan import STAGES
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
-DEMO_JOB = Path(__file__).resolve().parents[1] / "jobs" / "quickstart.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,11 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("validate", help="check a pipeline config file and print it resolved")
     check.add_argument("config", type=Path)
 
-    demo = commands.add_parser("demo", help="build the datasets of the quickstart job (digits, fractals)")
-    demo.add_argument("--job", type=Path, default=DEMO_JOB, help="job whose datasets to build")
-    demo.add_argument("--out", type=Path, default=Path("data/demo"))
-    demo.add_argument("--overwrite", action="store_true")
-    _add_address(demo)
+    run = commands.add_parser(
+        "run",
+        help="run a whole job: datasets, preprocess, pretrain, finetune, report (cached; resumes)",
+    )
+    run.add_argument("config", type=Path, help="the job YAML")
+    _add_run_options(run)
+    _add_address(run)
 
     datasets = commands.add_parser("datasets", help="write a dataset as WebDataset shards")
     kinds = datasets.add_subparsers(dest="kind", required=True, metavar="KIND")
@@ -153,6 +153,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    stages = ", ".join(STAGES)
+    parser.add_argument("--run-dir", help="the run's folder (default: the job's run_dir, else runs/NAME)")
+    parser.add_argument(
+        "--from", dest="from_stage", metavar="STAGE", help=f"redo this stage and all after it ({stages})"
+    )
+    parser.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="redo this stage even if cached (repeatable)",
+    )
+    parser.add_argument("--until", metavar="STAGE", help="stop after this stage")
+
+
 def _add_address(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray)")
 
@@ -205,21 +221,53 @@ def preprocess_config(args: argparse.Namespace) -> PreprocessConfig:
     return validate(values, PreprocessConfig, source="vitpipe preprocess", key_style="cli")
 
 
-def pretrain_config(path: Path, data_dir: str | None = None) -> tuple[PretrainConfig, str]:
-    """A pretrain config file, or a job file's pretrain section; with the run name it implies."""
-    data = load_yaml(path)
-    if isinstance(data, dict) and "pretrain" in data:
-        job = validate(data, PipelineConfig, str(path))
-        if job.pretrain is None:
-            raise ConfigError(f"{path}: pretrain: is empty")
-        if data_dir is None and job.pretrain.data in job.preprocess:
-            raise ConfigError(
-                f"{path}: pretrain.data {job.pretrain.data!r} names the job's preprocess entry; pass "
-                f"its preprocessed directory with --data (after `make demo`: "
-                f"data/demo/{job.pretrain.data}-patches)"
-            )
-        return job.pretrain, job.name
-    return validate(data, PretrainConfig, str(path)), path.stem
+@dataclass(frozen=True)
+class PretrainInputs:
+    """What `vitpipe pretrain` resolved: the config, the data, and where the run goes."""
+
+    config: PretrainConfig
+    data: str
+    name: str
+    storage: str | None
+
+
+def pretrain_inputs(args: argparse.Namespace) -> PretrainInputs:
+    """A pretrain config file, or a job file's pretrain section with the job's run folder; every problem
+    is a ConfigError, before Ray starts."""
+    from pipeline.runner.layout import run_layout
+
+    data = load_yaml(args.config)
+    if not (isinstance(data, dict) and "pretrain" in data):
+        config = validate(data, PretrainConfig, str(args.config))
+        return PretrainInputs(config, args.data or config.data, args.name or args.config.stem, args.storage)
+    job = validate(data, PipelineConfig, str(args.config))
+    if job.pretrain is None:
+        raise ConfigError(f"{args.config}: pretrain: is empty")
+    layout = run_layout(job)
+    source = args.data or _job_patches(job, job.pretrain.data, layout.patches, args.config, "--data DIR")
+    if args.storage or args.name:  # a run of this job's pretraining somewhere else
+        return PretrainInputs(job.pretrain, source, args.name or job.name, args.storage)
+    return PretrainInputs(job.pretrain, source, layout.pretrain_name, layout.pretrain_storage)
+
+
+def _job_patches(
+    job: PipelineConfig, entry: str, patches: Callable[[str], str], path: Path, option: str
+) -> str:
+    """The folder of the job's preprocess entry `entry` in its run folder (or `entry` when it is a
+    location); a ConfigError when the job's preprocessing has not run."""
+    from pipeline.preprocess.manifest import MANIFEST_FILE
+
+    if entry in job.datasets and entry not in job.preprocess:
+        raise ConfigError(f"{path}: {entry!r} is a dataset, not a preprocess entry; add preprocess.{entry}")
+    if entry not in job.preprocess:
+        return entry
+    folder = patches(entry)
+    if not (Path(folder) / MANIFEST_FILE).is_file():
+        raise ConfigError(
+            f"{path}: {entry!r} names the job's preprocess entry, which has not run ({folder} holds no "
+            f"{MANIFEST_FILE}); run `vitpipe run {path} --until preprocess` first, or pass {option}"
+        )
+    return folder
 
 
 @dataclass(frozen=True)
@@ -237,8 +285,10 @@ class TransferInputs:
 
 def transfer_inputs(args: argparse.Namespace, train: bool) -> TransferInputs:
     """Resolve targets, weights and the output folder; every problem is a ConfigError, before Ray starts."""
-    from pipeline.pretrain.export import EXPORT_DIR, VITPIPE_DIR
-    from pipeline.pretrain.launch import DEFAULT_STORAGE, run_location
+    from pipeline.runner.layout import run_layout
+    from pipeline.runner.plan import JobPlan
+    from pipeline.runner.stages import pretrained_weights
+    from pipeline.transfer.plan import target_name
 
     command = "finetune" if train else "evaluate"
     job = load_config(args.config, PipelineConfig)
@@ -253,34 +303,27 @@ def transfer_inputs(args: argparse.Namespace, train: bool) -> TransferInputs:
         if train or not given:
             raise ConfigError(f"{args.config}: no finetune: section (and no --target NAME=DIR)")
         finetune = FinetuneConfig(targets=list(given))
+    layout = run_layout(job)
     targets: dict[str, str] = {}
     for entry in finetune.targets:
         if entry in given:
             targets[entry] = given[entry]
-        elif entry in job.preprocess or entry in job.datasets:
-            raise ConfigError(
-                f"{args.config}: finetune target {entry!r} names the job's preprocess entry; pass its "
-                f"preprocessed directory with --target {entry}=DIR (after `make demo`: "
-                f"--target {entry}=data/demo/{entry}-patches)"
-            )
         else:
-            targets[Path(entry.rstrip("/")).name or entry] = entry
+            option = f"--target {entry}=DIR"
+            location = _job_patches(job, entry, layout.patches, args.config, option)
+            targets[entry if entry in job.preprocess else target_name(entry)] = location
     targets |= {name: directory for name, directory in given.items() if name not in targets}
-    run_dir = (
-        run_location(job.pretrain, job.name)[1] if job.pretrain else posixpath.join(DEFAULT_STORAGE, job.name)
-    )
-    weights = args.weights or finetune.weights
-    if weights is None and job.pretrain is not None:
-        weights = posixpath.join(run_dir, EXPORT_DIR, VITPIPE_DIR)
-        if "://" not in weights and not Path(weights).is_dir():
-            raise ConfigError(
-                f"{args.config}: no pretrained weights at {weights} (the export of the job's pretraining "
-                f"run); run `vitpipe pretrain {args.config}` first, or pass --weights"
-            )
+    weights = args.weights or pretrained_weights(JobPlan(job, str(args.config), layout))
+    from_export = weights is not None and not args.weights and finetune.weights is None
+    if from_export and "://" not in weights and not Path(weights).is_dir():
+        raise ConfigError(
+            f"{args.config}: no pretrained weights at {weights} (the export of the job's pretraining "
+            f"run); run `vitpipe run {args.config} --until pretrain` first, or pass --weights"
+        )
     if weights is None and (not train or "pretrained" in finetune.modes):
         raise ConfigError(f"{args.config}: no weights to {command}; set finetune.weights or pass --weights")
     evaluate = job.evaluate if job.evaluate is not None or train else EvaluateConfig()
-    out = args.out or posixpath.join(run_dir, "transfer" if train else "evaluate")
+    out = args.out or (layout.transfer if train else layout.evaluate)
     model = job.pretrain.model if job.pretrain else None
     return TransferInputs(finetune, evaluate, targets, weights, model, out, job.name)
 
@@ -292,45 +335,19 @@ def _as_int(text: str, option: str) -> int:
         raise ConfigError(f"{option}: expected a whole number or 'none', got {text!r}") from None
 
 
-def build_dataset(config: Section, out: Path, overwrite: bool, preview: bool) -> None:
-    """Build one dataset with the builder for its kind; print its summary."""
-    from pipeline.datasets.card import summarize
-    from pipeline.datasets.digits import build_digits
-    from pipeline.datasets.fractals import build_fractals
-    from pipeline.datasets.imagefolder import build_imagefolder
-    from pipeline.datasets.preview import write_preview
+def run_command(args: argparse.Namespace) -> int:
+    """`vitpipe run`: the job's steps, then the steps table and the transfer results."""
+    from pipeline.runner.execute import RunOptions, run_job
+    from pipeline.transfer.report import RESULTS_MD
 
-    builders: dict[str, Callable[..., Path]] = {
-        "digits": build_digits,
-        "fractals": build_fractals,
-        "imagefolder": build_imagefolder,
-    }
-    builders[config.kind](config, out, overwrite=overwrite)  # type: ignore[attr-defined]
-    print(summarize(out))
-    if preview:
-        print(f"  preview: {write_preview(out)}")
-
-
-def run_demo(job: PipelineConfig, out: Path, overwrite: bool) -> None:
-    """Build every dataset of `job` under `out/{name}` with previews, then preprocess each one the job
-    preprocesses into `out/{name}-patches` with a sample grid: the quickstart's A and B, ready to train."""
-    from pipeline.preprocess.inspect import describe, write_grid
-    from pipeline.preprocess.run import preprocess
-
-    started = time.perf_counter()
-    for name, dataset in job.datasets.items():
-        build_dataset(dataset, out / name, overwrite, preview=True)
-    for name, config in job.preprocess.items():
-        patches = out / f"{name}-patches"
-        result = preprocess(str(out / name), str(patches), config, overwrite=overwrite)
-        print(result.summary())
-        print(describe(str(patches)))
-        print(f"  samples: {write_grid(str(patches))}")
-    seconds = time.perf_counter() - started
-    print(
-        f"{len(job.datasets)} datasets and {len(job.preprocess)} patch sets of job {job.name!r} "
-        f"ready under {out} in {seconds:.1f}s"
-    )
+    options = RunOptions(args.from_stage, tuple(args.force), args.until)
+    summary = run_job(args.config, run_dir=args.run_dir, options=options, address=args.address)
+    print("\n" + summary.table())
+    results = Path(summary.plan.layout.transfer) / RESULTS_MD
+    if results.is_file() and not summary.failed:
+        print("\n" + results.read_text().strip())
+    print("\n" + summary.summary())
+    return EXIT_FAILED if summary.failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -358,10 +375,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         config = load_config(args.config, PipelineConfig)
         print(f"{args.config}: valid (config hash {config.digest()})")
         print(config.model_dump_json(indent=2))
-    elif args.command == "demo":
-        job = load_config(args.job, PipelineConfig)
-        print(init_ray(args.address), file=sys.stderr)
-        run_demo(job, args.out, args.overwrite)
+    elif args.command == "run":
+        return run_command(args)
     elif args.command == "preprocess":
         from pipeline.preprocess.run import preprocess
 
@@ -375,8 +390,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "pretrain":
         from pipeline.pretrain.launch import pretrain
 
-        config, name = pretrain_config(args.config, args.data)  # validate before Ray starts
-        result = pretrain(config, name=args.name or name, data=args.data, storage_path=args.storage,
+        inputs = pretrain_inputs(args)  # validate before Ray starts
+        result = pretrain(inputs.config, name=inputs.name, data=inputs.data, storage_path=inputs.storage,
                           address=args.address)  # fmt: skip
         print(result.summary())
     elif args.command in ("finetune", "evaluate"):
@@ -406,6 +421,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"  samples: {write_grid(args.directory, args.out, args.samples, split=args.split)}")
     elif args.command == "datasets":
         config = dataset_config(args)  # validate before Ray starts
+        from pipeline.datasets.build import build_dataset
+
         print(init_ray(args.address), file=sys.stderr)
         build_dataset(config, args.out, args.overwrite, args.preview)
     return 0

@@ -137,12 +137,17 @@ DatasetConfig = Annotated[DigitsConfig | FractalsConfig | ImageFolderConfig, Fie
 # --- preprocess, model, pretrain, fine-tune, evaluate ----------------------------------------------
 
 
-OUTPUT_NEUTRAL = {"max_failure_rate"}  # preprocessing settings that do not change the files written
+# Preprocessing settings that do not change the files written: the failure threshold, and where the
+# shards came from (a moved corpus keeps its outputs; each output file records its source's size).
+OUTPUT_NEUTRAL = {"max_failure_rate", "input"}
 
 
 class PreprocessConfig(Section):
     """WebDataset shards to patch-tensor Parquet shards: decode, resize, patchify, once."""
 
+    # In a job: the `datasets:` entry to read, or a shard location (folder, glob, brace pattern, URL).
+    # Default: the dataset of the entry's own name. The `vitpipe preprocess` command takes INPUT instead.
+    input: str | None = None
     image_size: PositiveInt = 224
     patch_size: PositiveInt = 16
     channels: Literal[1, 3] = 3
@@ -415,7 +420,7 @@ class PipelineConfig(Section):
     """A whole job: datasets, then preprocess, pretrain, fine-tune and evaluate."""
 
     name: Name
-    run_dir: str = "runs"
+    run_dir: str | None = None  # the run's folder (all stage outputs); default runs/NAME
     datasets: dict[Name, DatasetConfig] = Field(default_factory=dict)
     preprocess: dict[Name, PreprocessConfig] = Field(default_factory=dict)
     pretrain: PretrainConfig | None = None

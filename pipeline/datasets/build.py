@@ -1,0 +1,28 @@
+"""Build one dataset with the builder of its kind: the one entry point `vitpipe datasets` and the stage
+runner share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.config import Section
+
+
+def build_dataset(config: Section, out: Path, overwrite: bool, preview: bool) -> None:
+    """Build the dataset `config` describes into `out`; print its summary (and draw a preview)."""
+    from pipeline.datasets.card import summarize
+    from pipeline.datasets.digits import build_digits
+    from pipeline.datasets.fractals import build_fractals
+    from pipeline.datasets.imagefolder import build_imagefolder
+    from pipeline.datasets.preview import write_preview
+
+    builders: dict[str, Callable[..., Path]] = {
+        "digits": build_digits,
+        "fractals": build_fractals,
+        "imagefolder": build_imagefolder,
+    }
+    builders[config.kind](config, out, overwrite=overwrite)  # type: ignore[attr-defined]
+    print(summarize(out))
+    if preview:
+        print(f"  preview: {write_preview(out)}")

@@ -1,0 +1,306 @@
+"""`vitpipe run JOB.yaml`: every step of the job in order, each skipped when its cache key matches a
+finished record, resumed when a run before stopped inside it, redone with `--from` / `--force`.
+
+A step's record is written "running" before it starts and "done" (or "failed") when it ends, so a
+killed run leaves records that say where it stopped; pretraining then resumes from its newest
+checkpoint and preprocessing from its finished shards. What each stage prints also goes to
+RUN/logs/STAGE.log. A lock file keeps two runs out of one folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from pipeline.config import ConfigError, PipelineConfig, load_config
+from pipeline.runner.layout import run_layout
+from pipeline.runner.plan import STAGES, JobPlan, Step, plan_job, stage_index
+from pipeline.runner.provenance import git_revision
+from pipeline.runner.records import external_fingerprint, read_record, step_key, write_record
+from pipeline.runner.stages import RUNNERS, RunContext, outputs_present
+
+RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
+
+
+@dataclass
+class StepReport:
+    step: str
+    status: str  # "ran", "resumed", "cached", "failed" or "not run"
+    seconds: float = 0.0
+    note: str = ""
+
+
+@dataclass
+class RunSummary:
+    plan: JobPlan
+    steps: list[StepReport] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[StepReport]:
+        return [step for step in self.steps if step.status == "failed"]
+
+    def table(self) -> str:
+        lines = ["| step | status | time |", "| --- | --- | --- |"]
+        for step in self.steps:
+            note = f" ({step.note})" if step.note else ""
+            lines.append(f"| {step.step} | {step.status}{note} | {format_seconds(step.seconds)} |")
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        layout = self.plan.layout
+        verdict = "FAILED" if self.failed else "finished"
+        lines = [
+            f"run {self.plan.job.name!r} {verdict} in {format_seconds(self.seconds)}; folder {layout.root}"
+        ]
+        counts = {s: sum(1 for r in self.steps if r.status == s) for s in ("ran", "resumed", "cached")}
+        lines.append("  steps: " + ", ".join(f"{n} {status}" for status, n in counts.items() if n))
+        if Path(layout.report).is_file():
+            lines.append(f"  report: {layout.report}")
+        return "\n".join(lines)
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    return f"{int(seconds // 60)} m {seconds % 60:02.0f} s"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Which steps to redo and where to stop, checked before anything runs."""
+
+    from_stage: str | None = None
+    force: tuple[str, ...] = ()
+    until: str | None = None
+
+    def check(self) -> None:
+        for stage in self.force:
+            stage_index(stage, "--force")
+        if self.from_stage is not None:
+            stage_index(self.from_stage, "--from")
+        if self.until is not None:
+            stage_index(self.until, "--until")
+        if (
+            self.from_stage
+            and self.until
+            and stage_index(self.from_stage, "--from") > stage_index(self.until, "--until")
+        ):
+            raise ConfigError(f"--from {self.from_stage} comes after --until {self.until}")
+
+    def redo(self, stage: str) -> bool:
+        if stage in self.force:
+            return True
+        return self.from_stage is not None and STAGES.index(stage) >= STAGES.index(self.from_stage)
+
+    def beyond(self, stage: str) -> bool:
+        return self.until is not None and STAGES.index(stage) > STAGES.index(self.until)
+
+
+def load_plan(job_path: str | Path, run_dir: str | None = None) -> JobPlan:
+    """The job file validated and planned: every config error surfaces here, before any work."""
+    job = load_config(job_path, PipelineConfig)
+    return plan_job(job, str(job_path), run_layout(job, run_dir))
+
+
+def run_job(
+    job_path: str | Path,
+    *,
+    run_dir: str | None = None,
+    options: RunOptions = RunOptions(),
+    address: str | None = None,
+) -> RunSummary:
+    """Run (or resume) the job's steps in order; stop at the first failed step."""
+    options.check()
+    plan = load_plan(job_path, run_dir)
+    root = Path(plan.layout.root)
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    summary = RunSummary(plan)
+    context = RunContext(plan, address)
+    fingerprints: dict[str, str] = {}
+    steps = [step for step in plan.steps if not options.beyond(step.stage)]
+    externals = {step.id: _external_fingerprints(plan, step) for step in steps}  # inputs exist, or fail now
+    with _run_lock(root):
+        shutil.copyfile(job_path, root / "job.yaml")
+        _write_run_file(plan, summary, "running")
+        for step in steps:
+            if summary.failed and step.stage != "report":
+                summary.steps.append(StepReport(step.id, "not run"))
+                continue
+            if summary.failed and any(dep not in fingerprints for dep in step.depends):
+                summary.steps.append(StepReport(step.id, "not run"))
+                continue
+            redo = options.redo(step.stage)
+            summary.steps.append(_run_step(context, step, fingerprints, externals[step.id], redo))
+            summary.seconds = time.perf_counter() - started
+            _write_run_file(plan, summary, "running")
+        summary.seconds = time.perf_counter() - started
+        _write_run_file(plan, summary, "failed" if summary.failed else "finished")
+    return summary
+
+
+def _external_fingerprints(plan: JobPlan, step: Step) -> dict[str, str]:
+    fingerprints = {}
+    for kind, where in step.external:
+        try:
+            fingerprints[f"{kind}:{where}"] = external_fingerprint(kind, where)
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(
+                f"{plan.source}: {step.id} reads {where!r}, which is unusable: {error}"
+            ) from None
+    return fingerprints
+
+
+def _run_step(
+    context: RunContext, step: Step, fingerprints: dict[str, str], external: dict[str, str], redo: bool
+) -> StepReport:
+    layout = context.plan.layout
+    upstream = {dep: fingerprints[dep] for dep in step.depends}
+    key = step_key(step.settings, upstream, external)
+    record = read_record(layout.stages, step.id)
+    same = record is not None and record.get("key") == key
+    if same and not redo and record.get("status") == "done" and outputs_present(step):
+        fingerprints[step.id] = record["fingerprint"]
+        print(f"[run] {step.id}: cached (done {record.get('finished', '?')}, key {key})")
+        return StepReport(step.id, "cached")
+    resume = same and not redo and record.get("status") in ("running", "failed")
+    verb = "resuming" if resume else "running"
+    print(f"[run] {step.id}: {verb} (key {key})", flush=True)
+    began, stamp = time.perf_counter(), _now()
+    write_record(layout.stages, step.id, {"key": key, "status": "running", "started": stamp})
+    try:
+        with _tee(Path(layout.logs) / f"{step.stage}.log", f"{step.id} {verb} {stamp}"):
+            outcome = RUNNERS[step.stage](context, step, not resume)
+    except Exception as error:  # a failed step is recorded and reported, and the run stops
+        seconds = time.perf_counter() - began
+        message = f"{type(error).__name__}: {error}"
+        ended = {"finished": _now(), "seconds": seconds, "error": message}
+        write_record(layout.stages, step.id, {"key": key, "status": "failed", "started": stamp, **ended})
+        print(f"[run] {step.id}: FAILED after {format_seconds(seconds)}: {message}", file=sys.stderr)
+        return StepReport(step.id, "failed", seconds, message)
+    seconds = time.perf_counter() - began
+    status = "failed" if outcome.error else "done"
+    write_record(
+        layout.stages,
+        step.id,
+        {"key": key, "status": status, "started": stamp, "finished": _now(), "seconds": seconds,
+         "fingerprint": outcome.fingerprint, "upstream": upstream, "external": external,
+         "outputs": outcome.outputs, "error": outcome.error},
+    )  # fmt: skip
+    fingerprints[step.id] = outcome.fingerprint  # what follows may still read a partly failed step
+    if outcome.error:
+        print(f"[run] {step.id}: FAILED in {format_seconds(seconds)}: {outcome.error}", file=sys.stderr)
+        return StepReport(step.id, "failed", seconds, outcome.error)
+    print(f"[run] {step.id}: done in {format_seconds(seconds)}")
+    return StepReport(step.id, "resumed" if resume else "ran", seconds)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _write_run_file(plan: JobPlan, summary: RunSummary, status: str) -> None:
+    document: dict[str, Any] = {
+        "format": "vitpipe.run/1",
+        "name": plan.job.name,
+        "job_file": plan.source,
+        "config_hash": plan.job.digest(),
+        "git": git_revision(),
+        "status": status,
+        "updated": _now(),
+        "seconds": round(summary.seconds, 1),
+        "steps": [vars(step) for step in summary.steps],
+    }
+    path = Path(plan.layout.root) / RUN_FILE
+    partial = path.with_name(f".{RUN_FILE}.partial")
+    partial.write_text(json.dumps(document, indent=2) + "\n")
+    partial.replace(path)
+
+
+@contextlib.contextmanager
+def _run_lock(root: Path) -> Iterator[None]:
+    """Hold RUN/.lock while running; a lock left by a process that is gone is taken over."""
+    lock = root / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None:
+                raise RuntimeError(
+                    f"{root} is in use by another `vitpipe run` (pid {holder['pid']} on {holder['host']}); "
+                    f"wait for it, or delete {lock} if that run is gone"
+                ) from None
+            lock.unlink(missing_ok=True)  # its process is gone
+            continue
+        with os.fdopen(descriptor, "w") as stream:
+            json.dump(me, stream)
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _lock_holder(lock: Path) -> dict[str, Any] | None:
+    """Who holds the lock, or None when it was left by a process on this host that no longer runs."""
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if holder.get("host") != socket.gethostname():
+        return holder  # another machine's process: cannot tell whether it still runs
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return holder
+    return holder
+
+
+class _Tee:
+    """A text stream writing to the console stream and a log file."""
+
+    def __init__(self, console: IO[str], log: IO[str]) -> None:
+        self.console, self.log = console, log
+
+    def write(self, text: str) -> int:
+        self.console.write(text)
+        with contextlib.suppress(ValueError):  # the log closed under a late background write
+            self.log.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.console.flush()
+        with contextlib.suppress(ValueError):
+            self.log.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.console, name)
+
+
+@contextlib.contextmanager
+def _tee(path: Path, header: str) -> Iterator[None]:
+    """Copy what this process prints (Ray forwards its workers' output here too) into `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as log:
+        log.write(f"===== {header}\n")
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(saved[0], log), _Tee(saved[1], log)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = saved

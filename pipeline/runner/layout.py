@@ -1,0 +1,88 @@
+"""Where every output of a job lives: the one map the runner and the single-stage commands share.
+
+RUN (the job's `run_dir`, default `runs/NAME`) holds:
+
+    datasets/NAME/     WebDataset shards of each `datasets:` entry
+    patches/NAME/      Parquet patch shards of each `preprocess:` entry (+ samples.png)
+    pretrain/          the Ray Train run: checkpoints, metrics, loss.png, export/ (unless storage_path)
+    transfer/          fine-tune and few-shot results of every target
+    stages/            one record per finished (or interrupted) step: its cache key and outputs
+    logs/              what each stage printed
+    report.md, report/ the results table and pictures
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import ConfigError, PipelineConfig
+
+DEFAULT_RUNS = "runs"
+PRETRAIN_DIR = "pretrain"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The folders of one job's run; `root` is absolute, so Ray tasks on other nodes see the same paths."""
+
+    root: str
+    name: str
+    pretrain_storage: str  # Ray Train's storage_path: RUN, or the pretrain section's storage_path
+    pretrain_name: str  # the Ray Train run name inside it
+
+    def dataset(self, name: str) -> str:
+        return posixpath.join(self.root, "datasets", name)
+
+    def patches(self, name: str) -> str:
+        return posixpath.join(self.root, "patches", name)
+
+    @property
+    def pretrain(self) -> str:
+        return posixpath.join(self.pretrain_storage, self.pretrain_name)
+
+    @property
+    def transfer(self) -> str:
+        return posixpath.join(self.root, "transfer")
+
+    @property
+    def evaluate(self) -> str:
+        return posixpath.join(self.root, "evaluate")
+
+    @property
+    def stages(self) -> str:
+        return posixpath.join(self.root, "stages")
+
+    @property
+    def logs(self) -> str:
+        return posixpath.join(self.root, "logs")
+
+    @property
+    def report(self) -> str:
+        return posixpath.join(self.root, "report.md")
+
+    @property
+    def pictures(self) -> str:
+        return posixpath.join(self.root, "report")
+
+
+def run_layout(job: PipelineConfig, run_dir: str | None = None) -> RunLayout:
+    """The layout of `job`'s run in `run_dir` (default: the job's run_dir, else runs/NAME).
+
+    The run folder is a filesystem path (on a cluster: a mount every node shares); pretraining
+    checkpoints alone may go to object storage, through the pretrain section's storage_path.
+    """
+    location = run_dir or job.run_dir or posixpath.join(DEFAULT_RUNS, job.name)
+    if "://" in location:
+        raise ConfigError(
+            f"run_dir {location!r}: the run folder must be a filesystem path (on a cluster, a shared mount "
+            "such as /mnt/shared/runs); pretrain.storage_path may be an object-storage URL"
+        )
+    root = str(Path(location).expanduser().absolute())
+    storage = job.pretrain.storage_path if job.pretrain and job.pretrain.storage_path else None
+    if storage is None:
+        return RunLayout(root, job.name, root, PRETRAIN_DIR)
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().absolute())
+    return RunLayout(root, job.name, storage, job.name)

@@ -1,0 +1,105 @@
+"""Step records (RUN/stages/STEP.json) and the fingerprints that make up cache keys.
+
+A step's key hashes its settings, the fingerprints of the steps it reads and of any input from outside
+the run. A finished step records its key and the fingerprint of what it wrote; a rerun whose key
+matches skips it. A step that writes the same bytes every time (datasets, preprocessing) is
+fingerprinted by its descriptor file, so redoing it does not invalidate what follows; a training step
+gets a new fingerprint every time it runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from pipeline.preprocess.sources import list_shards, resolve
+
+FORMAT = "vitpipe.step/1"
+
+
+def digest(value: Any) -> str:
+    """A short stable hash of a JSON-able value."""
+    payload = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def step_key(settings: dict[str, Any], upstream: dict[str, str], external: dict[str, str]) -> str:
+    return digest({"settings": settings, "upstream": upstream, "external": external})
+
+
+def fresh_fingerprint() -> str:
+    """The fingerprint of a step whose outputs differ run to run (training)."""
+    return uuid.uuid4().hex[:16]
+
+
+def file_fingerprint(location: str) -> str:
+    """Hash of a (small) file's bytes, local or remote; FileNotFoundError names it."""
+    filesystem, path = resolve(location)
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            return hashlib.sha256(stream.read()).hexdigest()[:16]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{location}: no such file") from None
+
+
+def tree_fingerprint(location: str) -> str:
+    """Hash of a folder's listing: every file's relative path, size and modification time."""
+    filesystem, root = resolve(location)
+    if filesystem.get_file_info(root).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{location}: no such folder")
+    selector = pafs.FileSelector(root, recursive=True)
+    entries = sorted(
+        (posixpath.relpath(info.path, root), info.size, info.mtime_ns)
+        for info in filesystem.get_file_info(selector)
+        if info.type == pafs.FileType.File
+    )
+    return digest(entries)
+
+
+def shards_fingerprint(location: str) -> str:
+    """Hash of the shards a preprocess input names: their names and sizes."""
+    listing = list_shards(location)
+    return digest([(shard.name, shard.size) for shard in listing.shards])
+
+
+def external_fingerprint(kind: str, location: str) -> str:
+    """The fingerprint of an input from outside the run: a patch directory (its manifest), a folder
+    (its listing) or WebDataset shards (their sizes)."""
+    if kind == "patches":
+        from pipeline.preprocess.manifest import MANIFEST_FILE
+
+        return file_fingerprint(posixpath.join(location, MANIFEST_FILE))
+    if kind == "shards":
+        return shards_fingerprint(location)
+    return tree_fingerprint(location)
+
+
+def read_record(stages_dir: str, step_id: str) -> dict[str, Any] | None:
+    path = Path(stages_dir) / _file_name(step_id)
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # a torn or hand-edited record: the step runs again
+    return record if isinstance(record, dict) and record.get("format") == FORMAT else None
+
+
+def write_record(stages_dir: str, step_id: str, record: dict[str, Any]) -> None:
+    """Write a record whole (temporary name, then rename), so a killed run never leaves half of one."""
+    folder = Path(stages_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".{_file_name(step_id)}.{os.getpid()}.partial"
+    partial.write_text(json.dumps({"format": FORMAT, "step": step_id, **record}, indent=2) + "\n")
+    partial.replace(folder / _file_name(step_id))
+
+
+def _file_name(step_id: str) -> str:
+    return step_id.replace(":", ".") + ".json"

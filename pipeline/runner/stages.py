@@ -1,0 +1,176 @@
+"""What each step of a job does: the thin calls into the stage entry points (datasets, preprocess,
+pretrain, transfer, report), with the run's folders as their inputs and outputs."""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from pipeline.runner.plan import JobPlan, Step
+from pipeline.runner.records import file_fingerprint, fresh_fingerprint
+from pipeline.storage import remove_folder
+
+
+@dataclass
+class StepOutcome:
+    fingerprint: str
+    outputs: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # the step finished but failed (outputs written, e.g. some targets failed)
+
+
+@dataclass
+class RunContext:
+    plan: JobPlan
+    address: str | None
+    _ray_ready: bool = False
+
+    def ensure_ray(self) -> None:
+        """Start or join Ray the first time a step needs it; a fully cached run never starts it."""
+        if not self._ray_ready:
+            from pipeline.ray_session import init_ray
+
+            print(init_ray(self.address))
+            self._ray_ready = True
+
+
+def patch_dir(plan: JobPlan, entry: str) -> str:
+    """A preprocess entry's folder in the run, or the entry itself when it is a location."""
+    return plan.layout.patches(entry) if entry in plan.job.preprocess else entry
+
+
+def pretrained_weights(plan: JobPlan) -> str | None:
+    """The weights the finetune stage starts from: finetune.weights, else the pretraining export."""
+    from pipeline.pretrain.export import EXPORT_DIR, VITPIPE_DIR
+
+    finetune = plan.job.finetune
+    if finetune is not None and finetune.weights is not None:
+        return finetune.weights
+    if plan.job.pretrain is not None:
+        return posixpath.join(plan.layout.pretrain, EXPORT_DIR, VITPIPE_DIR)
+    return None
+
+
+def run_datasets(context: RunContext, step: Step, fresh: bool) -> StepOutcome:
+    from pipeline.datasets.build import build_dataset
+    from pipeline.datasets.card import CARD_FILE
+
+    context.ensure_ray()
+    build_dataset(context.plan.job.datasets[step.item or ""], Path(step.output), overwrite=True, preview=True)
+    return StepOutcome(file_fingerprint(posixpath.join(step.output, CARD_FILE)), {"folder": step.output})
+
+
+def run_preprocess(context: RunContext, step: Step, fresh: bool) -> StepOutcome:
+    from pipeline.preprocess.inspect import write_grid
+    from pipeline.preprocess.manifest import MANIFEST_FILE
+    from pipeline.preprocess.run import preprocess
+
+    job, name = context.plan.job, step.item or ""
+    config = job.preprocess[name]
+    reads = config.input or name
+    source = context.plan.layout.dataset(reads) if reads in job.datasets else reads
+    if fresh:
+        remove_folder(step.output)
+    context.ensure_ray()
+    result = preprocess(source, step.output, config, overwrite=True)
+    print(result.summary())
+    grid = write_grid(step.output)
+    print(f"  samples: {grid}")
+    fingerprint = file_fingerprint(posixpath.join(step.output, MANIFEST_FILE))
+    error = "more samples failed than max_failure_rate allows" if result.exceeded else None
+    return StepOutcome(fingerprint, {"folder": step.output, "samples": grid}, error)
+
+
+def run_pretrain(context: RunContext, step: Step, fresh: bool) -> StepOutcome:
+    from pipeline.pretrain.checkpoints import latest_checkpoint
+    from pipeline.pretrain.launch import pretrain
+
+    config, layout = context.plan.job.pretrain, context.plan.layout
+    if config is None:
+        raise ValueError("the job has no pretrain section")
+    if fresh:
+        remove_folder(layout.pretrain)
+    elif (latest := latest_checkpoint(layout.pretrain)) is not None:
+        print(f"resuming pretraining from its checkpoint at step {latest.step:,}")
+    context.ensure_ray()
+    result = pretrain(
+        config,
+        name=layout.pretrain_name,
+        data=patch_dir(context.plan, config.data),
+        storage_path=layout.pretrain_storage,
+        address=context.address,
+    )
+    print(result.summary())
+    outputs = {"run": result.run_dir, "steps": result.steps, "weights": result.export.vitpipe,
+               "hf": result.export.hf}  # fmt: skip
+    return StepOutcome(fresh_fingerprint(), outputs)
+
+
+def run_finetune(context: RunContext, step: Step, fresh: bool) -> StepOutcome:
+    from pipeline.transfer.launch import transfer
+    from pipeline.transfer.plan import target_name
+
+    plan = context.plan
+    finetune = plan.job.finetune
+    if finetune is None:
+        raise ValueError("the job has no finetune section")
+    targets = {
+        (entry if entry in plan.job.preprocess else target_name(entry)): patch_dir(plan, entry)
+        for entry in finetune.targets
+    }
+    context.ensure_ray()
+    result = transfer(
+        finetune,
+        plan.job.evaluate,
+        targets,
+        out=plan.layout.transfer,
+        weights=pretrained_weights(plan),
+        model=plan.job.pretrain.model if plan.job.pretrain else None,
+        train=True,
+        name=plan.job.name,
+        address=context.address,
+    )
+    print(result.summary())
+    failed = [f["target"] + (f"/{f['mode']}" if f.get("mode") else "") for f in result.failures]
+    error = f"{len(failed)} transfer run(s) failed: {', '.join(failed)}" if failed else None
+    return StepOutcome(fresh_fingerprint(), {"folder": result.out}, error)
+
+
+def run_report(context: RunContext, step: Step, fresh: bool) -> StepOutcome:
+    from pipeline.runner.report import write_report
+
+    path = write_report(context.plan)
+    print(f"report: {path}")
+    return StepOutcome(file_fingerprint(path), {"report": path})
+
+
+RUNNERS: dict[str, Callable[[RunContext, Step, bool], StepOutcome]] = {
+    "datasets": run_datasets,
+    "preprocess": run_preprocess,
+    "pretrain": run_pretrain,
+    "finetune": run_finetune,
+    "report": run_report,
+}
+
+
+def outputs_present(step: Step) -> bool:
+    """Whether what a finished step wrote is still there (someone may have deleted it since)."""
+    from pipeline.datasets.card import CARD_FILE
+    from pipeline.preprocess.manifest import MANIFEST_FILE
+    from pipeline.preprocess.sources import resolve
+    from pipeline.pretrain.export import EXPORT_DIR, VITPIPE_DIR
+    from pipeline.transfer.report import RESULTS_JSON
+
+    marker = {
+        "datasets": CARD_FILE,
+        "preprocess": MANIFEST_FILE,
+        "pretrain": posixpath.join(EXPORT_DIR, VITPIPE_DIR, "config.json"),
+        "finetune": RESULTS_JSON,
+        "report": "",
+    }[step.stage]
+    filesystem, path = resolve(posixpath.join(step.output, marker) if marker else step.output)
+    return filesystem.get_file_info(path).type == pafs.FileType.File
