@@ -40,6 +40,26 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="versions, accelerator and the reachable Ray cluster")
     _add_address(info)
 
+    send = commands.add_parser("submit", help="run a job on a Ray cluster through the Ray Jobs API")
+    send.add_argument("config", type=Path, help="the job YAML (inside the project folder, which is uploaded)")
+    send.add_argument("--name", help="submission id (default: the job's name; -2, -3... once taken)")
+    send.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable for the job"
+    )
+    send.add_argument("--wait", action="store_true", help="follow the logs; exit with the job's status")
+    _add_run_options(send)
+    _add_jobs_address(send)
+
+    jobs = commands.add_parser("jobs", help="jobs on a Ray cluster: list, status, logs, stop")
+    actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    _add_jobs_address(actions.add_parser("list", help="every job the cluster knows"))
+    for action, text in (("status", "a job's status"), ("logs", "a job's logs"), ("stop", "stop a job")):
+        sub = actions.add_parser(action, help=text)
+        sub.add_argument("submission_id")
+        _add_jobs_address(sub)
+        if action == "logs":
+            sub.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+
     check = commands.add_parser("validate", help="check a pipeline config file and print it resolved")
     check.add_argument("config", type=Path)
 
@@ -167,6 +187,13 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="redo this stage even if cached (repeatable)",
     )
     parser.add_argument("--until", metavar="STAGE", help="stop after this stage")
+
+
+def _add_jobs_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address",
+        help="the cluster's dashboard, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS)",
+    )
 
 
 def _add_address(parser: argparse.ArgumentParser) -> None:
@@ -350,6 +377,69 @@ def run_command(args: argparse.Namespace) -> int:
     return EXIT_FAILED if summary.failed else 0
 
 
+def submit_command(args: argparse.Namespace) -> int:
+    """`vitpipe submit`: validate here, submit, and with --wait follow the logs to the job's end."""
+    from pipeline.runner.execute import RunOptions
+    from pipeline.runner.submit import connect, follow, submit
+
+    env: dict[str, str] = {}
+    for option in args.env:
+        key, separator, value = option.partition("=")
+        if not separator or not key:
+            raise ConfigError(f"vitpipe submit: --env expects KEY=VALUE, got {option!r}")
+        env[key] = value
+    options = RunOptions(args.from_stage, tuple(args.force), args.until)
+    submission = submit(
+        args.config, address=args.address, run_dir=args.run_dir, name=args.name, options=options, env=env
+    )
+    print(f"submitted {submission.submission_id} to {submission.address}: {submission.entrypoint}")
+    print(f"  run folder: {submission.run_dir}")
+    if not args.wait:
+        follow_it = f"vitpipe jobs logs {submission.submission_id} --follow --address {submission.address}"
+        print(f"  follow it: {follow_it}")
+        return 0
+    client = connect(submission.address)
+    try:
+        status = follow(client, submission.submission_id)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job goes on (vitpipe jobs stop {submission.submission_id})")
+        return 130
+    print(f"job {submission.submission_id}: {status}")
+    return 0 if status == "SUCCEEDED" else EXIT_FAILED
+
+
+def jobs_command(args: argparse.Namespace) -> int:
+    """`vitpipe jobs list|status|logs|stop`."""
+    from pipeline.runner.submit import (
+        call_api,
+        connect,
+        describe_job,
+        follow,
+        job_details,
+        jobs_table,
+        wait_for_end,
+    )  # fmt: skip
+
+    client = connect(args.address)
+    address = client.get_address()
+    if args.action == "list":
+        print(jobs_table(call_api(client.list_jobs, address)))
+        return 0
+    job = job_details(client, args.submission_id)  # an unknown id fails here, naming it
+    if args.action == "status":
+        print(describe_job(job))
+    elif args.action == "logs":
+        if args.follow:
+            return 0 if follow(client, args.submission_id) == "SUCCEEDED" else EXIT_FAILED
+        print(call_api(lambda: client.get_job_logs(args.submission_id), address), end="")
+    elif args.action == "stop":
+        if not call_api(lambda: client.stop_job(args.submission_id), address):
+            print(f"{args.submission_id}: already {job.status}")
+            return 0
+        print(f"{args.submission_id}: {wait_for_end(client, args.submission_id, timeout_s=60)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -377,6 +467,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(config.model_dump_json(indent=2))
     elif args.command == "run":
         return run_command(args)
+    elif args.command == "submit":
+        return submit_command(args)
+    elif args.command == "jobs":
+        return jobs_command(args)
     elif args.command == "preprocess":
         from pipeline.preprocess.run import preprocess
 

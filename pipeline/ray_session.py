@@ -22,9 +22,11 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
     address = address or os.environ.get(ADDRESS_ENV) or None
     options: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address is None:
-        # "local" always starts a new instance; None would join any cluster this machine runs.
+        # "local" always starts a new instance; None would join any cluster this machine runs. The
+        # dashboard serves the State API that Ray Train's placement-group cleaner polls every second:
+        # without it each poll fails, floods the log with warnings and slowed a 40-step run 2.5x here.
         address = "local"
-        options |= {"num_cpus": num_cpus or os.cpu_count() or 1, "include_dashboard": False}
+        options |= {"num_cpus": num_cpus or os.cpu_count() or 1, "include_dashboard": True}
     try:
         _check_reachable(address)
         ray.init(address=address, **options)

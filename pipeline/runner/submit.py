@@ -1,0 +1,242 @@
+"""`vitpipe submit JOB` and `vitpipe jobs ...`: a job's run on a Ray cluster through the Ray Jobs API.
+
+The project folder goes to the cluster as the job's working_dir (less data, runs, .venv and caches),
+the entrypoint is `python -m pipeline.cli run JOB --run-dir RUN` on the head node, and the submission
+id is the run's name. Clusters started with token authentication need the token on this side too:
+RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (Ray's own lookup); finding one turns Ray's
+token mode on for this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import posixpath
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pipeline.config import ConfigError
+from pipeline.runner.execute import RunOptions, load_plan
+from pipeline.runner.provenance import PROJECT_ROOT, REVISION_ENV, git_revision
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
+
+# Never uploaded: environments, datasets and run outputs (on the cluster they live on shared storage).
+EXCLUDES = [
+    ".git", ".venv", "venv", "data", "runs", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache",
+    ".ruff_cache", ".mypy_cache", "build", "dist",
+]  # fmt: skip
+TOKEN_FILE = Path("~/.ray/auth_token").expanduser()
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+T = TypeVar("T")
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be reached, refused us, or does not know the job; the message says which."""
+
+
+def token_source() -> str | None:
+    """Where Ray will read the cluster token from, in its own order; None when there is none."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path and Path(path).expanduser().is_file():
+        return path
+    return str(TOKEN_FILE) if TOKEN_FILE.is_file() else None
+
+
+def connect(address: str | None) -> JobSubmissionClient:
+    """A Jobs API client for the dashboard at `address` (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS)."""
+    if os.environ.get("RAY_AUTH_MODE") is None and token_source() is not None:
+        os.environ["RAY_AUTH_MODE"] = "token"  # Ray sends the token only in token mode
+    from ray.job_submission import JobSubmissionClient
+
+    where = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not where:
+        raise ConfigError("no cluster: pass --address http://HEAD:8265 (the dashboard) or set RAY_ADDRESS")
+    return call_api(lambda: JobSubmissionClient(where), where)
+
+
+def call_api(action: Callable[[], T], address: str) -> T:
+    """Run one Jobs API call; turn Ray's errors into messages that say what to fix."""
+    from ray.exceptions import AuthenticationError
+
+    try:
+        return action()
+    except AuthenticationError as error:
+        source = token_source()
+        used = (
+            f"the token from {source}" if source else "no token (none in RAY_AUTH_TOKEN or ~/.ray/auth_token)"
+        )
+        raise ClusterError(
+            f"the Ray cluster at {address} refused the request: it uses token authentication and we sent "
+            f"{used}. Set RAY_AUTH_TOKEN to the cluster's token (on the head node: `ray get-auth-token`). "
+            f"Ray said: {str(error).splitlines()[0]}"
+        ) from None
+    except ConnectionError as error:
+        raise ClusterError(
+            f"cannot reach the Ray Jobs API at {address} ({error}); it is the dashboard's address, "
+            "http://HEAD:8265 by default"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Submission:
+    submission_id: str
+    entrypoint: str
+    run_dir: str
+    address: str
+
+
+def submit(
+    job_path: Path,
+    *,
+    address: str | None,
+    run_dir: str | None = None,
+    name: str | None = None,
+    options: RunOptions = RunOptions(),  # noqa: B008 (frozen dataclass)
+    env: dict[str, str] | None = None,
+    working_dir: Path = PROJECT_ROOT,
+) -> Submission:
+    """Validate the job here, then submit its run; refuse a second run of the same name while one runs."""
+    options.check()
+    plan = load_plan(job_path, run_dir)
+    location = run_dir or plan.job.run_dir
+    if not location or not Path(location).expanduser().is_absolute():
+        raise ConfigError(
+            f"{job_path}: a job on a cluster needs a run folder every node sees; set run_dir to an absolute "
+            f"path on shared storage (e.g. /mnt/shared/runs/{plan.job.name}) or pass --run-dir"
+        )
+    job_file = Path(job_path).resolve()
+    if not job_file.is_relative_to(working_dir.resolve()):
+        raise ConfigError(f"{job_path}: the job file must lie inside the uploaded folder {working_dir}")
+    relative = job_file.relative_to(working_dir.resolve()).as_posix()
+    entrypoint = _entrypoint(relative, location, options)
+    git = git_revision(working_dir)
+    revision = f"{git['rev']}{'+dirty' if git['dirty'] else ''}" if git else "unknown"
+    client = connect(address)
+    where = client.get_address()
+    submission_id = _free_submission_id(client, name or plan.job.name, where)
+    runtime_env = {
+        "working_dir": str(working_dir),
+        "excludes": EXCLUDES,
+        "env_vars": {REVISION_ENV: revision, "PYTHONUNBUFFERED": "1", **(env or {})},
+    }
+    metadata = {"vitpipe.job": plan.job.name, "vitpipe.job_file": relative, "vitpipe.run_dir": location,
+                "git.revision": revision}  # fmt: skip
+    call_api(
+        lambda: client.submit_job(
+            entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env, metadata=metadata
+        ),
+        where,
+    )
+    return Submission(submission_id, entrypoint, location, where)
+
+
+def _entrypoint(job_file: str, run_dir: str, options: RunOptions) -> str:
+    words = ["python", "-m", "pipeline.cli", "run", job_file, "--run-dir", run_dir]
+    if options.from_stage:
+        words += ["--from", options.from_stage]
+    for stage in options.force:
+        words += ["--force", stage]
+    if options.until:
+        words += ["--until", options.until]
+    return shlex.join(words)
+
+
+def _free_submission_id(client: JobSubmissionClient, name: str, address: str) -> str:
+    """`name`, or `name-2`, `name-3`, ... when earlier runs of it have finished; a run still going under
+    the name is refused (two drivers must not write one run folder)."""
+    taken = {
+        job.submission_id: str(job.status) for job in call_api(client.list_jobs, address) if job.submission_id
+    }
+    for candidate in [name, *(f"{name}-{n}" for n in range(2, 1000))]:
+        status = taken.get(candidate)
+        if status is None:
+            return candidate
+        if status not in TERMINAL:
+            raise ClusterError(
+                f"run {name!r} is already on the cluster as {candidate!r} ({status}); follow it with "
+                f"`vitpipe jobs logs {candidate} --follow`, or stop it with `vitpipe jobs stop {candidate}`"
+            )
+    raise ClusterError(f"too many runs named {name!r} on the cluster; pass --name")
+
+
+def follow(client: JobSubmissionClient, submission_id: str, out: Any = None) -> str:
+    """Print the job's logs as they come until it ends; returns its final status."""
+    out = out or sys.stdout
+    address = client.get_address()
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(submission_id):
+            out.write(lines)
+            out.flush()
+
+    call_api(lambda: asyncio.run(tail()), address)
+    return wait_for_end(client, submission_id)
+
+
+def wait_for_end(client: JobSubmissionClient, submission_id: str, timeout_s: float = 120.0) -> str:
+    """The job's status once terminal (the log stream can close a moment before the status is set)."""
+    address = client.get_address()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = str(call_api(lambda: client.get_job_status(submission_id), address))
+        if status in TERMINAL or time.monotonic() > deadline:
+            return status
+        time.sleep(1.0)
+
+
+def job_details(client: JobSubmissionClient, submission_id: str) -> Any:
+    address = client.get_address()
+    try:
+        return call_api(lambda: client.get_job_info(submission_id), address)
+    except RuntimeError as error:
+        if isinstance(error, ClusterError):
+            raise
+        raise ClusterError(f"no job {submission_id!r} on the cluster at {address} ({error})") from None
+
+
+def describe_job(job: Any) -> str:
+    """A few lines about one job: status, times, the run it belongs to, the message."""
+    metadata = job.metadata or {}
+    lines = [
+        f"{job.submission_id}: {job.status}",
+        f"  entrypoint: {job.entrypoint}",
+        f"  started: {_when(job.start_time)}; ended: {_when(job.end_time)}",
+    ]
+    if metadata:
+        lines.append("  metadata: " + ", ".join(f"{k}={v}" for k, v in sorted(metadata.items())))
+    if job.message:
+        lines.append(f"  message: {job.message}")
+    return "\n".join(lines)
+
+
+def jobs_table(jobs: list[Any]) -> str:
+    rows = [
+        "| submission id | status | job | run folder | started | ended |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for job in sorted(jobs, key=lambda j: j.start_time or 0):
+        metadata = job.metadata or {}
+        rows.append(
+            f"| {job.submission_id or job.job_id} | {job.status} | {metadata.get('vitpipe.job', '—')} | "
+            f"{metadata.get('vitpipe.run_dir', '—')} | {_when(job.start_time)} | {_when(job.end_time)} |"
+        )
+    return "\n".join(rows)
+
+
+def _when(milliseconds: int | None) -> str:
+    if not milliseconds:
+        return "—"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(milliseconds / 1000))
+
+
+def run_folder_hint(submission: Submission) -> str:
+    return posixpath.join(submission.run_dir, "report.md")

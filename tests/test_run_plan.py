@@ -1,0 +1,176 @@
+"""`vitpipe run` before anything runs: how a job's sections must refer to each other, the stage options,
+the run folder lock, and every job in jobs/ planning cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.runner.execute import LOCK_FILE, RunOptions, _run_lock
+from pipeline.runner.layout import run_layout
+from pipeline.runner.plan import plan_job
+from tests.conftest import REPO
+
+PATCHES = {"image_size": 16, "patch_size": 4}
+JOB = {
+    "name": "checks",
+    "datasets": {
+        "shapes": {"kind": "fractals", "classes": 3, "per_class": 4, "size": 16},
+        "digits": {"kind": "digits"},
+    },
+    "preprocess": {"shapes": PATCHES, "digits": PATCHES},
+    "pretrain": {
+        "data": "shapes",
+        "model": {"variant": "Ti/4", "width": 32, "depth": 1, "heads": 1, "mlp_dim": 64},
+        "global_batch_size": 8,
+        "micro_batch_size": 4,
+        "steps": 2,
+    },
+    "finetune": {"targets": ["digits"]},
+}
+
+
+def write_job(tmp_path: Path, job: dict) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({**job, "run_dir": str(tmp_path / "run")}))
+    return path
+
+
+def changed(**sections) -> dict:
+    job = json.loads(json.dumps(JOB))
+    for section, value in sections.items():
+        job[section] = value
+    return job
+
+
+def test_steps_come_in_stage_order_with_their_dependencies(tmp_path):
+    job = load_config(write_job(tmp_path, JOB))
+    plan = plan_job(job, "job.yaml", run_layout(job))
+    datasets = ["datasets:shapes", "datasets:digits"]
+    preprocess = ["preprocess:shapes", "preprocess:digits"]
+    assert [step.id for step in plan.steps] == [*datasets, *preprocess, "pretrain", "finetune", "report"]
+    assert plan.step("preprocess:digits").depends == ("datasets:digits",)
+    assert plan.step("pretrain").depends == ("preprocess:shapes",)
+    assert plan.step("finetune").depends == ("preprocess:digits", "pretrain")
+    assert plan.step("pretrain").output == str(tmp_path / "run" / "pretrain")
+    # how often to log or checkpoint does not change what pretraining computes: not part of its key
+    assert "log_every" not in plan.step("pretrain").settings
+    assert "steps" in plan.step("pretrain").settings
+
+
+def test_a_pretrain_storage_path_puts_only_the_checkpoints_there(tmp_path):
+    job = load_config(
+        write_job(tmp_path, changed(pretrain={**JOB["pretrain"], "storage_path": "s3://bucket/vit"}))
+    )
+    layout = run_layout(job)
+    assert layout.pretrain == "s3://bucket/vit/checks"
+    assert layout.transfer == str(tmp_path / "run" / "transfer")
+
+
+PRETRAIN = JOB["pretrain"]
+
+
+@pytest.mark.parametrize(
+    ("job", "message"),
+    [
+        (
+            changed(preprocess={"other": PATCHES}, pretrain={**PRETRAIN, "data": "other"}),
+            "preprocess.other: there is no dataset named 'other' to read",
+        ),
+        (
+            changed(pretrain={**PRETRAIN, "data": "digits", "model": {"variant": "Ti/8"}}),
+            "pretrain.model.variant 'Ti/8' has patch size 8 but preprocess.digits.patch_size is 4",
+        ),
+        (
+            changed(preprocess={"digits": PATCHES}),
+            "pretrain.data 'shapes' is a dataset, not preprocessed patches; add preprocess.shapes",
+        ),
+        (
+            changed(finetune={"targets": ["shapes", "digits"]}, preprocess={"shapes": PATCHES}),
+            "finetune target 'digits' is a dataset, not preprocessed patches",
+        ),
+        (
+            changed(preprocess={"shapes": PATCHES, "digits": {**PATCHES, "patch_size": 8}}),
+            "finetune target 'digits' is preprocessed in 8-pixel patches",
+        ),
+        ({k: v for k, v in JOB.items() if k != "pretrain"}, "finetune mode 'pretrained' needs weights"),
+    ],
+)
+def test_a_job_whose_sections_do_not_fit_together_fails_naming_the_key(tmp_path, capsys, job, message):
+    assert main(["run", str(write_job(tmp_path, job))]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--from", "train"], "--from: unknown stage 'train'; stages are datasets, preprocess"),
+        (["--force", "pretraining"], "--force: unknown stage 'pretraining'"),
+        (["--from", "finetune", "--until", "preprocess"], "--from finetune comes after --until preprocess"),
+        (["--run-dir", "s3://bucket/run"], "the run folder must be a filesystem path"),
+    ],
+)
+def test_bad_run_options_fail_before_anything_runs(tmp_path, capsys, options, message):
+    assert main(["run", str(write_job(tmp_path, JOB)), *options]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_outside_input_fails_naming_it_before_any_step(tmp_path, capsys):
+    job = changed(
+        preprocess={**JOB["preprocess"], "extra": {"input": str(tmp_path / "nowhere"), "image_size": 16}}
+    )
+    job["preprocess"]["extra"]["patch_size"] = 4
+    assert main(["run", str(write_job(tmp_path, job))]) == 2
+    err = capsys.readouterr().err
+    assert f"preprocess:extra reads '{tmp_path / 'nowhere'}', which is unusable" in err
+    assert not (tmp_path / "run" / "stages").exists()
+
+
+def test_redo_options_select_stages():
+    options = RunOptions(from_stage="pretrain", force=("datasets",), until="finetune")
+    assert [options.redo(s) for s in ("datasets", "preprocess", "pretrain", "finetune")] == [
+        True,
+        False,
+        True,
+        True,
+    ]
+    assert options.beyond("report")
+    assert not options.beyond("finetune")
+
+
+def test_a_run_folder_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    lock = tmp_path / LOCK_FILE
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))  # a live process
+    with pytest.raises(RuntimeError, match=r"in use by another `vitpipe run` \(pid"), _run_lock(tmp_path):
+        pass
+    assert lock.exists()
+    lock.write_text(json.dumps({"pid": 2**22 + 1, "host": socket.gethostname()}))  # no such process
+    with _run_lock(tmp_path):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_job_in_jobs_validates_and_plans(path):
+    job = load_config(path)
+    plan = plan_job(job, str(path), run_layout(job, "/tmp/plan-only"))  # noqa: S108 (never written)
+    assert plan.steps[-1].stage == "report"
+    if job.pretrain is not None:
+        assert any(step.stage == "pretrain" for step in plan.steps)
+
+
+def test_a_single_stage_command_points_at_the_job_run_before_preprocessing_ran(tmp_path, capsys):
+    path = write_job(tmp_path, JOB)
+    assert main(["pretrain", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "'shapes' names the job's preprocess entry, which has not run" in err
+    assert f"run `vitpipe run {path} --until preprocess` first, or pass --data DIR" in err
