@@ -1,36 +1,91 @@
 #!/usr/bin/env bash
-# A two-node Ray cluster on this machine (127.0.0.1) with token authentication, for trying vitpipe
-# against a "real" cluster the way it runs on many machines:
+# A two-node Ray cluster on this machine (127.0.0.1) with token authentication and the Jobs API, for
+# trying vitpipe the way it runs on many machines:
 #
-#   cluster/local.sh start        # head (port 6379) + a second worker node
-#   export RAY_AUTH_MODE=token    # clients send the token only in token mode
-#   vitpipe info --address 127.0.0.1:6379
-#   cluster/local.sh stop         # `ray stop`: stops every Ray process of this user on this machine
+#   cluster/local.sh start      # head (GCS 6379, dashboard + Jobs API 8265) and a second worker node
+#   vitpipe submit jobs/smoke.yaml --address http://127.0.0.1:8265 --run-dir /tmp/vitpipe-runs/smoke --wait
+#   cluster/local.sh status
+#   cluster/local.sh stop       # stops these two nodes, nothing else
 #
-# CPUS_PER_NODE (default 1) and RAY_PORT (default 6379) adjust it.
+# Settings: CPUS_PER_NODE (1), RAY_PORT (6379), DASHBOARD_PORT (8265), STATE_DIR (/tmp/vitpipe-local-cluster:
+# pids, logs, each node's Ray temp dir). The token: RAY_AUTH_TOKEN when set, else ~/.ray/auth_token
+# (generated when missing); clients find it the same way. Each node gets its own temp dir: two nodes
+# sharing one would unpack a job's working_dir into the same folder at the same time.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-RAY=${RAY:-.venv/bin/ray}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${VENV_BIN:-$ROOT/.venv/bin}
+export PATH="$BIN:$PATH"  # a job's driver runs `python` from this PATH: the project's environment
+export RAY_AUTH_MODE=token  # every node, and every `ray` client, must agree on this
 PORT=${RAY_PORT:-6379}
+DASHBOARD=${DASHBOARD_PORT:-8265}
 CPUS=${CPUS_PER_NODE:-1}
-export RAY_AUTH_MODE=token  # every node, and every client, must agree on this
+STATE=${STATE_DIR:-/tmp/vitpipe-local-cluster}
+
+free_port() {
+  python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Wait until a node's `ray start --block` says it is up; fail with its log if it exits first.
+wait_up() {
+  local node=$1
+  for _ in $(seq 120); do
+    if grep -q "block forever" "$STATE/$node.log" 2>/dev/null; then return 0; fi
+    if ! kill -0 "$(cat "$STATE/$node.pid")" 2>/dev/null; then
+      echo "the $node node did not start:" >&2
+      tail -20 "$STATE/$node.log" >&2
+      return 1
+    fi
+    sleep 0.5
+  done
+  echo "the $node node did not start within 60 s; see $STATE/$node.log" >&2
+  return 1
+}
+
+# Stop one node: its whole process group (raylet, GCS, dashboard, workers), SIGKILL after 20 s.
+stop_node() {
+  local pidfile=$STATE/$1.pid
+  [ -f "$pidfile" ] || return 0
+  local pid
+  pid=$(cat "$pidfile")
+  kill -TERM -- "-$pid" 2>/dev/null || true
+  for _ in $(seq 40); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.5
+  done
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  rm -f "$pidfile"
+}
 
 case "${1:-}" in
   start)
-    "$RAY" get-auth-token --generate >/dev/null  # the shared token, in ~/.ray/auth_token
-    "$RAY" start --head --node-ip-address 127.0.0.1 --port "$PORT" --num-cpus "$CPUS" \
-      --disable-usage-stats --include-dashboard false >/dev/null
-    "$RAY" start --address "127.0.0.1:$PORT" --node-ip-address 127.0.0.1 --num-cpus "$CPUS" \
-      --disable-usage-stats >/dev/null
-    echo "two-node Ray cluster at 127.0.0.1:$PORT; token in ~/.ray/auth_token"
-    echo "clients: export RAY_AUTH_MODE=token; vitpipe info --address 127.0.0.1:$PORT"
+    if [ -f "$STATE/head.pid" ] && kill -0 "$(cat "$STATE/head.pid")" 2>/dev/null; then
+      echo "already running (head pid $(cat "$STATE/head.pid")); cluster/local.sh stop first" >&2
+      exit 1
+    fi
+    mkdir -p "$STATE"
+    if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ ! -f ~/.ray/auth_token ]; then
+      ray get-auth-token --generate >/dev/null  # the shared token, in ~/.ray/auth_token
+    fi
+    setsid ray start --head --block --node-ip-address 127.0.0.1 --port "$PORT" --num-cpus "$CPUS" \
+      --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD" \
+      --dashboard-agent-listen-port "$(free_port)" --disable-usage-stats --temp-dir "$STATE/head" \
+      >"$STATE/head.log" 2>&1 &
+    echo $! >"$STATE/head.pid"
+    wait_up head
+    setsid ray start --block --address "127.0.0.1:$PORT" --node-ip-address 127.0.0.1 --num-cpus "$CPUS" \
+      --dashboard-agent-listen-port "$(free_port)" --disable-usage-stats --temp-dir "$STATE/worker" \
+      >"$STATE/worker.log" 2>&1 &
+    echo $! >"$STATE/worker.pid"
+    wait_up worker
+    echo "two-node Ray cluster: GCS 127.0.0.1:$PORT, Jobs API http://127.0.0.1:$DASHBOARD (token auth)"
     ;;
   stop)
-    "$RAY" stop >/dev/null
+    stop_node worker
+    stop_node head
     echo "stopped"
     ;;
   status)
-    "$RAY" status --address "127.0.0.1:$PORT"
+    ray status --address "127.0.0.1:$PORT"
     ;;
   *)
     echo "usage: $0 start|stop|status" >&2

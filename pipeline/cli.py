@@ -442,6 +442,10 @@ def jobs_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("submit", "jobs"):
+        from pipeline.runner.submit import use_token_if_present
+
+        use_token_if_present()
     try:
         return _dispatch(args)
     except ConfigError as error:

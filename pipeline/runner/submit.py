@@ -4,7 +4,7 @@ The project folder goes to the cluster as the job's working_dir (less data, runs
 the entrypoint is `python -m pipeline.cli run JOB --run-dir RUN` on the head node, and the submission
 id is the run's name. Clusters started with token authentication need the token on this side too:
 RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (Ray's own lookup); finding one turns Ray's
-token mode on for this process.
+token mode on for this process (before ray is imported).
 """
 
 from __future__ import annotations
@@ -51,10 +51,15 @@ def token_source() -> str | None:
     return str(TOKEN_FILE) if TOKEN_FILE.is_file() else None
 
 
+def use_token_if_present() -> None:
+    """Turn Ray's token mode on for this process when a token is at hand (Ray sends it only in token
+    mode). Ray reads the mode once, when it is first imported: call this before anything imports ray."""
+    if os.environ.get("RAY_AUTH_MODE") is None and token_source() is not None:
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def connect(address: str | None) -> JobSubmissionClient:
     """A Jobs API client for the dashboard at `address` (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS)."""
-    if os.environ.get("RAY_AUTH_MODE") is None and token_source() is not None:
-        os.environ["RAY_AUTH_MODE"] = "token"  # Ray sends the token only in token mode
     from ray.job_submission import JobSubmissionClient
 
     where = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")

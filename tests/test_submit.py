@@ -1,0 +1,147 @@
+"""`vitpipe submit` and `vitpipe jobs` against a real two-node Ray cluster with token authentication,
+started by `cluster/local.sh` (`ray start` head + worker on 127.0.0.1) as a user starts it."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, VITPIPE
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass(frozen=True)
+class TokenCluster:
+    address: str  # the Jobs API
+    env: dict[str, str]  # a client environment holding the cluster's token
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def token_cluster() -> Iterator[TokenCluster]:
+    state = tempfile.mkdtemp(prefix="vp-", dir="/tmp")
+    dashboard = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env |= {
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),  # never the user's ~/.ray/auth_token
+        "RAY_PORT": str(_free_port()),
+        "DASHBOARD_PORT": str(dashboard),
+        "STATE_DIR": state,
+        "VENV_BIN": str(Path(sys.executable).parent),
+    }
+    script = [str(REPO / "cluster" / "local.sh")]
+    started = subprocess.run([*script, "start"], env=env, capture_output=True, text=True, timeout=180)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        cluster = TokenCluster(f"http://127.0.0.1:{dashboard}", env)
+        _wait_for_jobs_api(cluster)
+        yield cluster
+    finally:
+        subprocess.run([*script, "stop"], env=env, capture_output=True, timeout=120)
+
+
+def _wait_for_jobs_api(cluster: TokenCluster) -> None:
+    for _ in range(60):
+        if vitpipe(cluster, "jobs", "list").returncode == 0:
+            return
+        time.sleep(1)
+    raise AssertionError(vitpipe(cluster, "jobs", "list").stderr)
+
+
+def vitpipe(cluster: TokenCluster, *args: str, env: dict[str, str] | None = None, timeout: int = 120):
+    command = [*VITPIPE, *args]
+    if args[0] in ("submit", "jobs"):
+        command += ["--address", cluster.address]
+    return subprocess.run(
+        command, cwd=REPO, env=env or cluster.env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_a_submitted_job_runs_the_whole_pipeline_on_the_cluster(token_cluster, tmp_path):
+    run = tmp_path / "smoke"
+    result = vitpipe(token_cluster, "submit", "jobs/smoke.yaml", "--run-dir", str(run), "--wait", timeout=500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "submitted smoke to" in result.stdout
+    assert "Ray 2.60.0: 2 node(s), 2 CPU" in result.stdout  # the driver joined the two-node cluster
+    assert "job smoke: SUCCEEDED" in result.stdout
+    steps = json.loads((run / "run.json").read_text())["steps"]
+    assert [s["status"] for s in steps] == ["ran"] * 7
+    assert (run / "report.md").is_file()
+    assert len(json.loads((run / "transfer" / "results.json").read_text())["results"]) == 2
+
+    status = vitpipe(token_cluster, "jobs", "status", "smoke")
+    assert status.returncode == 0, status.stderr
+    assert "smoke: SUCCEEDED" in status.stdout
+    assert "git.revision=" in status.stdout
+    assert f"vitpipe.run_dir={run}" in status.stdout
+    logs = vitpipe(token_cluster, "jobs", "logs", "smoke")
+    assert "[run] pretrain: done" in logs.stdout
+    listed = vitpipe(token_cluster, "jobs", "list")
+    assert f"| smoke | SUCCEEDED | smoke | {run} |" in listed.stdout
+
+    # the same job again: a new submission id, and every stage comes from the run folder's cache
+    again = vitpipe(token_cluster, "submit", "jobs/smoke.yaml", "--run-dir", str(run), "--wait", timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "submitted smoke-2 to" in again.stdout
+    assert "steps: 7 cached" in again.stdout
+
+
+def test_a_wrong_token_fails_with_a_clear_message(token_cluster, tmp_path):
+    wrong = {**token_cluster.env, "RAY_AUTH_TOKEN": "not-the-token"}
+    for args in (("jobs", "list"), ("submit", "jobs/smoke.yaml", "--run-dir", str(tmp_path / "never"))):
+        result = vitpipe(token_cluster, *args, env=wrong)
+        assert result.returncode == 1
+        assert (
+            "refused the request: it uses token authentication and we sent the token from RAY_AUTH_TOKEN"
+            in (result.stderr)
+        )
+    assert not (tmp_path / "never").exists()
+
+
+def test_stop_stops_a_running_job_and_a_running_name_is_not_submitted_twice(token_cluster, tmp_path):
+    run = ["jobs/smoke.yaml", "--run-dir", str(tmp_path / "stopped"), "--name", "stopme"]
+    submitted = vitpipe(token_cluster, "submit", *run)
+    assert submitted.returncode == 0, submitted.stderr
+    for _ in range(60):
+        if "stopme: RUNNING" in vitpipe(token_cluster, "jobs", "status", "stopme").stdout:
+            break
+        time.sleep(1)
+    twice = vitpipe(token_cluster, "submit", *run)
+    assert twice.returncode == 1
+    assert "run 'stopme' is already on the cluster as 'stopme' (RUNNING)" in twice.stderr
+    stopped = vitpipe(token_cluster, "jobs", "stop", "stopme")
+    assert stopped.returncode == 0, stopped.stderr
+    assert "stopme: STOPPED" in stopped.stdout
+    assert "stopme: STOPPED" in vitpipe(token_cluster, "jobs", "status", "stopme").stdout
+
+
+def test_an_unknown_job_is_named(token_cluster):
+    result = vitpipe(token_cluster, "jobs", "logs", "no-such-job")
+    assert result.returncode == 1
+    assert "no job 'no-such-job' on the cluster" in result.stderr
+
+
+def test_a_run_folder_other_nodes_cannot_see_is_refused_before_contacting_a_cluster():
+    result = subprocess.run(
+        [*VITPIPE, "submit", "jobs/smoke.yaml", "--address", "http://127.0.0.1:1"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "a job on a cluster needs a run folder every node sees" in result.stderr
