@@ -141,7 +141,11 @@ def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, ru
     env |= {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={**worker_settings(config, plan), "run_dir": run_dir},
+        train_loop_config={
+            **worker_settings(config, plan),
+            "run_dir": run_dir,
+            "resume_from": _resume_point(run_dir),
+        },
         scaling_config=ScalingConfig(
             num_workers=config.num_workers,
             use_gpu=config.use_gpu,
@@ -161,6 +165,14 @@ def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, ru
     )
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     return trainer.fit()
+
+
+def _resume_point(run_dir: str) -> str | None:
+    """The newest finished checkpoint in the run folder. A relaunch resumes from it even where Ray
+    Train's own record of the run (its checkpoint snapshot) lags behind or is missing, as after a
+    killed driver; a worker restart inside one launch gets Ray Train's newer checkpoint instead."""
+    latest = latest_checkpoint(run_dir)
+    return latest.path if latest is not None else None
 
 
 def _materialize_in_order(dataset):

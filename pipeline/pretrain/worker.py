@@ -69,7 +69,7 @@ def train_loop(settings: dict[str, Any]) -> None:
     with ExitStack() as cleanup:
         scratch = Path(tempfile.mkdtemp(prefix="vitpipe-worker-"))
         cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
-        resume = ray.train.get_checkpoint()
+        resume = newest_checkpoint(ray.train.get_checkpoint(), settings.get("resume_from"))
         step, resumed_from = 0, None
         if resume is not None:
             folder = Path(cleanup.enter_context(resume.as_directory()))
@@ -160,6 +160,22 @@ def train_loop(settings: dict[str, Any]) -> None:
                     _checkpoint(engine, step, epoch, world, spec, settings, scratch, log, save_checkpoint)
         if log is not None:
             log.event("finished", step=step)
+
+
+def newest_checkpoint(from_ray: Any, launch_point: str | None) -> Any:
+    """Ray Train's checkpoint (a worker-group restart inside this launch) or the run folder's newest
+    finished one at launch (a relaunch), whichever is further along; None on a fresh run."""
+    from ray.train import Checkpoint
+
+    if launch_point is None:
+        return from_ray
+    if from_ray is None or _step_of(from_ray.path) < _step_of(launch_point):
+        return Checkpoint(launch_point)
+    return from_ray
+
+
+def _step_of(path: str) -> int:
+    return int(path.rstrip("/").rsplit("_", 1)[-1])
 
 
 def _train(

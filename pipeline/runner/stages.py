@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pipeline.runner.plan import JobPlan, Step
-from pipeline.runner.records import file_fingerprint, fresh_fingerprint
+from pipeline.runner.records import digest, file_fingerprint, fresh_fingerprint
 from pipeline.storage import remove_folder
 
 
@@ -57,11 +57,13 @@ def pretrained_weights(plan: JobPlan) -> str | None:
 
 def run_datasets(context: RunContext, step: Step, fresh: bool) -> StepOutcome:
     from pipeline.datasets.build import build_dataset
-    from pipeline.datasets.card import CARD_FILE
+    from pipeline.datasets.card import read_card
 
     context.ensure_ray()
     build_dataset(context.plan.job.datasets[step.item or ""], Path(step.output), overwrite=True, preview=True)
-    return StepOutcome(file_fingerprint(posixpath.join(step.output, CARD_FILE)), {"folder": step.output})
+    card = read_card(step.output)
+    card.pop("seconds", None)  # how long the build took is the one thing that differs between rebuilds
+    return StepOutcome(digest(card), {"folder": step.output})
 
 
 def run_preprocess(context: RunContext, step: Step, fresh: bool) -> StepOutcome:

@@ -1,0 +1,134 @@
+"""`vitpipe run` end to end on the local Ray: a run killed mid-pretraining resumes from its checkpoint,
+a rerun skips every stage, and a changed setting or --force/--from redoes only what it must."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from pipeline.cli import main
+from pipeline.pretrain.metrics import read_records
+from tests.conftest import REPO, VITPIPE
+
+SMOKE = yaml.safe_load((REPO / "jobs" / "smoke.yaml").read_text())
+
+
+def statuses(run: Path) -> dict[str, str]:
+    return {step["step"]: step["status"] for step in json.loads((run / "run.json").read_text())["steps"]}
+
+
+def record(run: Path, step: str) -> dict:
+    return json.loads((run / "stages" / f"{step.replace(':', '.')}.json").read_text())
+
+
+def finished_checkpoint_steps(pretrain: Path) -> list[int]:
+    return sorted(
+        int(c.name.split("_")[-1]) for c in pretrain.glob("checkpoint_*") if (c / "vitpipe.json").is_file()
+    )
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_its_checkpoint_and_a_rerun_skips_every_stage(ray_local, tmp_path):
+    job = {**SMOKE, "run_dir": str(tmp_path / "run")}
+    job["pretrain"] = {**SMOKE["pretrain"], "steps": 80, "checkpoint_every": 10}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    run = tmp_path / "run"
+    command = [*VITPIPE, "run", str(path), "--address", ray.get_runtime_context().gcs_address]
+
+    first = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and not [
+        s for s in finished_checkpoint_steps(run / "pretrain") if s >= 20
+    ]:
+        assert first.poll() is None, "the run ended before it was killed"
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver dies mid-pretraining; Ray ends its workers
+    first.wait()
+    assert record(run, "pretrain")["status"] == "running"
+    assert record(run, "preprocess:fractals")["status"] == "done"
+    killed_at = max(finished_checkpoint_steps(run / "pretrain"))
+    assert killed_at < 80
+
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=500)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "[run] pretrain: resuming" in second.stdout
+    assert statuses(run) == {
+        "datasets:fractals": "cached", "datasets:digits": "cached", "preprocess:fractals": "cached",
+        "preprocess:digits": "cached", "pretrain": "resumed", "finetune": "ran", "report": "ran",
+    }  # fmt: skip
+    resumed = [r for r in read_records(str(run / "pretrain")) if r.get("event") == "resumed"]
+    assert resumed
+    assert resumed[-1]["step"] >= killed_at  # it went on from the newest finished checkpoint, not step 0
+    assert max(r["step"] for r in read_records(str(run / "pretrain")) if "loss" in r) == 80
+    report = (run / "report.md").read_text()
+    assert "| digits | pretrained |" in report
+    assert "| digits | scratch |" in report
+    for picture in ("loss.png", "transfer.png", "samples-fractals.png", "samples-digits.png"):
+        assert f"(report/{picture})" in report
+        assert (run / "report" / picture).stat().st_size > 1000
+    assert "pretrain: step 80/80" in (run / "logs" / "pretrain.log").read_text()
+
+    keys = {step: record(run, step)["key"] for step in statuses(run)}
+    third = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0, third.stderr
+    assert set(statuses(run).values()) == {"cached"}
+    assert "Ray 2.60.0" not in third.stdout  # nothing to do: Ray was not even joined
+    assert "steps: 7 cached" in third.stdout
+    assert "| digits | pretrained |" in third.stdout  # the table is printed again
+    assert {step: record(run, step)["key"] for step in statuses(run)} == keys
+
+
+DATA_ONLY = {
+    "name": "data-only",
+    "datasets": {"digits": {"kind": "digits", "shard_size": 900}},
+    "preprocess": {"digits": {"image_size": 16, "patch_size": 4}},
+}
+
+
+def test_a_changed_setting_or_a_forced_stage_redoes_only_what_depends_on_it(ray_local, tmp_path, capsys):
+    path = tmp_path / "job.yaml"
+    run = tmp_path / "run"
+
+    def run_with(job: dict, *options: str) -> dict[str, str]:
+        path.write_text(yaml.safe_dump({**job, "run_dir": str(run)}))
+        assert main(["run", str(path), *options]) == 0, capsys.readouterr().err
+        return statuses(run)
+
+    assert run_with(DATA_ONLY) == {"datasets:digits": "ran", "preprocess:digits": "ran", "report": "ran"}
+    manifest = record(run, "preprocess:digits")["fingerprint"]
+    assert run_with(DATA_ONLY) == {
+        "datasets:digits": "cached",
+        "preprocess:digits": "cached",
+        "report": "cached",
+    }
+
+    bigger = {**DATA_ONLY, "preprocess": {"digits": {"image_size": 24, "patch_size": 4}}}
+    assert run_with(bigger) == {"datasets:digits": "cached", "preprocess:digits": "ran", "report": "ran"}
+    assert (
+        json.loads((run / "patches" / "digits" / "_manifest.json").read_text())["patches"]["image_size"] == 24
+    )
+
+    # rebuilding the dataset writes the same bytes: what reads it stays cached
+    assert run_with(bigger, "--force", "datasets") == {
+        "datasets:digits": "ran", "preprocess:digits": "cached", "report": "cached",
+    }  # fmt: skip
+    assert run_with(bigger, "--from", "preprocess") == {
+        "datasets:digits": "cached", "preprocess:digits": "ran", "report": "ran",
+    }  # fmt: skip
+    assert record(run, "preprocess:digits")["fingerprint"] != manifest  # 24 px now, not 16
+
+    # outputs deleted by hand are noticed and made again
+    (run / "patches" / "digits" / "_manifest.json").unlink()
+    assert run_with(bigger)["preprocess:digits"] == "ran"
+    assert run_with(bigger, "--until", "datasets") == {"datasets:digits": "cached"}
