@@ -39,7 +39,7 @@ JOB = {
 
 def write_job(tmp_path: Path, job: dict) -> Path:
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump({**job, "run_dir": str(tmp_path / "run")}))
+    path.write_text(yaml.safe_dump({**job, "run_dir": str(tmp_path / "run")}, sort_keys=False))
     return path
 
 
