@@ -95,19 +95,22 @@ def test_info_reports_versions_and_accelerator():
     assert "missing" not in result.stdout
 
 
-def test_demo_builds_and_preprocesses_the_quickstart_datasets(tmp_path, ray_local, capsys):
+def test_the_quickstart_data_stages_build_and_preprocess_both_datasets(tmp_path, ray_local, capsys):
     from pipeline.preprocess.manifest import read_manifest
 
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out)]) == 0
-    assert read_card(out / "fractals")["splits"]["train"]["samples"] == 5000
-    assert read_card(out / "digits")["splits"]["test"]["samples"] == 360
-    assert (out / "fractals" / "preview.png").is_file()
-    assert (out / "digits" / "preview.png").is_file()
-    assert read_manifest(str(out / "fractals-patches"))["totals"]["samples"] == 5000
-    assert read_manifest(str(out / "digits-patches"))["splits"]["test"]["samples"] == 360
-    assert (out / "digits-patches" / "samples.png").is_file()
-    assert "2 datasets and 2 patch sets of job 'quickstart' ready" in capsys.readouterr().out
+    run = tmp_path / "quickstart"
+    assert (
+        main(["run", str(REPO / "jobs" / "quickstart.yaml"), "--run-dir", str(run), "--until", "preprocess"])
+        == 0
+    )
+    assert read_card(run / "datasets" / "fractals")["splits"]["train"]["samples"] == 5000
+    assert read_card(run / "datasets" / "digits")["splits"]["test"]["samples"] == 360
+    assert (run / "datasets" / "fractals" / "preview.png").is_file()
+    assert read_manifest(str(run / "patches" / "fractals"))["totals"]["samples"] == 5000
+    assert read_manifest(str(run / "patches" / "digits"))["splits"]["test"]["samples"] == 360
+    assert (run / "patches" / "digits" / "samples.png").is_file()
+    assert "steps: 4 ran" in capsys.readouterr().out
+    assert not (run / "pretrain").exists()
 
 
 def test_every_job_in_jobs_validates():

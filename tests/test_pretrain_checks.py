@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, run_vitpipe
+from tests.conftest import run_vitpipe
 
 RUN = {
     "model": {"variant": "Ti/4", "width": 32, "depth": 1, "heads": 2, "mlp_dim": 64},
@@ -78,16 +78,6 @@ def test_data_the_model_cannot_train_on_is_refused_naming_the_directory(
 )  # fmt: skip
 def test_settings_that_cannot_work_are_refused_naming_the_key(patch_sets, tmp_path, changes, message):
     assert message in refusal(tmp_path, patch_sets["labelled"], **changes)
-
-
-def test_a_job_file_names_its_data_by_preprocess_entry_so_pretrain_asks_for_the_directory(capsys):
-    from pipeline.cli import main
-
-    assert main(["pretrain", str(REPO / "jobs" / "quickstart.yaml")]) == 2
-    assert (
-        "pretrain.data 'fractals' names the job's preprocess entry; pass its preprocessed directory "
-        "with --data" in capsys.readouterr().err
-    )
 
 
 def test_cache_data_auto_holds_a_split_under_a_quarter_of_the_object_store(patch_sets):

@@ -161,13 +161,17 @@ def test_malformed_target_option_is_refused(tmp_path, weights):
     assert "--target expects NAME=DIR, got 'digits'" in message
 
 
-def test_a_target_naming_a_preprocess_entry_asks_for_its_directory(tmp_path, weights):
-    job = {**JOB, "preprocess": {"digits": {"image_size": 32, "patch_size": 4}}}
+def test_a_target_naming_a_preprocess_entry_that_has_not_run_says_how_to_make_it(tmp_path, weights):
+    job = {
+        **JOB,
+        "run_dir": str(tmp_path / "run"),
+        "preprocess": {"digits": {"image_size": 32, "patch_size": 4}},
+    }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     message = refused(tmp_path, "finetune", str(path), "--weights", str(weights))
-    assert "finetune target 'digits' names the job's preprocess entry" in message
-    assert "--target digits=data/demo/digits-patches" in message
+    assert "'digits' names the job's preprocess entry, which has not run" in message
+    assert f"run `vitpipe run {path} --until preprocess` first, or pass --target digits=DIR" in message
 
 
 @pytest.mark.parametrize(
@@ -225,7 +229,7 @@ def test_a_job_whose_pretraining_has_not_run_says_so(tmp_path, digits_patches):
     path.write_text(yaml.safe_dump(job))
     message = refused(tmp_path, "finetune", str(path), f"--target=digits={digits_patches}")
     assert f"no pretrained weights at {tmp_path / 'runs' / 'checks' / 'export' / 'vitpipe'}" in message
-    assert "run `vitpipe pretrain" in message
+    assert f"run `vitpipe run {path} --until pretrain` first" in message
 
 
 def test_targets_weights_and_output_resolve_from_the_job_and_options(tmp_path, weights):
@@ -233,7 +237,11 @@ def test_targets_weights_and_output_resolve_from_the_job_and_options(tmp_path, w
 
     export = tmp_path / "runs" / "checks" / "export" / "vitpipe"
     export.mkdir(parents=True)
-    job = {**JOB, "pretrain": {"data": "x", "storage_path": str(tmp_path / "runs")}}
+    job = {
+        **JOB,
+        "pretrain": {"data": "x", "storage_path": str(tmp_path / "runs")},
+        "run_dir": str(tmp_path / "run"),
+    }
     job["finetune"] = {**JOB["finetune"], "targets": [str(tmp_path / "data" / "cifar-384/")]}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
@@ -242,7 +250,7 @@ def test_targets_weights_and_output_resolve_from_the_job_and_options(tmp_path, w
     )
     assert inputs.targets == {"cifar-384": str(tmp_path / "data" / "cifar-384/"), "extra": "/x"}
     assert inputs.weights == str(export)  # the job's pretraining export
-    assert inputs.out == str(tmp_path / "runs" / "checks" / "transfer")
+    assert inputs.out == str(tmp_path / "run" / "transfer")  # the run folder; only checkpoints go to storage
     assert inputs.model is not None
 
     bare = tmp_path / "bare.yaml"
@@ -252,7 +260,7 @@ def test_targets_weights_and_output_resolve_from_the_job_and_options(tmp_path, w
     assert inputs.targets == {"d": "/d"}
     assert inputs.evaluate is not None
     assert inputs.evaluate.shots == (1, 5, 10, 25)  # the paper's few-shot settings by default
-    assert inputs.out == "runs/bare/evaluate"
+    assert inputs.out == str(Path("runs/bare/evaluate").absolute())  # the default run folder, runs/NAME
 
 
 def test_a_head_is_scored_on_a_target_only_with_the_same_classes(tmp_path):
