@@ -130,5 +130,8 @@ def test_a_changed_setting_or_a_forced_stage_redoes_only_what_depends_on_it(ray_
 
     # outputs deleted by hand are noticed and made again
     (run / "patches" / "digits" / "_manifest.json").unlink()
-    assert run_with(bigger)["preprocess:digits"] == "ran"
+    assert (
+        run_with(bigger)["preprocess:digits"] == "resumed"
+    )  # its finished shards kept, the manifest rewritten
+    assert (run / "patches" / "digits" / "_manifest.json").is_file()
     assert run_with(bigger, "--until", "datasets") == {"datasets:digits": "cached"}

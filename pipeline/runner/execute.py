@@ -32,10 +32,13 @@ RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
 
 
+STATUSES = ("ran", "resumed", "cached", "failed", "not run")
+
+
 @dataclass
 class StepReport:
     step: str
-    status: str  # "ran", "resumed", "cached", "failed" or "not run"
+    status: str  # one of STATUSES
     seconds: float = 0.0
     note: str = ""
 
@@ -63,7 +66,7 @@ class RunSummary:
         lines = [
             f"run {self.plan.job.name!r} {verdict} in {format_seconds(self.seconds)}; folder {layout.root}"
         ]
-        counts = {s: sum(1 for r in self.steps if r.status == s) for s in ("ran", "resumed", "cached")}
+        counts = {s: sum(1 for r in self.steps if r.status == s) for s in STATUSES}
         lines.append("  steps: " + ", ".join(f"{n} {status}" for status, n in counts.items() if n))
         if Path(layout.report).is_file():
             lines.append(f"  report: {layout.report}")
@@ -132,7 +135,8 @@ def run_job(
     steps = [step for step in plan.steps if not options.beyond(step.stage)]
     externals = {step.id: _external_fingerprints(plan, step) for step in steps}  # inputs exist, or fail now
     with _run_lock(root):
-        shutil.copyfile(job_path, root / "job.yaml")
+        if Path(job_path).resolve() != (root / "job.yaml").resolve():
+            shutil.copyfile(job_path, root / "job.yaml")
         _write_run_file(plan, summary, "running")
         for step in steps:
             if summary.failed and step.stage != "report":
@@ -147,6 +151,7 @@ def run_job(
             _write_run_file(plan, summary, "running")
         summary.seconds = time.perf_counter() - started
         _write_run_file(plan, summary, "failed" if summary.failed else "finished")
+    context.close()  # a Ray this run started ends here, its workers' last lines printed before the summary
     return summary
 
 
@@ -174,14 +179,17 @@ def _run_step(
         fingerprints[step.id] = record["fingerprint"]
         print(f"[run] {step.id}: cached (done {record.get('finished', '?')}, key {key})")
         return StepReport(step.id, "cached")
-    resume = same and not redo and record.get("status") in ("running", "failed")
+    # Outputs are cleared only when the step is redone on purpose or its key changed; with no record
+    # (outputs of a single-stage command, say a `vitpipe pretrain` of this job) they are built upon.
+    clear = redo or (record is not None and not same)
+    resume = same and not redo
     verb = "resuming" if resume else "running"
     print(f"[run] {step.id}: {verb} (key {key})", flush=True)
     began, stamp = time.perf_counter(), _now()
     write_record(layout.stages, step.id, {"key": key, "status": "running", "started": stamp})
     try:
         with _tee(Path(layout.logs) / f"{step.stage}.log", f"{step.id} {verb} {stamp}"):
-            outcome = RUNNERS[step.stage](context, step, not resume)
+            outcome = RUNNERS[step.stage](context, step, clear)
     except Exception as error:  # a failed step is recorded and reported, and the run stops
         seconds = time.perf_counter() - began
         message = f"{type(error).__name__}: {error}"

@@ -27,15 +27,26 @@ class StepOutcome:
 class RunContext:
     plan: JobPlan
     address: str | None
-    _ray_ready: bool = False
+    joined: bool = False
+    started_ray: bool = False  # whether this run started (or joined) Ray, rather than found it running
 
     def ensure_ray(self) -> None:
         """Start or join Ray the first time a step needs it; a fully cached run never starts it."""
-        if not self._ray_ready:
-            from pipeline.ray_session import init_ray
+        if self.joined:
+            return
+        import ray
 
-            print(init_ray(self.address))
-            self._ray_ready = True
+        from pipeline.ray_session import init_ray
+
+        self.started_ray = not ray.is_initialized()
+        print(init_ray(self.address))
+        self.joined = True
+
+    def close(self) -> None:
+        if self.started_ray:
+            import ray
+
+            ray.shutdown()
 
 
 def patch_dir(plan: JobPlan, entry: str) -> str:
@@ -55,7 +66,8 @@ def pretrained_weights(plan: JobPlan) -> str | None:
     return None
 
 
-def run_datasets(context: RunContext, step: Step, fresh: bool) -> StepOutcome:
+def run_datasets(context: RunContext, step: Step, clear: bool) -> StepOutcome:
+    """Build the dataset (always from scratch: the builders are quick and write the same bytes)."""
     from pipeline.datasets.build import build_dataset
     from pipeline.datasets.card import read_card
 
@@ -66,7 +78,8 @@ def run_datasets(context: RunContext, step: Step, fresh: bool) -> StepOutcome:
     return StepOutcome(digest(card), {"folder": step.output})
 
 
-def run_preprocess(context: RunContext, step: Step, fresh: bool) -> StepOutcome:
+def run_preprocess(context: RunContext, step: Step, clear: bool) -> StepOutcome:
+    """Preprocess the entry's input; shards an earlier attempt finished are kept unless `clear`."""
     from pipeline.preprocess.inspect import write_grid
     from pipeline.preprocess.manifest import MANIFEST_FILE
     from pipeline.preprocess.run import preprocess
@@ -75,7 +88,7 @@ def run_preprocess(context: RunContext, step: Step, fresh: bool) -> StepOutcome:
     config = job.preprocess[name]
     reads = config.input or name
     source = context.plan.layout.dataset(reads) if reads in job.datasets else reads
-    if fresh:
+    if clear:
         remove_folder(step.output)
     context.ensure_ray()
     result = preprocess(source, step.output, config, overwrite=True)
@@ -87,14 +100,15 @@ def run_preprocess(context: RunContext, step: Step, fresh: bool) -> StepOutcome:
     return StepOutcome(fingerprint, {"folder": step.output, "samples": grid}, error)
 
 
-def run_pretrain(context: RunContext, step: Step, fresh: bool) -> StepOutcome:
+def run_pretrain(context: RunContext, step: Step, clear: bool) -> StepOutcome:
+    """Pretrain; a run folder with checkpoints is resumed from the newest unless `clear`."""
     from pipeline.pretrain.checkpoints import latest_checkpoint
     from pipeline.pretrain.launch import pretrain
 
     config, layout = context.plan.job.pretrain, context.plan.layout
     if config is None:
         raise ValueError("the job has no pretrain section")
-    if fresh:
+    if clear:
         remove_folder(layout.pretrain)
     elif (latest := latest_checkpoint(layout.pretrain)) is not None:
         print(f"resuming pretraining from its checkpoint at step {latest.step:,}")
@@ -112,7 +126,8 @@ def run_pretrain(context: RunContext, step: Step, fresh: bool) -> StepOutcome:
     return StepOutcome(fresh_fingerprint(), outputs)
 
 
-def run_finetune(context: RunContext, step: Step, fresh: bool) -> StepOutcome:
+def run_finetune(context: RunContext, step: Step, clear: bool) -> StepOutcome:
+    """Fine-tune and evaluate every target (transfer() replaces each (target, mode) folder it runs)."""
     from pipeline.transfer.launch import transfer
     from pipeline.transfer.plan import target_name
 
@@ -142,7 +157,7 @@ def run_finetune(context: RunContext, step: Step, fresh: bool) -> StepOutcome:
     return StepOutcome(fresh_fingerprint(), {"folder": result.out}, error)
 
 
-def run_report(context: RunContext, step: Step, fresh: bool) -> StepOutcome:
+def run_report(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     from pipeline.runner.report import write_report
 
     path = write_report(context.plan)
@@ -166,11 +181,12 @@ def outputs_present(step: Step) -> bool:
     from pipeline.preprocess.sources import resolve
     from pipeline.pretrain.export import EXPORT_DIR, VITPIPE_DIR
     from pipeline.transfer.report import RESULTS_JSON
+    from vit.weights import CONFIG_FILE
 
     marker = {
         "datasets": CARD_FILE,
         "preprocess": MANIFEST_FILE,
-        "pretrain": posixpath.join(EXPORT_DIR, VITPIPE_DIR, "config.json"),
+        "pretrain": posixpath.join(EXPORT_DIR, VITPIPE_DIR, CONFIG_FILE),
         "finetune": RESULTS_JSON,
         "report": "",
     }[step.stage]

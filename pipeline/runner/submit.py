@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import posixpath
 import shlex
 import sys
 import time
@@ -241,7 +240,3 @@ def _when(milliseconds: int | None) -> str:
     if not milliseconds:
         return "—"
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(milliseconds / 1000))
-
-
-def run_folder_hint(submission: Submission) -> str:
-    return posixpath.join(submission.run_dir, "report.md")
