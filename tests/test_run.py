@@ -135,3 +135,28 @@ def test_a_changed_setting_or_a_forced_stage_redoes_only_what_depends_on_it(ray_
     )  # its finished shards kept, the manifest rewritten
     assert (run / "patches" / "digits" / "_manifest.json").is_file()
     assert run_with(bigger, "--until", "datasets") == {"datasets:digits": "cached"}
+
+
+def test_a_failed_step_stops_the_run_and_is_retried_by_the_next(ray_local, tmp_path, capsys):
+    empty = tmp_path / "images"
+    empty.mkdir()
+    job = {
+        "name": "broken",
+        "run_dir": str(tmp_path / "run"),
+        "datasets": {"images": {"kind": "imagefolder", "src": str(empty)}},
+        "preprocess": {"images": {"image_size": 16, "patch_size": 4}},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert main(["run", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "[run] datasets:images: FAILED after" in err
+    assert "traceback in" in err
+    run = tmp_path / "run"
+    assert statuses(run) == {"datasets:images": "failed", "preprocess:images": "not run", "report": "not run"}
+    assert record(run, "datasets:images")["status"] == "failed"
+    assert "Traceback (most recent call last)" in (run / "logs" / "datasets.log").read_text()
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+    assert not (run / ".lock").exists()
+    assert main(["run", str(path)]) == 1  # the failed step is tried again, not taken from the cache
+    assert "[run] datasets:images: resuming" in capsys.readouterr().out

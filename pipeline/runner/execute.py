@@ -16,6 +16,7 @@ import shutil
 import socket
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,7 +196,11 @@ def _run_step(
         message = f"{type(error).__name__}: {error}"
         ended = {"finished": _now(), "seconds": seconds, "error": message}
         write_record(layout.stages, step.id, {"key": key, "status": "failed", "started": stamp, **ended})
-        print(f"[run] {step.id}: FAILED after {format_seconds(seconds)}: {message}", file=sys.stderr)
+        log = Path(layout.logs) / f"{step.stage}.log"
+        with log.open("a") as stream:  # the whole traceback for whoever debugs it; the console gets one line
+            stream.write(traceback.format_exc())
+        print(f"[run] {step.id}: FAILED after {format_seconds(seconds)}: {message} (traceback in {log})",
+              file=sys.stderr)  # fmt: skip
         return StepReport(step.id, "failed", seconds, message)
     seconds = time.perf_counter() - began
     status = "failed" if outcome.error else "done"
