@@ -138,7 +138,9 @@ def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, ru
               file=sys.stderr)  # fmt: skip
         dataset = _materialize_in_order(dataset)
     env = {"DS_ACCELERATOR": "cpu"} if not config.use_gpu else {}
-    env |= {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    # Ray Train's print patch sends each print to its logger and, where stdout is redirected as in Ray
+    # workers, to stdout as well: every progress line reached the driver twice.
+    env |= {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
