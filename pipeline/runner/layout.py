@@ -62,10 +62,6 @@ class RunLayout:
     def report(self) -> str:
         return posixpath.join(self.root, "report.md")
 
-    @property
-    def pictures(self) -> str:
-        return posixpath.join(self.root, "report")
-
 
 def run_layout(job: PipelineConfig, run_dir: str | None = None) -> RunLayout:
     """The layout of `job`'s run in `run_dir` (default: the job's run_dir, else runs/NAME).
