@@ -38,13 +38,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from vit.optim import WarmupDecay, param_groups
+from vit.train import soft_cross_entropy
 
 from vit.augment import random_hflip, soft_targets
 from vit.config import ViTConfig
 from vit.flops import gpu_peak_flops, train_flops
 from vit.model import VisionTransformer
-from vit.optim import WarmupDecay, param_groups
-from vit.train import soft_cross_entropy
 
 CPU_MODEL = {"variant": "Ti/4", "width": 128, "depth": 4, "heads": 4, "mlp_dim": 512}
 CPU_IMAGE, CPU_PATCH, MICRO = 32, 4, 32
@@ -155,8 +155,8 @@ def cpu_ray(
 ) -> dict[str, Any]:  # fmt: skip
     """`vitpipe pretrain` in this process; per-step images/s read back from the run's metrics."""
     from pipeline.config import PretrainConfig
+    from pipeline.metrics import read_records
     from pipeline.pretrain.launch import pretrain
-    from pipeline.pretrain.metrics import read_records
 
     config = PretrainConfig(
         data=directory, model=CPU_MODEL, num_workers=workers, cpus_per_worker=1.0 / workers,
@@ -249,7 +249,6 @@ def measured_bf16_peak(size: int = 8192) -> float:
 def gpu_section(variant: str, micro_batches: list[int], steps: int, warmup: int) -> dict[str, Any]:
     import deepspeed
     import torch.distributed as dist
-
     from vit.train import TrainSpec, build_engine, train_micro_batch
 
     # What Ray Train sets in each worker (DeepSpeed asserts LOCAL_RANK), for one process on one GPU.
@@ -267,7 +266,7 @@ def gpu_section(variant: str, micro_batches: list[int], steps: int, warmup: int)
         flops = train_flops(config) * micro
         generator = torch.Generator(device="cuda").manual_seed(0)
         patches = torch.randint(
-            0, 256, (micro, config.num_patches, config.patch_dim), dtype=torch.uint8, device="cuda",
+            0, 256, (micro, *config.geometry.shape), dtype=torch.uint8, device="cuda",
             generator=generator,
         )  # fmt: skip
         labels = torch.randint(0, 1000, (micro,), device="cuda", generator=generator)

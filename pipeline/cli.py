@@ -513,7 +513,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"exported step {exported.step} of {exported.checkpoint}")
         print(f"  weights: {exported.vitpipe} (vitpipe), {exported.hf} (HF transformers)")
     elif args.command == "inspect":
-        from pipeline.preprocess.inspect import describe, write_grid
+        from pipeline.preprocess.summary import describe, write_grid
 
         print(describe(args.directory))
         print(f"  samples: {write_grid(args.directory, args.out, args.samples, split=args.split)}")

@@ -5,32 +5,36 @@ A config that fails here fails before any Ray work starts, with the file and the
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
 import re
+import types
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ByteSize,
     ConfigDict,
     Field,
+    PlainSerializer,
     Strict,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
 from vit.config import ViTConfig
-from vit.variants import parse_variant
-
-if TYPE_CHECKING:
-    from vit.train import TrainSpec
+from vit.patches import PatchGeometry
+from vit.recipe import Optimizer, Recipe, Schedule, Zero, refuse_derived_keys
+from vit.variants import VARIANTS, parse_variant
 
 _EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$")
 
@@ -59,6 +63,12 @@ class ConfigError(ValueError):
     """A config that does not validate; the message names the source file and every bad key path."""
 
 
+def digest(value: Any) -> str:
+    """A short stable hash of a JSON-able value: config hashes, cache keys, fingerprints."""
+    payload = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, and a validated config is immutable."""
 
@@ -66,9 +76,53 @@ class Section(BaseModel):
 
     def digest(self, exclude: set[str] | None = None) -> str:
         """A stable hash of the settings (less `exclude`), for caching and for refusing to mix outputs."""
-        settings = self.model_dump(mode="json", exclude=exclude)
-        payload = json.dumps(settings, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return digest(self.model_dump(mode="json", exclude=exclude))
+
+
+def _strict(annotation: Any) -> Any:
+    """The strict config type of a dataclass field's type: numbers and flags must be what YAML typed."""
+    if annotation is float:
+        return Float
+    if annotation in (int, bool):
+        return Annotated[annotation, Strict()]
+    arguments = typing.get_args(annotation)
+    if typing.get_origin(annotation) is tuple:
+        return tuple[tuple(_strict(argument) for argument in arguments)]  # type: ignore[misc]
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return Union[tuple(_strict(argument) for argument in arguments)]  # noqa: UP007
+    return annotation
+
+
+def dataclass_section(cls: type) -> Any:
+    """A config section for a `vit` dataclass, which declares the fields and defaults (once, there).
+
+    A YAML mapping is checked key by key (unknown keys, strict types, each error at its key path), then
+    becomes an instance of `cls`, whose own checks run; the validated config holds that instance.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {field.name: (_strict(hints[field.name]), field.default) for field in dataclasses.fields(cls)}
+
+    def checked(section: BaseModel) -> BaseModel:
+        cls(**dict(section))  # the dataclass's own range checks, reported at the section's key
+        return section
+
+    model = create_model(
+        cls.__name__,
+        __base__=Section,
+        __doc__=cls.__doc__,
+        __validators__={"checked": model_validator(mode="after")(checked)},
+        **fields,
+    )
+    return Annotated[
+        model,
+        BeforeValidator(lambda value: dataclasses.asdict(value) if isinstance(value, cls) else value),
+        AfterValidator(lambda section: cls(**dict(section))),
+        PlainSerializer(dataclasses.asdict),
+    ]
+
+
+OptimizerSection = dataclass_section(Optimizer)
+ScheduleSection = dataclass_section(Schedule)
 
 
 # --- datasets: the corpora the project can write as WebDataset shards ------------------------------
@@ -149,7 +203,8 @@ class PreprocessConfig(Section):
     # Default: the dataset of the entry's own name. The `vitpipe preprocess` command takes INPUT instead.
     input: str | None = None
     image_size: PositiveInt = 224
-    patch_size: PositiveInt = 16
+    # In a job, default: the patch size of the model that reads the entry; `vitpipe preprocess`: 16.
+    patch_size: PositiveInt | None = None
     channels: Literal[1, 3] = 3
     resize: Literal["shorter-side-center-crop", "squash", "pad"] = "shorter-side-center-crop"
     resample: Literal["bilinear", "bicubic"] = "bilinear"  # always antialiased when shrinking
@@ -163,21 +218,30 @@ class PreprocessConfig(Section):
 
     @model_validator(mode="after")
     def _grid_divides(self) -> PreprocessConfig:
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
-            )
+        if self.patch_size is not None:
+            self.geometry()
         return self
+
+    def geometry(self) -> PatchGeometry:
+        """The patch tensors this entry writes; its patch size must be known (set, or taken from a model)."""
+        if self.patch_size is None:
+            raise ValueError("patch_size is not set and no model reads this entry to take it from")
+        return PatchGeometry(self.image_size, self.patch_size, self.channels)
 
     def output_hash(self) -> str:
         """Hash of the settings that shape the output files (not the failure threshold), for resuming."""
         return self.digest(exclude=OUTPUT_NEUTRAL)
 
 
-class ModelConfig(Section):
-    """A ViT: a named variant ("Ti/16") whose dimensions may be overridden for small experiments."""
+DIMENSIONS = ("width", "depth", "mlp_dim", "heads")
 
-    variant: str = "Ti/16"
+
+class ModelConfig(Section):
+    """A ViT: a named variant ("Ti/16", or "Ti" with `patch_size`) whose dimensions may be overridden,
+    or a model given by its dimensions and `patch_size` alone. Default: Ti/16."""
+
+    variant: str | None = None
+    patch_size: PositiveInt | None = None
     width: PositiveInt | None = None
     depth: PositiveInt | None = None
     mlp_dim: PositiveInt | None = None
@@ -191,29 +255,51 @@ class ModelConfig(Section):
 
     @field_validator("variant")
     @classmethod
-    def _known_variant(cls, variant: str) -> str:
-        parse_variant(variant)
+    def _known_variant(cls, variant: str | None) -> str | None:
+        if variant is not None and "/" in variant:
+            parse_variant(variant)
+        elif variant is not None and variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)} (optionally /PATCH)")
         return variant
 
     @model_validator(mode="after")
     def _architecture_is_valid(self) -> ModelConfig:
+        given = [name for name in DIMENSIONS if getattr(self, name) is not None]
+        if self.variant is None and given and len(given) < len(DIMENSIONS):
+            missing = ", ".join(name for name in DIMENSIONS if name not in given)
+            needed = ", ".join(DIMENSIONS)
+            raise ValueError(f"a model without a variant needs all of {needed}; {missing} unset")
+        named = self.variant is not None and "/" in self.variant
+        if named and self.patch_size not in (None, parse_variant(self.variant).patch_size):
+            raise ValueError(f"variant {self.variant!r} and patch_size {self.patch_size} disagree; set one")
+        if self.patch_size is None and (given or self.variant is not None) and not named:
+            raise ValueError("set patch_size (or a variant with one, such as 'Ti/16')")
         # vit.ViTConfig owns the architecture rules; data-dependent sizes are checked when data is known.
-        self.vit_config(image_size=self.patch_size, channels=1, num_classes=1)
+        self.vit_config(image_size=self.resolved_patch_size, channels=1, num_classes=1)
         return self
 
     @property
-    def patch_size(self) -> int:
-        return parse_variant(self.variant).patch_size
+    def resolved_patch_size(self) -> int:
+        """The model's patch size: `patch_size`, else the variant's ("B/16"), else Ti/16's."""
+        if self.patch_size is not None:
+            return self.patch_size
+        return parse_variant(self.variant or "Ti/16").patch_size
+
+    def describe(self) -> str:
+        """`Ti/16`, or `width 96, depth 4, heads 3, MLP 384 / patch 4` for a model given by dimensions."""
+        shape = VARIANTS[(self.variant or "Ti/16").split("/")[0]]
+        if self.variant is not None and not any(getattr(self, name) for name in DIMENSIONS):
+            return f"{self.variant.split('/')[0]}/{self.resolved_patch_size}"
+        width, depth = self.width or shape.width, self.depth or shape.depth
+        heads, mlp = self.heads or shape.heads, self.mlp_dim or shape.mlp_dim
+        return f"width {width}, depth {depth}, heads {heads}, MLP {mlp} / patch {self.resolved_patch_size}"
 
     def vit_config(self, *, image_size: int, channels: int, num_classes: int) -> ViTConfig:
         """The model this section describes, for data of the given image size, channels and classes."""
-        overrides = {
-            name: value
-            for name in ("width", "depth", "mlp_dim", "heads")
-            if (value := getattr(self, name)) is not None
-        }
+        overrides = {name: value for name in DIMENSIONS if (value := getattr(self, name)) is not None}
+        variant = (self.variant or "Ti").split("/")[0]
         return ViTConfig.from_variant(
-            self.variant,
+            f"{variant}/{self.resolved_patch_size}",
             image_size=image_size,
             channels=channels,
             num_classes=num_classes,
@@ -223,40 +309,6 @@ class ModelConfig(Section):
             drop_path=self.drop_path,
             **overrides,
         )
-
-
-class OptimizerConfig(Section):
-    """Optimizer and clipping; weight decay applies to weight matrices only."""
-
-    name: Literal["adamw", "sgd"] = "adamw"
-    lr: PositiveFloat = 1e-3
-    betas: tuple[UnitFraction, UnitFraction] = (0.9, 0.999)
-    momentum: UnitFraction = 0.9
-    weight_decay: NonNegativeFloat = 0.1
-    grad_clip: PositiveFloat | None = 1.0
-
-
-class ScheduleConfig(Section):
-    """Linear warmup, then decay to `min_lr_ratio` of the peak."""
-
-    warmup_steps: NonNegativeInt = 10_000
-    decay: Literal["cosine", "linear", "constant"] = "cosine"
-    min_lr_ratio: Annotated[Float, Field(ge=0, le=1)] = 0.0
-
-
-def recipe_settings(optimizer: OptimizerConfig, schedule: ScheduleConfig) -> dict[str, Any]:
-    """An optimizer and LR schedule section as `vit.train.TrainSpec` fields (pretraining and fine-tuning)."""
-    return {
-        "optimizer": optimizer.name,
-        "lr": optimizer.lr,
-        "betas": optimizer.betas,
-        "momentum": optimizer.momentum,
-        "weight_decay": optimizer.weight_decay,
-        "grad_clip": optimizer.grad_clip,
-        "warmup_steps": schedule.warmup_steps,
-        "decay": schedule.decay,
-        "min_lr_ratio": schedule.min_lr_ratio,
-    }
 
 
 class PretrainConfig(Section):
@@ -278,8 +330,8 @@ class PretrainConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     bf16: Literal["auto"] | bool = "auto"  # auto: on GPUs that support it (Ampere and newer), else fp32
-    optimizer: OptimizerConfig = OptimizerConfig()
-    schedule: ScheduleConfig = ScheduleConfig()
+    optimizer: OptimizerSection = Optimizer()
+    schedule: ScheduleSection = Schedule()
     label_smoothing: UnitFraction = 0.0
     flip: bool = True  # random horizontal flips, on the device
     mixup_alpha: NonNegativeFloat = 0.0  # 0 turns mixup off
@@ -306,33 +358,30 @@ class PretrainConfig(Section):
             )
         if self.epochs is not None and "steps" in self.model_fields_set:
             raise ValueError("set either steps or epochs, not both")
-        if self.deepspeed:
-            from vit.train import refuse_derived_keys
-
-            refuse_derived_keys(self.deepspeed)
+        refuse_derived_keys(self.deepspeed)
         return self
 
     @property
     def grad_accum(self) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.num_workers)
 
-    def train_spec(self, total_steps: int) -> TrainSpec:
-        """The plain settings the per-worker loop (`vit.train`) runs on."""
-        from vit.train import TrainSpec
-
-        return TrainSpec(
+    def recipe(self, total_steps: int) -> Recipe:
+        """The recipe the workers train with; `bf16: auto` stays off here and is decided on the worker,
+        which sees the device."""
+        return Recipe(
+            optimizer=self.optimizer,
+            schedule=self.schedule,
             total_steps=total_steps,
             micro_batch_size=self.micro_batch_size,
             grad_accum=self.grad_accum,
-            **recipe_settings(self.optimizer, self.schedule),
             label_smoothing=self.label_smoothing,
-            zero_stage=self.zero_stage,
-            offload_optimizer=self.offload_optimizer,
-            bf16=self.bf16 is True,  # "auto" is decided on the worker, which sees the device
             flip=self.flip,
             mixup_alpha=self.mixup_alpha,
-            extra_deepspeed=dict(self.deepspeed),
+            bf16=self.bf16 is True,
         )
+
+    def zero(self) -> Zero:
+        return Zero(self.zero_stage, self.offload_optimizer, dict(self.deepspeed))
 
 
 class FinetuneConfig(Section):
@@ -347,8 +396,8 @@ class FinetuneConfig(Section):
     steps: PositiveInt = 500
     batch_size: PositiveInt = 512
     micro_batch_size: PositiveInt | None = None  # gradient accumulation when it is below batch_size
-    optimizer: OptimizerConfig = OptimizerConfig(name="sgd", lr=0.03, weight_decay=0.0)
-    schedule: ScheduleConfig = ScheduleConfig(warmup_steps=50)
+    optimizer: OptimizerSection = Optimizer(name="sgd", lr=0.03, weight_decay=0.0)
+    schedule: ScheduleSection = Schedule(warmup_steps=50)
     label_smoothing: UnitFraction = 0.0
     flip: bool = True
     freeze_backbone: bool = False  # train the head alone: a linear probe
@@ -388,17 +437,17 @@ class FinetuneConfig(Section):
     def micro_size(self) -> int:
         return self.micro_batch_size or self.batch_size
 
-    def train_spec(self) -> TrainSpec:
-        """The plain settings of the fine-tuning loop (`vit.finetune`); bf16 is decided in the task."""
-        from vit.train import TrainSpec
-
-        return TrainSpec(
+    def recipe(self) -> Recipe:
+        """The fine-tuning recipe (no mixup); `bf16: auto` is decided in the task, which sees the device."""
+        return Recipe(
+            optimizer=self.optimizer,
+            schedule=self.schedule,
             total_steps=self.steps,
             micro_batch_size=self.micro_size,
             grad_accum=self.batch_size // self.micro_size,
-            **recipe_settings(self.optimizer, self.schedule),
             label_smoothing=self.label_smoothing,
             flip=self.flip,
+            bf16=self.bf16 is True,
         )
 
 

@@ -53,6 +53,34 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise ConnectionError(f"nothing answers at {host}:{port} ({error.strerror or error})") from None
 
 
+def worker_env(use_gpu: bool) -> dict[str, str]:
+    """Environment of Ray Train's worker processes, set before they start (and so before they import
+    DeepSpeed, which picks its accelerator then)."""
+    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    # Ray Train's print patch sends each print to its logger and, where stdout is redirected as in Ray
+    # workers, to stdout as well: every progress line reached the driver twice.
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def check_resources(needs: dict[str, float], what: str, remedy: str, *, per_node: bool = False) -> None:
+    """Work the cluster cannot place would wait forever: refuse it with the numbers instead. `needs` is
+    summed over the cluster, or, with `per_node`, what one task needs of a single node."""
+    if per_node:
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        have = {key: max((node.get(key, 0.0) for node in nodes), default=0.0) for key in needs}
+        where = "the largest node has"
+    else:
+        have = {key: ray.cluster_resources().get(key, 0.0) for key in needs}
+        where = "the cluster has"
+    short = [f"{need:g} {key} needed, {where} {have[key]:g}"
+             for key, need in needs.items() if have[key] < need]  # fmt: skip
+    if short:
+        raise ValueError(f"{what} cannot be placed ({'; '.join(short)}); {remedy}")
+
+
 def cluster_cpus() -> int:
     """CPUs the connected cluster has in total (at least 1)."""
     return max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -7,7 +7,7 @@ from typing import Any, Protocol, TypeVar
 
 import ray
 
-from pipeline.progress import Progress
+from pipeline.metrics import Progress
 from pipeline.ray_session import cluster_cpus
 
 

@@ -1,13 +1,82 @@
-"""Folders on local disk or object storage: fetch one to work on locally, publish one built locally."""
+"""Filesystems and atomic writes: the one place vitpipe turns a location into a filesystem, and the one
+way it writes a file or a folder so that a reader (or a rerun after a kill) never sees half of it.
+
+A location is a local path, a `file://` URL, or any URL pyarrow (s3://, gs://, hdfs://) or fsspec knows.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import posixpath
 import shutil
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipeline.preprocess.sources import resolve
+PARTIAL_SUFFIX = ".partial"
+
+
+def resolve(location: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path of a local path, a `file://` URL or any URL pyarrow or fsspec knows."""
+    if "://" not in location:
+        return pafs.LocalFileSystem(), str(Path(location).expanduser().absolute())
+    try:
+        return pafs.FileSystem.from_uri(location)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as pyarrow_error:
+        try:
+            import fsspec
+        except ImportError:
+            raise ValueError(f"{location}: pyarrow cannot open it ({pyarrow_error})") from None
+        try:
+            filesystem, path = fsspec.core.url_to_fs(location)
+        except (ValueError, ImportError) as error:
+            raise ValueError(f"{location}: no filesystem for this URL ({error})") from None
+        return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem)), path
+
+
+def is_local(location: str) -> bool:
+    return isinstance(resolve(location)[0], pafs.LocalFileSystem)
+
+
+def partial_name(path: str) -> str:
+    """The temporary name a file is written under beside its final one: `.NAME.<id>.partial` (hidden, so
+    shard listings skip it; the id keeps two writers of one name apart)."""
+    directory, leaf = posixpath.split(path)
+    return posixpath.join(directory, f".{leaf}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
+
+
+def is_partial(path: str) -> bool:
+    leaf = posixpath.basename(path)
+    return leaf.startswith(".") and leaf.endswith(PARTIAL_SUFFIX)
+
+
+@contextlib.contextmanager
+def atomic_file(
+    location: str, filesystem: pafs.FileSystem | None = None
+) -> Iterator[tuple[pafs.FileSystem, str]]:
+    """(filesystem, temporary path) to write `location` under; renamed to `location` when the block ends
+    without an error, deleted when it raises. The folder is created. With `filesystem`, `location` is a
+    path on it (as `resolve` returns), not a URL."""
+    filesystem, path = (filesystem, location) if filesystem is not None else resolve(location)
+    filesystem.create_dir(posixpath.dirname(path), recursive=True)
+    partial = partial_name(path)
+    try:
+        yield filesystem, partial
+    except BaseException:
+        with contextlib.suppress(OSError):
+            filesystem.delete_file(partial)
+        raise
+    filesystem.move(partial, path)
+
+
+def write_atomic(location: str, content: str | bytes) -> None:
+    """Write a whole file: its readers see the old content or the new, never a torn one."""
+    data = content.encode() if isinstance(content, str) else content
+    with atomic_file(location) as (filesystem, partial), filesystem.open_output_stream(partial) as stream:
+        stream.write(data)
 
 
 def local_folder(location: str, scratch: Path) -> Path:

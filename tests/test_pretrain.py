@@ -17,8 +17,8 @@ import pytest
 import torch
 import yaml
 
+from pipeline.metrics import read_records
 from pipeline.pretrain.export import choose_checkpoint
-from pipeline.pretrain.metrics import read_records
 from tests.conftest import REPO, TINY_RUN, VITPIPE, run_vitpipe, two_node_cluster
 from vit.config import ViTConfig
 from vit.model import VisionTransformer
@@ -129,7 +129,7 @@ def test_workers_the_cluster_cannot_place_are_refused(cluster, fractal_patches, 
     config = write_config(tmp_path / "big.yaml", fractal_patches, num_workers=4, global_batch_size=64)
     result = run_vitpipe("pretrain", str(config), "--storage", str(tmp_path), "--address", cluster.address)
     assert result.returncode != 0
-    assert "4 worker(s) and the data readers cannot be placed (4.5 CPU needed, 4 in the cluster)" in (
+    assert "4 worker(s) and the data readers cannot be placed (4.5 CPU needed, the cluster has 4)" in (
         result.stderr
     )
     assert not (tmp_path / "big").exists()

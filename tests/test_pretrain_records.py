@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from tensorboardX.proto.event_pb2 import Event
 
+from pipeline.metrics import MetricsLog, ProgressLine, format_seconds, plot_loss, read_records
 from pipeline.pretrain.checkpoints import META_FILE, checkpoint_dir_name, latest_checkpoint, list_checkpoints
 from pipeline.pretrain.export import choose_checkpoint
-from pipeline.pretrain.metrics import MetricsLog, ProgressLine, format_seconds, plot_loss, read_records
 
 
 def step_record(step: int, loss: float) -> dict:
@@ -71,7 +71,7 @@ def test_progress_line_reports_eta_from_the_steps_of_this_launch():
         "pretrain: step 50/100 (50%) loss 1.2346 acc 0.500 lr 1.00e-03 100 img/s MFU 12.3%"
     )
     assert line.endswith("ETA 5m00s")
-    assert [format_seconds(s) for s in (4.6, 61, 3 * 3600 + 59)] == ["5s", "1m01s", "3h00m"]
+    assert [format_seconds(s) for s in (4.6, 12.4, 61, 3 * 3600 + 59)] == ["4.6s", "12s", "1m01s", "3h00m"]
     assert format_seconds(float("nan")) == "?"
 
 

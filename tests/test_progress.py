@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from pipeline.progress import Progress
+from pipeline.metrics import Progress
 
 
 def test_progress_lines_report_counts_rate_eta_and_completion():

@@ -15,7 +15,7 @@ import ray
 import yaml
 
 from pipeline.cli import main
-from pipeline.pretrain.metrics import read_records
+from pipeline.metrics import read_records
 from tests.conftest import REPO, VITPIPE
 
 SMOKE = yaml.safe_load((REPO / "jobs" / "smoke.yaml").read_text())

@@ -17,7 +17,7 @@ import ray
 import torch
 import yaml
 
-from pipeline.pretrain.metrics import read_records
+from pipeline.metrics import read_records
 from pipeline.transfer.data import SplitReader
 from tests.conftest import REPO, TINY_RUN, VITPIPE, preprocess_to, run_vitpipe
 from vit.evaluate import evaluate_classifier

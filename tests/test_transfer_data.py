@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from pipeline.preprocess.inspect import read_samples
+from pipeline.preprocess.summary import read_samples
 from pipeline.transfer.data import SplitReader, holdout
 from vit.patches import patchify
 

@@ -11,7 +11,7 @@ import torch
 from vit.config import ViTConfig
 from vit.finetune import finetune, freeze_backbone
 from vit.model import VisionTransformer
-from vit.train import TrainSpec
+from vit.recipe import Optimizer, Recipe, Schedule
 
 CPU = torch.device("cpu")
 CONFIG = ViTConfig(image_size=8, patch_size=4, num_classes=3, width=16, depth=1, heads=2, mlp_dim=32)
@@ -26,12 +26,10 @@ def batches(size: int, seed: int = 0):
         yield patches[start : start + size], labels[start : start + size]
 
 
-def paper_spec(**changes) -> TrainSpec:
-    settings = {
-        "total_steps": 6, "micro_batch_size": 8, "optimizer": "sgd", "lr": 0.03, "momentum": 0.9,
-        "weight_decay": 0.0, "grad_clip": 1.0, "warmup_steps": 2, "decay": "cosine", "flip": False,
-    }  # fmt: skip
-    return TrainSpec(**{**settings, **changes})
+def paper_spec(lr: float = 0.03, **changes) -> Recipe:
+    optimizer = Optimizer(name="sgd", lr=lr, momentum=0.9, weight_decay=0.0, grad_clip=1.0)
+    settings = {"total_steps": 6, "micro_batch_size": 8, "flip": False, **changes}
+    return Recipe(optimizer, Schedule(warmup_steps=2, decay="cosine"), **settings)
 
 
 def model(seed: int = 0) -> VisionTransformer:

@@ -35,7 +35,7 @@ def test_variant_configs_follow_the_paper_table(name):
         shape.heads,
     )
     assert config.patch_size == 14
-    assert config.num_patches == 256
+    assert config.geometry.num_patches == 256
     assert config.seq_len == 257
 
 

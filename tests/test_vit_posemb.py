@@ -97,7 +97,7 @@ def test_model_resampled_from_14x14_to_24x24_classifies_smooth_images_consistent
     save_pretrained(model, tmp_path)
     large = load_pretrained(tmp_path, image_size=384).eval()
 
-    assert large.config.grid == 24
+    assert large.config.geometry.grid == 24
     assert large.pos_embed.shape == (1, 1 + 24 * 24, config.width)
     assert torch.equal(large.pos_embed[:, 0], model.pos_embed[:, 0])  # class-token row unchanged
     with torch.no_grad():

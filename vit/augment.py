@@ -7,27 +7,28 @@ from __future__ import annotations
 
 import torch
 
+from vit.patches import PatchGeometry
+
 
 def hflip_patches(
-    patches: torch.Tensor, patch_size: int, channels: int, flip: torch.Tensor | None = None
+    patches: torch.Tensor, geometry: PatchGeometry, flip: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Mirror images left-right: reverse the patch columns of the grid and the pixel columns of each
     patch. `flip` is a bool mask [B] of which images to mirror (all when None)."""
-    batch, tokens, _ = patches.shape
-    grid = round(tokens**0.5)
-    shaped = patches.view(batch, grid, grid, patch_size, patch_size, channels)
+    grid, size = geometry.grid, geometry.patch_size
+    shaped = patches.view(patches.shape[0], grid, grid, size, size, geometry.channels)
     mirrored = shaped.flip(2).flip(4).reshape(patches.shape)
     if flip is None:
         return mirrored
-    return torch.where(flip.view(batch, 1, 1), mirrored, patches)
+    return torch.where(flip.view(-1, 1, 1), mirrored, patches)
 
 
 def random_hflip(
-    patches: torch.Tensor, patch_size: int, channels: int, generator: torch.Generator | None = None
+    patches: torch.Tensor, geometry: PatchGeometry, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Mirror each image with probability 1/2."""
     flip = torch.rand(patches.shape[0], device=patches.device, generator=generator) < 0.5
-    return hflip_patches(patches, patch_size, channels, flip)
+    return hflip_patches(patches, geometry, flip)
 
 
 def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from vit.patches import PatchGeometry, geometry_problems
 from vit.variants import parse_variant
 
 DEFAULT_MEAN = 0.5  # big_vision / the paper's checkpoints scale pixels to [-1, 1]
@@ -46,25 +47,15 @@ class ViTConfig:
             raise ValueError("invalid ViT config: " + "; ".join(problems))
 
     def _problems(self) -> list[str]:
-        integers = (
-            "image_size",
-            "patch_size",
-            "channels",
-            "num_classes",
-            "width",
-            "depth",
-            "mlp_dim",
-            "heads",
-        )
-        problems = [
+        integers = ("num_classes", "width", "depth", "mlp_dim", "heads")
+        problems = geometry_problems(self.image_size, self.patch_size, self.channels)
+        sizes = [
             f"{name} must be a positive integer (got {getattr(self, name)!r})"
             for name in integers
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1
         ]
-        if problems:
-            return problems
-        if self.image_size % self.patch_size:
-            problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if sizes:
+            return problems + sizes
         if self.width % self.heads:
             problems.append(f"width {self.width} is not divisible by heads {self.heads}")
         if self.pool not in ("cls", "gap"):
@@ -93,18 +84,9 @@ class ViTConfig:
         return cls(**{"patch_size": parsed.patch_size, **shape, **overrides})
 
     @property
-    def grid(self) -> int:
-        """Patches per side."""
-        return self.image_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid * self.grid
-
-    @property
-    def patch_dim(self) -> int:
-        """Length of one flattened patch: P*P*C."""
-        return self.patch_size * self.patch_size * self.channels
+    def geometry(self) -> PatchGeometry:
+        """The patch tensors the model reads."""
+        return PatchGeometry(self.image_size, self.patch_size, self.channels)
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -113,7 +95,7 @@ class ViTConfig:
 
     @property
     def seq_len(self) -> int:
-        return self.num_patches + self.num_prefix_tokens
+        return self.geometry.num_patches + self.num_prefix_tokens
 
     @property
     def feature_dim(self) -> int:

@@ -12,12 +12,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
-from vit.augment import random_hflip, soft_targets
 from vit.evaluate import Batch
-from vit.train import TrainSpec, make_optimizer, soft_cross_entropy
+from vit.recipe import Recipe
+from vit.step import make_optimizer, set_lr, training_loss
 
 HEAD_PREFIX = "head."
 
@@ -45,15 +46,16 @@ class FinetuneOutcome:
 def finetune(
     model: nn.Module,
     batches: Iterator[Batch],
-    spec: TrainSpec,
+    recipe: Recipe,
     *,
     device: torch.device,
     validate: Callable[[nn.Module], float] | None = None,
     validate_every: int | None = None,
     log_every: int = 10,
     on_record: Callable[[dict], None] | None = None,
+    seed: int = 0,
 ) -> FinetuneOutcome:
-    """Run `spec.total_steps` optimizer steps of `spec.grad_accum` micro-batches each.
+    """Run `recipe.total_steps` optimizer steps of `recipe.grad_accum` micro-batches each.
 
     Every `validate_every` steps and at the last, `validate(model)` scores the weights; the best score's
     weights are returned (ties go to the later step). Each `log_every` steps a record (loss, accuracy, lr,
@@ -63,48 +65,20 @@ def finetune(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("no parameter is trainable")
-    optimizer = make_optimizer(model, spec)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, spec.schedule())
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.bf16)
-    config = model.config
-    every = validate_every or max(1, spec.total_steps // 10)
+    optimizer = make_optimizer(model, recipe.optimizer, fused=device.type == "cuda")
+    every = validate_every or max(1, recipe.total_steps // 10)
     outcome = FinetuneOutcome(best_state={}, best_step=0, best_score=None)
-    started = window_start = time.perf_counter()
-    window_loss, window_correct, window_images = 0.0, 0, 0
-    for step in range(1, spec.total_steps + 1):
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        for _ in range(spec.grad_accum):
-            patches, labels = next(batches)
-            patches = torch.as_tensor(patches).to(device, non_blocking=True)
-            labels = torch.as_tensor(labels).long().to(device, non_blocking=True)
-            if spec.flip:
-                patches = random_hflip(patches, config.patch_size, config.channels)
-            targets = soft_targets(labels, config.num_classes, spec.label_smoothing)
-            with autocast:
-                logits = model(patches)
-            loss = soft_cross_entropy(logits, targets) / spec.grad_accum
-            loss.backward()
-            window_loss += float(loss.detach()) * spec.grad_accum * labels.shape[0]
-            window_correct += int((logits.detach().argmax(-1) == labels).sum())
-            window_images += labels.shape[0]
-        clip = spec.grad_clip if spec.grad_clip else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        validating = validate is not None and (step % every == 0 or step == spec.total_steps)
-        if not (validating or step % log_every == 0 or step == spec.total_steps):
+    window = _Window()
+    rng = np.random.default_rng(seed)
+    started = time.perf_counter()
+    for step in range(1, recipe.total_steps + 1):
+        lr = recipe.lr_at(step - 1)
+        set_lr(optimizer, lr)
+        grad_norm = _step(model, optimizer, trainable, batches, recipe, rng, device, window)
+        validating = validate is not None and (step % every == 0 or step == recipe.total_steps)
+        if not (validating or step % log_every == 0 or step == recipe.total_steps):
             continue
-        elapsed = time.perf_counter() - window_start
-        record = {
-            "step": step,
-            "loss": window_loss / window_images,
-            "accuracy": window_correct / window_images,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "images_per_s": window_images / elapsed if elapsed > 0 else None,
-        }
+        record = window.record(step, lr, grad_norm)
         if validate is not None and validating:
             record["val_top1"] = score = validate(model)
             if outcome.best_score is None or score >= outcome.best_score:
@@ -113,12 +87,67 @@ def finetune(
         outcome.records.append(record)
         if on_record is not None:
             on_record(record)
-        window_loss, window_correct, window_images = 0.0, 0, 0
-        window_start = time.perf_counter()
     if validate is None:
-        outcome.best_state, outcome.best_step = _cpu_copy(model), spec.total_steps
+        outcome.best_state, outcome.best_step = _cpu_copy(model), recipe.total_steps
     outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+def _step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainable: list[nn.Parameter],
+    batches: Iterator[Batch],
+    recipe: Recipe,
+    rng: np.random.Generator,
+    device: torch.device,
+    window: _Window,
+) -> float:
+    """One optimizer step: the recipe's training loss on `grad_accum` micro-batches, clipping, update.
+    Returns the gradient norm before clipping."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    for _ in range(recipe.grad_accum):
+        patches, labels = next(batches)
+        patches = torch.as_tensor(patches).to(device, non_blocking=True)
+        labels = torch.as_tensor(labels).long().to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.bf16):
+            result = training_loss(model, patches, labels, recipe, rng)
+        (result.loss / recipe.grad_accum).backward()
+        window.add(float(result.loss.detach()), result.correct, result.images)
+    clip = recipe.optimizer.grad_clip or float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
+    optimizer.step()
+    return grad_norm
+
+
+class _Window:
+    """Loss, accuracy and speed over the steps since the last record."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.correct, self.images = 0.0, 0, 0
+        self.started = time.perf_counter()
+
+    def add(self, loss: float, correct: int, images: int) -> None:
+        self.loss += loss * images
+        self.correct += correct
+        self.images += images
+
+    def record(self, step: int, lr: float, grad_norm: float) -> dict:
+        elapsed = time.perf_counter() - self.started
+        record = {
+            "step": step,
+            "loss": self.loss / self.images,
+            "accuracy": self.correct / self.images,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "images_per_s": self.images / elapsed if elapsed > 0 else None,
+        }
+        self.reset()
+        return record
 
 
 def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ def forward_flops_breakdown(config: ViTConfig) -> dict[str, int]:
         "attention_out": 2 * tokens * width * width,
         "mlp": 2 * 2 * tokens * width * mlp,
     }
-    breakdown = {"patch_embedding": 2 * config.num_patches * config.patch_dim * width}
+    breakdown = {"patch_embedding": 2 * config.geometry.num_patches * config.geometry.patch_dim * width}
     breakdown.update({name: flops * config.depth for name, flops in per_block.items()})
     breakdown["pre_logits"] = 2 * width * config.representation_size if config.representation_size else 0
     breakdown["head"] = 2 * config.feature_dim * config.num_classes
@@ -79,3 +79,10 @@ def measured_matmul_flops(
         torch.mm(a, b)
         runs += 1
     return 2 * size**3 * runs / elapsed
+
+
+def peak_flops(device: torch.device, bf16: bool) -> float | None:
+    """The peak one device's MFU is quoted against: a GPU's datasheet number, a CPU's measured matmul."""
+    if device.type == "cuda":
+        return gpu_peak_flops(torch.cuda.get_device_name(device), bf16)
+    return measured_matmul_flops(torch.bfloat16 if bf16 else torch.float32)

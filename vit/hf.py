@@ -14,8 +14,7 @@ from typing import Any, Literal
 import torch
 
 from vit.config import DEFAULT_MEAN, DEFAULT_STD, ViTConfig
-from vit.model import VisionTransformer
-from vit.weights import (
+from vit.files import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     Checkpoint,
@@ -24,7 +23,9 @@ from vit.weights import (
     read_safetensors,
     write_model_folder,
 )
+from vit.model import VisionTransformer
 
+HF_DIR = "hf"  # where an export puts its HF transformers folder, beside vitpipe's own
 PREPROCESSOR_FILE = "preprocessor_config.json"
 SHARD_INDEX_FILE = "model.safetensors.index.json"
 PICKLE_WEIGHTS_FILE = "pytorch_model.bin"

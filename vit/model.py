@@ -37,16 +37,16 @@ class PatchStem(nn.Module):
         std = torch.tensor(config.std).repeat(pixels_per_channel)
         self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)
         self.register_buffer("shift", -mean / std, persistent=False)
-        self.proj = nn.Linear(config.patch_dim, config.width)
+        self.proj = nn.Linear(config.geometry.patch_dim, config.width)
 
     def check(self, patches: torch.Tensor, *, normalized: bool) -> None:
         """Raise a ValueError that says what the model expects when the input does not fit it."""
-        cfg = self.config
-        expected = (cfg.num_patches, cfg.patch_dim)
+        geometry = self.config.geometry
+        expected = geometry.shape
+        size, channels = geometry.patch_size, geometry.channels
         what = (
-            f"[batch, {cfg.num_patches}, {cfg.patch_dim}] "
-            f"({cfg.grid}x{cfg.grid} patches of {cfg.patch_size}x{cfg.patch_size}x{cfg.channels} "
-            f"for {cfg.image_size}px images)"
+            f"[batch, {geometry.num_patches}, {geometry.patch_dim}] ({geometry.grid}x{geometry.grid} patches "
+            f"of {size}x{size}x{channels} for {geometry.image_size}px images)"
         )
         if patches.ndim != 3 or tuple(patches.shape[1:]) != expected:
             hint = describe_patch_dim(patches.shape[-1]) if patches.ndim >= 1 else ""

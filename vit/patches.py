@@ -2,27 +2,112 @@
 
 Patches follow the image's row-major grid; each patch is flattened in (row, col, channel) order:
 `patches[n] = img[r*P:(r+1)*P, c*P:(c+1)*P, :].reshape(-1)` with `n = r * (W // P) + c`.
-Preprocessing writes this layout, the model's stem reads it, `inspect` inverts it. Works on numpy
+Preprocessing writes this layout, the model's stem reads it, the sample grids invert it. Works on numpy
 arrays and torch tensors alike, and never copies dtype: uint8 in, uint8 out.
+
+`PatchGeometry` is the one description of a patch tensor's shape: the model config, the Parquet writer,
+the manifest and every stage's plan hold one.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
 
-Array = TypeVar("Array", np.ndarray, torch.Tensor)
+if TYPE_CHECKING:  # torch tensors are handled by their own methods; importing torch is not needed here
+    import torch
+
+Array = TypeVar("Array", np.ndarray, "torch.Tensor")
+
+
+LAYOUT = "row-major patch grid; each patch flattened in (row, col, channel) order"
+
+
+@dataclass(frozen=True)
+class PatchGeometry:
+    """Square images of `image_size` pixels and `channels` channels cut into `patch_size` patches: a
+    uint8 tensor of `num_patches` rows of `patch_dim` bytes."""
+
+    image_size: int
+    patch_size: int
+    channels: int
+
+    def __post_init__(self) -> None:
+        problems = geometry_problems(self.image_size, self.patch_size, self.channels)
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def grid(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch: P*P*C."""
+        return self.patch_size * self.patch_size * self.channels
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """One sample's patch tensor shape: (num_patches, patch_dim)."""
+        return self.num_patches, self.patch_dim
+
+    @property
+    def sample_bytes(self) -> int:
+        return self.num_patches * self.patch_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        """The geometry as a manifest and a file's metadata record it (derived sizes included, for readers
+        without vitpipe)."""
+        return {
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "channels": self.channels,
+            "grid": [self.grid, self.grid],
+            "num_patches": self.num_patches,
+            "patch_dim": self.patch_dim,
+            "dtype": "uint8",
+            "layout": LAYOUT,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "geometry") -> PatchGeometry:
+        """Read back what `to_dict` wrote; a missing or bad entry is a ValueError naming `source`."""
+        try:
+            return cls(int(data["image_size"]), int(data["patch_size"]), int(data["channels"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{source}: no valid patch geometry ({error})") from None
+
+    def describe(self) -> str:
+        return f"{self.image_size}px / patch {self.patch_size}, {self.channels} channel(s)"
+
+
+def geometry_problems(image_size: int, patch_size: int, channels: int) -> list[str]:
+    """What makes three numbers no geometry (the ViT config lists these beside its own problems)."""
+    sizes = {"image_size": image_size, "patch_size": patch_size, "channels": channels}
+    problems = [
+        f"{name} must be a positive integer (got {value!r})"
+        for name, value in sizes.items()
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1
+    ]
+    if not problems and image_size % patch_size:
+        problems.append(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+    return problems
 
 
 def _permute(x: Array, axes: tuple[int, ...]) -> Array:
-    return x.permute(*axes) if isinstance(x, torch.Tensor) else np.transpose(x, axes)
+    return np.transpose(x, axes) if isinstance(x, np.ndarray) else x.permute(*axes)
 
 
 def _contiguous(x: Array) -> Array:
-    return x.contiguous() if isinstance(x, torch.Tensor) else np.ascontiguousarray(x)
+    return np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x.contiguous()
 
 
 def patchify(images: Array, patch_size: int) -> Array:

@@ -8,26 +8,28 @@ a ValueError naming the file, the key and both shapes.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from vit.config import ViTConfig
+from vit.files import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    Checkpoint,
+    read_config_json,
+    read_safetensors,
+    write_model_folder,
+)
+from vit.hf import read_hf_checkpoint
 from vit.model import VisionTransformer
 from vit.posemb import resample_posemb
 
 log = logging.getLogger(__name__)
 
 FORMAT = "vitpipe.vit/1"
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 
 # Fields a checkpoint can be loaded under a different value of; every other field must match it.
 ADAPTABLE = frozenset(
@@ -35,16 +37,6 @@ ADAPTABLE = frozenset(
 )
 HEAD_KEYS = ("head.weight", "head.bias")
 PRE_LOGITS_KEYS = ("pre_logits.0.weight", "pre_logits.0.bias")
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """Weights read from disk in vitpipe's naming, with the config they were saved under."""
-
-    config: ViTConfig
-    state: dict[str, torch.Tensor]
-    labels: list[str] | None
-    source: str
 
 
 def save_pretrained(
@@ -63,48 +55,6 @@ def save_pretrained(
     return directory
 
 
-def write_model_folder(
-    directory: Path, state: dict[str, torch.Tensor], metadata: dict[str, str], json_files: dict[str, Any]
-) -> None:
-    """Weights first, JSON files last, each under a temporary name renamed when complete: a folder
-    whose config.json exists holds whole files, even if the writer was killed midway."""
-    (directory / CONFIG_FILE).unlink(missing_ok=True)
-    partial = directory / f".{WEIGHTS_FILE}.partial"
-    save_file(state, partial, metadata=metadata)
-    os.replace(partial, directory / WEIGHTS_FILE)
-    for name, content in json_files.items():
-        partial = directory / f".{name}.partial"
-        partial.write_text(json.dumps(content, indent=2) + "\n")
-        os.replace(partial, directory / name)
-
-
-def read_config_json(directory: Path) -> dict[str, Any]:
-    path = directory / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE}; not a saved vitpipe or HF ViT model")
-    return read_json(path)
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from a file; anything else is a ValueError naming the file."""
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: weights file missing")
-    try:
-        return load_file(path, device="cpu")
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
-
-
 def read_checkpoint(directory: str | Path) -> Checkpoint:
     """Read a vitpipe folder, or an HF transformers ViT folder (converted to vitpipe's naming)."""
     directory = Path(directory)
@@ -114,8 +64,6 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
         state = read_safetensors(directory / WEIGHTS_FILE)
         return Checkpoint(config, state, data.get("labels"), str(directory / WEIGHTS_FILE))
     if data.get("model_type") == "vit":
-        from vit.hf import read_hf_checkpoint
-
         return read_hf_checkpoint(directory)
     raise ValueError(
         f"{directory / CONFIG_FILE}: neither a vitpipe model (format {FORMAT!r}) "
@@ -147,13 +95,11 @@ def adapt_state_dict(
     _refuse_fixed_changes(source, {name: getattr(target, name) for name in target.to_dict()}, source_name)
     state = dict(state)
     notes: list[str] = []
-    if source.grid != target.grid and "pos_embed" in state:
-        state["pos_embed"] = resample_posemb(
-            state["pos_embed"], (target.grid, target.grid), num_prefix_tokens=target.num_prefix_tokens
-        )
-        notes.append(
-            f"position embeddings resampled from {source.grid}x{source.grid} to {target.grid}x{target.grid}"
-        )
+    old, new = source.geometry.grid, target.geometry.grid
+    if old != new and "pos_embed" in state:
+        prefix = target.num_prefix_tokens
+        state["pos_embed"] = resample_posemb(state["pos_embed"], (new, new), num_prefix_tokens=prefix)
+        notes.append(f"position embeddings resampled from {old}x{old} to {new}x{new}")
     if source.representation_size != target.representation_size:
         for key in PRE_LOGITS_KEYS:
             state.pop(key, None)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.datasets.shards import ShardResult, brace_pattern, result_dicts
+from pipeline.storage import write_atomic
 
 CARD_FILE = "dataset.json"
 CARD_FORMAT = "vitpipe.webdataset/1"
@@ -45,9 +46,7 @@ def split_entry(split: str, name: str, results: list[ShardResult]) -> dict[str, 
 def write_card(out: Path, card: dict[str, Any]) -> Path:
     """Write dataset.json (after every shard is in place, so its presence means the dataset is whole)."""
     path = out / CARD_FILE
-    partial = path.with_name(f".{CARD_FILE}.partial")
-    partial.write_text(json.dumps({"format": CARD_FORMAT, **card}, indent=2) + "\n")
-    partial.replace(path)
+    write_atomic(str(path), json.dumps({"format": CARD_FORMAT, **card}, indent=2) + "\n")
     return path
 
 

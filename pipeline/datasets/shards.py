@@ -8,12 +8,15 @@ same samples always give the same bytes, whichever worker or machine wrote them.
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pipeline.storage import atomic_file
+
+USTAR = tarfile.USTAR_FORMAT
 
 Sample = tuple[str, dict[str, bytes]]  # key, {extension: bytes}
 
@@ -43,11 +46,9 @@ def brace_pattern(name: str, count: int) -> str:
 
 def write_shard(path: Path, samples: Iterable[Sample]) -> tuple[int, int]:
     """Write samples to `path` atomically (temporary name, then rename); return (samples, bytes)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
     count = 0
     seen: set[str] = set()
-    with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_file(str(path)) as (_, partial), tarfile.open(partial, "w", format=USTAR) as tar:
         for key, members in samples:
             if not key or "." in key or "/" in key or key in seen:
                 raise ValueError(f"{path.name}: sample key {key!r} is empty, repeated or has '.' or '/'")
@@ -59,7 +60,6 @@ def write_shard(path: Path, samples: Iterable[Sample]) -> tuple[int, int]:
                 info.uname = info.gname = ""
                 tar.addfile(info, io.BytesIO(payload))
             count += 1
-    os.replace(partial, path)
     return count, path.stat().st_size
 
 

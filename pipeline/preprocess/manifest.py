@@ -14,9 +14,10 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pipeline.config import PreprocessConfig
-from pipeline.preprocess.patchfile import PATCHES_FORMAT, PatchGeometry
+from pipeline.preprocess.patchfile import PATCHES_FORMAT
 from pipeline.preprocess.shard import ShardReport
-from pipeline.preprocess.sources import resolve
+from pipeline.storage import atomic_file, resolve
+from vit.patches import PatchGeometry
 
 MANIFEST_FILE = "_manifest.json"
 ROOT_SPLIT = "."  # the split name of shards that sit directly in the input folder
@@ -40,7 +41,7 @@ def build_manifest(
         "input": input_spec,
         "config": config.model_dump(mode="json"),
         "config_hash": config.output_hash(),
-        "patches": PatchGeometry.of(config).describe(),
+        "patches": config.geometry().to_dict(),
         "classes": classes,
         "totals": {
             "shards": len(reports),
@@ -71,10 +72,8 @@ def split_of(file: str) -> str:
 
 def write_manifest(filesystem: pafs.FileSystem, root: str, manifest: dict[str, Any]) -> str:
     path = posixpath.join(root, MANIFEST_FILE)
-    partial = posixpath.join(root, f".{MANIFEST_FILE}.partial")
-    with filesystem.open_output_stream(partial) as stream:
+    with atomic_file(path, filesystem) as (_, partial), filesystem.open_output_stream(partial) as stream:
         stream.write((json.dumps(manifest, indent=2) + "\n").encode())
-    filesystem.move(partial, path)
     return path
 
 
@@ -96,6 +95,12 @@ def read_manifest(directory: str) -> dict[str, Any]:
     if manifest.get("format") != PATCHES_FORMAT:
         raise ValueError(f"{path}: format {manifest.get('format')!r} is not {PATCHES_FORMAT!r}")
     return manifest
+
+
+def manifest_geometry(manifest: dict[str, Any], directory: str) -> PatchGeometry:
+    """The patch geometry a preprocessed folder's manifest records."""
+    source = posixpath.join(directory, MANIFEST_FILE)
+    return PatchGeometry.from_dict(manifest.get("patches") or {}, source=source)
 
 
 def manifest_classes(manifest: dict[str, Any], directory: str) -> list[str]:

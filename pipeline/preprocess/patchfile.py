@@ -12,7 +12,6 @@ finished file without reading its rows.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,52 +19,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.config import PreprocessConfig
+from vit.patches import PatchGeometry
 
 PATCHES_FORMAT = "vitpipe.patches/1"
 SHARD_METADATA_KEY = "vitpipe.shard"
 ROW_GROUP_BYTES = 32 * 1024**2
-
-
-@dataclass(frozen=True)
-class PatchGeometry:
-    """How an image becomes a patch tensor: `num_patches` rows of `patch_dim` bytes."""
-
-    image_size: int
-    patch_size: int
-    channels: int
-
-    @classmethod
-    def of(cls, config: PreprocessConfig) -> PatchGeometry:
-        return cls(config.image_size, config.patch_size, config.channels)
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid**2
-
-    @property
-    def patch_dim(self) -> int:
-        return self.patch_size**2 * self.channels
-
-    @property
-    def sample_bytes(self) -> int:
-        return self.num_patches * self.patch_dim
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "image_size": self.image_size,
-            "patch_size": self.patch_size,
-            "channels": self.channels,
-            "grid": [self.grid, self.grid],
-            "num_patches": self.num_patches,
-            "patch_dim": self.patch_dim,
-            "dtype": "uint8",
-            "layout": "row-major patch grid; each patch flattened in (row, col, channel) order",
-        }
 
 
 def patch_schema(geometry: PatchGeometry) -> pa.Schema:
@@ -86,7 +44,7 @@ def patch_schema(geometry: PatchGeometry) -> pa.Schema:
 
 
 def _geometry_metadata(geometry: PatchGeometry) -> dict[str, str]:
-    return {f"vitpipe.{k}": json.dumps(v) for k, v in geometry.describe().items() if k != "layout"}
+    return {f"vitpipe.{k}": json.dumps(v) for k, v in geometry.to_dict().items() if k != "layout"}
 
 
 class PatchShardWriter:
@@ -183,8 +141,4 @@ def geometry_of(schema: pa.Schema) -> PatchGeometry:
     metadata = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
     if metadata.get("vitpipe.format") != PATCHES_FORMAT:
         raise ValueError(f"not a vitpipe patch file (format {metadata.get('vitpipe.format')!r})")
-    return PatchGeometry(
-        image_size=int(metadata["vitpipe.image_size"]),
-        patch_size=int(metadata["vitpipe.patch_size"]),
-        channels=int(metadata["vitpipe.channels"]),
-    )
+    return PatchGeometry.from_dict({key.removeprefix("vitpipe."): value for key, value in metadata.items()})

@@ -20,10 +20,11 @@ from pipeline.config import OUTPUT_NEUTRAL, PreprocessConfig
 from pipeline.datasets.card import CARD_FILE, parse_card
 from pipeline.preprocess.manifest import MANIFEST_FILE, build_manifest, failure_kinds, write_manifest
 from pipeline.preprocess.patchfile import read_shard_metadata
-from pipeline.preprocess.shard import PARTIAL_SUFFIX, ShardReport, preprocess_shard
-from pipeline.preprocess.sources import ShardListing, ShardSource, list_shards, resolve
+from pipeline.preprocess.shard import ShardReport, preprocess_shard
+from pipeline.preprocess.sources import ShardListing, ShardSource, list_shards
 from pipeline.ray_session import init_ray
 from pipeline.ray_tasks import run_shard_tasks
+from pipeline.storage import is_partial, resolve
 
 FOOTER_READERS = 16
 
@@ -173,8 +174,7 @@ def _remove_partials(filesystem: pafs.FileSystem, root: str) -> None:
     """Delete temporary files a killed run left behind (`.name.parquet.<id>.partial`)."""
     selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
     for info in filesystem.get_file_info(selector):
-        leaf = posixpath.basename(info.path)
-        if info.type == pafs.FileType.File and leaf.startswith(".") and leaf.endswith(PARTIAL_SUFFIX):
+        if info.type == pafs.FileType.File and is_partial(info.path):
             filesystem.delete_file(info.path)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import posixpath
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,12 +18,11 @@ import torch
 
 from pipeline.config import PreprocessConfig
 from pipeline.preprocess.decode import decode_image
-from pipeline.preprocess.patchfile import PatchGeometry, PatchShardWriter
+from pipeline.preprocess.patchfile import PatchShardWriter
 from pipeline.preprocess.samples import Failure, SampleError, UnreadableShardError, parse_label, read_samples
 from pipeline.preprocess.sources import ShardSource
+from pipeline.storage import partial_name
 from vit.patches import patchify
-
-PARTIAL_SUFFIX = ".partial"
 
 
 @dataclass
@@ -70,16 +68,15 @@ def preprocess_shard(
     torch.set_num_threads(1)  # one core per task; Ray schedules the parallelism
     started = time.perf_counter()
     report = ShardReport(source=source.name, file=source.output_name)
-    geometry = PatchGeometry.of(config)
+    geometry = config.geometry()
     final = posixpath.join(out_root, source.output_name)
-    directory, leaf = posixpath.split(final)
-    partial = posixpath.join(directory, f".{leaf}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
+    partial = partial_name(final)
     try:
         stream = in_fs.open_input_stream(source.path)
     except (OSError, ValueError) as error:
         return _unreadable(report, f"unreadable shard: cannot open {source.path} ({error})", started)
     per_class: Counter[int] = Counter()
-    out_fs.create_dir(directory, recursive=True)
+    out_fs.create_dir(posixpath.dirname(final), recursive=True)
     writer = PatchShardWriter(out_fs, partial, geometry, source.name, config.compression)
     try:
         with stream:

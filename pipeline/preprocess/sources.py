@@ -10,11 +10,11 @@ import fnmatch
 import posixpath
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import braceexpand
-import pyarrow as pa
 import pyarrow.fs as pafs
+
+from pipeline.storage import resolve
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _BRACE = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
@@ -41,24 +41,6 @@ class ShardListing:
     filesystem: pafs.FileSystem
     root: str
     shards: list[ShardSource]
-
-
-def resolve(location: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem and path of a local path, a `file://` URL or any URL pyarrow or fsspec knows."""
-    if "://" not in location:
-        return pafs.LocalFileSystem(), str(Path(location).expanduser().absolute())
-    try:
-        return pafs.FileSystem.from_uri(location)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as pyarrow_error:
-        try:
-            import fsspec
-        except ImportError:
-            raise ValueError(f"{location}: pyarrow cannot open it ({pyarrow_error})") from None
-        try:
-            filesystem, path = fsspec.core.url_to_fs(location)
-        except (ValueError, ImportError) as error:
-            raise ValueError(f"{location}: no filesystem for this URL ({error})") from None
-        return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem)), path
 
 
 def list_shards(location: str) -> ShardListing:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipeline.preprocess.sources import resolve
+from pipeline.storage import resolve
 
 META_FILE = "vitpipe.json"
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -23,6 +23,11 @@ def checkpoint_dir_name(step: int) -> str:
 
 def tag_of(step: int) -> str:
     return f"step{step:08d}"
+
+
+def step_of(path: str) -> int:
+    """The step of a `checkpoint_NNNNNNNN` folder, from its name."""
+    return int(path.rstrip("/").rsplit("_", 1)[-1])
 
 
 @dataclass(frozen=True)

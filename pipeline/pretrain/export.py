@@ -11,10 +11,13 @@ from pathlib import Path
 
 from pipeline.pretrain.checkpoints import CheckpointInfo, list_checkpoints
 from pipeline.storage import local_folder, publish_folder
+from vit.config import ViTConfig
+from vit.hf import HF_DIR, export_hf
+from vit.model import VisionTransformer
+from vit.weights import load_state, save_pretrained
 
 EXPORT_DIR = "export"
 VITPIPE_DIR = "vitpipe"
-HF_DIR = "hf"
 
 
 @dataclass(frozen=True)
@@ -41,11 +44,8 @@ def choose_checkpoint(run_dir: str, name: str | None = None) -> CheckpointInfo:
 
 def export_checkpoint(run_dir: str, checkpoint: str | None = None, out: str | None = None) -> Export:
     """Consolidate one checkpoint and write `OUT/vitpipe` and `OUT/hf` (OUT defaults to RUN/export)."""
-    from vit.config import ViTConfig
-    from vit.hf import export_hf
-    from vit.model import VisionTransformer
     from vit.train import consolidated_state
-    from vit.weights import load_state, save_pretrained
+
 
     info = choose_checkpoint(run_dir, checkpoint)
     out = out or posixpath.join(run_dir, EXPORT_DIR)

@@ -1,25 +1,30 @@
-"""`vitpipe pretrain`: check everything, then run the DeepSpeed workers under Ray Train's TorchTrainer.
+"""The pretrain stage's Ray part: check everything, then run the DeepSpeed workers under Ray Train's
+TorchTrainer (the runner's `pretrain` step calls `pretrain`; `vitpipe pretrain JOB` is that step alone).
 
-A run is `STORAGE/NAME`. Launching a run that already has checkpoints resumes it from the newest one
-(Ray Train restores its own state from the same folder); a worker lost mid-run restarts the worker group
-from the newest checkpoint, up to `max_failures` times.
+A run is `STORAGE/NAME` (where the run layout puts it). Launching a run that already has checkpoints
+resumes it from the newest one (Ray Train restores its own state from the same folder); a worker lost
+mid-run restarts the worker group from the newest checkpoint, up to `max_failures` times.
 """
 
 from __future__ import annotations
 
-import os
 import posixpath
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
+import ray
+import ray.data
+from ray.data import DataContext, ExecutionOptions
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
 from pipeline.config import PretrainConfig
-from pipeline.preprocess.sources import resolve
+from pipeline.metrics import LOSS_PLOT, plot_loss, read_records
 from pipeline.pretrain.checkpoints import latest_checkpoint
 from pipeline.pretrain.export import Export, export_checkpoint
-from pipeline.pretrain.metrics import LOSS_PLOT, plot_loss, read_records
 from pipeline.pretrain.plan import (
     PretrainPlan,
     plan_pretrain,
@@ -27,8 +32,9 @@ from pipeline.pretrain.plan import (
     shuffled_files,
     worker_settings,
 )
-
-DEFAULT_STORAGE = "runs"
+from pipeline.pretrain.worker import DATASET, SETTINGS, train_loop
+from pipeline.ray_session import check_resources, init_ray, worker_env
+from pipeline.storage import resolve
 
 
 @dataclass(frozen=True)
@@ -49,14 +55,6 @@ class PretrainResult:
         return "\n".join(lines)
 
 
-def run_location(config: PretrainConfig, name: str, storage_path: str | None = None) -> tuple[str, str]:
-    """(storage, run_dir): storage as Ray Train wants it (an absolute path or a URL) and the run in it."""
-    storage = storage_path or config.storage_path or DEFAULT_STORAGE
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
-    return storage, posixpath.join(storage, name)
-
-
 def check_run_matches(run_dir: str, plan: PretrainPlan) -> None:
     """A run directory with checkpoints of another model is refused: resuming would mix two models."""
     latest = latest_checkpoint(run_dir)
@@ -67,69 +65,35 @@ def check_run_matches(run_dir: str, plan: PretrainPlan) -> None:
     if changed:
         described = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
         raise ValueError(
-            f"{run_dir}: holds checkpoints of another model ({described}); use another run name to start "
-            "afresh, or the same settings to resume"
-        )
-
-
-def check_resources(config: PretrainConfig) -> None:
-    """Ray Train would wait forever for workers the cluster cannot place; say so instead."""
-    import ray
-
-    resources = ray.cluster_resources()
-    # Ray Data reads beside the workers: without CPUs to spare its read tasks never start.
-    needs = {"CPU": config.num_workers * config.cpus_per_worker + config.data_cpus}
-    if config.use_gpu:
-        needs["GPU"] = config.num_workers
-    short = {
-        key: (need, resources.get(key, 0)) for key, need in needs.items() if resources.get(key, 0) < need
-    }
-    if short:
-        described = ", ".join(
-            f"{need:g} {key} needed, {have:g} in the cluster" for key, (need, have) in short.items()
-        )
-        raise ValueError(
-            f"pretrain: {config.num_workers} worker(s) and the data readers cannot be placed ({described}); "
-            "lower num_workers, cpus_per_worker or data_cpus, or grow the cluster"
+            f"{run_dir}: holds checkpoints of another model ({described}); give the job another name to "
+            "start afresh beside it, `--force pretrain` to replace them, or the same model to resume"
         )
 
 
 def pretrain(
-    config: PretrainConfig,
-    *,
-    name: str,
-    data: str | None = None,
-    storage_path: str | None = None,
-    address: str | None = None,
+    config: PretrainConfig, *, data: str, storage: str, name: str, address: str | None = None
 ) -> PretrainResult:
-    """Pretrain (or resume) run NAME on the preprocessed directory `data` (default: `config.data`)."""
-    from pipeline.ray_session import init_ray
-
-    data = data or config.data
-    storage, run_dir = run_location(config, name, storage_path)
+    """Pretrain (or resume) run `storage/name` on the preprocessed directory `data`."""
+    run_dir = posixpath.join(storage, name)
     plan = plan_pretrain(config, data)  # every data and model check, before Ray starts
     check_run_matches(run_dir, plan)
     print(plan.describe(), file=sys.stderr)
     print(init_ray(address), file=sys.stderr)
-    check_resources(config)
-
+    # Ray Data reads beside the workers: without CPUs to spare its read tasks never start.
+    needs = {"CPU": config.num_workers * config.cpus_per_worker + config.data_cpus}
+    if config.use_gpu:
+        needs["GPU"] = config.num_workers
+    check_resources(needs, f"pretrain: {config.num_workers} worker(s) and the data readers",
+                    "lower num_workers, cpus_per_worker or data_cpus, or grow the cluster")  # fmt: skip
     result = _fit(config, plan, name, storage, run_dir)
     if result.error is not None:
         raise RuntimeError(f"pretrain run {run_dir} failed: {result.error}") from result.error
     exported = export_checkpoint(run_dir)
-    records = read_records(run_dir)
-    plot = _plot(records, run_dir)
+    plot = _plot(read_records(run_dir), run_dir)
     return PretrainResult(run_dir, plan, exported.step, exported, plot)
 
 
 def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, run_dir: str):
-    import ray.data
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipeline.pretrain.worker import DATASET, train_loop
-
     files = shuffled_files(plan.data.files, config.seed)
     dataset = ray.data.read_parquet(files, columns=["patches", "label"], num_cpus=config.data_cpus)
     store = ray.cluster_resources().get("object_store_memory", 0)
@@ -137,17 +101,10 @@ def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, ru
         print(f"pretrain: caching the {plan.data.bytes_in_memory / 2**20:,.0f} MiB split in the object store",
               file=sys.stderr)  # fmt: skip
         dataset = _materialize_in_order(dataset)
-    env = {"DS_ACCELERATOR": "cpu"} if not config.use_gpu else {}
-    # Ray Train's print patch sends each print to its logger and, where stdout is redirected as in Ray
-    # workers, to stdout as well: every progress line reached the driver twice.
-    env |= {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    settings = worker_settings(config, plan, run_dir, _resume_point(run_dir))
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={
-            **worker_settings(config, plan),
-            "run_dir": run_dir,
-            "resume_from": _resume_point(run_dir),
-        },
+        train_loop_config={SETTINGS: settings},
         scaling_config=ScalingConfig(
             num_workers=config.num_workers,
             use_gpu=config.use_gpu,
@@ -159,13 +116,12 @@ def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, ru
             storage_path=storage,
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
-            worker_runtime_env={"env_vars": env},
+            worker_runtime_env={"env_vars": worker_env(config.use_gpu)},
         ),
         datasets={DATASET: dataset},
         # The same order every epoch and every relaunch, so a resumed worker can skip what it trained on.
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     return trainer.fit()
 
 
@@ -179,8 +135,6 @@ def _resume_point(run_dir: str) -> str | None:
 
 def _materialize_in_order(dataset):
     """Read the dataset into the object store once, its blocks in file order (what resuming relies on)."""
-    from ray.data import DataContext
-
     options = DataContext.get_current().execution_options
     previous, options.preserve_order = options.preserve_order, True
     try:
@@ -195,8 +149,6 @@ def _plot(records: list[dict], run_dir: str) -> str | None:
     filesystem, root = resolve(run_dir)
     if isinstance(filesystem, pafs.LocalFileSystem):
         return str(plot_loss(records, Path(root) / LOSS_PLOT))
-    import tempfile
-
     with tempfile.TemporaryDirectory() as scratch:
         local = plot_loss(records, Path(scratch) / LOSS_PLOT)
         pafs.copy_files(str(local), posixpath.join(root, LOSS_PLOT), destination_filesystem=filesystem)

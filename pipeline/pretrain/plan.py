@@ -8,12 +8,21 @@ and a run directory that already holds a different model.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import Literal
 
 from pipeline.config import PretrainConfig
-from pipeline.preprocess.manifest import ROOT_SPLIT, manifest_classes, patch_files, read_manifest
+from pipeline.preprocess.manifest import (
+    ROOT_SPLIT,
+    manifest_classes,
+    manifest_geometry,
+    patch_files,
+    read_manifest,
+)
 from vit.config import ViTConfig
+from vit.loop import Cadence
+from vit.patches import PatchGeometry
+from vit.recipe import Recipe, Zero
 
 CACHE_FRACTION = 0.25  # of the object store, at most, for cache_data: auto
 
@@ -26,15 +35,13 @@ class DataPlan:
     split: str
     files: list[str]
     samples: int
-    image_size: int
-    patch_size: int
-    channels: int
+    geometry: PatchGeometry
     classes: list[str]
 
     @property
     def bytes_in_memory(self) -> int:
         """The split's size as uint8 patches and int64 labels, as the object store would hold it."""
-        return self.samples * (self.image_size**2 * self.channels + 8)
+        return self.samples * (self.geometry.sample_bytes + 8)
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,7 @@ class PretrainPlan:
         return (
             f"pretrain: {d.samples:,} images ({d.split!r} of {d.directory}, {len(d.files)} files), "
             f"{len(d.classes)} classes, ViT width {v.width} depth {v.depth} heads {v.heads} on "
-            f"{v.image_size}px / patch {v.patch_size} ({v.num_patches} patches); {self.num_workers} "
+            f"{v.geometry.describe()} ({v.geometry.num_patches} patches); {self.num_workers} "
             f"worker(s) x accumulation {self.grad_accum}; {self.total_steps:,} steps "
             f"({self.steps_per_epoch:,} per epoch, {epochs:.1f} epochs)"
         )
@@ -77,15 +84,12 @@ def plan_data(config: PretrainConfig, directory: str) -> DataPlan:
         raise ValueError(
             f"{directory}: preprocessed without labels (label_key: none); pretraining needs them"
         )
-    geometry = manifest["patches"]
     return DataPlan(
         directory=directory,
         split=split,
         files=patch_files(directory, split),
         samples=samples,
-        image_size=int(geometry["image_size"]),
-        patch_size=int(geometry["patch_size"]),
-        channels=int(geometry["channels"]),
+        geometry=manifest_geometry(manifest, directory),
         classes=manifest_classes(manifest, directory),
     )
 
@@ -93,18 +97,21 @@ def plan_data(config: PretrainConfig, directory: str) -> DataPlan:
 def plan_pretrain(config: PretrainConfig, directory: str) -> PretrainPlan:
     """The data plan plus the model for it, the steps per epoch and the step budget."""
     data = plan_data(config, directory)
-    model = config.model
-    if model.patch_size != data.patch_size:
+    model, geometry = config.model, data.geometry
+    if model.resolved_patch_size != geometry.patch_size:
         raise ValueError(
-            f"{directory}: preprocessed with patch_size {data.patch_size}, but model {model.variant!r} "
-            f"uses patch {model.patch_size}; preprocess again or choose a /{data.patch_size} variant"
+            f"{directory}: preprocessed with patch_size {geometry.patch_size}, but the model "
+            f"({model.describe()}) uses patch {model.resolved_patch_size}; preprocess again or set "
+            f"model.patch_size: {geometry.patch_size}"
         )
-    if model.channels is not None and model.channels != data.channels:
+    if model.channels is not None and model.channels != geometry.channels:
         raise ValueError(
-            f"{directory}: preprocessed with {data.channels} channel(s), but the model is set to "
+            f"{directory}: preprocessed with {geometry.channels} channel(s), but the model is set to "
             f"channels: {model.channels}; preprocess with channels: {model.channels} or drop model.channels"
         )
-    vit = model.vit_config(image_size=data.image_size, channels=data.channels, num_classes=len(data.classes))
+    vit = model.vit_config(
+        image_size=geometry.image_size, channels=geometry.channels, num_classes=len(data.classes)
+    )
     # Ray Data's equal split gives each worker floor(samples / workers) rows; every worker then runs
     # the same number of whole steps, so none waits on another at the end of an epoch.
     per_worker = data.samples // config.num_workers
@@ -132,17 +139,36 @@ def shuffled_files(files: list[str], seed: int) -> list[str]:
     return order
 
 
-def worker_settings(config: PretrainConfig, plan: PretrainPlan) -> dict[str, Any]:
-    """The plain dict every Ray Train worker receives as its `train_loop_config`."""
-    return {
-        "spec": asdict(config.train_spec(plan.total_steps)),
-        "vit": plan.vit.to_dict(),
-        "classes": plan.data.classes,
-        "steps_per_epoch": plan.steps_per_epoch,
-        "checkpoint_every": config.checkpoint_every,
-        "log_every": config.log_every,
-        "shuffle_buffer": config.shuffle_buffer,
-        "seed": config.seed,
-        "use_gpu": config.use_gpu,
-        "bf16": config.bf16,
-    }
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What every Ray Train worker receives (Ray serialises it as it is)."""
+
+    vit: ViTConfig
+    classes: list[str]
+    recipe: Recipe
+    zero: Zero
+    bf16: Literal["auto"] | bool  # the recipe's bf16 is decided on the worker, which sees the device
+    steps_per_epoch: int
+    cadence: Cadence
+    shuffle_buffer: int
+    seed: int
+    run_dir: str
+    resume_from: str | None  # the run folder's newest finished checkpoint at launch
+
+
+def worker_settings(
+    config: PretrainConfig, plan: PretrainPlan, run_dir: str, resume_from: str | None
+) -> WorkerSettings:
+    return WorkerSettings(
+        vit=plan.vit,
+        classes=plan.data.classes,
+        recipe=config.recipe(plan.total_steps),
+        zero=config.zero(),
+        bf16=config.bf16,
+        steps_per_epoch=plan.steps_per_epoch,
+        cadence=Cadence(config.log_every, config.checkpoint_every),
+        shuffle_buffer=config.shuffle_buffer,
+        seed=config.seed,
+        run_dir=run_dir,
+        resume_from=resume_from,
+    )

@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from pipeline.config import ConfigError, PipelineConfig, load_config
+from pipeline.metrics import format_seconds
 from pipeline.runner.layout import run_layout
 from pipeline.runner.plan import STAGES, JobPlan, Step, plan_job, stage_index
 from pipeline.runner.provenance import git_revision
 from pipeline.runner.records import external_fingerprint, read_record, step_key, write_record
 from pipeline.runner.stages import RUNNERS, RunContext, outputs_present
+from pipeline.storage import write_atomic
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
@@ -72,12 +74,6 @@ class RunSummary:
         if Path(layout.report).is_file():
             lines.append(f"  report: {layout.report}")
         return "\n".join(lines)
-
-
-def format_seconds(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    return f"{int(seconds // 60)} m {seconds % 60:02.0f} s"
 
 
 @dataclass(frozen=True)
@@ -235,10 +231,7 @@ def _write_run_file(plan: JobPlan, summary: RunSummary, status: str) -> None:
         "seconds": round(summary.seconds, 1),
         "steps": [vars(step) for step in summary.steps],
     }
-    path = Path(plan.layout.root) / RUN_FILE
-    partial = path.with_name(f".{RUN_FILE}.partial")
-    partial.write_text(json.dumps(document, indent=2) + "\n")
-    partial.replace(path)
+    write_atomic(str(Path(plan.layout.root) / RUN_FILE), json.dumps(document, indent=2) + "\n")
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import posixpath
 import uuid
 from pathlib import Path
@@ -19,15 +18,11 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipeline.preprocess.sources import list_shards, resolve
+from pipeline.config import digest
+from pipeline.preprocess.sources import list_shards
+from pipeline.storage import resolve, write_atomic
 
 FORMAT = "vitpipe.step/1"
-
-
-def digest(value: Any) -> str:
-    """A short stable hash of a JSON-able value."""
-    payload = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def step_key(settings: dict[str, Any], upstream: dict[str, str], external: dict[str, str]) -> str:
@@ -94,11 +89,8 @@ def read_record(stages_dir: str, step_id: str) -> dict[str, Any] | None:
 
 def write_record(stages_dir: str, step_id: str, record: dict[str, Any]) -> None:
     """Write a record whole (temporary name, then rename), so a killed run never leaves half of one."""
-    folder = Path(stages_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f".{_file_name(step_id)}.{os.getpid()}.partial"
-    partial.write_text(json.dumps({"format": FORMAT, "step": step_id, **record}, indent=2) + "\n")
-    partial.replace(folder / _file_name(step_id))
+    document = json.dumps({"format": FORMAT, "step": step_id, **record}, indent=2) + "\n"
+    write_atomic(str(Path(stages_dir) / _file_name(step_id)), document)
 
 
 def _file_name(step_id: str) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from pipeline.config import PretrainConfig
 from pipeline.runner.plan import JobPlan
 from pipeline.runner.provenance import git_revision
 from pipeline.runner.records import read_record
+from pipeline.storage import write_atomic
 
 PICTURES = "report"
 
@@ -39,9 +39,7 @@ def write_report(plan: JobPlan) -> str:
     if job.datasets or job.preprocess:
         sections.append(_data_section(plan, pictures))
     sections.append(_steps_section(plan))
-    with tempfile.NamedTemporaryFile("w", dir=root, prefix=".report.", delete=False) as stream:
-        stream.write("\n\n".join(sections) + "\n")
-    Path(stream.name).replace(plan.layout.report)
+    write_atomic(plan.layout.report, "\n\n".join(sections) + "\n")
     return plan.layout.report
 
 
@@ -62,7 +60,7 @@ def _transfer_section(plan: JobPlan, pictures: Path) -> str:
 
 
 def _pretrain_section(plan: JobPlan, config: PretrainConfig, pictures: Path) -> str:
-    from pipeline.pretrain.metrics import plot_loss, read_records
+    from pipeline.metrics import plot_loss, read_records
 
     records = read_records(plan.layout.pretrain)
     steps = [r for r in records if "loss" in r]

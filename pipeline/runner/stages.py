@@ -80,9 +80,9 @@ def run_datasets(context: RunContext, step: Step, clear: bool) -> StepOutcome:
 
 def run_preprocess(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     """Preprocess the entry's input; shards an earlier attempt finished are kept unless `clear`."""
-    from pipeline.preprocess.inspect import write_grid
     from pipeline.preprocess.manifest import MANIFEST_FILE
     from pipeline.preprocess.run import preprocess
+    from pipeline.preprocess.summary import write_grid
 
     job, name = context.plan.job, step.item or ""
     config = job.preprocess[name]
@@ -178,8 +178,8 @@ def outputs_present(step: Step) -> bool:
     """Whether what a finished step wrote is still there (someone may have deleted it since)."""
     from pipeline.datasets.card import CARD_FILE
     from pipeline.preprocess.manifest import MANIFEST_FILE
-    from pipeline.preprocess.sources import resolve
     from pipeline.pretrain.export import EXPORT_DIR, VITPIPE_DIR
+    from pipeline.storage import resolve
     from pipeline.transfer.report import RESULTS_JSON
     from vit.weights import CONFIG_FILE
 

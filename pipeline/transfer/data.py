@@ -12,11 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.preprocess.manifest import patch_files, read_manifest
-from pipeline.preprocess.patchfile import PatchGeometry, patches_array
-from pipeline.preprocess.sources import resolve
+from pipeline.preprocess.manifest import manifest_geometry, patch_files, read_manifest
+from pipeline.preprocess.patchfile import patches_array
+from pipeline.storage import resolve
+from vit.evaluate import Batch
 
-Batch = tuple[np.ndarray, np.ndarray]
 SHUFFLE_WINDOW_BYTES = 256 * 1024**2
 
 
@@ -25,9 +25,8 @@ class SplitReader:
 
     def __init__(self, directory: str, split: str) -> None:
         manifest = read_manifest(directory)
-        geometry = manifest["patches"]
         self.directory, self.split = directory, split
-        self.geometry = PatchGeometry(geometry["image_size"], geometry["patch_size"], geometry["channels"])
+        self.geometry = manifest_geometry(manifest, directory)
         self.files = patch_files(directory, split)
         self._labels: np.ndarray | None = None
         self._offsets: np.ndarray | None = None
@@ -77,7 +76,7 @@ class SplitReader:
         _, offsets = self._index()
         indices = np.asarray(indices, dtype=np.int64)
         file_of = np.searchsorted(offsets, indices, side="right") - 1
-        out_patches = np.empty((len(indices), *self.geometry_shape), np.uint8)
+        out_patches = np.empty((len(indices), *self.geometry.shape), np.uint8)
         out_labels = np.empty(len(indices), np.int64)
         for file_index in np.unique(file_of):
             positions = np.flatnonzero(file_of == file_index)
@@ -86,10 +85,6 @@ class SplitReader:
             out_patches[positions], out_labels[positions] = patches[local], labels[local]
         for start in range(0, len(indices), batch_size):
             yield out_patches[start : start + batch_size], out_labels[start : start + batch_size]
-
-    @property
-    def geometry_shape(self) -> tuple[int, int]:
-        return self.geometry.num_patches, self.geometry.patch_dim
 
     def training_batches(
         self,
@@ -108,7 +103,7 @@ class SplitReader:
         if excluded.all():
             raise ValueError(f"{self.directory}: split {self.split!r} has no rows left to train on")
         window_rows = max(batch_size, window_bytes // self.geometry.sample_bytes)
-        held_patches = np.empty((0, *self.geometry_shape), np.uint8)
+        held_patches = np.empty((0, *self.geometry.shape), np.uint8)
         held_labels = np.empty(0, np.int64)
         epoch = 0
         while True:

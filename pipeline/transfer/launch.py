@@ -8,15 +8,18 @@ import posixpath
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+
 from pipeline.config import EvaluateConfig, FinetuneConfig, ModelConfig
-from pipeline.preprocess.sources import resolve
-from pipeline.storage import local_folder, publish_folder, remove_folder
+from pipeline.ray_session import check_resources, init_ray
+from pipeline.storage import local_folder, publish_folder, remove_folder, resolve
 from pipeline.transfer.plan import TargetError, TargetPlan, check_fits, plan_target, target_architecture
 from pipeline.transfer.report import RESULTS_MD, write_results
+from pipeline.transfer.task import TaskSettings, transfer_task
 from vit.config import ViTConfig
 
 
@@ -82,8 +85,8 @@ def _model_for(model: ModelConfig | None, target: TargetPlan) -> ViTConfig:
         raise TargetError(f"target {target.name!r}: no weights and no model config to build a model from")
     try:
         return model.vit_config(
-            image_size=target.image_size,
-            channels=model.channels or target.channels,
+            image_size=target.geometry.image_size,
+            channels=model.channels or target.geometry.channels,
             num_classes=len(target.classes),
         )
     except ValueError as error:
@@ -105,56 +108,6 @@ def _inside(path: str, folder: str) -> bool:
     return scheme(path) == scheme(folder) and inner.startswith(outer)
 
 
-def check_resources(finetune: FinetuneConfig) -> None:
-    """A task no node can hold would wait forever; refuse it with the numbers instead."""
-    import ray
-
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    needs = {"CPU": finetune.cpus_per_task, "GPU": finetune.gpus_per_task}
-    for resource, need in needs.items():
-        largest = max((node.get(resource, 0.0) for node in nodes), default=0.0)
-        if need > largest:
-            raise ValueError(
-                f"finetune: a task needs {need:g} {resource} but the largest node has {largest:g}; lower "
-                f"{'cpus_per_task' if resource == 'CPU' else 'gpus_per_task'} or add bigger nodes"
-            )
-
-
-def task_settings(
-    finetune: FinetuneConfig,
-    evaluate: EvaluateConfig | None,
-    target: TargetPlan,
-    mode: str,
-    architecture: ViTConfig,
-    *,
-    weights: str | None,
-    out: str,
-    train: bool,
-) -> dict[str, Any]:
-    """The plain dict one task receives."""
-    fewshot = None
-    if evaluate is not None:
-        fewshot = {"shots": list(evaluate.shots), "seeds": evaluate.seeds, "l2": evaluate.l2_regularization}
-    return {
-        "target": asdict(target),
-        "mode": mode,
-        "weights": weights,
-        "architecture": architecture.to_dict(),
-        "train": train,
-        "spec": asdict(finetune.train_spec()),
-        "bf16": finetune.bf16,
-        "freeze_backbone": finetune.freeze_backbone,
-        "val_fraction": finetune.val_fraction,
-        "validate_every": finetune.validate_every,
-        "log_every": finetune.log_every,
-        "seed": finetune.seed,
-        "fewshot": fewshot,
-        "eval_batch_size": evaluate.batch_size if evaluate else finetune.micro_size,
-        "threads": max(1, int(finetune.cpus_per_task)),
-        "out": posixpath.join(out, target.name, mode),
-    }
-
-
 def transfer(
     finetune: FinetuneConfig,
     evaluate: EvaluateConfig | None,
@@ -172,8 +125,6 @@ def transfer(
     `weights` are the pretrained weights (needed by mode `pretrained`); `model` describes the model that
     mode `scratch` builds when there are no weights to take the architecture from.
     """
-    from pipeline.ray_session import init_ray
-
     # Tasks may run on other machines, in other directories: local paths go to them absolute.
     out, weights = absolute(out), absolute(weights) if weights is not None else None
     targets = {name: absolute(directory) for name, directory in targets.items()}
@@ -199,7 +150,9 @@ def transfer(
     results: list[dict[str, Any]] = []
     if runs:
         print(init_ray(address), file=sys.stderr)
-        check_resources(finetune)
+        needs = {"CPU": finetune.cpus_per_task, "GPU": finetune.gpus_per_task}
+        remedy = "lower cpus_per_task or gpus_per_task, or add bigger nodes"
+        check_resources(needs, "finetune: a task", remedy, per_node=True)
         results, task_failures = _run_tasks(finetune, evaluate, runs, weights=weights, out=out, train=train)
         failures += task_failures
     with tempfile.TemporaryDirectory(prefix="vitpipe-results-") as scratch:
@@ -219,10 +172,6 @@ def _run_tasks(
     train: bool,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Submit every run, then collect each as it finishes; a failed task becomes a failure entry."""
-    import ray
-
-    from pipeline.transfer.task import transfer_task
-
     remote = ray.remote(transfer_task)
     options = {
         "num_cpus": finetune.cpus_per_task,
@@ -232,10 +181,9 @@ def _run_tasks(
     }
     pending = {}
     for target, mode, architecture in runs:
-        settings = task_settings(
-            finetune, evaluate, target, mode, architecture, weights=weights, out=out, train=train
-        )
-        remove_folder(settings["out"])  # a new command starts afresh; a retried task appends to its log
+        folder = posixpath.join(out, target.name, mode)
+        settings = TaskSettings(target, mode, weights, architecture, train, finetune, evaluate, folder)
+        remove_folder(settings.out)  # a new command starts afresh; a retried task appends to its log
         ref = remote.options(name=f"transfer:{target.name}/{mode}", **options).remote(settings)
         pending[ref] = (target.name, mode)
     print(f"transfer: {len(pending)} task(s) submitted", file=sys.stderr)

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.preprocess.manifest import manifest_classes, read_manifest
+from pipeline.preprocess.manifest import manifest_classes, manifest_geometry, read_manifest
 from pipeline.transfer.data import SplitReader
 from vit.config import ViTConfig
+from vit.patches import PatchGeometry
 
 TRAIN_SPLIT, TEST_SPLIT = "train", "test"
 
@@ -32,9 +33,7 @@ class TargetPlan:
 
     name: str
     directory: str
-    image_size: int
-    patch_size: int
-    channels: int
+    geometry: PatchGeometry
     classes: list[str]
     train_samples: int
     test_samples: int
@@ -42,7 +41,7 @@ class TargetPlan:
     def describe(self) -> str:
         return (
             f"{self.name}: {self.train_samples:,} train / {self.test_samples:,} test images, "
-            f"{len(self.classes)} classes, {self.image_size}px / patch {self.patch_size} ({self.directory})"
+            f"{len(self.classes)} classes, {self.geometry.describe()} ({self.directory})"
         )
 
 
@@ -83,13 +82,10 @@ def _plan(name: str, directory: str) -> TargetPlan:
                 f"split of {directory} ({shown}); per-class accuracy would be undefined. Rebuild the split "
                 "so every class is in it"
             )
-    geometry = manifest["patches"]
     return TargetPlan(
         name=name,
         directory=directory,
-        image_size=int(geometry["image_size"]),
-        patch_size=int(geometry["patch_size"]),
-        channels=int(geometry["channels"]),
+        geometry=manifest_geometry(manifest, directory),
         classes=classes,
         train_samples=len(train_labels),
         test_samples=len(test_labels),
@@ -100,9 +96,9 @@ def check_fits(target: TargetPlan, architecture: ViTConfig, source: str) -> None
     """The checkpoint's patch size and channel count are fixed: the target must be preprocessed to match
     (the resolution may differ; position embeddings are resampled)."""
     problems = [
-        f"{field} {getattr(target, field)} in the data, {getattr(architecture, field)} in the model"
+        f"{field} {getattr(target.geometry, field)} in the data, {getattr(architecture, field)} in the model"
         for field in ("patch_size", "channels")
-        if getattr(target, field) != getattr(architecture, field)
+        if getattr(target.geometry, field) != getattr(architecture, field)
     ]
     if problems:
         raise TargetError(
@@ -115,5 +111,5 @@ def check_fits(target: TargetPlan, architecture: ViTConfig, source: str) -> None
 def target_architecture(architecture: ViTConfig, target: TargetPlan) -> ViTConfig:
     """The model fine-tuned on a target: its resolution and classes, no pre-logits layer (as the paper)."""
     return architecture.replace(
-        image_size=target.image_size, num_classes=len(target.classes), representation_size=None
+        image_size=target.geometry.image_size, num_classes=len(target.classes), representation_size=None
     )

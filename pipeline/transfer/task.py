@@ -7,79 +7,105 @@ a folder that has one is complete. A task that dies is run again by Ray from the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.pretrain.metrics import MetricsLog, ProgressLine
+from pipeline.config import EvaluateConfig, FinetuneConfig
+from pipeline.metrics import MetricsLog, ProgressLine
 from pipeline.storage import local_folder, publish_folder
 from pipeline.transfer.data import SplitReader, holdout
-from pipeline.transfer.plan import TEST_SPLIT, TRAIN_SPLIT
+from pipeline.transfer.plan import TEST_SPLIT, TRAIN_SPLIT, TargetPlan
+from pipeline.transfer.report import plot_confusion
 from vit.config import ViTConfig
 from vit.evaluate import Classification, evaluate_classifier, extract_features
 from vit.fewshot import fewshot_accuracy, sample_shots
+from vit.finetune import finetune, freeze_backbone
+from vit.hf import HF_DIR, export_hf
+from vit.model import VisionTransformer
+from vit.step import use_bf16
+from vit.weights import load_pretrained, read_checkpoint, save_pretrained
 
 RESULT_FILE = "result.json"
 CONFUSION_PLOT = "confusion.png"
 MODEL_DIR = "model"
-HF_DIR = "hf"
 VALIDATION_BYTES = 1024**3  # the validation hold-out is held in memory, at most this much of it
 
 
-def transfer_task(settings: dict[str, Any]) -> dict[str, Any]:
-    """The Ray task's body; `settings` is the plain dict `launch.task_settings` builds."""
+@dataclass(frozen=True)
+class TaskSettings:
+    """What one (target, mode) task receives: the job's sections as they are, and where to write."""
+
+    target: TargetPlan
+    mode: str  # "pretrained" or "scratch"
+    weights: str | None
+    architecture: ViTConfig  # of the scratch model, or the weights' own
+    train: bool  # fine-tune, or only evaluate the weights as they are
+    finetune: FinetuneConfig
+    evaluate: EvaluateConfig | None
+    out: str
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.evaluate.batch_size if self.evaluate else self.finetune.micro_size
+
+
+def transfer_task(settings: TaskSettings) -> dict[str, Any]:
+    """The Ray task's body."""
     with tempfile.TemporaryDirectory(prefix="vitpipe-weights-") as scratch:
-        if settings["weights"] is not None:  # a URL is downloaded once per task
-            local = local_folder(settings["weights"], Path(scratch) / "weights")
-            settings = {**settings, "weights": str(local)}
+        if settings.weights is not None:  # a URL is downloaded once per task
+            local = local_folder(settings.weights, Path(scratch) / "weights")
+            settings = dataclasses.replace(settings, weights=str(local))
         return _run(settings)
 
 
-def _run(settings: dict[str, Any]) -> dict[str, Any]:
+def _run(settings: TaskSettings) -> dict[str, Any]:
     started = time.perf_counter()
-    torch.set_num_threads(max(1, int(settings["threads"])))
-    torch.manual_seed(settings["seed"])
-    target, mode = settings["target"], settings["mode"]
-    label = f"{target['name']}/{mode}"
+    torch.set_num_threads(max(1, int(settings.finetune.cpus_per_task)))
+    torch.manual_seed(settings.finetune.seed)
+    target, mode = settings.target, settings.mode
+    label = f"{target.name}/{mode}"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = _use_bf16(settings["bf16"], device)
-    metrics = MetricsLog(settings["out"])
-    metrics.event("started", target=target["name"], mode=mode, device=str(device), pid=os.getpid())
+    bf16 = use_bf16(settings.finetune.bf16, device)
+    metrics = MetricsLog(settings.out)
+    metrics.event("started", target=target.name, mode=mode, device=str(device), pid=os.getpid())
     metrics.sync()
     print(f"{label}: started on {device} (pid {os.getpid()})", flush=True)
 
-    train_reader = SplitReader(target["directory"], TRAIN_SPLIT)
-    test_reader = SplitReader(target["directory"], TEST_SPLIT)
-    num_classes = len(target["classes"])
-    batch = settings["eval_batch_size"]
+    train_reader = SplitReader(target.directory, TRAIN_SPLIT)
+    test_reader = SplitReader(target.directory, TEST_SPLIT)
+    num_classes = len(target.classes)
 
     probe_model = _starting_model(settings, keep_pre_logits=True).to(device)
     fewshot = None
-    if settings["fewshot"] is not None:
+    if settings.evaluate is not None:
         fewshot = fewshot_table(probe_model, train_reader, test_reader, num_classes, settings, device)
         print(f"{label}: few-shot linear " + _describe_fewshot(fewshot), flush=True)
 
-    result: dict[str, Any] = {"target": target["name"], "mode": mode, "device": str(device), "bf16": bf16}
+    result: dict[str, Any] = {"target": target.name, "mode": mode, "device": str(device), "bf16": bf16}
     model = probe_model
-    if settings["train"]:
+    if settings.train:
         del probe_model
         model = _starting_model(settings, keep_pre_logits=False)
         result |= _finetune(model, train_reader, settings, device, bf16, metrics, label)
-    mismatch = None if settings["train"] else _head_mismatch(settings["weights"], target["classes"])
+    mismatch = None if settings.train else _head_mismatch(settings.weights, target.classes)
     if mismatch is None:
-        test = evaluate_classifier(model, test_reader.batches(batch), num_classes, device)
+        test = evaluate_classifier(model, test_reader.batches(settings.eval_batch_size), num_classes, device)
         result |= {
             "top1": test.top1,
             "top5": test.top5,
             "top_k": test.top_k,
             "test_samples": test.samples,
-            "per_class": dict(zip(target["classes"], test.per_class, strict=True)),
+            "per_class": dict(zip(target.classes, test.per_class, strict=True)),
         }
         print(f"{label}: test top-1 {test.top1:.4f}, top-{test.top_k} {test.top5:.4f}", flush=True)
     else:
@@ -96,8 +122,6 @@ def _run(settings: dict[str, Any]) -> dict[str, Any]:
 def _head_mismatch(weights: str, classes: list[str]) -> str | None:
     """Why the head of weights evaluated as they are cannot classify the target, or None when it can: the
     same classes in the same order (by name when the weights name their classes, else by count)."""
-    from vit.weights import read_checkpoint
-
     checkpoint = read_checkpoint(weights)
     heads = checkpoint.config.num_classes
     if heads != len(classes):
@@ -107,31 +131,22 @@ def _head_mismatch(weights: str, classes: list[str]) -> str | None:
     return None
 
 
-def _use_bf16(setting: str | bool, device: torch.device) -> bool:
-    if setting == "auto":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return bool(setting)
-
-
-def _starting_model(settings: dict[str, Any], *, keep_pre_logits: bool) -> torch.nn.Module:
+def _starting_model(settings: TaskSettings, *, keep_pre_logits: bool) -> torch.nn.Module:
     """Pretrained weights adapted to the target (resolution, a new zero head), or a fresh random init.
 
     `keep_pre_logits` keeps a checkpoint's pre-logits layer: the few-shot probe reads the representation
     the model was pretrained with; fine-tuning drops the layer, as the paper does.
     """
-    from vit.model import VisionTransformer
-    from vit.weights import load_pretrained
-
-    target = settings["target"]
-    if settings["mode"] == "scratch":
-        torch.manual_seed(settings["seed"])
-        return VisionTransformer(ViTConfig.from_dict(settings["architecture"], source="transfer settings"))
+    image_size = settings.target.geometry.image_size
+    if settings.mode == "scratch":
+        torch.manual_seed(settings.finetune.seed)
+        return VisionTransformer(settings.architecture)
     if keep_pre_logits:
-        return load_pretrained(settings["weights"], image_size=target["image_size"])
+        return load_pretrained(settings.weights, image_size=image_size)
     return load_pretrained(
-        settings["weights"],
-        image_size=target["image_size"],
-        num_classes=len(target["classes"]),
+        settings.weights,
+        image_size=image_size,
+        num_classes=len(settings.target.classes),
         representation_size=None,
     )
 
@@ -141,7 +156,7 @@ def fewshot_table(
     train_reader: SplitReader,
     test_reader: SplitReader,
     num_classes: int,
-    settings: dict[str, Any],
+    settings: TaskSettings,
     device: torch.device,
 ) -> dict[str, dict[str, Any]]:
     """Few-shot linear accuracy for every shot count, over several seeds: {"10": {mean, std, accuracies}}.
@@ -149,25 +164,27 @@ def fewshot_table(
     The features of every image any draw needs are extracted once; a shot count that some class has too
     few training images for is reported as skipped, with the reason.
     """
-    options = settings["fewshot"]
+    options = settings.evaluate
+    if options is None:
+        raise ValueError("few-shot evaluation needs an evaluate section")
     labels = train_reader.labels()
-    seeds = [settings["seed"] + offset for offset in range(options["seeds"])]
+    seeds = [settings.finetune.seed + offset for offset in range(options.seeds)]
     draws: dict[tuple[int, int], np.ndarray] = {}
     skipped: dict[int, str] = {}
-    for shots in options["shots"]:
+    for shots in options.shots:
         try:
             for seed in seeds:
                 draws[shots, seed] = sample_shots(labels, num_classes, shots, seed)
         except ValueError as error:
             skipped[shots] = str(error)
-    batch = settings["eval_batch_size"]
+    batch = settings.eval_batch_size
     test_features, test_labels = extract_features(model, test_reader.batches(batch), device)
     needed = np.unique(np.concatenate(list(draws.values()))) if draws else np.empty(0, np.int64)
     table: dict[str, dict[str, Any]] = {str(shots): {"skipped": reason} for shots, reason in skipped.items()}
     if len(needed):
         features, _ = extract_features(model, train_reader.take(needed, batch), device)
         row_of = {int(index): row for row, index in enumerate(needed)}
-        for shots in options["shots"]:
+        for shots in options.shots:
             if shots in skipped:
                 continue
             accuracies = []
@@ -175,7 +192,7 @@ def fewshot_table(
                 drawn = draws[shots, seed]
                 rows = torch.tensor([row_of[int(index)] for index in drawn])
                 probe_data = (features[rows], torch.as_tensor(labels[drawn]), test_features, test_labels)
-                accuracies.append(fewshot_accuracy(*probe_data, num_classes, options["l2"]))
+                accuracies.append(fewshot_accuracy(*probe_data, num_classes, options.l2_regularization))
             mean, std = float(np.mean(accuracies)), float(np.std(accuracies))
             table[str(shots)] = {"mean": mean, "std": std, "accuracies": accuracies}
     return {key: table[key] for key in sorted(table, key=int)}
@@ -191,50 +208,36 @@ def _describe_fewshot(table: dict[str, dict[str, Any]]) -> str:
 def _finetune(
     model: torch.nn.Module,
     reader: SplitReader,
-    settings: dict[str, Any],
+    settings: TaskSettings,
     device: torch.device,
     bf16: bool,
     metrics: MetricsLog,
     label: str,
 ) -> dict[str, Any]:
     """Fine-tune in place and load the best weights back; returns what the result records of it."""
-    from vit.finetune import finetune, freeze_backbone
-    from vit.train import TrainSpec
-
-    spec = TrainSpec(**{**settings["spec"], "betas": tuple(settings["spec"]["betas"]), "bf16": bf16})
-    trainable = freeze_backbone(model) if settings["freeze_backbone"] else None
+    config = settings.finetune
+    recipe = dataclasses.replace(config.recipe(), bf16=bf16)
+    trainable = freeze_backbone(model) if config.freeze_backbone else None
     labels = reader.labels()
-    num_classes = len(settings["target"]["classes"])
     max_rows = VALIDATION_BYTES // reader.geometry.sample_bytes
-    held_out = holdout(labels, settings["val_fraction"], settings["seed"], max_rows)
-    validate = None
-    if len(held_out):
-        val_patches, val_labels = map(np.concatenate, zip(*reader.take(held_out, len(held_out)), strict=True))
-        batch = settings["eval_batch_size"]
-
-        def validate(candidate: torch.nn.Module) -> float:
-            batches = (
-                (val_patches[i : i + batch], val_labels[i : i + batch])
-                for i in range(0, len(val_labels), batch)
-            )
-            return evaluate_classifier(candidate, batches, num_classes, device).top1
-
-    progress = ProgressLine(spec.total_steps, 0, label=label)
+    held_out = holdout(labels, config.val_fraction, config.seed, max_rows)
+    validate = _validation(reader, held_out, len(settings.target.classes), settings.eval_batch_size, device)
+    progress = ProgressLine(recipe.total_steps, 0, label=label)
 
     def on_record(record: dict[str, Any]) -> None:
         metrics.write(record)
         print(progress.line(record), flush=True)
 
-    batches = reader.training_batches(spec.micro_batch_size, settings["seed"], exclude=held_out)
+    batches = reader.training_batches(recipe.micro_batch_size, config.seed, exclude=held_out)
     outcome = finetune(
-        model, batches, spec, device=device, validate=validate,
-        validate_every=settings["validate_every"], log_every=settings["log_every"], on_record=on_record,
+        model, batches, recipe, device=device, validate=validate, validate_every=config.validate_every,
+        log_every=config.log_every, on_record=on_record, seed=config.seed,
     )  # fmt: skip
     metrics.sync()
     model.load_state_dict(outcome.best_state)
     images_per_s = [r["images_per_s"] for r in outcome.records if r.get("images_per_s")]
     return {
-        "steps": spec.total_steps,
+        "steps": recipe.total_steps,
         "best_step": outcome.best_step,
         "val_top1": outcome.best_score,
         "val_samples": len(held_out),
@@ -245,22 +248,35 @@ def _finetune(
     }
 
 
+def _validation(
+    reader: SplitReader, held_out: np.ndarray, num_classes: int, batch: int, device: torch.device
+) -> Callable[[torch.nn.Module], float] | None:
+    """Top-1 on the hold-out (read once, kept in memory), or None when there is no hold-out."""
+    if not len(held_out):
+        return None
+    val_patches, val_labels = map(np.concatenate, zip(*reader.take(held_out, len(held_out)), strict=True))
+
+    def validate(candidate: torch.nn.Module) -> float:
+        batches = (
+            (val_patches[i : i + batch], val_labels[i : i + batch]) for i in range(0, len(val_labels), batch)
+        )
+        return evaluate_classifier(candidate, batches, num_classes, device).top1
+
+    return validate
+
+
 def _publish(
-    model: torch.nn.Module, result: dict[str, Any], test: Classification | None, settings: dict[str, Any]
+    model: torch.nn.Module, result: dict[str, Any], test: Classification | None, settings: TaskSettings
 ) -> None:
     """Weights (vitpipe + HF), confusion matrix and its picture, then result.json: into OUT."""
-    from pipeline.transfer.report import plot_confusion
-    from vit.hf import export_hf
-    from vit.weights import save_pretrained
-
-    classes = settings["target"]["classes"]
+    classes = settings.target.classes
     labels = classes if model.config.num_classes == len(classes) else None
-    out = settings["out"]
+    out = settings.out
     model.to("cpu")
     with tempfile.TemporaryDirectory(prefix="vitpipe-transfer-") as scratch:
         staged = Path(scratch) / "staged"
         staged.mkdir()
-        if settings["train"]:
+        if settings.train:
             save_pretrained(model, staged / MODEL_DIR, labels=labels)
             export_hf(model, staged / HF_DIR, labels=labels)
             result["weights"] = f"{out.rstrip('/')}/{MODEL_DIR}"

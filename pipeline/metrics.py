@@ -1,7 +1,9 @@
-"""Rank 0's record of a run: `metrics.jsonl`, TensorBoard events, console progress, the loss curve.
+"""What every stage records and prints: `metrics.jsonl` + TensorBoard events (`MetricsLog`), console
+progress lines for training steps (`ProgressLine`) and for counted work such as shards (`Progress`),
+and the loss curve.
 
 Records go straight into the run directory when it is on a local or shared filesystem; for object
-storage (s3://, gs://) they are written in a local folder and copied up at every checkpoint and at the end.
+storage (s3://, gs://) they are written in a local folder and copied up at every sync and at the end.
 """
 
 from __future__ import annotations
@@ -9,14 +11,15 @@ from __future__ import annotations
 import json
 import math
 import posixpath
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pyarrow.fs as pafs
 
-from pipeline.preprocess.sources import resolve
+from pipeline.storage import resolve
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -91,9 +94,54 @@ class ProgressLine:
         )
 
 
+class Progress:
+    """Prints `label: 3/10 shards, 1,234 images, 456 images/s, ETA 12s` as work completes."""
+
+    def __init__(
+        self, label: str, total: int, unit: str = "shards", every_s: float = 5.0, stream: TextIO | None = None
+    ) -> None:
+        self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
+        self.stream = stream or sys.stderr
+        self.done = 0
+        self.items = 0
+        self.started = time.perf_counter()
+        self._last_print = -float("inf")
+
+    def update(self, done: int = 1, items: int = 0) -> None:
+        """Count `done` finished units holding `items` samples; print if a line is due."""
+        self.done += done
+        self.items += items
+        now = time.perf_counter()
+        if now - self._last_print >= self.every_s or self.done == self.total:
+            self._last_print = now
+            print(self.line(), file=self.stream, flush=True)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def rate(self) -> float:
+        """Samples per second so far."""
+        return self.items / self.elapsed if self.elapsed > 0 else 0.0
+
+    def line(self) -> str:
+        elapsed = self.elapsed
+        text = f"{self.label}: {self.done}/{self.total} {self.unit}"
+        if self.items:
+            text += f", {self.items:,} images, {self.rate():,.0f} images/s"
+        if 0 < self.done < self.total:
+            text += f", ETA {format_seconds(elapsed / self.done * (self.total - self.done))}"
+        elif self.done == self.total:
+            text += f", done in {format_seconds(elapsed)}"
+        return text
+
+
 def format_seconds(seconds: float) -> str:
+    """`4.6s`, `1m01s`, `3h00m`: durations and ETAs in every console line and table."""
     if not math.isfinite(seconds):
         return "?"
+    if seconds < 10:
+        return f"{seconds:.1f}s"
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

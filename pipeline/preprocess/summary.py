@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.preprocess.manifest import MANIFEST_FILE, failure_kinds, patch_files, read_manifest
 from pipeline.preprocess.patchfile import geometry_of, patches_array
-from pipeline.preprocess.sources import resolve
+from pipeline.storage import resolve
 from vit.patches import unpatchify
 
 

@@ -1,0 +1,128 @@
+"""DeepSpeed engines and the pretraining loop of `vit/`, without Ray: one-rank gloo groups in this process,
+batches from memory, checkpoints in a temporary folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vit.config import ViTConfig
+from vit.engine import build_engine, load_checkpoint, save_checkpoint, train_micro_batch
+from vit.loop import Cadence, DataExhaustedError, Hooks, Throughput, pretrain_loop
+from vit.model import VisionTransformer
+from vit.recipe import Optimizer, Recipe, Schedule, Zero
+
+TINY = ViTConfig(
+    image_size=16, patch_size=4, channels=3, num_classes=5, width=32, depth=2, heads=2, mlp_dim=64
+)
+
+
+@pytest.mark.parametrize(("stage", "offload"), [(0, False), (2, False), (3, False), (2, True)])
+def test_bf16_deepspeed_engine_trains_on_uint8_patches(stage, offload, one_rank_group):
+    """The GPU recipe's path (bf16 weights, fp32 loss) on DeepSpeed's CPU accelerator: the engine runs the
+    ZeRO stage and offload asked for, and it learns a batch."""
+    torch.manual_seed(0)
+    recipe = Recipe(Optimizer(lr=3e-3), Schedule(warmup_steps=0), total_steps=30, micro_batch_size=8,
+                    bf16=True)  # fmt: skip
+    zero = Zero(stage, offload_optimizer=offload)
+    engine = build_engine(VisionTransformer(TINY), recipe, zero, world_size=1)
+    assert engine.zero_optimization_stage() == stage
+    assert engine.zero_cpu_offload() is offload
+    assert engine.bfloat16_enabled()
+    assert next(engine.module.parameters()).dtype == torch.bfloat16
+    patches = torch.randint(0, 256, (8, *TINY.geometry.shape), dtype=torch.uint8)
+    labels = torch.arange(8) % TINY.num_classes
+    rng = np.random.default_rng(0)
+    losses = [float(train_micro_batch(engine, patches, labels, recipe, rng).loss.detach()) for _ in range(30)]
+    assert losses[-1] < losses[0] / 2
+    assert train_micro_batch(engine, patches, labels, recipe, rng).correct == 8
+
+
+# ---------------------------------------------------------------- the loop
+
+DATA_ROWS, MICRO, ACCUM = 64, 8, 2
+STEPS_PER_EPOCH = DATA_ROWS // (MICRO * ACCUM)
+RECIPE = Recipe(
+    Optimizer(lr=1e-2, weight_decay=0.05), Schedule(warmup_steps=4), total_steps=24, micro_batch_size=MICRO,
+    grad_accum=ACCUM, flip=False,
+)  # fmt: skip
+ZERO = Zero(2)
+
+
+def dataset() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    labels = torch.arange(DATA_ROWS) % TINY.num_classes
+    patches = torch.randint(0, 256, (DATA_ROWS, *TINY.geometry.shape), dtype=torch.uint8, generator=generator)
+    patches[:, :, : TINY.geometry.patch_dim // 2] = (labels * 50).view(-1, 1, 1).to(torch.uint8)  # learnable
+    return patches, labels
+
+
+class Memory:
+    """The loop's hooks over an in-memory dataset, remembering what the loop asked and recorded."""
+
+    def __init__(self, checkpoints: Path) -> None:
+        self.patches, self.labels = dataset()
+        self.checkpoints, self.engine = checkpoints, None
+        self.records: list[dict] = []
+        self.epochs: list[tuple[int, int]] = []
+        self.saved: list[int] = []
+
+    def batches(self, epoch: int, skip: int):
+        self.epochs.append((epoch, skip))
+        for start in range(skip * MICRO, DATA_ROWS, MICRO):
+            yield self.patches[start : start + MICRO], self.labels[start : start + MICRO]
+
+    def save(self, step: int, epoch: int) -> None:
+        save_checkpoint(self.engine, self.checkpoints, f"step{step}", {"step": step})
+        self.saved.append(step)
+
+    def hooks(self) -> Hooks:
+        return Hooks(self.batches, self.save, self.records.append)
+
+
+def run(hooks_of: Memory, engine, start_step: int) -> int:
+    hooks_of.engine = engine
+    throughput = Throughput(images_per_step=MICRO * ACCUM, flops_per_step=1e6, peak_flops=None, seq_len=17)
+    return pretrain_loop(
+        engine, RECIPE, hooks_of.hooks(), start_step=start_step, steps_per_epoch=STEPS_PER_EPOCH,
+        cadence=Cadence(log_every=1, checkpoint_every=10), throughput=throughput, seed=0,
+    )  # fmt: skip
+
+
+def test_pretraining_loop_trains_without_ray_and_resumes_with_the_weights_it_saved(one_rank_group, tmp_path):
+    """The loop on a one-rank gloo engine: epochs from position 0, the scheduled rate at each step,
+    checkpoints on the cadence and at the end. A second engine started from other weights and resumed from
+    step 10 continues with the saved weights: its first steps' losses are the first run's, far below a
+    fresh start's."""
+    torch.manual_seed(0)
+    first = Memory(tmp_path / "checkpoints")
+    assert run(first, build_engine(VisionTransformer(TINY), RECIPE, ZERO, world_size=1), 0) == 24
+    losses = {record["step"]: record["loss"] for record in first.records}
+    assert sorted(losses) == list(range(1, 25))
+    assert first.saved == [10, 20, 24]
+    assert first.epochs[:3] == [(0, 0), (1, 0), (2, 0)]
+    assert [record["lr"] for record in first.records] == pytest.approx([RECIPE.lr_at(s) for s in range(24)])
+    assert losses[24] < losses[1] / 2
+
+    torch.manual_seed(1)  # other initial weights: a resume that kept them would show it in the loss
+    second = Memory(tmp_path / "checkpoints")
+    engine = build_engine(VisionTransformer(TINY), RECIPE, ZERO, world_size=1)
+    assert load_checkpoint(engine, tmp_path / "checkpoints", "step10")["step"] == 10
+    assert run(second, engine, start_step=10) == 24
+    assert second.epochs[0] == (2, 4)  # step 10 is 2 steps (4 micro-batches) into epoch 2
+    resumed = {record["step"]: record["loss"] for record in second.records}
+    assert sorted(resumed) == list(range(11, 25))
+    assert resumed[11] == pytest.approx(losses[11], rel=1e-4)
+    assert resumed[24] == pytest.approx(losses[24], rel=1e-3)
+    assert resumed[11] < losses[1] / 2
+
+
+def test_a_rank_whose_data_runs_out_stops_with_a_clear_error(one_rank_group, tmp_path):
+    memory = Memory(tmp_path)
+    memory.batches = lambda epoch, skip: iter([(memory.patches[:MICRO], memory.labels[:MICRO])])
+    engine = build_engine(VisionTransformer(TINY), RECIPE, ZERO, world_size=1)
+    with pytest.raises(DataExhaustedError, match="the data ran out during step 1"):
+        run(memory, engine, 0)

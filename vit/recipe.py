@@ -1,0 +1,126 @@
+"""The training recipe, declared once: optimizer, learning-rate schedule, batch split, regularisation,
+and the ZeRO sharding it runs under.
+
+The config schema (`pipeline.config`) validates a job's sections into these dataclasses, and workers
+receive them as they are. Plain Python (no torch), so that validating a config stays quick; the step
+that runs a recipe is `vit.step`, the engine `vit.engine`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# Keys vitpipe derives itself; setting them as raw DeepSpeed keys would contradict the validated config.
+DERIVED_DEEPSPEED_KEYS = frozenset(
+    {
+        "train_batch_size",
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "gradient_clipping",
+        "optimizer",
+        "scheduler",
+        "bf16",
+        "fp16",
+    }
+)
+
+
+def _require(problems: list[str]) -> None:
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _fraction(name: str, value: float, *, closed: bool = False) -> list[str]:
+    """`value` in [0, 1) (or [0, 1] when `closed`)."""
+    inside = 0 <= value <= 1 if closed else 0 <= value < 1
+    return [] if inside else [f"{name} must be in [0, 1{']' if closed else ')'} (got {value})"]
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """AdamW (the paper's pretraining) or SGD with momentum (its fine-tuning), with gradient clipping."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+    weight_decay: float = 0.1
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(self.betas))
+        problems = [] if math.isfinite(self.lr) and self.lr > 0 else [f"lr must be positive (got {self.lr})"]
+        problems += _fraction("betas[0]", self.betas[0]) + _fraction("betas[1]", self.betas[1])
+        problems += _fraction("momentum", self.momentum)
+        if not self.weight_decay >= 0:
+            problems.append(f"weight_decay must be non-negative (got {self.weight_decay})")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            problems.append(f"grad_clip must be positive, or null for none (got {self.grad_clip})")
+        _require(problems)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Linear warmup to the peak rate, then cosine or linear decay to `min_lr_ratio` of it (or constant)."""
+
+    warmup_steps: int = 10_000
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        problems = [] if self.warmup_steps >= 0 else [f"warmup_steps must be >= 0 (got {self.warmup_steps})"]
+        _require(problems + _fraction("min_lr_ratio", self.min_lr_ratio, closed=True))
+
+    def multiplier(self, step: int, total_steps: int) -> float:
+        """The fraction of the peak rate at optimizer step `step` (0-based) of `total_steps`."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.decay == "constant":
+            return 1.0
+        span = max(1, total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if self.decay == "cosine" else 1.0 - progress
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * shape
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything a training loop needs besides the model and the data."""
+
+    optimizer: Optimizer
+    schedule: Schedule
+    total_steps: int
+    micro_batch_size: int
+    grad_accum: int = 1
+    label_smoothing: float = 0.0
+    flip: bool = True
+    mixup_alpha: float = 0.0
+    bf16: bool = False
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step `step` (0-based): a function of the step alone, so a resumed
+        or extended run trains each step at the rate its own schedule gives."""
+        return self.optimizer.lr * self.schedule.multiplier(step, self.total_steps)
+
+
+@dataclass(frozen=True)
+class Zero:
+    """How the model state is sharded over the ranks: ZeRO stage, optimizer offload, raw extra keys."""
+
+    stage: int
+    offload_optimizer: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.stage not in (0, 1, 2, 3):
+            raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3 (got {self.stage})")
+        refuse_derived_keys(self.extra)
+
+
+def refuse_derived_keys(extra: dict[str, Any]) -> None:
+    """Raw DeepSpeed keys may add to the generated config, not contradict what vitpipe derives."""
+    clash = sorted(DERIVED_DEEPSPEED_KEYS & set(extra))
+    if clash:
+        raise ValueError(f"deepspeed: {clash} are derived from vitpipe's own keys; set those instead")

@@ -1,0 +1,98 @@
+"""The one training step of every loop (pretraining on DeepSpeed, fine-tuning, the benchmark baseline):
+flip, normalise, soft targets, mixup, logits, soft-target cross-entropy, correct count; and the optimizer
+a recipe names, over decay and no-decay groups.
+
+Weight decay applies to weight matrices only: biases, LayerNorm scales, the position embeddings and the
+class token are left undecayed (they are not there to be shrunk towards zero).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vit.augment import mixup, random_hflip, soft_targets
+from vit.recipe import Optimizer, Recipe
+
+NO_DECAY_NAMES = ("pos_embed", "cls_token")
+
+
+def decays(name: str, parameter: nn.Parameter) -> bool:
+    """Whether weight decay applies to this parameter: matrices yes, vectors and embeddings no."""
+    return parameter.ndim >= 2 and not any(part in NO_DECAY_NAMES for part in name.split("."))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two optimizer groups, decayed weight matrices and the rest; frozen parameters are left out."""
+    decayed, plain = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (decayed if decays(name, parameter) else plain).append(parameter)
+    groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def make_optimizer(model: nn.Module, optimizer: Optimizer, *, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW or SGD-momentum over the decay/no-decay groups (`fused` kernels on CUDA)."""
+    groups = param_groups(model, optimizer.weight_decay)
+    options = {"fused": True} if fused else {}
+    if optimizer.name == "adamw":
+        return torch.optim.AdamW(groups, lr=optimizer.lr, betas=optimizer.betas, **options)
+    return torch.optim.SGD(groups, lr=optimizer.lr, momentum=optimizer.momentum, **options)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the rate of the next optimizer step in every group (a DeepSpeed ZeRO optimizer's groups are
+    its wrapped optimizer's)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def use_bf16(setting: Literal["auto"] | bool, device: torch.device) -> bool:
+    """`bf16: auto` is bf16 on a GPU that supports it (Ampere and newer), fp32 on CPUs and older GPUs."""
+    if setting == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return bool(setting)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy against soft targets (label smoothing, mixup), in fp32."""
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+@dataclass
+class StepLoss:
+    """One micro-batch's loss (still attached to the graph) and how many of its images were right."""
+
+    loss: torch.Tensor
+    correct: int
+    images: int
+
+
+def training_loss(
+    model: nn.Module,
+    patches: torch.Tensor,
+    labels: torch.Tensor,
+    recipe: Recipe,
+    rng: np.random.Generator,
+    forward: Callable[..., torch.Tensor] | None = None,
+) -> StepLoss:
+    """The forward half of a training step on uint8 patches already on the device: flip, normalise, soft
+    targets, mixup, logits, soft-target cross-entropy. `forward` is what computes the logits (a DeepSpeed
+    engine wrapping `model`; default `model` itself); the caller runs backward and the optimizer."""
+    config = model.config
+    if recipe.flip:
+        patches = random_hflip(patches, config.geometry)
+    images = model.normalize(patches)
+    targets = soft_targets(labels, config.num_classes, recipe.label_smoothing)
+    if recipe.mixup_alpha > 0:
+        images, targets = mixup(images, targets, float(rng.beta(recipe.mixup_alpha, recipe.mixup_alpha)))
+    logits = (forward or model)(images, normalized=True)
+    correct = int((logits.detach().argmax(-1) == labels).sum())
+    return StepLoss(soft_cross_entropy(logits, targets), correct, labels.shape[0])
