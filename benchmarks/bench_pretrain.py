@@ -11,7 +11,7 @@ CPU section, one run, on the embedded fractal corpus preprocessed to 32px / patc
   * ZeRO-2 with 2 workers reading the files every epoch vs holding the split in the object store.
 Reported: median images/s over the steps after warm-up, and the overhead 1 - ray/plain.
 
-GPU section (CUDA only): one process, one GPU, `vit.train.build_engine` (the engine each Ray worker
+GPU section (CUDA only): one process, one GPU, `vit.engine.build_engine` (the engine each Ray worker
 builds) on ViT-B/16 at 224, bf16, ZeRO-2, on random uint8 patches already on the GPU; against a plain
 bf16-autocast PyTorch loop with fused AdamW. MFU = 3x forward FLOPs x images/s over the datasheet peak,
 and over a bf16 matmul measured in the same run. Ray itself is not on the GPU machines this project is
@@ -38,15 +38,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from vit.optim import WarmupDecay, param_groups
-from vit.train import soft_cross_entropy
 
-from vit.augment import random_hflip, soft_targets
 from vit.config import ViTConfig
 from vit.flops import gpu_peak_flops, train_flops
 from vit.model import VisionTransformer
+from vit.recipe import Optimizer, Recipe, Schedule
+from vit.step import make_optimizer, set_lr, training_loss
 
-CPU_MODEL = {"variant": "Ti/4", "width": 128, "depth": 4, "heads": 4, "mlp_dim": 512}
+CPU_MODEL = {"patch_size": 4, "width": 128, "depth": 4, "heads": 4, "mlp_dim": 512}
 CPU_IMAGE, CPU_PATCH, MICRO = 32, 4, 32
 RESULTS_NAME = "pretrain"
 
@@ -54,36 +53,32 @@ RESULTS_NAME = "pretrain"
 # ---------------------------------------------------------------- plain PyTorch baseline (CPU and GPU)
 
 
+def plain_recipe(steps: int, micro: int, bf16: bool = False) -> Recipe:
+    """The recipe both sides train with: AdamW, warmup + cosine, clipping, flips (the pretrain defaults)."""
+    optimizer = Optimizer(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.05, grad_clip=1.0)
+    return Recipe(optimizer, Schedule(warmup_steps=5), total_steps=steps, micro_batch_size=micro, bf16=bf16)
+
+
 def plain_step(
     model: VisionTransformer,
     optimizer: torch.optim.Optimizer,
-    scheduler: Any,
+    recipe: Recipe,
+    step: list[int],
     patches: torch.Tensor,
     labels: torch.Tensor,
-    *,
-    grad_clip: float,
-    autocast: bool = False,
+    rng: np.random.Generator,
 ) -> float:
-    """One training step the way a single-process PyTorch script writes it, with vitpipe's math."""
-    config = model.config
-    patches = random_hflip(patches, config.patch_size, config.channels)
-    images = model.normalize(patches)
-    targets = soft_targets(labels, config.num_classes)
-    with torch.autocast(patches.device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = model(images, normalized=True)
-    loss = soft_cross_entropy(logits, targets)
+    """One training step the way a single-process PyTorch script writes it around vitpipe's step
+    (`vit.step.training_loss`): rate, forward under autocast, backward, clipping, update."""
+    set_lr(optimizer, recipe.lr_at(step[0]))
+    with torch.autocast(patches.device.type, dtype=torch.bfloat16, enabled=recipe.bf16):
+        loss = training_loss(model, patches, labels, recipe, rng).loss
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optimizer.grad_clip or float("inf"))
     optimizer.step()
-    scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    step[0] += 1
     return float(loss.detach())
-
-
-def plain_optimizer(model: VisionTransformer, steps: int, fused: bool = False) -> tuple[Any, Any]:
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3, betas=(0.9, 0.999), fused=fused)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupDecay(steps, warmup_steps=5))
-    return optimizer, scheduler
 
 
 def median_rate(step_seconds: list[float], images: int) -> float:
@@ -116,9 +111,7 @@ def load_patches(directory: str) -> tuple[torch.Tensor, torch.Tensor, int]:
 
     plan = plan_data(PretrainConfig(data=directory), directory)
     tables = [pq.read_table(path, columns=["patches", "label"]) for path in plan.files]
-    grid = plan.image_size // plan.patch_size
-    patches = np.concatenate([patches_array(t.column("patches")) for t in tables])
-    patches = patches.reshape(-1, grid * grid, plan.patch_size**2 * plan.channels)
+    patches = np.concatenate([patches_array(t.column("patches"), plan.geometry) for t in tables])
     labels = np.concatenate([t.column("label").to_numpy() for t in tables])
     return torch.from_numpy(patches.copy()), torch.from_numpy(labels.astype(np.int64)), len(plan.classes)
 
@@ -130,13 +123,14 @@ def cpu_plain(directory: str, steps: int, warmup: int, threads: int) -> dict[str
     try:
         torch.manual_seed(0)
         model = VisionTransformer(cpu_vit_config(classes))
-        optimizer, scheduler = plain_optimizer(model, steps + warmup)
+        recipe = plain_recipe(steps + warmup, MICRO)
+        optimizer = make_optimizer(model, recipe.optimizer)
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-        seconds = []
+        seconds, position, rng = [], [0], np.random.default_rng(0)
         for step in range(warmup + steps):
             index = order[(step * MICRO) % (len(order) - MICRO) :][:MICRO]
             started = time.perf_counter()
-            plain_step(model, optimizer, scheduler, patches[index], labels[index], grad_clip=1.0)
+            plain_step(model, optimizer, recipe, position, patches[index], labels[index], rng)
             if step >= warmup:
                 seconds.append(time.perf_counter() - started)
     finally:
@@ -145,7 +139,7 @@ def cpu_plain(directory: str, steps: int, warmup: int, threads: int) -> dict[str
 
 
 def cpu_vit_config(classes: int) -> ViTConfig:
-    size = {k: v for k, v in CPU_MODEL.items() if k != "variant"}
+    size = {k: v for k, v in CPU_MODEL.items() if k != "patch_size"}
     return ViTConfig(image_size=CPU_IMAGE, patch_size=CPU_PATCH, num_classes=classes, **size)
 
 
@@ -164,7 +158,7 @@ def cpu_ray(
         checkpoint_every=10_000, log_every=1, shuffle_buffer=256, cache_data=cache,
     )  # fmt: skip
     started = time.perf_counter()
-    result = pretrain(config, name=name, storage_path=str(storage))
+    result = pretrain(config, data=directory, storage=str(storage.absolute()), name=name)
     wall = time.perf_counter() - started
     records = read_records(result.run_dir)
     timed = [r for r in records if "images_per_s" in r and r["step"] > warmup]
@@ -249,7 +243,9 @@ def measured_bf16_peak(size: int = 8192) -> float:
 def gpu_section(variant: str, micro_batches: list[int], steps: int, warmup: int) -> dict[str, Any]:
     import deepspeed
     import torch.distributed as dist
-    from vit.train import TrainSpec, build_engine, train_micro_batch
+
+    from vit.engine import build_engine, train_micro_batch
+    from vit.recipe import Zero
 
     # What Ray Train sets in each worker (DeepSpeed asserts LOCAL_RANK), for one process on one GPU.
     for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531", "RANK": "0", "LOCAL_RANK": "0",
@@ -274,19 +270,17 @@ def gpu_section(variant: str, micro_batches: list[int], steps: int, warmup: int)
             torch.manual_seed(0)
             model = VisionTransformer(config).cuda()
             if mode.startswith("deepspeed"):
-                spec = TrainSpec(
-                    total_steps=10_000, micro_batch_size=micro, zero_stage=2, bf16=True, grad_clip=1.0
-                )
-                engine = build_engine(model, spec, world_size=1)
+                recipe = plain_recipe(10_000, micro, bf16=True)
+                engine = build_engine(model, recipe, Zero(2), world_size=1)
                 if mode.endswith("compiled"):  # what torch.compile would add; the pipeline does not compile
                     engine.compile()
                 rng = np.random.default_rng(0)
-                step = functools.partial(train_micro_batch, engine, patches, labels, spec, rng)
+                step = functools.partial(train_micro_batch, engine, patches, labels, recipe, rng)
             else:
-                optimizer, scheduler = plain_optimizer(model, 10_000, fused=True)
-                step = functools.partial(
-                    plain_step, model, optimizer, scheduler, patches, labels, grad_clip=1.0, autocast=True
-                )
+                recipe = plain_recipe(10_000, micro, bf16=True)
+                optimizer = make_optimizer(model, recipe.optimizer, fused=True)
+                rng = np.random.default_rng(0)
+                step = functools.partial(plain_step, model, optimizer, recipe, [0], patches, labels, rng)
             try:
                 for _ in range(warmup):
                     step()
@@ -306,7 +300,7 @@ def gpu_section(variant: str, micro_batches: list[int], steps: int, warmup: int)
             })  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
             del model, step
-            engine = optimizer = scheduler = None
+            engine = optimizer = None
             torch.cuda.empty_cache()
     dist.destroy_process_group()
     return {

@@ -1,29 +1,26 @@
-"""The `vitpipe` command line. Every command validates its settings through pipeline.config first,
-so a bad option fails before any Ray work starts."""
+"""The `vitpipe` command line: the parser and a dispatch table. Every command validates its settings
+through pipeline.config first, so a bad option fails before any Ray work starts.
+
+Each command imports its stage when it runs, not here: Ray reads its authentication mode once, when it
+is imported (`submit`/`jobs` set it from the token first), and `--help` or `validate` need neither Ray
+nor torch."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import (
+    DEFAULT_PATCH_SIZE,
     ConfigError,
     DigitsConfig,
-    EvaluateConfig,
-    FinetuneConfig,
     FractalsConfig,
     ImageFolderConfig,
-    ModelConfig,
-    PipelineConfig,
     PreprocessConfig,
-    PretrainConfig,
     Section,
-    load_config,
-    load_yaml,
     validate,
 )
 from pipeline.runner.plan import STAGES
@@ -245,114 +242,8 @@ def preprocess_config(args: argparse.Namespace) -> PreprocessConfig:
         values["image_keys"] = tuple(key.strip().lstrip(".") for key in values["image_keys"].split(","))
     if str(values.get("label_key", "")).lower() == "none":
         values["label_key"] = None
+    values.setdefault("patch_size", DEFAULT_PATCH_SIZE)
     return validate(values, PreprocessConfig, source="vitpipe preprocess", key_style="cli")
-
-
-@dataclass(frozen=True)
-class PretrainInputs:
-    """What `vitpipe pretrain` resolved: the config, the data, and where the run goes."""
-
-    config: PretrainConfig
-    data: str
-    name: str
-    storage: str | None
-
-
-def pretrain_inputs(args: argparse.Namespace) -> PretrainInputs:
-    """A pretrain config file, or a job file's pretrain section with the job's run folder; every problem
-    is a ConfigError, before Ray starts."""
-    from pipeline.runner.layout import run_layout
-
-    data = load_yaml(args.config)
-    if not (isinstance(data, dict) and "pretrain" in data):
-        config = validate(data, PretrainConfig, str(args.config))
-        return PretrainInputs(config, args.data or config.data, args.name or args.config.stem, args.storage)
-    job = validate(data, PipelineConfig, str(args.config))
-    if job.pretrain is None:
-        raise ConfigError(f"{args.config}: pretrain: is empty")
-    layout = run_layout(job)
-    source = args.data or _job_patches(job, job.pretrain.data, layout.patches, args.config, "--data DIR")
-    if args.storage or args.name:  # a run of this job's pretraining somewhere else
-        return PretrainInputs(job.pretrain, source, args.name or job.name, args.storage)
-    return PretrainInputs(job.pretrain, source, layout.pretrain_name, layout.pretrain_storage)
-
-
-def _job_patches(
-    job: PipelineConfig, entry: str, patches: Callable[[str], str], path: Path, option: str
-) -> str:
-    """The folder of the job's preprocess entry `entry` in its run folder (or `entry` when it is a
-    location); a ConfigError when the job's preprocessing has not run."""
-    from pipeline.preprocess.manifest import MANIFEST_FILE
-
-    if entry in job.datasets and entry not in job.preprocess:
-        raise ConfigError(f"{path}: {entry!r} is a dataset, not a preprocess entry; add preprocess.{entry}")
-    if entry not in job.preprocess:
-        return entry
-    folder = patches(entry)
-    if not (Path(folder) / MANIFEST_FILE).is_file():
-        raise ConfigError(
-            f"{path}: {entry!r} names the job's preprocess entry, which has not run ({folder} holds no "
-            f"{MANIFEST_FILE}); run `vitpipe run {path} --until preprocess` first, or pass {option}"
-        )
-    return folder
-
-
-@dataclass(frozen=True)
-class TransferInputs:
-    """Everything `vitpipe finetune`/`evaluate` resolved from the job file and the options."""
-
-    finetune: FinetuneConfig
-    evaluate: EvaluateConfig | None
-    targets: dict[str, str]
-    weights: str | None
-    model: ModelConfig | None
-    out: str
-    name: str
-
-
-def transfer_inputs(args: argparse.Namespace, train: bool) -> TransferInputs:
-    """Resolve targets, weights and the output folder; every problem is a ConfigError, before Ray starts."""
-    from pipeline.runner.layout import run_layout
-    from pipeline.runner.plan import JobPlan
-    from pipeline.runner.stages import pretrained_weights
-    from pipeline.transfer.plan import target_name
-
-    command = "finetune" if train else "evaluate"
-    job = load_config(args.config, PipelineConfig)
-    given: dict[str, str] = {}
-    for option in args.target:
-        name, separator, directory = option.partition("=")
-        if not separator or not name or not directory:
-            raise ConfigError(f"vitpipe {command}: --target expects NAME=DIR, got {option!r}")
-        given[name] = directory
-    finetune = job.finetune
-    if finetune is None:
-        if train or not given:
-            raise ConfigError(f"{args.config}: no finetune: section (and no --target NAME=DIR)")
-        finetune = FinetuneConfig(targets=list(given))
-    layout = run_layout(job)
-    targets: dict[str, str] = {}
-    for entry in finetune.targets:
-        if entry in given:
-            targets[entry] = given[entry]
-        else:
-            option = f"--target {entry}=DIR"
-            location = _job_patches(job, entry, layout.patches, args.config, option)
-            targets[entry if entry in job.preprocess else target_name(entry)] = location
-    targets |= {name: directory for name, directory in given.items() if name not in targets}
-    weights = args.weights or pretrained_weights(JobPlan(job, str(args.config), layout))
-    from_export = weights is not None and not args.weights and finetune.weights is None
-    if from_export and "://" not in weights and not Path(weights).is_dir():
-        raise ConfigError(
-            f"{args.config}: no pretrained weights at {weights} (the export of the job's pretraining "
-            f"run); run `vitpipe run {args.config} --until pretrain` first, or pass --weights"
-        )
-    if weights is None and (not train or "pretrained" in finetune.modes):
-        raise ConfigError(f"{args.config}: no weights to {command}; set finetune.weights or pass --weights")
-    evaluate = job.evaluate if job.evaluate is not None or train else EvaluateConfig()
-    out = args.out or (layout.transfer if train else layout.evaluate)
-    model = job.pretrain.model if job.pretrain else None
-    return TransferInputs(finetune, evaluate, targets, weights, model, out, job.name)
 
 
 def _as_int(text: str, option: str) -> int:
@@ -373,6 +264,29 @@ def run_command(args: argparse.Namespace) -> int:
     results = Path(summary.plan.layout.transfer) / RESULTS_MD
     if results.is_file() and not summary.failed:
         print("\n" + results.read_text().strip())
+    print("\n" + summary.summary())
+    return EXIT_FAILED if summary.failed else 0
+
+
+def stage_command(args: argparse.Namespace) -> int:
+    """`vitpipe pretrain|finetune|evaluate JOB`: that step of the job's run, alone."""
+    from pipeline.runner.execute import run_job
+    from pipeline.runner.plan import Overrides, StageOptions
+
+    given: dict[str, str] = {}
+    for option in getattr(args, "target", []):
+        name, separator, directory = option.partition("=")
+        if not separator or not name or not directory:
+            raise ConfigError(f"vitpipe {args.command}: --target expects NAME=DIR, got {option!r}")
+        given[name] = directory
+    stage = StageOptions(
+        data=getattr(args, "data", None),
+        weights=getattr(args, "weights", None),
+        storage=getattr(args, "storage", None),
+        name=getattr(args, "name", None),
+        overrides=Overrides(targets=given, out=getattr(args, "out", None)),
+    )
+    summary = run_job(args.config, only=args.command, stage=stage, address=args.address)
     print("\n" + summary.summary())
     return EXIT_FAILED if summary.failed else 0
 
@@ -440,6 +354,80 @@ def jobs_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def info_command(args: argparse.Namespace) -> int:
+    from pipeline.info import report
+
+    print(report(args.address))
+    return 0
+
+
+def validate_command(args: argparse.Namespace) -> int:
+    """`vitpipe validate JOB`: everything `vitpipe run` checks before it starts, and the resolved job."""
+    from pipeline.runner.plan import load_plan
+
+    plan = load_plan(args.config)
+    steps = ", ".join(step.id for step in plan.steps)
+    print(f"{args.config}: valid (config hash {plan.job.digest()}); steps: {steps}")
+    print(plan.job.model_dump_json(indent=2))
+    return 0
+
+
+def preprocess_command(args: argparse.Namespace) -> int:
+    from pipeline.preprocess.run import preprocess
+    from pipeline.ray_session import init_ray
+
+    config = preprocess_config(args)  # validate before Ray starts
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"vitpipe preprocess: --workers must be at least 1 (got {args.workers})")
+    print(init_ray(args.address), file=sys.stderr)
+    result = preprocess(args.input, args.output, config, overwrite=args.overwrite, workers=args.workers)
+    print(result.summary())
+    return EXIT_FAILED if result.exceeded else 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from pipeline.pretrain.export import export_checkpoint
+
+    exported = export_checkpoint(args.run, args.checkpoint, args.out)
+    print(f"exported step {exported.step} of {exported.checkpoint}")
+    print(f"  weights: {exported.vitpipe} (vitpipe), {exported.hf} (HF transformers)")
+    return 0
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    from pipeline.preprocess.summary import describe, write_grid
+
+    print(describe(args.directory))
+    print(f"  samples: {write_grid(args.directory, args.out, args.samples, split=args.split)}")
+    return 0
+
+
+def datasets_command(args: argparse.Namespace) -> int:
+    from pipeline.datasets.build import build_dataset
+    from pipeline.ray_session import init_ray
+
+    config = dataset_config(args)  # validate before Ray starts
+    print(init_ray(args.address), file=sys.stderr)
+    build_dataset(config, args.out, args.overwrite, args.preview)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "info": info_command,
+    "validate": validate_command,
+    "run": run_command,
+    "submit": submit_command,
+    "jobs": jobs_command,
+    "datasets": datasets_command,
+    "preprocess": preprocess_command,
+    "inspect": inspect_command,
+    "pretrain": stage_command,
+    "finetune": stage_command,
+    "evaluate": stage_command,
+    "export": export_command,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("submit", "jobs"):
@@ -447,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         use_token_if_present()
     try:
-        return _dispatch(args)
+        return COMMANDS[args.command](args)
     except ConfigError as error:
         print(f"vitpipe: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -456,74 +444,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as error:  # fmt: skip
         print(f"vitpipe: error: {error}", file=sys.stderr)
         return EXIT_FAILED
-
-
-def _dispatch(args: argparse.Namespace) -> int:
-    from pipeline.ray_session import init_ray
-
-    if args.command == "info":
-        from pipeline.info import report
-
-        print(report(args.address))
-    elif args.command == "validate":
-        config = load_config(args.config, PipelineConfig)
-        print(f"{args.config}: valid (config hash {config.digest()})")
-        print(config.model_dump_json(indent=2))
-    elif args.command == "run":
-        return run_command(args)
-    elif args.command == "submit":
-        return submit_command(args)
-    elif args.command == "jobs":
-        return jobs_command(args)
-    elif args.command == "preprocess":
-        from pipeline.preprocess.run import preprocess
-
-        config = preprocess_config(args)  # validate before Ray starts
-        if args.workers is not None and args.workers < 1:
-            raise ConfigError(f"vitpipe preprocess: --workers must be at least 1 (got {args.workers})")
-        print(init_ray(args.address), file=sys.stderr)
-        result = preprocess(args.input, args.output, config, overwrite=args.overwrite, workers=args.workers)
-        print(result.summary())
-        return EXIT_FAILED if result.exceeded else 0
-    elif args.command == "pretrain":
-        from pipeline.pretrain.launch import pretrain
-
-        inputs = pretrain_inputs(args)  # validate before Ray starts
-        result = pretrain(inputs.config, name=inputs.name, data=inputs.data, storage_path=inputs.storage,
-                          address=args.address)  # fmt: skip
-        print(result.summary())
-    elif args.command in ("finetune", "evaluate"):
-        from pipeline.transfer.launch import transfer
-
-        train = args.command == "finetune"
-        inputs = transfer_inputs(args, train)  # validate before Ray starts
-        result = transfer(
-            inputs.finetune, inputs.evaluate, inputs.targets, out=inputs.out, weights=inputs.weights,
-            model=inputs.model, train=train, name=inputs.name, address=args.address,
-        )  # fmt: skip
-        print(result.summary())
-        for failure in result.failures:
-            where = failure["target"] + (f"/{failure['mode']}" if failure.get("mode") else "")
-            print(f"vitpipe: {where} failed: {failure['error']}", file=sys.stderr)
-        return EXIT_FAILED if result.failures else 0
-    elif args.command == "export":
-        from pipeline.pretrain.export import export_checkpoint
-
-        exported = export_checkpoint(args.run, args.checkpoint, args.out)
-        print(f"exported step {exported.step} of {exported.checkpoint}")
-        print(f"  weights: {exported.vitpipe} (vitpipe), {exported.hf} (HF transformers)")
-    elif args.command == "inspect":
-        from pipeline.preprocess.summary import describe, write_grid
-
-        print(describe(args.directory))
-        print(f"  samples: {write_grid(args.directory, args.out, args.samples, split=args.split)}")
-    elif args.command == "datasets":
-        config = dataset_config(args)  # validate before Ray starts
-        from pipeline.datasets.build import build_dataset
-
-        print(init_ray(args.address), file=sys.stderr)
-        build_dataset(config, args.out, args.overwrite, args.preview)
-    return 0
 
 
 if __name__ == "__main__":

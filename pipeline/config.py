@@ -57,6 +57,8 @@ Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=
 Extension = Annotated[str, Field(pattern=r"^[a-z0-9_]+(\.[a-z0-9_]+)*$")]  # a tar member's suffix, lower case
 
 PIL_DEFAULT_MAX_PIXELS = 89_478_485
+DEFAULT_RUNS = "runs"  # where runs go unless a job says otherwise (run_dir, storage_path)
+DEFAULT_PATCH_SIZE = 16  # `vitpipe preprocess` without --patch-size (in a job: the model's)
 
 
 class ConfigError(ValueError):
@@ -241,7 +243,7 @@ class ModelConfig(Section):
     or a model given by its dimensions and `patch_size` alone. Default: Ti/16."""
 
     variant: str | None = None
-    patch_size: PositiveInt | None = None
+    patch_size: PositiveInt = 16  # default: the variant's ("B/32": 32), else 16
     width: PositiveInt | None = None
     depth: PositiveInt | None = None
     mlp_dim: PositiveInt | None = None
@@ -252,6 +254,15 @@ class ModelConfig(Section):
     representation_size: PositiveInt | None = None
     dropout: UnitFraction = 0.0
     drop_path: UnitFraction = 0.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _patch_size_of_the_variant(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("patch_size") is None and isinstance(data.get("variant"), str):
+            _, _, patch = data["variant"].rpartition("/")
+            if patch.isdigit():
+                return {**data, "patch_size": int(patch)}
+        return data
 
     @field_validator("variant")
     @classmethod
@@ -269,37 +280,28 @@ class ModelConfig(Section):
             missing = ", ".join(name for name in DIMENSIONS if name not in given)
             needed = ", ".join(DIMENSIONS)
             raise ValueError(f"a model without a variant needs all of {needed}; {missing} unset")
-        named = self.variant is not None and "/" in self.variant
-        if named and self.patch_size not in (None, parse_variant(self.variant).patch_size):
-            raise ValueError(f"variant {self.variant!r} and patch_size {self.patch_size} disagree; set one")
-        if self.patch_size is None and (given or self.variant is not None) and not named:
-            raise ValueError("set patch_size (or a variant with one, such as 'Ti/16')")
+        named = parse_variant(self.variant).patch_size if self.variant and "/" in self.variant else None
+        if named not in (None, self.patch_size):
+            raise ValueError(f"variant {self.variant!r} and patch_size {self.patch_size} disagree: set one")
         # vit.ViTConfig owns the architecture rules; data-dependent sizes are checked when data is known.
-        self.vit_config(image_size=self.resolved_patch_size, channels=1, num_classes=1)
+        self.vit_config(image_size=self.patch_size, channels=1, num_classes=1)
         return self
-
-    @property
-    def resolved_patch_size(self) -> int:
-        """The model's patch size: `patch_size`, else the variant's ("B/16"), else Ti/16's."""
-        if self.patch_size is not None:
-            return self.patch_size
-        return parse_variant(self.variant or "Ti/16").patch_size
 
     def describe(self) -> str:
         """`Ti/16`, or `width 96, depth 4, heads 3, MLP 384 / patch 4` for a model given by dimensions."""
         shape = VARIANTS[(self.variant or "Ti/16").split("/")[0]]
         if self.variant is not None and not any(getattr(self, name) for name in DIMENSIONS):
-            return f"{self.variant.split('/')[0]}/{self.resolved_patch_size}"
+            return f"{self.variant.split('/')[0]}/{self.patch_size}"
         width, depth = self.width or shape.width, self.depth or shape.depth
         heads, mlp = self.heads or shape.heads, self.mlp_dim or shape.mlp_dim
-        return f"width {width}, depth {depth}, heads {heads}, MLP {mlp} / patch {self.resolved_patch_size}"
+        return f"width {width}, depth {depth}, heads {heads}, MLP {mlp} / patch {self.patch_size}"
 
     def vit_config(self, *, image_size: int, channels: int, num_classes: int) -> ViTConfig:
         """The model this section describes, for data of the given image size, channels and classes."""
         overrides = {name: value for name in DIMENSIONS if (value := getattr(self, name)) is not None}
         variant = (self.variant or "Ti").split("/")[0]
         return ViTConfig.from_variant(
-            f"{variant}/{self.resolved_patch_size}",
+            f"{variant}/{self.patch_size}",
             image_size=image_size,
             channels=channels,
             num_classes=num_classes,
@@ -475,6 +477,30 @@ class PipelineConfig(Section):
     pretrain: PretrainConfig | None = None
     finetune: FinetuneConfig | None = None
     evaluate: EvaluateConfig | None = None
+
+    @model_validator(mode="after")
+    def _patch_sizes_from_models(self) -> PipelineConfig:
+        """A preprocess entry without `patch_size` takes the patch size of the model that reads it, so a
+        job writes the patch size once (in the model)."""
+        for name, entry in self.preprocess.items():
+            if entry.patch_size is not None:
+                continue
+            size = self._reader_patch_size(name)
+            if size is None:
+                raise ValueError(
+                    f"preprocess.{name}.patch_size is not set and no model of this job reads {name!r} "
+                    "(pretrain.data or a finetune target with the pretrain model); set it"
+                )
+            self.preprocess[name] = PreprocessConfig.model_validate(
+                {**entry.model_dump(exclude_unset=True), "patch_size": size}
+            )
+        return self
+
+    def _reader_patch_size(self, entry: str) -> int | None:
+        if self.pretrain is None:
+            return None
+        reads = self.pretrain.data == entry or (self.finetune is not None and entry in self.finetune.targets)
+        return self.pretrain.model.patch_size if reads else None
 
 
 # --- loading -----------------------------------------------------------------------------------------

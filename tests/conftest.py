@@ -114,6 +114,7 @@ datasets:
   digits: {kind: digits}
 preprocess:
   corpus: {image_size: 32, patch_size: 4}
+  digits: {image_size: 32}
 pretrain:
   data: corpus
   model: {variant: Ti/4, width: 96, depth: 4, heads: 3, mlp_dim: 384}

@@ -181,14 +181,15 @@ def test_model_section_builds_the_vit_it_describes():
 def test_finetune_defaults_are_the_papers_recipe_and_accumulation_splits_the_batch():
     from pipeline.config import FinetuneConfig
 
-    spec = FinetuneConfig(targets=["d"], batch_size=512, micro_batch_size=128).train_spec()
-    assert (spec.optimizer, spec.lr, spec.momentum, spec.weight_decay, spec.grad_clip) == (
+    recipe = FinetuneConfig(targets=["d"], batch_size=512, micro_batch_size=128).recipe()
+    sgd = recipe.optimizer
+    assert (sgd.name, sgd.lr, sgd.momentum, sgd.weight_decay, sgd.grad_clip) == (
         "sgd",
         0.03,
         0.9,
         0.0,
         1.0,
     )
-    assert (spec.decay, spec.warmup_steps, spec.total_steps) == ("cosine", 50, 500)
-    assert (spec.micro_batch_size, spec.grad_accum) == (128, 4)
-    assert FinetuneConfig(targets=["d"]).train_spec().grad_accum == 1
+    assert (recipe.schedule.decay, recipe.schedule.warmup_steps, recipe.total_steps) == ("cosine", 50, 500)
+    assert (recipe.micro_batch_size, recipe.grad_accum, recipe.mixup_alpha) == (128, 4, 0.0)
+    assert FinetuneConfig(targets=["d"]).recipe().grad_accum == 1

@@ -86,7 +86,7 @@ PRETRAIN = JOB["pretrain"]
         ),
         (
             changed(pretrain={**PRETRAIN, "data": "digits", "model": {"variant": "Ti/8"}}),
-            "pretrain.model.variant 'Ti/8' has patch size 8 but preprocess.digits.patch_size is 4",
+            "pretrain.model (Ti/8) has patch size 8 but preprocess.digits.patch_size is 4",
         ),
         (
             changed(preprocess={"digits": PATCHES}),
@@ -150,7 +150,7 @@ def test_redo_options_select_stages():
 def test_a_run_folder_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path):
     lock = tmp_path / LOCK_FILE
     lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))  # a live process
-    with pytest.raises(RuntimeError, match=r"in use by another `vitpipe run` \(pid"), _run_lock(tmp_path):
+    with pytest.raises(RuntimeError, match=r"in use by another vitpipe command \(pid"), _run_lock(tmp_path):
         pass
     assert lock.exists()
     lock.write_text(json.dumps({"pid": 2**22 + 1, "host": socket.gethostname()}))  # no such process
@@ -172,5 +172,5 @@ def test_a_single_stage_command_points_at_the_job_run_before_preprocessing_ran(t
     path = write_job(tmp_path, JOB)
     assert main(["pretrain", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "'shapes' names the job's preprocess entry, which has not run" in err
-    assert f"run `vitpipe run {path} --until preprocess` first, or pass --data DIR" in err
+    assert "datasets:shapes has not run in" in err
+    assert f"run `vitpipe run {path} --until datasets` first" in err

@@ -12,6 +12,7 @@ from pathlib import Path
 from pipeline.pretrain.checkpoints import CheckpointInfo, list_checkpoints
 from pipeline.storage import local_folder, publish_folder
 from vit.config import ViTConfig
+from vit.engine import consolidated_state
 from vit.hf import HF_DIR, export_hf
 from vit.model import VisionTransformer
 from vit.weights import load_state, save_pretrained
@@ -44,9 +45,6 @@ def choose_checkpoint(run_dir: str, name: str | None = None) -> CheckpointInfo:
 
 def export_checkpoint(run_dir: str, checkpoint: str | None = None, out: str | None = None) -> Export:
     """Consolidate one checkpoint and write `OUT/vitpipe` and `OUT/hf` (OUT defaults to RUN/export)."""
-    from vit.train import consolidated_state
-
-
     info = choose_checkpoint(run_dir, checkpoint)
     out = out or posixpath.join(run_dir, EXPORT_DIR)
     with tempfile.TemporaryDirectory(prefix="vitpipe-export-") as scratch:

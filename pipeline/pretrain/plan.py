@@ -98,10 +98,10 @@ def plan_pretrain(config: PretrainConfig, directory: str) -> PretrainPlan:
     """The data plan plus the model for it, the steps per epoch and the step budget."""
     data = plan_data(config, directory)
     model, geometry = config.model, data.geometry
-    if model.resolved_patch_size != geometry.patch_size:
+    if model.patch_size != geometry.patch_size:
         raise ValueError(
             f"{directory}: preprocessed with patch_size {geometry.patch_size}, but the model "
-            f"({model.describe()}) uses patch {model.resolved_patch_size}; preprocess again or set "
+            f"({model.describe()}) uses patch {model.patch_size}; preprocess again or set "
             f"model.patch_size: {geometry.patch_size}"
         )
     if model.channels is not None and model.channels != geometry.channels:

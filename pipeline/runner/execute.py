@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from pipeline.config import ConfigError, PipelineConfig, load_config
+import yaml
+
+from pipeline.config import ConfigError
 from pipeline.metrics import format_seconds
-from pipeline.runner.layout import run_layout
-from pipeline.runner.plan import STAGES, JobPlan, Step, plan_job, stage_index
+from pipeline.runner.plan import EVALUATE, STAGES, JobPlan, StageOptions, Step, load_plan, stage_index
 from pipeline.runner.provenance import git_revision
 from pipeline.runner.records import external_fingerprint, read_record, step_key, write_record
-from pipeline.runner.stages import RUNNERS, RunContext, outputs_present
+from pipeline.runner.stages import RESUMED_ON_CHANGE, RUNNERS, RunContext, outputs_present
 from pipeline.storage import write_atomic
 
 RUN_FILE = "run.json"
@@ -101,16 +102,12 @@ class RunOptions:
     def redo(self, stage: str) -> bool:
         if stage in self.force:
             return True
+        if stage not in STAGES:  # evaluate runs only alone
+            return False
         return self.from_stage is not None and STAGES.index(stage) >= STAGES.index(self.from_stage)
 
     def beyond(self, stage: str) -> bool:
-        return self.until is not None and STAGES.index(stage) > STAGES.index(self.until)
-
-
-def load_plan(job_path: str | Path, run_dir: str | None = None) -> JobPlan:
-    """The job file validated and planned: every config error surfaces here, before any work."""
-    job = load_config(job_path, PipelineConfig)
-    return plan_job(job, str(job_path), run_layout(job, run_dir))
+        return self.until is not None and stage in STAGES and STAGES.index(stage) > STAGES.index(self.until)
 
 
 def run_job(
@@ -119,21 +116,27 @@ def run_job(
     run_dir: str | None = None,
     options: RunOptions = RunOptions(),
     address: str | None = None,
+    only: str | None = None,
+    stage: StageOptions | None = None,
 ) -> RunSummary:
-    """Run (or resume) the job's steps in order; stop at the first failed step."""
+    """Run (or resume) the job's steps in order; stop at the first failed step. With `only`, run that
+    stage's step alone (`vitpipe pretrain|finetune|evaluate JOB`): the same key, record, lock and run
+    folder as in a whole run, its inputs taken from the steps before it, which must have run."""
     options.check()
-    plan = load_plan(job_path, run_dir)
+    plan = load_plan(job_path, run_dir, stage or StageOptions(), evaluate=only == EVALUATE)
     root = Path(plan.layout.root)
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     summary = RunSummary(plan)
     context = RunContext(plan, address)
     fingerprints: dict[str, str] = {}
-    steps = [step for step in plan.steps if not options.beyond(step.stage)]
+    steps = _steps_of(plan, only) if only else [s for s in plan.steps if not options.beyond(s.stage)]
     externals = {step.id: _external_fingerprints(plan, step) for step in steps}  # inputs exist, or fail now
     with _run_lock(root):
-        if Path(job_path).resolve() != (root / "job.yaml").resolve():
-            shutil.copyfile(job_path, root / "job.yaml")
+        _keep_job_file(plan, job_path, root)
+        if only:
+            _take_cached_inputs(plan, steps[:-1], fingerprints, externals)
+            steps = steps[-1:]
         _write_run_file(plan, summary, "running")
         for step in steps:
             if summary.failed and step.stage != "report":
@@ -150,6 +153,50 @@ def run_job(
         _write_run_file(plan, summary, "failed" if summary.failed else "finished")
     context.close()  # a Ray this run started ends here, its workers' last lines printed before the summary
     return summary
+
+
+def _steps_of(plan: JobPlan, stage: str) -> list[Step]:
+    """The step of `stage` last, after every step it reads (directly or not), in run order."""
+    wanted = [step for step in plan.steps if step.stage == stage]
+    if not wanted:
+        raise ConfigError(f"{plan.source}: the job has no {stage} section")
+    needed, frontier = set(), list(wanted[0].depends)
+    while frontier:
+        step_id = frontier.pop()
+        if step_id not in needed:
+            needed.add(step_id)
+            frontier.extend(plan.step(step_id).depends)
+    return [step for step in plan.steps if step.id in needed] + wanted[:1]
+
+
+def _take_cached_inputs(
+    plan: JobPlan, steps: list[Step], fingerprints: dict[str, str], externals: dict[str, dict[str, str]]
+) -> None:
+    """The fingerprints of the steps a single-stage command reads: each must be done, with the key it
+    would have now, and its outputs still there; else the command says how to make it."""
+    for step in steps:
+        upstream = {dep: fingerprints[dep] for dep in step.depends}
+        key = step_key(step.settings, upstream, externals[step.id])
+        record = read_record(plan.layout.stages, step.id)
+        done = record is not None and record.get("status") == "done" and outputs_present(step)
+        if not (done and record.get("key") == key):
+            state = "has not run" if record is None else "is not done with these settings"
+            raise ConfigError(
+                f"{plan.source}: {step.id} {state} in {plan.layout.root}; run "
+                f"`vitpipe run {plan.source} --until {step.stage}` first"
+            )
+        fingerprints[step.id] = record["fingerprint"]
+
+
+def _keep_job_file(plan: JobPlan, job_path: str | Path, root: Path) -> None:
+    """RUN/job.yaml: the job file, or for a one-stage pretrain file the job it became."""
+    if Path(job_path).resolve() == (root / "job.yaml").resolve():
+        return
+    if plan.job.datasets or plan.job.preprocess or plan.job.finetune or plan.job.run_dir:
+        shutil.copyfile(job_path, root / "job.yaml")
+    else:
+        job = {"name": plan.job.name, **plan.job.model_dump(mode="json", exclude_defaults=True)}
+        write_atomic(str(root / "job.yaml"), yaml.safe_dump(job, sort_keys=False))
 
 
 def _external_fingerprints(plan: JobPlan, step: Step) -> dict[str, str]:
@@ -178,7 +225,7 @@ def _run_step(
         return StepReport(step.id, "cached")
     # Outputs are cleared only when the step is redone on purpose or its key changed; with no record
     # (outputs of a single-stage command, say a `vitpipe pretrain` of this job) they are built upon.
-    clear = redo or (record is not None and not same)
+    clear = redo or (record is not None and not same and step.stage not in RESUMED_ON_CHANGE)
     resume = same and not redo
     verb = "resuming" if resume else "running"
     print(f"[run] {step.id}: {verb} (key {key})", flush=True)
@@ -246,8 +293,8 @@ def _run_lock(root: Path) -> Iterator[None]:
             holder = _lock_holder(lock)
             if holder is not None:
                 raise RuntimeError(
-                    f"{root} is in use by another `vitpipe run` (pid {holder['pid']} on {holder['host']}); "
-                    f"wait for it, or delete {lock} if that run is gone"
+                    f"{root} is in use by another vitpipe command (pid {holder['pid']} on "
+                    f"{holder['host']}); wait for it, or delete {lock} if that run is gone"
                 ) from None
             lock.unlink(missing_ok=True)  # its process is gone
             continue

@@ -17,9 +17,8 @@ import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import ConfigError, PipelineConfig
+from pipeline.config import DEFAULT_RUNS, ConfigError, PipelineConfig
 
-DEFAULT_RUNS = "runs"
 PRETRAIN_DIR = "pretrain"
 
 

@@ -7,13 +7,34 @@ fine-tuning target is preprocessed. Errors are ConfigErrors naming the job file 
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, FinetuneConfig, PipelineConfig, PretrainConfig
-from pipeline.runner.layout import RunLayout
+from pipeline.config import (
+    DEFAULT_RUNS,
+    ConfigError,
+    FinetuneConfig,
+    PipelineConfig,
+    PretrainConfig,
+    load_yaml,
+    validate,
+)
+from pipeline.runner.layout import RunLayout, run_layout
 
-STAGES = ("datasets", "preprocess", "pretrain", "finetune", "report")
+STAGES = ("datasets", "preprocess", "pretrain", "finetune", "report")  # what `vitpipe run` runs, in order
+EVALUATE = "evaluate"  # `vitpipe evaluate JOB`: the weights scored on the targets without training
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """What a single-stage command's options change in its step: targets given as NAME=DIR (added to the
+    finetune section's, or replacing the one of that name) and another output folder. Options that
+    change a section (--weights, --data) are applied to the job's config before planning."""
+
+    targets: dict[str, str] = field(default_factory=dict)
+    out: str | None = None
 
 
 @dataclass(frozen=True)
@@ -43,6 +64,58 @@ class JobPlan:
         return next(step for step in self.steps if step.id == step_id)
 
 
+@dataclass(frozen=True)
+class StageOptions:
+    """What a single-stage command's options change: sections (`data`: pretrain.data, `weights`:
+    finetune.weights, `storage`: pretrain.storage_path, `name`: the job's name) and its step's targets
+    and output folder."""
+
+    data: str | None = None
+    weights: str | None = None
+    storage: str | None = None
+    name: str | None = None
+    overrides: Overrides = field(default_factory=Overrides)
+
+
+def load_plan(
+    job_path: str | Path, run_dir: str | None = None, stage: StageOptions = StageOptions(), *,
+    evaluate: bool = False,
+) -> JobPlan:  # fmt: skip
+    """The job file validated and planned: every config error surfaces here, before any work. A file
+    holding a `pretrain:` section's settings alone is a one-stage job whose run folder is STORAGE/NAME
+    (NAME: the file's stem), as `vitpipe pretrain` has always put it."""
+    source = str(job_path)
+    data = load_yaml(job_path)
+    if isinstance(data, dict) and "pretrain" not in data and "data" in data:
+        pretrain = validate(data, PretrainConfig, source)
+        name = stage.name or Path(job_path).stem
+        storage = stage.storage or pretrain.storage_path or DEFAULT_RUNS
+        pretrain = pretrain.model_copy(update={"storage_path": storage, "data": stage.data or pretrain.data})
+        job = validate({"name": name}, PipelineConfig, source).model_copy(update={"pretrain": pretrain})
+        if "://" not in storage:
+            run_dir = run_dir or posixpath.join(storage, name)
+    else:
+        job = _with_stage_options(validate(data, PipelineConfig, source), stage)
+    return plan_job(job, source, run_layout(job, run_dir), stage.overrides, evaluate=evaluate)
+
+
+def _with_stage_options(job: PipelineConfig, stage: StageOptions) -> PipelineConfig:
+    changes: dict[str, Any] = {"name": stage.name} if stage.name else {}
+    if job.pretrain is not None and (stage.data or stage.storage):
+        storage = stage.storage or job.pretrain.storage_path
+        changes["pretrain"] = job.pretrain.model_copy(
+            update={"data": stage.data or job.pretrain.data, "storage_path": storage}
+        )
+    finetune = job.finetune
+    if finetune is None and stage.overrides.targets:
+        finetune = FinetuneConfig(targets=list(stage.overrides.targets))
+    if finetune is not None and stage.weights is not None:
+        finetune = finetune.model_copy(update={"weights": stage.weights})
+    if finetune is not job.finetune:
+        changes["finetune"] = finetune
+    return job.model_copy(update=changes)
+
+
 def stage_index(stage: str, option: str) -> int:
     """The position of a stage named on the command line; an unknown name is a usage error."""
     if stage not in STAGES:
@@ -50,8 +123,12 @@ def stage_index(stage: str, option: str) -> int:
     return STAGES.index(stage)
 
 
-def plan_job(job: PipelineConfig, source: str, layout: RunLayout) -> JobPlan:
-    """Every step of `job` in run order, after checking how its sections refer to each other."""
+def plan_job(
+    job: PipelineConfig, source: str, layout: RunLayout, overrides: Overrides = Overrides(), *,
+    evaluate: bool = False,
+) -> JobPlan:  # fmt: skip
+    """Every step of `job` in run order, after checking how its sections refer to each other; with
+    `evaluate`, also the evaluate step (which `vitpipe run` does not run)."""
     steps: list[Step] = []
     for name, dataset in job.datasets.items():
         external = (("tree", dataset.src),) if dataset.kind == "imagefolder" else ()
@@ -80,9 +157,13 @@ def plan_job(job: PipelineConfig, source: str, layout: RunLayout) -> JobPlan:
     if job.pretrain is not None:
         steps.append(_pretrain_step(job.pretrain, job, source, layout))
     if job.finetune is not None:
-        steps.append(_finetune_step(job.finetune, job, source, layout))
+        steps.append(_transfer_step("finetune", job.finetune, job, source, layout, overrides))
     if steps:
         steps.append(Step("report", None, {}, tuple(step.id for step in steps), output=layout.report))
+    if evaluate:
+        if job.finetune is None:
+            raise ConfigError(f"{source}: no finetune: section (and no --target NAME=DIR) to evaluate on")
+        steps.append(_transfer_step(EVALUATE, job.finetune, job, source, layout, overrides))
     return JobPlan(job, source, layout, steps)
 
 
@@ -103,8 +184,9 @@ def _pretrain_step(pretrain: PretrainConfig, job: PipelineConfig, source: str, l
         entry = job.preprocess[pretrain.data]
         if entry.patch_size != pretrain.model.patch_size:
             raise ConfigError(
-                f"{source}: pretrain.model.variant {pretrain.model.variant!r} has patch size "
-                f"{pretrain.model.patch_size} but preprocess.{pretrain.data}.patch_size is {entry.patch_size}"
+                f"{source}: pretrain.model ({pretrain.model.describe()}) has patch size "
+                f"{pretrain.model.patch_size} but preprocess.{pretrain.data}.patch_size is "
+                f"{entry.patch_size}; drop preprocess.{pretrain.data}.patch_size to take the model's"
             )
         if pretrain.model.channels not in (None, entry.channels):
             raise ConfigError(
@@ -120,19 +202,22 @@ def _pretrain_step(pretrain: PretrainConfig, job: PipelineConfig, source: str, l
     return Step("pretrain", None, settings, external=(("patches", pretrain.data),), output=layout.pretrain)
 
 
-def _finetune_step(finetune: FinetuneConfig, job: PipelineConfig, source: str, layout: RunLayout) -> Step:
+def _transfer_step(
+    stage: str, finetune: FinetuneConfig, job: PipelineConfig, source: str, layout: RunLayout,
+    overrides: Overrides,
+) -> Step:  # fmt: skip
+    """The finetune (or evaluate) step: every target resolved to a folder (a preprocess entry's in the run,
+    or one outside it), the weights it starts from, and what its key covers."""
     depends: list[str] = []
     external: list[tuple[str, str]] = []
+    targets: dict[str, str] = {}
     for target in finetune.targets:
+        if target in overrides.targets:
+            continue
         if target in job.preprocess:
             depends.append(f"preprocess:{target}")
-            patch_size = job.preprocess[target].patch_size
-            model = job.pretrain.model if job.pretrain else None
-            if model is not None and finetune.weights is None and patch_size != model.patch_size:
-                raise ConfigError(
-                    f"{source}: finetune target {target!r} is preprocessed in {patch_size}-pixel patches "
-                    f"(preprocess.{target}.patch_size) but the pretrained model uses {model.patch_size}"
-                )
+            _check_target_patches(target, finetune, job, source)
+            targets[target] = layout.patches(target)
         elif target in job.datasets:
             raise ConfigError(
                 f"{source}: finetune target {target!r} is a dataset, not preprocessed patches; add "
@@ -140,11 +225,15 @@ def _finetune_step(finetune: FinetuneConfig, job: PipelineConfig, source: str, l
             )
         else:
             external.append(("patches", target))
+            targets[target_name(target)] = target
+    for name, location in overrides.targets.items():
+        external.append(("patches", location))
+        targets[name] = location
     if finetune.weights is not None:
         external.append(("tree", finetune.weights))
     elif job.pretrain is not None:
         depends.append("pretrain")
-    elif "pretrained" in finetune.modes:
+    elif stage == EVALUATE or "pretrained" in finetune.modes:
         raise ConfigError(
             f"{source}: finetune mode 'pretrained' needs weights: add a pretrain section or set "
             "finetune.weights"
@@ -154,5 +243,25 @@ def _finetune_step(finetune: FinetuneConfig, job: PipelineConfig, source: str, l
         "evaluate": job.evaluate.model_dump(mode="json") if job.evaluate else None,
         # the scratch model is built from the pretrain section's model when there are no weights
         "model": job.pretrain.model.model_dump(mode="json") if job.pretrain else None,
+        "targets": targets,
     }
-    return Step("finetune", None, settings, tuple(depends), tuple(external), output=layout.transfer)
+    default_out = layout.transfer if stage == "finetune" else layout.evaluate
+    if overrides.out is not None:
+        settings["out"] = overrides.out  # results somewhere else are another step's results
+    output = overrides.out or default_out
+    return Step(stage, None, settings, tuple(depends), tuple(external), output=output)
+
+
+def _check_target_patches(target: str, finetune: FinetuneConfig, job: PipelineConfig, source: str) -> None:
+    patch_size = job.preprocess[target].patch_size
+    model = job.pretrain.model if job.pretrain else None
+    if model is not None and finetune.weights is None and patch_size != model.patch_size:
+        raise ConfigError(
+            f"{source}: finetune target {target!r} is preprocessed in {patch_size}-pixel patches "
+            f"(preprocess.{target}.patch_size) but the pretrained model uses {model.patch_size}"
+        )
+
+
+def target_name(location: str) -> str:
+    """The name a target given as a folder goes by: its last path component (`data/c10-384/` -> c10-384)."""
+    return posixpath.basename(location.rstrip("/")) or location

@@ -10,10 +10,29 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
+import ray
 
+from pipeline.config import EvaluateConfig, digest
+from pipeline.datasets.build import build_dataset
+from pipeline.datasets.card import CARD_FILE, read_card
+from pipeline.preprocess.manifest import MANIFEST_FILE
+from pipeline.preprocess.run import preprocess
+from pipeline.preprocess.summary import write_grid
+from pipeline.pretrain.checkpoints import latest_checkpoint
+from pipeline.pretrain.export import EXPORT_DIR, VITPIPE_DIR
+from pipeline.pretrain.launch import pretrain
+from pipeline.ray_session import init_ray
 from pipeline.runner.plan import JobPlan, Step
-from pipeline.runner.records import digest, file_fingerprint, fresh_fingerprint
-from pipeline.storage import remove_folder
+from pipeline.runner.records import file_fingerprint, fresh_fingerprint
+from pipeline.runner.report import write_report
+from pipeline.storage import remove_folder, resolve
+from pipeline.transfer.launch import transfer
+from pipeline.transfer.report import RESULTS_JSON
+from vit.files import CONFIG_FILE
+
+# Steps whose outputs a changed key does not clear: a pretraining run's checkpoints are resumed (its launch
+# refuses checkpoints of another model); only --force / --from start it afresh.
+RESUMED_ON_CHANGE = frozenset({"pretrain"})
 
 
 @dataclass
@@ -34,18 +53,12 @@ class RunContext:
         """Start or join Ray the first time a step needs it; a fully cached run never starts it."""
         if self.joined:
             return
-        import ray
-
-        from pipeline.ray_session import init_ray
-
         self.started_ray = not ray.is_initialized()
         print(init_ray(self.address))
         self.joined = True
 
     def close(self) -> None:
         if self.started_ray:
-            import ray
-
             ray.shutdown()
 
 
@@ -56,8 +69,6 @@ def patch_dir(plan: JobPlan, entry: str) -> str:
 
 def pretrained_weights(plan: JobPlan) -> str | None:
     """The weights the finetune stage starts from: finetune.weights, else the pretraining export."""
-    from pipeline.pretrain.export import EXPORT_DIR, VITPIPE_DIR
-
     finetune = plan.job.finetune
     if finetune is not None and finetune.weights is not None:
         return finetune.weights
@@ -68,9 +79,6 @@ def pretrained_weights(plan: JobPlan) -> str | None:
 
 def run_datasets(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     """Build the dataset (always from scratch: the builders are quick and write the same bytes)."""
-    from pipeline.datasets.build import build_dataset
-    from pipeline.datasets.card import read_card
-
     context.ensure_ray()
     build_dataset(context.plan.job.datasets[step.item or ""], Path(step.output), overwrite=True, preview=True)
     card = read_card(step.output)
@@ -80,10 +88,6 @@ def run_datasets(context: RunContext, step: Step, clear: bool) -> StepOutcome:
 
 def run_preprocess(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     """Preprocess the entry's input; shards an earlier attempt finished are kept unless `clear`."""
-    from pipeline.preprocess.manifest import MANIFEST_FILE
-    from pipeline.preprocess.run import preprocess
-    from pipeline.preprocess.summary import write_grid
-
     job, name = context.plan.job, step.item or ""
     config = job.preprocess[name]
     reads = config.input or name
@@ -101,10 +105,8 @@ def run_preprocess(context: RunContext, step: Step, clear: bool) -> StepOutcome:
 
 
 def run_pretrain(context: RunContext, step: Step, clear: bool) -> StepOutcome:
-    """Pretrain; a run folder with checkpoints is resumed from the newest unless `clear`."""
-    from pipeline.pretrain.checkpoints import latest_checkpoint
-    from pipeline.pretrain.launch import pretrain
-
+    """Pretrain; a run folder with checkpoints is resumed from the newest unless `clear` (a forced redo:
+    see RESUMED_ON_CHANGE)."""
     config, layout = context.plan.job.pretrain, context.plan.layout
     if config is None:
         raise ValueError("the job has no pretrain section")
@@ -115,9 +117,9 @@ def run_pretrain(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     context.ensure_ray()
     result = pretrain(
         config,
-        name=layout.pretrain_name,
         data=patch_dir(context.plan, config.data),
-        storage_path=layout.pretrain_storage,
+        storage=layout.pretrain_storage,
+        name=layout.pretrain_name,
         address=context.address,
     )
     print(result.summary())
@@ -126,28 +128,23 @@ def run_pretrain(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     return StepOutcome(fresh_fingerprint(), outputs)
 
 
-def run_finetune(context: RunContext, step: Step, clear: bool) -> StepOutcome:
-    """Fine-tune and evaluate every target (transfer() replaces each (target, mode) folder it runs)."""
-    from pipeline.transfer.launch import transfer
-    from pipeline.transfer.plan import target_name
-
+def run_transfer(context: RunContext, step: Step, clear: bool) -> StepOutcome:
+    """Fine-tune and evaluate every target (finetune), or evaluate the weights as they are (evaluate);
+    transfer() replaces each (target, mode) folder it runs."""
     plan = context.plan
     finetune = plan.job.finetune
     if finetune is None:
         raise ValueError("the job has no finetune section")
-    targets = {
-        (entry if entry in plan.job.preprocess else target_name(entry)): patch_dir(plan, entry)
-        for entry in finetune.targets
-    }
     context.ensure_ray()
+    train = step.stage == "finetune"
     result = transfer(
         finetune,
-        plan.job.evaluate,
-        targets,
-        out=plan.layout.transfer,
+        plan.job.evaluate if plan.job.evaluate is not None or train else EvaluateConfig(),
+        dict(step.settings["targets"]),
+        out=step.output,
         weights=pretrained_weights(plan),
         model=plan.job.pretrain.model if plan.job.pretrain else None,
-        train=True,
+        train=train,
         name=plan.job.name,
         address=context.address,
     )
@@ -158,8 +155,6 @@ def run_finetune(context: RunContext, step: Step, clear: bool) -> StepOutcome:
 
 
 def run_report(context: RunContext, step: Step, clear: bool) -> StepOutcome:
-    from pipeline.runner.report import write_report
-
     path = write_report(context.plan)
     print(f"report: {path}")
     return StepOutcome(file_fingerprint(path), {"report": path})
@@ -169,25 +164,20 @@ RUNNERS: dict[str, Callable[[RunContext, Step, bool], StepOutcome]] = {
     "datasets": run_datasets,
     "preprocess": run_preprocess,
     "pretrain": run_pretrain,
-    "finetune": run_finetune,
+    "finetune": run_transfer,
+    "evaluate": run_transfer,
     "report": run_report,
 }
 
 
 def outputs_present(step: Step) -> bool:
     """Whether what a finished step wrote is still there (someone may have deleted it since)."""
-    from pipeline.datasets.card import CARD_FILE
-    from pipeline.preprocess.manifest import MANIFEST_FILE
-    from pipeline.pretrain.export import EXPORT_DIR, VITPIPE_DIR
-    from pipeline.storage import resolve
-    from pipeline.transfer.report import RESULTS_JSON
-    from vit.weights import CONFIG_FILE
-
     marker = {
         "datasets": CARD_FILE,
         "preprocess": MANIFEST_FILE,
         "pretrain": posixpath.join(EXPORT_DIR, VITPIPE_DIR, CONFIG_FILE),
         "finetune": RESULTS_JSON,
+        "evaluate": RESULTS_JSON,
         "report": "",
     }[step.stage]
     filesystem, path = resolve(posixpath.join(step.output, marker) if marker else step.output)

@@ -18,11 +18,6 @@ from vit.patches import PatchGeometry
 TRAIN_SPLIT, TEST_SPLIT = "train", "test"
 
 
-def target_name(location: str) -> str:
-    """The name a target given as a folder goes by: its last path component (`data/c10-384/` -> c10-384)."""
-    return location.rstrip("/").rsplit("/", 1)[-1] or location
-
-
 class TargetError(ValueError):
     """A target dataset that cannot be fine-tuned or evaluated; the message starts with its name."""
 
