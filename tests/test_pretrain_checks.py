@@ -10,7 +10,7 @@ import yaml
 from tests.conftest import run_vitpipe
 
 RUN = {
-    "model": {"variant": "Ti/4", "width": 32, "depth": 1, "heads": 2, "mlp_dim": 64},
+    "model": {"patch_size": 4, "width": 32, "depth": 1, "heads": 2, "mlp_dim": 64},
     "num_workers": 2,
     "cpus_per_worker": 0.5,
     "global_batch_size": 32,
@@ -41,8 +41,8 @@ def refusal(tmp_path: Path, data: Path, **changes) -> str:
     path.write_text(yaml.safe_dump(config))
     result = run_vitpipe("pretrain", str(path), "--storage", str(tmp_path / "runs"))
     assert result.returncode != 0, result.stdout
-    assert "Ray " not in result.stderr  # refused before a Ray session was started or joined
-    assert not (tmp_path / "runs").exists()
+    assert "Ray " not in result.stdout + result.stderr  # refused before a Ray session was started or joined
+    assert not list(tmp_path.rglob("checkpoint_*"))
     return result.stderr
 
 
@@ -53,7 +53,7 @@ def refusal(tmp_path: Path, data: Path, **changes) -> str:
         ("empty", {}, "no _manifest.json; not a finished `vitpipe preprocess` output"),
         ("unlabelled", {}, "preprocessed without labels (label_key: none)"),
         ("labelled", {"split": "val"}, "no split 'val' to pretrain on"),
-        ("labelled", {"model": {"variant": "Ti/8"}}, "preprocessed with patch_size 4, but model 'Ti/8'"),
+        ("labelled", {"model": {"variant": "Ti/8"}}, "preprocessed with patch_size 4, but the model (Ti/8)"),
         ("labelled", {"model": {**RUN["model"], "channels": 1}}, "preprocessed with 3 channel(s)"),
         ("labelled", {"global_batch_size": 512}, "has 300 samples, fewer than one global batch of 512"),
     ],
@@ -109,13 +109,11 @@ def test_bf16_auto_is_decided_on_the_worker_by_its_device(monkeypatch):
     import torch
 
     from pipeline.config import PretrainConfig
-    from pipeline.pretrain.worker import _use_bf16
+    from vit.step import use_bf16
 
-    assert PretrainConfig(data="x").train_spec(10).bf16 is False  # "auto" does not force it on the driver
-    assert PretrainConfig(data="x", bf16=True).train_spec(10).bf16 is True
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert _use_bf16("auto") is False
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert PretrainConfig(data="x").recipe(10).bf16 is False  # "auto" does not force it on the driver
+    assert PretrainConfig(data="x", bf16=True).recipe(10).bf16 is True
+    assert use_bf16("auto", torch.device("cpu")) is False
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert _use_bf16("auto") is True
-    assert _use_bf16(False) is False
+    assert use_bf16("auto", torch.device("cuda")) is True
+    assert use_bf16(False, torch.device("cuda")) is False

@@ -3,6 +3,7 @@ a bad config, option or weights folder fails before Ray starts."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -108,7 +109,7 @@ def test_a_target_the_checkpoint_cannot_take_is_refused_by_name(bad_targets, nam
 
 
 def write_job(tmp_path: Path, **finetune) -> Path:
-    job = {**JOB, "finetune": {**JOB["finetune"], **finetune}}
+    job = {**JOB, "run_dir": str(tmp_path / "run"), "finetune": {**JOB["finetune"], **finetune}}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     return path
@@ -165,13 +166,13 @@ def test_a_target_naming_a_preprocess_entry_that_has_not_run_says_how_to_make_it
     job = {
         **JOB,
         "run_dir": str(tmp_path / "run"),
-        "preprocess": {"digits": {"image_size": 32, "patch_size": 4}},
+        "preprocess": {"digits": {"input": str(tmp_path / "shards"), "image_size": 32, "patch_size": 4}},
     }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     message = refused(tmp_path, "finetune", str(path), "--weights", str(weights))
-    assert "'digits' names the job's preprocess entry, which has not run" in message
-    assert f"run `vitpipe run {path} --until preprocess` first, or pass --target digits=DIR" in message
+    assert f"preprocess:digits has not run in {tmp_path / 'run'}" in message
+    assert f"run `vitpipe run {path} --until preprocess` first" in message
 
 
 @pytest.mark.parametrize(
@@ -192,7 +193,7 @@ def test_a_bad_finetune_section_fails_before_ray(tmp_path, weights, changes, mes
 def test_pretrained_mode_without_weights_is_refused(tmp_path, digits_patches):
     job = str(write_job(tmp_path))
     message = refused(tmp_path, "finetune", job, f"--target=digits={digits_patches}")
-    assert "no weights to finetune; set finetune.weights or pass --weights" in message
+    assert "finetune mode 'pretrained' needs weights: add a pretrain section or set" in message
 
 
 def test_unreadable_weights_fail_naming_the_file_before_any_task(tmp_path, weights, digits_patches):
@@ -228,15 +229,16 @@ def test_a_job_whose_pretraining_has_not_run_says_so(tmp_path, digits_patches):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     message = refused(tmp_path, "finetune", str(path), f"--target=digits={digits_patches}")
-    assert f"no pretrained weights at {tmp_path / 'runs' / 'checks' / 'export' / 'vitpipe'}" in message
+    assert "pretrain has not run in" in message
     assert f"run `vitpipe run {path} --until pretrain` first" in message
 
 
 def test_targets_weights_and_output_resolve_from_the_job_and_options(tmp_path, weights):
-    from pipeline.cli import build_parser, transfer_inputs
+    """A single-stage command's options become its step: targets given as NAME=DIR join the section's,
+    the job's pretraining export is the default weights, the run folder the default output."""
+    from pipeline.runner.plan import Overrides, StageOptions, load_plan
+    from pipeline.runner.stages import pretrained_weights
 
-    export = tmp_path / "runs" / "checks" / "export" / "vitpipe"
-    export.mkdir(parents=True)
     job = {
         **JOB,
         "pretrain": {"data": "x", "storage_path": str(tmp_path / "runs")},
@@ -245,22 +247,26 @@ def test_targets_weights_and_output_resolve_from_the_job_and_options(tmp_path, w
     job["finetune"] = {**JOB["finetune"], "targets": [str(tmp_path / "data" / "cifar-384/")]}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
-    inputs = transfer_inputs(
-        build_parser().parse_args(["finetune", str(path), "--target=extra=/x"]), train=True
-    )
-    assert inputs.targets == {"cifar-384": str(tmp_path / "data" / "cifar-384/"), "extra": "/x"}
-    assert inputs.weights == str(export)  # the job's pretraining export
-    assert inputs.out == str(tmp_path / "run" / "transfer")  # the run folder; only checkpoints go to storage
-    assert inputs.model is not None
+    plan = load_plan(path, stage=StageOptions(overrides=Overrides(targets={"extra": "/x"})))
+    step = plan.step("finetune")
+    assert step.settings["targets"] == {"cifar-384": str(tmp_path / "data" / "cifar-384/"), "extra": "/x"}
+    assert step.depends == ("pretrain",)
+    assert pretrained_weights(plan) == str(tmp_path / "runs" / "checks" / "export" / "vitpipe")
+    assert step.output == str(tmp_path / "run" / "transfer")  # the run folder; only checkpoints go to storage
 
     bare = tmp_path / "bare.yaml"
     bare.write_text(yaml.safe_dump({"name": "bare"}))
-    args = build_parser().parse_args(["evaluate", str(bare), "--weights", str(weights), "--target=d=/d"])
-    inputs = transfer_inputs(args, train=False)
-    assert inputs.targets == {"d": "/d"}
-    assert inputs.evaluate is not None
-    assert inputs.evaluate.shots == (1, 5, 10, 25)  # the paper's few-shot settings by default
-    assert inputs.out == str(Path("runs/bare/evaluate").absolute())  # the default run folder, runs/NAME
+    options = StageOptions(weights=str(weights), overrides=Overrides(targets={"d": "/d"}))
+    plan = load_plan(bare, stage=options, evaluate=True)
+    step = plan.step("evaluate")
+    assert step.settings["targets"] == {"d": "/d"}
+    assert step.external == (("patches", "/d"), ("tree", str(weights)))
+    assert pretrained_weights(plan) == str(weights)
+    assert step.output == str(Path("runs/bare/evaluate").absolute())  # the default run folder, runs/NAME
+    elsewhere = load_plan(bare, stage=dataclasses.replace(options, overrides=Overrides({"d": "/d"}, "/out")),
+                          evaluate=True).step("evaluate")  # fmt: skip
+    assert elsewhere.output == "/out"
+    assert elsewhere.settings["out"] == "/out"  # results elsewhere are another step's, not the run's
 
 
 def test_a_head_is_scored_on_a_target_only_with_the_same_classes(tmp_path):

@@ -125,18 +125,19 @@ def run_job(
     options.check()
     plan = load_plan(job_path, run_dir, stage or StageOptions(), evaluate=only == EVALUATE)
     root = Path(plan.layout.root)
-    root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     summary = RunSummary(plan)
     context = RunContext(plan, address)
     fingerprints: dict[str, str] = {}
-    steps = _steps_of(plan, only) if only else [s for s in plan.steps if not options.beyond(s.stage)]
+    steps = [s for s in plan.steps if not options.beyond(s.stage)]
+    if only:
+        *inputs, last = _steps_of(plan, only)
+        _take_cached_inputs(plan, inputs, fingerprints)
+        steps = [last]
     externals = {step.id: _external_fingerprints(plan, step) for step in steps}  # inputs exist, or fail now
+    root.mkdir(parents=True, exist_ok=True)
     with _run_lock(root):
         _keep_job_file(plan, job_path, root)
-        if only:
-            _take_cached_inputs(plan, steps[:-1], fingerprints, externals)
-            steps = steps[-1:]
         _write_run_file(plan, summary, "running")
         for step in steps:
             if summary.failed and step.stage != "report":
@@ -169,17 +170,16 @@ def _steps_of(plan: JobPlan, stage: str) -> list[Step]:
     return [step for step in plan.steps if step.id in needed] + wanted[:1]
 
 
-def _take_cached_inputs(
-    plan: JobPlan, steps: list[Step], fingerprints: dict[str, str], externals: dict[str, dict[str, str]]
-) -> None:
+def _take_cached_inputs(plan: JobPlan, steps: list[Step], fingerprints: dict[str, str]) -> None:
     """The fingerprints of the steps a single-stage command reads: each must be done, with the key it
     would have now, and its outputs still there; else the command says how to make it."""
     for step in steps:
-        upstream = {dep: fingerprints[dep] for dep in step.depends}
-        key = step_key(step.settings, upstream, externals[step.id])
         record = read_record(plan.layout.stages, step.id)
         done = record is not None and record.get("status") == "done" and outputs_present(step)
-        if not (done and record.get("key") == key):
+        if done:
+            upstream = {dep: fingerprints[dep] for dep in step.depends}
+            done = record.get("key") == step_key(step.settings, upstream, _external_fingerprints(plan, step))
+        if not done:
             state = "has not run" if record is None else "is not done with these settings"
             raise ConfigError(
                 f"{plan.source}: {step.id} {state} in {plan.layout.root}; run "

@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pipeline.config import digest
+from pipeline.preprocess.manifest import MANIFEST_FILE, read_manifest
 from pipeline.preprocess.sources import list_shards
 from pipeline.storage import resolve, write_atomic
 
@@ -68,8 +69,7 @@ def external_fingerprint(kind: str, location: str) -> str:
     """The fingerprint of an input from outside the run: a patch directory (its manifest), a folder
     (its listing) or WebDataset shards (their sizes)."""
     if kind == "patches":
-        from pipeline.preprocess.manifest import MANIFEST_FILE
-
+        read_manifest(location)  # a missing folder or manifest is named as such
         return file_fingerprint(posixpath.join(location, MANIFEST_FILE))
     if kind == "shards":
         return shards_fingerprint(location)

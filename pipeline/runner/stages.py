@@ -4,6 +4,7 @@ pretrain, transfer, report), with the run's folders as their inputs and outputs.
 from __future__ import annotations
 
 import posixpath
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,19 +47,17 @@ class StepOutcome:
 class RunContext:
     plan: JobPlan
     address: str | None
-    joined: bool = False
-    started_ray: bool = False  # whether this run started (or joined) Ray, rather than found it running
+    ray_was_running: bool = field(default_factory=ray.is_initialized)
 
     def ensure_ray(self) -> None:
-        """Start or join Ray the first time a step needs it; a fully cached run never starts it."""
-        if self.joined:
-            return
-        self.started_ray = not ray.is_initialized()
-        print(init_ray(self.address))
-        self.joined = True
+        """Start or join Ray when a step needs it (a fully cached run never does); the pretrain and
+        transfer stages join it themselves, after their checks, so a refused step never starts Ray."""
+        if not ray.is_initialized():
+            print(init_ray(self.address))
 
     def close(self) -> None:
-        if self.started_ray:
+        """Shut down a Ray this run started or joined."""
+        if not self.ray_was_running and ray.is_initialized():
             ray.shutdown()
 
 
@@ -114,7 +113,6 @@ def run_pretrain(context: RunContext, step: Step, clear: bool) -> StepOutcome:
         remove_folder(layout.pretrain)
     elif (latest := latest_checkpoint(layout.pretrain)) is not None:
         print(f"resuming pretraining from its checkpoint at step {latest.step:,}")
-    context.ensure_ray()
     result = pretrain(
         config,
         data=patch_dir(context.plan, config.data),
@@ -135,7 +133,6 @@ def run_transfer(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     finetune = plan.job.finetune
     if finetune is None:
         raise ValueError("the job has no finetune section")
-    context.ensure_ray()
     train = step.stage == "finetune"
     result = transfer(
         finetune,
@@ -150,6 +147,8 @@ def run_transfer(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     )
     print(result.summary())
     failed = [f["target"] + (f"/{f['mode']}" if f.get("mode") else "") for f in result.failures]
+    for where, failure in zip(failed, result.failures, strict=True):
+        print(f"vitpipe: {where} failed: {failure['error']}", file=sys.stderr)
     error = f"{len(failed)} transfer run(s) failed: {', '.join(failed)}" if failed else None
     return StepOutcome(fresh_fingerprint(), {"folder": result.out}, error)
 
