@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -32,21 +33,29 @@ def run_shard_tasks(
     driver's memory stays bounded however many shards there are, and adding nodes adds throughput
     with no change here.
     """
-    remote = ray.remote(num_cpus=1, max_retries=2)(task)
+    remote = ray.remote(num_cpus=1, max_retries=2)(_on_node)
     limit = max_in_flight or 2 * cluster_cpus()
     progress = Progress(label, total=len(shard_args))
     pending: dict[ray.ObjectRef, int] = {}
     results: list[ResultT | None] = [None] * len(shard_args)
+    nodes: set[str] = set()
     next_index = 0
     while next_index < len(shard_args) or pending:
         while next_index < len(shard_args) and len(pending) < limit:
             # `shared` goes by value: small arguments travel inside the task spec. A `ray.put` of them
             # failed on a reused two-node cluster with a spurious OwnerDiedError (driver alive).
-            pending[remote.remote(*shared, *shard_args[next_index])] = next_index
+            pending[remote.remote(task, *shared, *shard_args[next_index])] = next_index
             next_index += 1
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
-            result = ray.get(ref)
+            node, result = ray.get(ref)
             results[pending.pop(ref)] = result
+            nodes.add(node)
             progress.update(items=result.samples)
+    print(f"{label}: {len(shard_args)} shard(s) on {len(nodes)} node(s)", file=sys.stderr)
     return [result for result in results if result is not None]
+
+
+def _on_node(task: Callable[..., ResultT], *args: Any) -> tuple[str, ResultT]:
+    """Run one shard's task; returns the node it ran on beside its result."""
+    return ray.get_runtime_context().get_node_id(), task(*args)

@@ -6,6 +6,7 @@ import io
 import tarfile
 
 import pytest
+import webdataset
 
 from pipeline.preprocess.samples import (
     Failure,
@@ -32,21 +33,27 @@ def read(data: bytes) -> list[Sample | Failure]:
 
 
 def test_members_group_by_key_as_webdataset_does():
-    items = read(
-        tar_bytes(
-            [
-                ("dir/a.jpg", b"A"),
-                ("dir/a.cls", b"1"),
-                ("dir/a.seg.PNG", b"S"),
-                ("__meta__.json", b"{}"),
-                ("b.jpg", b"B"),
-            ]
-        )
-    )
+    """The same keys and member names as webdataset's own reader on the same bytes (extensions are
+    lower-cased here, which webdataset leaves as they are)."""
+    members = [("dir/a.jpg", b"A"), ("dir/a.cls", b"1"), ("dir/a.seg.PNG", b"S"), ("b.jpg", b"B")]
+    items = read(tar_bytes(members))
     assert items == [
         Sample("dir/a", {"jpg": b"A", "cls": b"1", "seg.png": b"S"}),
         Sample("b", {"jpg": b"B"}),
     ]
+    shard = [{"url": "shard.tar", "stream": io.BytesIO(tar_bytes(members))}]
+    reference = list(webdataset.tariterators.tar_file_expander(shard))
+    grouped = list(webdataset.tariterators.group_by_keys(iter(reference)))
+    assert [sample["__key__"] for sample in grouped] == [item.key for item in items]
+    assert [sorted(k.lower() for k in s if not k.startswith("__")) for s in grouped] == [
+        sorted(item.members) for item in items
+    ]
+
+
+def test_a_webdataset_meta_member_is_not_a_sample():
+    """webdataset groups a top-level `__meta__.json` into a sample of its own; vitpipe skips it."""
+    items = read(tar_bytes([("a.jpg", b"A"), ("__meta__.json", b"{}"), ("b.jpg", b"B")]))
+    assert [item.key for item in items] == ["a", "b"]
 
 
 def test_duplicate_keys_keep_the_first_sample_and_report_the_rest():

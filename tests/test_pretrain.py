@@ -110,8 +110,12 @@ def test_finished_run_resumes_on_one_worker_from_its_step(zero2_run, cluster, fr
     records = read_records(str(zero2_run))
     resumed = events(records, "resumed")[-1]
     assert (resumed["step"], resumed["workers"], resumed["from_workers"]) == (80, 1, 2)
-    after = records[records.index(resumed) :]
+    before, after = records[: records.index(resumed)], records[records.index(resumed) :]
     assert [r["step"] for r in steps(after)] == [85, 90, 95, 100]  # continues at 81, nothing redone
+    # The weights came back too, not only the step counter: a re-initialised model (zero head) would start
+    # at the first step's loss, ln 10; the resumed one goes on from where the two-rank run ended.
+    assert steps(after)[0]["loss"] < steps(before)[0]["loss"] / 2
+    assert steps(after)[0]["loss"] < steps(before)[-1]["loss"] + 0.5
     assert events(after, "finished")[0]["step"] == 100
     assert json.loads((zero2_run / "export" / "export.json").read_text())["step"] == 100
 
@@ -132,7 +136,7 @@ def test_workers_the_cluster_cannot_place_are_refused(cluster, fractal_patches, 
     assert "4 worker(s) and the data readers cannot be placed (4.5 CPU needed, the cluster has 4)" in (
         result.stderr
     )
-    assert not (tmp_path / "big").exists()
+    assert not list(tmp_path.rglob("checkpoint_*"))
 
 
 def test_exported_weights_give_the_deepspeed_engines_logits(zero2_run, tmp_path, one_rank_group):
@@ -141,7 +145,8 @@ def test_exported_weights_give_the_deepspeed_engines_logits(zero2_run, tmp_path,
     transformers = pytest.importorskip("transformers")
     from tests.test_vit_hf import assert_same_logits, images_for
 
-    info = choose_checkpoint(str(zero2_run))
+    info = choose_checkpoint(str(zero2_run), "80")  # the two-rank run's last, whatever ran before this test
+    assert info.meta["world_size"] == 2
     result = run_vitpipe(
         "export", str(zero2_run), "--checkpoint", str(info.step), "--out", str(tmp_path / "out")
     )
@@ -162,15 +167,13 @@ def test_exported_weights_give_the_deepspeed_engines_logits(zero2_run, tmp_path,
 
 def _deepspeed_engine_logits(info, patches: torch.Tensor, scratch: Path) -> torch.Tensor:
     """Logits of a DeepSpeed ZeRO engine restored from checkpoint `info` on one rank."""
-    from vit.train import TrainSpec, build_engine, load_checkpoint, to_universal
+    from vit.engine import build_engine, load_checkpoint, to_universal
+    from vit.recipe import Optimizer, Recipe, Schedule, Zero
 
-    folder = Path(info.path)
-    universal = info.meta["world_size"] != 1  # written by two ranks: reshard for this one
-    if universal:
-        folder = to_universal(folder, info.tag, scratch / "universal")
+    folder = to_universal(Path(info.path), info.tag, scratch / "universal")  # two ranks' shards for one
     model = VisionTransformer(ViTConfig.from_dict(info.meta["vit"]))
-    spec = TrainSpec(total_steps=info.step, micro_batch_size=16, zero_stage=info.meta["zero_stage"])
-    engine = build_engine(model, spec, world_size=1, load_universal=universal)
+    recipe = Recipe(Optimizer(), Schedule(), total_steps=info.step, micro_batch_size=16)
+    engine = build_engine(model, recipe, Zero(info.meta["zero_stage"]), world_size=1, load_universal=True)
     load_checkpoint(engine, folder, info.tag)
     engine.eval()
     with torch.no_grad():
@@ -197,6 +200,12 @@ def test_zero3_run_survives_a_killed_worker(cluster, fractal_patches, tmp_path):
     restart = resumed[0]["step"]
     assert restart >= 20
     assert restart % 20 == 0  # from the newest checkpoint, not from the start
+    # The weights came back with the step: just after the restart the loss is nearer the loss it had
+    # reached at the checkpoint than the loss a re-initialised model starts from (ln 10).
+    before = [r for r in steps(records[: records.index(resumed[0])]) if r["step"] <= restart][-1]
+    after = next(r for r in steps(records[records.index(resumed[0]) :]))
+    fresh = steps(records)[0]["loss"]
+    assert abs(after["loss"] - before["loss"]) < abs(after["loss"] - fresh) / 2, (fresh, before, after)
     logged = [r["step"] for r in steps(records)]
     redone = [s for s in set(logged) if logged.count(s) > 1]
     assert all(restart < s <= restart + 20 for s in redone), (restart, sorted(redone))

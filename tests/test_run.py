@@ -160,3 +160,41 @@ def test_a_failed_step_stops_the_run_and_is_retried_by_the_next(ray_local, tmp_p
     assert not (run / ".lock").exists()
     assert main(["run", str(path)]) == 1  # the failed step is tried again, not taken from the cache
     assert "[run] datasets:images: resuming" in capsys.readouterr().out
+
+
+STAGED = {
+    **DATA_ONLY,
+    "name": "staged",
+    "preprocess": {"digits": {"image_size": 16}},  # the patch size is the model's
+    "pretrain": {
+        "data": "digits", "model": {"patch_size": 4, "width": 32, "depth": 1, "heads": 2, "mlp_dim": 64},
+        "num_workers": 1, "cpus_per_worker": 0.5, "global_batch_size": 32, "micro_batch_size": 32, "steps": 6,
+        "checkpoint_every": 3, "log_every": 3,
+    },
+}  # fmt: skip
+
+
+def test_a_single_stage_command_is_the_run_s_own_step(ray_local, tmp_path, capsys):
+    """`vitpipe pretrain JOB` records the job's pretrain step: a following `vitpipe run JOB` takes it from
+    the cache instead of pretraining again; and while a `vitpipe run` holds the run folder, a single-stage
+    command is refused."""
+    path, run = tmp_path / "job.yaml", tmp_path / "run"
+    path.write_text(yaml.safe_dump({**STAGED, "run_dir": str(run)}))
+    assert main(["run", str(path), "--until", "preprocess"]) == 0, capsys.readouterr().err
+    assert main(["pretrain", str(path)]) == 0, capsys.readouterr().err
+    assert record(run, "pretrain")["status"] == "done"
+    assert main(["run", str(path)]) == 0, capsys.readouterr().err
+    assert statuses(run)["pretrain"] == "cached"
+    assert len([r for r in read_records(str(run / "pretrain")) if r.get("event") == "started"]) == 1
+
+    address = ray.get_runtime_context().gcs_address
+    command = [*VITPIPE, "run", str(path), "--force", "pretrain", "--address", address]
+    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as holder:
+        deadline = time.monotonic() + 60
+        while not (run / ".lock").exists() and time.monotonic() < deadline and holder.poll() is None:
+            time.sleep(0.1)
+        assert (run / ".lock").exists(), "the run never took its lock"
+        capsys.readouterr()
+        assert main(["pretrain", str(path)]) == 1
+        assert f"{run} is in use by another vitpipe command (pid {holder.pid}" in capsys.readouterr().err
+        holder.send_signal(signal.SIGKILL)

@@ -21,7 +21,7 @@ from pipeline.metrics import read_records
 from pipeline.transfer.data import SplitReader
 from tests.conftest import REPO, TINY_RUN, VITPIPE, preprocess_to, run_vitpipe
 from vit.evaluate import evaluate_classifier
-from vit.weights import load_pretrained, read_checkpoint
+from vit.weights import load_pretrained, read_checkpoint, state_digest
 
 pytestmark = pytest.mark.slow
 
@@ -59,9 +59,8 @@ def pretrained(fractals_dir, address, tmp_path_factory) -> Path:
 
 
 def write_job(path: Path, **finetune) -> Path:
-    path.write_text(
-        yaml.safe_dump({"name": "transfer", "finetune": {**FINETUNE, **finetune}, "evaluate": EVALUATE})
-    )
+    job = {"name": "transfer", "run_dir": str(path.parent / "run"), "finetune": {**FINETUNE, **finetune}}
+    path.write_text(yaml.safe_dump({**job, "evaluate": EVALUATE}))
     return path
 
 
@@ -102,6 +101,15 @@ def test_pretrained_tiny_vit_fine_tunes_on_digits_far_above_chance(digits_run):
     confusion = np.array(json.loads((digits_run / "digits" / "pretrained" / "confusion.json").read_text()))
     assert confusion.sum() == pretrained["test_samples"] == 360
     assert np.trace(confusion) / confusion.sum() == pytest.approx(pretrained["top1"])
+
+
+def test_pretrained_fine_tuning_starts_from_the_exported_weights(digits_run, pretrained):
+    """The pretrained run's starting model is the export adapted to digits (resampled position
+    embeddings, new zero head); the scratch run's is not."""
+    runs = {r["mode"]: r for r in json.loads((digits_run / "results.json").read_text())["results"]}
+    adapted = load_pretrained(pretrained, image_size=32, num_classes=10, representation_size=None)
+    assert runs["pretrained"]["start_weights"] == state_digest(adapted)
+    assert runs["scratch"]["start_weights"] != state_digest(adapted)
 
 
 def test_exported_weights_are_the_evaluated_model_at_the_new_resolution(

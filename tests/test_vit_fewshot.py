@@ -29,9 +29,9 @@ def standardized(features: torch.Tensor) -> np.ndarray:
 def test_ridge_probe_equals_sklearn_ridge_on_the_same_features(samples, dims):
     features, labels = clustered_features(samples, dims, classes=5, seed=0)
     probe = fit_ridge(features, labels, num_classes=5, l2=3.0)
-    reference = Ridge(alpha=3.0, fit_intercept=True).fit(
-        standardized(features), ridge_targets(labels, 5).numpy()
-    )
+    targets = np.where(np.eye(5, dtype=bool)[labels.numpy()], 1.0, -1.0)  # {-1, 1}, written out here
+    np.testing.assert_array_equal(ridge_targets(labels, 5).numpy(), targets)
+    reference = Ridge(alpha=3.0, fit_intercept=True).fit(standardized(features), targets)
     np.testing.assert_allclose(probe.weight.numpy(), reference.coef_.T, rtol=1e-7, atol=1e-9)
     np.testing.assert_allclose(probe.bias.numpy(), reference.intercept_, rtol=1e-7, atol=1e-9)
 

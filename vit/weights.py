@@ -8,6 +8,7 @@ a ValueError naming the file, the key and both shapes.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -160,3 +161,12 @@ def load_pretrained(directory: str | Path, **overrides: Any) -> VisionTransforme
     for note in notes:
         log.info("%s: %s", checkpoint.source, note)
     return model
+
+
+def state_digest(model: torch.nn.Module) -> str:
+    """A hash of a model's weights (names, shapes, values in fp32): which weights a run started from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -33,7 +33,7 @@ from vit.finetune import finetune, freeze_backbone
 from vit.hf import HF_DIR, export_hf
 from vit.model import VisionTransformer
 from vit.step import use_bf16
-from vit.weights import load_pretrained, read_checkpoint, save_pretrained
+from vit.weights import load_pretrained, read_checkpoint, save_pretrained, state_digest
 
 RESULT_FILE = "result.json"
 CONFUSION_PLOT = "confusion.png"
@@ -96,6 +96,7 @@ def _run(settings: TaskSettings) -> dict[str, Any]:
     if settings.train:
         del probe_model
         model = _starting_model(settings, keep_pre_logits=False)
+        result["start_weights"] = state_digest(model)  # shows which weights fine-tuning started from
         result |= _finetune(model, train_reader, settings, device, bf16, metrics, label)
     mismatch = None if settings.train else _head_mismatch(settings.weights, target.classes)
     if mismatch is None:
