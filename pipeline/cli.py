@@ -33,7 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vitpipe", description="Pretrain, fine-tune and evaluate ViTs on Ray."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run_commands(commands)
+    _add_dataset_commands(commands)
+    _add_stage_commands(commands)
+    return parser
 
+
+def _add_run_commands(commands: Any) -> None:
+    """info, submit, jobs, validate, run: whole jobs, here or on a cluster."""
     info = commands.add_parser("info", help="versions, accelerator and the reachable Ray cluster")
     _add_address(info)
 
@@ -68,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(run)
     _add_address(run)
 
+
+def _add_dataset_commands(commands: Any) -> None:
+    """datasets, preprocess, inspect: corpora as shards, shards as patch tensors."""
     datasets = commands.add_parser("datasets", help="write a dataset as WebDataset shards")
     kinds = datasets.add_subparsers(dest="kind", required=True, metavar="KIND")
 
@@ -119,13 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
     look.add_argument("--samples", type=int, default=32, help="how many samples to draw")
     look.add_argument("--split", help="which split to draw (default: the first)")
     look.add_argument("--out", help="PNG path (default: DIRECTORY/samples.png)")
+    for sub in (digits, fractals, folder):
+        sub.add_argument("--name", help="shard file prefix and dataset name")
+        sub.add_argument("--seed", type=int)
+        sub.add_argument("--overwrite", action="store_true", help="replace an existing dataset at OUT")
+        sub.add_argument("--preview", action="store_true", help="also write OUT/preview.png")
+        _add_address(sub)
 
+
+def _add_stage_commands(commands: Any) -> None:
+    """pretrain, finetune, evaluate (a job's step alone) and export."""
     train = commands.add_parser(
         "pretrain",
-        help="pretrain a ViT with DeepSpeed ZeRO on Ray Train (resumes a run that has checkpoints)",
+        help="the job's pretraining step alone: DeepSpeed ZeRO on Ray Train (resumes its checkpoints)",
     )
     train.add_argument(
-        "config", type=Path, help="a pretrain config YAML, or a job YAML with a pretrain: section"
+        "config", type=Path, help="a job YAML with a pretrain: section, or such a section alone"
     )
     train.add_argument("--data", help="preprocessed patch directory (default: the config's data)")
     train.add_argument("--name", help="run name (default: the config file's stem, or the job's name)")
@@ -158,16 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--target", action="append", default=[], metavar="NAME=DIR",
             help="a target's preprocessed directory (repeatable); adds to or replaces the config's targets",
         )  # fmt: skip
-        sub.add_argument("--out", help="results folder, a path or URL (default: runs/NAME/transfer)")
+        sub.add_argument("--out", help="results folder, a path or URL (default: RUN/transfer, RUN/evaluate)")
         _add_address(sub)
-
-    for sub in (digits, fractals, folder):
-        sub.add_argument("--name", help="shard file prefix and dataset name")
-        sub.add_argument("--seed", type=int)
-        sub.add_argument("--overwrite", action="store_true", help="replace an existing dataset at OUT")
-        sub.add_argument("--preview", action="store_true", help="also write OUT/preview.png")
-        _add_address(sub)
-    return parser
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:

@@ -33,7 +33,9 @@ def run_shard_tasks(
     driver's memory stays bounded however many shards there are, and adding nodes adds throughput
     with no change here.
     """
-    remote = ray.remote(num_cpus=1, max_retries=2)(_on_node)
+    # SPREAD: shards go to every node (Ray's default packs short tasks onto the first node's workers:
+    # a two-node test cluster ran all five shards of a small dataset on one node).
+    remote = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")(_on_node)
     limit = max_in_flight or 2 * cluster_cpus()
     progress = Progress(label, total=len(shard_args))
     pending: dict[ray.ObjectRef, int] = {}

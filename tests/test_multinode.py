@@ -22,19 +22,21 @@ def test_info_sees_both_nodes(two_nodes):
 
 
 def test_fractals_generated_across_nodes_match_a_local_run(two_nodes, tmp_path):
-    args = ["--classes", "4", "--per-class", "6", "--size", "16", "--shard-size", "5", "--seed", "11"]
+    # Shards of about a second each: shorter ones all finish on the first node before the second node's
+    # worker process has started.
+    args = ["--classes", "4", "--per-class", "60", "--size", "32", "--shard-size", "60", "--seed", "11"]
     remote = run_vitpipe(
         "datasets", "fractals", str(tmp_path / "cluster"), *args, "--address", two_nodes.address
     )
     assert remote.returncode == 0, remote.stderr
     assert "2 node(s), 2 CPU" in remote.stderr
-    assert "5 shard(s) on 2 node(s)" in remote.stderr  # the work ran on both nodes, not one
+    assert "4 shard(s) on 2 node(s)" in remote.stderr  # the work ran on both nodes, not one
     local = run_vitpipe(
         "datasets", "fractals", str(tmp_path / "local"), *args, env={"RAY_ADDRESS": "", **_env()}
     )
     assert local.returncode == 0, local.stderr
     cluster_card, local_card = read_card(tmp_path / "cluster"), read_card(tmp_path / "local")
-    assert cluster_card["splits"]["train"]["samples"] == 24
+    assert cluster_card["splits"]["train"]["samples"] == 240
     for ours, theirs in zip(
         cluster_card["splits"]["train"]["shards"], local_card["splits"]["train"]["shards"], strict=True
     ):
