@@ -266,7 +266,8 @@ def _as_int(text: str, option: str) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     """`vitpipe run`: the job's steps, then the steps table and the transfer results."""
-    from pipeline.runner.execute import RunOptions, run_job
+    from pipeline.runner.execute import run_job
+    from pipeline.runner.plan import RunOptions
     from pipeline.transfer.report import RESULTS_MD
 
     options = RunOptions(args.from_stage, tuple(args.force), args.until)
@@ -304,7 +305,7 @@ def stage_command(args: argparse.Namespace) -> int:
 
 def submit_command(args: argparse.Namespace) -> int:
     """`vitpipe submit`: validate here, submit, and with --wait follow the logs to the job's end."""
-    from pipeline.runner.execute import RunOptions
+    from pipeline.runner.plan import RunOptions
     from pipeline.runner.submit import connect, follow, submit
 
     env: dict[str, str] = {}

@@ -187,14 +187,24 @@ def test_a_single_stage_command_is_the_run_s_own_step(ray_local, tmp_path, capsy
     assert statuses(run)["pretrain"] == "cached"
     assert len([r for r in read_records(str(run / "pretrain")) if r.get("event") == "started"]) == 1
 
-    address = ray.get_runtime_context().gcs_address
-    command = [*VITPIPE, "run", str(path), "--force", "pretrain", "--address", address]
-    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as holder:
-        deadline = time.monotonic() + 60
-        while not (run / ".lock").exists() and time.monotonic() < deadline and holder.poll() is None:
-            time.sleep(0.1)
-        assert (run / ".lock").exists(), "the run never took its lock"
-        capsys.readouterr()
-        assert main(["pretrain", str(path)]) == 1
-        assert f"{run} is in use by another vitpipe command (pid {holder.pid}" in capsys.readouterr().err
-        holder.send_signal(signal.SIGKILL)
+    # The holder runs on a Ray of its own and is stopped with Ctrl-C (its Ray ends with it): a Ray Train
+    # run's controller outlives a killed driver on a shared Ray and would hold this session's CPUs.
+    command = [*VITPIPE, "run", str(path), "--force", "pretrain"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    ) as holder:
+        try:
+            deadline = time.monotonic() + 60
+            while not (run / ".lock").exists() and time.monotonic() < deadline and holder.poll() is None:
+                time.sleep(0.1)
+            assert (run / ".lock").exists(), "the run never took its lock"
+            capsys.readouterr()
+            assert main(["pretrain", str(path)]) == 1
+            assert f"{run} is in use by another vitpipe command (pid {holder.pid}" in capsys.readouterr().err
+        finally:
+            holder.send_signal(signal.SIGINT)
+            try:
+                holder.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                holder.kill()

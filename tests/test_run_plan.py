@@ -13,9 +13,9 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.runner.execute import LOCK_FILE, RunOptions, _run_lock
+from pipeline.runner.execute import LOCK_FILE, _run_lock
 from pipeline.runner.layout import run_layout
-from pipeline.runner.plan import plan_job
+from pipeline.runner.plan import RunOptions, plan_job
 from tests.conftest import REPO
 
 PATCHES = {"image_size": 16, "patch_size": 4}

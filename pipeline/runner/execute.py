@@ -26,7 +26,7 @@ import yaml
 
 from pipeline.config import ConfigError
 from pipeline.metrics import format_seconds
-from pipeline.runner.plan import EVALUATE, STAGES, JobPlan, StageOptions, Step, load_plan, stage_index
+from pipeline.runner.plan import EVALUATE, JobPlan, RunOptions, StageOptions, Step, load_plan
 from pipeline.runner.provenance import git_revision
 from pipeline.runner.records import external_fingerprint, read_record, step_key, write_record
 from pipeline.runner.stages import RESUMED_ON_CHANGE, RUNNERS, RunContext, outputs_present
@@ -77,44 +77,11 @@ class RunSummary:
         return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class RunOptions:
-    """Which steps to redo and where to stop, checked before anything runs."""
-
-    from_stage: str | None = None
-    force: tuple[str, ...] = ()
-    until: str | None = None
-
-    def check(self) -> None:
-        for stage in self.force:
-            stage_index(stage, "--force")
-        if self.from_stage is not None:
-            stage_index(self.from_stage, "--from")
-        if self.until is not None:
-            stage_index(self.until, "--until")
-        if (
-            self.from_stage
-            and self.until
-            and stage_index(self.from_stage, "--from") > stage_index(self.until, "--until")
-        ):
-            raise ConfigError(f"--from {self.from_stage} comes after --until {self.until}")
-
-    def redo(self, stage: str) -> bool:
-        if stage in self.force:
-            return True
-        if stage not in STAGES:  # evaluate runs only alone
-            return False
-        return self.from_stage is not None and STAGES.index(stage) >= STAGES.index(self.from_stage)
-
-    def beyond(self, stage: str) -> bool:
-        return self.until is not None and stage in STAGES and STAGES.index(stage) > STAGES.index(self.until)
-
-
 def run_job(
     job_path: str | Path,
     *,
     run_dir: str | None = None,
-    options: RunOptions = RunOptions(),
+    options: RunOptions | None = None,
     address: str | None = None,
     only: str | None = None,
     stage: StageOptions | None = None,
@@ -122,6 +89,7 @@ def run_job(
     """Run (or resume) the job's steps in order; stop at the first failed step. With `only`, run that
     stage's step alone (`vitpipe pretrain|finetune|evaluate JOB`): the same key, record, lock and run
     folder as in a whole run, its inputs taken from the steps before it, which must have run."""
+    options = options or RunOptions()
     options.check()
     plan = load_plan(job_path, run_dir, stage or StageOptions(), evaluate=only == EVALUATE)
     root = Path(plan.layout.root)

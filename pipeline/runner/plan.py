@@ -77,6 +77,39 @@ class StageOptions:
     overrides: Overrides = field(default_factory=Overrides)
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """Which steps to redo and where to stop, checked before anything runs."""
+
+    from_stage: str | None = None
+    force: tuple[str, ...] = ()
+    until: str | None = None
+
+    def check(self) -> None:
+        for stage in self.force:
+            stage_index(stage, "--force")
+        if self.from_stage is not None:
+            stage_index(self.from_stage, "--from")
+        if self.until is not None:
+            stage_index(self.until, "--until")
+        if (
+            self.from_stage
+            and self.until
+            and stage_index(self.from_stage, "--from") > stage_index(self.until, "--until")
+        ):
+            raise ConfigError(f"--from {self.from_stage} comes after --until {self.until}")
+
+    def redo(self, stage: str) -> bool:
+        if stage in self.force:
+            return True
+        if stage not in STAGES:  # evaluate runs only alone
+            return False
+        return self.from_stage is not None and STAGES.index(stage) >= STAGES.index(self.from_stage)
+
+    def beyond(self, stage: str) -> bool:
+        return self.until is not None and stage in STAGES and STAGES.index(stage) > STAGES.index(self.until)
+
+
 def load_plan(
     job_path: str | Path, run_dir: str | None = None, stage: StageOptions = StageOptions(), *,
     evaluate: bool = False,

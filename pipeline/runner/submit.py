@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipeline.config import ConfigError
-from pipeline.runner.execute import RunOptions, load_plan
+from pipeline.runner.plan import RunOptions, load_plan
 from pipeline.runner.provenance import PROJECT_ROOT, REVISION_ENV, git_revision
 
 if TYPE_CHECKING:
