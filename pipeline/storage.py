@@ -37,10 +37,6 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
         return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem)), path
 
 
-def is_local(location: str) -> bool:
-    return isinstance(resolve(location)[0], pafs.LocalFileSystem)
-
-
 def partial_name(path: str) -> str:
     """The temporary name a file is written under beside its final one: `.NAME.<id>.partial` (hidden, so
     shard listings skip it; the id keeps two writers of one name apart)."""
