@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,56 @@ def test_finetune_defaults_are_the_papers_recipe_and_accumulation_splits_the_bat
     assert (recipe.schedule.decay, recipe.schedule.warmup_steps, recipe.total_steps) == ("cosine", 50, 500)
     assert (recipe.micro_batch_size, recipe.grad_accum, recipe.mixup_alpha) == (128, 4, 0.0)
     assert FinetuneConfig(targets=["d"]).recipe().grad_accum == 1
+
+
+@pytest.mark.parametrize(
+    ("job", "message"),
+    [
+        (
+            {"preprocess": {"corpus": {"image_size": 32}}},
+            "preprocess.corpus.patch_size is not set and no model of this job reads 'corpus'",
+        ),
+        (
+            {"pretrain": {"data": "x", "model": {"variant": "Ti/16", "patch_size": 8}}},
+            "variant 'Ti/16' and patch_size 8 disagree: set one",
+        ),
+        (
+            {"pretrain": {"data": "x", "model": {"patch_size": 4, "width": 32}}},
+            "a model without a variant needs all of width, depth, mlp_dim, heads; depth, mlp_dim, heads",
+        ),
+    ],
+)
+def test_the_patch_size_is_written_once_and_a_model_by_dimensions_is_complete(job, message):
+    from pipeline.config import ConfigError, PipelineConfig, validate
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate({"name": "once", **job}, PipelineConfig, source="job.yaml")
+
+
+TINY_MODEL = {"patch_size": 4, "width": 32, "depth": 1, "heads": 2, "mlp_dim": 64}
+
+
+def test_a_preprocess_entry_takes_the_patch_size_of_the_model_that_reads_it():
+    from pipeline.config import PipelineConfig, validate
+
+    job = validate(
+        {
+            "name": "once",
+            "preprocess": {"corpus": {"image_size": 32}, "digits": {"image_size": 32}},
+            "pretrain": {"data": "corpus", "model": TINY_MODEL},
+            "finetune": {"targets": ["digits"]},
+        },
+        PipelineConfig,
+        source="job.yaml",
+    )
+    assert job.preprocess["corpus"].patch_size == job.preprocess["digits"].patch_size == 4
+    assert job.pretrain.model.vit_config(image_size=32, channels=3, num_classes=10).width == 32
+
+
+def test_validate_refuses_a_job_that_run_would_refuse(tmp_path, capsys):
+    from pipeline.cli import main
+
+    path = tmp_path / "job.yaml"
+    path.write_text("name: x\ndatasets:\n  digits: {kind: digits}\nfinetune:\n  targets: [digits]\n")
+    assert main(["validate", str(path)]) == 2
+    assert "finetune target 'digits' is a dataset, not preprocessed patches" in capsys.readouterr().err
