@@ -151,6 +151,7 @@ def cpu_ray(
     from pipeline.config import PretrainConfig
     from pipeline.metrics import read_records
     from pipeline.pretrain.launch import pretrain
+    from pipeline.pretrain.plan import plan_pretrain
 
     config = PretrainConfig(
         data=directory, model=CPU_MODEL, num_workers=workers, cpus_per_worker=1.0 / workers,
@@ -158,7 +159,7 @@ def cpu_ray(
         checkpoint_every=10_000, log_every=1, shuffle_buffer=256, cache_data=cache,
     )  # fmt: skip
     started = time.perf_counter()
-    result = pretrain(config, data=directory, storage=str(storage.absolute()), name=name)
+    result = pretrain(config, plan_pretrain(config, directory), storage=str(storage.absolute()), name=name)
     wall = time.perf_counter() - started
     records = read_records(result.run_dir)
     timed = [r for r in records if "images_per_s" in r and r["step"] > warmup]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import run_vitpipe
+from tests.conftest import REPO, run_vitpipe
 
 RUN = {
     "model": {"patch_size": 4, "width": 32, "depth": 1, "heads": 2, "mlp_dim": 64},
@@ -78,6 +80,24 @@ def test_data_the_model_cannot_train_on_is_refused_naming_the_directory(
 )  # fmt: skip
 def test_settings_that_cannot_work_are_refused_naming_the_key(patch_sets, tmp_path, changes, message):
     assert message in refusal(tmp_path, patch_sets["labelled"], **changes)
+
+
+def test_a_refused_run_imports_neither_torch_nor_ray_train(patch_sets, tmp_path):
+    """Every check above runs before the stage imports Ray Train, Ray Data or torch (~6 s of imports): a
+    bad job is refused at once. The refusal here comes from the data plan, the last of them."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**RUN, "data": str(patch_sets["labelled"]), "global_batch_size": 512}))
+    probe = (
+        "import sys; from pipeline.cli import main; "
+        f"code = main(['pretrain', {str(config)!r}, '--storage', {str(tmp_path / 'runs')!r}]); "
+        "heavy = ('torch', 'ray.train', 'ray.data', 'deepspeed'); "
+        "print('exit', code, *sorted(m for m in heavy if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert "fewer than one global batch of 512" in result.stderr
+    assert result.stdout.splitlines()[-1] == "exit 1"  # nothing heavy was imported
 
 
 def test_cache_data_auto_holds_a_split_under_a_quarter_of_the_object_store(patch_sets):

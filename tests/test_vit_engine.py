@@ -11,9 +11,9 @@ import torch
 
 from vit.config import ViTConfig
 from vit.engine import build_engine, load_checkpoint, save_checkpoint, train_micro_batch
-from vit.loop import Cadence, DataExhaustedError, Hooks, Throughput, pretrain_loop
+from vit.loop import DataExhaustedError, Hooks, Throughput, pretrain_loop
 from vit.model import VisionTransformer
-from vit.recipe import Optimizer, Recipe, Schedule, Zero
+from vit.recipe import Cadence, Optimizer, Recipe, Schedule, Zero
 
 TINY = ViTConfig(
     image_size=16, patch_size=4, channels=3, num_classes=5, width=32, depth=2, heads=2, mlp_dim=64

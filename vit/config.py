@@ -9,6 +9,7 @@ from typing import Any, Literal
 from vit.patches import PatchGeometry, geometry_problems
 from vit.variants import parse_variant
 
+CONFIG_FILE = "config.json"  # the file a saved model folder describes itself in (vitpipe's and HF's)
 DEFAULT_MEAN = 0.5  # big_vision / the paper's checkpoints scale pixels to [-1, 1]
 DEFAULT_STD = 0.5
 

@@ -16,10 +16,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from vit.config import ViTConfig
+from vit.config import CONFIG_FILE, ViTConfig
 
 WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 
 
 @dataclass(frozen=True)

@@ -19,15 +19,7 @@ import torch.distributed as dist
 
 from vit.engine import set_step_lr, train_micro_batch
 from vit.evaluate import Batch
-from vit.recipe import Recipe
-
-
-@dataclass(frozen=True)
-class Cadence:
-    """How often the loop records a step and saves a checkpoint (the last step always does both)."""
-
-    log_every: int
-    checkpoint_every: int
+from vit.recipe import Cadence, Recipe
 
 
 @dataclass(frozen=True)

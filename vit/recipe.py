@@ -106,6 +106,14 @@ class Recipe:
 
 
 @dataclass(frozen=True)
+class Cadence:
+    """How often the loop records a step and saves a checkpoint (the last step always does both)."""
+
+    log_every: int
+    checkpoint_every: int
+
+
+@dataclass(frozen=True)
 class Zero:
     """How the model state is sharded over the ranks: ZeRO stage, optimizer offload, raw extra keys."""
 

@@ -9,15 +9,17 @@ from __future__ import annotations
 import json
 import posixpath
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
 from pipeline.config import PreprocessConfig
 from pipeline.preprocess.patchfile import PATCHES_FORMAT
-from pipeline.preprocess.shard import ShardReport
 from pipeline.storage import atomic_file, resolve
 from vit.patches import PatchGeometry
+
+if TYPE_CHECKING:  # the shard worker imports torch; reading a manifest must not
+    from pipeline.preprocess.shard import ShardReport
 
 MANIFEST_FILE = "_manifest.json"
 ROOT_SPLIT = "."  # the split name of shards that sit directly in the input folder

@@ -1,5 +1,6 @@
 """The checkpoints of a run in its storage: `checkpoint_NNNNNNNN/` folders holding one DeepSpeed tag
-folder (every rank's shards) and `vitpipe.json`, which says what the checkpoint is without unpickling it.
+folder (every rank's shards) and `vitpipe.json`, which says what the checkpoint is without unpickling it;
+and where the run's export goes (`export/vitpipe`, `export/hf`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pipeline.storage import resolve
 
 META_FILE = "vitpipe.json"
 CHECKPOINT_PREFIX = "checkpoint_"
+EXPORT_DIR = "export"
+VITPIPE_DIR = "vitpipe"
 
 
 def checkpoint_dir_name(step: int) -> str:

@@ -9,16 +9,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.pretrain.checkpoints import CheckpointInfo, list_checkpoints
+from pipeline.pretrain.checkpoints import EXPORT_DIR, VITPIPE_DIR, CheckpointInfo, list_checkpoints
 from pipeline.storage import local_folder, publish_folder
 from vit.config import ViTConfig
 from vit.engine import consolidated_state
 from vit.hf import HF_DIR, export_hf
 from vit.model import VisionTransformer
 from vit.weights import load_state, save_pretrained
-
-EXPORT_DIR = "export"
-VITPIPE_DIR = "vitpipe"
 
 
 @dataclass(frozen=True)

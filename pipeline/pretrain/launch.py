@@ -25,13 +25,7 @@ from pipeline.config import PretrainConfig
 from pipeline.metrics import LOSS_PLOT, plot_loss, read_records
 from pipeline.pretrain.checkpoints import latest_checkpoint
 from pipeline.pretrain.export import Export, export_checkpoint
-from pipeline.pretrain.plan import (
-    PretrainPlan,
-    plan_pretrain,
-    should_cache,
-    shuffled_files,
-    worker_settings,
-)
+from pipeline.pretrain.plan import PretrainPlan, should_cache, shuffled_files, worker_settings
 from pipeline.pretrain.worker import DATASET, SETTINGS, train_loop
 from pipeline.ray_session import check_resources, init_ray, worker_env
 from pipeline.storage import resolve
@@ -55,28 +49,12 @@ class PretrainResult:
         return "\n".join(lines)
 
 
-def check_run_matches(run_dir: str, plan: PretrainPlan) -> None:
-    """A run directory with checkpoints of another model is refused: resuming would mix two models."""
-    latest = latest_checkpoint(run_dir)
-    if latest is None:
-        return
-    saved, wanted = latest.meta["vit"], plan.vit.to_dict()
-    changed = {key: (saved.get(key), wanted.get(key)) for key in wanted if saved.get(key) != wanted.get(key)}
-    if changed:
-        described = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
-        raise ValueError(
-            f"{run_dir}: holds checkpoints of another model ({described}); give the job another name to "
-            "start afresh beside it, `--force pretrain` to replace them, or the same model to resume"
-        )
-
-
 def pretrain(
-    config: PretrainConfig, *, data: str, storage: str, name: str, address: str | None = None
+    config: PretrainConfig, plan: PretrainPlan, *, storage: str, name: str, address: str | None = None
 ) -> PretrainResult:
-    """Pretrain (or resume) run `storage/name` on the preprocessed directory `data`."""
+    """Pretrain (or resume) run `storage/name` as `plan` (from `check_pretrain`, which the caller runs
+    first so that a refused run never imports Ray Train or torch) says."""
     run_dir = posixpath.join(storage, name)
-    plan = plan_pretrain(config, data)  # every data and model check, before Ray starts
-    check_run_matches(run_dir, plan)
     print(plan.describe(), file=sys.stderr)
     print(init_ray(address), file=sys.stderr)
     # Ray Data reads beside the workers: without CPUs to spare its read tasks never start.

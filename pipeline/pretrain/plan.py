@@ -19,10 +19,10 @@ from pipeline.preprocess.manifest import (
     patch_files,
     read_manifest,
 )
+from pipeline.pretrain.checkpoints import latest_checkpoint
 from vit.config import ViTConfig
-from vit.loop import Cadence
 from vit.patches import PatchGeometry
-from vit.recipe import Recipe, Zero
+from vit.recipe import Cadence, Recipe, Zero
 
 CACHE_FRACTION = 0.25  # of the object store, at most, for cache_data: auto
 
@@ -123,6 +123,29 @@ def plan_pretrain(config: PretrainConfig, directory: str) -> PretrainPlan:
         )
     total = config.epochs * steps_per_epoch if config.epochs is not None else config.steps
     return PretrainPlan(data, vit, config.num_workers, config.grad_accum, steps_per_epoch, total)
+
+
+def check_pretrain(config: PretrainConfig, directory: str, run_dir: str) -> PretrainPlan:
+    """The plan of run `run_dir` on `directory`, after every check that needs no worker: the data, the
+    model for it, and the run folder's checkpoints (a folder of another model is refused)."""
+    plan = plan_pretrain(config, directory)
+    check_run_matches(run_dir, plan)
+    return plan
+
+
+def check_run_matches(run_dir: str, plan: PretrainPlan) -> None:
+    """A run directory with checkpoints of another model is refused: resuming would mix two models."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return
+    saved, wanted = latest.meta["vit"], plan.vit.to_dict()
+    changed = {key: (saved.get(key), wanted.get(key)) for key in wanted if saved.get(key) != wanted.get(key)}
+    if changed:
+        described = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
+        raise ValueError(
+            f"{run_dir}: holds checkpoints of another model ({described}); give the job another name to "
+            "start afresh beside it, `--force pretrain` to replace them, or the same model to resume"
+        )
 
 
 def should_cache(setting: str | bool, data_bytes: int, object_store_bytes: float) -> bool:

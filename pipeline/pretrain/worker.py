@@ -196,4 +196,3 @@ def _record(log: MetricsLog | None, progress: ProgressLine, record: dict[str, An
     if log is not None:
         log.write(record)
         print(progress.line(record), flush=True)
-

@@ -14,22 +14,17 @@ import pyarrow.fs as pafs
 import ray
 
 from pipeline.config import EvaluateConfig, digest
-from pipeline.datasets.build import build_dataset
 from pipeline.datasets.card import CARD_FILE, read_card
 from pipeline.preprocess.manifest import MANIFEST_FILE
-from pipeline.preprocess.run import preprocess
-from pipeline.preprocess.summary import write_grid
-from pipeline.pretrain.checkpoints import latest_checkpoint
-from pipeline.pretrain.export import EXPORT_DIR, VITPIPE_DIR
-from pipeline.pretrain.launch import pretrain
+from pipeline.pretrain.checkpoints import EXPORT_DIR, VITPIPE_DIR, latest_checkpoint
+from pipeline.pretrain.plan import check_pretrain
 from pipeline.ray_session import init_ray
 from pipeline.runner.plan import JobPlan, Step
 from pipeline.runner.records import file_fingerprint, fresh_fingerprint
 from pipeline.runner.report import write_report
 from pipeline.storage import remove_folder, resolve
-from pipeline.transfer.launch import transfer
 from pipeline.transfer.report import RESULTS_JSON
-from vit.files import CONFIG_FILE
+from vit.config import CONFIG_FILE
 
 # Steps whose outputs a changed key does not clear: a pretraining run's checkpoints are resumed (its launch
 # refuses checkpoints of another model); only --force / --from start it afresh.
@@ -78,6 +73,8 @@ def pretrained_weights(plan: JobPlan) -> str | None:
 
 def run_datasets(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     """Build the dataset (always from scratch: the builders are quick and write the same bytes)."""
+    from pipeline.datasets.build import build_dataset
+
     context.ensure_ray()
     build_dataset(context.plan.job.datasets[step.item or ""], Path(step.output), overwrite=True, preview=True)
     card = read_card(step.output)
@@ -91,6 +88,9 @@ def run_preprocess(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     config = job.preprocess[name]
     reads = config.input or name
     source = context.plan.layout.dataset(reads) if reads in job.datasets else reads
+    from pipeline.preprocess.run import preprocess
+    from pipeline.preprocess.summary import write_grid
+
     if clear:
         remove_folder(step.output)
     context.ensure_ray()
@@ -113,12 +113,12 @@ def run_pretrain(context: RunContext, step: Step, clear: bool) -> StepOutcome:
         remove_folder(layout.pretrain)
     elif (latest := latest_checkpoint(layout.pretrain)) is not None:
         print(f"resuming pretraining from its checkpoint at step {latest.step:,}")
+    plan = check_pretrain(config, patch_dir(context.plan, config.data), layout.pretrain)
+
+    from pipeline.pretrain.launch import pretrain
+
     result = pretrain(
-        config,
-        data=patch_dir(context.plan, config.data),
-        storage=layout.pretrain_storage,
-        name=layout.pretrain_name,
-        address=context.address,
+        config, plan, storage=layout.pretrain_storage, name=layout.pretrain_name, address=context.address
     )
     print(result.summary())
     outputs = {"run": result.run_dir, "steps": result.steps, "weights": result.export.vitpipe,
@@ -133,6 +133,8 @@ def run_transfer(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     finetune = plan.job.finetune
     if finetune is None:
         raise ValueError("the job has no finetune section")
+    from pipeline.transfer.launch import transfer
+
     train = step.stage == "finetune"
     result = transfer(
         finetune,
