@@ -41,19 +41,31 @@ wait_up() {
   return 1
 }
 
-# Stop one node: its whole process group (raylet, GCS, dashboard, workers), SIGKILL after 20 s.
-stop_node() {
-  local pidfile=$STATE/$1.pid
-  [ -f "$pidfile" ] || return 0
-  local pid
-  pid=$(cat "$pidfile")
-  kill -TERM -- "-$pid" 2>/dev/null || true
+# Stop the nodes: each one's whole process group (raylet, GCS, dashboard, workers), all at once, SIGKILL
+# for whatever still runs after 20 s.
+stop_nodes() {
+  local node pid alive
+  local -a pids=()
+  for node in "$@"; do
+    [ -f "$STATE/$node.pid" ] || continue
+    pid=$(cat "$STATE/$node.pid")
+    kill -TERM -- "-$pid" 2>/dev/null || true
+    pids+=("$pid")
+  done
   for _ in $(seq 40); do
-    kill -0 "$pid" 2>/dev/null || break
+    alive=0
+    for pid in "${pids[@]}"; do
+      if kill -0 "$pid" 2>/dev/null; then alive=1; fi
+    done
+    [ "$alive" = 1 ] || break
     sleep 0.5
   done
-  kill -KILL -- "-$pid" 2>/dev/null || true
-  rm -f "$pidfile"
+  for pid in "${pids[@]}"; do
+    kill -KILL -- "-$pid" 2>/dev/null || true
+  done
+  for node in "$@"; do
+    rm -f "$STATE/$node.pid"
+  done
 }
 
 case "${1:-}" in
@@ -80,8 +92,7 @@ case "${1:-}" in
     echo "two-node Ray cluster: GCS 127.0.0.1:$PORT, Jobs API http://127.0.0.1:$DASHBOARD (token auth)"
     ;;
   stop)
-    stop_node worker
-    stop_node head
+    stop_nodes worker head
     echo "stopped"
     ;;
   status)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import yaml
 
 from pipeline.config import DigitsConfig, FractalsConfig
 from pipeline.ray_session import init_ray
@@ -81,6 +83,14 @@ def two_node_cluster(cpus_per_node: int):
         cluster.shutdown()
 
 
+@pytest.fixture(scope="session")
+def two_nodes():
+    """A head and a worker node, two logical CPUs each (one per training worker, one for Ray Data): the
+    pretraining tests' cluster. Started by the first of them, `zero2_run`."""
+    with two_node_cluster(cpus_per_node=2) as cluster:
+        yield cluster
+
+
 def run_vitpipe(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
     """Run the CLI in a fresh process, as a user would."""
     kwargs.setdefault("timeout", 300)
@@ -149,3 +159,33 @@ def one_rank_group():
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def fractal_patches(fractals_dir, tmp_path_factory) -> str:
+    """The fractal corpus as 16px images in 4px patches: what the pretraining tests train on."""
+    return preprocess_to(
+        fractals_dir, tmp_path_factory.mktemp("patches") / "fractals16", image_size=16, patch_size=4
+    )
+
+
+@pytest.fixture(scope="session")
+def zero2_run(two_nodes, fractal_patches, tmp_path_factory) -> Path:
+    """`vitpipe pretrain` of TINY_RUN: ZeRO-2 on two Ray Train workers on two nodes. Its export is kept
+    aside at once (`pretrained_export`) for the transfer tests, before the pretraining tests resume it."""
+    runs = tmp_path_factory.mktemp("runs")
+    config = runs / "zero2.yaml"
+    config.write_text(yaml.safe_dump({**TINY_RUN, "data": fractal_patches}))
+    result = run_vitpipe(
+        "pretrain", str(config), "--storage", str(runs), "--address", two_nodes.address, timeout=400
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pretrained 80 steps" in result.stdout
+    shutil.copytree(runs / "zero2" / "export", runs / "zero2-step80-export")
+    return runs / "zero2"
+
+
+@pytest.fixture(scope="session")
+def pretrained_export(zero2_run) -> Path:
+    """The vitpipe weights exported at the end of `zero2_run` (step 80, two ranks)."""
+    return zero2_run.parent / "zero2-step80-export" / "vitpipe"

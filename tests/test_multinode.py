@@ -22,9 +22,10 @@ def test_info_sees_both_nodes(two_nodes):
 
 
 def test_fractals_generated_across_nodes_match_a_local_run(two_nodes, tmp_path):
-    # Shards of about a second each: shorter ones all finish on the first node before the second node's
-    # worker process has started.
-    args = ["--classes", "4", "--per-class", "60", "--size", "32", "--shard-size", "60", "--seed", "11"]
+    # Shards of about two seconds each (128 px). Ray hands a node's idle worker the next queued task, so
+    # shorter shards (60 images at 32 px, 0.3 s) all finished on the first node while the second node's
+    # worker process was still starting.
+    args = ["--classes", "4", "--per-class", "30", "--size", "128", "--shard-size", "30", "--seed", "11"]
     remote = run_vitpipe(
         "datasets", "fractals", str(tmp_path / "cluster"), *args, "--address", two_nodes.address
     )
@@ -36,7 +37,7 @@ def test_fractals_generated_across_nodes_match_a_local_run(two_nodes, tmp_path):
     )
     assert local.returncode == 0, local.stderr
     cluster_card, local_card = read_card(tmp_path / "cluster"), read_card(tmp_path / "local")
-    assert cluster_card["splits"]["train"]["samples"] == 240
+    assert cluster_card["splits"]["train"]["samples"] == 120
     for ours, theirs in zip(
         cluster_card["splits"]["train"]["shards"], local_card["splits"]["train"]["shards"], strict=True
     ):

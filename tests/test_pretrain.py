@@ -1,6 +1,7 @@
 """Pretraining on a simulated two-node Ray cluster, launched the way users launch it: `vitpipe pretrain`.
 
-Real Ray Train workers run real DeepSpeed ZeRO on CPUs (gloo); the runs share one module-scoped cluster.
+Real Ray Train workers run real DeepSpeed ZeRO on CPUs (gloo); the runs share the session's two-node
+cluster (`two_nodes`), and the ZeRO-2 run (`zero2_run`) is conftest's, whose export the transfer tests use.
 """
 
 from __future__ import annotations
@@ -19,30 +20,13 @@ import yaml
 
 from pipeline.metrics import read_records
 from pipeline.pretrain.export import choose_checkpoint
-from tests.conftest import REPO, TINY_RUN, VITPIPE, run_vitpipe, two_node_cluster
+from tests.conftest import REPO, TINY_RUN, VITPIPE, run_vitpipe
 from vit.config import ViTConfig
 from vit.model import VisionTransformer
 from vit.patches import patchify
 from vit.weights import load_pretrained
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """A head and a worker node, two logical CPUs each: one per training worker, one for Ray Data."""
-    with two_node_cluster(cpus_per_node=2) as cluster:
-        yield cluster
-
-
-@pytest.fixture(scope="module")
-def fractal_patches(fractals_dir, tmp_path_factory) -> str:
-    from pipeline.config import PreprocessConfig
-    from pipeline.preprocess.run import preprocess
-
-    out = tmp_path_factory.mktemp("patches") / "fractals"
-    preprocess(str(fractals_dir), str(out), PreprocessConfig(image_size=16, patch_size=4))
-    return str(out)
 
 
 def write_config(path: Path, data: str, **changes) -> Path:
@@ -67,18 +51,6 @@ def assert_learned(records: list[dict]) -> None:
     assert last["accuracy"] > 0.3  # ten classes: chance is 0.1
 
 
-@pytest.fixture(scope="module")
-def zero2_run(cluster, fractal_patches, tmp_path_factory) -> Path:
-    runs = tmp_path_factory.mktemp("runs")
-    config = write_config(runs / "zero2.yaml", fractal_patches)
-    result = run_vitpipe(
-        "pretrain", str(config), "--storage", str(runs), "--address", cluster.address, timeout=400
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "pretrained 80 steps" in result.stdout
-    return runs / "zero2"
-
-
 def test_zero2_pretrains_across_two_nodes(zero2_run):
     records = read_records(str(zero2_run))
     started = events(records, "started")[0]
@@ -101,10 +73,16 @@ def test_zero2_pretrains_across_two_nodes(zero2_run):
     assert (zero2_run / "export" / "hf" / "config.json").is_file()
 
 
-def test_finished_run_resumes_on_one_worker_from_its_step(zero2_run, cluster, fractal_patches):
+def test_finished_run_resumes_on_one_worker_from_its_step(zero2_run, two_nodes, fractal_patches):
     config = write_config(zero2_run.parent / "zero2.yaml", fractal_patches, num_workers=1, steps=100)
     result = run_vitpipe(
-        "pretrain", str(config), "--storage", str(zero2_run.parent), "--address", cluster.address, timeout=400
+        "pretrain",
+        str(config),
+        "--storage",
+        str(zero2_run.parent),
+        "--address",
+        two_nodes.address,
+        timeout=400,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_records(str(zero2_run))
@@ -129,9 +107,9 @@ def test_a_run_directory_of_another_model_is_refused(zero2_run, fractal_patches)
     assert "Ray " not in result.stderr  # refused before Ray started
 
 
-def test_workers_the_cluster_cannot_place_are_refused(cluster, fractal_patches, tmp_path):
+def test_workers_the_cluster_cannot_place_are_refused(two_nodes, fractal_patches, tmp_path):
     config = write_config(tmp_path / "big.yaml", fractal_patches, num_workers=4, global_batch_size=64)
-    result = run_vitpipe("pretrain", str(config), "--storage", str(tmp_path), "--address", cluster.address)
+    result = run_vitpipe("pretrain", str(config), "--storage", str(tmp_path), "--address", two_nodes.address)
     assert result.returncode != 0
     assert "4 worker(s) and the data readers cannot be placed (4.5 CPU needed, the cluster has 4)" in (
         result.stderr
@@ -180,12 +158,12 @@ def _deepspeed_engine_logits(info, patches: torch.Tensor, scratch: Path) -> torc
         return engine(patches).float()
 
 
-def test_zero3_run_survives_a_killed_worker(cluster, fractal_patches, tmp_path):
+def test_zero3_run_survives_a_killed_worker(two_nodes, fractal_patches, tmp_path):
     config = write_config(  # files read each epoch (no cache), so a restart re-reads from the files
-        tmp_path / "zero3.yaml", fractal_patches, zero_stage=3, steps=100, max_failures=2, cache_data=False
+        tmp_path / "zero3.yaml", fractal_patches, zero_stage=3, steps=60, max_failures=2, cache_data=False
     )
     run_dir = tmp_path / "zero3"
-    command = [*VITPIPE, "pretrain", str(config), "--storage", str(tmp_path), "--address", cluster.address]
+    command = [*VITPIPE, "pretrain", str(config), "--storage", str(tmp_path), "--address", two_nodes.address]
     with subprocess.Popen(
         command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as run:
@@ -209,8 +187,8 @@ def test_zero3_run_survives_a_killed_worker(cluster, fractal_patches, tmp_path):
     logged = [r["step"] for r in steps(records)]
     redone = [s for s in set(logged) if logged.count(s) > 1]
     assert all(restart < s <= restart + 20 for s in redone), (restart, sorted(redone))
-    assert events(records, "finished")[-1]["step"] == 100
-    assert logged[-1] == 100
+    assert events(records, "finished")[-1]["step"] == 60
+    assert logged[-1] == 60
     assert_learned(records)
 
 

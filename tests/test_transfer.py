@@ -1,5 +1,6 @@
-"""Transfer end to end, as users run it: `vitpipe pretrain` makes a tiny ViT on the fractal corpus at 16px,
-then `vitpipe finetune` fine-tunes and evaluates it on digits at 32px (and 24px) as parallel Ray tasks."""
+"""Transfer end to end, as users run it: `vitpipe pretrain` makes a tiny ViT on the fractal corpus at 16px
+(conftest's `zero2_run`), then `vitpipe finetune` fine-tunes and evaluates it on digits at 32px (and 24px)
+as parallel Ray tasks."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import yaml
 
 from pipeline.metrics import read_records
 from pipeline.transfer.data import SplitReader
-from tests.conftest import REPO, TINY_RUN, VITPIPE, preprocess_to, run_vitpipe
+from tests.conftest import REPO, VITPIPE, preprocess_to, run_vitpipe
 from vit.evaluate import evaluate_classifier
 from vit.weights import load_pretrained, read_checkpoint, state_digest
 
@@ -45,17 +46,10 @@ def address(ray_local) -> str:
 
 
 @pytest.fixture(scope="module")
-def pretrained(fractals_dir, address, tmp_path_factory) -> Path:
-    """The exported weights of a `vitpipe pretrain` run: ZeRO-2 on two Ray Train workers, 16px fractals."""
-    root = tmp_path_factory.mktemp("pretrain")
-    patches = preprocess_to(fractals_dir, root / "fractals16", image_size=16, patch_size=4)
-    config = root / "tiny.yaml"
-    config.write_text(
-        yaml.safe_dump({**TINY_RUN, "data": patches, "cpus_per_worker": 0.5, "placement": "PACK"})
-    )
-    result = run_vitpipe("pretrain", str(config), "--storage", str(root), "--address", address, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / "tiny" / "export" / "vitpipe"
+def pretrained(pretrained_export) -> Path:
+    """The exported weights of a `vitpipe pretrain` run: ZeRO-2 on two Ray Train workers, 16px fractals
+    (conftest's `zero2_run`, exported at its last step, 80)."""
+    return pretrained_export
 
 
 def write_job(path: Path, **finetune) -> Path:
