@@ -4,7 +4,8 @@ stages side by side, and (when a GPU is present) ViT-B/16 bf16 ZeRO-2 MFU.
 CPU section, one run, on the embedded fractal corpus preprocessed to 32px / patch 4:
   * plain: one process, the same model, batch, data (already in memory: the baseline's best case), the
     same math (flip, normalisation, soft-target cross-entropy, AdamW on the same groups, clipping, LR
-    schedule), with as many threads as the Ray Train worker gets. Timed before and after the Ray runs.
+    schedule), with as many threads as the Ray Train worker gets. Timed in rounds alternating with the
+    1-worker Ray run (`--rounds`, 3 by default); the medians are compared.
   * ray+deepspeed, 1 worker: `pipeline.pretrain.launch.pretrain`, exactly what `vitpipe pretrain` runs;
     its per-step images/s from the run's metrics (each step's wall time, data wait included).
   * ZeRO 0-3 with 2 workers on one node, same model and per-worker batch.
@@ -183,7 +184,7 @@ def cpu_ray(
     }
 
 
-def cpu_section(steps: int, warmup: int) -> dict[str, Any]:
+def cpu_section(steps: int, warmup: int, rounds: int) -> dict[str, Any]:
     from pipeline.ray_session import init_ray
 
     print(init_ray())
@@ -191,14 +192,18 @@ def cpu_section(steps: int, warmup: int) -> dict[str, Any]:
         root = Path(scratch)
         data = cpu_corpus(root)
         runs = root / "runs"
-        one = cpu_ray(data, runs, "ray-1w", workers=1, zero=0, steps=steps, warmup=warmup)
-        threads = one["threads_per_worker"]
-        plain_before = cpu_plain(data, steps, warmup, threads)
+        # The 1-worker Ray Train run and the plain loop alternate, so that the VM's drift over the run
+        # (seen here: the plain loop alone moving 8-15% within minutes) falls on both alike.
+        ray_rounds, plain_rounds = [], []
+        for index in range(rounds):
+            ray_rounds.append(
+                cpu_ray(data, runs, f"ray-1w-{index}", workers=1, zero=0, steps=steps, warmup=warmup)
+            )
+            plain_rounds.append(cpu_plain(data, steps, warmup, ray_rounds[-1]["threads_per_worker"]))
         zero = [
             cpu_ray(data, runs, f"zero{stage}", workers=2, zero=stage, steps=steps, warmup=warmup)
             for stage in range(4)
         ]
-        plain_after = cpu_plain(data, steps, warmup, threads)
         # Reading the files every epoch against holding the split in the object store (cache_data).
         reads = {
             f"cache_data_{cache}".lower(): cpu_ray(
@@ -206,14 +211,16 @@ def cpu_section(steps: int, warmup: int) -> dict[str, Any]:
             )
             for cache in (False, True)
         }
-    plain = statistics.mean([plain_before["images_per_s"], plain_after["images_per_s"]])
+    one = statistics.median(r["images_per_s"] for r in ray_rounds)
+    plain = statistics.median(r["images_per_s"] for r in plain_rounds)
     return {
         "model": {**CPU_MODEL, "image_size": CPU_IMAGE, "patch_size": CPU_PATCH},
         "micro_batch_per_worker": MICRO,
         "warmup_steps": warmup,
-        "plain_pytorch": {"before": plain_before, "after": plain_after, "images_per_s": plain},
-        "ray_train_deepspeed_1_worker": one,
-        "overhead_1_worker": 1 - one["images_per_s"] / plain,
+        "rounds": rounds,
+        "plain_pytorch": {"rounds": plain_rounds, "images_per_s": plain},
+        "ray_train_deepspeed_1_worker": {"rounds": ray_rounds, "images_per_s": one},
+        "overhead_1_worker": 1 - one / plain,
         "zero_stages_2_workers": {f"zero{z['zero_stage']}": z for z in zero},
         "epoch_reads_2_workers_zero2": reads,
     }
@@ -328,6 +335,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=40, help="timed steps per CPU run")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating 1-worker Ray / plain rounds")
     parser.add_argument("--gpu-only", action="store_true", help="only the GPU section; no Ray needed")
     parser.add_argument("--out", help="with --gpu-only: where to write the GPU section's JSON")
     parser.add_argument("--merge-gpu", help="add a GPU section's JSON (from --gpu-only) to the results")
@@ -348,7 +356,7 @@ def main() -> None:
         previous.write_text(json.dumps(results, indent=2) + "\n")
         print(previous)
         return
-    results: dict[str, Any] = {"cpu": cpu_section(args.steps, args.warmup)}
+    results: dict[str, Any] = {"cpu": cpu_section(args.steps, args.warmup, args.rounds)}
     if torch.cuda.is_available():
         results["gpu"] = gpu_section(args.variant, [int(m) for m in args.micro_batches.split(",")], 30, 10)
     elif previous.is_file() and "gpu" in (old := json.loads(previous.read_text())):
