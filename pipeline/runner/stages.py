@@ -1,5 +1,8 @@
 """What each step of a job does: the thin calls into the stage entry points (datasets, preprocess,
-pretrain, transfer, report), with the run's folders as their inputs and outputs."""
+pretrain, transfer, report), with the run's folders as their inputs and outputs.
+
+Each runner imports its stage when it runs: those bring Ray Train, Ray Data and torch (~6 s), which a
+cached step or a job refused by its checks never needs."""
 
 from __future__ import annotations
 
