@@ -13,9 +13,8 @@ from typing import Any, Literal
 
 import torch
 
-from vit.config import DEFAULT_MEAN, DEFAULT_STD, ViTConfig
+from vit.config import CONFIG_FILE, DEFAULT_MEAN, DEFAULT_STD, ViTConfig
 from vit.files import (
-    CONFIG_FILE,
     WEIGHTS_FILE,
     Checkpoint,
     read_config_json,

@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 
-from vit.config import ViTConfig
+from vit.config import CONFIG_FILE, ViTConfig
 from vit.files import (
-    CONFIG_FILE,
     WEIGHTS_FILE,
     Checkpoint,
     read_config_json,

@@ -29,8 +29,8 @@ from pipeline.storage import remove_folder, resolve
 from pipeline.transfer.report import RESULTS_JSON
 from vit.config import CONFIG_FILE
 
-# Steps whose outputs a changed key does not clear: a pretraining run's checkpoints are resumed (its launch
-# refuses checkpoints of another model); only --force / --from start it afresh.
+# Steps whose outputs a changed key does not clear: a pretraining run's checkpoints are resumed
+# (check_pretrain refuses checkpoints of another model); only --force / --from start it afresh.
 RESUMED_ON_CHANGE = frozenset({"pretrain"})
 
 
