@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import io
 import json
 import re
 import types
@@ -36,19 +37,15 @@ from vit.patches import PatchGeometry
 from vit.recipe import Optimizer, Recipe, Schedule, Zero, refuse_derived_keys
 from vit.variants import VARIANTS, parse_variant
 
-_EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$")
-
-
-def _exponent_string_to_float(value: Any) -> Any:
-    """YAML 1.1 reads `1e-3` (no dot) as a string; accept it as the float it was meant to be."""
-    if isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
-        return float(value)
-    return value
-
-
-# Strict numbers: YAML already types its scalars, so `true` or "10" where a number belongs is a mistake.
-Float = Annotated[float, BeforeValidator(_exponent_string_to_float), Strict()]
+# Strict numbers: YAML already types its scalars (the loader reads `1e-3` as a number, as YAML 1.2
+# does), so `true`, "10" or "3e-3" where a number belongs is a mistake; so are .inf and .nan.
+Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+Flag = Annotated[bool, Strict()]
 PositiveInt = Annotated[int, Strict(), Field(gt=0)]
+# Sane upper bounds where a typo (an extra digit, 1e26) would plan a run that never ends.
+MAX_STEPS = 1_000_000_000
+StepBudget = Annotated[int, Strict(), Field(gt=0, le=MAX_STEPS)]
+BatchSize = Annotated[int, Strict(), Field(gt=0, le=2**24)]
 NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
 PositiveFloat = Annotated[Float, Field(gt=0)]
 NonNegativeFloat = Annotated[Float, Field(ge=0)]
@@ -85,7 +82,9 @@ def _strict(annotation: Any) -> Any:
     """The strict config type of a dataclass field's type: numbers and flags must be what YAML typed."""
     if annotation is float:
         return Float
-    if annotation in (int, bool):
+    if annotation is bool:
+        return Flag
+    if annotation is int:
         return Annotated[annotation, Strict()]
     arguments = typing.get_args(annotation)
     if typing.get_origin(annotation) is tuple:
@@ -320,28 +319,28 @@ class PretrainConfig(Section):
     split: Name = "train"  # the split to train on; a patch directory without sub-folders has only "."
     model: ModelConfig = ModelConfig()
     num_workers: PositiveInt = 2
-    use_gpu: bool = False
+    use_gpu: Flag = False
     cpus_per_worker: PositiveFloat = 1.0
     # CPUs each Ray Data read task takes; they run beside the workers, so the cluster needs them spare.
     data_cpus: PositiveFloat = 0.5
     placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # how workers go onto nodes
-    global_batch_size: PositiveInt = 4096
-    micro_batch_size: PositiveInt = 64
-    steps: PositiveInt = 100_000
-    epochs: PositiveInt | None = None  # a budget in passes over the data instead of `steps`
+    global_batch_size: BatchSize = 4096
+    micro_batch_size: BatchSize = 64
+    steps: StepBudget = 100_000
+    epochs: StepBudget | None = None  # a budget in passes over the data instead of `steps`
     zero_stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: bool = False
-    bf16: Literal["auto"] | bool = "auto"  # auto: on GPUs that support it (Ampere and newer), else fp32
+    offload_optimizer: Flag = False
+    bf16: Literal["auto"] | Flag = "auto"  # auto: on GPUs that support it (Ampere and newer), else fp32
     optimizer: OptimizerSection = Optimizer()
     schedule: ScheduleSection = Schedule()
     label_smoothing: UnitFraction = 0.0
-    flip: bool = True  # random horizontal flips, on the device
+    flip: Flag = True  # random horizontal flips, on the device
     mixup_alpha: NonNegativeFloat = 0.0  # 0 turns mixup off
     shuffle_buffer: NonNegativeInt = 2048  # rows per worker shuffled locally; 0 reads in file order
     # Hold the split in Ray's object store, read once, instead of reading the files every epoch (which
     # costs seconds per epoch: most of the time on a small corpus). auto: when it fills under a quarter
     # of the cluster's object store.
-    cache_data: Literal["auto"] | bool = "auto"
+    cache_data: Literal["auto"] | Flag = "auto"
     checkpoint_every: PositiveInt = 1000
     keep_checkpoints: PositiveInt = 3
     max_failures: NonNegativeInt = 3  # worker-group restarts from the latest checkpoint before giving up
@@ -395,18 +394,18 @@ class FinetuneConfig(Section):
     # Pretrained weights: a vitpipe or HF folder. In a job with a pretrain section: that run's export.
     weights: str | None = None
     modes: tuple[Literal["pretrained", "scratch"], ...] = Field(("pretrained", "scratch"), min_length=1)
-    steps: PositiveInt = 500
-    batch_size: PositiveInt = 512
-    micro_batch_size: PositiveInt | None = None  # gradient accumulation when it is below batch_size
+    steps: StepBudget = 500
+    batch_size: BatchSize = 512
+    micro_batch_size: BatchSize | None = None  # gradient accumulation when it is below batch_size
     optimizer: OptimizerSection = Optimizer(name="sgd", lr=0.03, weight_decay=0.0)
     schedule: ScheduleSection = Schedule(warmup_steps=50)
     label_smoothing: UnitFraction = 0.0
-    flip: bool = True
-    freeze_backbone: bool = False  # train the head alone: a linear probe
+    flip: Flag = True
+    freeze_backbone: Flag = False  # train the head alone: a linear probe
     val_fraction: Annotated[Float, Field(ge=0, lt=1)] = 0.1  # of train, held out to pick the best weights
     validate_every: PositiveInt | None = None  # default: ten validations per run
     log_every: PositiveInt = 10
-    bf16: Literal["auto"] | bool = "auto"
+    bf16: Literal["auto"] | Flag = "auto"
     cpus_per_task: PositiveFloat = 1.0
     gpus_per_task: NonNegativeFloat = 0.0
     max_retries: NonNegativeInt = 2  # a task whose worker process dies is run again this many times
@@ -509,14 +508,43 @@ class PipelineConfig(Section):
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
+class _JobLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (the last would silently win) and
+    reads `1e-3` as the number it is in YAML 1.2 (YAML 1.1 wants a dot: `1.0e-3`)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (first on line {seen[key].line + 1})",
+                    key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+_JobLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _JobLoader.construct_mapping)
+_EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_JobLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
+
+
 def load_yaml(path: str | Path) -> Any:
-    """Parse a YAML file safely; a missing file or a syntax error names the file (and the line)."""
+    """Parse a YAML file safely; an unreadable or undecodable file, a syntax error or a repeated key
+    names the file (and the line)."""
     path = Path(path)
     try:
-        with path.open() as stream:
-            return yaml.safe_load(stream)
+        stream = io.StringIO(path.read_bytes().decode("utf-8"))
     except OSError as error:
         raise ConfigError(f"{path}: cannot read config: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path}: not a text file (byte {error.start} is not UTF-8); a job config is YAML text"
+        ) from None
+    stream.name = str(path)  # what the loader's messages call the file
+    try:
+        return yaml.load(stream, Loader=_JobLoader)  # noqa: S506 -- a SafeLoader subclass
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
 

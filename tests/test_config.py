@@ -247,3 +247,38 @@ def test_validate_refuses_a_job_that_run_would_refuse(tmp_path, capsys):
     path.write_text("name: x\ndatasets:\n  digits: {kind: digits}\nfinetune:\n  targets: [digits]\n")
     assert main(["validate", str(path)]) == 2
     assert "finetune target 'digits' is a dataset, not preprocessed patches" in capsys.readouterr().err
+
+
+def test_a_binary_config_file_is_refused_naming_it(tmp_path):
+    path = tmp_path / "weights.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    with pytest.raises(ConfigError, match=r"weights\.yaml: not a text file"):
+        load_config(path)
+
+
+def test_a_key_given_twice_is_refused_naming_the_line(tmp_path):
+    message = errors_of(tmp_path, GOOD_JOB.replace("zero_stage: 2", "zero_stage: 2\n  zero_stage: 3"))
+    assert "key 'zero_stage' is given twice" in message
+    assert "job.yaml" in message
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("lr: 1e-3", 'lr: "3e-3"', "pretrain.optimizer.lr: Input should be a valid number"),
+        ("lr: 1e-3", "lr: .inf", "pretrain.optimizer.lr: Input should be a finite number"),
+        ("lr: 1e-3", "lr: .nan", "pretrain.optimizer.lr: Input should be a finite number"),
+        ("zero_stage: 2", 'zero_stage: 2\n  steps: "20"', "pretrain.steps: Input should be a valid integer"),
+        ("zero_stage: 2", "zero_stage: 2\n  steps: 1e26", "pretrain.steps: Input should be a valid integer"),
+        ("zero_stage: 2", "zero_stage: 2\n  steps: 10000000000000000000000", "steps: Input should be less"),
+        ("zero_stage: 2", 'zero_stage: 2\n  use_gpu: "yes"', "use_gpu: Input should be a valid boolean"),
+    ],
+)
+def test_numbers_and_flags_are_strict_finite_and_bounded(tmp_path, old, new, expected):
+    assert old in GOOD_JOB
+    assert expected in errors_of(tmp_path, GOOD_JOB.replace(old, new))
+
+
+def test_an_unquoted_exponent_is_a_number(tmp_path):
+    config = load_config(write(tmp_path, GOOD_JOB.replace("lr: 1e-3", "lr: 3E-4")))
+    assert config.pretrain.optimizer.lr == pytest.approx(3e-4)
