@@ -28,7 +28,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
         address = "local"
         options |= {"num_cpus": num_cpus or os.cpu_count() or 1, "include_dashboard": True}
     try:
-        _check_reachable(address)
+        check_reachable(address)
         ray.init(address=address, **options)
     except ConnectionError as error:
         raise ConnectionError(
@@ -39,7 +39,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
     return _describe()
 
 
-def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail in seconds, not minutes, when a HOST:PORT (or ray://HOST:PORT) address has nobody listening.
 
     Ray itself retries an unreachable GCS for well over a minute before giving up.

@@ -273,6 +273,11 @@ def test_failure_threshold_is_not_part_of_the_output_identity(digits_dir, tmp_pa
 def test_missing_input_and_bad_options_fail_before_any_work(tmp_path, capsys):
     assert main(["preprocess", str(tmp_path / "nothing"), str(tmp_path / "out")]) == 1
     assert "nothing: no such file or directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["preprocess", str(tmp_path / "empty"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "empty: no shards found" in err
+    assert "node(s)" not in err  # refused before Ray was started or joined
     assert (
         main(["preprocess", str(tmp_path), str(tmp_path / "out"), "--image-size", "30", "--patch-size", "4"])
         == 2

@@ -13,9 +13,11 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.runner.execute import LOCK_FILE, _run_lock
+from pipeline.runner.execute import LOCK_FILE, _run_lock, run_job
 from pipeline.runner.layout import run_layout
 from pipeline.runner.plan import RunOptions, plan_job
+from pipeline.runner.records import read_record, write_record
+from pipeline.runner.stages import RUNNERS
 from tests.conftest import REPO
 
 PATCHES = {"image_size": 16, "patch_size": 4}
@@ -174,3 +176,49 @@ def test_a_single_stage_command_points_at_the_job_run_before_preprocessing_ran(t
     err = capsys.readouterr().err
     assert "datasets:shapes has not run in" in err
     assert f"run `vitpipe run {path} --until datasets` first" in err
+
+
+def test_a_done_record_without_its_fingerprint_is_treated_as_not_run(tmp_path, capsys):
+    stages = tmp_path / "stages"
+    write_record(str(stages), "datasets:shapes", {"key": "k", "status": "done", "fingerprint": "f"})
+    assert read_record(str(stages), "datasets:shapes")["fingerprint"] == "f"
+    document = json.loads((stages / "datasets.shapes.json").read_text())
+    del document["fingerprint"]
+    (stages / "datasets.shapes.json").write_text(json.dumps(document))
+    assert read_record(str(stages), "datasets:shapes") is None
+    assert "datasets.shapes.json: status 'done' without fingerprint; the step is treated as not run" in (
+        capsys.readouterr().err
+    )
+    (stages / "datasets.shapes.json").write_text("{not json")
+    assert read_record(str(stages), "datasets:shapes") is None
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_does_not_stay_running_in_run_json(tmp_path, monkeypatch):
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(RUNNERS, "datasets", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(write_job(tmp_path, JOB))
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "interrupted"
+    assert not (tmp_path / "run" / LOCK_FILE).exists()
+
+
+def test_a_stage_command_is_refused_while_another_command_holds_the_run(tmp_path, fractal_patches, capsys):
+    job = {"name": "busy", "pretrain": {**JOB["pretrain"], "data": str(fractal_patches)}}
+    path = write_job(tmp_path, job)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK_FILE).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    assert main(["pretrain", str(path)]) == 1
+    assert (
+        f"{tmp_path / 'run'} is in use by another vitpipe command (pid {os.getppid()}"
+        in capsys.readouterr().err
+    )
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_FILE]
+
+
+def test_validate_checks_the_inputs_run_would_read(tmp_path, capsys):
+    job = changed(pretrain={**JOB["pretrain"], "data": str(tmp_path / "no-patches")})
+    assert main(["validate", str(write_job(tmp_path, job))]) == 2
+    assert f"pretrain reads '{tmp_path / 'no-patches'}', which is unusable" in capsys.readouterr().err

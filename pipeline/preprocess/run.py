@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -88,11 +89,13 @@ def preprocess(
     *,
     overwrite: bool = False,
     workers: int | None = None,
+    address: str | None = None,
 ) -> PreprocessResult:
     """Turn the shards INPUT names into patch files under OUTPUT; see the module docstring for resuming.
 
     `workers` caps how many shards are processed at once (default: two tasks per cluster CPU queued).
-    Refuses, before any work, an OUTPUT that holds files of another config unless `overwrite`.
+    Refuses, before any work, an OUTPUT that holds files of another config unless `overwrite`. Ray
+    (`address`, else a local one) starts only when there is a shard to process.
     """
     started = time.perf_counter()
     listing = list_shards(input_spec)
@@ -117,7 +120,7 @@ def preprocess(
     _remove_partials(out_fs, out_root)
     processed_samples = 0
     if todo:
-        init_ray()
+        print(init_ray(address), file=sys.stderr)
         shared = (listing.filesystem, out_fs, out_root, config, len(classes) if classes else None)
         results = run_shard_tasks(
             preprocess_shard,

@@ -28,7 +28,7 @@ from pipeline.config import ConfigError
 from pipeline.metrics import format_seconds
 from pipeline.runner.plan import EVALUATE, JobPlan, RunOptions, StageOptions, Step, load_plan
 from pipeline.runner.provenance import git_revision
-from pipeline.runner.records import external_fingerprint, read_record, step_key, write_record
+from pipeline.runner.records import external_fingerprints, read_record, step_key, write_record
 from pipeline.runner.stages import RESUMED_ON_CHANGE, RUNNERS, RunContext, outputs_present
 from pipeline.storage import write_atomic
 
@@ -102,26 +102,38 @@ def run_job(
         *inputs, last = _steps_of(plan, only)
         _take_cached_inputs(plan, inputs, fingerprints)
         steps = [last]
-    externals = {step.id: _external_fingerprints(plan, step) for step in steps}  # inputs exist, or fail now
+    externals = {step.id: external_fingerprints(plan, step) for step in steps}  # inputs exist, or fail now
     root.mkdir(parents=True, exist_ok=True)
     with _run_lock(root):
         _keep_job_file(plan, job_path, root)
         _write_run_file(plan, summary, "running")
-        for step in steps:
-            if summary.failed and step.stage != "report":
-                summary.steps.append(StepReport(step.id, "not run"))
-                continue
-            if summary.failed and any(dep not in fingerprints for dep in step.depends):
-                summary.steps.append(StepReport(step.id, "not run"))
-                continue
-            redo = options.redo(step.stage)
-            summary.steps.append(_run_step(context, step, fingerprints, externals[step.id], redo))
+        try:
+            _run_steps(context, steps, options, fingerprints, externals, summary, started)
+        except BaseException as error:  # run.json never stays "running" after its process has stopped
             summary.seconds = time.perf_counter() - started
-            _write_run_file(plan, summary, "running")
+            stopped = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+            _write_run_file(plan, summary, stopped)
+            raise
         summary.seconds = time.perf_counter() - started
         _write_run_file(plan, summary, "failed" if summary.failed else "finished")
     context.close()  # a Ray this run started ends here, its workers' last lines printed before the summary
     return summary
+
+
+def _run_steps(
+    context: RunContext, steps: list[Step], options: RunOptions, fingerprints: dict[str, str],
+    externals: dict[str, dict[str, str]], summary: RunSummary, started: float,
+) -> None:  # fmt: skip
+    """Each step in order, run.json updated after each; after a failure only the report still runs."""
+    for step in steps:
+        unread = any(dep not in fingerprints for dep in step.depends)
+        if summary.failed and (step.stage != "report" or unread):
+            summary.steps.append(StepReport(step.id, "not run"))
+            continue
+        redo = options.redo(step.stage)
+        summary.steps.append(_run_step(context, step, fingerprints, externals[step.id], redo))
+        summary.seconds = time.perf_counter() - started
+        _write_run_file(context.plan, summary, "running")
 
 
 def _steps_of(plan: JobPlan, stage: str) -> list[Step]:
@@ -146,7 +158,7 @@ def _take_cached_inputs(plan: JobPlan, steps: list[Step], fingerprints: dict[str
         done = record is not None and record.get("status") == "done" and outputs_present(step)
         if done:
             upstream = {dep: fingerprints[dep] for dep in step.depends}
-            done = record.get("key") == step_key(step.settings, upstream, _external_fingerprints(plan, step))
+            done = record.get("key") == step_key(step.settings, upstream, external_fingerprints(plan, step))
         if not done:
             state = "has not run" if record is None else "is not done with these settings"
             raise ConfigError(
@@ -165,18 +177,6 @@ def _keep_job_file(plan: JobPlan, job_path: str | Path, root: Path) -> None:
     else:
         job = {"name": plan.job.name, **plan.job.model_dump(mode="json", exclude_defaults=True)}
         write_atomic(str(root / "job.yaml"), yaml.safe_dump(job, sort_keys=False))
-
-
-def _external_fingerprints(plan: JobPlan, step: Step) -> dict[str, str]:
-    fingerprints = {}
-    for kind, where in step.external:
-        try:
-            fingerprints[f"{kind}:{where}"] = external_fingerprint(kind, where)
-        except (FileNotFoundError, ValueError) as error:
-            raise ConfigError(
-                f"{plan.source}: {step.id} reads {where!r}, which is unusable: {error}"
-            ) from None
-    return fingerprints
 
 
 def _run_step(

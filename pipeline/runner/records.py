@@ -12,16 +12,21 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import sys
 import uuid
+from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
-from pipeline.config import digest
+from pipeline.config import ConfigError, digest
 from pipeline.preprocess.manifest import MANIFEST_FILE, read_manifest
 from pipeline.preprocess.sources import list_shards
 from pipeline.storage import resolve, write_atomic
+
+if TYPE_CHECKING:
+    from pipeline.runner.plan import JobPlan, Step
 
 FORMAT = "vitpipe.step/1"
 
@@ -76,15 +81,45 @@ def external_fingerprint(kind: str, location: str) -> str:
     return tree_fingerprint(location)
 
 
+def external_fingerprints(plan: JobPlan, step: Step) -> dict[str, str]:
+    """The fingerprints of every input of `step` from outside the run; one that is missing or unusable
+    is a ConfigError naming the job file, the step and the location (before anything runs)."""
+    fingerprints = {}
+    for kind, where in step.external:
+        try:
+            fingerprints[f"{kind}:{where}"] = external_fingerprint(kind, where)
+        except (FileNotFoundError, ValueError) as error:
+            message = f"{plan.source}: {step.id} reads {where!r}, which is unusable: {error}"
+            raise ConfigError(message) from None
+    return fingerprints
+
+
 def read_record(stages_dir: str, step_id: str) -> dict[str, Any] | None:
+    """The step's record, or None when there is none or it is unusable (torn, hand-edited, of another
+    format, a "done" without its key or fingerprint): the step then runs again, and says why."""
     path = Path(stages_dir) / _file_name(step_id)
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return None  # a torn or hand-edited record: the step runs again
-    return record if isinstance(record, dict) and record.get("format") == FORMAT else None
+        return _unusable(path, "not valid JSON")
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        return _unusable(path, f"not a {FORMAT} record")
+    missing = [key for key in RECORD_KEYS[record.get("status")] if not isinstance(record.get(key), str)]
+    if missing:
+        return _unusable(path, f"status {record.get('status')!r} without {', '.join(missing)}")
+    return record
+
+
+# What a record of each status must hold to be used (a "done" record's fingerprint feeds the keys after it).
+RECORD_KEYS: dict[Any, tuple[str, ...]] = defaultdict(lambda: ("status",))
+RECORD_KEYS.update({"done": ("key", "fingerprint"), "running": ("key",), "failed": ("key",)})
+
+
+def _unusable(path: Path, why: str) -> None:
+    print(f"[run] {path}: {why}; the step is treated as not run", file=sys.stderr)
+    return None
 
 
 def write_record(stages_dir: str, step_id: str, record: dict[str, Any]) -> None:

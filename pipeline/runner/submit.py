@@ -61,9 +61,23 @@ def connect(address: str | None) -> JobSubmissionClient:
     """A Jobs API client for the dashboard at `address` (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS)."""
     from ray.job_submission import JobSubmissionClient
 
+    from pipeline.ray_session import check_reachable
+
     where = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not where:
         raise ConfigError("no cluster: pass --address http://HEAD:8265 (the dashboard) or set RAY_ADDRESS")
+    if "://" not in where and where != "auto":
+        # Without a scheme Ray takes HOST:PORT for a GCS and spends ~40 s failing to find the dashboard
+        # through it; the Jobs API is the dashboard, so HOST:PORT means http://HOST:PORT.
+        where = f"http://{where}"
+    if where.startswith(("http://", "https://")):
+        try:
+            check_reachable(where.split("://", 1)[1].split("/", 1)[0])
+        except ConnectionError as error:
+            raise ClusterError(
+                f"cannot reach the Ray Jobs API at {where}: {error}; it is the dashboard's address, "
+                "http://HEAD:8265 by default"
+            ) from None
     return call_api(lambda: JobSubmissionClient(where), where)
 
 
