@@ -3,6 +3,7 @@ batches from memory, checkpoints in a temporary folder."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 from vit.config import ViTConfig
 from vit.engine import build_engine, load_checkpoint, save_checkpoint, train_micro_batch
-from vit.loop import DataExhaustedError, Hooks, Throughput, pretrain_loop
+from vit.loop import DataExhaustedError, Hooks, LoopEnd, Throughput, pretrain_loop
 from vit.model import VisionTransformer
 from vit.recipe import Cadence, Optimizer, Recipe, Schedule, Zero
 
@@ -79,15 +80,18 @@ class Memory:
         save_checkpoint(self.engine, self.checkpoints, f"step{step}", {"step": step})
         self.saved.append(step)
 
-    def hooks(self) -> Hooks:
-        return Hooks(self.batches, self.save, self.records.append)
+    def hooks(self, stop_after: int | None = None) -> Hooks:
+        stop = (lambda: self.records[-1]["step"] >= stop_after) if stop_after else (lambda: False)
+        return Hooks(self.batches, self.save, self.records.append, stop)
 
 
-def run(hooks_of: Memory, engine, start_step: int) -> int:
+def run(
+    hooks_of: Memory, engine, start_step: int, recipe: Recipe = RECIPE, stop_after: int | None = None
+) -> LoopEnd:
     hooks_of.engine = engine
     throughput = Throughput(images_per_step=MICRO * ACCUM, flops_per_step=1e6, peak_flops=None, seq_len=17)
     return pretrain_loop(
-        engine, RECIPE, hooks_of.hooks(), start_step=start_step, steps_per_epoch=STEPS_PER_EPOCH,
+        engine, recipe, hooks_of.hooks(stop_after), start_step=start_step, steps_per_epoch=STEPS_PER_EPOCH,
         cadence=Cadence(log_every=1, checkpoint_every=10), throughput=throughput, seed=0,
     )  # fmt: skip
 
@@ -99,7 +103,9 @@ def test_pretraining_loop_trains_without_ray_and_resumes_with_the_weights_it_sav
     fresh start's."""
     torch.manual_seed(0)
     first = Memory(tmp_path / "checkpoints")
-    assert run(first, build_engine(VisionTransformer(TINY), RECIPE, ZERO, world_size=1), 0) == 24
+    assert run(first, build_engine(VisionTransformer(TINY), RECIPE, ZERO, world_size=1), 0) == LoopEnd(
+        24, "finished"
+    )
     losses = {record["step"]: record["loss"] for record in first.records}
     assert sorted(losses) == list(range(1, 25))
     assert first.saved == [10, 20, 24]
@@ -111,7 +117,7 @@ def test_pretraining_loop_trains_without_ray_and_resumes_with_the_weights_it_sav
     second = Memory(tmp_path / "checkpoints")
     engine = build_engine(VisionTransformer(TINY), RECIPE, ZERO, world_size=1)
     assert load_checkpoint(engine, tmp_path / "checkpoints", "step10")["step"] == 10
-    assert run(second, engine, start_step=10) == 24
+    assert run(second, engine, start_step=10).step == 24
     assert second.epochs[0] == (2, 4)  # step 10 is 2 steps (4 micro-batches) into epoch 2
     resumed = {record["step"]: record["loss"] for record in second.records}
     assert sorted(resumed) == list(range(11, 25))
@@ -126,3 +132,24 @@ def test_a_rank_whose_data_runs_out_stops_with_a_clear_error(one_rank_group, tmp
     engine = build_engine(VisionTransformer(TINY), RECIPE, ZERO, world_size=1)
     with pytest.raises(DataExhaustedError, match="the data ran out during step 1"):
         run(memory, engine, 0)
+
+
+def test_a_non_finite_loss_stops_the_loop_at_that_step_and_saves_nothing(one_rank_group, tmp_path):
+    exploding = dataclasses.replace(
+        RECIPE, optimizer=Optimizer(name="sgd", lr=1e30, weight_decay=0.0, grad_clip=None),
+        schedule=Schedule(warmup_steps=0, decay="constant"),
+    )  # fmt: skip
+    memory = Memory(tmp_path)
+    end = run(memory, build_engine(VisionTransformer(TINY), exploding, ZERO, world_size=1), 0, exploding)
+    assert end.reason == "diverged"
+    assert end.step < 10
+    assert "loss" in end.detail or "grad_norm" in end.detail
+    assert memory.records[-1]["step"] == end.step  # the bad step is recorded, for the message and the plot
+    assert memory.saved == []  # nothing of the diverged state is kept
+
+
+def test_a_requested_stop_checkpoints_the_step_just_trained(one_rank_group, tmp_path):
+    memory = Memory(tmp_path)
+    end = run(memory, build_engine(VisionTransformer(TINY), RECIPE, ZERO, world_size=1), 0, stop_after=3)
+    assert end == LoopEnd(3, "stopped")
+    assert memory.saved == [3]

@@ -96,3 +96,11 @@ def test_nothing_trainable_is_an_error():
         parameter.requires_grad_(False)
     with pytest.raises(ValueError, match="no parameter is trainable"):
         finetune(net, batches(8), paper_spec(), device=CPU)
+
+
+def test_a_diverging_fine_tune_stops_at_the_step_naming_the_values():
+    optimizer = Optimizer(name="sgd", lr=1e30, weight_decay=0.0, grad_clip=None)
+    schedule = Schedule(warmup_steps=0, decay="constant")
+    exploding = Recipe(optimizer, schedule, total_steps=20, micro_batch_size=8, flip=False)
+    with pytest.raises(FloatingPointError, match=r"fine-tuning diverged at step \d+: loss"):
+        finetune(model(), batches(8), exploding, device=CPU, log_every=1)

@@ -141,3 +141,15 @@ def test_unknown_override_is_named(tmp_path):
     save_pretrained(trained_like(), tmp_path)
     with pytest.raises(ValueError, match=r"unknown ViT config field\(s\) \['widht'\]"):
         load_pretrained(tmp_path, widht=64)
+
+
+def test_weights_holding_nan_or_inf_are_refused_at_load_naming_the_key(tmp_path):
+    save_pretrained(trained_like(), tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["norm.weight"][0] = float("nan")
+    state["head.bias"][1] = float("inf")
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(
+        ValueError, match=r"model.safetensors: .*NaN or infinite values in \['head.bias', 'norm.weight'\]"
+    ):
+        load_pretrained(tmp_path)

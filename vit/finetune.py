@@ -8,6 +8,7 @@ score: the best-scoring weights are kept, so a run that overfits late still hand
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -75,6 +76,11 @@ def finetune(
         lr = recipe.lr_at(step - 1)
         set_lr(optimizer, lr)
         grad_norm = _step(model, optimizer, trainable, batches, recipe, rng, device, window)
+        if not (math.isfinite(window.loss) and math.isfinite(grad_norm)):  # the window's sum holds any NaN
+            raise FloatingPointError(
+                f"fine-tuning diverged at step {step}: loss {window.loss}, gradient norm {grad_norm} "
+                f"(lr {lr:g}); no weights of this run are kept. Lower optimizer.lr or check the weights"
+            )
         validating = validate is not None and (step % every == 0 or step == recipe.total_steps)
         if not (validating or step % log_every == 0 or step == recipe.total_steps):
             continue

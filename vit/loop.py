@@ -1,13 +1,19 @@
 """The pretraining loop: steps of `grad_accum` micro-batches on a DeepSpeed engine, the loss and accuracy
 all-reduced over the ranks, a record every `log_every` steps and a checkpoint every `checkpoint_every`.
 
-No Ray here. Whatever runs the ranks brings three hooks: the micro-batches of an epoch from a position,
-saving a checkpoint, and writing a record. Ray Train's worker (`pipeline.pretrain.worker`) is one such
-caller; the tests run it on a one-rank gloo group with batches from memory.
+No Ray here. Whatever runs the ranks brings its hooks: the micro-batches of an epoch from a position,
+saving a checkpoint, writing a record, and whether a stop was asked for. Ray Train's worker
+(`pipeline.pretrain.worker`) is one such caller; the tests run it on a one-rank gloo group with batches
+from memory.
+
+The loop ends in one of three ways, every rank alike: the budget is trained ("finished"); a stop was
+asked for, and the step just trained is checkpointed first ("stopped"); or a step's loss or gradient
+norm is not finite ("diverged"), and nothing of that state is saved.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,12 +34,23 @@ class Hooks:
 
     `batches(epoch, skip)`: the epoch's micro-batches for this rank, starting after the first `skip`;
     `save(step, epoch)`: write a checkpoint (every rank calls it); `record(record)`: keep a step's
-    metrics (every rank calls it with the same all-reduced numbers; the caller decides who writes).
+    metrics (every rank calls it with the same all-reduced numbers; the caller decides who writes);
+    `stop_requested()`: whether to checkpoint and stop after this step (any rank's yes stops all).
     """
 
     batches: Callable[[int, int], Iterator[Batch]]
     save: Callable[[int, int], None]
     record: Callable[[dict[str, Any]], None]
+    stop_requested: Callable[[], bool] = lambda: False
+
+
+@dataclass(frozen=True)
+class LoopEnd:
+    """How the loop ended: at `step` (the last checkpointed step unless "diverged"), and why."""
+
+    step: int
+    reason: str  # "finished", "stopped" or "diverged"
+    detail: str = ""  # for "diverged": which value was not finite
 
 
 @dataclass(frozen=True)
@@ -60,9 +77,10 @@ def pretrain_loop(
     cadence: Cadence,
     throughput: Throughput,
     seed: int,
-) -> int:
-    """Train from `start_step` to `recipe.total_steps`; returns the last step. Every rank runs the same
-    number of steps (the caller plans `steps_per_epoch` so that every rank's data holds them)."""
+) -> LoopEnd:
+    """Train from `start_step` to `recipe.total_steps`, or until a stop or a non-finite step. Every rank
+    runs the same number of steps (the caller plans `steps_per_epoch` so that every rank's data holds
+    them) and ends the same way."""
     rank = dist.get_rank()
     rng = np.random.default_rng([seed, rank, start_step])  # mixup draws; a resume draws afresh
     step = start_step
@@ -72,13 +90,36 @@ def pretrain_loop(
         for _ in range(position, steps_per_epoch):
             record = _train_step(engine, recipe, micro_batches, rng, step, epoch, throughput)
             step += 1
+            not_finite = non_finite(record)
+            if not_finite:
+                hooks.record(record)
+                return LoopEnd(step, "diverged", not_finite)
             if step % cadence.log_every == 0 or step == recipe.total_steps or step == 1:
                 hooks.record(record)
-            if step % cadence.checkpoint_every == 0 or step == recipe.total_steps:
+            saved = step % cadence.checkpoint_every == 0 or step == recipe.total_steps
+            if saved:
                 hooks.save(step, epoch)
             if step == recipe.total_steps:
                 break
-    return step
+            if _agreed(hooks.stop_requested(), engine.device):
+                if not saved:
+                    hooks.save(step, epoch)
+                return LoopEnd(step, "stopped")
+    return LoopEnd(step, "finished")
+
+
+def non_finite(record: dict[str, Any]) -> str:
+    """'' when the step's loss and gradient norm are finite; else what was not (`loss nan`)."""
+    bad = [f"{name} {record[name]}" for name in ("loss", "grad_norm")
+           if record.get(name) is not None and not math.isfinite(record[name])]  # fmt: skip
+    return ", ".join(bad)
+
+
+def _agreed(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on any (a stop asked of one rank stops them all together)."""
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _train_step(
@@ -93,7 +134,8 @@ def _train_step(
     """One optimizer step (0-based `step`) of `grad_accum` micro-batches; returns its record."""
     started = time.perf_counter()
     lr = set_step_lr(engine, recipe, step)
-    totals = torch.zeros(3, dtype=torch.float64)  # loss x images, correct, images
+    # loss x images, correct, images; on the engine's device, where NCCL can reduce it
+    totals = torch.zeros(3, dtype=torch.float64, device=engine.device)
     waited = 0.0
     for _ in range(recipe.grad_accum):
         wait_started = time.perf_counter()
@@ -105,7 +147,8 @@ def _train_step(
             )
         waited += time.perf_counter() - wait_started
         result = train_micro_batch(engine, *batch, recipe, rng)
-        totals += torch.tensor([float(result.loss.detach()) * result.images, result.correct, result.images])
+        totals[0] += result.loss.detach().double() * result.images
+        totals[1:] += torch.tensor([result.correct, result.images], dtype=torch.float64, device=engine.device)
     dist.all_reduce(totals)
     seconds = time.perf_counter() - started
     return step_record(step + 1, epoch, totals, engine, lr, seconds, waited, throughput)

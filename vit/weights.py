@@ -121,7 +121,8 @@ def load_state(
     *,
     fresh: frozenset[str] = frozenset(),
 ) -> None:
-    """Copy weights into the model; every missing, unexpected or mis-shaped key is named in one error.
+    """Copy weights into the model; every missing, unexpected, mis-shaped or non-finite key is named in one
+    error.
 
     Keys in `fresh` may be absent from `state`: those layers keep the model's own initialisation.
     """
@@ -138,6 +139,10 @@ def load_state(
     missing = sorted(set(expected) - set(state) - fresh)
     if missing:
         problems.append(f"missing key(s) {missing}")
+    not_finite = sorted(key for key, tensor in state.items()
+                        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()))  # fmt: skip
+    if not_finite:
+        problems.append(f"NaN or infinite values in {not_finite} (weights of a run that diverged?)")
     if problems:
         raise ValueError(f"{source}: weights do not fit the model: " + "; ".join(problems))
     model.load_state_dict(state, strict=False)
