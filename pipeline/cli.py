@@ -8,6 +8,7 @@ nor torch."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from pipeline.config import (
 )
 from pipeline.runner.plan import STAGES
 
-EXIT_USAGE, EXIT_FAILED = 2, 1
+EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -462,6 +463,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command in ("submit", "jobs"):
         from pipeline.runner.submit import use_token_if_present
@@ -472,6 +474,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"vitpipe: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt as error:  # a clean stop (TrainingStopped) says where it stopped
+        print(f"vitpipe: {error or 'interrupted'}", file=sys.stderr)
+        from pipeline.pretrain.control import TrainingStopped  # stdlib only: no Ray, no torch
+
+        if isinstance(error, TrainingStopped):
+            print(f"  continue with: vitpipe {shlex.join(argv)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (
         FileExistsError, FileNotFoundError, NotADirectoryError, ValueError, ConnectionError, RuntimeError
     ) as error:  # fmt: skip

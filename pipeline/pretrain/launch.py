@@ -13,6 +13,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 import ray
@@ -24,11 +25,15 @@ from ray.train.torch import TorchTrainer
 from pipeline.config import PretrainConfig
 from pipeline.metrics import LOSS_PLOT, plot_loss, read_records
 from pipeline.pretrain.checkpoints import latest_checkpoint
+from pipeline.pretrain.control import TrainingStopped, fit_stoppably, start_control
 from pipeline.pretrain.export import Export, export_checkpoint
 from pipeline.pretrain.plan import PretrainPlan, should_cache, shuffled_files, worker_settings
 from pipeline.pretrain.worker import DATASET, SETTINGS, train_loop
 from pipeline.ray_session import check_resources, init_ray, worker_env
 from pipeline.storage import resolve
+
+if TYPE_CHECKING:
+    from vit.loop import LoopEnd
 
 
 @dataclass(frozen=True)
@@ -63,15 +68,35 @@ def pretrain(
         needs["GPU"] = config.num_workers
     check_resources(needs, f"pretrain: {config.num_workers} worker(s) and the data readers",
                     "lower num_workers, cpus_per_worker or data_cpus, or grow the cluster")  # fmt: skip
-    result = _fit(config, plan, name, storage, run_dir)
+    control = start_control()
+    result = _fit(config, plan, name, storage, run_dir, control)
     if result.error is not None:
         raise RuntimeError(f"pretrain run {run_dir} failed: {result.error}") from result.error
+    _refuse_unfinished(ray.get(control.end.remote()), run_dir)
     exported = export_checkpoint(run_dir)
     plot = _plot(read_records(run_dir), run_dir)
     return PretrainResult(run_dir, plan, exported.step, exported, plot)
 
 
-def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, run_dir: str):
+def _refuse_unfinished(end: LoopEnd | None, run_dir: str) -> None:
+    """A launch whose loop stopped or diverged ends here, before any export, saying where it stands."""
+    if end is None or end.reason == "finished":
+        return
+    latest = latest_checkpoint(run_dir)
+    kept = f"step {latest.step:,} ({latest.path})" if latest is not None else "none"
+    if end.reason == "stopped":
+        raise TrainingStopped(
+            f"pretraining stopped at step {end.step:,}, checkpointed in {kept}; the same command continues "
+            f"from step {end.step:,}"
+        )
+    raise RuntimeError(
+        f"pretraining diverged at step {end.step:,}: {end.detail} (not finite); nothing was exported and "
+        f"no checkpoint of that state kept. The last good checkpoint is {kept}. Lower optimizer.lr (or fix "
+        "the data), then start afresh (another name, or --force pretrain)"
+    )
+
+
+def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, run_dir: str, control: Any):
     files = shuffled_files(plan.data.files, config.seed)
     dataset = ray.data.read_parquet(files, columns=["patches", "label"], num_cpus=config.data_cpus)
     store = ray.cluster_resources().get("object_store_memory", 0)
@@ -79,7 +104,7 @@ def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, ru
         print(f"pretrain: caching the {plan.data.bytes_in_memory / 2**20:,.0f} MiB split in the object store",
               file=sys.stderr)  # fmt: skip
         dataset = _materialize_in_order(dataset)
-    settings = worker_settings(config, plan, run_dir, _resume_point(run_dir))
+    settings = worker_settings(config, plan, run_dir, _resume_point(run_dir), control)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={SETTINGS: settings},
@@ -100,7 +125,7 @@ def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, ru
         # The same order every epoch and every relaunch, so a resumed worker can skip what it trained on.
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
-    return trainer.fit()
+    return fit_stoppably(trainer.fit, control)
 
 
 def _resume_point(run_dir: str) -> str | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pipeline.config import PretrainConfig
 from pipeline.preprocess.manifest import (
@@ -177,10 +177,11 @@ class WorkerSettings:
     seed: int
     run_dir: str
     resume_from: str | None  # the run folder's newest finished checkpoint at launch
+    control: Any  # the launch's RunControl actor (pipeline.pretrain.control): stop requests, how it ended
 
 
 def worker_settings(
-    config: PretrainConfig, plan: PretrainPlan, run_dir: str, resume_from: str | None
+    config: PretrainConfig, plan: PretrainPlan, run_dir: str, resume_from: str | None, control: Any
 ) -> WorkerSettings:
     return WorkerSettings(
         vit=plan.vit,
@@ -194,4 +195,5 @@ def worker_settings(
         seed=config.seed,
         run_dir=run_dir,
         resume_from=resume_from,
+        control=control,
     )

@@ -29,6 +29,7 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 from pipeline.metrics import MetricsLog, ProgressLine
 from pipeline.preprocess.patchfile import patches_array
 from pipeline.pretrain.checkpoints import META_FILE, checkpoint_dir_name, step_of, tag_of
+from pipeline.pretrain.control import StopPoll
 from pipeline.pretrain.plan import WorkerSettings
 from vit.engine import build_engine, load_checkpoint, save_checkpoint, to_universal
 from vit.flops import peak_flops, train_flops
@@ -74,6 +75,7 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
             batches=partial(_epoch_batches, ray.train.get_dataset_shard(DATASET), settings, recipe, device),
             save=partial(_save, engine, settings, recipe, world, scratch, log),
             record=partial(_record, log, ProgressLine(recipe.total_steps, step)),
+            stop_requested=StopPoll(settings.control) if rank == 0 else (lambda: False),
         )
         images_per_step = recipe.micro_batch_size * recipe.grad_accum * world
         peak = peak_flops(device, recipe.bf16)
@@ -83,12 +85,13 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
             peak_flops=peak * world if peak else None,
             seq_len=settings.vit.seq_len,
         )
-        last = pretrain_loop(
+        end = pretrain_loop(
             engine, recipe, hooks, start_step=step, steps_per_epoch=settings.steps_per_epoch,
             cadence=settings.cadence, throughput=throughput, seed=settings.seed,
         )  # fmt: skip
-        if log is not None:
-            log.event("finished", step=last)
+        if log is not None:  # every rank ends alike; rank 0 tells the driver how
+            log.event(end.reason, step=end.step, **({"detail": end.detail} if end.detail else {}))
+            ray.get(settings.control.ended.remote(end))
 
 
 # ---------------------------------------------------------------- resume

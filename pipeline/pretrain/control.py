@@ -1,0 +1,119 @@
+"""A clean stop for a pretraining launch: the driver's first SIGINT or SIGTERM (Ctrl-C, a pod eviction,
+a spot notice) asks the workers, through a small Ray actor, to finish the step they are on, checkpoint it
+and return; a second signal stops at once. The same actor carries back how the workers' loop ended
+(finished, stopped, diverged), which the driver turns into its exit and message.
+
+Ray Train's own SIGINT handler aborts the run without a checkpoint; it is installed only when `fit()`
+runs on the main thread, so `fit()` runs on another one here and the main thread keeps the signals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vit.loop import LoopEnd
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+POLL_SECONDS = 1.0  # how often rank 0 asks whether a stop was requested
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """Pretraining stopped on request after checkpointing its last step; relaunching continues it."""
+
+
+class RunControl:
+    """The actor between the driver and the workers of one launch."""
+
+    def __init__(self) -> None:
+        self._stop = False
+        self._end: LoopEnd | None = None
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def stop_requested(self) -> bool:
+        return self._stop
+
+    def ended(self, end: LoopEnd) -> None:
+        self._end = end
+
+    def end(self) -> LoopEnd | None:
+        """How rank 0's loop ended; None when it never ended (the workers failed)."""
+        return self._end
+
+
+def start_control() -> Any:
+    """A RunControl actor for this launch (no CPU: it only holds two flags)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(RunControl).remote()
+
+
+class StopPoll:
+    """Rank 0's `stop_requested` hook: asks the actor at most every POLL_SECONDS, remembers a yes."""
+
+    def __init__(self, control: Any) -> None:
+        self.control, self.asked_at, self.requested = control, 0.0, False
+
+    def __call__(self) -> bool:
+        import ray
+
+        now = time.monotonic()
+        if not self.requested and now - self.asked_at >= POLL_SECONDS:
+            self.asked_at = now
+            self.requested = bool(ray.get(self.control.stop_requested.remote()))
+        return self.requested
+
+
+def fit_stoppably(fit: Callable[[], Any], control: Any) -> Any:
+    """`fit()` on a thread of its own while this (main) thread turns the first SIGINT/SIGTERM into a stop
+    request and the second into KeyboardInterrupt; returns what `fit` returns, raises what it raises."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = fit()
+        except BaseException as error:  # handed to the main thread below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="vitpipe-fit", daemon=True)
+    with _stop_on_signals(control):
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+@contextlib.contextmanager
+def _stop_on_signals(control: Any) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only: whoever runs us there handles them
+        return
+    received: list[int] = []
+
+    def handler(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        name = signal.Signals(signum).name
+        if len(received) == 1:
+            control.request_stop.remote()
+            print(f"\npretrain: {name}: the workers finish this step, checkpoint it and stop "
+                  f"({name} again to stop at once, losing the steps since the last checkpoint)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            return
+        raise KeyboardInterrupt(f"stopped at once by a second {name}; the newest checkpoint is kept")
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
