@@ -152,6 +152,11 @@ def _add_stage_commands(commands: Any) -> None:
     train.add_argument(
         "--storage", help="where runs live, a path or URL (default: storage_path, else ./runs)"
     )
+    train.add_argument(
+        "--force",
+        action="store_true",
+        help="start the run afresh, discarding its checkpoints (says how many)",
+    )
     _add_address(train)
 
     export = commands.add_parser(
@@ -284,7 +289,7 @@ def run_command(args: argparse.Namespace) -> int:
 def stage_command(args: argparse.Namespace) -> int:
     """`vitpipe pretrain|finetune|evaluate JOB`: that step of the job's run, alone."""
     from pipeline.runner.execute import run_job
-    from pipeline.runner.plan import Overrides, StageOptions
+    from pipeline.runner.plan import Overrides, RunOptions, StageOptions
 
     given: dict[str, str] = {}
     for option in getattr(args, "target", []):
@@ -299,7 +304,8 @@ def stage_command(args: argparse.Namespace) -> int:
         name=getattr(args, "name", None),
         overrides=Overrides(targets=given, out=getattr(args, "out", None)),
     )
-    summary = run_job(args.config, only=args.command, stage=stage, address=args.address)
+    options = RunOptions(force=(args.command,) if getattr(args, "force", False) else ())
+    summary = run_job(args.config, only=args.command, stage=stage, options=options, address=args.address)
     print("\n" + summary.summary())
     return EXIT_FAILED if summary.failed else 0
 

@@ -312,8 +312,22 @@ class ModelConfig(Section):
         )
 
 
+# How a pretraining run is operated, not what it trains: a relaunch with other values resumes the run
+# (across world sizes the checkpoint is resharded; the global batch stays, its micro-batch split may not).
+PRETRAIN_OPERATIONAL = frozenset({
+    "data", "storage_path", "num_workers", "use_gpu", "cpus_per_worker", "data_cpus", "placement",
+    "micro_batch_size", "cache_data", "checkpoint_every", "keep_checkpoints", "max_failures", "log_every",
+})  # fmt: skip
+# The budget: a relaunch with another one resumes the run and trains to the new end.
+PRETRAIN_BUDGET = frozenset({"steps", "epochs"})
+
+
 class PretrainConfig(Section):
-    """DeepSpeed ZeRO pretraining on Ray Train; the batch is global and must split evenly."""
+    """DeepSpeed ZeRO pretraining on Ray Train; the batch is global and must split evenly.
+
+    Settings divide into those that define the run (the model, the global batch, the optimizer and
+    schedule, augmentation, precision, ZeRO stage, seed; a relaunch that changes one is refused) and the
+    operational ones and the budget above (a relaunch that changes them resumes)."""
 
     data: str  # a preprocessed patch directory (path or URL), or in a job the name of a preprocess entry
     split: Name = "train"  # the split to train on; a patch directory without sub-folders has only "."
@@ -383,6 +397,22 @@ class PretrainConfig(Section):
 
     def zero(self) -> Zero:
         return Zero(self.zero_stage, self.offload_optimizer, dict(self.deepspeed))
+
+    def defining(self) -> dict[str, Any]:
+        """The settings that define the run, flattened (`optimizer.lr`), less the model section (its
+        resolved architecture is compared as a whole, `vit.ViTConfig`) and the data's location."""
+        exclude = PRETRAIN_OPERATIONAL | PRETRAIN_BUDGET | {"model"}
+        return _flatten(self.model_dump(mode="json", exclude=exclude))
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 class FinetuneConfig(Section):

@@ -73,29 +73,47 @@ def test_zero2_pretrains_across_two_nodes(zero2_run):
     assert (zero2_run / "export" / "hf" / "config.json").is_file()
 
 
-def test_finished_run_resumes_on_one_worker_from_its_step(zero2_run, two_nodes, fractal_patches):
-    config = write_config(zero2_run.parent / "zero2.yaml", fractal_patches, num_workers=1, steps=100)
-    result = run_vitpipe(
-        "pretrain",
-        str(config),
-        "--storage",
-        str(zero2_run.parent),
-        "--address",
-        two_nodes.address,
-        timeout=400,
-    )
+def test_sigint_checkpoints_the_step_and_a_relaunch_on_other_settings_continues_exactly_there(
+    two_nodes, fractal_patches, tmp_path
+):
+    """Ctrl-C: the workers finish their step, checkpoint it, and the driver exits 130 naming the step and
+    the command. The relaunch changes only operational settings (workers 2 -> 1, micro-batch, cadences,
+    CPUs, the budget) and resumes at exactly that step with the weights it had reached."""
+    config = write_config(tmp_path / "stopped.yaml", fractal_patches, steps=2000, checkpoint_every=1000)
+    run_dir = tmp_path / "stopped"
+    command = [*VITPIPE, "pretrain", str(config), "--storage", str(tmp_path), "--address", two_nodes.address]
+    with subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as run:
+        reached = _wait_for_step(run_dir, step=30, run=run)
+        run.send_signal(signal.SIGINT)
+        _, stderr = run.communicate(timeout=120)
+    assert reached, stderr[-3000:]
+    assert run.returncode == 130, stderr[-3000:]
+    records = read_records(str(run_dir))
+    stopped = events(records, "stopped")[0]["step"]
+    assert f"pretraining stopped at step {stopped}" in stderr
+    assert f"continue with: vitpipe pretrain {config} --storage {tmp_path}" in stderr
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == [f"checkpoint_{stopped:08d}"]
+    assert not (run_dir / "export").exists()  # nothing exported from an unfinished run
+
+    write_config(config, fractal_patches, num_workers=1, micro_batch_size=8, cpus_per_worker=0.5,
+                 checkpoint_every=500, log_every=1, steps=stopped + 4)  # fmt: skip
+    result = run_vitpipe(*command[len(VITPIPE) :], timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
-    records = read_records(str(zero2_run))
+    records = read_records(str(run_dir))
     resumed = events(records, "resumed")[-1]
-    assert (resumed["step"], resumed["workers"], resumed["from_workers"]) == (80, 1, 2)
-    before, after = records[: records.index(resumed)], records[records.index(resumed) :]
-    assert [r["step"] for r in steps(after)] == [85, 90, 95, 100]  # continues at 81, nothing redone
-    # The weights came back too, not only the step counter: a re-initialised model (zero head) would start
-    # at the first step's loss, ln 10; the resumed one goes on from where the two-rank run ended.
-    assert steps(after)[0]["loss"] < steps(before)[0]["loss"] / 2
-    assert steps(after)[0]["loss"] < steps(before)[-1]["loss"] + 0.5
-    assert events(after, "finished")[0]["step"] == 100
-    assert json.loads((zero2_run / "export" / "export.json").read_text())["step"] == 100
+    assert (resumed["step"], resumed["workers"], resumed["from_workers"]) == (stopped, 1, 2)
+    before, after = steps(records[: records.index(resumed)]), steps(records[records.index(resumed) :])
+    assert [r["step"] for r in after] == [stopped + 1, stopped + 2, stopped + 3, stopped + 4]  # none redone
+    # The weights came back with the step: a re-initialised model would start again at ln 10.
+    fresh, reached_loss = before[0]["loss"], before[-1]["loss"]
+    assert abs(after[0]["loss"] - reached_loss) < abs(after[0]["loss"] - fresh) / 2, (
+        fresh,
+        before[-1],
+        after[0],
+    )
+    assert json.loads((run_dir / "export" / "export.json").read_text())["step"] == stopped + 4
 
 
 def test_a_run_directory_of_another_model_is_refused(zero2_run, fractal_patches):
@@ -103,7 +121,9 @@ def test_a_run_directory_of_another_model_is_refused(zero2_run, fractal_patches)
     config = write_config(zero2_run.parent / "wider.yaml", fractal_patches, model=model)
     result = run_vitpipe("pretrain", str(config), "--name", "zero2", "--storage", str(zero2_run.parent))
     assert result.returncode != 0
-    assert f"{zero2_run}: holds checkpoints of another model (width 64 -> 96" in result.stderr
+    assert f"{zero2_run}: holds a run trained with other settings that define it (model width 64 -> 96" in (
+        result.stderr
+    )
     assert "Ray " not in result.stderr  # refused before Ray started
 
 
@@ -204,5 +224,14 @@ def _kill_a_worker_after(run_dir: Path, step: int, run: subprocess.Popen) -> boo
             if workers:
                 os.kill(workers[-1].pid, signal.SIGKILL)
                 return True
+        time.sleep(0.2)
+    return False
+
+
+def _wait_for_step(run_dir: Path, step: int, run: subprocess.Popen) -> bool:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and run.poll() is None:
+        if any(r.get("step", 0) >= step and "loss" in r for r in read_records(str(run_dir))):
+            return True
         time.sleep(0.2)
     return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,86 @@ def test_bf16_auto_is_decided_on_the_worker_by_its_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert use_bf16("auto", torch.device("cuda")) is True
     assert use_bf16(False, torch.device("cuda")) is False
+
+
+# ---------------------------------------------------------------- relaunching a run that has checkpoints
+
+OPERATIONAL = [
+    {"num_workers": 1}, {"num_workers": 4, "micro_batch_size": 4}, {"micro_batch_size": 4},
+    {"cpus_per_worker": 2.0}, {"data_cpus": 1.0}, {"placement": "SPREAD"}, {"cache_data": False},
+    {"checkpoint_every": 7}, {"keep_checkpoints": 1}, {"max_failures": 0}, {"log_every": 1},
+    {"steps": 400}, {"use_gpu": True},
+]  # fmt: skip
+DEFINING = [
+    ({"optimizer": {"lr": 0.01}}, "optimizer.lr 0.001 -> 0.01"),
+    ({"optimizer": {"name": "sgd"}}, "optimizer.name adamw -> sgd"),
+    ({"schedule": {"warmup_steps": 3}}, "schedule.warmup_steps 10000 -> 3"),
+    ({"global_batch_size": 64}, "global_batch_size 32 -> 64"),
+    ({"seed": 1}, "seed 0 -> 1"),
+    ({"zero_stage": 3}, "zero_stage 2 -> 3"),
+    ({"label_smoothing": 0.1}, "label_smoothing 0.0 -> 0.1"),
+    ({"mixup_alpha": 0.2}, "mixup_alpha 0.0 -> 0.2"),
+    ({"shuffle_buffer": 0}, "shuffle_buffer 2048 -> 0"),
+    ({"bf16": True}, "bf16 auto -> True"),
+    ({"model": {**RUN["model"], "width": 64, "heads": 2}}, "model width 32 -> 64"),
+]
+
+
+@pytest.fixture
+def run_with_checkpoint(patch_sets, tmp_path) -> Path:
+    """A run folder whose newest checkpoint (step 40) records RUN's model and defining settings, as the
+    workers write them."""
+    from pipeline.config import PretrainConfig
+    from pipeline.pretrain.plan import plan_pretrain, run_identity
+
+    config = PretrainConfig.model_validate({**RUN, "steps": 100, "data": str(patch_sets["labelled"])})
+    plan = plan_pretrain(config, config.data)
+    checkpoint = tmp_path / "run" / "checkpoint_00000040"
+    checkpoint.mkdir(parents=True)
+    meta = {"step": 40, "tag": "step00000040", "world_size": 2, "zero_stage": 2, "vit": plan.vit.to_dict(),
+            "classes": plan.data.classes, "defines": run_identity(config, plan)}  # fmt: skip
+    (checkpoint / "vitpipe.json").write_text(json.dumps(meta))
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("changes", OPERATIONAL, ids=lambda c: ",".join(c))
+def test_a_relaunch_that_changes_operational_settings_is_planned_to_resume(
+    run_with_checkpoint, patch_sets, changes
+):
+    from pipeline.config import PretrainConfig
+    from pipeline.pretrain.plan import check_pretrain
+
+    config = PretrainConfig.model_validate(
+        {**RUN, "steps": 100, "data": str(patch_sets["labelled"]), **changes}
+    )
+    assert check_pretrain(config, config.data, str(run_with_checkpoint)).total_steps >= 40
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"), DEFINING, ids=lambda c: ",".join(c) if isinstance(c, dict) else ""
+)
+def test_a_relaunch_that_changes_what_defines_the_run_is_refused_naming_it_and_deletes_nothing(
+    run_with_checkpoint, patch_sets, tmp_path, capsys, changes, named
+):
+    from pipeline.cli import main
+
+    before = sorted(p.relative_to(tmp_path) for p in run_with_checkpoint.rglob("*"))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**RUN, "steps": 100, "data": str(patch_sets["labelled"]), **changes}))
+    assert main(["pretrain", str(config), "--storage", str(tmp_path)]) == 2
+    stderr = capsys.readouterr().err
+    assert f"{run_with_checkpoint}: holds a run trained with other settings that define it" in stderr
+    assert named in stderr
+    assert "--force pretrain, which discards its 40 steps" in stderr
+    assert "another name" in stderr
+    assert "Ray " not in stderr  # refused before Ray started
+    assert sorted(p.relative_to(tmp_path) for p in run_with_checkpoint.rglob("*")) == before
+
+
+def test_a_budget_below_the_step_reached_is_refused(run_with_checkpoint, patch_sets):
+    from pipeline.config import PretrainConfig
+    from pipeline.pretrain.plan import check_pretrain
+
+    config = PretrainConfig.model_validate({**RUN, "steps": 30, "data": str(patch_sets["labelled"])})
+    with pytest.raises(ValueError, match="has trained 40 steps, beyond the budget of 30"):
+        check_pretrain(config, config.data, str(run_with_checkpoint))

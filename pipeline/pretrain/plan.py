@@ -127,24 +127,58 @@ def plan_pretrain(config: PretrainConfig, directory: str) -> PretrainPlan:
 
 def check_pretrain(config: PretrainConfig, directory: str, run_dir: str) -> PretrainPlan:
     """The plan of run `run_dir` on `directory`, after every check that needs no worker: the data, the
-    model for it, and the run folder's checkpoints (a folder of another model is refused)."""
+    model for it, and the run folder's checkpoints (a run defined otherwise is refused)."""
     plan = plan_pretrain(config, directory)
-    check_run_matches(run_dir, plan)
+    check_run_matches(run_dir, config, plan)
     return plan
 
 
-def check_run_matches(run_dir: str, plan: PretrainPlan) -> None:
-    """A run directory with checkpoints of another model is refused: resuming would mix two models."""
+def run_identity(config: PretrainConfig, plan: PretrainPlan | None) -> dict[str, Any]:
+    """What defines the run, as its checkpoints record it: the defining settings and, when the data is
+    planned, the number of training images (another corpus is another run)."""
+    identity = config.defining()
+    if plan is not None:
+        identity["data.samples"] = plan.data.samples
+    return identity
+
+
+def changed_definition(config: PretrainConfig, plan: PretrainPlan | None, meta: dict[str, Any]) -> list[str]:
+    """Each setting that defines the run and differs from the checkpoint's (`optimizer.lr 0.003 -> 0.001`).
+    Checkpoints of vitpipe before this record have the model only."""
+    saved = meta["vit"]
+    # Without the data planned, the model section is resolved for the checkpoint's own data.
+    vit = plan.vit if plan is not None else config.model.vit_config(
+        image_size=saved["image_size"], channels=saved["channels"], num_classes=saved["num_classes"]
+    )  # fmt: skip
+    wanted = vit.to_dict()
+    changes = [
+        f"model {key} {saved.get(key)} -> {value}" for key, value in wanted.items() if saved.get(key) != value
+    ]
+    recorded = meta.get("defines", {})
+    for key, value in run_identity(config, plan).items():
+        if key in recorded and recorded[key] != value:
+            changes.append(f"{key} {recorded[key]} -> {value}")
+    return changes
+
+
+def check_run_matches(run_dir: str, config: PretrainConfig, plan: PretrainPlan | None = None) -> None:
+    """A run folder whose checkpoints were trained with other defining settings is refused (resuming
+    would mix two runs), naming each change and the two ways on; so is a budget below the step reached."""
     latest = latest_checkpoint(run_dir)
     if latest is None:
         return
-    saved, wanted = latest.meta["vit"], plan.vit.to_dict()
-    changed = {key: (saved.get(key), wanted.get(key)) for key in wanted if saved.get(key) != wanted.get(key)}
-    if changed:
-        described = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
+    changes = changed_definition(config, plan, latest.meta)
+    if changes:
         raise ValueError(
-            f"{run_dir}: holds checkpoints of another model ({described}); give the job another name to "
-            "start afresh beside it, `--force pretrain` to replace them, or the same model to resume"
+            f"{run_dir}: holds a run trained with other settings that define it ({', '.join(changes)}); "
+            f"resuming would mix two runs. Give the job another name to start afresh beside it, or redo "
+            f"it with --force pretrain, which discards its {latest.step:,} steps. Workers, CPUs, "
+            "micro-batch, cadences and the step budget may change on a relaunch"
+        )
+    if plan is not None and plan.total_steps < latest.step:
+        raise ValueError(
+            f"{run_dir}: has trained {latest.step:,} steps, beyond the budget of {plan.total_steps:,}; raise "
+            "steps (or epochs) to go on, or export an earlier checkpoint (vitpipe export RUN --checkpoint N)"
         )
 
 
@@ -177,6 +211,7 @@ class WorkerSettings:
     seed: int
     run_dir: str
     resume_from: str | None  # the run folder's newest finished checkpoint at launch
+    defines: dict[str, Any]  # run_identity: what each checkpoint records it was trained as
     control: Any  # the launch's RunControl actor (pipeline.pretrain.control): stop requests, how it ended
 
 
@@ -195,5 +230,6 @@ def worker_settings(
         seed=config.seed,
         run_dir=run_dir,
         resume_from=resume_from,
+        defines=run_identity(config, plan),
         control=control,
     )

@@ -182,6 +182,7 @@ def _save(
         meta = {
             "step": step, "epoch": epoch, "tag": tag, "world_size": world, "zero_stage": settings.zero.stage,
             "bf16": recipe.bf16, "vit": settings.vit.to_dict(), "classes": settings.classes,
+            "defines": settings.defines,
         }  # fmt: skip
         (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         log.event("checkpoint", step=step)

@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline.config import (
     DEFAULT_RUNS,
+    PRETRAIN_OPERATIONAL,
     ConfigError,
     FinetuneConfig,
     PipelineConfig,
@@ -200,18 +201,8 @@ def plan_job(
     return JobPlan(job, source, layout, steps)
 
 
-# Settings that change how a run is operated, not what it computes: not part of the cache key.
-PRETRAIN_OPERATIONAL = {
-    "data",
-    "storage_path",
-    "max_failures",
-    "log_every",
-    "checkpoint_every",
-    "keep_checkpoints",
-}
-
-
 def _pretrain_step(pretrain: PretrainConfig, job: PipelineConfig, source: str, layout: RunLayout) -> Step:
+    # The budget stays in the key: a longer `steps` is more training (the step resumes the run to it).
     settings = pretrain.model_dump(mode="json", exclude=PRETRAIN_OPERATIONAL)
     if pretrain.data in job.preprocess:
         entry = job.preprocess[pretrain.data]

@@ -112,9 +112,14 @@ def run_pretrain(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     config, layout = context.plan.job.pretrain, context.plan.layout
     if config is None:
         raise ValueError("the job has no pretrain section")
+    latest = latest_checkpoint(layout.pretrain)
+    if clear and latest is not None:
+        print(
+            f"pretrain: redone on request: discarding the {latest.step:,} steps trained in {layout.pretrain}"
+        )
     if clear:
         remove_folder(layout.pretrain)
-    elif (latest := latest_checkpoint(layout.pretrain)) is not None:
+    elif latest is not None:
         print(f"resuming pretraining from its checkpoint at step {latest.step:,}")
     plan = check_pretrain(config, patch_dir(context.plan, config.data), layout.pretrain)
 
