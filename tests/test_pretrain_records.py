@@ -13,7 +13,13 @@ import pytest
 from tensorboardX.proto.event_pb2 import Event
 
 from pipeline.metrics import MetricsLog, ProgressLine, format_seconds, plot_loss, read_records
-from pipeline.pretrain.checkpoints import META_FILE, checkpoint_dir_name, latest_checkpoint, list_checkpoints
+from pipeline.pretrain.checkpoints import (
+    META_FILE,
+    checkpoint_dir_name,
+    file_sizes,
+    latest_checkpoint,
+    list_checkpoints,
+)
 from pipeline.pretrain.export import choose_checkpoint
 
 
@@ -82,11 +88,17 @@ def test_loss_plot_is_a_png(tmp_path):
     assert out.stat().st_size > 10_000
 
 
-def make_checkpoint(run: Path, step: int, *, finished: bool = True) -> None:
+def make_checkpoint(run: Path, step: int, *, finished: bool = True) -> Path:
+    """A checkpoint folder with two rank files, listed with their sizes in its vitpipe.json."""
     folder = run / checkpoint_dir_name(step)
-    folder.mkdir(parents=True)
+    tag = folder / f"step{step:08d}"
+    tag.mkdir(parents=True)
+    for rank in range(2):
+        (tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"x" * (1000 + rank))
     if finished:
-        (folder / META_FILE).write_text(json.dumps({"step": step, "tag": f"step{step:08d}"}))
+        meta = {"step": step, "tag": tag.name, "vit": {}, "files": file_sizes(folder)}
+        (folder / META_FILE).write_text(json.dumps(meta))
+    return folder
 
 
 def test_only_checkpoints_with_their_vitpipe_json_count(tmp_path):
@@ -97,7 +109,34 @@ def test_only_checkpoints_with_their_vitpipe_json_count(tmp_path):
     assert latest_checkpoint(str(tmp_path)).step == 400
     assert choose_checkpoint(str(tmp_path), "200").path == str(tmp_path / "checkpoint_00000200")
     assert choose_checkpoint(str(tmp_path), "checkpoint_00000400").step == 400
-    with pytest.raises(FileNotFoundError, match="no checkpoint '600'; steps with one: 200, 400"):
+    with pytest.raises(FileNotFoundError, match=r"checkpoint_00000600: cannot be exported: no vitpipe\.json"):
         choose_checkpoint(str(tmp_path), "600")
-    with pytest.raises(FileNotFoundError, match="no finished checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no checkpoint '800'; steps with a complete one: 200, 400"):
+        choose_checkpoint(str(tmp_path), "800")
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         choose_checkpoint(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [
+        (lambda f: (f / "step00000400" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"x" * 10),
+         "rank_1_mp_rank_00_optim_states.pt is 10 bytes, vitpipe.json records 1,001 (truncated"),
+        (lambda f: (f / "step00000400" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink(),
+         "step00000400/zero_pp_rank_0_mp_rank_00_optim_states.pt is missing"),
+        (lambda f: (f / META_FILE).write_text('{"step": 400, "tag": '), "vitpipe.json is damaged"),
+        (lambda f: (f / META_FILE).write_bytes(b"\xff\xfe"), "vitpipe.json is damaged"),
+    ],
+)  # fmt: skip
+def test_a_damaged_newest_checkpoint_is_skipped_naming_the_file_and_the_previous_one_used(
+    tmp_path, capsys, damage, why
+):
+    make_checkpoint(tmp_path, 200)
+    damage(make_checkpoint(tmp_path, 400))
+    assert latest_checkpoint(str(tmp_path)).step == 200
+    err = capsys.readouterr().err
+    assert f"skipping {tmp_path / 'checkpoint_00000400'}: {why}" in err
+    assert "using step 200" in err
+    assert choose_checkpoint(str(tmp_path)).step == 200  # export falls back the same way
+    with pytest.raises(FileNotFoundError, match="checkpoint_00000400: cannot be exported"):
+        choose_checkpoint(str(tmp_path), "400")

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -49,24 +52,89 @@ class CheckpointInfo:
         return str(self.meta["tag"])
 
 
-def list_checkpoints(run_dir: str) -> list[CheckpointInfo]:
-    """The run's complete checkpoints (those with a `vitpipe.json`), oldest first."""
+@dataclass(frozen=True)
+class Skipped:
+    """A checkpoint folder that cannot be resumed or exported, and why."""
+
+    path: str
+    why: str
+
+
+def scan_checkpoints(run_dir: str) -> tuple[list[CheckpointInfo], list[Skipped]]:
+    """The run's complete checkpoints, oldest first, and the folders skipped: no `vitpipe.json` (an upload
+    that did not finish), a damaged one, or a file it lists missing or of another size (truncated)."""
     filesystem, root = resolve(run_dir)
-    selector = pafs.FileSelector(root, allow_not_found=True)
-    found = []
-    for entry in filesystem.get_file_info(selector):
-        if entry.type != pafs.FileType.Directory or not entry.base_name.startswith(CHECKPOINT_PREFIX):
+    prefix = run_dir.split("://", 1)[0] + "://" if "://" in run_dir else ""
+    found, skipped = [], []
+    for entry in filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        name = entry.base_name
+        if entry.type != pafs.FileType.Directory or not _CHECKPOINT_NAME.fullmatch(name):
             continue
-        try:
-            with filesystem.open_input_stream(posixpath.join(entry.path, META_FILE)) as stream:
-                meta = json.loads(stream.read())
-        except (FileNotFoundError, json.JSONDecodeError):
-            continue  # an upload that did not finish
-        prefix = run_dir.split("://", 1)[0] + "://" if "://" in run_dir else ""
-        found.append(CheckpointInfo(prefix + entry.path, meta))
-    return sorted(found, key=lambda info: info.step)
+        meta, why = _read_meta(filesystem, entry.path)
+        why = why or _missing_files(filesystem, entry.path, meta)
+        if why:
+            skipped.append(Skipped(prefix + entry.path, why))
+        else:
+            found.append(CheckpointInfo(prefix + entry.path, meta))
+    return sorted(found, key=lambda info: info.step), sorted(skipped, key=lambda item: item.path)
+
+
+_CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}[0-9]+")
+
+
+def _read_meta(filesystem: pafs.FileSystem, folder: str) -> tuple[dict[str, Any], str]:
+    try:
+        with filesystem.open_input_stream(posixpath.join(folder, META_FILE)) as stream:
+            meta = json.loads(stream.read())
+    except FileNotFoundError:
+        return {}, f"no {META_FILE} (an upload that did not finish)"
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return {}, f"{META_FILE} is damaged ({error})"
+    if not isinstance(meta, dict) or not {"step", "tag", "vit"} <= set(meta):
+        return {}, f"{META_FILE} is damaged (it lacks step, tag or vit)"
+    return meta, ""
+
+
+def _missing_files(filesystem: pafs.FileSystem, folder: str, meta: dict[str, Any]) -> str:
+    """'' when every file the checkpoint lists is there at its recorded size (older checkpoints list
+    none), else the first that is not."""
+    listed: dict[str, int] = meta.get("files", {})
+    if not listed:
+        return ""
+    sizes = {
+        posixpath.relpath(info.path, folder): info.size
+        for info in filesystem.get_file_info(pafs.FileSelector(folder, recursive=True))
+        if info.type == pafs.FileType.File
+    }
+    for name, size in sorted(listed.items()):
+        if name not in sizes:
+            return f"{name} is missing"
+        if sizes[name] != size:
+            return f"{name} is {sizes[name]:,} bytes, {META_FILE} records {size:,} (truncated or replaced)"
+    return ""
+
+
+def list_checkpoints(run_dir: str) -> list[CheckpointInfo]:
+    """The run's complete checkpoints, oldest first."""
+    return scan_checkpoints(run_dir)[0]
 
 
 def latest_checkpoint(run_dir: str) -> CheckpointInfo | None:
-    checkpoints = list_checkpoints(run_dir)
-    return checkpoints[-1] if checkpoints else None
+    """The newest complete checkpoint; each newer folder skipped is named on stderr, with why."""
+    return newest(*scan_checkpoints(run_dir))
+
+
+def newest(checkpoints: list[CheckpointInfo], skipped: list[Skipped]) -> CheckpointInfo | None:
+    """The last of `checkpoints` (from scan_checkpoints), after naming each newer skipped folder."""
+    latest = checkpoints[-1] if checkpoints else None
+    for item in skipped:
+        if latest is None or step_of(item.path) > latest.step:
+            fallback = f"using step {latest.step:,}" if latest else "no complete checkpoint before it"
+            print(f"vitpipe: skipping {item.path}: {item.why}; {fallback}", file=sys.stderr)
+    return latest
+
+
+def file_sizes(folder: Path) -> dict[str, int]:
+    """Every file under a local folder, by relative path, with its size: what a checkpoint records."""
+    files = (path for path in folder.rglob("*") if path.is_file())
+    return {str(path.relative_to(folder)): path.stat().st_size for path in files}

@@ -9,7 +9,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.pretrain.checkpoints import EXPORT_DIR, VITPIPE_DIR, CheckpointInfo, list_checkpoints
+from pipeline.pretrain.checkpoints import (
+    EXPORT_DIR,
+    VITPIPE_DIR,
+    CheckpointInfo,
+    newest,
+    scan_checkpoints,
+    step_of,
+)
 from pipeline.storage import local_folder, publish_folder
 from vit.config import ViTConfig
 from vit.engine import consolidated_state
@@ -27,17 +34,23 @@ class Export:
 
 
 def choose_checkpoint(run_dir: str, name: str | None = None) -> CheckpointInfo:
-    """The newest checkpoint of a run, or the one named (`checkpoint_00000200` or its step, `200`)."""
-    checkpoints = list_checkpoints(run_dir)
-    if not checkpoints:
-        raise FileNotFoundError(f"{run_dir}: no finished checkpoint (no checkpoint_*/vitpipe.json)")
+    """The newest complete checkpoint of a run (newer damaged ones are named and skipped), or the one
+    named (`checkpoint_00000200` or its step, `200`), which must be complete."""
+    checkpoints, skipped = scan_checkpoints(run_dir)
     if name is None:
-        return checkpoints[-1]
+        latest = newest(checkpoints, skipped)
+        if latest is None:
+            damaged = "".join(f"; {item.path}: {item.why}" for item in skipped)
+            raise FileNotFoundError(f"{run_dir}: no complete checkpoint (checkpoint_*/vitpipe.json){damaged}")
+        return latest
     for info in checkpoints:
         if name in (posixpath.basename(info.path), str(info.step)):
             return info
-    known = ", ".join(str(info.step) for info in checkpoints)
-    raise FileNotFoundError(f"{run_dir}: no checkpoint {name!r}; steps with one: {known}")
+    for item in skipped:
+        if name in (posixpath.basename(item.path), str(step_of(item.path))):
+            raise FileNotFoundError(f"{item.path}: cannot be exported: {item.why}")
+    known = ", ".join(str(info.step) for info in checkpoints) or "none"
+    raise FileNotFoundError(f"{run_dir}: no checkpoint {name!r}; steps with a complete one: {known}")
 
 
 def export_checkpoint(run_dir: str, checkpoint: str | None = None, out: str | None = None) -> Export:

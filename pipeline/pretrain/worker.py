@@ -28,7 +28,14 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 
 from pipeline.metrics import MetricsLog, ProgressLine
 from pipeline.preprocess.patchfile import patches_array
-from pipeline.pretrain.checkpoints import META_FILE, checkpoint_dir_name, step_of, tag_of
+from pipeline.pretrain.checkpoints import (
+    META_FILE,
+    checkpoint_dir_name,
+    file_sizes,
+    list_checkpoints,
+    step_of,
+    tag_of,
+)
 from pipeline.pretrain.control import StopPoll
 from pipeline.pretrain.plan import WorkerSettings
 from vit.engine import build_engine, load_checkpoint, save_checkpoint, to_universal
@@ -102,7 +109,7 @@ def _engine(
     cleanup: ExitStack,
 ) -> tuple[Any, int, dict[str, Any] | None]:  # fmt: skip
     """The engine, restored from the newest checkpoint when there is one: (engine, step, its meta)."""
-    resume = newest_checkpoint(ray.train.get_checkpoint(), settings.resume_from)
+    resume = newest_checkpoint(ray.train.get_checkpoint(), settings.resume_from, settings.run_dir)
     if resume is None:
         return build_engine(model, recipe, settings.zero, world), 0, None
     folder = Path(cleanup.enter_context(resume.as_directory()))
@@ -114,18 +121,23 @@ def _engine(
     if universal:  # written by another number of ranks: DeepSpeed's universal format reshards it
         folder = to_universal(folder, meta["tag"], scratch / "universal")
     engine = build_engine(model, recipe, settings.zero, world, load_universal=universal)
-    load_checkpoint(engine, folder, meta["tag"])
+    try:
+        load_checkpoint(engine, folder, meta["tag"])
+    except (OSError, RuntimeError, EOFError, ValueError) as error:  # torch.load of a damaged file
+        raise RuntimeError(
+            f"{resume.path}: the checkpoint cannot be loaded: {type(error).__name__}: {error}"
+        ) from error
     return engine, int(meta["step"]), meta
 
 
-def newest_checkpoint(from_ray: ray.train.Checkpoint | None, launch_point: str | None) -> Any:
-    """Ray Train's checkpoint (a worker-group restart inside this launch) or the run folder's newest
-    finished one at launch (a relaunch), whichever is further along; None on a fresh run."""
-    if launch_point is None:
+def newest_checkpoint(from_ray: ray.train.Checkpoint | None, launch_point: str | None, run_dir: str) -> Any:
+    """Ray Train's checkpoint (a worker-group restart inside this launch) when it is complete and further
+    along than the run folder's newest complete one at launch (a relaunch); None on a fresh run."""
+    complete = {info.step for info in list_checkpoints(run_dir)} if from_ray is not None else set()
+    ray_step = step_of(from_ray.path) if from_ray is not None else -1
+    if ray_step in complete and (launch_point is None or ray_step > step_of(launch_point)):
         return from_ray
-    if from_ray is None or step_of(from_ray.path) < step_of(launch_point):
-        return ray.train.Checkpoint(launch_point)
-    return from_ray
+    return ray.train.Checkpoint(launch_point) if launch_point is not None else None
 
 
 def _announce(
@@ -178,11 +190,14 @@ def _save(
     folder = scratch / checkpoint_dir_name(step)
     tag = tag_of(step)
     save_checkpoint(engine, folder, tag, client_state={"step": step})
+    every_rank: list[dict[str, int] | None] = [None] * world
+    dist.all_gather_object(every_rank, file_sizes(folder))  # what the finished checkpoint must hold
     if log is not None:
         meta = {
             "step": step, "epoch": epoch, "tag": tag, "world_size": world, "zero_stage": settings.zero.stage,
             "bf16": recipe.bf16, "vit": settings.vit.to_dict(), "classes": settings.classes,
             "defines": settings.defines,
+            "files": {name: size for sizes in every_rank for name, size in (sizes or {}).items()},
         }  # fmt: skip
         (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         log.event("checkpoint", step=step)
