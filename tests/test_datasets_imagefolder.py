@@ -165,3 +165,24 @@ def test_overwrite_refuses_to_delete_a_foreign_directory(messy_tree, tmp_path, r
     build_imagefolder(config_for(messy_tree), out)
     build_imagefolder(config_for(messy_tree, shard_samples=100), out, overwrite=True)
     assert len(read_card(out)["splits"]["train"]["shards"]) == 1
+
+
+def test_links_are_followed_but_each_real_file_is_read_once_and_loops_are_skipped(tmp_path):
+    src = tmp_path / "train"
+    for name in ("cat/a.png", "dog/b.png"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(image_bytes("RGB", (8, 8), "PNG"))
+    (src / "self").symlink_to("..")  # a class folder that is the input's parent: a loop
+    (src / "cat" / "again").symlink_to("..")  # inside a class: back up to the input
+    (src / "dog" / "z-link.png").symlink_to("b.png")  # a second name of one file
+    elsewhere = tmp_path / "elsewhere" / "bird"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "c.png").write_bytes(image_bytes("RGB", (8, 8), "PNG", 1))
+    (src / "bird").symlink_to(elsewhere)  # a class kept on other storage: followed
+    scan = scan_image_folder(src, ("png",))
+    assert scan.classes == ["bird", "cat", "dog"]
+    assert sorted(c.path for c in scan.candidates) == ["bird/c.png", "cat/a.png", "dog/b.png"]
+    reasons = {item["path"]: item["reason"] for item in scan.skipped}
+    assert reasons["self/"].startswith("a link to a folder already walked or above the input")
+    assert reasons["cat/again/"].startswith("a link to a folder already walked or above the input")
+    assert reasons["dog/z-link.png"] == "the same file as dog/b.png (a link)"

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from pipeline.metrics import read_records
-from pipeline.pretrain.export import choose_checkpoint
+from pipeline.pretrain.export import choose_checkpoint, export_checkpoint
 from tests.conftest import REPO, TINY_RUN, VITPIPE, run_vitpipe
 from vit.config import ViTConfig
 from vit.model import VisionTransformer
@@ -235,3 +235,33 @@ def _wait_for_step(run_dir: Path, step: int, run: subprocess.Popen) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def test_export_writes_only_its_own_files_and_an_older_checkpoint_beside_the_run_s_export(
+    zero2_run, tmp_path
+):
+    theirs = tmp_path / "out" / "hf" / "other-model" / "config.json"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_text("{}")
+    result = run_vitpipe("export", str(zero2_run), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert (
+        "already holds files a vitpipe export did not write there (hf/other-model/config.json)"
+        in result.stderr
+    )
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*")) == [
+        Path("out/hf"), Path("out/hf/other-model"), Path("out/hf/other-model/config.json"),
+    ]  # fmt: skip
+
+    beside = tmp_path / "beside"
+    beside.mkdir()
+    (beside / "notes.txt").write_text("mine")
+    for _ in range(2):  # the second export replaces the first's files, which it proves it wrote
+        assert export_checkpoint(str(zero2_run), out=str(beside)).step == 80
+    assert (beside / "notes.txt").read_text() == "mine"
+    assert (beside / "vitpipe" / "model.safetensors").is_file()
+
+    run_export = json.loads((zero2_run / "export" / "export.json").read_text())
+    older = export_checkpoint(str(zero2_run), checkpoint="60")
+    assert older.vitpipe == str(zero2_run / "export-00000060" / "vitpipe")
+    assert json.loads((zero2_run / "export" / "export.json").read_text()) == run_export  # the run's own stays

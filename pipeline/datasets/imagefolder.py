@@ -55,11 +55,13 @@ def scan_image_folder(src: Path, extensions: tuple[str, ...]) -> FolderScan:
     allowed = {e.lower().lstrip(".") for e in extensions}
     skipped: list[dict[str, str]] = []
     per_class: dict[str, list[tuple[str, int]]] = {}
+    walk = _Walk(src, allowed, skipped)
     for entry in sorted(os.scandir(src), key=lambda e: e.name):
         if _is_junk(entry.name):
             skipped.append({"path": entry.name, "reason": "hidden or system file"})
         elif entry.is_dir():
-            per_class[entry.name] = _images_below(src, Path(entry.path), allowed, skipped)
+            if walk.enter(Path(entry.path)):
+                per_class[entry.name] = walk.images_below(Path(entry.path))
         else:
             skipped.append({"path": entry.name, "reason": "not inside a class folder"})
     empty = [name for name, files in per_class.items() if not files]
@@ -78,32 +80,62 @@ def _is_junk(name: str) -> bool:
     return name.startswith(".") or name in JUNK_NAMES
 
 
-def _images_below(
-    src: Path, folder: Path, allowed: set[str], skipped: list[dict[str, str]]
-) -> list[tuple[str, int]]:
-    found = []
-    for root, dirs, files in os.walk(folder):
-        junk_dirs = [d for d in dirs if _is_junk(d)]
-        for name in junk_dirs:
-            skipped.append(
-                {"path": str(Path(root, name).relative_to(src)) + "/", "reason": "hidden or system folder"}
-            )
-        dirs[:] = sorted(d for d in dirs if not _is_junk(d))
-        for name in sorted(files):
-            relative = str(Path(root, name).relative_to(src))
-            extension = Path(name).suffix.lower().lstrip(".")
-            size = Path(root, name).stat().st_size
-            if _is_junk(name):
-                skipped.append({"path": relative, "reason": "hidden or system file"})
-            elif extension not in allowed:
-                skipped.append(
-                    {"path": relative, "reason": f"not an image extension ({extension or 'none'})"}
+class _Walk:
+    """The tree's images, each real file once: links are followed, but a link back into a folder already
+    walked or to one above the input (a loop) is skipped, and so is a second link to one file."""
+
+    def __init__(self, src: Path, allowed: set[str], skipped: list[dict[str, str]]) -> None:
+        self.src, self.allowed, self.skipped = src, allowed, skipped
+        self.top = os.path.realpath(src)
+        self.folders: set[str] = {self.top}
+        self.files: dict[str, str] = {}  # real path -> the relative path it was first found under
+
+    def enter(self, folder: Path) -> bool:
+        """Whether to walk `folder`; a loop or a second way into one folder is recorded as skipped."""
+        real = os.path.realpath(folder)
+        if real in self.folders or self.top.startswith(real + os.sep):
+            reason = "a link to a folder already walked or above the input (a loop)"
+            self.skipped.append({"path": str(folder.relative_to(self.src)) + "/", "reason": reason})
+            return False
+        self.folders.add(real)
+        return True
+
+    def images_below(self, folder: Path) -> list[tuple[str, int]]:
+        found = []
+        for root, dirs, files in os.walk(folder, followlinks=True):
+            for name in [d for d in dirs if _is_junk(d)]:
+                self.skipped.append(
+                    {
+                        "path": str(Path(root, name).relative_to(self.src)) + "/",
+                        "reason": "hidden or system folder",
+                    }
                 )
-            elif size == 0:
-                skipped.append({"path": relative, "reason": "empty file (0 bytes)"})
-            else:
-                found.append((relative, size))
-    return found
+            dirs[:] = sorted(d for d in dirs if not _is_junk(d) and self.enter(Path(root, d)))
+            for name in sorted(files):
+                candidate = self._candidate(Path(root, name))
+                if candidate is not None:
+                    found.append(candidate)
+        return found
+
+    def _candidate(self, path: Path) -> tuple[str, int] | None:
+        relative = str(path.relative_to(self.src))
+        extension = path.suffix.lower().lstrip(".")
+        real = os.path.realpath(path)
+        if _is_junk(path.name):
+            reason = "hidden or system file"
+        elif extension not in self.allowed:
+            reason = f"not an image extension ({extension or 'none'})"
+        elif real in self.files:
+            reason = f"the same file as {self.files[real]} (a link)"
+        elif not os.path.isfile(real):
+            reason = "a broken link"
+        elif (size := os.path.getsize(real)) == 0:
+            reason = "empty file (0 bytes)"
+        else:
+            self.files[real] = relative
+            return relative, size
+        self.skipped.append({"path": relative, "reason": reason})
+        return None
 
 
 class UnusableImageError(ValueError):

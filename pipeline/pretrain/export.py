@@ -8,6 +8,9 @@ import posixpath
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
 
 from pipeline.pretrain.checkpoints import (
     EXPORT_DIR,
@@ -17,7 +20,7 @@ from pipeline.pretrain.checkpoints import (
     scan_checkpoints,
     step_of,
 )
-from pipeline.storage import local_folder, publish_folder
+from pipeline.storage import local_folder, publish_folder, resolve
 from vit.config import ViTConfig
 from vit.engine import consolidated_state
 from vit.hf import HF_DIR, export_hf
@@ -54,9 +57,15 @@ def choose_checkpoint(run_dir: str, name: str | None = None) -> CheckpointInfo:
 
 
 def export_checkpoint(run_dir: str, checkpoint: str | None = None, out: str | None = None) -> Export:
-    """Consolidate one checkpoint and write `OUT/vitpipe` and `OUT/hf` (OUT defaults to RUN/export)."""
+    """Consolidate one checkpoint and write `OUT/vitpipe`, `OUT/hf` and `OUT/export.json`. OUT defaults to
+    RUN/export for the newest checkpoint (what the run's fine-tuning reads) and RUN/export-NNNNNNNN for an
+    older one. OUT may hold other files; files under those names that this export did not write are
+    refused, named, never replaced."""
     info = choose_checkpoint(run_dir, checkpoint)
-    out = out or posixpath.join(run_dir, EXPORT_DIR)
+    if out is None:
+        newest_step = scan_checkpoints(run_dir)[0][-1].step
+        name = EXPORT_DIR if info.step == newest_step else f"{EXPORT_DIR}-{info.step:08d}"
+        out = posixpath.join(run_dir, name)
     with tempfile.TemporaryDirectory(prefix="vitpipe-export-") as scratch:
         folder = local_folder(info.path, Path(scratch) / "checkpoint")
         model = VisionTransformer(ViTConfig.from_dict(info.meta["vit"], source=f"{info.path}/vitpipe.json"))
@@ -64,8 +73,63 @@ def export_checkpoint(run_dir: str, checkpoint: str | None = None, out: str | No
         staged = Path(scratch) / "export"
         save_pretrained(model, staged / VITPIPE_DIR, labels=info.meta.get("classes"))
         export_hf(model, staged / HF_DIR, labels=info.meta.get("classes"))
-        (staged / "export.json").write_text(
-            json.dumps({"checkpoint": info.path, "step": info.step}, indent=2) + "\n"
-        )
+        written = sorted(str(path.relative_to(staged)) for path in staged.rglob("*") if path.is_file())
+        refuse_foreign_files(out, written)
+        record = {"format": EXPORT_FORMAT, "checkpoint": info.path, "step": info.step, "files": written}
+        (staged / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         publish_folder(staged, out)
     return Export(info.step, info.path, posixpath.join(out, VITPIPE_DIR), posixpath.join(out, HF_DIR))
+
+
+EXPORT_RECORD = "export.json"  # what an export wrote: the proof that replacing it later touches only ours
+EXPORT_FORMAT = "vitpipe.export/1"
+
+
+def refuse_foreign_files(out: str, written: list[str]) -> None:
+    """Refuse to export into OUT when `vitpipe/`, `hf/` or `export.json` there hold a file the previous
+    export into OUT did not write (its export.json lists them; one of before that list names the files of
+    the same names as this export's)."""
+    filesystem, root = resolve(out)
+    previous = _previous_export(filesystem, root)
+    if previous is None:
+        ours: set[str] = set()
+    else:
+        ours = set(previous.get("files", written)) | {EXPORT_RECORD}
+    foreign = [
+        name
+        for name in _files_under(filesystem, root, (VITPIPE_DIR, HF_DIR, EXPORT_RECORD))
+        if name not in ours
+    ]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(
+            f"{out}: already holds files a vitpipe export did not write there ({shown}); vitpipe replaces "
+            "only its own. Export elsewhere (--out DIR) or move them"
+        )
+
+
+def _previous_export(filesystem: pafs.FileSystem, root: str) -> dict[str, Any] | None:
+    try:
+        with filesystem.open_input_stream(posixpath.join(root, EXPORT_RECORD)) as stream:
+            record = json.loads(stream.read())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    ours = isinstance(record, dict) and (
+        record.get("format") == EXPORT_FORMAT or {"checkpoint", "step"} <= set(record)
+    )
+    return record if ours else None
+
+
+def _files_under(filesystem: pafs.FileSystem, root: str, names: tuple[str, ...]) -> list[str]:
+    """Every file at or under ROOT/NAME for each of `names`, relative to ROOT."""
+    found = []
+    for name in names:
+        path = posixpath.join(root, name)
+        info = filesystem.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            found.append(name)
+        elif info.type == pafs.FileType.Directory:
+            found += [posixpath.relpath(entry.path, root)
+                      for entry in filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+                      if entry.type == pafs.FileType.File]  # fmt: skip
+    return sorted(found)
