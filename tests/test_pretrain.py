@@ -94,7 +94,7 @@ def test_sigint_checkpoints_the_step_and_a_relaunch_on_other_settings_continues_
     stopped = events(records, "stopped")[0]["step"]
     assert f"pretraining stopped at step {stopped}" in stderr
     assert f"continue with: vitpipe pretrain {config} --storage {tmp_path}" in stderr
-    assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == [f"checkpoint_{stopped:08d}"]
+    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == [f"checkpoint_{stopped:08d}"]
     assert not (run_dir / "export").exists()  # nothing exported from an unfinished run
 
     write_config(config, fractal_patches, num_workers=1, micro_batch_size=8, cpus_per_worker=0.5,

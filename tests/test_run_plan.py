@@ -15,7 +15,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.runner.execute import LOCK_FILE, _run_lock, run_job
 from pipeline.runner.layout import run_layout
-from pipeline.runner.plan import RunOptions, plan_job
+from pipeline.runner.plan import Overrides, RunOptions, StageOptions, load_plan, plan_job
 from pipeline.runner.records import read_record, write_record
 from pipeline.runner.stages import RUNNERS
 from tests.conftest import REPO
@@ -205,17 +205,18 @@ def test_an_interrupted_run_does_not_stay_running_in_run_json(tmp_path, monkeypa
     assert not (tmp_path / "run" / LOCK_FILE).exists()
 
 
-def test_a_stage_command_is_refused_while_another_command_holds_the_run(tmp_path, fractal_patches, capsys):
-    job = {"name": "busy", "pretrain": {**JOB["pretrain"], "data": str(fractal_patches)}}
-    path = write_job(tmp_path, job)
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / LOCK_FILE).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
-    assert main(["pretrain", str(path)]) == 1
-    assert (
-        f"{tmp_path / 'run'} is in use by another vitpipe command (pid {os.getppid()}"
-        in capsys.readouterr().err
-    )
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_FILE]
+def test_results_of_other_weights_or_targets_go_beside_the_run_s_own_with_their_own_record(tmp_path):
+    path = write_job(tmp_path, JOB)
+    own = load_plan(path).step("finetune")
+    assert (own.id, own.output) == ("finetune", str(tmp_path / "run" / "transfer"))
+    for options in (StageOptions(weights=str(tmp_path / "other")),
+                    StageOptions(overrides=Overrides(targets={"digits": str(tmp_path / "d")}))):  # fmt: skip
+        variant = next(s for s in load_plan(path, stage=options).steps if s.stage == "finetune")
+        assert variant.id.startswith("finetune:out-")  # its record is not the run's finetune record
+        assert variant.output.startswith(str(tmp_path / "run" / "transfer-"))
+    given = next(s for s in load_plan(path, stage=StageOptions(overrides=Overrides(out="/elsewhere"))).steps
+                 if s.stage == "finetune")  # fmt: skip
+    assert (given.output, given.id != "finetune") == ("/elsewhere", True)
 
 
 def test_validate_checks_the_inputs_run_would_read(tmp_path, capsys):

@@ -8,7 +8,7 @@ fine-tuning target is preprocessed. Errors are ConfigErrors naming the job file 
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from pipeline.config import (
     FinetuneConfig,
     PipelineConfig,
     PretrainConfig,
+    digest,
     load_yaml,
     validate,
 )
@@ -130,7 +131,19 @@ def load_plan(
             run_dir = run_dir or posixpath.join(storage, name)
     else:
         job = _with_stage_options(validate(data, PipelineConfig, source), stage)
-    return plan_job(job, source, run_layout(job, run_dir), stage.overrides, evaluate=evaluate)
+    layout = run_layout(job, run_dir)
+    return plan_job(job, source, layout, _variant_output(stage, layout, evaluate), evaluate=evaluate)
+
+
+def _variant_output(stage: StageOptions, layout: RunLayout, evaluate: bool) -> Overrides:
+    """Results of other weights or targets (--weights, --target) are not the run's: without --out they go
+    beside the run's own, to RUN/transfer-KEY (or evaluate-KEY), KEY naming the variant."""
+    overrides = stage.overrides
+    if overrides.out is not None or (stage.weights is None and not overrides.targets):
+        return overrides
+    folder = posixpath.basename(layout.evaluate if evaluate else layout.transfer)
+    key = digest({"weights": stage.weights, "targets": overrides.targets})[:8]
+    return replace(overrides, out=posixpath.join(layout.root, f"{folder}-{key}"))
 
 
 def _with_stage_options(job: PipelineConfig, stage: StageOptions) -> PipelineConfig:
@@ -269,11 +282,13 @@ def _transfer_step(
         "model": job.pretrain.model.model_dump(mode="json") if job.pretrain else None,
         "targets": targets,
     }
-    default_out = layout.transfer if stage == "finetune" else layout.evaluate
-    if overrides.out is not None:
-        settings["out"] = overrides.out  # results somewhere else are another step's results
-    output = overrides.out or default_out
-    return Step(stage, None, settings, tuple(depends), tuple(external), output=output)
+    if overrides.out is None:
+        output = layout.transfer if stage == "finetune" else layout.evaluate
+        return Step(stage, None, settings, tuple(depends), tuple(external), output=output)
+    # Results somewhere else are another step's: their own key and record, the run's left as they are.
+    settings["out"] = overrides.out
+    item = f"out-{digest(overrides.out)[:8]}"
+    return Step(stage, item, settings, tuple(depends), tuple(external), output=overrides.out)
 
 
 def _check_target_patches(target: str, finetune: FinetuneConfig, job: PipelineConfig, source: str) -> None:
