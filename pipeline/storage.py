@@ -37,6 +37,29 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
         return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem)), path
 
 
+def join(location: str, *parts: str) -> str:
+    """`location/part/...`, keeping a URL's query (`s3://b/runs?endpoint_override=HOST:PORT&scheme=http`
+    stays the filesystem's settings, after the new path)."""
+    base, query = _split_query(location)
+    return posixpath.join(base, *parts) + query
+
+
+def url_of(location: str, path: str) -> str:
+    """A path on `location`'s filesystem (as `resolve` or a listing gives it) as a location like it: the
+    same scheme and query for a URL, the path itself for a local one."""
+    if "://" not in location:
+        return path
+    base, query = _split_query(location)
+    return base.split("://", 1)[0] + "://" + path.lstrip("/") + query
+
+
+def _split_query(location: str) -> tuple[str, str]:
+    if "://" not in location or "?" not in location:
+        return location, ""
+    base, _, query = location.partition("?")
+    return base, "?" + query
+
+
 def partial_name(path: str) -> str:
     """The temporary name a file is written under beside its final one: `.NAME.<id>.partial` (hidden, so
     shard listings skip it; the id keeps two writers of one name apart)."""

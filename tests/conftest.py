@@ -18,6 +18,18 @@ from pipeline.config import DigitsConfig, FractalsConfig
 from pipeline.ray_session import init_ray
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Dummy credentials for the S3 API the object-storage tests serve on 127.0.0.1 (moto), set before any
+# Ray starts so that its workers inherit them; no instance-metadata lookups.
+S3_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+for _name, _value in S3_TEST_ENV.items():
+    os.environ.setdefault(_name, _value)
+
 VITPIPE = [sys.executable, "-m", "pipeline.cli"]
 
 

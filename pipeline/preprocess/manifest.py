@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 
 from pipeline.config import PreprocessConfig
 from pipeline.preprocess.patchfile import PATCHES_FORMAT
-from pipeline.storage import atomic_file, resolve
+from pipeline.storage import atomic_file, resolve, url_of
 from vit.patches import PatchGeometry
 
 if TYPE_CHECKING:  # the shard worker imports torch; reading a manifest must not
@@ -124,7 +124,5 @@ def patch_files(directory: str, split: str | None = None) -> list[str]:
         known = ", ".join(manifest["splits"]) or "none"
         raise KeyError(f"{directory}: no split {split!r}; it has {known}")
     names = [split] if split is not None else list(manifest["splits"])
-    scheme = directory.split("://", 1)[0] + "://" if "://" in directory else ""
-    return [
-        scheme + posixpath.join(root, file) for name in names for file in manifest["splits"][name]["files"]
-    ]
+    files = (posixpath.join(root, file) for name in names for file in manifest["splits"][name]["files"])
+    return [url_of(directory, path) for path in files]

@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipeline.storage import resolve
+from pipeline.storage import resolve, url_of
 
 META_FILE = "vitpipe.json"
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -32,7 +32,9 @@ def tag_of(step: int) -> str:
 
 
 def step_of(path: str) -> int:
-    """The step of a `checkpoint_NNNNNNNN` folder, from its name."""
+    """The step of a `checkpoint_NNNNNNNN` folder (a path or URL), from its name."""
+    if "://" in path:
+        path = path.split("?", 1)[0]
     return int(path.rstrip("/").rsplit("_", 1)[-1])
 
 
@@ -64,7 +66,6 @@ def scan_checkpoints(run_dir: str) -> tuple[list[CheckpointInfo], list[Skipped]]
     """The run's complete checkpoints, oldest first, and the folders skipped: no `vitpipe.json` (an upload
     that did not finish), a damaged one, or a file it lists missing or of another size (truncated)."""
     filesystem, root = resolve(run_dir)
-    prefix = run_dir.split("://", 1)[0] + "://" if "://" in run_dir else ""
     found, skipped = [], []
     for entry in filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
         name = entry.base_name
@@ -73,9 +74,9 @@ def scan_checkpoints(run_dir: str) -> tuple[list[CheckpointInfo], list[Skipped]]
         meta, why = _read_meta(filesystem, entry.path)
         why = why or _missing_files(filesystem, entry.path, meta)
         if why:
-            skipped.append(Skipped(prefix + entry.path, why))
+            skipped.append(Skipped(url_of(run_dir, entry.path), why))
         else:
-            found.append(CheckpointInfo(prefix + entry.path, meta))
+            found.append(CheckpointInfo(url_of(run_dir, entry.path), meta))
     return sorted(found, key=lambda info: info.step), sorted(skipped, key=lambda item: item.path)
 
 

@@ -16,11 +16,12 @@ from pipeline.pretrain.checkpoints import (
     EXPORT_DIR,
     VITPIPE_DIR,
     CheckpointInfo,
+    checkpoint_dir_name,
     newest,
     scan_checkpoints,
     step_of,
 )
-from pipeline.storage import local_folder, publish_folder, resolve
+from pipeline.storage import join, local_folder, publish_folder, resolve
 from vit.config import ViTConfig
 from vit.engine import consolidated_state
 from vit.hf import HF_DIR, export_hf
@@ -47,10 +48,10 @@ def choose_checkpoint(run_dir: str, name: str | None = None) -> CheckpointInfo:
             raise FileNotFoundError(f"{run_dir}: no complete checkpoint (checkpoint_*/vitpipe.json){damaged}")
         return latest
     for info in checkpoints:
-        if name in (posixpath.basename(info.path), str(info.step)):
+        if name in (checkpoint_dir_name(info.step), str(info.step)):
             return info
     for item in skipped:
-        if name in (posixpath.basename(item.path), str(step_of(item.path))):
+        if name in (checkpoint_dir_name(step_of(item.path)), str(step_of(item.path))):
             raise FileNotFoundError(f"{item.path}: cannot be exported: {item.why}")
     known = ", ".join(str(info.step) for info in checkpoints) or "none"
     raise FileNotFoundError(f"{run_dir}: no checkpoint {name!r}; steps with a complete one: {known}")
@@ -65,7 +66,7 @@ def export_checkpoint(run_dir: str, checkpoint: str | None = None, out: str | No
     if out is None:
         newest_step = scan_checkpoints(run_dir)[0][-1].step
         name = EXPORT_DIR if info.step == newest_step else f"{EXPORT_DIR}-{info.step:08d}"
-        out = posixpath.join(run_dir, name)
+        out = join(run_dir, name)
     with tempfile.TemporaryDirectory(prefix="vitpipe-export-") as scratch:
         folder = local_folder(info.path, Path(scratch) / "checkpoint")
         model = VisionTransformer(ViTConfig.from_dict(info.meta["vit"], source=f"{info.path}/vitpipe.json"))
@@ -78,7 +79,7 @@ def export_checkpoint(run_dir: str, checkpoint: str | None = None, out: str | No
         record = {"format": EXPORT_FORMAT, "checkpoint": info.path, "step": info.step, "files": written}
         (staged / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         publish_folder(staged, out)
-    return Export(info.step, info.path, posixpath.join(out, VITPIPE_DIR), posixpath.join(out, HF_DIR))
+    return Export(info.step, info.path, join(out, VITPIPE_DIR), join(out, HF_DIR))
 
 
 EXPORT_RECORD = "export.json"  # what an export wrote: the proof that replacing it later touches only ours

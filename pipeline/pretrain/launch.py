@@ -30,7 +30,7 @@ from pipeline.pretrain.export import Export, export_checkpoint
 from pipeline.pretrain.plan import PretrainPlan, should_cache, shuffled_files, worker_settings
 from pipeline.pretrain.worker import DATASET, SETTINGS, train_loop
 from pipeline.ray_session import check_resources, init_ray, worker_env
-from pipeline.storage import resolve
+from pipeline.storage import join, resolve
 
 if TYPE_CHECKING:
     from vit.loop import LoopEnd
@@ -59,7 +59,7 @@ def pretrain(
 ) -> PretrainResult:
     """Pretrain (or resume) run `storage/name` as `plan` (from `check_pretrain`, which the caller runs
     first so that a refused run never imports Ray Train or torch) says."""
-    run_dir = posixpath.join(storage, name)
+    run_dir = join(storage, name)
     print(plan.describe(), file=sys.stderr)
     print(init_ray(address), file=sys.stderr)
     # Ray Data reads beside the workers: without CPUs to spare its read tasks never start.
@@ -98,7 +98,13 @@ def _refuse_unfinished(end: LoopEnd | None, run_dir: str) -> None:
 
 def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, run_dir: str, control: Any):
     files = shuffled_files(plan.data.files, config.seed)
-    dataset = ray.data.read_parquet(files, columns=["patches", "label"], num_cpus=config.data_cpus)
+    # Filesystems resolved here, so that a URL's own settings (endpoint_override=..., scheme=...) reach
+    # Ray Data and Ray Train, which would otherwise read the query as part of the path.
+    data_fs = resolve(files[0])[0]
+    paths = [resolve(file)[1] for file in files]
+    dataset = ray.data.read_parquet(
+        paths, filesystem=data_fs, columns=["patches", "label"], num_cpus=config.data_cpus
+    )
     store = ray.cluster_resources().get("object_store_memory", 0)
     if should_cache(config.cache_data, plan.data.bytes_in_memory, store):
         print(f"pretrain: caching the {plan.data.bytes_in_memory / 2**20:,.0f} MiB split in the object store",
@@ -116,7 +122,8 @@ def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, ru
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=storage,
+            storage_path=resolve(storage)[1] if "://" in storage else storage,
+            storage_filesystem=resolve(storage)[0] if "://" in storage else None,
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
             worker_runtime_env={"env_vars": worker_env(config.use_gpu)},
@@ -155,4 +162,4 @@ def _plot(records: list[dict], run_dir: str) -> str | None:
     with tempfile.TemporaryDirectory() as scratch:
         local = plot_loss(records, Path(scratch) / LOSS_PLOT)
         pafs.copy_files(str(local), posixpath.join(root, LOSS_PLOT), destination_filesystem=filesystem)
-    return posixpath.join(run_dir, LOSS_PLOT)
+    return join(run_dir, LOSS_PLOT)

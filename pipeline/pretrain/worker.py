@@ -38,6 +38,7 @@ from pipeline.pretrain.checkpoints import (
 )
 from pipeline.pretrain.control import StopPoll
 from pipeline.pretrain.plan import WorkerSettings
+from pipeline.storage import resolve
 from vit.engine import build_engine, load_checkpoint, save_checkpoint, to_universal
 from vit.flops import peak_flops, train_flops
 from vit.loop import Batch, Hooks, Throughput, pretrain_loop
@@ -137,7 +138,10 @@ def newest_checkpoint(from_ray: ray.train.Checkpoint | None, launch_point: str |
     ray_step = step_of(from_ray.path) if from_ray is not None else -1
     if ray_step in complete and (launch_point is None or ray_step > step_of(launch_point)):
         return from_ray
-    return ray.train.Checkpoint(launch_point) if launch_point is not None else None
+    if launch_point is None:
+        return None
+    filesystem, path = resolve(launch_point)  # a URL's query holds its filesystem's settings
+    return ray.train.Checkpoint(path, filesystem=filesystem)
 
 
 def _announce(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import DEFAULT_RUNS, ConfigError, PipelineConfig
+from pipeline.storage import join
 
 PRETRAIN_DIR = "pretrain"
 
@@ -39,7 +40,7 @@ class RunLayout:
 
     @property
     def pretrain(self) -> str:
-        return posixpath.join(self.pretrain_storage, self.pretrain_name)
+        return join(self.pretrain_storage, self.pretrain_name)
 
     @property
     def transfer(self) -> str:

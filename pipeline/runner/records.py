@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 from pipeline.config import ConfigError, digest
 from pipeline.preprocess.manifest import MANIFEST_FILE, read_manifest
 from pipeline.preprocess.sources import list_shards
-from pipeline.storage import resolve, write_atomic
+from pipeline.storage import join, resolve, write_atomic
 
 if TYPE_CHECKING:
     from pipeline.runner.plan import JobPlan, Step
@@ -75,7 +75,7 @@ def external_fingerprint(kind: str, location: str) -> str:
     (its listing) or WebDataset shards (their sizes)."""
     if kind == "patches":
         read_manifest(location)  # a missing folder or manifest is named as such
-        return file_fingerprint(posixpath.join(location, MANIFEST_FILE))
+        return file_fingerprint(join(location, MANIFEST_FILE))
     if kind == "shards":
         return shards_fingerprint(location)
     return tree_fingerprint(location)

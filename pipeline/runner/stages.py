@@ -25,7 +25,7 @@ from pipeline.ray_session import init_ray
 from pipeline.runner.plan import JobPlan, Step
 from pipeline.runner.records import file_fingerprint, fresh_fingerprint
 from pipeline.runner.report import write_report
-from pipeline.storage import remove_folder, resolve
+from pipeline.storage import join, remove_folder, resolve
 from pipeline.transfer.report import RESULTS_JSON
 from vit.config import CONFIG_FILE
 
@@ -70,7 +70,7 @@ def pretrained_weights(plan: JobPlan) -> str | None:
     if finetune is not None and finetune.weights is not None:
         return finetune.weights
     if plan.job.pretrain is not None:
-        return posixpath.join(plan.layout.pretrain, EXPORT_DIR, VITPIPE_DIR)
+        return join(plan.layout.pretrain, EXPORT_DIR, VITPIPE_DIR)
     return None
 
 
@@ -189,5 +189,5 @@ def outputs_present(step: Step) -> bool:
         "evaluate": RESULTS_JSON,
         "report": "",
     }[step.stage]
-    filesystem, path = resolve(posixpath.join(step.output, marker) if marker else step.output)
+    filesystem, path = resolve(join(step.output, marker) if marker else step.output)
     return filesystem.get_file_info(path).type == pafs.FileType.File

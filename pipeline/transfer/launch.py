@@ -4,7 +4,6 @@ results gathered as they finish. A target that fails is reported beside the othe
 
 from __future__ import annotations
 
-import posixpath
 import sys
 import tempfile
 import time
@@ -16,7 +15,7 @@ import ray
 
 from pipeline.config import EvaluateConfig, FinetuneConfig, ModelConfig
 from pipeline.ray_session import check_resources, init_ray
-from pipeline.storage import local_folder, publish_folder, remove_folder, resolve
+from pipeline.storage import join, local_folder, publish_folder, remove_folder, resolve
 from pipeline.transfer.plan import TargetError, TargetPlan, check_fits, plan_target, target_architecture
 from pipeline.transfer.report import RESULTS_MD, write_results
 from pipeline.transfer.task import TaskSettings, transfer_task
@@ -181,7 +180,7 @@ def _run_tasks(
     }
     pending = {}
     for target, mode, architecture in runs:
-        folder = posixpath.join(out, target.name, mode)
+        folder = join(out, target.name, mode)
         settings = TaskSettings(target, mode, weights, architecture, train, finetune, evaluate, folder)
         remove_folder(settings.out)  # a new command starts afresh; a retried task appends to its log
         ref = remote.options(name=f"transfer:{target.name}/{mode}", **options).remote(settings)
