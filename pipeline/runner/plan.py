@@ -302,5 +302,7 @@ def _check_target_patches(target: str, finetune: FinetuneConfig, job: PipelineCo
 
 
 def target_name(location: str) -> str:
-    """The name a target given as a folder goes by: its last path component (`data/c10-384/` -> c10-384)."""
-    return posixpath.basename(location.rstrip("/")) or location
+    """The name a target given as a folder goes by: its last path component (`data/c10-384/` -> c10-384,
+    a URL's query left out)."""
+    path = location.split("?", 1)[0] if "://" in location else location
+    return posixpath.basename(path.rstrip("/")) or location
