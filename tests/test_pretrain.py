@@ -215,23 +215,13 @@ def test_zero3_run_survives_a_killed_worker(two_nodes, fractal_patches, tmp_path
 def _kill_a_worker_after(run_dir: Path, step: int, run: subprocess.Popen) -> bool:
     """SIGKILL one Ray Train worker process once the run has logged `step`."""
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and run.poll() is None:
-        if any(r.get("step", 0) >= step and "loss" in r for r in read_records(str(run_dir))):
-            workers = [
-                p for p in psutil.process_iter(["cmdline"])
-                if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")
-            ]  # fmt: skip
-            if workers:
-                os.kill(workers[-1].pid, signal.SIGKILL)
-                return True
-        time.sleep(0.2)
-    return False
-
-
-def _wait_for_step(run_dir: Path, step: int, run: subprocess.Popen) -> bool:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and run.poll() is None:
-        if any(r.get("step", 0) >= step and "loss" in r for r in read_records(str(run_dir))):
+    while _wait_for_step(run_dir, step, run) and time.monotonic() < deadline:
+        workers = [
+            p for p in psutil.process_iter(["cmdline"])
+            if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")
+        ]  # fmt: skip
+        if workers:
+            os.kill(workers[-1].pid, signal.SIGKILL)
             return True
         time.sleep(0.2)
     return False
@@ -265,3 +255,13 @@ def test_export_writes_only_its_own_files_and_an_older_checkpoint_beside_the_run
     older = export_checkpoint(str(zero2_run), checkpoint="60")
     assert older.vitpipe == str(zero2_run / "export-00000060" / "vitpipe")
     assert json.loads((zero2_run / "export" / "export.json").read_text()) == run_export  # the run's own stays
+
+
+def _wait_for_step(run_dir: Path, step: int, run: subprocess.Popen) -> bool:
+    """Whether the run logged `step` within 300 s, while still running."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and run.poll() is None:
+        if any(r.get("step", 0) >= step and "loss" in r for r in read_records(str(run_dir))):
+            return True
+        time.sleep(0.2)
+    return False
