@@ -141,3 +141,21 @@ def test_a_damaged_newest_checkpoint_is_skipped_naming_the_file_and_the_previous
     assert choose_checkpoint(str(tmp_path)).step == 200  # export falls back the same way
     with pytest.raises(FileNotFoundError, match="checkpoint_00000400: cannot be exported"):
         choose_checkpoint(str(tmp_path), "400")
+
+
+def test_a_diverged_or_stopped_launch_ends_before_export_naming_the_step_and_the_last_good_checkpoint(
+    tmp_path,
+):
+    from pipeline.pretrain.control import TrainingStopped
+    from pipeline.pretrain.launch import _refuse_unfinished
+    from vit.loop import LoopEnd
+
+    make_checkpoint(tmp_path, 200)
+    _refuse_unfinished(LoopEnd(300, "finished"), str(tmp_path))  # a finished launch goes on to export
+    with pytest.raises(
+        RuntimeError, match=r"diverged at step 213: loss nan.*last good checkpoint is step 200"
+    ) as error:
+        _refuse_unfinished(LoopEnd(213, "diverged", "loss nan"), str(tmp_path))
+    assert "nothing was exported" in str(error.value)
+    with pytest.raises(TrainingStopped, match="stopped at step 200"):
+        _refuse_unfinished(LoopEnd(200, "stopped"), str(tmp_path))
