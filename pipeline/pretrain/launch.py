@@ -85,9 +85,10 @@ def _refuse_unfinished(end: LoopEnd | None, run_dir: str) -> None:
     latest = latest_checkpoint(run_dir)
     kept = f"step {latest.step:,} ({latest.path})" if latest is not None else "none"
     if end.reason == "stopped":
+        where = latest.path if latest is not None else run_dir
         raise TrainingStopped(
-            f"pretraining stopped at step {end.step:,}, checkpointed in {kept}; the same command continues "
-            f"from step {end.step:,}"
+            f"pretraining stopped at step {end.step:,} and checkpointed it ({where}); the same command "
+            f"continues from step {end.step:,}"
         )
     raise RuntimeError(
         f"pretraining diverged at step {end.step:,}: {end.detail} (not finite); nothing was exported and "
