@@ -10,7 +10,7 @@ import contextlib
 import posixpath
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -125,7 +125,23 @@ def publish_folder(staged: Path, out: str) -> None:
 
 
 def remove_folder(location: str) -> None:
-    """Delete a folder and everything in it, if it exists."""
+    """Delete a folder and everything in it, if it exists (only for folders vitpipe made: see
+    `remove_entries` where a folder may hold files of others)."""
     filesystem, path = resolve(location)
     if filesystem.get_file_info(path).type == pafs.FileType.Directory:
         filesystem.delete_dir(path)
+
+
+def remove_entries(location: str, ours: Callable[[str], bool]) -> list[str]:
+    """Delete the entries of folder `location` whose names `ours` recognises as vitpipe's, and nothing
+    else; returns the names of the entries left in place."""
+    filesystem, root = resolve(location)
+    left = []
+    for entry in filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if not ours(entry.base_name):
+            left.append(entry.base_name)
+        elif entry.type == pafs.FileType.Directory:
+            filesystem.delete_dir(entry.path)
+        else:
+            filesystem.delete_file(entry.path)
+    return sorted(left)

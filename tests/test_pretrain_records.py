@@ -159,3 +159,17 @@ def test_a_diverged_or_stopped_launch_ends_before_export_naming_the_step_and_the
     assert "nothing was exported" in str(error.value)
     with pytest.raises(TrainingStopped, match="stopped at step 200"):
         _refuse_unfinished(LoopEnd(200, "stopped"), str(tmp_path))
+
+
+def test_a_forced_redo_removes_the_run_s_outputs_and_nothing_else(tmp_path):
+    from pipeline.pretrain.checkpoints import is_run_output
+    from pipeline.storage import remove_entries
+
+    make_checkpoint(tmp_path, 200)
+    for name in ("metrics.jsonl", "loss.png", "checkpoint_manager_snapshot.json", "job.yaml", "notes.txt"):
+        (tmp_path / name).write_text("x")
+    for folder in ("export", "export-00000100", "tensorboard", "stages", "logs"):
+        (tmp_path / folder).mkdir()
+    left = remove_entries(str(tmp_path), is_run_output)
+    assert left == ["job.yaml", "logs", "notes.txt", "stages"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == left

@@ -280,3 +280,18 @@ def test_a_head_is_scored_on_a_target_only_with_the_same_classes(tmp_path):
     assert _head_mismatch(str(unnamed), digits) is None  # no names: as many classes is taken as the same
     assert "are not the target's" in _head_mismatch(str(named), digits[::-1])
     assert "a 10-class head, the target 5 classes" in _head_mismatch(str(unnamed), digits[:5])
+
+
+def test_a_results_folder_holding_others_files_is_refused_and_a_task_s_is_replaced(tmp_path):
+    from pipeline.transfer.launch import _refuse_foreign
+
+    _refuse_foreign(str(tmp_path / "absent"))
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "metrics.jsonl").write_text("")  # what a task writes first
+    _refuse_foreign(str(tmp_path / "ours"))
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "thesis.pdf").write_text("")
+    with pytest.raises(
+        FileExistsError, match=r"theirs: holds files a vitpipe fine-tuning task did not write \(thesis.pdf\)"
+    ):
+        _refuse_foreign(str(tmp_path / "theirs"))

@@ -139,3 +139,15 @@ def file_sizes(folder: Path) -> dict[str, int]:
     """Every file under a local folder, by relative path, with its size: what a checkpoint records."""
     files = (path for path in folder.rglob("*") if path.is_file())
     return {str(path.relative_to(folder)): path.stat().st_size for path in files}
+
+
+# What a pretraining run writes into its folder (vitpipe's workers and driver, and Ray Train itself):
+# `--force pretrain` deletes these and nothing else the folder may hold.
+RUN_OUTPUTS = re.compile(
+    rf"({CHECKPOINT_PREFIX}[0-9]+|{EXPORT_DIR}(-[0-9]+)?|metrics\.jsonl|tensorboard|loss\.png"
+    r"|checkpoint_manager_snapshot\.json|\..*\.partial)"
+)
+
+
+def is_run_output(name: str) -> bool:
+    return RUN_OUTPUTS.fullmatch(name) is not None

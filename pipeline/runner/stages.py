@@ -19,13 +19,13 @@ import ray
 from pipeline.config import EvaluateConfig, digest
 from pipeline.datasets.card import CARD_FILE, read_card
 from pipeline.preprocess.manifest import MANIFEST_FILE
-from pipeline.pretrain.checkpoints import EXPORT_DIR, VITPIPE_DIR, latest_checkpoint
+from pipeline.pretrain.checkpoints import EXPORT_DIR, VITPIPE_DIR, is_run_output, latest_checkpoint
 from pipeline.pretrain.plan import check_pretrain
 from pipeline.ray_session import init_ray
 from pipeline.runner.plan import JobPlan, Step
 from pipeline.runner.records import file_fingerprint, fresh_fingerprint
 from pipeline.runner.report import write_report
-from pipeline.storage import join, remove_folder, resolve
+from pipeline.storage import join, remove_entries, remove_folder, resolve
 from pipeline.transfer.report import RESULTS_JSON
 from vit.config import CONFIG_FILE
 
@@ -117,8 +117,8 @@ def run_pretrain(context: RunContext, step: Step, clear: bool) -> StepOutcome:
         print(
             f"pretrain: redone on request: discarding the {latest.step:,} steps trained in {layout.pretrain}"
         )
-    if clear:
-        remove_folder(layout.pretrain)
+    if clear:  # the run's own outputs only: the folder may be the run folder, or hold others' files
+        remove_entries(layout.pretrain, is_run_output)
     elif latest is not None:
         print(f"resuming pretraining from its checkpoint at step {latest.step:,}")
     plan = check_pretrain(config, patch_dir(context.plan, config.data), layout.pretrain)

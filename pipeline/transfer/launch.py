@@ -11,14 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 
 from pipeline.config import EvaluateConfig, FinetuneConfig, ModelConfig
+from pipeline.metrics import METRICS_FILE
 from pipeline.ray_session import check_resources, init_ray
 from pipeline.storage import join, local_folder, publish_folder, remove_folder, resolve
 from pipeline.transfer.plan import TargetError, TargetPlan, check_fits, plan_target, target_architecture
 from pipeline.transfer.report import RESULTS_MD, write_results
-from pipeline.transfer.task import TaskSettings, transfer_task
+from pipeline.transfer.task import RESULT_FILE, TaskSettings, transfer_task
 from vit.config import ViTConfig
 
 
@@ -90,6 +92,21 @@ def _model_for(model: ModelConfig | None, target: TargetPlan) -> ViTConfig:
         )
     except ValueError as error:
         raise TargetError(f"target {target.name!r}: the model config does not fit it: {error}") from None
+
+
+def _refuse_foreign(folder: str) -> None:
+    """A (target, mode) folder is replaced only when it is a task's: empty, or holding the metrics a task
+    writes first or the result.json it writes last. Anything else there is named and kept."""
+    filesystem, path = resolve(folder)
+    if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+        return
+    names = {info.base_name for info in filesystem.get_file_info(pafs.FileSelector(path))}
+    if names and not names & {RESULT_FILE, METRICS_FILE}:
+        shown = ", ".join(sorted(names)[:5])
+        raise FileExistsError(
+            f"{folder}: holds files a vitpipe fine-tuning task did not write ({shown}); vitpipe replaces "
+            "only its own. Choose another --out or move them"
+        )
 
 
 def absolute(location: str) -> str:
@@ -178,9 +195,11 @@ def _run_tasks(
         "max_retries": finetune.max_retries,
         "retry_exceptions": False,  # a bad target fails the same way again; only a lost worker is retried
     }
+    folders = [join(out, target.name, mode) for target, mode, _ in runs]
+    for folder in folders:
+        _refuse_foreign(folder)
     pending = {}
-    for target, mode, architecture in runs:
-        folder = join(out, target.name, mode)
+    for (target, mode, architecture), folder in zip(runs, folders, strict=True):
         settings = TaskSettings(target, mode, weights, architecture, train, finetune, evaluate, folder)
         remove_folder(settings.out)  # a new command starts afresh; a retried task appends to its log
         ref = remote.options(name=f"transfer:{target.name}/{mode}", **options).remote(settings)
