@@ -159,10 +159,9 @@ def _add_stage_commands(commands: Any) -> None:
         "--storage", help="where runs live, a path or URL (default: storage_path, else ./runs)"
     )
     train.add_argument(
-        "--force",
-        action="store_true",
-        help="start the run afresh, discarding its checkpoints (says how many)",
-    )
+        "--force", nargs="?", const="pretrain", choices=["pretrain"],
+        help="start the run afresh, discarding its checkpoints (says how many); also `--force pretrain`",
+    )  # fmt: skip
     _add_address(train)
 
     export = commands.add_parser(
@@ -310,7 +309,7 @@ def stage_command(args: argparse.Namespace) -> int:
         name=getattr(args, "name", None),
         overrides=Overrides(targets=given, out=getattr(args, "out", None)),
     )
-    options = RunOptions(force=(args.command,) if getattr(args, "force", False) else ())
+    options = RunOptions(force=(args.command,) if getattr(args, "force", None) else ())
     summary = run_job(args.config, only=args.command, stage=stage, options=options, address=args.address)
     print("\n" + summary.summary())
     return EXIT_FAILED if summary.failed else 0
