@@ -121,9 +121,10 @@ def test_bad_targets_are_reported_and_the_good_one_still_finishes(
     options = [f"--target={name}={directory}" for name, directory in bad_targets.items()]
     address = ray.get_runtime_context().gcs_address
     job = str(write_job(tmp_path))
-    stale = tmp_path / "out" / "digits" / "pretrained" / "stale.txt"  # left by an earlier command
+    stale = tmp_path / "out" / "digits" / "pretrained" / "stale.txt"  # left by an earlier command's task,
     stale.parent.mkdir(parents=True)
     stale.write_text("old")
+    (stale.parent / "metrics.jsonl").write_text("")  # which writes its metrics first
     digits_patches = os.path.relpath(digits_patches, REPO)  # tasks get it absolute
     result = run_vitpipe(
         "finetune", job, "--weights", str(hf_weights), f"--target=digits={digits_patches}", *options,
