@@ -388,34 +388,15 @@ def info_command(args: argparse.Namespace) -> int:
 def validate_command(args: argparse.Namespace) -> int:
     """`vitpipe validate JOB`: everything `vitpipe run` checks before it starts, and the resolved job."""
     from pipeline.runner.plan import load_plan
-    from pipeline.runner.records import external_fingerprints
+    from pipeline.runner.preflight import check_before_run
 
     plan = load_plan(args.config)
     if not args.skip_inputs:
-        for step in plan.steps:
-            external_fingerprints(plan, step)  # the inputs from outside the run exist and are usable
-        _check_pretraining(plan)
+        check_before_run(plan, plan.steps, pretrain_redone=False)
     steps = ", ".join(step.id for step in plan.steps)
     print(f"{args.config}: valid (config hash {plan.job.digest()}); steps: {steps}")
     print(plan.job.model_dump_json(indent=2))
     return 0
-
-
-def _check_pretraining(plan: Any) -> None:
-    """Where the pretraining data is already there: the checks `vitpipe run` makes of it and of the run
-    folder (model, data, defining settings of a run it would resume)."""
-    from pipeline.preprocess.manifest import MANIFEST_FILE
-    from pipeline.pretrain.plan import check_pretrain
-
-    config = plan.job.pretrain
-    if config is None:
-        return
-    data = plan.layout.patches(config.data) if config.data in plan.job.preprocess else config.data
-    if Path(data, MANIFEST_FILE).is_file() or "://" in data:
-        try:
-            check_pretrain(config, data, plan.layout.pretrain)
-        except (FileNotFoundError, ValueError) as error:
-            raise ConfigError(f"{plan.source}: pretrain: {error}") from None
 
 
 def preprocess_command(args: argparse.Namespace) -> int:

@@ -98,7 +98,7 @@ def test_a_refused_run_imports_neither_torch_nor_ray_train(patch_sets, tmp_path)
         [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert "fewer than one global batch of 512" in result.stderr
-    assert result.stdout.splitlines()[-1] == "exit 1"  # nothing heavy was imported
+    assert result.stdout.splitlines()[-1] == "exit 2"  # refused as a config error; nothing heavy imported
 
 
 def test_cache_data_auto_holds_a_split_under_a_quarter_of_the_object_store(patch_sets):
@@ -221,3 +221,16 @@ def test_a_budget_below_the_step_reached_is_refused(run_with_checkpoint, patch_s
     config = PretrainConfig.model_validate({**RUN, "steps": 30, "data": str(patch_sets["labelled"])})
     with pytest.raises(ValueError, match="has trained 40 steps, beyond the budget of 30"):
         check_pretrain(config, config.data, str(run_with_checkpoint))
+
+
+def test_validate_refuses_what_a_relaunch_would_refuse(run_with_checkpoint, patch_sets, tmp_path, capsys):
+    from pipeline.cli import main
+
+    config = tmp_path / "run.yaml"  # the one-stage job `run` in STORAGE/run: the folder above
+    config.write_text(yaml.safe_dump({**RUN, "steps": 100, "data": str(patch_sets["labelled"]),
+                                      "storage_path": str(tmp_path), "seed": 5}))  # fmt: skip
+    assert main(["validate", str(config)]) == 2
+    assert "seed 0 -> 5" in capsys.readouterr().err
+    config.write_text(yaml.safe_dump({**RUN, "steps": 100, "data": str(patch_sets["labelled"]),
+                                      "storage_path": str(tmp_path)}))  # fmt: skip
+    assert main(["validate", str(config)]) == 0

@@ -26,8 +26,8 @@ import yaml
 
 from pipeline.config import ConfigError
 from pipeline.metrics import format_seconds
-from pipeline.pretrain.plan import check_run_matches
 from pipeline.runner.plan import EVALUATE, JobPlan, RunOptions, StageOptions, Step, load_plan
+from pipeline.runner.preflight import check_before_run
 from pipeline.runner.provenance import git_revision
 from pipeline.runner.records import external_fingerprints, read_record, step_key, write_record
 from pipeline.runner.stages import RESUMED_ON_CHANGE, RUNNERS, RunContext, outputs_present
@@ -103,13 +103,7 @@ def run_job(
         *inputs, last = _steps_of(plan, only)
         _take_cached_inputs(plan, inputs, fingerprints)
         steps = [last]
-    externals = {step.id: external_fingerprints(plan, step) for step in steps}  # inputs exist, or fail now
-    if (
-        plan.job.pretrain is not None
-        and any(s.stage == "pretrain" for s in steps)
-        and not options.redo("pretrain")
-    ):
-        _check_pretrain_run(plan)
+    externals = check_before_run(plan, steps, pretrain_redone=options.redo("pretrain"))  # or fail now
     root.mkdir(parents=True, exist_ok=True)
     with _run_lock(root):
         _keep_job_file(plan, job_path, root)
@@ -125,15 +119,6 @@ def run_job(
         _write_run_file(plan, summary, "failed" if summary.failed else "finished")
     context.close()  # a Ray this run started ends here, its workers' last lines printed before the summary
     return summary
-
-
-def _check_pretrain_run(plan: JobPlan) -> None:
-    """Before any step: a pretraining run folder trained with other defining settings is refused (its
-    model is checked again once the data is there to resolve it)."""
-    try:
-        check_run_matches(plan.layout.pretrain, plan.job.pretrain)
-    except ValueError as error:
-        raise ConfigError(f"{plan.source}: pretrain: {error}") from None
 
 
 def _run_steps(

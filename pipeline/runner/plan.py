@@ -65,6 +65,10 @@ class JobPlan:
     def step(self, step_id: str) -> Step:
         return next(step for step in self.steps if step.id == step_id)
 
+    def patch_dir(self, entry: str) -> str:
+        """A preprocess entry's folder in the run, or the entry itself when it is a location."""
+        return self.layout.patches(entry) if entry in self.job.preprocess else entry
+
 
 @dataclass(frozen=True)
 class StageOptions:

@@ -59,11 +59,6 @@ class RunContext:
             ray.shutdown()
 
 
-def patch_dir(plan: JobPlan, entry: str) -> str:
-    """A preprocess entry's folder in the run, or the entry itself when it is a location."""
-    return plan.layout.patches(entry) if entry in plan.job.preprocess else entry
-
-
 def pretrained_weights(plan: JobPlan) -> str | None:
     """The weights the finetune stage starts from: finetune.weights, else the pretraining export."""
     finetune = plan.job.finetune
@@ -121,7 +116,7 @@ def run_pretrain(context: RunContext, step: Step, clear: bool) -> StepOutcome:
         remove_entries(layout.pretrain, is_run_output)
     elif latest is not None:
         print(f"resuming pretraining from its checkpoint at step {latest.step:,}")
-    plan = check_pretrain(config, patch_dir(context.plan, config.data), layout.pretrain)
+    plan = check_pretrain(config, context.plan.patch_dir(config.data), layout.pretrain)
 
     from pipeline.pretrain.launch import pretrain
 

@@ -1,0 +1,40 @@
+"""What `vitpipe run` checks before its first step, and `vitpipe validate` checks the same way: every
+input from outside the run exists and is usable, and a pretraining run folder with checkpoints holds
+this run (same defining settings; same model and data when the data is already there).
+
+No Ray and no torch here: a refused job is refused in about a second.
+"""
+
+from __future__ import annotations
+
+from pipeline.config import ConfigError
+from pipeline.preprocess.manifest import MANIFEST_FILE
+from pipeline.pretrain.plan import check_run_matches, plan_pretrain
+from pipeline.runner.plan import JobPlan, Step
+from pipeline.runner.records import external_fingerprints
+from pipeline.storage import join, resolve
+
+
+def check_before_run(plan: JobPlan, steps: list[Step], *, pretrain_redone: bool) -> dict[str, dict[str, str]]:
+    """The outside inputs' fingerprints of each of `steps`, after the checks; a failure is a ConfigError
+    naming the job file. A pretraining step redone on purpose (--force, --from) is not compared with the
+    run it replaces."""
+    externals = {step.id: external_fingerprints(plan, step) for step in steps}
+    if not pretrain_redone and any(step.stage == "pretrain" for step in steps):
+        check_pretrain_run(plan)
+    return externals
+
+
+def check_pretrain_run(plan: JobPlan) -> None:
+    """The run folder's checkpoints against the job's pretrain section: its defining settings always, and
+    the model and the data's size too when the data is already preprocessed."""
+    config = plan.job.pretrain
+    if config is None:
+        return
+    data = plan.patch_dir(config.data)
+    filesystem, manifest = resolve(join(data, MANIFEST_FILE))
+    try:
+        planned = plan_pretrain(config, data) if filesystem.get_file_info(manifest).is_file else None
+        check_run_matches(plan.layout.pretrain, config, planned)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"{plan.source}: pretrain: {error}") from None
