@@ -53,6 +53,11 @@ def url_of(location: str, path: str) -> str:
     return base.split("://", 1)[0] + "://" + path.lstrip("/") + query
 
 
+def basename(location: str) -> str:
+    """The last path component of a path or URL, a URL's query left out (`s3://b/run?scheme=http` -> run)."""
+    return posixpath.basename(_split_query(location)[0].rstrip("/"))
+
+
 def _split_query(location: str) -> tuple[str, str]:
     if "://" not in location or "?" not in location:
         return location, ""

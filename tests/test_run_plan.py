@@ -223,3 +223,21 @@ def test_validate_checks_the_inputs_run_would_read(tmp_path, capsys):
     job = changed(pretrain={**JOB["pretrain"], "data": str(tmp_path / "no-patches")})
     assert main(["validate", str(write_job(tmp_path, job))]) == 2
     assert f"pretrain reads '{tmp_path / 'no-patches'}', which is unusable" in capsys.readouterr().err
+
+
+def test_a_url_s_query_stays_with_every_location_derived_from_it():
+    from pipeline.pretrain.checkpoints import step_of
+    from pipeline.runner.plan import target_name
+    from pipeline.storage import join, url_of
+
+    url = "s3://b/runs?endpoint_override=minio:9000&scheme=http"
+    assert (
+        join(url, "job", "checkpoint_00000040")
+        == "s3://b/runs/job/checkpoint_00000040?endpoint_override=minio:9000&scheme=http"
+    )
+    assert (
+        url_of(url, "b/runs/job/export") == "s3://b/runs/job/export?endpoint_override=minio:9000&scheme=http"
+    )
+    assert step_of(join(url, "checkpoint_00000040")) == 40
+    assert target_name("s3://b/cifar-384/?scheme=http") == "cifar-384"
+    assert join("/local/runs", "job") == "/local/runs/job"

@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipeline.storage import resolve, url_of
+from pipeline.storage import basename, resolve, url_of
 
 META_FILE = "vitpipe.json"
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -33,9 +33,7 @@ def tag_of(step: int) -> str:
 
 def step_of(path: str) -> int:
     """The step of a `checkpoint_NNNNNNNN` folder (a path or URL), from its name."""
-    if "://" in path:
-        path = path.split("?", 1)[0]
-    return int(path.rstrip("/").rsplit("_", 1)[-1])
+    return int(basename(path).rsplit("_", 1)[-1])
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from pipeline.config import (
     validate,
 )
 from pipeline.runner.layout import RunLayout, run_layout
+from pipeline.storage import basename
 
 STAGES = ("datasets", "preprocess", "pretrain", "finetune", "report")  # what `vitpipe run` runs, in order
 EVALUATE = "evaluate"  # `vitpipe evaluate JOB`: the weights scored on the targets without training
@@ -308,5 +309,4 @@ def _check_target_patches(target: str, finetune: FinetuneConfig, job: PipelineCo
 def target_name(location: str) -> str:
     """The name a target given as a folder goes by: its last path component (`data/c10-384/` -> c10-384,
     a URL's query left out)."""
-    path = location.split("?", 1)[0] if "://" in location else location
-    return posixpath.basename(path.rstrip("/")) or location
+    return basename(location) or location
