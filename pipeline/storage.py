@@ -37,6 +37,20 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
         return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem)), path
 
 
+def resolve_all(locations: list[str]) -> tuple[pafs.FileSystem, list[str]]:
+    """One filesystem and the paths on it of locations that share it (the files of one folder): the
+    first is resolved, the others take its prefix off, so that a URL's filesystem is built once, not once
+    per file (thousands of shards)."""
+    filesystem, first = resolve(locations[0])
+    base = _split_query(locations[0])[0]
+    prefix = base[: len(base) - len(first)] if "://" in base and base.endswith(first) else None
+    paths = []
+    for location in locations:
+        bare = _split_query(location)[0]
+        paths.append(bare[len(prefix) :] if prefix and bare.startswith(prefix) else resolve(location)[1])
+    return filesystem, paths
+
+
 def join(location: str, *parts: str) -> str:
     """`location/part/...`, keeping a URL's query (`s3://b/runs?endpoint_override=HOST:PORT&scheme=http`
     stays the filesystem's settings, after the new path)."""

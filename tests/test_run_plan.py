@@ -241,3 +241,14 @@ def test_a_url_s_query_stays_with_every_location_derived_from_it():
     assert step_of(join(url, "checkpoint_00000040")) == 40
     assert target_name("s3://b/cifar-384/?scheme=http") == "cifar-384"
     assert join("/local/runs", "job") == "/local/runs/job"
+
+
+def test_the_files_of_one_folder_resolve_to_one_filesystem_and_its_paths(tmp_path):
+    from pipeline.storage import resolve_all
+
+    query = "?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"
+    filesystem, paths = resolve_all([f"s3://b/p/{n}.parquet{query}" for n in ("a", "b")])
+    assert type(filesystem).__name__ == "S3FileSystem"
+    assert paths == ["b/p/a.parquet", "b/p/b.parquet"]
+    filesystem, paths = resolve_all([str(tmp_path / "a.parquet"), "rel/b.parquet"])
+    assert paths == [str(tmp_path / "a.parquet"), str(Path("rel/b.parquet").absolute())]

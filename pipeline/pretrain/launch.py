@@ -30,7 +30,7 @@ from pipeline.pretrain.export import Export, export_checkpoint
 from pipeline.pretrain.plan import PretrainPlan, should_cache, shuffled_files, worker_settings
 from pipeline.pretrain.worker import DATASET, SETTINGS, train_loop
 from pipeline.ray_session import check_resources, init_ray, worker_env
-from pipeline.storage import join, resolve
+from pipeline.storage import join, resolve, resolve_all
 
 if TYPE_CHECKING:
     from vit.loop import LoopEnd
@@ -101,8 +101,7 @@ def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, ru
     files = shuffled_files(plan.data.files, config.seed)
     # Filesystems resolved here, so that a URL's own settings (endpoint_override=..., scheme=...) reach
     # Ray Data and Ray Train, which would otherwise read the query as part of the path.
-    data_fs = resolve(files[0])[0]
-    paths = [resolve(file)[1] for file in files]
+    data_fs, paths = resolve_all(files)
     dataset = ray.data.read_parquet(
         paths, filesystem=data_fs, columns=["patches", "label"], num_cpus=config.data_cpus
     )
@@ -112,6 +111,7 @@ def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, ru
               file=sys.stderr)  # fmt: skip
         dataset = _materialize_in_order(dataset)
     settings = worker_settings(config, plan, run_dir, _resume_point(run_dir), control)
+    storage_fs, storage_path = resolve(storage) if "://" in storage else (None, storage)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={SETTINGS: settings},
@@ -123,8 +123,8 @@ def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, ru
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=resolve(storage)[1] if "://" in storage else storage,
-            storage_filesystem=resolve(storage)[0] if "://" in storage else None,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
             worker_runtime_env={"env_vars": worker_env(config.use_gpu)},
