@@ -234,3 +234,23 @@ def test_validate_refuses_what_a_relaunch_would_refuse(run_with_checkpoint, patc
     config.write_text(yaml.safe_dump({**RUN, "steps": 100, "data": str(patch_sets["labelled"]),
                                       "storage_path": str(tmp_path)}))  # fmt: skip
     assert main(["validate", str(config)]) == 0
+
+
+def test_force_starts_afresh_saying_what_it_discards_and_keeps_others_files(
+    run_with_checkpoint, patch_sets, tmp_path, capsys, ray_local
+):
+    from pipeline.cli import main
+
+    (run_with_checkpoint / "notes.txt").write_text("mine")
+    config = tmp_path / "run.yaml"  # another seed: refused without --force
+    config.write_text(yaml.safe_dump({**RUN, "steps": 100, "data": str(patch_sets["labelled"]), "seed": 5,
+                                      "num_workers": 8, "micro_batch_size": 4}))  # fmt: skip
+    assert main(["pretrain", str(config), "--storage", str(tmp_path)]) == 2
+    assert (run_with_checkpoint / "checkpoint_00000040").is_dir()
+    # 8 workers cannot be placed on the session's Ray: the forced launch stops there, after the clearing
+    assert main(["pretrain", str(config), "--storage", str(tmp_path), "--force"]) == 1
+    out = capsys.readouterr()
+    assert f"discarding the 40 steps trained in {run_with_checkpoint}" in out.out
+    assert "8 worker(s) and the data readers cannot be placed" in out.err
+    assert not (run_with_checkpoint / "checkpoint_00000040").exists()
+    assert (run_with_checkpoint / "notes.txt").read_text() == "mine"
