@@ -81,10 +81,8 @@ def test_sigint_checkpoints_the_step_and_a_relaunch_on_other_settings_continues_
     CPUs, the budget) and resumes at exactly that step with the weights it had reached."""
     config = write_config(tmp_path / "stopped.yaml", fractal_patches, steps=2000, checkpoint_every=1000)
     run_dir = tmp_path / "stopped"
-    command = [*VITPIPE, "pretrain", str(config), "--storage", str(tmp_path), "--address", two_nodes.address]
-    with subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    ) as run:
+    command = ["pretrain", str(config), "--storage", str(tmp_path), "--address", two_nodes.address]
+    with _launch(command) as run:
         reached = _wait_for_step(run_dir, step=30, run=run)
         run.send_signal(signal.SIGINT)
         _, stderr = run.communicate(timeout=120)
@@ -99,7 +97,7 @@ def test_sigint_checkpoints_the_step_and_a_relaunch_on_other_settings_continues_
 
     write_config(config, fractal_patches, num_workers=1, micro_batch_size=8, cpus_per_worker=0.5,
                  checkpoint_every=500, log_every=1, steps=stopped + 4)  # fmt: skip
-    result = run_vitpipe(*command[len(VITPIPE) :], timeout=400)
+    result = run_vitpipe(*command, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_records(str(run_dir))
     resumed = events(records, "resumed")[-1]
@@ -183,10 +181,8 @@ def test_zero3_run_survives_a_killed_worker(two_nodes, fractal_patches, tmp_path
         tmp_path / "zero3.yaml", fractal_patches, zero_stage=3, steps=60, max_failures=2, cache_data=False
     )
     run_dir = tmp_path / "zero3"
-    command = [*VITPIPE, "pretrain", str(config), "--storage", str(tmp_path), "--address", two_nodes.address]
-    with subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    ) as run:
+    command = ["pretrain", str(config), "--storage", str(tmp_path), "--address", two_nodes.address]
+    with _launch(command) as run:
         killed = _kill_a_worker_after(run_dir, step=30, run=run)
         _, stderr = run.communicate(timeout=400)
     assert killed, "no Ray Train worker process was found to kill"
@@ -265,3 +261,10 @@ def _wait_for_step(run_dir: Path, step: int, run: subprocess.Popen) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def _launch(args: list[str]) -> subprocess.Popen:
+    """`vitpipe ARGS` running in the background, its output captured."""
+    return subprocess.Popen(
+        [*VITPIPE, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
