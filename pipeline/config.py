@@ -5,6 +5,7 @@ A config that fails here fails before any Ray work starts, with the file and the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -614,7 +615,20 @@ def _describe(item: dict[str, Any], data: Any, model: type[BaseModel], key_style
         return f"  {path}: required key is missing"
     got = item.get("input")
     shown = "" if isinstance(got, dict | list) or not keys else f" (got {got!r})"
-    return f"  {path or '(top level)'}: {message}{shown}"
+    return f"  {path or '(top level)'}: {message}{shown}{_quoted_value_hint(item['type'], got)}"
+
+
+def _quoted_value_hint(error_type: str, got: Any) -> str:
+    """Files that vitpipe once read leniently (`lr: "3e-3"`, `use_gpu: "yes"`) are told what to write."""
+    if not isinstance(got, str):
+        return ""
+    if error_type in ("float_type", "int_type"):
+        with contextlib.suppress(ValueError):
+            float(got)
+            return "; write the number without quotes"
+    if error_type == "bool_type" and got.lower() in ("yes", "no", "true", "false", "on", "off"):
+        return "; write true or false, without quotes"
+    return ""
 
 
 def _user_key_path(loc: tuple[Any, ...], data: Any) -> list[Any]:

@@ -279,6 +279,19 @@ def test_numbers_and_flags_are_strict_finite_and_bounded(tmp_path, old, new, exp
     assert expected in errors_of(tmp_path, GOOD_JOB.replace(old, new))
 
 
+def test_a_quoted_number_or_flag_that_was_once_accepted_is_told_what_to_write(tmp_path):
+    message = errors_of(tmp_path, GOOD_JOB.replace("lr: 1e-3", 'lr: "3e-3"').replace(
+        "zero_stage: 2", 'zero_stage: 2\n  use_gpu: "yes"'))  # fmt: skip
+    assert (
+        "pretrain.optimizer.lr: Input should be a valid number (got '3e-3'); write the number without quotes"
+        in message
+    )
+    assert (
+        "pretrain.use_gpu: Input should be a valid boolean (got 'yes'); write true or false, without quotes"
+        in message
+    )
+
+
 def test_an_unquoted_exponent_is_a_number(tmp_path):
     config = load_config(write(tmp_path, GOOD_JOB.replace("lr: 1e-3", "lr: 3E-4")))
     assert config.pretrain.optimizer.lr == pytest.approx(3e-4)
