@@ -1,4 +1,5 @@
-"""vit: the Vision Transformer and the math of training it. Plain PyTorch/DeepSpeed; never imports Ray.
+"""vit: the Vision Transformer, the BiT ResNet it is compared with, and the math of training them.
+Plain PyTorch/DeepSpeed; never imports Ray.
 
 The names below are loaded on first use, so that `vit.variants` (which the config schema imports)
 does not pull in torch.
@@ -11,7 +12,10 @@ from typing import Any
 
 _EXPORTS = {
     "ViTConfig": "vit.config",
+    "BiTConfig": "vit.config",
     "VisionTransformer": "vit.model",
+    "ResNetV2": "vit.bit",
+    "build_model": "vit.models",
     "patchify": "vit.patches",
     "unpatchify": "vit.patches",
     "forward_flops": "vit.flops",

@@ -1,13 +1,14 @@
-"""ViTConfig: every number that defines a ViT's architecture and input; what `config.json` stores."""
+"""The model configs: every number that defines a ViT's or a BiT ResNet's architecture and input, what
+`config.json` and each checkpoint store. `Architecture` is either; its `family` says which."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from vit.patches import PatchGeometry, geometry_problems
-from vit.variants import parse_variant
+from vit.variants import BIT_DEPTHS, parse_bit_variant, parse_variant
 
 CONFIG_FILE = "config.json"  # the file a saved model folder describes itself in (vitpipe's and HF's)
 DEFAULT_MEAN = 0.5  # big_vision / the paper's checkpoints scale pixels to [-1, 1]
@@ -17,6 +18,15 @@ DEFAULT_STD = 0.5
 @dataclass(frozen=True)
 class ViTConfig:
     """A Vision Transformer on square images of `image_size` cut into `patch_size` patches."""
+
+    family: ClassVar[str] = "vit"
+    label: ClassVar[str] = "ViT"
+    # Fields a checkpoint can be loaded under a different value of; every other field must match it.
+    adaptable: ClassVar[frozenset[str]] = frozenset(
+        {"image_size", "num_classes", "representation_size", "dropout", "attention_dropout", "drop_path"}
+    )
+    # What the data must match: the patch embedding is learned on patches of this size and channels.
+    fixed_geometry: ClassVar[tuple[str, ...]] = ("patch_size", "channels")
 
     image_size: int = 224
     patch_size: int = 16
@@ -36,13 +46,7 @@ class ViTConfig:
     std: tuple[float, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        # Per-channel normalisation defaults to 0.5/0.5 for however many channels there are.
-        if not self.mean:
-            object.__setattr__(self, "mean", (DEFAULT_MEAN,) * self.channels)
-        if not self.std:
-            object.__setattr__(self, "std", (DEFAULT_STD,) * self.channels)
-        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
-        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        _normalisation(self)
         problems = self._problems()
         if problems:
             raise ValueError("invalid ViT config: " + "; ".join(problems))
@@ -68,14 +72,7 @@ class ViTConfig:
                 problems.append(f"{name} must be in [0, 1) (got {getattr(self, name)})")
         if not self.layer_norm_eps > 0:
             problems.append(f"layer_norm_eps must be positive (got {self.layer_norm_eps})")
-        for name in ("mean", "std"):
-            if len(getattr(self, name)) != self.channels:
-                problems.append(
-                    f"{name} has {len(getattr(self, name))} values for {self.channels} channel(s)"
-                )
-        if any(s <= 0 for s in self.std):
-            problems.append(f"std values must be positive (got {self.std})")
-        return problems
+        return problems + _normalisation_problems(self)
 
     @classmethod
     def from_variant(cls, name: str, **overrides: Any) -> ViTConfig:
@@ -103,6 +100,15 @@ class ViTConfig:
         """Width of the pre-logits features the head (and few-shot probes) read."""
         return self.representation_size or self.width
 
+    def describe(self) -> str:
+        return f"ViT width {self.width} depth {self.depth} heads {self.heads}"
+
+    def for_target(self, *, image_size: int, patch_size: int, num_classes: int) -> ViTConfig:
+        """The model fine-tuned on a target: its resolution and classes, no pre-logits layer (as the
+        paper); the patch size is the model's own (`fixed_geometry`)."""
+        del patch_size
+        return self.replace(image_size=image_size, num_classes=num_classes, representation_size=None)
+
     def replace(self, **changes: Any) -> ViTConfig:
         return dataclasses.replace(self, **changes)
 
@@ -113,14 +119,150 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> ViTConfig:
-        """Build from `to_dict()` output; unknown keys are an error naming `source` and the keys."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"{source}: unknown ViT config key(s) {', '.join(unknown)}; known: {sorted(known)}"
+        return _from_dict(cls, data, source)
+
+
+def _normalisation(config: Any) -> None:
+    """Per-channel mean/std default to 0.5/0.5 (pixels scaled to [-1, 1]) for however many channels."""
+    if not config.mean:
+        object.__setattr__(config, "mean", (DEFAULT_MEAN,) * config.channels)
+    if not config.std:
+        object.__setattr__(config, "std", (DEFAULT_STD,) * config.channels)
+    object.__setattr__(config, "mean", tuple(float(m) for m in config.mean))
+    object.__setattr__(config, "std", tuple(float(s) for s in config.std))
+
+
+def _normalisation_problems(config: Any) -> list[str]:
+    problems = [
+        f"{name} has {len(getattr(config, name))} values for {config.channels} channel(s)"
+        for name in ("mean", "std")
+        if len(getattr(config, name)) != config.channels
+    ]
+    if any(s <= 0 for s in config.std):
+        problems.append(f"std values must be positive (got {config.std})")
+    return problems
+
+
+@dataclass(frozen=True)
+class BiTConfig:
+    """A BiT ResNet-v2 (Kolesnikov et al. 2020): pre-activation bottlenecks, GroupNorm and weight-
+    standardised convolutions. It reads the same patch tensors as a ViT and rebuilds the image from them,
+    so `patch_size` is the data's layout only: its weights fit any patch size and any resolution."""
+
+    family: ClassVar[str] = "bit"
+    label: ClassVar[str] = "BiT"
+    adaptable: ClassVar[frozenset[str]] = frozenset({"image_size", "patch_size", "num_classes"})
+    fixed_geometry: ClassVar[tuple[str, ...]] = ("channels",)
+
+    image_size: int = 224
+    patch_size: int = 16
+    channels: int = 3
+    num_classes: int = 1000
+    depth: int = 50  # 26, 50, 101 or 152 (vit.variants.BIT_DEPTHS)
+    width_factor: int = 1  # R50x1, R50x2, ...
+    base_width: int = 64  # the stem's channels at width factor 1 (BiT's is 64; smaller for toy models)
+    groups: int = 32  # GroupNorm groups
+    mean: tuple[float, ...] = field(default=())
+    std: tuple[float, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        _normalisation(self)
+        problems = self._problems()
+        if problems:
+            raise ValueError("invalid BiT config: " + "; ".join(problems))
+
+    def _problems(self) -> list[str]:
+        problems = geometry_problems(self.image_size, self.patch_size, self.channels)
+        for name in ("num_classes", "width_factor", "base_width", "groups"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                problems.append(f"{name} must be a positive integer (got {getattr(self, name)!r})")
+        if problems:
+            return problems
+        if self.depth not in BIT_DEPTHS:
+            problems.append(f"depth must be one of {sorted(BIT_DEPTHS)} (got {self.depth!r})")
+        if self.stem_width % self.groups:
+            problems.append(
+                f"the stem's {self.stem_width} channels (base_width x width_factor) do not split into "
+                f"{self.groups} GroupNorm groups"
             )
-        try:
-            return cls(**data)
-        except ValueError as error:
-            raise ValueError(f"{source}: {error}") from None
+        return problems + _normalisation_problems(self)
+
+    @classmethod
+    def from_variant(cls, name: str, **overrides: Any) -> BiTConfig:
+        """The config of a named variant ("R50x1"); keyword arguments override any field."""
+        depth, width_factor = parse_bit_variant(name)
+        return cls(**{"depth": depth, "width_factor": width_factor, **overrides})
+
+    @property
+    def geometry(self) -> PatchGeometry:
+        return PatchGeometry(self.image_size, self.patch_size, self.channels)
+
+    @property
+    def stem_width(self) -> int:
+        return self.base_width * self.width_factor
+
+    @property
+    def stage_blocks(self) -> tuple[int, int, int, int]:
+        return BIT_DEPTHS[self.depth]
+
+    @property
+    def stage_widths(self) -> tuple[int, ...]:
+        """Each stage's output channels (4x its bottleneck's): 256, 512, 1024, 2048 for R50x1."""
+        return tuple(4 * self.stem_width * 2**stage for stage in range(4))
+
+    @property
+    def feature_dim(self) -> int:
+        """Channels of the global-pooled features the head (and few-shot probes) read."""
+        return self.stage_widths[-1]
+
+    def describe(self) -> str:
+        base = "" if self.base_width == 64 else f", base width {self.base_width}"
+        return f"BiT R{self.depth}x{self.width_factor}{base}"
+
+    def for_target(self, *, image_size: int, patch_size: int, num_classes: int) -> BiTConfig:
+        """The model fine-tuned on a target: its resolution, patch layout and classes."""
+        return self.replace(image_size=image_size, patch_size=patch_size, num_classes=num_classes)
+
+    def replace(self, **changes: Any) -> BiTConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> BiTConfig:
+        return _from_dict(cls, data, source)
+
+
+Architecture = ViTConfig | BiTConfig
+FAMILIES: dict[str, type[ViTConfig] | type[BiTConfig]] = {"vit": ViTConfig, "bit": BiTConfig}
+
+
+def architecture_record(config: Architecture) -> dict[str, Any]:
+    """How config.json and checkpoints store an architecture: under its family's key (`"vit": {...}`)."""
+    return {config.family: config.to_dict()}
+
+
+def architecture_from_record(record: dict[str, Any], source: str) -> Architecture:
+    """The architecture stored by `architecture_record` in `record` (which may hold other keys)."""
+    present = [family for family in FAMILIES if isinstance(record.get(family), dict)]
+    if len(present) != 1:
+        wanted = " or ".join(FAMILIES)
+        raise ValueError(f"{source}: expected one architecture under {wanted}; found {present}")
+    return FAMILIES[present[0]].from_dict(record[present[0]], source=source)
+
+
+def _from_dict(cls: Any, data: dict[str, Any], source: str) -> Any:
+    """Build from `to_dict()` output; unknown keys are an error naming `source` and the keys."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown {cls.label} config key(s) {', '.join(unknown)}; known: {sorted(known)}"
+        )
+    try:
+        return cls(**data)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from vit.config import CONFIG_FILE, ViTConfig
+from vit.config import CONFIG_FILE, Architecture
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -25,7 +25,7 @@ WEIGHTS_FILE = "model.safetensors"
 class Checkpoint:
     """Weights read from disk in vitpipe's naming, with the config they were saved under."""
 
-    config: ViTConfig
+    config: Architecture
     state: dict[str, torch.Tensor]
     labels: list[str] | None
     source: str

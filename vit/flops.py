@@ -1,18 +1,21 @@
-"""Analytic FLOP count of a ViT (2 FLOPs per multiply-add, matmuls and attention) and device peaks, for MFU.
+"""Analytic FLOP count of a ViT or a BiT ResNet (2 FLOPs per multiply-add: matmuls, attention and
+convolutions) and device peaks, for MFU.
 
-Elementwise work (norms, GELU, softmax, residuals) is left out, as MFU conventions do; it is well under
-1% of the total for the standard variants.
+Elementwise work (norms, GELU, softmax, residuals, pooling, weight standardisation) is left out, as MFU
+conventions do; it is well under 1% of the total for the standard variants.
 """
 
 from __future__ import annotations
 
 import torch
 
-from vit.config import ViTConfig
+from vit.config import Architecture, BiTConfig
 
 
-def forward_flops_breakdown(config: ViTConfig) -> dict[str, int]:
+def forward_flops_breakdown(config: Architecture) -> dict[str, int]:
     """Forward FLOPs per image by component."""
+    if isinstance(config, BiTConfig):
+        return _bit_breakdown(config)
     tokens, width, mlp = config.seq_len, config.width, config.mlp_dim
     per_block = {
         "qkv": 2 * tokens * width * 3 * width,
@@ -27,12 +30,36 @@ def forward_flops_breakdown(config: ViTConfig) -> dict[str, int]:
     return breakdown
 
 
-def forward_flops(config: ViTConfig) -> int:
+def _conv_side(side: int, kernel: int, stride: int, padding: int) -> int:
+    return (side + 2 * padding - kernel) // stride + 1
+
+
+def _bit_breakdown(config: BiTConfig) -> dict[str, int]:
+    """A BiT ResNet's convolutions stage by stage, following `vit.bit`'s shapes exactly."""
+    side = _conv_side(config.image_size, 7, 2, 3)
+    breakdown = {"stem": 2 * side * side * config.stem_width * config.channels * 49}
+    side = _conv_side(side + 2, 3, 2, 0)  # zero-padded 3x3/2 max pool
+    cin = config.stem_width
+    for stage, (blocks, cout) in enumerate(zip(config.stage_blocks, config.stage_widths, strict=True)):
+        flops, mid = 0, cout // 4
+        for unit in range(blocks):
+            stride = 2 if stage > 0 and unit == 0 else 1
+            out = _conv_side(side, 3, stride, 1)
+            flops += 2 * side * side * cin * mid + 2 * out * out * mid * mid * 9 + 2 * out * out * mid * cout
+            if stride != 1 or cin != cout:
+                flops += 2 * out * out * cin * cout
+            side, cin = out, cout
+        breakdown[f"stage{stage + 1}"] = flops
+    breakdown["head"] = 2 * config.feature_dim * config.num_classes
+    return breakdown
+
+
+def forward_flops(config: Architecture) -> int:
     """Forward FLOPs per image."""
     return sum(forward_flops_breakdown(config).values())
 
 
-def train_flops(config: ViTConfig) -> int:
+def train_flops(config: Architecture) -> int:
     """Training FLOPs per image: forward + backward, counted as 3x forward (the usual MFU convention)."""
     return 3 * forward_flops(config)
 

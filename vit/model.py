@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vit.config import ViTConfig
+from vit.config import Architecture, ViTConfig
 from vit.patches import describe_patch_dim
 
 
@@ -25,10 +25,11 @@ def lecun_normal_(weight: torch.Tensor) -> None:
     nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
 
 
-class PatchStem(nn.Module):
-    """uint8 patches -> normalised floats -> linear patch embedding (the paper's "E")."""
+class PatchInput(nn.Module):
+    """What every model family does first: check the patch tensors fit it, and normalise uint8 pixels
+    on the device. Has no weights (its buffers are derived from the config and not saved)."""
 
-    def __init__(self, config: ViTConfig) -> None:
+    def __init__(self, config: Architecture) -> None:
         super().__init__()
         self.config = config
         pixels_per_channel = config.patch_size * config.patch_size
@@ -37,7 +38,6 @@ class PatchStem(nn.Module):
         std = torch.tensor(config.std).repeat(pixels_per_channel)
         self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)
         self.register_buffer("shift", -mean / std, persistent=False)
-        self.proj = nn.Linear(config.geometry.patch_dim, config.width)
 
     def check(self, patches: torch.Tensor, *, normalized: bool) -> None:
         """Raise a ValueError that says what the model expects when the input does not fit it."""
@@ -50,12 +50,13 @@ class PatchStem(nn.Module):
         )
         if patches.ndim != 3 or tuple(patches.shape[1:]) != expected:
             hint = describe_patch_dim(patches.shape[-1]) if patches.ndim >= 1 else ""
-            raise ValueError(f"ViT expects patches {what}; got shape {list(patches.shape)}{hint}")
+            got = list(patches.shape)
+            raise ValueError(f"{self.config.label} expects patches {what}; got shape {got}{hint}")
         if normalized and not patches.is_floating_point():
             raise ValueError(f"normalized=True expects floating-point patches; got {patches.dtype}")
         if not normalized and patches.dtype != torch.uint8:
             raise ValueError(
-                f"ViT expects uint8 patches {what}; got {patches.dtype} "
+                f"{self.config.label} expects uint8 patches {what}; got {patches.dtype} "
                 "(pass normalized=True for patches that are already normalised floats)"
             )
 
@@ -65,7 +66,18 @@ class PatchStem(nn.Module):
 
     def forward(self, patches: torch.Tensor, *, normalized: bool = False) -> torch.Tensor:
         self.check(patches, normalized=normalized)
-        x = patches if normalized else self.normalize(patches)
+        return patches if normalized else self.normalize(patches)
+
+
+class PatchStem(PatchInput):
+    """uint8 patches -> normalised floats -> linear patch embedding (the paper's "E")."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__(config)
+        self.proj = nn.Linear(config.geometry.patch_dim, config.width)
+
+    def forward(self, patches: torch.Tensor, *, normalized: bool = False) -> torch.Tensor:
+        x = super().forward(patches, normalized=normalized)
         return self.proj(x.to(self.proj.weight.dtype))
 
 

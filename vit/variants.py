@@ -47,3 +47,28 @@ def parse_variant(name: str) -> VariantName:
     if patch < 1:
         raise ValueError(f"patch size must be positive in {name!r}")
     return VariantName(variant=variant, shape=VARIANTS[variant], patch_size=patch)
+
+
+# --- BiT: ResNet-v2 depths (bottleneck units per stage) and the "R50x1" naming ---------------------
+
+BIT_DEPTHS: dict[int, tuple[int, int, int, int]] = {
+    26: (2, 2, 2, 2),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+}
+
+_BIT_NAME = re.compile(r"^R(?P<depth>[0-9]+)x(?P<width>[0-9]+)$")
+
+
+def parse_bit_variant(name: str) -> tuple[int, int]:
+    """Parse "R50x1", "R101x3"...: (depth, width factor); raises ValueError naming the known depths."""
+    match = _BIT_NAME.match(name.strip())
+    if match is None:
+        raise ValueError(f"BiT variant {name!r} is not of the form R<depth>x<width>, e.g. 'R50x1'")
+    depth, width = int(match["depth"]), int(match["width"])
+    if depth not in BIT_DEPTHS:
+        raise ValueError(f"unknown BiT depth {depth} in {name!r}; known: {', '.join(map(str, BIT_DEPTHS))}")
+    if width < 1:
+        raise ValueError(f"width factor must be positive in {name!r}")
+    return depth, width

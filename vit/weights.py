@@ -1,9 +1,9 @@
 """Weights on disk without pickle: a folder with `model.safetensors` + `config.json`.
 
-`load_pretrained` reads vitpipe folders and HF transformers ViT folders alike, and adapts the weights to
-the model asked for: position embeddings resampled to a new resolution, a new zero head for a new class
-count, the pre-logits layer dropped for fine-tuning as the paper does. Anything else that does not fit is
-a ValueError naming the file, the key and both shapes.
+`load_pretrained` reads vitpipe folders (a ViT or a BiT ResNet) and HF transformers ViT folders alike, and
+adapts the weights to the model asked for: position embeddings resampled to a new resolution, a new zero
+head for a new class count, the pre-logits layer dropped for fine-tuning as the paper does. Anything
+else that does not fit is a ValueError naming the file, the key and both shapes.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from vit.config import CONFIG_FILE, ViTConfig
+from vit.config import CONFIG_FILE, FAMILIES, Architecture, architecture_from_record, architecture_record
 from vit.files import (
     WEIGHTS_FILE,
     Checkpoint,
@@ -24,64 +25,58 @@ from vit.files import (
     write_model_folder,
 )
 from vit.hf import read_hf_checkpoint
-from vit.model import VisionTransformer
+from vit.models import build_model
 from vit.posemb import resample_posemb
 
 log = logging.getLogger(__name__)
 
-FORMAT = "vitpipe.vit/1"
-
-# Fields a checkpoint can be loaded under a different value of; every other field must match it.
-ADAPTABLE = frozenset(
-    {"image_size", "num_classes", "representation_size", "dropout", "attention_dropout", "drop_path"}
-)
+FORMATS = {family: f"vitpipe.{family}/1" for family in FAMILIES}  # config.json's "format", per family
 HEAD_KEYS = ("head.weight", "head.bias")
 PRE_LOGITS_KEYS = ("pre_logits.0.weight", "pre_logits.0.bias")
 
 
-def save_pretrained(
-    model: VisionTransformer, directory: str | Path, *, labels: list[str] | None = None
-) -> Path:
+def save_pretrained(model: nn.Module, directory: str | Path, *, labels: list[str] | None = None) -> Path:
     """Write `model.safetensors` and `config.json` (architecture, normalisation, optional class names)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if labels is not None and len(labels) != model.config.num_classes:
         raise ValueError(f"{len(labels)} labels given for a model with {model.config.num_classes} classes")
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    config: dict[str, Any] = {"format": FORMAT, "vit": model.config.to_dict()}
+    form = FORMATS[model.config.family]
+    config: dict[str, Any] = {"format": form, **architecture_record(model.config)}
     if labels is not None:
         config["labels"] = list(labels)
-    write_model_folder(directory, state, {"format": "pt", "vitpipe": FORMAT}, {CONFIG_FILE: config})
+    write_model_folder(directory, state, {"format": "pt", "vitpipe": form}, {CONFIG_FILE: config})
     return directory
 
 
 def read_checkpoint(directory: str | Path) -> Checkpoint:
-    """Read a vitpipe folder, or an HF transformers ViT folder (converted to vitpipe's naming)."""
+    """Read a vitpipe folder (ViT or BiT), or an HF transformers ViT folder (in vitpipe's naming)."""
     directory = Path(directory)
     data = read_config_json(directory)
-    if data.get("format") == FORMAT:
-        config = ViTConfig.from_dict(data.get("vit", {}), source=str(directory / CONFIG_FILE))
+    if data.get("format") in FORMATS.values():
+        config = architecture_from_record(data, source=str(directory / CONFIG_FILE))
         state = read_safetensors(directory / WEIGHTS_FILE)
         return Checkpoint(config, state, data.get("labels"), str(directory / WEIGHTS_FILE))
     if data.get("model_type") == "vit":
         return read_hf_checkpoint(directory)
     raise ValueError(
-        f"{directory / CONFIG_FILE}: neither a vitpipe model (format {FORMAT!r}) "
+        f"{directory / CONFIG_FILE}: neither a vitpipe model (format {' or '.join(FORMATS.values())}) "
         f"nor an HF ViT (model_type 'vit'); got format={data.get('format')!r}, "
         f"model_type={data.get('model_type')!r}"
     )
 
 
-def _refuse_fixed_changes(source: ViTConfig, changes: dict[str, Any], source_name: str) -> None:
-    """Raise naming every field outside ADAPTABLE whose requested value differs from the checkpoint's."""
+def _refuse_fixed_changes(source: Architecture, changes: dict[str, Any], source_name: str) -> None:
+    """Raise naming every field the checkpoint's family cannot adapt whose requested value differs."""
     known = source.to_dict()
     unknown = sorted(set(changes) - set(known))
     if unknown:
-        raise ValueError(f"{source_name}: unknown ViT config field(s) {unknown}")
+        raise ValueError(f"{source_name}: unknown {source.label} config field(s) {unknown}")
     fixed = [
         f"{name}: the checkpoint has {getattr(source, name)!r}, the model asks for {value!r}"
         for name, value in changes.items()
-        if name not in ADAPTABLE
+        if name not in source.adaptable
         and (tuple(value) if isinstance(value, list) else value) != getattr(source, name)
     ]
     if fixed:
@@ -89,7 +84,10 @@ def _refuse_fixed_changes(source: ViTConfig, changes: dict[str, Any], source_nam
 
 
 def adapt_state_dict(
-    state: dict[str, torch.Tensor], source: ViTConfig, target: ViTConfig, source_name: str = "checkpoint"
+    state: dict[str, torch.Tensor],
+    source: Architecture,
+    target: Architecture,
+    source_name: str = "checkpoint",
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Fit weights saved under `source` to a model built from `target`; returns them and what changed."""
     _refuse_fixed_changes(source, {name: getattr(target, name) for name in target.to_dict()}, source_name)
@@ -100,11 +98,11 @@ def adapt_state_dict(
         prefix = target.num_prefix_tokens
         state["pos_embed"] = resample_posemb(state["pos_embed"], (new, new), num_prefix_tokens=prefix)
         notes.append(f"position embeddings resampled from {old}x{old} to {new}x{new}")
-    if source.representation_size != target.representation_size:
+    if getattr(source, "representation_size", None) != getattr(target, "representation_size", None):
         for key in PRE_LOGITS_KEYS:
             state.pop(key, None)
-        if target.representation_size:
-            notes.append(f"new pre-logits layer of size {target.representation_size}")
+        if target.representation_size:  # type: ignore[union-attr]
+            notes.append(f"new pre-logits layer of size {target.representation_size}")  # type: ignore[union-attr]
         else:
             notes.append("pre-logits layer dropped")
     if source.num_classes != target.num_classes or source.feature_dim != target.feature_dim:
@@ -115,7 +113,7 @@ def adapt_state_dict(
 
 
 def load_state(
-    model: VisionTransformer,
+    model: nn.Module,
     state: dict[str, torch.Tensor],
     source: str,
     *,
@@ -148,13 +146,13 @@ def load_state(
     model.load_state_dict(state, strict=False)
 
 
-def load_pretrained(directory: str | Path, **overrides: Any) -> VisionTransformer:
+def load_pretrained(directory: str | Path, **overrides: Any) -> nn.Module:
     """A model from a vitpipe or HF folder; `overrides` (image_size, num_classes, ...) adapt it."""
     checkpoint = read_checkpoint(directory)
     _refuse_fixed_changes(checkpoint.config, overrides, checkpoint.source)
     target = checkpoint.config.replace(**overrides)
     state, notes = adapt_state_dict(checkpoint.state, checkpoint.config, target, checkpoint.source)
-    model = VisionTransformer(target)
+    model = build_model(target)
     # The head and pre-logits layer may be absent (dropped above, or a headless HF ViTModel checkpoint):
     # they keep the model's own initialisation, a zero head.
     own = model.state_dict()
