@@ -417,7 +417,7 @@ def export_command(args: argparse.Namespace) -> int:
 
     exported = export_checkpoint(args.run, args.checkpoint, args.out)
     print(f"exported step {exported.step} of {exported.checkpoint}")
-    print(f"  weights: {exported.vitpipe} (vitpipe), {exported.hf} (HF transformers)")
+    print(f"  {exported.describe()}")
     return 0
 
 

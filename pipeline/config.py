@@ -15,7 +15,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
 
 import yaml
 from pydantic import (
@@ -24,19 +24,21 @@ from pydantic import (
     BeforeValidator,
     ByteSize,
     ConfigDict,
+    Discriminator,
     Field,
     PlainSerializer,
     Strict,
+    Tag,
     ValidationError,
     create_model,
     field_validator,
     model_validator,
 )
 
-from vit.config import ViTConfig
+from vit.config import BiTConfig, ViTConfig
 from vit.patches import PatchGeometry
 from vit.recipe import Optimizer, Recipe, Schedule, Zero, refuse_derived_keys
-from vit.variants import VARIANTS, parse_variant
+from vit.variants import VARIANTS, parse_bit_variant, parse_variant
 
 # Strict numbers: YAML already types its scalars (the loader reads `1e-3` as a number, as YAML 1.2
 # does), so `true`, "10" or "3e-3" where a number belongs is a mistake; so are .inf and .nan.
@@ -242,6 +244,8 @@ class ModelConfig(Section):
     """A ViT: a named variant ("Ti/16", or "Ti" with `patch_size`) whose dimensions may be overridden,
     or a model given by its dimensions and `patch_size` alone. Default: Ti/16."""
 
+    label: ClassVar[str] = "ViT"
+    family: Literal["vit"] = "vit"
     variant: str | None = None
     patch_size: PositiveInt = 16  # default: the variant's ("B/32": 32), else 16
     width: PositiveInt | None = None
@@ -284,7 +288,7 @@ class ModelConfig(Section):
         if named not in (None, self.patch_size):
             raise ValueError(f"variant {self.variant!r} and patch_size {self.patch_size} disagree: set one")
         # vit.ViTConfig owns the architecture rules; data-dependent sizes are checked when data is known.
-        self.vit_config(image_size=self.patch_size, channels=1, num_classes=1)
+        self.architecture(image_size=self.patch_size, channels=1, num_classes=1)
         return self
 
     def describe(self) -> str:
@@ -296,8 +300,17 @@ class ModelConfig(Section):
         heads, mlp = self.heads or shape.heads, self.mlp_dim or shape.mlp_dim
         return f"width {width}, depth {depth}, heads {heads}, MLP {mlp} / patch {self.patch_size}"
 
-    def vit_config(self, *, image_size: int, channels: int, num_classes: int) -> ViTConfig:
-        """The model this section describes, for data of the given image size, channels and classes."""
+    @property
+    def reads_patch_size(self) -> int | None:
+        """The patch size of the tensors this model reads (its patch embedding's)."""
+        return self.patch_size
+
+    def architecture(
+        self, *, image_size: int, channels: int, num_classes: int, patch_size: int | None = None
+    ) -> ViTConfig:
+        """The model this section describes, for data of the given image size, channels and classes (the
+        patch size is the model's own; the data's must match it)."""
+        del patch_size
         overrides = {name: value for name in DIMENSIONS if (value := getattr(self, name)) is not None}
         variant = (self.variant or "Ti").split("/")[0]
         return ViTConfig.from_variant(
@@ -311,6 +324,84 @@ class ModelConfig(Section):
             drop_path=self.drop_path,
             **overrides,
         )
+
+
+class BiTModelConfig(Section):
+    """A BiT ResNet-v2, the paper's CNN baseline: a named variant ("R50x1") or `depth` and
+    `width_factor`; `base_width` shrinks it for toy runs. It reads patch tensors of any patch size (it
+    rebuilds the image from them): `patch_size` only says which ones it was meant for. Default: R50x1."""
+
+    label: ClassVar[str] = "BiT"
+    family: Literal["bit"]
+    variant: str | None = None
+    depth: Literal[26, 50, 101, 152] | None = None
+    width_factor: PositiveInt | None = None
+    base_width: PositiveInt = 64
+    groups: PositiveInt = 32
+    patch_size: PositiveInt | None = None  # default: the data's
+    channels: Literal[1, 3] | None = None
+
+    @field_validator("variant")
+    @classmethod
+    def _known_variant(cls, variant: str | None) -> str | None:
+        if variant is not None:
+            parse_bit_variant(variant)
+        return variant
+
+    @model_validator(mode="after")
+    def _architecture_is_valid(self) -> BiTModelConfig:
+        if self.variant is not None and (self.depth is not None or self.width_factor is not None):
+            raise ValueError(
+                f"variant {self.variant!r} sets depth and width_factor already: set one or the other"
+            )
+        size = self.patch_size or 1  # vit.BiTConfig owns the rules; the data's sizes are checked when known
+        self.architecture(image_size=size, channels=1, num_classes=1, patch_size=size)
+        return self
+
+    @property
+    def reads_patch_size(self) -> int | None:
+        return self.patch_size
+
+    def _depth_and_width(self) -> tuple[int, int]:
+        if self.variant is not None:
+            return parse_bit_variant(self.variant)
+        return self.depth or 50, self.width_factor or 1
+
+    def describe(self) -> str:
+        depth, width = self._depth_and_width()
+        base = "" if self.base_width == 64 else f" base width {self.base_width}"
+        return f"R{depth}x{width}{base}"
+
+    def architecture(
+        self, *, image_size: int, channels: int, num_classes: int, patch_size: int | None = None
+    ) -> BiTConfig:
+        """The model this section describes, for data of the given geometry and classes."""
+        depth, width = self._depth_and_width()
+        return BiTConfig(
+            image_size=image_size,
+            patch_size=self.patch_size or patch_size or image_size,
+            channels=channels,
+            num_classes=num_classes,
+            depth=depth,
+            width_factor=width,
+            base_width=self.base_width,
+            groups=self.groups,
+        )
+
+
+def _model_family(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("family", "vit"))
+    return str(getattr(value, "family", "vit"))
+
+
+# A model section: a ViT unless `family: bit` says otherwise (job files before BiT mean a ViT).
+AnyModel = Annotated[
+    Annotated[ModelConfig, Tag("vit")] | Annotated[BiTModelConfig, Tag("bit")],
+    Discriminator(_model_family, custom_error_type="model_family",
+                  custom_error_message="family must be 'vit' or 'bit'"),
+]  # fmt: skip
+MODEL_FAMILIES = ("vit", "bit")
 
 
 # How a pretraining run is operated, not what it trains: a relaunch with other values resumes the run
@@ -332,7 +423,7 @@ class PretrainConfig(Section):
 
     data: str  # a preprocessed patch directory (path or URL), or in a job the name of a preprocess entry
     split: Name = "train"  # the split to train on; a patch directory without sub-folders has only "."
-    model: ModelConfig = ModelConfig()
+    model: AnyModel = ModelConfig()
     num_workers: PositiveInt = 2
     use_gpu: Flag = False
     cpus_per_worker: PositiveFloat = 1.0
@@ -530,7 +621,7 @@ class PipelineConfig(Section):
         if self.pretrain is None:
             return None
         reads = self.pretrain.data == entry or (self.finetune is not None and entry in self.finetune.targets)
-        return self.pretrain.model.patch_size if reads else None
+        return self.pretrain.model.reads_patch_size if reads else None
 
 
 # --- loading -----------------------------------------------------------------------------------------
@@ -640,7 +731,7 @@ def _user_key_path(loc: tuple[Any, ...], data: Any) -> list[Any]:
         inside_list = isinstance(node, list) and isinstance(part, int) and part < len(node)
         if inside_dict or inside_list:
             node = node[part]  # type: ignore[index]
-        elif isinstance(node, dict) and node.get("kind") == part:
+        elif isinstance(node, dict) and part in (node.get("kind"), _model_family(node)):
             continue  # the tagged-union branch, not a key of the file
         else:
             node = None
@@ -681,13 +772,25 @@ def _child_annotation(annotation: Any, part: Any) -> Any:
     return args[0] if args else None
 
 
-def _resolve(annotation: Any, node: Any) -> Any:
-    """Unwrap Annotated and Optional; pick a tagged-union branch by the node's `kind`."""
+def _unannotated(annotation: Any) -> Any:
     while typing.get_origin(annotation) is Annotated:
         annotation = typing.get_args(annotation)[0]
-    branches = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return annotation
+
+
+def _resolve(annotation: Any, node: Any) -> Any:
+    """Unwrap Annotated and Optional; pick a tagged-union branch by the node's `kind` (or `family`)."""
+    annotation = _unannotated(annotation)
+    members = [_unannotated(a) for a in typing.get_args(annotation)]
+    branches = [a for a in members if isinstance(a, type) and issubclass(a, BaseModel)]
     if not branches or typing.get_origin(annotation) in (dict, list, tuple):
         return annotation
-    kind = node.get("kind") if isinstance(node, dict) else None
-    chosen = [b for b in branches if "kind" in b.model_fields and b.model_fields["kind"].default == kind]
+    node = node if isinstance(node, dict) else {}
+    tags = {"kind": node.get("kind"), "family": _model_family(node)}
+    chosen = [
+        branch
+        for branch in branches
+        for tag, value in tags.items()
+        if tag in branch.model_fields and typing.get_args(branch.model_fields[tag].annotation) == (value,)
+    ]
     return (chosen or branches)[0]

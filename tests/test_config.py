@@ -169,13 +169,13 @@ def test_cli_rejects_bad_option_before_starting_ray(tmp_path):
 
 def test_model_section_builds_the_vit_it_describes():
     section = ModelConfig(variant="Ti/4", width=96, depth=4, heads=3, mlp_dim=384, pool="gap", drop_path=0.1)
-    config = section.vit_config(image_size=32, channels=1, num_classes=10)
+    config = section.architecture(image_size=32, channels=1, num_classes=10)
     assert section.patch_size == 4
     assert (config.width, config.depth, config.heads, config.mlp_dim) == (96, 4, 3, 384)
     assert (config.patch_size, config.image_size, config.channels, config.num_classes) == (4, 32, 1, 10)
     assert (config.pool, config.drop_path, config.mean) == ("gap", 0.1, (0.5,))
     assert (
-        ModelConfig(variant="B/16").vit_config(image_size=224, channels=3, num_classes=1000).mlp_dim == 3072
+        ModelConfig(variant="B/16").architecture(image_size=224, channels=3, num_classes=1000).mlp_dim == 3072
     )
 
 
@@ -237,7 +237,7 @@ def test_a_preprocess_entry_takes_the_patch_size_of_the_model_that_reads_it():
         source="job.yaml",
     )
     assert job.preprocess["corpus"].patch_size == job.preprocess["digits"].patch_size == 4
-    assert job.pretrain.model.vit_config(image_size=32, channels=3, num_classes=10).width == 32
+    assert job.pretrain.model.architecture(image_size=32, channels=3, num_classes=10).width == 32
 
 
 def test_validate_refuses_a_job_that_run_would_refuse(tmp_path, capsys):

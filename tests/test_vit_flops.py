@@ -7,7 +7,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from vit.config import ViTConfig
+from vit.bit import ResNetV2
+from vit.config import BiTConfig, ViTConfig
 from vit.flops import forward_flops, forward_flops_breakdown, train_flops
 from vit.hf import hf_config_dict
 from vit.model import VisionTransformer
@@ -42,6 +43,31 @@ def counted_forward(config: ViTConfig) -> FlopCounterMode:
 def test_analytic_forward_flops_equal_the_counted_flops(name):
     config = CONFIGS[name]
     assert forward_flops(config) == counted_forward(config).get_total_flops()
+
+
+BIT_CONFIGS = {
+    "R50x1@224": BiTConfig.from_variant("R50x1", num_classes=1000),
+    "R26x1 base 8 @16 1ch": BiTConfig(
+        image_size=16, patch_size=4, channels=1, num_classes=10, depth=26, base_width=8, groups=8
+    ),
+    "R101x2 base 16 @40 odd sides": BiTConfig(
+        image_size=40, patch_size=8, num_classes=7, depth=101, width_factor=2, base_width=16, groups=16
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BIT_CONFIGS))
+def test_analytic_bit_forward_flops_equal_the_counted_flops(name):
+    config = BIT_CONFIGS[name]
+    model = ResNetV2(config).eval()
+    images = torch.zeros(1, config.image_size, config.image_size, config.channels, dtype=torch.uint8)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(patchify(images, config.patch_size))
+    assert forward_flops(config) == counter.get_total_flops()
+
+
+def test_bit_r50x1_costs_the_published_4_1_gmac():
+    assert forward_flops(BIT_CONFIGS["R50x1@224"]) / 2 == pytest.approx(4.09e9, rel=0.01)
 
 
 def test_analytic_flops_equal_flops_counted_on_hf_vit():

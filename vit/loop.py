@@ -60,7 +60,7 @@ class Throughput:
     images_per_step: int
     flops_per_step: float
     peak_flops: float | None  # of all ranks together; None when unknown
-    seq_len: int
+    seq_len: int | None  # tokens per image; None for a model without tokens (BiT)
 
 
 class DataExhaustedError(RuntimeError):
@@ -171,7 +171,7 @@ def step_record(
         "lr": lr,
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "images_per_s": images_per_s,
-        "tokens_per_s": images_per_s * throughput.seq_len,
+        "tokens_per_s": images_per_s * throughput.seq_len if throughput.seq_len else None,
         "mfu": throughput.flops_per_step / seconds / peak if peak else None,
         "step_s": seconds,
         "data_wait_s": waited,

@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pipeline.storage import basename, resolve, url_of
+from vit.config import FAMILIES, Architecture, architecture_from_record
 
 META_FILE = "vitpipe.json"
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -89,8 +90,8 @@ def _read_meta(filesystem: pafs.FileSystem, folder: str) -> tuple[dict[str, Any]
         return {}, f"no {META_FILE} (an upload that did not finish)"
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         return {}, f"{META_FILE} is damaged ({error})"
-    if not isinstance(meta, dict) or not {"step", "tag", "vit"} <= set(meta):
-        return {}, f"{META_FILE} is damaged (it lacks step, tag or vit)"
+    if not isinstance(meta, dict) or not {"step", "tag"} <= set(meta) or not set(FAMILIES) & set(meta):
+        return {}, f"{META_FILE} is damaged (it lacks step, tag or the model: {' or '.join(FAMILIES)})"
     return meta, ""
 
 
@@ -149,3 +150,8 @@ RUN_OUTPUTS = re.compile(
 
 def is_run_output(name: str) -> bool:
     return RUN_OUTPUTS.fullmatch(name) is not None
+
+
+def architecture_of(meta: dict[str, Any], checkpoint: str) -> Architecture:
+    """The model a checkpoint's vitpipe.json records (a ViT or a BiT), errors naming the checkpoint."""
+    return architecture_from_record(meta, source=posixpath.join(checkpoint, META_FILE))

@@ -1,5 +1,5 @@
 """`vitpipe export RUN`: a checkpoint's consolidated fp32 weights as a vitpipe model folder (what
-fine-tuning reads) and an HF transformers folder, from any number of ranks and any ZeRO stage."""
+fine-tuning reads) and, for a ViT, an HF transformers folder, from any number of ranks and any ZeRO stage."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pipeline.pretrain.checkpoints import (
     EXPORT_DIR,
     VITPIPE_DIR,
     CheckpointInfo,
+    architecture_of,
     checkpoint_dir_name,
     newest,
     scan_checkpoints,
@@ -25,7 +26,7 @@ from pipeline.storage import join, local_folder, publish_folder, resolve
 from vit.config import ViTConfig
 from vit.engine import consolidated_state
 from vit.hf import HF_DIR, export_hf
-from vit.model import VisionTransformer
+from vit.models import build_model
 from vit.weights import load_state, save_pretrained
 
 
@@ -34,7 +35,11 @@ class Export:
     step: int
     checkpoint: str
     vitpipe: str
-    hf: str
+    hf: str | None  # None for a BiT: HF transformers' layout is written for the ViT only
+
+    def describe(self) -> str:
+        hf = f", {self.hf} (HF transformers)" if self.hf else ""
+        return f"weights: {self.vitpipe} (vitpipe){hf}"
 
 
 def choose_checkpoint(run_dir: str, name: str | None = None) -> CheckpointInfo:
@@ -69,17 +74,19 @@ def export_checkpoint(run_dir: str, checkpoint: str | None = None, out: str | No
         out = join(run_dir, name)
     with tempfile.TemporaryDirectory(prefix="vitpipe-export-") as scratch:
         folder = local_folder(info.path, Path(scratch) / "checkpoint")
-        model = VisionTransformer(ViTConfig.from_dict(info.meta["vit"], source=f"{info.path}/vitpipe.json"))
+        model = build_model(architecture_of(info.meta, info.path))
         load_state(model, consolidated_state(folder, info.tag), info.path)
         staged = Path(scratch) / "export"
         save_pretrained(model, staged / VITPIPE_DIR, labels=info.meta.get("classes"))
-        export_hf(model, staged / HF_DIR, labels=info.meta.get("classes"))
+        if isinstance(model.config, ViTConfig):  # HF transformers' layout is written for the ViT only
+            export_hf(model, staged / HF_DIR, labels=info.meta.get("classes"))
         written = sorted(str(path.relative_to(staged)) for path in staged.rglob("*") if path.is_file())
         refuse_foreign_files(out, written)
         record = {"format": EXPORT_FORMAT, "checkpoint": info.path, "step": info.step, "files": written}
         (staged / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         publish_folder(staged, out)
-    return Export(info.step, info.path, join(out, VITPIPE_DIR), join(out, HF_DIR))
+    hf = join(out, HF_DIR) if isinstance(model.config, ViTConfig) else None
+    return Export(info.step, info.path, join(out, VITPIPE_DIR), hf)
 
 
 EXPORT_RECORD = "export.json"  # what an export wrote: the proof that replacing it later touches only ours

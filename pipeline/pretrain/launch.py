@@ -47,7 +47,7 @@ class PretrainResult:
     def summary(self) -> str:
         lines = [
             f"pretrained {self.steps:,} steps; run in {self.run_dir}",
-            f"  weights: {self.export.vitpipe} (vitpipe), {self.export.hf} (HF transformers)",
+            f"  {self.export.describe()}",
         ]
         if self.loss_plot:
             lines.append(f"  loss curve: {self.loss_plot}")

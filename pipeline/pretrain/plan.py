@@ -19,8 +19,8 @@ from pipeline.preprocess.manifest import (
     patch_files,
     read_manifest,
 )
-from pipeline.pretrain.checkpoints import latest_checkpoint
-from vit.config import ViTConfig
+from pipeline.pretrain.checkpoints import architecture_of, latest_checkpoint
+from vit.config import Architecture
 from vit.patches import PatchGeometry
 from vit.recipe import Cadence, Recipe, Zero
 
@@ -49,19 +49,19 @@ class PretrainPlan:
     """Everything the workers are told: data, model, step budget, and the batch split."""
 
     data: DataPlan
-    vit: ViTConfig
+    architecture: Architecture
     num_workers: int
     grad_accum: int
     steps_per_epoch: int
     total_steps: int
 
     def describe(self) -> str:
-        d, v = self.data, self.vit
+        d, model = self.data, self.architecture
         epochs = self.total_steps / self.steps_per_epoch
         return (
             f"pretrain: {d.samples:,} images ({d.split!r} of {d.directory}, {len(d.files)} files), "
-            f"{len(d.classes)} classes, ViT width {v.width} depth {v.depth} heads {v.heads} on "
-            f"{v.geometry.describe()} ({v.geometry.num_patches} patches); {self.num_workers} "
+            f"{len(d.classes)} classes, {model.describe()} on "
+            f"{model.geometry.describe()} ({model.geometry.num_patches} patches); {self.num_workers} "
             f"worker(s) x accumulation {self.grad_accum}; {self.total_steps:,} steps "
             f"({self.steps_per_epoch:,} per epoch, {epochs:.1f} epochs)"
         )
@@ -98,7 +98,7 @@ def plan_pretrain(config: PretrainConfig, directory: str) -> PretrainPlan:
     """The data plan plus the model for it, the steps per epoch and the step budget."""
     data = plan_data(config, directory)
     model, geometry = config.model, data.geometry
-    if model.patch_size != geometry.patch_size:
+    if model.reads_patch_size not in (None, geometry.patch_size):
         raise ValueError(
             f"{directory}: preprocessed with patch_size {geometry.patch_size}, but the model "
             f"({model.describe()}) uses patch {model.patch_size}; preprocess again or set "
@@ -109,9 +109,10 @@ def plan_pretrain(config: PretrainConfig, directory: str) -> PretrainPlan:
             f"{directory}: preprocessed with {geometry.channels} channel(s), but the model is set to "
             f"channels: {model.channels}; preprocess with channels: {model.channels} or drop model.channels"
         )
-    vit = model.vit_config(
-        image_size=geometry.image_size, channels=geometry.channels, num_classes=len(data.classes)
-    )
+    architecture = model.architecture(
+        image_size=geometry.image_size, channels=geometry.channels, num_classes=len(data.classes),
+        patch_size=geometry.patch_size,
+    )  # fmt: skip
     # Ray Data's equal split gives each worker floor(samples / workers) rows; every worker then runs
     # the same number of whole steps, so none waits on another at the end of an epoch.
     per_worker = data.samples // config.num_workers
@@ -122,7 +123,7 @@ def plan_pretrain(config: PretrainConfig, directory: str) -> PretrainPlan:
             f"{config.global_batch_size}; lower global_batch_size or add data"
         )
     total = config.epochs * steps_per_epoch if config.epochs is not None else config.steps
-    return PretrainPlan(data, vit, config.num_workers, config.grad_accum, steps_per_epoch, total)
+    return PretrainPlan(data, architecture, config.num_workers, config.grad_accum, steps_per_epoch, total)
 
 
 def check_pretrain(config: PretrainConfig, directory: str, run_dir: str) -> PretrainPlan:
@@ -142,18 +143,25 @@ def run_identity(config: PretrainConfig, plan: PretrainPlan | None) -> dict[str,
     return identity
 
 
-def changed_definition(config: PretrainConfig, plan: PretrainPlan | None, meta: dict[str, Any]) -> list[str]:
+def changed_definition(
+    config: PretrainConfig, plan: PretrainPlan | None, meta: dict[str, Any], checkpoint: str
+) -> list[str]:
     """Each setting that defines the run and differs from the checkpoint's (`optimizer.lr 0.003 -> 0.001`).
     Checkpoints of vitpipe before this record have the model only."""
-    saved = meta["vit"]
+    saved = architecture_of(meta, checkpoint)
     # Without the data planned, the model section is resolved for the checkpoint's own data.
-    vit = plan.vit if plan is not None else config.model.vit_config(
-        image_size=saved["image_size"], channels=saved["channels"], num_classes=saved["num_classes"]
+    wanted = plan.architecture if plan is not None else config.model.architecture(
+        image_size=saved.image_size, channels=saved.channels, num_classes=saved.num_classes,
+        patch_size=saved.patch_size,
     )  # fmt: skip
-    wanted = vit.to_dict()
-    changes = [
-        f"model {key} {saved.get(key)} -> {value}" for key, value in wanted.items() if saved.get(key) != value
-    ]
+    if wanted.family != saved.family:
+        changes = [f"model {saved.describe()} -> {wanted.describe()}"]
+    else:
+        changes = [
+            f"model {key} {saved.to_dict().get(key)} -> {value}"
+            for key, value in wanted.to_dict().items()
+            if saved.to_dict().get(key) != value
+        ]
     recorded = meta.get("defines", {})
     for key, value in run_identity(config, plan).items():
         if key in recorded and recorded[key] != value:
@@ -167,7 +175,7 @@ def check_run_matches(run_dir: str, config: PretrainConfig, plan: PretrainPlan |
     latest = latest_checkpoint(run_dir)
     if latest is None:
         return
-    changes = changed_definition(config, plan, latest.meta)
+    changes = changed_definition(config, plan, latest.meta, latest.path)
     if changes:
         raise ValueError(
             f"{run_dir}: holds a run trained with other settings that define it ({', '.join(changes)}); "
@@ -200,7 +208,7 @@ def shuffled_files(files: list[str], seed: int) -> list[str]:
 class WorkerSettings:
     """What every Ray Train worker receives (Ray serialises it as it is)."""
 
-    vit: ViTConfig
+    architecture: Architecture
     classes: list[str]
     recipe: Recipe
     zero: Zero
@@ -219,7 +227,7 @@ def worker_settings(
     config: PretrainConfig, plan: PretrainPlan, run_dir: str, resume_from: str | None, control: Any
 ) -> WorkerSettings:
     return WorkerSettings(
-        vit=plan.vit,
+        architecture=plan.architecture,
         classes=plan.data.classes,
         recipe=config.recipe(plan.total_steps),
         zero=config.zero(),

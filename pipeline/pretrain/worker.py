@@ -30,6 +30,7 @@ from pipeline.metrics import MetricsLog, ProgressLine
 from pipeline.preprocess.patchfile import patches_array
 from pipeline.pretrain.checkpoints import (
     META_FILE,
+    architecture_of,
     checkpoint_dir_name,
     file_sizes,
     list_checkpoints,
@@ -39,10 +40,11 @@ from pipeline.pretrain.checkpoints import (
 from pipeline.pretrain.control import StopPoll
 from pipeline.pretrain.plan import WorkerSettings
 from pipeline.storage import resolve
+from vit.config import architecture_record
 from vit.engine import build_engine, load_checkpoint, save_checkpoint, to_universal
 from vit.flops import peak_flops, train_flops
 from vit.loop import Batch, Hooks, Throughput, pretrain_loop
-from vit.model import VisionTransformer
+from vit.models import build_model
 from vit.patches import PatchGeometry
 from vit.recipe import Recipe
 from vit.step import use_bf16
@@ -72,7 +74,7 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
     device = ray.train.torch.get_device()
     recipe = dataclasses.replace(settings.recipe, bf16=use_bf16(settings.bf16, device))
     torch.manual_seed(settings.seed)  # identical initial weights on every rank
-    model = VisionTransformer(settings.vit).to(device)
+    model = build_model(settings.architecture).to(device)
     with ExitStack() as cleanup:
         scratch = Path(tempfile.mkdtemp(prefix="vitpipe-worker-"))
         cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
@@ -89,9 +91,9 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
         peak = peak_flops(device, recipe.bf16)
         throughput = Throughput(
             images_per_step=images_per_step,
-            flops_per_step=train_flops(settings.vit) * images_per_step,
+            flops_per_step=train_flops(settings.architecture) * images_per_step,
             peak_flops=peak * world if peak else None,
-            seq_len=settings.vit.seq_len,
+            seq_len=getattr(settings.architecture, "seq_len", None),
         )
         end = pretrain_loop(
             engine, recipe, hooks, start_step=step, steps_per_epoch=settings.steps_per_epoch,
@@ -106,7 +108,7 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
 
 
 def _engine(
-    model: VisionTransformer, recipe: Recipe, settings: WorkerSettings, world: int, scratch: Path,
+    model: torch.nn.Module, recipe: Recipe, settings: WorkerSettings, world: int, scratch: Path,
     cleanup: ExitStack,
 ) -> tuple[Any, int, dict[str, Any] | None]:  # fmt: skip
     """The engine, restored from the newest checkpoint when there is one: (engine, step, its meta)."""
@@ -115,9 +117,12 @@ def _engine(
         return build_engine(model, recipe, settings.zero, world), 0, None
     folder = Path(cleanup.enter_context(resume.as_directory()))
     meta = json.loads((folder / META_FILE).read_text())
-    if meta["vit"] != settings.vit.to_dict():
-        changed = sorted(k for k in meta["vit"] if meta["vit"][k] != settings.vit.to_dict().get(k))
-        raise ValueError(f"{folder}: the checkpoint holds another model (differs in {changed})")
+    saved, wanted = architecture_of(meta, str(folder)), settings.architecture
+    if saved != wanted:
+        changed = sorted(k for k, v in wanted.to_dict().items() if saved.to_dict().get(k) != v)
+        raise ValueError(
+            f"{folder}: the checkpoint holds another model ({saved.describe()}; differs in {changed})"
+        )
     universal = meta["world_size"] != world and meta["zero_stage"] > 0
     if universal:  # written by another number of ranks: DeepSpeed's universal format reshards it
         folder = to_universal(folder, meta["tag"], scratch / "universal")
@@ -173,7 +178,7 @@ def _epoch_batches(
     batches = shard.iter_torch_batches(
         batch_size=recipe.micro_batch_size,
         drop_last=True,
-        collate_fn=PatchBatch(settings.vit.geometry),
+        collate_fn=PatchBatch(settings.architecture.geometry),
         local_shuffle_buffer_size=shuffle,
         local_shuffle_seed=settings.seed * 1_000_003 + epoch if shuffle else None,
         prefetch_batches=2,
@@ -199,7 +204,7 @@ def _save(
     if log is not None:
         meta = {
             "step": step, "epoch": epoch, "tag": tag, "world_size": world, "zero_stage": settings.zero.stage,
-            "bf16": recipe.bf16, "vit": settings.vit.to_dict(), "classes": settings.classes,
+            "bf16": recipe.bf16, **architecture_record(settings.architecture), "classes": settings.classes,
             "defines": settings.defines,
             "files": {name: size for sizes in every_rank for name, size in (sizes or {}).items()},
         }  # fmt: skip

@@ -224,7 +224,7 @@ def _pretrain_step(pretrain: PretrainConfig, job: PipelineConfig, source: str, l
     settings = pretrain.model_dump(mode="json", exclude=PRETRAIN_OPERATIONAL)
     if pretrain.data in job.preprocess:
         entry = job.preprocess[pretrain.data]
-        if entry.patch_size != pretrain.model.patch_size:
+        if pretrain.model.reads_patch_size not in (None, entry.patch_size):
             raise ConfigError(
                 f"{source}: pretrain.model ({pretrain.model.describe()}) has patch size "
                 f"{pretrain.model.patch_size} but preprocess.{pretrain.data}.patch_size is "
@@ -299,7 +299,7 @@ def _transfer_step(
 def _check_target_patches(target: str, finetune: FinetuneConfig, job: PipelineConfig, source: str) -> None:
     patch_size = job.preprocess[target].patch_size
     model = job.pretrain.model if job.pretrain else None
-    if model is not None and finetune.weights is None and patch_size != model.patch_size:
+    if model is not None and finetune.weights is None and model.reads_patch_size not in (None, patch_size):
         raise ConfigError(
             f"{source}: finetune target {target!r} is preprocessed in {patch_size}-pixel patches "
             f"(preprocess.{target}.patch_size) but the pretrained model uses {model.patch_size}"

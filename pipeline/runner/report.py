@@ -73,7 +73,7 @@ def _pretrain_section(plan: JobPlan, config: PretrainConfig, pictures: Path) -> 
     lines = [
         "## Pretraining",
         "",
-        f"ViT {config.model.describe()} on `{config.data}`, "
+        f"{config.model.label} {config.model.describe()} on `{config.data}`, "
         f"{started.get('workers', config.num_workers)} worker(s) on "
         f"{started.get('nodes', '?')} node(s), DeepSpeed ZeRO-{config.zero_stage}, "
         f"global batch {config.global_batch_size}.",

@@ -14,14 +14,14 @@ from typing import Any
 import pyarrow.fs as pafs
 import ray
 
-from pipeline.config import EvaluateConfig, FinetuneConfig, ModelConfig
+from pipeline.config import AnyModel, EvaluateConfig, FinetuneConfig
 from pipeline.metrics import METRICS_FILE
 from pipeline.ray_session import check_resources, init_ray
 from pipeline.storage import join, local_folder, publish_folder, remove_folder, resolve
 from pipeline.transfer.plan import TargetError, TargetPlan, check_fits, plan_target, target_architecture
 from pipeline.transfer.report import RESULTS_MD, write_results
 from pipeline.transfer.task import RESULT_FILE, TaskSettings, transfer_task
-from vit.config import ViTConfig
+from vit.config import Architecture
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class TransferResult:
         )
 
 
-def read_architecture(weights: str) -> ViTConfig:
+def read_architecture(weights: str) -> Architecture:
     """The architecture of a vitpipe or HF weights folder (path or URL); errors name the folder."""
     from vit.weights import read_checkpoint
 
@@ -54,10 +54,10 @@ def plan_runs(
     targets: dict[str, str],
     *,
     weights: str | None,
-    architecture: ViTConfig | None,
-    model: ModelConfig | None,
+    architecture: Architecture | None,
+    model: AnyModel | None,
     modes: tuple[str, ...],
-) -> tuple[list[tuple[TargetPlan, str, ViTConfig]], list[dict[str, Any]]]:
+) -> tuple[list[tuple[TargetPlan, str, Architecture]], list[dict[str, Any]]]:
     """(target, mode, architecture) of every run that can start, and a failure for each that cannot.
 
     The architecture is the weights' (`architecture`), else the one `model` describes for the target.
@@ -81,14 +81,15 @@ def plan_runs(
     return runs, failures
 
 
-def _model_for(model: ModelConfig | None, target: TargetPlan) -> ViTConfig:
+def _model_for(model: AnyModel | None, target: TargetPlan) -> Architecture:
     if model is None:
         raise TargetError(f"target {target.name!r}: no weights and no model config to build a model from")
     try:
-        return model.vit_config(
+        return model.architecture(
             image_size=target.geometry.image_size,
             channels=model.channels or target.geometry.channels,
             num_classes=len(target.classes),
+            patch_size=target.geometry.patch_size,
         )
     except ValueError as error:
         raise TargetError(f"target {target.name!r}: the model config does not fit it: {error}") from None
@@ -131,7 +132,7 @@ def transfer(
     *,
     out: str,
     weights: str | None = None,
-    model: ModelConfig | None = None,
+    model: AnyModel | None = None,
     train: bool = True,
     name: str = "",
     address: str | None = None,
@@ -181,7 +182,7 @@ def transfer(
 def _run_tasks(
     finetune: FinetuneConfig,
     evaluate: EvaluateConfig | None,
-    runs: list[tuple[TargetPlan, str, ViTConfig]],
+    runs: list[tuple[TargetPlan, str, Architecture]],
     *,
     weights: str | None,
     out: str,

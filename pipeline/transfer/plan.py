@@ -12,7 +12,7 @@ import numpy as np
 
 from pipeline.preprocess.manifest import manifest_classes, manifest_geometry, read_manifest
 from pipeline.transfer.data import SplitReader
-from vit.config import ViTConfig
+from vit.config import Architecture
 from vit.patches import PatchGeometry
 
 TRAIN_SPLIT, TEST_SPLIT = "train", "test"
@@ -87,24 +87,27 @@ def _plan(name: str, directory: str) -> TargetPlan:
     )
 
 
-def check_fits(target: TargetPlan, architecture: ViTConfig, source: str) -> None:
-    """The checkpoint's patch size and channel count are fixed: the target must be preprocessed to match
-    (the resolution may differ; position embeddings are resampled)."""
+def check_fits(target: TargetPlan, architecture: Architecture, source: str) -> None:
+    """What the model's weights fix (a ViT: patch size and channels; a BiT: channels) the target must be
+    preprocessed to match (the resolution may differ; a ViT's position embeddings are resampled)."""
+    fixed = architecture.fixed_geometry
     problems = [
         f"{field} {getattr(target.geometry, field)} in the data, {getattr(architecture, field)} in the model"
-        for field in ("patch_size", "channels")
+        for field in fixed
         if getattr(target.geometry, field) != getattr(architecture, field)
     ]
     if problems:
+        wanted = ", ".join(f"{field} {getattr(architecture, field)}" for field in fixed)
         raise TargetError(
             f"target {target.name!r}: {target.directory} does not fit the model of {source}: "
             + "; ".join(problems)
-            + f". Preprocess it with patch_size {architecture.patch_size}, channels {architecture.channels}"
+            + f". Preprocess it with {wanted}"
         )
 
 
-def target_architecture(architecture: ViTConfig, target: TargetPlan) -> ViTConfig:
-    """The model fine-tuned on a target: its resolution and classes, no pre-logits layer (as the paper)."""
-    return architecture.replace(
-        image_size=target.geometry.image_size, num_classes=len(target.classes), representation_size=None
+def target_architecture(architecture: Architecture, target: TargetPlan) -> Architecture:
+    """The model fine-tuned on a target: its resolution and classes (a ViT without pre-logits layer)."""
+    geometry = target.geometry
+    return architecture.for_target(
+        image_size=geometry.image_size, patch_size=geometry.patch_size, num_classes=len(target.classes)
     )

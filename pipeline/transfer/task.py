@@ -24,14 +24,14 @@ from pipeline.config import EvaluateConfig, FinetuneConfig
 from pipeline.metrics import MetricsLog, ProgressLine
 from pipeline.storage import local_folder, publish_folder
 from pipeline.transfer.data import SplitReader, holdout
-from pipeline.transfer.plan import TEST_SPLIT, TRAIN_SPLIT, TargetPlan
+from pipeline.transfer.plan import TEST_SPLIT, TRAIN_SPLIT, TargetPlan, target_architecture
 from pipeline.transfer.report import plot_confusion
-from vit.config import ViTConfig
+from vit.config import Architecture, ViTConfig
 from vit.evaluate import Classification, evaluate_classifier, extract_features
 from vit.fewshot import fewshot_accuracy, sample_shots
 from vit.finetune import finetune, freeze_backbone
 from vit.hf import HF_DIR, export_hf
-from vit.model import VisionTransformer
+from vit.models import build_model
 from vit.step import use_bf16
 from vit.weights import load_pretrained, read_checkpoint, save_pretrained, state_digest
 
@@ -48,7 +48,7 @@ class TaskSettings:
     target: TargetPlan
     mode: str  # "pretrained" or "scratch"
     weights: str | None
-    architecture: ViTConfig  # of the scratch model, or the weights' own
+    architecture: Architecture  # of the scratch model, or the weights' own
     train: bool  # fine-tune, or only evaluate the weights as they are
     finetune: FinetuneConfig
     evaluate: EvaluateConfig | None
@@ -138,18 +138,16 @@ def _starting_model(settings: TaskSettings, *, keep_pre_logits: bool) -> torch.n
     `keep_pre_logits` keeps a checkpoint's pre-logits layer: the few-shot probe reads the representation
     the model was pretrained with; fine-tuning drops the layer, as the paper does.
     """
-    image_size = settings.target.geometry.image_size
     if settings.mode == "scratch":
         torch.manual_seed(settings.finetune.seed)
-        return VisionTransformer(settings.architecture)
+        return build_model(settings.architecture)
+    geometry = settings.target.geometry
+    input_changes = {"image_size": geometry.image_size, "patch_size": geometry.patch_size}
     if keep_pre_logits:
-        return load_pretrained(settings.weights, image_size=image_size)
-    return load_pretrained(
-        settings.weights,
-        image_size=image_size,
-        num_classes=len(settings.target.classes),
-        representation_size=None,
-    )
+        adaptable = settings.architecture.adaptable
+        return load_pretrained(settings.weights, **{k: v for k, v in input_changes.items() if k in adaptable})
+    fitted = target_architecture(settings.architecture, settings.target)
+    return load_pretrained(settings.weights, **fitted.to_dict())
 
 
 def fewshot_table(
@@ -269,7 +267,7 @@ def _validation(
 def _publish(
     model: torch.nn.Module, result: dict[str, Any], test: Classification | None, settings: TaskSettings
 ) -> None:
-    """Weights (vitpipe + HF), confusion matrix and its picture, then result.json: into OUT."""
+    """Weights (vitpipe, and HF for a ViT), confusion matrix and its picture, then result.json: into OUT."""
     classes = settings.target.classes
     labels = classes if model.config.num_classes == len(classes) else None
     out = settings.out
@@ -279,7 +277,8 @@ def _publish(
         staged.mkdir()
         if settings.train:
             save_pretrained(model, staged / MODEL_DIR, labels=labels)
-            export_hf(model, staged / HF_DIR, labels=labels)
+            if isinstance(model.config, ViTConfig):  # HF transformers' layout is the ViT's only
+                export_hf(model, staged / HF_DIR, labels=labels)
             result["weights"] = f"{out.rstrip('/')}/{MODEL_DIR}"
         if test is not None:
             title = f"{result['target']} / {result['mode']}: test top-1 {test.top1:.3f}"
