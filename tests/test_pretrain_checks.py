@@ -121,7 +121,8 @@ def test_plan_splits_the_global_batch_and_counts_steps_per_epoch(patch_sets):
     plan = plan_pretrain(PretrainConfig(data="x", epochs=3, **settings), str(patch_sets["labelled"]))
     # 300 samples, 2 workers: 150 each; global 32 = micro 8 x accumulation 2 x 2 workers: 9 whole steps
     assert (plan.grad_accum, plan.steps_per_epoch, plan.total_steps) == (2, 9, 27)
-    assert (plan.architecture.image_size, plan.architecture.channels, plan.architecture.num_classes) == (16, 3, 10)
+    model = plan.architecture
+    assert (model.image_size, model.channels, model.num_classes) == (16, 3, 10)
     assert "300 images" in plan.describe()
     assert "27 steps (9 per epoch, 3.0 epochs)" in plan.describe()
 
@@ -174,7 +175,8 @@ def run_with_checkpoint(patch_sets, tmp_path) -> Path:
     plan = plan_pretrain(config, config.data)
     checkpoint = tmp_path / "run" / "checkpoint_00000040"
     checkpoint.mkdir(parents=True)
-    meta = {"step": 40, "tag": "step00000040", "world_size": 2, "zero_stage": 2, "vit": plan.architecture.to_dict(),
+    meta = {"step": 40, "tag": "step00000040", "world_size": 2, "zero_stage": 2,
+            "vit": plan.architecture.to_dict(),
             "classes": plan.data.classes, "defines": run_identity(config, plan)}  # fmt: skip
     (checkpoint / "vitpipe.json").write_text(json.dumps(meta))
     return tmp_path / "run"

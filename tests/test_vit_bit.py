@@ -47,7 +47,8 @@ def test_weight_standardisation_gives_each_filter_zero_mean_and_unit_variance_ov
 def test_group_norm_normalises_each_group_of_channels_per_sample():
     model = ResNetV2(TOY)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
-    assert norms and all(norm.num_groups == TOY.groups for norm in norms)
+    assert norms
+    assert all(norm.num_groups == TOY.groups for norm in norms)
     unit = model.body[0]
     assert isinstance(unit, PreActBottleneck)
     x = torch.randn(2, TOY.stem_width, 5, 5) * 3 + 1
@@ -124,14 +125,16 @@ def test_saved_bit_reloads_with_a_new_head_at_another_resolution_and_patch_size(
             parameter.add_(torch.randn_like(parameter) * 0.1)
     save_pretrained(model, tmp_path, labels=[str(i) for i in range(10)])
     checkpoint = read_checkpoint(tmp_path)
-    assert checkpoint.config == TOY and checkpoint.labels == [str(i) for i in range(10)]
+    assert checkpoint.config == TOY
+    assert checkpoint.labels == [str(i) for i in range(10)]
 
     same = load_pretrained(tmp_path)
     patches = random_patches(TOY)
     torch.testing.assert_close(same.eval()(patches), model.eval()(patches))
 
     moved = load_pretrained(tmp_path, image_size=48, patch_size=16, num_classes=3)
-    assert moved.config.image_size == 48 and moved.head.weight.shape == (3, TOY.feature_dim)
+    assert moved.config.image_size == 48
+    assert moved.head.weight.shape == (3, TOY.feature_dim)
     assert torch.equal(moved.head.weight, torch.zeros_like(moved.head.weight))
     for name, tensor in model.state_dict().items():
         if not name.startswith("head."):
