@@ -588,8 +588,39 @@ class EvaluateConfig(Section):
         return tuple(sorted(set(shots)))
 
 
+class StudyConfig(Section):
+    """Transfer as a function of pretraining data size (the paper's Figures 3 and 4): each (size, model,
+    seed) point is pretrained on a nested random subset of the corpus with the job's pretrain section as
+    its recipe, then fine-tuned and few-shot evaluated on every finetune target."""
+
+    corpus: Name | None = None  # the preprocess entry the subsets are drawn from; default: pretrain.data
+    sizes: tuple[PositiveInt, ...] = Field(min_length=1)  # pretraining images of each point
+    models: dict[Name, AnyModel] = Field(min_length=1)  # the models compared, by the name the report uses
+    seeds: tuple[NonNegativeInt, ...] = Field((0,), min_length=1)  # each point's pretrain and finetune seed
+    # The budget of every point: passes over its subset (the paper's rule: more data, more steps) or a
+    # fixed number of steps at every size. Default: the pretrain section's epochs, else its steps.
+    epochs: StepBudget | None = None
+    steps: StepBudget | None = None
+    scratch: Flag = True  # also each model trained from scratch on each target: the size-0 row
+    subset_seed: NonNegativeInt = 0  # draws the nested subsets, once for every model and seed
+
+    @field_validator("sizes", "seeds")
+    @classmethod
+    def _distinct_and_sorted(cls, values: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(values)) != len(values):
+            raise ValueError(f"a value is listed twice: {list(values)}")
+        return tuple(sorted(values))
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> StudyConfig:
+        if self.epochs is not None and self.steps is not None:
+            raise ValueError("set either epochs or steps, not both")
+        return self
+
+
 class PipelineConfig(Section):
-    """A whole job: datasets, then preprocess, pretrain, fine-tune and evaluate."""
+    """A whole job: datasets, then preprocess, pretrain, fine-tune and evaluate (or, with a study, the
+    study's points, each a pretraining and its transfer)."""
 
     name: Name
     run_dir: str | None = None  # the run's folder (all stage outputs); default runs/NAME
@@ -598,6 +629,38 @@ class PipelineConfig(Section):
     pretrain: PretrainConfig | None = None
     finetune: FinetuneConfig | None = None
     evaluate: EvaluateConfig | None = None
+    study: StudyConfig | None = None
+
+    @model_validator(mode="after")
+    def _study_has_its_recipe(self) -> PipelineConfig:
+        if self.study is None:
+            return self
+        if self.pretrain is None or self.finetune is None:
+            raise ValueError("a study needs a pretrain section (its points' recipe) and a finetune section "
+                             "(the targets each point is evaluated on)")  # fmt: skip
+        if "model" in self.pretrain.model_fields_set:
+            raise ValueError("pretrain.model is not used by a study: its points train study.models; drop it")
+        corpus = self.study.corpus or self.pretrain.data
+        if corpus not in self.preprocess:
+            raise ValueError(f"study.corpus {corpus!r} is not a preprocess entry of this job")
+        sizes = {model.reads_patch_size for model in self.study.models.values()} - {None}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"study.models read patches of sizes {sorted(sizes)}; the corpus and the targets are "
+                "preprocessed once, so every ViT of a study has one patch size"
+            )
+        return self
+
+    def models_reading(self, entry: str) -> list[AnyModel]:
+        """The model sections that read a preprocess entry: the pretrain model (or a study's models) for
+        the pretraining data, the corpus and every finetune target."""
+        if self.pretrain is None:
+            return []
+        targets = self.finetune.targets if self.finetune is not None else []
+        corpus = (self.study.corpus or self.pretrain.data) if self.study is not None else self.pretrain.data
+        if entry != corpus and entry not in targets:
+            return []
+        return list(self.study.models.values()) if self.study is not None else [self.pretrain.model]
 
     @model_validator(mode="after")
     def _patch_sizes_from_models(self) -> PipelineConfig:
@@ -606,22 +669,19 @@ class PipelineConfig(Section):
         for name, entry in self.preprocess.items():
             if entry.patch_size is not None:
                 continue
-            size = self._reader_patch_size(name)
-            if size is None:
+            readers = self.models_reading(name)
+            sizes = [model.reads_patch_size for model in readers if model.reads_patch_size is not None]
+            if not sizes:
+                why = "only a BiT, which reads any patch size," if readers else "no model of this job"
                 raise ValueError(
-                    f"preprocess.{name}.patch_size is not set and no model of this job reads {name!r} "
-                    "(pretrain.data or a finetune target with the pretrain model); set it"
+                    f"preprocess.{name}.patch_size is not set and {why} reads {name!r} (pretrain.data, the "
+                    "study's corpus or a finetune target); set it"
                 )
+            size = sizes[0]
             self.preprocess[name] = PreprocessConfig.model_validate(
                 {**entry.model_dump(exclude_unset=True), "patch_size": size}
             )
         return self
-
-    def _reader_patch_size(self, entry: str) -> int | None:
-        if self.pretrain is None:
-            return None
-        reads = self.pretrain.data == entry or (self.finetune is not None and entry in self.finetune.targets)
-        return self.pretrain.model.reads_patch_size if reads else None
 
 
 # --- loading -----------------------------------------------------------------------------------------

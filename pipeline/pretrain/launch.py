@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 import ray.data
 from ray.data import DataContext, ExecutionOptions
@@ -97,14 +99,34 @@ def _refuse_unfinished(end: LoopEnd | None, run_dir: str) -> None:
     )
 
 
-def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, run_dir: str, control: Any):
+def training_dataset(config: PretrainConfig, plan: PretrainPlan) -> ray.data.Dataset:
+    """The split's patch files in the run's file order, whole, or (a study's subset) only their chosen
+    rows: one Ray Data task per file reads it and keeps those rows."""
     files = shuffled_files(plan.data.files, config.seed)
+    if plan.data.rows is not None:
+        items = [{"file": file, "rows": list(plan.data.rows[file])} for file in files]
+        return ray.data.from_items(items).map_batches(
+            _read_rows, batch_size=1, batch_format="pyarrow", num_cpus=config.data_cpus
+        )
     # Filesystems resolved here, so that a URL's own settings (endpoint_override=..., scheme=...) reach
     # Ray Data and Ray Train, which would otherwise read the query as part of the path.
     data_fs, paths = resolve_all(files)
-    dataset = ray.data.read_parquet(
-        paths, filesystem=data_fs, columns=["patches", "label"], num_cpus=config.data_cpus
-    )
+    return ray.data.read_parquet(paths, filesystem=data_fs, columns=COLUMNS, num_cpus=config.data_cpus)
+
+
+COLUMNS = ["patches", "label"]
+
+
+def _read_rows(batch: pa.Table) -> pa.Table:
+    """One patch file's chosen rows (a batch of one item: the file and its row numbers)."""
+    file, rows = batch.column("file")[0].as_py(), batch.column("rows")[0].as_py()
+    filesystem, path = resolve(file)
+    with filesystem.open_input_file(path) as stream:
+        return pq.read_table(stream, columns=COLUMNS).take(rows)
+
+
+def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, run_dir: str, control: Any):
+    dataset = training_dataset(config, plan)
     store = ray.cluster_resources().get("object_store_memory", 0)
     if should_cache(config.cache_data, plan.data.bytes_in_memory, store):
         print(f"pretrain: caching the {plan.data.bytes_in_memory / 2**20:,.0f} MiB split in the object store",

@@ -24,12 +24,14 @@ from vit.config import Architecture
 from vit.patches import PatchGeometry
 from vit.recipe import Cadence, Recipe, Zero
 
+Rows = dict[str, tuple[int, ...]]  # patch file (path or URL) -> the row numbers of it to read
 CACHE_FRACTION = 0.25  # of the object store, at most, for cache_data: auto
 
 
 @dataclass(frozen=True)
 class DataPlan:
-    """The patch files of the training split and what they hold."""
+    """The patch files of the training split and what they hold; with `rows`, only those rows of each
+    file (a study's subset of the corpus)."""
 
     directory: str
     split: str
@@ -37,6 +39,7 @@ class DataPlan:
     samples: int
     geometry: PatchGeometry
     classes: list[str]
+    rows: Rows | None = None
 
     @property
     def bytes_in_memory(self) -> int:
@@ -67,17 +70,24 @@ class PretrainPlan:
         )
 
 
-def plan_data(config: PretrainConfig, directory: str) -> DataPlan:
-    """Read the manifest of a preprocessed directory and check it can be pretrained on."""
-    manifest = read_manifest(directory)
-    splits = manifest["splits"]
-    split = config.split
-    if split not in splits and split == "train" and set(splits) == {ROOT_SPLIT}:
-        split = ROOT_SPLIT  # shards were not in split folders: all of them are the training data
-    if split not in splits:
+def training_split(directory: str, wanted: str) -> str:
+    """The split of a patch directory to pretrain on: `wanted`, or "." when the shards were not in split
+    folders and "train" was asked for (all of them are the training data)."""
+    splits = read_manifest(directory)["splits"]
+    if wanted not in splits and wanted == "train" and set(splits) == {ROOT_SPLIT}:
+        return ROOT_SPLIT
+    if wanted not in splits:
         known = ", ".join(repr(name) for name in splits) or "none"
-        raise ValueError(f"{directory}: no split {config.split!r} to pretrain on (it has {known})")
-    samples = int(splits[split]["samples"])
+        raise ValueError(f"{directory}: no split {wanted!r} to pretrain on (it has {known})")
+    return wanted
+
+
+def plan_data(config: PretrainConfig, directory: str, rows: Rows | None = None) -> DataPlan:
+    """Read the manifest of a preprocessed directory and check it can be pretrained on (all of its
+    training split, or only `rows` of its files: a study's subset)."""
+    manifest = read_manifest(directory)
+    split = training_split(directory, config.split)
+    samples = int(manifest["splits"][split]["samples"]) if rows is None else sum(map(len, rows.values()))
     if samples == 0:
         raise ValueError(f"{directory}: split {split!r} holds no samples")
     if manifest["config"].get("label_key") is None:
@@ -87,16 +97,17 @@ def plan_data(config: PretrainConfig, directory: str) -> DataPlan:
     return DataPlan(
         directory=directory,
         split=split,
-        files=patch_files(directory, split),
+        files=patch_files(directory, split) if rows is None else list(rows),
         samples=samples,
         geometry=manifest_geometry(manifest, directory),
         classes=manifest_classes(manifest, directory),
+        rows=rows,
     )
 
 
-def plan_pretrain(config: PretrainConfig, directory: str) -> PretrainPlan:
+def plan_pretrain(config: PretrainConfig, directory: str, rows: Rows | None = None) -> PretrainPlan:
     """The data plan plus the model for it, the steps per epoch and the step budget."""
-    data = plan_data(config, directory)
+    data = plan_data(config, directory, rows)
     model, geometry = config.model, data.geometry
     if model.reads_patch_size not in (None, geometry.patch_size):
         raise ValueError(
@@ -126,10 +137,13 @@ def plan_pretrain(config: PretrainConfig, directory: str) -> PretrainPlan:
     return PretrainPlan(data, architecture, config.num_workers, config.grad_accum, steps_per_epoch, total)
 
 
-def check_pretrain(config: PretrainConfig, directory: str, run_dir: str) -> PretrainPlan:
-    """The plan of run `run_dir` on `directory`, after every check that needs no worker: the data, the
-    model for it, and the run folder's checkpoints (a run defined otherwise is refused)."""
-    plan = plan_pretrain(config, directory)
+def check_pretrain(
+    config: PretrainConfig, directory: str, run_dir: str, rows: Rows | None = None
+) -> PretrainPlan:
+    """The plan of run `run_dir` on `directory` (or on `rows` of it), after every check that needs no
+    worker: the data, the model for it, and the run folder's checkpoints (a run defined otherwise is
+    refused)."""
+    plan = plan_pretrain(config, directory, rows)
     check_run_matches(run_dir, config, plan)
     return plan
 
