@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import ray
 import yaml
 
 from pipeline.config import ConfigError
@@ -30,7 +31,14 @@ from pipeline.runner.plan import EVALUATE, JobPlan, RunOptions, StageOptions, St
 from pipeline.runner.preflight import check_before_run
 from pipeline.runner.provenance import git_revision
 from pipeline.runner.records import external_fingerprints, read_record, step_key, write_record
-from pipeline.runner.stages import RESUMED_ON_CHANGE, RUNNERS, RunContext, outputs_present
+from pipeline.runner.stages import (
+    CONCURRENT_RUNNERS,
+    RESUMED_ON_CHANGE,
+    RUNNERS,
+    RunContext,
+    StepOutcome,
+    outputs_present,
+)
 from pipeline.storage import write_atomic
 
 RUN_FILE = "run.json"
@@ -125,14 +133,27 @@ def _run_steps(
     context: RunContext, steps: list[Step], options: RunOptions, fingerprints: dict[str, str],
     externals: dict[str, dict[str, str]], summary: RunSummary, started: float,
 ) -> None:  # fmt: skip
-    """Each step in order, run.json updated after each; after a failure only the report still runs."""
-    for step in steps:
-        unread = any(dep not in fingerprints for dep in step.depends)
-        if summary.failed and (step.stage != "report" or unread):
-            summary.steps.append(StepReport(step.id, "not run"))
-            continue
-        redo = options.redo(step.stage)
-        summary.steps.append(_run_step(context, step, fingerprints, externals[step.id], redo))
+    """Each step in order (concurrent ones next to each other together), run.json updated after each;
+    after a failure only the report still runs."""
+    index = 0
+    while index < len(steps):
+        group = [steps[index]]
+        while (
+            group[-1].concurrent and index + len(group) < len(steps) and steps[index + len(group)].concurrent
+        ):
+            group.append(steps[index + len(group)])
+        index += len(group)
+        if group[0].concurrent:
+            summary.steps += _run_concurrently(context, group, options, fingerprints, externals, summary)
+        else:
+            step = group[0]
+            unread = any(dep not in fingerprints for dep in step.depends)
+            if summary.failed and (step.stage != "report" or unread):
+                summary.steps.append(StepReport(step.id, "not run"))
+                continue
+            summary.steps.append(
+                _run_step(context, step, fingerprints, externals[step.id], options.redo(step.stage))
+            )
         summary.seconds = time.perf_counter() - started
         _write_run_file(context.plan, summary, "running")
 
@@ -180,9 +201,40 @@ def _keep_job_file(plan: JobPlan, job_path: str | Path, root: Path) -> None:
         write_atomic(str(root / "job.yaml"), yaml.safe_dump(job, sort_keys=False))
 
 
+@dataclass
+class _Started:
+    """A step past its cache check, recorded "running": what finishing it needs."""
+
+    step: Step
+    key: str
+    upstream: dict[str, str]
+    external: dict[str, str]
+    clear: bool
+    resume: bool
+    stamp: str = field(default_factory=lambda: _now())
+    began: float = field(default_factory=time.perf_counter)
+
+
 def _run_step(
     context: RunContext, step: Step, fingerprints: dict[str, str], external: dict[str, str], redo: bool
 ) -> StepReport:
+    started = _start(context, step, fingerprints, external, redo)
+    if isinstance(started, StepReport):
+        return started
+    layout = context.plan.layout
+    verb = "resuming" if started.resume else "running"
+    try:
+        with _tee(Path(layout.logs) / f"{step.stage}.log", f"{step.id} {verb} {started.stamp}"):
+            outcome = RUNNERS[step.stage](context, step, started.clear)
+    except Exception as error:  # a failed step is recorded and reported, and the run stops
+        return _failed(context, started, error)
+    return _finish(context, started, outcome, fingerprints)
+
+
+def _start(
+    context: RunContext, step: Step, fingerprints: dict[str, str], external: dict[str, str], redo: bool
+) -> _Started | StepReport:
+    """A cached step's report, or the step recorded as running (with whether to clear its outputs)."""
     layout = context.plan.layout
     upstream = {dep: fingerprints[dep] for dep in step.depends}
     key = step_key(step.settings, upstream, external)
@@ -195,40 +247,85 @@ def _run_step(
     # Outputs are cleared only when the step is redone on purpose or its key changed; with no record
     # (outputs of a single-stage command, say a `vitpipe pretrain` of this job) they are built upon.
     clear = redo or (record is not None and not same and step.stage not in RESUMED_ON_CHANGE)
-    resume = same and not redo
-    verb = "resuming" if resume else "running"
-    print(f"[run] {step.id}: {verb} (key {key})", flush=True)
-    began, stamp = time.perf_counter(), _now()
-    write_record(layout.stages, step.id, {"key": key, "status": "running", "started": stamp})
-    try:
-        with _tee(Path(layout.logs) / f"{step.stage}.log", f"{step.id} {verb} {stamp}"):
-            outcome = RUNNERS[step.stage](context, step, clear)
-    except Exception as error:  # a failed step is recorded and reported, and the run stops
-        seconds = time.perf_counter() - began
-        message = f"{type(error).__name__}: {error}"
-        ended = {"finished": _now(), "seconds": seconds, "error": message}
-        write_record(layout.stages, step.id, {"key": key, "status": "failed", "started": stamp, **ended})
-        log = Path(layout.logs) / f"{step.stage}.log"
-        with log.open("a") as stream:  # the whole traceback for whoever debugs it; the console gets one line
-            stream.write(traceback.format_exc())
-        print(f"[run] {step.id}: FAILED after {format_seconds(seconds)}: {message} (traceback in {log})",
-              file=sys.stderr)  # fmt: skip
-        return StepReport(step.id, "failed", seconds, message)
-    seconds = time.perf_counter() - began
+    started = _Started(step, key, upstream, external, clear, resume=same and not redo)
+    print(f"[run] {step.id}: {'resuming' if started.resume else 'running'} (key {key})", flush=True)
+    write_record(layout.stages, step.id, {"key": key, "status": "running", "started": started.stamp})
+    return started
+
+
+def _failed(context: RunContext, started: _Started, error: BaseException) -> StepReport:
+    """Record a step whose runner raised; the console gets one line, the stage's log the traceback."""
+    layout, step = context.plan.layout, started.step
+    seconds = time.perf_counter() - started.began
+    message = f"{type(error).__name__}: {error}"
+    ended = {"finished": _now(), "seconds": seconds, "error": message}
+    write_record(
+        layout.stages, step.id, {"key": started.key, "status": "failed", "started": started.stamp, **ended}
+    )
+    log = Path(layout.logs) / f"{step.stage}.log"
+    with log.open("a") as stream:  # the whole traceback for whoever debugs it
+        stream.write(f"{step.id}: " + "".join(traceback.format_exception(error)))
+    print(f"[run] {step.id}: FAILED after {format_seconds(seconds)}: {message} (traceback in {log})",
+          file=sys.stderr)  # fmt: skip
+    return StepReport(step.id, "failed", seconds, message)
+
+
+def _finish(
+    context: RunContext, started: _Started, outcome: StepOutcome, fingerprints: dict[str, str]
+) -> StepReport:
+    """Record a step whose runner returned (done, or failed with its outputs written)."""
+    step = started.step
+    seconds = time.perf_counter() - started.began
     status = "failed" if outcome.error else "done"
     write_record(
-        layout.stages,
+        context.plan.layout.stages,
         step.id,
-        {"key": key, "status": status, "started": stamp, "finished": _now(), "seconds": seconds,
-         "fingerprint": outcome.fingerprint, "upstream": upstream, "external": external,
-         "outputs": outcome.outputs, "error": outcome.error},
+        {"key": started.key, "status": status, "started": started.stamp, "finished": _now(),
+         "seconds": seconds, "fingerprint": outcome.fingerprint, "upstream": started.upstream,
+         "external": started.external, "outputs": outcome.outputs, "error": outcome.error},
     )  # fmt: skip
     fingerprints[step.id] = outcome.fingerprint  # what follows may still read a partly failed step
     if outcome.error:
         print(f"[run] {step.id}: FAILED in {format_seconds(seconds)}: {outcome.error}", file=sys.stderr)
         return StepReport(step.id, "failed", seconds, outcome.error)
     print(f"[run] {step.id}: done in {format_seconds(seconds)}")
-    return StepReport(step.id, "resumed" if resume else "ran", seconds)
+    return StepReport(step.id, "resumed" if started.resume else "ran", seconds)
+
+
+def _run_concurrently(
+    context: RunContext, group: list[Step], options: RunOptions, fingerprints: dict[str, str],
+    externals: dict[str, dict[str, str]], summary: RunSummary,
+) -> list[StepReport]:  # fmt: skip
+    """Steps that may run beside each other (a study's points): the cached ones skipped, the others all
+    started at once, for Ray to place on the cluster's resources, and each recorded as it ends. A failed
+    one is kept apart: the others go on, and the report still runs (reading it as failed)."""
+    reports: list[StepReport] = []
+    pending: dict[Any, _Started] = {}
+    layout = context.plan.layout
+    with _tee(Path(layout.logs) / f"{group[0].stage}.log", f"{len(group)} {group[0].stage} steps {_now()}"):
+        for step in group:
+            if summary.failed or any(dep not in fingerprints for dep in step.depends):
+                reports.append(StepReport(step.id, "not run"))
+                continue
+            started = _start(context, step, fingerprints, externals[step.id], options.redo(step.stage))
+            if isinstance(started, StepReport):
+                reports.append(started)
+                continue
+            submit, _ = CONCURRENT_RUNNERS[step.stage]
+            pending[submit(context, step, started.clear)] = started
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            started = pending.pop(ready[0])
+            _, collect = CONCURRENT_RUNNERS[started.step.stage]
+            try:
+                reports.append(_finish(context, started, collect(ready[0]), fingerprints))
+            except Exception as error:
+                reports.append(_failed(context, started, error))
+                fingerprints[started.step.id] = FAILED_FINGERPRINT
+    return reports
+
+
+FAILED_FINGERPRINT = "failed"  # what the report reads of a concurrent step that failed
 
 
 def _now() -> str:

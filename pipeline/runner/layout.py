@@ -6,6 +6,8 @@ RUN (the job's `run_dir`, default `runs/NAME`) holds:
     patches/NAME/      Parquet patch shards of each `preprocess:` entry (+ samples.png)
     pretrain/          the Ray Train run: checkpoints, metrics, loss.png, export/ (unless storage_path)
     transfer/          fine-tune and few-shot results of every target
+    study/             a study's subsets/ manifests, one folder per point (pretrain/, transfer/,
+                       point.json), and results.json, results.md, transfer_vs_data.png
     stages/            one record per finished (or interrupted) step: its cache key and outputs
     logs/              what each stage printed
     report.md, report/ the results table and pictures
@@ -49,6 +51,21 @@ class RunLayout:
     @property
     def evaluate(self) -> str:
         return posixpath.join(self.root, "evaluate")
+
+    @property
+    def study(self) -> str:
+        return posixpath.join(self.root, "study")
+
+    def study_point(self, point: str) -> str:
+        """A study point's folder: its transfer results and summary (and its pretraining run, unless
+        the pretrain section's storage_path puts that elsewhere: `study_storage`)."""
+        return posixpath.join(self.study, point)
+
+    def study_storage(self, point: str) -> str:
+        """Where a study point's Ray Train run goes (as run `pretrain` in it)."""
+        if self.pretrain_storage == self.root:
+            return self.study_point(point)
+        return join(self.pretrain_storage, self.name, "study", point)
 
     @property
     def stages(self) -> str:

@@ -26,7 +26,8 @@ from pipeline.config import (
 from pipeline.runner.layout import RunLayout, run_layout
 from pipeline.storage import basename
 
-STAGES = ("datasets", "preprocess", "pretrain", "finetune", "report")  # what `vitpipe run` runs, in order
+# What `vitpipe run` runs, in order; a job with a study runs its points in place of pretrain and finetune.
+STAGES = ("datasets", "preprocess", "pretrain", "finetune", "study", "report")
 EVALUATE = "evaluate"  # `vitpipe evaluate JOB`: the weights scored on the targets without training
 
 
@@ -50,6 +51,7 @@ class Step:
     depends: tuple[str, ...] = ()  # steps whose outputs it reads; their fingerprints join its key
     external: tuple[tuple[str, str], ...] = ()  # (kind, location) of inputs from outside the run
     output: str = ""  # the folder (or file) the step writes
+    concurrent: bool = False  # runs beside the other concurrent steps next to it (a study's points)
 
     @property
     def id(self) -> str:
@@ -206,9 +208,11 @@ def plan_job(
             depends, external = (), (("shards", config.input),)
         settings = config.model_dump(mode="json", exclude={"input"})
         steps.append(Step("preprocess", name, settings, depends, external, output=layout.patches(name)))
-    if job.pretrain is not None:
+    if job.study is not None:
+        steps += _study_steps(job, source, layout, overrides)
+    elif job.pretrain is not None:
         steps.append(_pretrain_step(job.pretrain, job, source, layout))
-    if job.finetune is not None:
+    if job.finetune is not None and job.study is None:
         steps.append(_transfer_step("finetune", job.finetune, job, source, layout, overrides))
     if steps:
         steps.append(Step("report", None, {}, tuple(step.id for step in steps), output=layout.report))
@@ -298,12 +302,36 @@ def _transfer_step(
 
 def _check_target_patches(target: str, finetune: FinetuneConfig, job: PipelineConfig, source: str) -> None:
     patch_size = job.preprocess[target].patch_size
-    model = job.pretrain.model if job.pretrain else None
-    if model is not None and finetune.weights is None and model.reads_patch_size not in (None, patch_size):
-        raise ConfigError(
-            f"{source}: finetune target {target!r} is preprocessed in {patch_size}-pixel patches "
-            f"(preprocess.{target}.patch_size) but the pretrained model uses {model.patch_size}"
-        )
+    if finetune.weights is not None:
+        return
+    for model in job.models_reading(target):
+        if model.reads_patch_size not in (None, patch_size):
+            raise ConfigError(
+                f"{source}: finetune target {target!r} is preprocessed in {patch_size}-pixel patches "
+                f"(preprocess.{target}.patch_size) but the pretrained model uses {model.reads_patch_size}"
+            )
+
+
+def _study_steps(job: PipelineConfig, source: str, layout: RunLayout, overrides: Overrides) -> list[Step]:
+    """The study's subsets (drawn once from the corpus), then one concurrent step per point, each reading
+    the subsets (if pretrained) and the targets."""
+    from pipeline.study.plan import point_settings, study_job, study_points
+
+    study = study_job(job, source)
+    if study.finetune.weights is not None:
+        raise ConfigError(f"{source}: finetune.weights is not used by a study (its points pretrain); drop it")
+    targets = _transfer_step("finetune", study.finetune, job, source, layout, overrides)
+    target_depends = tuple(dep for dep in targets.depends if dep != "pretrain")
+    drawn = {"sizes": list(study.study.sizes), "seed": study.study.subset_seed, "split": study.pretrain.split}
+    subsets = Step("study", "subsets", drawn, (f"preprocess:{study.corpus}",),
+                   output=posixpath.join(layout.study, "subsets"))  # fmt: skip
+    steps = [subsets]
+    for point in study_points(study.study):
+        settings = point_settings(study, point) | {"targets": targets.settings["targets"]}
+        depends = (subsets.id, *target_depends) if point.pretrained else target_depends
+        steps.append(Step("study", point.name, settings, depends, targets.external,
+                          output=layout.study_point(point.name), concurrent=True))  # fmt: skip
+    return steps
 
 
 def target_name(location: str) -> str:

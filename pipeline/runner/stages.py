@@ -158,6 +158,59 @@ def run_transfer(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     return StepOutcome(fresh_fingerprint(), {"folder": result.out}, error)
 
 
+def run_study_subsets(context: RunContext, step: Step, clear: bool) -> StepOutcome:
+    """Draw the study's nested subsets of the corpus (manifests over its patch files)."""
+    from pipeline.pretrain.plan import training_split
+    from pipeline.study.plan import study_job
+    from pipeline.study.subsets import draw_subsets
+
+    study = study_job(context.plan.job, context.plan.source)
+    corpus = context.plan.patch_dir(study.corpus)
+    split = training_split(corpus, study.pretrain.split)
+    written = draw_subsets(corpus, split, study.study.sizes, study.study.subset_seed, step.output)
+    sizes = ", ".join(f"{size:,}" for size in written)
+    print(f"study: nested subsets of {corpus} ({split!r}) of {sizes} images in {step.output}")
+    return StepOutcome(digest({size: file_fingerprint(path) for size, path in written.items()}),
+                       {"subsets": {str(size): path for size, path in written.items()}})  # fmt: skip
+
+
+def submit_study_point(context: RunContext, step: Step, clear: bool) -> ray.ObjectRef:
+    """Start one study point's task (pipeline.study.launch); `collect_study_point` takes its outcome."""
+    from pipeline.study.launch import PointSettings, submit_point
+    from pipeline.study.plan import Point, point_finetune, point_model, point_pretrain, study_job
+    from pipeline.study.subsets import subset_file
+
+    context.ensure_ray()
+    plan = context.plan
+    study = study_job(plan.job, plan.source)
+    point = Point(**step.settings["point"])
+    subsets = plan.step("study:subsets").output
+    settings = PointSettings(
+        point=point,
+        model=point_model(study, point),
+        pretrain=point_pretrain(study, point) if point.pretrained else None,
+        corpus=plan.patch_dir(study.corpus),
+        subset=subset_file(subsets, point.size) if point.pretrained else None,
+        storage=plan.layout.study_storage(point.name),
+        finetune=point_finetune(study, point),
+        evaluate=study.evaluate,
+        targets=dict(step.settings["targets"]),
+        out=step.output,
+        clear=clear,
+    )
+    return submit_point(settings)
+
+
+def collect_study_point(ref: ray.ObjectRef) -> StepOutcome:
+    """A finished point's outcome; a point whose task failed raises (its error names the point)."""
+    summary = ray.get(ref)
+    failed = [f"{f['target']}: {f['error']}" for f in summary["failures"]]
+    error = f"{len(failed)} transfer run(s) failed: {'; '.join(failed)}" if failed else None
+    return StepOutcome(
+        fresh_fingerprint(), {"summary": summary["point"], "seconds": summary["seconds"]}, error
+    )
+
+
 def run_report(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     path = write_report(context.plan)
     print(f"report: {path}")
@@ -170,12 +223,27 @@ RUNNERS: dict[str, Callable[[RunContext, Step, bool], StepOutcome]] = {
     "pretrain": run_pretrain,
     "finetune": run_transfer,
     "evaluate": run_transfer,
+    "study": run_study_subsets,
     "report": run_report,
+}
+# Steps that run beside each other (Step.concurrent): started all at once, each collected as it ends.
+CONCURRENT_RUNNERS: dict[
+    str, tuple[Callable[[RunContext, Step, bool], Any], Callable[[Any], StepOutcome]]
+] = {
+    "study": (submit_study_point, collect_study_point),
 }
 
 
 def outputs_present(step: Step) -> bool:
     """Whether what a finished step wrote is still there (someone may have deleted it since)."""
+    if step.stage == "study":
+        from pipeline.study.launch import POINT_FILE
+        from pipeline.study.subsets import subset_file
+
+        largest = max(step.settings.get("sizes") or [0])
+        marker = subset_file("", largest) if step.item == "subsets" else POINT_FILE
+        filesystem, path = resolve(join(step.output, marker))
+        return filesystem.get_file_info(path).type == pafs.FileType.File
     marker = {
         "datasets": CARD_FILE,
         "preprocess": MANIFEST_FILE,

@@ -1,0 +1,113 @@
+"""A study point as one Ray task: pretrain on its subset (its own Ray Train run), then transfer to every
+target (its own Ray tasks). All missing points are submitted at once and Ray places each one's workers as
+the cluster's resources allow, so a large cluster runs them side by side and a small one in turn.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from pipeline.config import AnyModel, EvaluateConfig, FinetuneConfig, PretrainConfig
+from pipeline.storage import join, write_atomic
+from pipeline.study.plan import Point
+
+POINT_FILE = "point.json"  # a finished point's summary: what the study's report reads
+
+
+@dataclass(frozen=True)
+class PointSettings:
+    """What one point's task receives."""
+
+    point: Point
+    model: AnyModel
+    pretrain: PretrainConfig | None  # None for a scratch point
+    corpus: str  # the corpus's patch folder
+    subset: str | None  # the subset manifest of the point's size
+    storage: str  # Ray Train storage of its pretraining run (the run is `pretrain` in it)
+    finetune: FinetuneConfig
+    evaluate: EvaluateConfig | None
+    targets: dict[str, str]
+    out: str  # the point's folder
+    clear: bool  # redo: discard its pretraining run first
+
+
+def submit_point(settings: PointSettings) -> ray.ObjectRef:
+    """Start the point's task. It holds no CPU itself: what it runs (the Ray Train workers, the data
+    readers, the fine-tuning tasks) asks Ray for its own resources and waits for them."""
+    remote = ray.remote(run_point).options(num_cpus=0, name=f"study:{settings.point.name}", max_retries=0)
+    return remote.remote(settings)
+
+
+def run_point(settings: PointSettings) -> dict[str, Any]:
+    """The task's body: pretraining (unless a scratch point), transfer, then OUT/point.json."""
+    started = time.perf_counter()
+    point = settings.point
+    print(f"study: {point.name}: started", file=sys.stderr, flush=True)
+    summary: dict[str, Any] = {
+        "point": point.name,
+        "size": point.size,
+        "model": point.model,
+        "seed": point.seed,
+    }
+    weights = None
+    if point.pretrained:
+        summary |= _pretrain(settings)
+        weights = summary["weights"]
+    from pipeline.transfer.launch import transfer
+
+    result = transfer(
+        settings.finetune, settings.evaluate, settings.targets, out=join(settings.out, "transfer"),
+        weights=weights, model=settings.model, name=point.name,
+    )  # fmt: skip
+    summary["results"] = result.document["results"]
+    summary["failures"] = result.failures
+    summary["params"] = summary.get("params") or _scratch_params(result.document["results"])
+    summary["seconds"] = time.perf_counter() - started
+    write_atomic(posixpath.join(settings.out, POINT_FILE), json.dumps(summary, indent=2) + "\n")
+    print(f"study: {point.name}: done in {summary['seconds']:.0f}s", file=sys.stderr, flush=True)
+    return summary
+
+
+def _pretrain(settings: PointSettings) -> dict[str, Any]:
+    from pipeline.pretrain.checkpoints import is_run_output
+    from pipeline.pretrain.launch import pretrain
+    from pipeline.pretrain.plan import check_pretrain
+    from pipeline.storage import remove_entries
+    from pipeline.study.subsets import read_subset
+    from vit.flops import train_flops
+    from vit.models import build_model
+
+    config = settings.pretrain
+    if config is None or settings.subset is None:
+        raise ValueError(f"study point {settings.point.name}: pretrained, but no pretrain config or subset")
+    run_dir = join(settings.storage, "pretrain")
+    if settings.clear:
+        remove_entries(run_dir, is_run_output)
+    subset = read_subset(settings.subset)
+    plan = check_pretrain(config, settings.corpus, run_dir, subset.rows)
+    result = pretrain(config, plan, storage=settings.storage, name="pretrain")
+    images = result.steps * config.global_batch_size
+    model = build_model(plan.architecture)
+    return {
+        "run": result.run_dir,
+        "weights": result.export.vitpipe,
+        "steps": result.steps,
+        "epochs": images / plan.data.samples,
+        "images_seen": images,
+        "pretrain_flops": float(train_flops(plan.architecture)) * images,
+        "params": sum(parameter.numel() for parameter in model.parameters()),
+        "architecture": plan.architecture.describe(),
+        "per_class": subset.per_class,
+    }
+
+
+def _scratch_params(results: list[dict[str, Any]]) -> int | None:
+    """A scratch point's size: the parameters of the model it trained (on its first target)."""
+    return next((r["trainable_parameters"] for r in results if r.get("trainable_parameters")), None)
