@@ -32,9 +32,11 @@ def write_report(plan: JobPlan) -> str:
         f"# {job.name}\n\nJob `{plan.source}` (config hash `{job.digest()}`), code {revision}, "
         f"written {written}."
     ]
-    if job.finetune is not None:
+    if job.study is not None:
+        sections.append(_study_section(plan, pictures))
+    elif job.finetune is not None:
         sections.append(_transfer_section(plan, pictures))
-    if job.pretrain is not None:
+    if job.pretrain is not None and job.study is None:
         sections.append(_pretrain_section(plan, job.pretrain, pictures))
     if job.datasets or job.preprocess:
         sections.append(_data_section(plan, pictures))
@@ -57,6 +59,51 @@ def _transfer_section(plan: JobPlan, pictures: Path) -> str:
         plot_results(document, pictures / "transfer.png")
         text += f"\n\n![transfer results]({PICTURES}/transfer.png)"
     return text + f"\n\nPer-run metrics, confusion matrices and weights: `{plan.layout.transfer}`."
+
+
+def study_points_status(plan: JobPlan) -> list[dict[str, Any]]:
+    """Every study point: its summary (point.json) when done, else its state and error from its record."""
+    import json
+
+    from pipeline.study.launch import POINT_FILE
+
+    points = []
+    for step in plan.steps:
+        if step.stage != "study" or not step.concurrent:
+            continue
+        record = read_record(plan.layout.stages, step.id) or {}
+        summary_file = Path(step.output) / POINT_FILE
+        point = {**step.settings["point"], "point": step.item, "status": record.get("status", "not run")}
+        if point["status"] == "done" and summary_file.is_file():
+            point |= json.loads(summary_file.read_text())
+        else:
+            point["error"] = record.get("error")
+        points.append(point)
+    return points
+
+
+def _study_section(plan: JobPlan, pictures: Path) -> str:
+    from pipeline.study.report import FIGURE, markdown_table, write_study_results
+
+    study = plan.job.study
+    points = study_points_status(plan)
+    settings = study.model_dump(mode="json") if study is not None else {}
+    document = write_study_results(points, Path(plan.layout.study), settings)
+    done = sum(1 for point in points if point["status"] == "done")
+    text = [
+        "## Transfer against pretraining data",
+        "",
+        f"{done} of {len(points)} points finished. Accuracy (%) of each, fine-tuned and few-shot linear:",
+        "",
+        markdown_table(points),
+    ]
+    figure = Path(plan.layout.study) / FIGURE
+    if document["curves"] and figure.is_file():
+        shutil.copyfile(figure, pictures / FIGURE)
+        text += ["", f"![transfer against pretraining images]({PICTURES}/{FIGURE})"]
+    text += ["", f"Per point: pretraining run, transfer results and point.json under `{plan.layout.study}`; "
+             "every point and curve in `study/results.json`."]  # fmt: skip
+    return "\n".join(text)
 
 
 def _pretrain_section(plan: JobPlan, config: PretrainConfig, pictures: Path) -> str:

@@ -1,0 +1,136 @@
+"""The study's figure and table: transfer accuracy against pretraining images, one line per model.
+
+The paper's Figures 3 and 4 as this run measured them: for every target, fine-tuned test top-1 and each
+few-shot linear accuracy against the number of pretraining images (log axis), mean ± std over seeds,
+with the models trained from scratch (size 0) as a dashed level. `results.json` holds every point and
+every curve; `results.md` the table of every point.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from pipeline.storage import write_atomic
+
+STUDY_FORMAT = "vitpipe.study/1"
+FIGURE = "transfer_vs_data.png"
+FINETUNE_METRIC = "finetune top-1"
+
+
+def point_metrics(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{target: {metric: value}}: fine-tuned top-1 and the k-shot linear accuracies of one point."""
+    metrics: dict[str, dict[str, float]] = {}
+    for result in summary.get("results", []):
+        values = metrics.setdefault(result["target"], {})
+        if result.get("top1") is not None:
+            values[FINETUNE_METRIC] = float(result["top1"])
+        for shots, entry in (result.get("fewshot") or {}).items():
+            if "mean" in entry:
+                values[f"{shots}-shot linear"] = float(entry["mean"])
+    return metrics
+
+
+def curves(points: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, list[dict[str, Any]]]]]:
+    """{target: {metric: {model: [{size, mean, std, seeds}]}}} over the finished points, sizes ascending."""
+    grouped: dict[tuple[str, str, str, int], list[float]] = {}
+    for point in points:
+        if point.get("status") != "done":
+            continue
+        for target, values in point_metrics(point).items():
+            for metric, value in values.items():
+                grouped.setdefault((target, metric, point["model"], point["size"]), []).append(value)
+    out: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
+    for (target, metric, model, size), values in sorted(grouped.items()):
+        std = statistics.pstdev(values) if len(values) > 1 else 0.0
+        entry = {"size": size, "mean": statistics.fmean(values), "std": std, "seeds": len(values)}
+        out.setdefault(target, {}).setdefault(metric, {}).setdefault(model, []).append(entry)
+    return out
+
+
+def write_study_results(
+    points: list[dict[str, Any]], folder: Path, settings: dict[str, Any]
+) -> dict[str, Any]:
+    """results.json, results.md and the figure into `folder`; returns the document."""
+    folder.mkdir(parents=True, exist_ok=True)
+    document = {"format": STUDY_FORMAT, **settings, "points": points, "curves": curves(points)}
+    write_atomic(str(folder / "results.json"), json.dumps(document, indent=2) + "\n")
+    write_atomic(str(folder / "results.md"), markdown_table(points) + "\n")
+    if document["curves"]:
+        plot_curves(document["curves"], folder / FIGURE)
+    return document
+
+
+def markdown_table(points: list[dict[str, Any]]) -> str:
+    """Every point: size, model, seed, params, pretraining FLOPs and steps, and its accuracies (%)."""
+    metrics = sorted({(t, m) for p in points for t, values in point_metrics(p).items() for m in values},
+                     key=lambda tm: (tm[0], tm[1] != FINETUNE_METRIC, tm[1]))  # fmt: skip
+    header = ["size", "model", "seed", "params", "pretrain FLOPs", "steps", *(f"{t} {m}" for t, m in metrics)]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for point in sorted(points, key=lambda p: (p["size"], p["model"], p["seed"])):
+        values = point_metrics(point)
+        cells = [
+            f"{point['size']:,}" if point["size"] else "0 (scratch)",
+            point["model"],
+            str(point["seed"]),
+            f"{point['params'] / 1e6:.2f}M" if point.get("params") else "—",
+            f"{point['pretrain_flops']:.2e}" if point.get("pretrain_flops") else "—",
+            f"{point['steps']:,}" if point.get("steps") else "—",
+        ]
+        if point.get("status") != "done":
+            cells += [f"{point.get('status', 'not run')}: {point.get('error') or ''}".strip(": ")] * len(
+                metrics
+            )
+        else:
+            cells += [_percent(values.get(t, {}).get(m)) for t, m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
+def plot_curves(document_curves: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], path: Path) -> Path:
+    """One panel per (target, metric): accuracy against pretraining images on a log axis, a line per model
+    with its seeds' spread, each model's scratch level dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(target, metric) for target, metrics in document_curves.items() for metric in metrics]
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.4 * rows), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    models = sorted(
+        {model for metrics in document_curves.values() for lines in metrics.values() for model in lines}
+    )
+    for axis, (target, metric) in zip(axes.flat, panels, strict=False):
+        for index, model in enumerate(models):
+            entries = document_curves[target][metric].get(model, [])
+            colour = colours[index % len(colours)]
+            pretrained = [e for e in entries if e["size"] > 0]
+            if pretrained:
+                sizes = [e["size"] for e in pretrained]
+                means = [100 * e["mean"] for e in pretrained]
+                stds = [100 * e["std"] for e in pretrained]
+                axis.errorbar(sizes, means, yerr=stds, marker="o", capsize=3, color=colour, label=model)
+            for scratch in (e for e in entries if e["size"] == 0):
+                axis.axhline(100 * scratch["mean"], color=colour, linestyle="--", linewidth=1,
+                             label=f"{model} from scratch")  # fmt: skip
+        axis.set_xscale("log")
+        axis.set_xlabel("pretraining images")
+        axis.set_ylabel("accuracy (%)")
+        axis.set_title(f"{target}: {metric}")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=7)
+    for axis in list(axes.flat)[len(panels) :]:
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
