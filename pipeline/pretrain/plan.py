@@ -183,7 +183,9 @@ def changed_definition(
     return changes
 
 
-def check_run_matches(run_dir: str, config: PretrainConfig, plan: PretrainPlan | None = None) -> None:
+def check_run_matches(
+    run_dir: str, config: PretrainConfig, plan: PretrainPlan | None = None, redo: str = "--force pretrain"
+) -> None:
     """A run folder whose checkpoints were trained with other defining settings is refused (resuming
     would mix two runs), naming each change and the two ways on; so is a budget below the step reached."""
     latest = latest_checkpoint(run_dir)
@@ -194,7 +196,7 @@ def check_run_matches(run_dir: str, config: PretrainConfig, plan: PretrainPlan |
         raise ValueError(
             f"{run_dir}: holds a run trained with other settings that define it ({', '.join(changes)}); "
             f"resuming would mix two runs. Give the job another name to start afresh beside it, or redo "
-            f"it with --force pretrain, which discards its {latest.step:,} steps. Workers, CPUs, "
+            f"it with {redo}, which discards its {latest.step:,} steps. Workers, CPUs, "
             "micro-batch, cadences and the step budget may change on a relaunch"
         )
     if plan is not None and plan.total_steps < latest.step:

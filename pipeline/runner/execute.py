@@ -111,7 +111,9 @@ def run_job(
         *inputs, last = _steps_of(plan, only)
         _take_cached_inputs(plan, inputs, fingerprints)
         steps = [last]
-    externals = check_before_run(plan, steps, pretrain_redone=options.redo("pretrain"))  # or fail now
+    externals = check_before_run(
+        plan, steps, pretrain_redone=options.redo("pretrain"), study_redone=options.redo("study")
+    )  # or fail now
     root.mkdir(parents=True, exist_ok=True)
     with _run_lock(root):
         _keep_job_file(plan, job_path, root)

@@ -15,13 +15,18 @@ from pipeline.runner.records import external_fingerprints
 from pipeline.storage import join, resolve
 
 
-def check_before_run(plan: JobPlan, steps: list[Step], *, pretrain_redone: bool) -> dict[str, dict[str, str]]:
+def check_before_run(
+    plan: JobPlan, steps: list[Step], *, pretrain_redone: bool, study_redone: bool = False
+) -> dict[str, dict[str, str]]:
     """The outside inputs' fingerprints of each of `steps`, after the checks; a failure is a ConfigError
-    naming the job file. A pretraining step redone on purpose (--force, --from) is not compared with the
-    run it replaces."""
+    naming the job file. A pretraining step (or study) redone on purpose (--force, --from) is not compared
+    with the run it replaces."""
     externals = {step.id: external_fingerprints(plan, step) for step in steps}
     if not pretrain_redone and any(step.stage == "pretrain" for step in steps):
         check_pretrain_run(plan)
+    for step in steps:
+        if step.stage == "study" and step.concurrent and step.settings["pretrain"] and not study_redone:
+            check_study_point_run(plan, step)
     return externals
 
 
@@ -38,3 +43,17 @@ def check_pretrain_run(plan: JobPlan) -> None:
         check_run_matches(plan.layout.pretrain, config, planned)
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"{plan.source}: pretrain: {error}") from None
+
+
+def check_study_point_run(plan: JobPlan, step: Step) -> None:
+    """A study point's pretraining run folder against the point's settings, as for a pretrain step: a
+    relaunch with another budget resumes it, one that changes what defines it is refused."""
+    from pipeline.study.plan import Point, point_pretrain, study_job
+
+    point = Point(**step.settings["point"])
+    config = point_pretrain(study_job(plan.job, plan.source), point)
+    run_dir = join(plan.layout.study_storage(point.name), "pretrain")
+    try:
+        check_run_matches(run_dir, config, redo="--force study")
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"{plan.source}: {step.id}: {error}") from None

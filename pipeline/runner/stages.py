@@ -29,9 +29,9 @@ from pipeline.storage import join, remove_entries, remove_folder, resolve
 from pipeline.transfer.report import RESULTS_JSON
 from vit.config import CONFIG_FILE
 
-# Steps whose outputs a changed key does not clear: a pretraining run's checkpoints are resumed
-# (check_pretrain refuses checkpoints of another model); only --force / --from start it afresh.
-RESUMED_ON_CHANGE = frozenset({"pretrain"})
+# Steps whose outputs a changed key does not clear: a pretraining run's (or a study point's) checkpoints
+# are resumed (check_pretrain refuses checkpoints of another model); only --force / --from start afresh.
+RESUMED_ON_CHANGE = frozenset({"pretrain", "study"})
 
 
 @dataclass
