@@ -322,6 +322,14 @@ def _study_steps(job: PipelineConfig, source: str, layout: RunLayout, overrides:
         raise ConfigError(f"{source}: finetune.weights is not used by a study (its points pretrain); drop it")
     targets = _transfer_step("finetune", study.finetune, job, source, layout, overrides)
     target_depends = tuple(dep for dep in targets.depends if dep != "pretrain")
+    for name, model in study.study.models.items():
+        read = [study.corpus, *(t for t in study.finetune.targets if t in job.preprocess)]
+        wrong = [entry for entry in read if model.channels not in (None, job.preprocess[entry].channels)]
+        if wrong:
+            raise ConfigError(
+                f"{source}: study.models.{name}.channels is {model.channels} but preprocess entries "
+                f"{wrong} have {job.preprocess[wrong[0]].channels}; drop the model's channels to take the data's"
+            )
     drawn = {"sizes": list(study.study.sizes), "seed": study.study.subset_seed, "split": study.pretrain.split}
     subsets = Step("study", "subsets", drawn, (f"preprocess:{study.corpus}",),
                    output=posixpath.join(layout.study, "subsets"))  # fmt: skip

@@ -198,7 +198,7 @@ def submit_study_point(context: RunContext, step: Step, clear: bool) -> ray.Obje
         out=step.output,
         clear=clear,
     )
-    return submit_point(settings)
+    return submit_point(settings, plan.layout.root)
 
 
 def collect_study_point(ref: ray.ObjectRef) -> StepOutcome:

@@ -1,10 +1,15 @@
 """A study point as one Ray task: pretrain on its subset (its own Ray Train run), then transfer to every
 target (its own Ray tasks). All missing points are submitted at once and Ray places each one's workers as
 the cluster's resources allow, so a large cluster runs them side by side and a small one in turn.
+
+Ray Train reserves its workers' resources, not those of the Ray Data readers that feed them: two runs
+whose workers took every CPU would both wait forever for a reader. So a point pretrains only while it
+holds one of the run's pretraining slots, as many as the cluster holds whole runs (workers and readers).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import posixpath
 import sys
@@ -14,7 +19,7 @@ from typing import Any
 
 import ray
 
-from pipeline.config import AnyModel, EvaluateConfig, FinetuneConfig, PretrainConfig
+from pipeline.config import AnyModel, EvaluateConfig, FinetuneConfig, PretrainConfig, digest
 from pipeline.storage import join, write_atomic
 from pipeline.study.plan import Point
 
@@ -38,15 +43,42 @@ class PointSettings:
     clear: bool  # redo: discard its pretraining run first
 
 
-def submit_point(settings: PointSettings) -> ray.ObjectRef:
+@ray.remote(num_cpus=0)
+class PretrainSlots:
+    """A semaphore of pretraining slots shared by one run's points (a named actor)."""
+
+    def __init__(self, slots: int) -> None:
+        self.semaphore = asyncio.Semaphore(slots)
+
+    async def acquire(self) -> None:
+        await self.semaphore.acquire()
+
+    async def release(self) -> None:
+        self.semaphore.release()
+
+
+def pretrain_slots(config: PretrainConfig, run: str) -> tuple[Any, int]:
+    """The run's slots actor (created by the first point submitted) and how many whole pretraining runs of
+    `config` the cluster holds at once (at least one: check_resources refuses a run that never fits)."""
+    needs = {"CPU": config.num_workers * config.cpus_per_worker + config.data_cpus}
+    if config.use_gpu:
+        needs["GPU"] = config.num_workers
+    have = ray.cluster_resources()
+    slots = max(1, int(min(have.get(key, 0.0) // need for key, need in needs.items())))
+    name = f"vitpipe-study-slots-{digest(run)}"
+    return PretrainSlots.options(name=name, get_if_exists=True).remote(slots), slots
+
+
+def submit_point(settings: PointSettings, run: str) -> ray.ObjectRef:
     """Start the point's task. It holds no CPU itself: what it runs (the Ray Train workers, the data
     readers, the fine-tuning tasks) asks Ray for its own resources and waits for them."""
+    slots = pretrain_slots(settings.pretrain, run)[0] if settings.pretrain is not None else None
     remote = ray.remote(run_point).options(num_cpus=0, name=f"study:{settings.point.name}", max_retries=0)
-    return remote.remote(settings)
+    return remote.remote(settings, slots)
 
 
-def run_point(settings: PointSettings) -> dict[str, Any]:
-    """The task's body: pretraining (unless a scratch point), transfer, then OUT/point.json."""
+def run_point(settings: PointSettings, slots: Any = None) -> dict[str, Any]:
+    """The task's body: pretraining (unless a scratch point) in a slot, transfer, then OUT/point.json."""
     started = time.perf_counter()
     point = settings.point
     print(f"study: {point.name}: started", file=sys.stderr, flush=True)
@@ -58,7 +90,12 @@ def run_point(settings: PointSettings) -> dict[str, Any]:
     }
     weights = None
     if point.pretrained:
-        summary |= _pretrain(settings)
+        print(f"study: {point.name}: waiting for a pretraining slot", file=sys.stderr, flush=True)
+        ray.get(slots.acquire.remote())
+        try:
+            summary |= _pretrain(settings)
+        finally:
+            ray.get(slots.release.remote())
         weights = summary["weights"]
     from pipeline.transfer.launch import transfer
 
