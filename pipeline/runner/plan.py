@@ -328,7 +328,7 @@ def _study_steps(job: PipelineConfig, source: str, layout: RunLayout, overrides:
         if wrong:
             raise ConfigError(
                 f"{source}: study.models.{name}.channels is {model.channels} but preprocess entries "
-                f"{wrong} have {job.preprocess[wrong[0]].channels}; drop the model's channels to take the data's"
+                f"{wrong} have {job.preprocess[wrong[0]].channels}; drop the model's channels (the data's)"
             )
     drawn = {"sizes": list(study.study.sizes), "seed": study.study.subset_seed, "split": study.pretrain.split}
     subsets = Step("study", "subsets", drawn, (f"preprocess:{study.corpus}",),

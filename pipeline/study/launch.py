@@ -65,8 +65,13 @@ def pretrain_slots(config: PretrainConfig, run: str) -> tuple[Any, int]:
         needs["GPU"] = config.num_workers
     have = ray.cluster_resources()
     slots = max(1, int(min(have.get(key, 0.0) // need for key, need in needs.items())))
-    name = f"vitpipe-study-slots-{digest(run)}"
-    return PretrainSlots.options(name=name, get_if_exists=True).remote(slots), slots
+    key = f"{ray.get_runtime_context().get_job_id()}-{digest(run)}"
+    if key not in _SLOTS:  # the driver holds the handle for its lifetime: Ray ends an actor nobody holds
+        _SLOTS[key] = PretrainSlots.options(name=f"vitpipe-study-slots-{key}").remote(slots)
+    return _SLOTS[key], slots
+
+
+_SLOTS: dict[str, Any] = {}
 
 
 def submit_point(settings: PointSettings, run: str) -> ray.ObjectRef:
