@@ -33,6 +33,11 @@ def point_metrics(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
     return metrics
 
 
+def metric_order(metric: str) -> tuple[int, int]:
+    """Fine-tuned top-1 first, then the few-shot accuracies by shot count."""
+    return (0, 0) if metric == FINETUNE_METRIC else (1, int(metric.split("-")[0]))
+
+
 def curves(points: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, list[dict[str, Any]]]]]:
     """{target: {metric: {model: [{size, mean, std, seeds}]}}} over the finished points, sizes ascending."""
     grouped: dict[tuple[str, str, str, int], list[float]] = {}
@@ -66,7 +71,7 @@ def write_study_results(
 def markdown_table(points: list[dict[str, Any]]) -> str:
     """Every point: size, model, seed, params, pretraining FLOPs and steps, and its accuracies (%)."""
     metrics = sorted({(t, m) for p in points for t, values in point_metrics(p).items() for m in values},
-                     key=lambda tm: (tm[0], tm[1] != FINETUNE_METRIC, tm[1]))  # fmt: skip
+                     key=lambda tm: (tm[0], metric_order(tm[1])))  # fmt: skip
     header = ["size", "model", "seed", "params", "pretrain FLOPs", "steps", *(f"{t} {m}" for t, m in metrics)]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for point in sorted(points, key=lambda p: (p["size"], p["model"], p["seed"])):
@@ -101,7 +106,7 @@ def plot_curves(document_curves: dict[str, dict[str, dict[str, list[dict[str, An
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(target, metric) for target, metrics in document_curves.items() for metric in metrics]
+    panels = [(t, m) for t, metrics in document_curves.items() for m in sorted(metrics, key=metric_order)]
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.4 * rows), squeeze=False)
