@@ -173,7 +173,7 @@ def test_scaling_smoke_runs_every_point_keeps_a_failed_one_apart_and_reruns_only
     second = run_smoke(run)
     assert second.returncode == 0, second.stderr[-3000:]
     status = statuses(run)
-    assert status["study:n0000000100-vit-seed0"] == "ran"
+    assert status["study:n0000000100-vit-seed0"] == "resumed"  # its record: failed, with this key
     cached = {step for step, state in status.items() if state == "cached"}
     others = ["n0000000400-vit-seed0", "n0000000400-bit-seed0", "n0000000100-bit-seed0", "scratch-vit-seed0",
               "scratch-bit-seed0", "subsets"]  # fmt: skip
