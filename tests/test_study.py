@@ -25,6 +25,7 @@ from vit.flops import train_flops
 from vit.weights import load_pretrained, read_checkpoint, state_digest
 
 SMOKE = REPO / "jobs" / "scaling_smoke.yaml"
+VIT = yaml.safe_load(SMOKE.read_text())["study"]["models"]["vit"]
 
 
 def drawn_rows(subset) -> set[tuple[str, int]]:
@@ -90,7 +91,14 @@ def test_a_study_is_planned_as_concurrent_points_reading_nested_subsets(tmp_path
             r"read patches of sizes \[4, 8\]",
         ),
         (
-            {"study": {"models": {"bit": {"family": "bit", "base_width": 8, "groups": 8, "channels": 1}}}},
+            {
+                "study": {
+                    "models": {
+                        "vit": VIT,
+                        "bit": {"family": "bit", "base_width": 8, "groups": 8, "channels": 1},
+                    }
+                }
+            },
             r"study.models.bit.channels is 1 but preprocess entries \['fractals', 'digits'\] have 3",
         ),
         ({"study": {"sizes": [100, 100]}}, "a value is listed twice"),
