@@ -179,6 +179,28 @@ def test_model_section_builds_the_vit_it_describes():
     )
 
 
+def test_a_model_section_names_its_family_and_job_files_without_one_mean_a_vit():
+    from vit.config import BiTConfig, ViTConfig
+
+    for job in sorted((Path(__file__).parents[1] / "jobs").glob("*.yaml")):
+        config = load_config(job)
+        if config.pretrain is not None and config.study is None:
+            assert config.pretrain.model.family == "vit", job
+    bit = validate({"data": "d", "model": {"family": "bit", "variant": "R101x3"}}, PretrainConfig, "job.yaml")
+    built = bit.model.architecture(image_size=64, channels=3, num_classes=5, patch_size=8)
+    assert built == BiTConfig(image_size=64, patch_size=8, num_classes=5, depth=101, width_factor=3)
+    vit = validate({"data": "d", "model": {"variant": "S/8"}}, PretrainConfig, "job.yaml").model
+    assert isinstance(vit.architecture(image_size=32, channels=1, num_classes=2), ViTConfig)
+    with pytest.raises(ConfigError, match=r"model: family must be 'vit' or 'bit'"):
+        validate({"data": "d", "model": {"family": "cnn"}}, PretrainConfig, "job.yaml")
+    with pytest.raises(ConfigError, match=r"model.depht: unknown key; did you mean 'depth'\?"):
+        validate({"data": "d", "model": {"family": "bit", "depht": 50}}, PretrainConfig, "job.yaml")
+    with pytest.raises(ConfigError, match=r"model.depth: Input should be 26, 50, 101 or 152"):
+        validate({"data": "d", "model": {"family": "bit", "depth": 34}}, PretrainConfig, "job.yaml")
+    with pytest.raises(ConfigError, match="do not split into 32 GroupNorm groups"):
+        validate({"data": "d", "model": {"family": "bit", "base_width": 20}}, PretrainConfig, "job.yaml")
+
+
 def test_finetune_defaults_are_the_papers_recipe_and_accumulation_splits_the_batch():
     from pipeline.config import FinetuneConfig
 

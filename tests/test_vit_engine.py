@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from vit.config import ViTConfig
-from vit.engine import build_engine, load_checkpoint, save_checkpoint, train_micro_batch
+from vit.bit import ResNetV2
+from vit.config import BiTConfig, ViTConfig
+from vit.engine import build_engine, consolidated_state, load_checkpoint, save_checkpoint, train_micro_batch
 from vit.loop import DataExhaustedError, Hooks, LoopEnd, Throughput, pretrain_loop
 from vit.model import VisionTransformer
 from vit.recipe import Cadence, Optimizer, Recipe, Schedule, Zero
+from vit.weights import load_state, state_digest
 
 TINY = ViTConfig(
     image_size=16, patch_size=4, channels=3, num_classes=5, width=32, depth=2, heads=2, mlp_dim=64
@@ -40,6 +42,35 @@ def test_bf16_deepspeed_engine_trains_on_uint8_patches(stage, offload, one_rank_
     losses = [float(train_micro_batch(engine, patches, labels, recipe, rng).loss.detach()) for _ in range(30)]
     assert losses[-1] < losses[0] / 2
     assert train_micro_batch(engine, patches, labels, recipe, rng).correct == 8
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_bit_trains_in_the_deepspeed_engine_and_its_checkpoint_consolidates_into_its_weights(
+    stage, one_rank_group, tmp_path
+):
+    """The BiT baseline goes through the same engine as the ViT: bf16 ZeRO, the shared training step,
+    a checkpoint whose consolidated fp32 weights load into a fresh ResNetV2 and give the engine's logits."""
+    torch.manual_seed(0)
+    config = BiTConfig(image_size=16, patch_size=4, num_classes=5, depth=26, base_width=8, groups=8)
+    recipe = Recipe(Optimizer(lr=3e-3), Schedule(warmup_steps=0), total_steps=20, micro_batch_size=8,
+                    bf16=True)  # fmt: skip
+    initial = ResNetV2(config)
+    untrained = state_digest(initial)
+    engine = build_engine(initial, recipe, Zero(stage), world_size=1)
+    patches = torch.randint(0, 256, (8, *config.geometry.shape), dtype=torch.uint8)
+    labels = torch.arange(8) % config.num_classes
+    rng = np.random.default_rng(0)
+    losses = [float(train_micro_batch(engine, patches, labels, recipe, rng).loss.detach()) for _ in range(20)]
+    assert losses[-1] < losses[0] / 2, losses
+    save_checkpoint(engine, tmp_path, "step20", {"step": 20})
+    model = ResNetV2(config)
+    load_state(model, consolidated_state(tmp_path, "step20"), str(tmp_path))
+    assert state_digest(model) != untrained
+    engine.eval()
+    with torch.no_grad():
+        expected = engine(patches).float()
+        got = model.eval()(patches)
+    torch.testing.assert_close(got, expected, atol=0.1, rtol=0.05)  # the engine runs in bf16
 
 
 # ---------------------------------------------------------------- the loop
