@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Self
 
 from vit.patches import PatchGeometry, geometry_problems
 from vit.variants import BIT_DEPTHS, parse_bit_variant, parse_variant
@@ -15,8 +15,36 @@ DEFAULT_MEAN = 0.5  # big_vision / the paper's checkpoints scale pixels to [-1, 
 DEFAULT_STD = 0.5
 
 
+class _Stored:
+    """What every model config does alike: copies with changes, and the dict `config.json` stores."""
+
+    label: ClassVar[str]  # "ViT", "BiT": what messages call the family
+
+    def replace(self: Self, **changes: Any) -> Self:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)  # type: ignore[call-overload]
+        data["mean"], data["std"] = list(data["mean"]), list(data["std"])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> Self:
+        """Build from `to_dict()` output; unknown keys are an error naming `source` and the keys."""
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown {cls.label} config key(s) {', '.join(unknown)}; known: {sorted(known)}"
+            )
+        try:
+            return cls(**data)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
+
+
 @dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(_Stored):
     """A Vision Transformer on square images of `image_size` cut into `patch_size` patches."""
 
     family: ClassVar[str] = "vit"
@@ -109,18 +137,6 @@ class ViTConfig:
         del patch_size
         return self.replace(image_size=image_size, num_classes=num_classes, representation_size=None)
 
-    def replace(self, **changes: Any) -> ViTConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["mean"], data["std"] = list(self.mean), list(self.std)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> ViTConfig:
-        return _from_dict(cls, data, source)
-
 
 def _normalisation(config: Any) -> None:
     """Per-channel mean/std default to 0.5/0.5 (pixels scaled to [-1, 1]) for however many channels."""
@@ -144,7 +160,7 @@ def _normalisation_problems(config: Any) -> list[str]:
 
 
 @dataclass(frozen=True)
-class BiTConfig:
+class BiTConfig(_Stored):
     """A BiT ResNet-v2 (Kolesnikov et al. 2020): pre-activation bottlenecks, GroupNorm and weight-
     standardised convolutions. It reads the same patch tensors as a ViT and rebuilds the image from them,
     so `patch_size` is the data's layout only: its weights fit any patch size and any resolution."""
@@ -223,18 +239,6 @@ class BiTConfig:
         """The model fine-tuned on a target: its resolution, patch layout and classes."""
         return self.replace(image_size=image_size, patch_size=patch_size, num_classes=num_classes)
 
-    def replace(self, **changes: Any) -> BiTConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["mean"], data["std"] = list(self.mean), list(self.std)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> BiTConfig:
-        return _from_dict(cls, data, source)
-
 
 Architecture = ViTConfig | BiTConfig
 FAMILIES: dict[str, type[ViTConfig] | type[BiTConfig]] = {"vit": ViTConfig, "bit": BiTConfig}
@@ -252,17 +256,3 @@ def architecture_from_record(record: dict[str, Any], source: str) -> Architectur
         wanted = " or ".join(FAMILIES)
         raise ValueError(f"{source}: expected one architecture under {wanted}; found {present}")
     return FAMILIES[present[0]].from_dict(record[present[0]], source=source)
-
-
-def _from_dict(cls: Any, data: dict[str, Any], source: str) -> Any:
-    """Build from `to_dict()` output; unknown keys are an error naming `source` and the keys."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(
-            f"{source}: unknown {cls.label} config key(s) {', '.join(unknown)}; known: {sorted(known)}"
-        )
-    try:
-        return cls(**data)
-    except ValueError as error:
-        raise ValueError(f"{source}: {error}") from None
