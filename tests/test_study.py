@@ -177,6 +177,17 @@ def test_scaling_smoke_runs_every_point_keeps_a_failed_one_apart_and_reruns_only
     assert bit["results"][0]["start_weights"] == state_digest(exported)
     assert bit["pretrain_flops"] == train_flops(read_checkpoint(bit["weights"]).config) * 16 * 32
 
+    # Side by side as far as the session's 2 CPUs allow: two 1-CPU points (a 0.5-CPU worker and its 0.5-CPU
+    # readers) pretrained at once, never three.
+    spans = []
+    for point in by_name.values():
+        if point["size"] and point.get("run"):
+            times = [r["time"] for r in read_records(point["run"]) if "time" in r]
+            spans.append((min(times), max(times)))
+    assert len(spans) == 4
+    most = max(sum(1 for start, end in spans if start <= moment <= end) for moment, _ in spans)
+    assert most == 2, spans
+
     (blocked / "notes.txt").unlink()
     second = run_smoke(run)
     assert second.returncode == 0, second.stderr[-3000:]
