@@ -163,6 +163,11 @@ def _run_steps(
 def _steps_of(plan: JobPlan, stage: str) -> list[Step]:
     """The step of `stage` last, after every step it reads (directly or not), in run order."""
     wanted = [step for step in plan.steps if step.stage == stage]
+    if not wanted and plan.job.study is not None:
+        raise ConfigError(
+            f"{plan.source}: a study's pretrain and finetune sections are the recipe of its points, which "
+            f"`vitpipe run {plan.source}` runs (`--force study` redoes them)"
+        )
     if not wanted:
         raise ConfigError(f"{plan.source}: the job has no {stage} section")
     needed, frontier = set(), list(wanted[0].depends)
