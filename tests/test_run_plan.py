@@ -166,7 +166,9 @@ def test_every_job_in_jobs_validates_and_plans(path):
     job = load_config(path)
     plan = plan_job(job, str(path), run_layout(job, "/tmp/plan-only"))  # noqa: S108 (never written)
     assert plan.steps[-1].stage == "report"
-    if job.pretrain is not None:
+    if job.study is not None:  # its points pretrain, each with the pretrain section as recipe
+        assert any(step.concurrent and step.settings["pretrain"] for step in plan.steps)
+    elif job.pretrain is not None:
         assert any(step.stage == "pretrain" for step in plan.steps)
 
 
