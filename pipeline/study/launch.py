@@ -57,9 +57,9 @@ class PretrainSlots:
         self.semaphore.release()
 
 
-def pretrain_slots(config: PretrainConfig, run: str) -> tuple[Any, int]:
-    """The run's slots actor (created by the first point submitted) and how many whole pretraining runs of
-    `config` the cluster holds at once (at least one: check_resources refuses a run that never fits)."""
+def pretrain_slots(config: PretrainConfig, run: str) -> Any:
+    """The run's slots actor, created by the first point submitted with as many slots as the cluster
+    holds whole pretraining runs of `config` (at least one: check_resources refuses a run that never fits)."""
     needs = {"CPU": config.num_workers * config.cpus_per_worker + config.data_cpus}
     if config.use_gpu:
         needs["GPU"] = config.num_workers
@@ -68,7 +68,9 @@ def pretrain_slots(config: PretrainConfig, run: str) -> tuple[Any, int]:
     key = f"{ray.get_runtime_context().get_job_id()}-{digest(run)}"
     if key not in _SLOTS:  # the driver holds the handle for its lifetime: Ray ends an actor nobody holds
         _SLOTS[key] = PretrainSlots.options(name=f"vitpipe-study-slots-{key}").remote(slots)
-    return _SLOTS[key], slots
+        wants = ", ".join(f"{need:g} {name}" for name, need in needs.items())
+        print(f"study: {slots} point(s) pretrain at once on this cluster (each {wants})", file=sys.stderr)
+    return _SLOTS[key]
 
 
 _SLOTS: dict[str, Any] = {}
@@ -77,7 +79,7 @@ _SLOTS: dict[str, Any] = {}
 def submit_point(settings: PointSettings, run: str) -> ray.ObjectRef:
     """Start the point's task. It holds no CPU itself: what it runs (the Ray Train workers, the data
     readers, the fine-tuning tasks) asks Ray for its own resources and waits for them."""
-    slots = pretrain_slots(settings.pretrain, run)[0] if settings.pretrain is not None else None
+    slots = pretrain_slots(settings.pretrain, run) if settings.pretrain is not None else None
     remote = ray.remote(run_point).options(num_cpus=0, name=f"study:{settings.point.name}", max_retries=0)
     return remote.remote(settings, slots)
 
