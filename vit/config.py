@@ -16,9 +16,42 @@ DEFAULT_STD = 0.5
 
 
 class _Stored:
-    """What every model config does alike: copies with changes, and the dict `config.json` stores."""
+    """What every model config does alike: input geometry and normalisation, its checks, copies with
+    changes, and the dict `config.json` stores. Subclasses are frozen dataclasses with `image_size`,
+    `patch_size`, `channels`, `mean` and `std`, and their own `_problems`."""
 
     label: ClassVar[str]  # "ViT", "BiT": what messages call the family
+    image_size: int
+    patch_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        # Per-channel mean/std default to 0.5/0.5 (pixels scaled to [-1, 1]) for however many channels.
+        mean = tuple(float(m) for m in self.mean or (DEFAULT_MEAN,) * self.channels)
+        std = tuple(float(s) for s in self.std or (DEFAULT_STD,) * self.channels)
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+        problems = self._problems()
+        if problems:
+            raise ValueError(f"invalid {self.label} config: " + "; ".join(problems))
+
+    def _problems(self) -> list[str]:
+        """The family's own checks; the normalisation's are added here."""
+        problems = [
+            f"{name} has {len(getattr(self, name))} values for {self.channels} channel(s)"
+            for name in ("mean", "std")
+            if len(getattr(self, name)) != self.channels
+        ]
+        if any(s <= 0 for s in self.std):
+            problems.append(f"std values must be positive (got {self.std})")
+        return problems
+
+    @property
+    def geometry(self) -> PatchGeometry:
+        """The patch tensors the model reads."""
+        return PatchGeometry(self.image_size, self.patch_size, self.channels)
 
     def replace(self: Self, **changes: Any) -> Self:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
@@ -73,15 +106,9 @@ class ViTConfig(_Stored):
     mean: tuple[float, ...] = field(default=())
     std: tuple[float, ...] = field(default=())
 
-    def __post_init__(self) -> None:
-        _normalisation(self)
-        problems = self._problems()
-        if problems:
-            raise ValueError("invalid ViT config: " + "; ".join(problems))
-
     def _problems(self) -> list[str]:
         integers = ("num_classes", "width", "depth", "mlp_dim", "heads")
-        problems = geometry_problems(self.image_size, self.patch_size, self.channels)
+        problems = geometry_problems(self.image_size, self.patch_size, self.channels) + super()._problems()
         sizes = [
             f"{name} must be a positive integer (got {getattr(self, name)!r})"
             for name in integers
@@ -100,7 +127,7 @@ class ViTConfig(_Stored):
                 problems.append(f"{name} must be in [0, 1) (got {getattr(self, name)})")
         if not self.layer_norm_eps > 0:
             problems.append(f"layer_norm_eps must be positive (got {self.layer_norm_eps})")
-        return problems + _normalisation_problems(self)
+        return problems
 
     @classmethod
     def from_variant(cls, name: str, **overrides: Any) -> ViTConfig:
@@ -108,11 +135,6 @@ class ViTConfig(_Stored):
         parsed = parse_variant(name)
         shape = dataclasses.asdict(parsed.shape)
         return cls(**{"patch_size": parsed.patch_size, **shape, **overrides})
-
-    @property
-    def geometry(self) -> PatchGeometry:
-        """The patch tensors the model reads."""
-        return PatchGeometry(self.image_size, self.patch_size, self.channels)
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -138,27 +160,6 @@ class ViTConfig(_Stored):
         return self.replace(image_size=image_size, num_classes=num_classes, representation_size=None)
 
 
-def _normalisation(config: Any) -> None:
-    """Per-channel mean/std default to 0.5/0.5 (pixels scaled to [-1, 1]) for however many channels."""
-    if not config.mean:
-        object.__setattr__(config, "mean", (DEFAULT_MEAN,) * config.channels)
-    if not config.std:
-        object.__setattr__(config, "std", (DEFAULT_STD,) * config.channels)
-    object.__setattr__(config, "mean", tuple(float(m) for m in config.mean))
-    object.__setattr__(config, "std", tuple(float(s) for s in config.std))
-
-
-def _normalisation_problems(config: Any) -> list[str]:
-    problems = [
-        f"{name} has {len(getattr(config, name))} values for {config.channels} channel(s)"
-        for name in ("mean", "std")
-        if len(getattr(config, name)) != config.channels
-    ]
-    if any(s <= 0 for s in config.std):
-        problems.append(f"std values must be positive (got {config.std})")
-    return problems
-
-
 @dataclass(frozen=True)
 class BiTConfig(_Stored):
     """A BiT ResNet-v2 (Kolesnikov et al. 2020): pre-activation bottlenecks, GroupNorm and weight-
@@ -181,14 +182,8 @@ class BiTConfig(_Stored):
     mean: tuple[float, ...] = field(default=())
     std: tuple[float, ...] = field(default=())
 
-    def __post_init__(self) -> None:
-        _normalisation(self)
-        problems = self._problems()
-        if problems:
-            raise ValueError("invalid BiT config: " + "; ".join(problems))
-
     def _problems(self) -> list[str]:
-        problems = geometry_problems(self.image_size, self.patch_size, self.channels)
+        problems = geometry_problems(self.image_size, self.patch_size, self.channels) + super()._problems()
         for name in ("num_classes", "width_factor", "base_width", "groups"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 problems.append(f"{name} must be a positive integer (got {getattr(self, name)!r})")
@@ -201,17 +196,13 @@ class BiTConfig(_Stored):
                 f"the stem's {self.stem_width} channels (base_width x width_factor) do not split into "
                 f"{self.groups} GroupNorm groups"
             )
-        return problems + _normalisation_problems(self)
+        return problems
 
     @classmethod
     def from_variant(cls, name: str, **overrides: Any) -> BiTConfig:
         """The config of a named variant ("R50x1"); keyword arguments override any field."""
         depth, width_factor = parse_bit_variant(name)
         return cls(**{"depth": depth, "width_factor": width_factor, **overrides})
-
-    @property
-    def geometry(self) -> PatchGeometry:
-        return PatchGeometry(self.image_size, self.patch_size, self.channels)
 
     @property
     def stem_width(self) -> int:
