@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -256,3 +257,32 @@ def test_force_starts_afresh_saying_what_it_discards_and_keeps_others_files(
     assert "8 worker(s) and the data readers cannot be placed" in out.err
     assert not (run_with_checkpoint / "checkpoint_00000040").exists()
     assert (run_with_checkpoint / "notes.txt").read_text() == "mine"
+
+
+def test_a_study_point_resumed_on_other_rows_of_the_corpus_is_refused(patch_sets, tmp_path):
+    """A point's checkpoints record which rows it trained on: another subset of the same size (another
+    subset_seed) is another run, refused with the study's way on; the same rows in a moved corpus resume."""
+    from pipeline.config import PretrainConfig
+    from pipeline.pretrain.plan import check_pretrain, plan_pretrain, run_identity, training_split
+    from pipeline.study.subsets import draw_subsets, read_subset
+
+    corpus = str(patch_sets["labelled"])
+    split = training_split(corpus, "train")
+    config = PretrainConfig.model_validate({**RUN, "steps": 100, "data": corpus})
+    drawn = {seed: read_subset(draw_subsets(corpus, split, (64,), seed, str(tmp_path / f"s{seed}"))[64])
+             for seed in (0, 1)}  # fmt: skip
+    plan = plan_pretrain(config, corpus, drawn[0].rows)
+    checkpoint = tmp_path / "point" / "checkpoint_00000040"
+    checkpoint.mkdir(parents=True)
+    meta = {"step": 40, "tag": "step00000040", "world_size": 2, "zero_stage": 2,
+            "vit": plan.architecture.to_dict(), "defines": run_identity(config, plan)}  # fmt: skip
+    (checkpoint / "vitpipe.json").write_text(json.dumps(meta))
+    run = str(tmp_path / "point")
+
+    assert check_pretrain(config, corpus, run, drawn[0].rows).data.samples == 64
+    with pytest.raises(ValueError, match=r"data.rows [0-9a-f]+ -> [0-9a-f]+.*--force study"):
+        check_pretrain(config, corpus, run, drawn[1].rows, redo="--force study")
+    moved = Path(tmp_path / "moved")
+    shutil.copytree(corpus, moved)
+    rows = {str(moved / Path(file).relative_to(corpus)): taken for file, taken in drawn[0].rows.items()}
+    assert check_pretrain(config.model_copy(update={"data": str(moved)}), str(moved), run, rows).total_steps

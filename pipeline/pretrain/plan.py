@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pipeline.config import PretrainConfig
+from pipeline.config import PretrainConfig, digest
 from pipeline.preprocess.manifest import (
     ROOT_SPLIT,
     manifest_classes,
@@ -20,6 +20,7 @@ from pipeline.preprocess.manifest import (
     read_manifest,
 )
 from pipeline.pretrain.checkpoints import architecture_of, latest_checkpoint
+from pipeline.storage import basename
 from vit.config import Architecture
 from vit.patches import PatchGeometry
 from vit.recipe import Cadence, Recipe, Zero
@@ -138,22 +139,26 @@ def plan_pretrain(config: PretrainConfig, directory: str, rows: Rows | None = No
 
 
 def check_pretrain(
-    config: PretrainConfig, directory: str, run_dir: str, rows: Rows | None = None
-) -> PretrainPlan:
+    config: PretrainConfig, directory: str, run_dir: str, rows: Rows | None = None,
+    redo: str = "--force pretrain",
+) -> PretrainPlan:  # fmt: skip
     """The plan of run `run_dir` on `directory` (or on `rows` of it), after every check that needs no
     worker: the data, the model for it, and the run folder's checkpoints (a run defined otherwise is
     refused)."""
     plan = plan_pretrain(config, directory, rows)
-    check_run_matches(run_dir, config, plan)
+    check_run_matches(run_dir, config, plan, redo)
     return plan
 
 
 def run_identity(config: PretrainConfig, plan: PretrainPlan | None) -> dict[str, Any]:
     """What defines the run, as its checkpoints record it: the defining settings and, when the data is
-    planned, the number of training images (another corpus is another run)."""
+    planned, the number of training images (another corpus is another run) and, for a subset of the
+    corpus, which rows (by file name, so that a moved corpus is the same data)."""
     identity = config.defining()
     if plan is not None:
         identity["data.samples"] = plan.data.samples
+    if plan is not None and plan.data.rows is not None:
+        identity["data.rows"] = digest({basename(file): rows for file, rows in plan.data.rows.items()})
     return identity
 
 

@@ -135,7 +135,7 @@ def _pretrain(settings: PointSettings) -> dict[str, Any]:
     if settings.clear:
         remove_entries(run_dir, is_run_output)
     subset = read_subset(settings.subset)
-    plan = check_pretrain(config, settings.corpus, run_dir, subset.rows)
+    plan = check_pretrain(config, settings.corpus, run_dir, subset.rows, redo="--force study")
     result = pretrain(config, plan, storage=settings.storage, name="pretrain")
     images = result.steps * config.global_batch_size
     model = build_model(plan.architecture)
