@@ -401,7 +401,6 @@ AnyModel = Annotated[
     Discriminator(_model_family, custom_error_type="model_family",
                   custom_error_message="family must be 'vit' or 'bit'"),
 ]  # fmt: skip
-MODEL_FAMILIES = ("vit", "bit")
 
 
 # How a pretraining run is operated, not what it trains: a relaunch with other values resumes the run
