@@ -377,9 +377,11 @@ class BiTModelConfig(Section):
     ) -> BiTConfig:
         """The model this section describes, for data of the given geometry and classes."""
         depth, width = self._depth_and_width()
+        if (self.patch_size or patch_size) is None:
+            raise ValueError("a BiT reads the data's patch layout: its patch size must be known")
         return BiTConfig(
             image_size=image_size,
-            patch_size=self.patch_size or patch_size or image_size,
+            patch_size=self.patch_size or patch_size,
             channels=channels,
             num_classes=num_classes,
             depth=depth,
