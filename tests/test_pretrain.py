@@ -177,8 +177,8 @@ def _deepspeed_engine_logits(info, patches: torch.Tensor, scratch: Path) -> torc
 
 
 def test_zero3_run_survives_a_killed_worker(two_nodes, fractal_patches, tmp_path):
-    config = write_config(  # files read each epoch (no cache), so a restart re-reads from the files
-        tmp_path / "zero3.yaml", fractal_patches, zero_stage=3, steps=60, max_failures=2, cache_data=False
+    config = write_config(
+        tmp_path / "zero3.yaml", fractal_patches, zero_stage=3, steps=60, max_failures=2
     )
     run_dir = tmp_path / "zero3"
     command = ["pretrain", str(config), "--storage", str(tmp_path), "--address", two_nodes.address]

@@ -102,16 +102,14 @@ def test_a_refused_run_imports_neither_torch_nor_ray_train(patch_sets, tmp_path)
     assert result.stdout.splitlines()[-1] == "exit 2"  # refused as a config error; nothing heavy imported
 
 
-def test_cache_data_auto_holds_a_split_under_a_quarter_of_the_object_store(patch_sets):
+def test_a_job_file_with_the_retired_data_keys_still_loads_and_is_told_to_drop_them():
     from pipeline.config import PretrainConfig
-    from pipeline.pretrain.plan import plan_data, should_cache
 
-    data = plan_data(PretrainConfig(data="x"), str(patch_sets["labelled"]))
-    assert data.bytes_in_memory == 300 * (16 * 16 * 3 + 8)
-    assert should_cache("auto", data.bytes_in_memory, object_store_bytes=4 * data.bytes_in_memory + 1)
-    assert not should_cache("auto", data.bytes_in_memory, object_store_bytes=4 * data.bytes_in_memory)
-    assert should_cache(True, 10**15, 1)
-    assert not should_cache(False, 1, 10**15)
+    with pytest.warns(UserWarning, match=r"pretrain.cache_data no longer applies .*drop it"):
+        config = PretrainConfig(data="x", cache_data=True)
+    with pytest.warns(UserWarning, match=r"pretrain.data_cpus no longer applies \(each worker reads"):
+        PretrainConfig(data="x", data_cpus=1)
+    assert config.needs() == {"CPU": 2.0}  # the workers' own CPUs read their data
 
 
 def test_plan_splits_the_global_batch_and_counts_steps_per_epoch(patch_sets):
@@ -146,7 +144,7 @@ def test_bf16_auto_is_decided_on_the_worker_by_its_device(monkeypatch):
 
 OPERATIONAL = [
     {"num_workers": 1}, {"num_workers": 4, "micro_batch_size": 4}, {"micro_batch_size": 4},
-    {"cpus_per_worker": 2.0}, {"data_cpus": 1.0}, {"placement": "SPREAD"}, {"cache_data": False},
+    {"cpus_per_worker": 2.0}, {"data_threads": 4}, {"placement": "SPREAD"},
     {"checkpoint_every": 7}, {"keep_checkpoints": 1}, {"max_failures": 0}, {"log_every": 1},
     {"steps": 400}, {"use_gpu": True},
 ]  # fmt: skip

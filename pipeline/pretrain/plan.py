@@ -7,7 +7,6 @@ and a run directory that already holds a different model.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -20,13 +19,13 @@ from pipeline.preprocess.manifest import (
     read_manifest,
 )
 from pipeline.pretrain.checkpoints import architecture_of, latest_checkpoint
+from pipeline.pretrain.order import Corpus, FeedPlan
 from pipeline.storage import basename
 from vit.config import Architecture
 from vit.patches import PatchGeometry
 from vit.recipe import Cadence, Recipe, Zero
 
 Rows = dict[str, tuple[int, ...]]  # patch file (path or URL) -> the row numbers of it to read
-CACHE_FRACTION = 0.25  # of the object store, at most, for cache_data: auto
 
 
 @dataclass(frozen=True)
@@ -40,12 +39,8 @@ class DataPlan:
     samples: int
     geometry: PatchGeometry
     classes: list[str]
+    counts: list[int]  # rows read of each file
     rows: Rows | None = None
-
-    @property
-    def bytes_in_memory(self) -> int:
-        """The split's size as uint8 patches and int64 labels, as the object store would hold it."""
-        return self.samples * (self.geometry.sample_bytes + 8)
 
 
 @dataclass(frozen=True)
@@ -95,15 +90,27 @@ def plan_data(config: PretrainConfig, directory: str, rows: Rows | None = None) 
         raise ValueError(
             f"{directory}: preprocessed without labels (label_key: none); pretraining needs them"
         )
+    files = patch_files(directory, split) if rows is None else list(rows)
     return DataPlan(
         directory=directory,
         split=split,
-        files=patch_files(directory, split) if rows is None else list(rows),
+        files=files,
         samples=samples,
         geometry=manifest_geometry(manifest, directory),
         classes=manifest_classes(manifest, directory),
+        counts=file_samples(manifest, directory, split) if rows is None else [len(rows[f]) for f in files],
         rows=rows,
     )
+
+
+def file_samples(manifest: dict[str, Any], directory: str, split: str) -> list[int]:
+    """How many rows each patch file of the split holds, in `patch_files` order, as the manifest records
+    (the files are not opened for it: at 10,000 files that would cost every launch seconds)."""
+    by_name = {shard["file"]: int(shard["samples"]) for shard in manifest["shards"] if shard.get("file")}
+    missing = [name for name in manifest["splits"][split]["files"] if name not in by_name]
+    if missing:
+        raise ValueError(f"{directory}: the manifest does not record how many samples {missing[0]} holds")
+    return [by_name[name] for name in manifest["splits"][split]["files"]]
 
 
 def plan_pretrain(config: PretrainConfig, directory: str, rows: Rows | None = None) -> PretrainPlan:
@@ -125,10 +132,9 @@ def plan_pretrain(config: PretrainConfig, directory: str, rows: Rows | None = No
         image_size=geometry.image_size, channels=geometry.channels, num_classes=len(data.classes),
         patch_size=geometry.patch_size,
     )  # fmt: skip
-    # Ray Data's equal split gives each worker floor(samples / workers) rows; every worker then runs
-    # the same number of whole steps, so none waits on another at the end of an epoch.
-    per_worker = data.samples // config.num_workers
-    steps_per_epoch = per_worker // (config.micro_batch_size * config.grad_accum)
+    # Whole global batches: every rank reads its equal share of each (pipeline.pretrain.order), so none
+    # waits on another at the end of an epoch, whatever the number of ranks.
+    steps_per_epoch = data.samples // config.global_batch_size
     if steps_per_epoch == 0:
         raise ValueError(
             f"{directory}: split {data.split!r} has {data.samples} samples, fewer than one global batch of "
@@ -211,20 +217,6 @@ def check_run_matches(
         )
 
 
-def should_cache(setting: str | bool, data_bytes: int, object_store_bytes: float) -> bool:
-    """Whether to read the split once into the object store: `cache_data`, with auto sized to the cluster."""
-    if setting == "auto":
-        return data_bytes < CACHE_FRACTION * object_store_bytes
-    return bool(setting)
-
-
-def shuffled_files(files: list[str], seed: int) -> list[str]:
-    """The file order the run reads in: fixed by the seed, so a resumed run reads the same order."""
-    order = list(files)
-    random.Random(seed).shuffle(order)
-    return order
-
-
 @dataclass(frozen=True)
 class WorkerSettings:
     """What every Ray Train worker receives (Ray serialises it as it is)."""
@@ -234,9 +226,8 @@ class WorkerSettings:
     recipe: Recipe
     zero: Zero
     bf16: Literal["auto"] | bool  # the recipe's bf16 is decided on the worker, which sees the device
-    steps_per_epoch: int
+    feed: FeedPlan
     cadence: Cadence
-    shuffle_buffer: int
     seed: int
     run_dir: str
     resume_from: str | None  # the run folder's newest finished checkpoint at launch
@@ -253,12 +244,26 @@ def worker_settings(
         recipe=config.recipe(plan.total_steps),
         zero=config.zero(),
         bf16=config.bf16,
-        steps_per_epoch=plan.steps_per_epoch,
+        feed=feed_plan(config, plan),
         cadence=Cadence(config.log_every, config.checkpoint_every),
-        shuffle_buffer=config.shuffle_buffer,
         seed=config.seed,
         run_dir=run_dir,
         resume_from=resume_from,
         defines=run_identity(config, plan),
         control=control,
+    )
+
+
+def feed_plan(config: PretrainConfig, plan: PretrainPlan) -> FeedPlan:
+    """How each worker reads the split (pipeline.pretrain.feed)."""
+    data = plan.data
+    selected = None if data.rows is None else tuple(tuple(data.rows[file]) for file in data.files)
+    return FeedPlan(
+        corpus=Corpus(tuple(data.files), tuple(data.counts), data.geometry, selected),
+        seed=config.seed,
+        window=config.shuffle_buffer,
+        steps_per_epoch=plan.steps_per_epoch,
+        global_batch=config.global_batch_size,
+        micro_batch=config.micro_batch_size,
+        threads=config.data_threads,
     )

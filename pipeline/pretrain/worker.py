@@ -18,16 +18,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import ray
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.data.collate_fn import ArrowBatchCollateFn
 
 from pipeline.metrics import MetricsLog, ProgressLine
-from pipeline.preprocess.patchfile import patches_array
 from pipeline.pretrain.checkpoints import (
     META_FILE,
     architecture_of,
@@ -38,6 +35,8 @@ from pipeline.pretrain.checkpoints import (
     tag_of,
 )
 from pipeline.pretrain.control import StopPoll
+from pipeline.pretrain.feed import Feed
+from pipeline.pretrain.order import ORDER_FORMAT, Lineage, extend_lineage
 from pipeline.pretrain.plan import WorkerSettings
 from pipeline.storage import resolve
 from vit.config import architecture_record
@@ -45,25 +44,10 @@ from vit.engine import build_engine, load_checkpoint, save_checkpoint, to_univer
 from vit.flops import peak_flops, train_flops
 from vit.loop import Batch, Hooks, Throughput, pretrain_loop
 from vit.models import build_model
-from vit.patches import PatchGeometry
 from vit.recipe import Recipe
 from vit.step import use_bf16
 
-DATASET = "train"
 SETTINGS = "settings"  # the one key of the train_loop_config
-
-
-class PatchBatch(ArrowBatchCollateFn):
-    """Arrow rows -> {"patches": uint8 [B, N, D], "labels": int64 [B]}; Ray moves them to the device."""
-
-    def __init__(self, geometry: PatchGeometry) -> None:
-        self.geometry = geometry
-
-    def __call__(self, batch: pa.Table) -> dict[str, torch.Tensor]:
-        patches = patches_array(batch.column("patches"), self.geometry)
-        labels = batch.column("label").to_numpy()
-        # A copy: Arrow's buffers are read-only, and the batch is pinned and sent to the device anyway.
-        return {"patches": torch.from_numpy(patches.copy()), "labels": torch.from_numpy(labels.copy())}
 
 
 def train_loop(config: dict[str, WorkerSettings]) -> None:
@@ -81,9 +65,10 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
         engine, step, resumed = _engine(model, recipe, settings, world, scratch, cleanup)
         log = cleanup.enter_context(closing(MetricsLog(settings.run_dir))) if rank == 0 else None
         _announce(log, step, resumed, world, recipe)
+        feed = cleanup.enter_context(closing(_feed(settings, rank, world, step, resumed, device)))
         hooks = Hooks(
-            batches=partial(_epoch_batches, ray.train.get_dataset_shard(DATASET), settings, recipe, device),
-            save=partial(_save, engine, settings, recipe, world, scratch, log),
+            batches=partial(_on_device, feed, device),
+            save=partial(_save, engine, settings, recipe, world, scratch, log, feed),
             record=partial(_record, log, ProgressLine(recipe.total_steps, step)),
             stop_requested=StopPoll(settings.control) if rank == 0 else (lambda: False),
         )
@@ -96,7 +81,7 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
             seq_len=getattr(settings.architecture, "seq_len", None),
         )
         end = pretrain_loop(
-            engine, recipe, hooks, start_step=step, steps_per_epoch=settings.steps_per_epoch,
+            engine, recipe, hooks, start_step=step, steps_per_epoch=settings.feed.steps_per_epoch,
             cadence=settings.cadence, throughput=throughput, seed=settings.seed,
         )  # fmt: skip
         if log is not None:  # every rank ends alike; rank 0 tells the driver how
@@ -169,30 +154,39 @@ def _announce(
 # ---------------------------------------------------------------- the loop's hooks
 
 
-def _epoch_batches(
-    shard: Any, settings: WorkerSettings, recipe: Recipe, device: torch.device, epoch: int, skip: int
-) -> Iterator[Batch]:
-    """This rank's micro-batches of `epoch`, on the device, after the first `skip` (read and dropped:
-    the same order every epoch and every launch is what makes that exact)."""
-    shuffle = settings.shuffle_buffer or None
-    batches = shard.iter_torch_batches(
-        batch_size=recipe.micro_batch_size,
-        drop_last=True,
-        collate_fn=PatchBatch(settings.architecture.geometry),
-        local_shuffle_buffer_size=shuffle,
-        local_shuffle_seed=settings.seed * 1_000_003 + epoch if shuffle else None,
-        prefetch_batches=2,
-        pin_memory=torch.cuda.is_available(),
-    )
-    for index, batch in enumerate(batches):
-        if index >= skip:
-            patches, labels = batch["patches"], batch["labels"]
-            yield patches.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+def _feed(
+    settings: WorkerSettings, rank: int, world: int, step: int, resumed: dict[str, Any] | None,
+    device: torch.device,
+) -> Feed:  # fmt: skip
+    """This rank's data from `step`: where the checkpoint says the epoch's ranks stood, or a fresh epoch."""
+    saved = (resumed or {}).get("data") or {}
+    epoch, position = divmod(step, settings.feed.steps_per_epoch)
+    same_epoch = saved.get("format") == ORDER_FORMAT and saved.get("epoch") == epoch
+    lineage = extend_lineage(saved.get("lineage") if same_epoch else None, position, world)
+    if resumed is not None and position and not same_epoch:  # written before positions were recorded
+        before = int(resumed["world_size"])
+        lineage = [(0, before), *([(position, world)] if before != world else [])]
+    return Feed(settings.feed, rank, world, step, lineage, pin=device.type == "cuda")
+
+
+def _on_device(feed: Feed, device: torch.device, epoch: int, skip: int) -> Iterator[Batch]:
+    """The feed's micro-batches of `epoch`, copied to the device (asynchronously from pinned memory)."""
+    for patches, labels in feed.batches(epoch, skip):
+        yield patches.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+def position_record(feed: Feed, step: int) -> dict[str, Any]:
+    """Where every rank stands in the run's order after `step`: what a checkpoint records and a resume
+    starts from (`pipeline.pretrain.order`)."""
+    epoch, position = divmod(step, feed.plan.steps_per_epoch)
+    lineage: Lineage = feed.lineage if epoch == feed.epoch else [(0, feed.world)]
+    return {"format": ORDER_FORMAT, "epoch": epoch, "position": position,
+            "lineage": [list(entry) for entry in lineage] if position else []}  # fmt: skip
 
 
 def _save(
     engine: Any, settings: WorkerSettings, recipe: Recipe, world: int, scratch: Path, log: MetricsLog | None,
-    step: int, epoch: int,
+    feed: Feed, step: int, epoch: int,
 ) -> None:  # fmt: skip
     """Every rank writes its shards to a local folder; `ray.train.report` uploads them all into one
     `checkpoint_NNNNNNNN` folder of the run's storage and keeps the newest `keep_checkpoints`."""
@@ -205,7 +199,7 @@ def _save(
         meta = {
             "step": step, "epoch": epoch, "tag": tag, "world_size": world, "zero_stage": settings.zero.stage,
             "bf16": recipe.bf16, **architecture_record(settings.architecture), "classes": settings.classes,
-            "defines": settings.defines,
+            "defines": settings.defines, "data": position_record(feed, step),
             "files": {name: size for sizes in every_rank for name, size in (sizes or {}).items()},
         }  # fmt: skip
         (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")

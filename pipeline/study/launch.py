@@ -60,9 +60,7 @@ class PretrainSlots:
 def pretrain_slots(config: PretrainConfig, run: str) -> Any:
     """The run's slots actor, created by the first point submitted with as many slots as the cluster
     holds whole pretraining runs of `config` (at least one: check_resources refuses a run that never fits)."""
-    needs = {"CPU": config.num_workers * config.cpus_per_worker + config.data_cpus}
-    if config.use_gpu:
-        needs["GPU"] = config.num_workers
+    needs = config.needs()
     have = ray.cluster_resources()
     slots = max(1, int(min(have.get(key, 0.0) // need for key, need in needs.items())))
     key = f"{ray.get_runtime_context().get_job_id()}-{digest(run)}"

@@ -1,0 +1,133 @@
+"""Each worker's data (pipeline.pretrain.order, pipeline.pretrain.feed) on real patch files: every rank the
+same steps, no sample twice in an epoch, a resume that starts where the checkpoint stood (on as many ranks
+or on others), and an order drawn anew each epoch from the seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+
+from pipeline.preprocess.patchfile import PatchShardWriter
+from pipeline.pretrain.feed import Feed
+from pipeline.pretrain.order import Corpus, EpochOrder, FeedPlan, extend_lineage, rank_spans
+from vit.patches import PatchGeometry
+
+GEOMETRY = PatchGeometry(image_size=8, patch_size=4, channels=1)  # 64 bytes a sample
+
+
+def write_corpus(folder, counts: list[int], rows_per_group: int = 7) -> Corpus:
+    """Patch files whose every sample is its own id: as label, and as every byte (mod 256) of its patches."""
+    files, first = [], 0
+    for index, count in enumerate(counts):
+        path = str(folder / f"part-{index:03d}.parquet")
+        writer = PatchShardWriter(pafs.LocalFileSystem(), path, GEOMETRY, f"shard-{index}", "none")
+        writer.rows_per_group = rows_per_group  # several row groups a file, as 224 px photos have
+        for sample in range(first, first + count):
+            writer.add(str(sample), sample, np.full(GEOMETRY.shape, sample % 256, np.uint8))
+        writer.close({"config_hash": "test"})
+        files.append(path)
+        first += count
+    return Corpus(tuple(files), tuple(counts), GEOMETRY)
+
+
+def plan_of(corpus: Corpus, *, window: int = 16, global_batch: int = 8, micro: int = 2, seed: int = 0) -> FeedPlan:
+    steps = sum(corpus.counts) // global_batch
+    return FeedPlan(corpus, seed, window, steps, global_batch, micro, threads=2, depth=3)
+
+
+def read(plan: FeedPlan, world: int, step: int, until: int, lineage=None) -> list[list[int]]:
+    """What each rank reads from `step` to `until` (global steps), as the loop asks for it."""
+    per_rank: list[list[int]] = []
+    for rank in range(world):
+        epoch, position = divmod(step, plan.steps_per_epoch)
+        feed = Feed(plan, rank, world, step, lineage or extend_lineage(None, position, world), pin=False)
+        ids: list[int] = []
+        at = step
+        accum = plan.global_batch // world // plan.micro_batch
+        while at < until:
+            epoch, position = divmod(at, plan.steps_per_epoch)
+            batches = feed.batches(epoch, position * accum)
+            for _ in range(position, plan.steps_per_epoch):
+                if at == until:
+                    break
+                for _ in range(accum):
+                    patches, labels = next(batches)
+                    assert (patches[:, 0, 0].long() == labels % 256).all(), "patches and labels apart"
+                    ids.extend(labels.tolist())
+                at += 1
+        feed.close()
+        per_rank.append(ids)
+    return per_rank
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Corpus:
+    return write_corpus(tmp_path_factory.mktemp("feed"), [13, 29, 5, 20, 17])  # 84 samples, 10 steps of 8
+
+
+def test_every_rank_reads_the_same_steps_and_no_sample_twice_in_an_epoch(corpus):
+    plan = plan_of(corpus)
+    ranks = read(plan, world=2, step=0, until=plan.steps_per_epoch)
+    assert len(ranks[0]) == len(ranks[1]) == plan.epoch_samples // 2
+    epoch = ranks[0] + ranks[1]
+    assert len(set(epoch)) == len(epoch) == plan.epoch_samples  # 80 of the 84: the tail is dropped
+    assert set(epoch) <= set(range(84))
+
+
+def test_the_order_is_drawn_anew_each_epoch_and_the_same_for_the_same_seed(corpus):
+    plan = plan_of(corpus)
+    two_epochs = read(plan, world=1, step=0, until=2 * plan.steps_per_epoch)[0]
+    first, second = two_epochs[: plan.epoch_samples], two_epochs[plan.epoch_samples :]
+    assert first != second and len(set(second)) == len(second)
+    assert read(plan, world=1, step=0, until=2 * plan.steps_per_epoch)[0] == two_epochs
+    assert read(plan_of(corpus, seed=1), world=1, step=0, until=plan.steps_per_epoch)[0] != first
+    # the shuffle window mixes rows across files, and 0 keeps each file's own row order
+    order = EpochOrder(corpus.counts, seed=0, epoch=0, window=0)
+    piece = order.positions(0, order.samples)
+    for file in range(len(corpus.counts)):
+        assert list(piece.rows[piece.files == file]) == list(range(corpus.counts[file]))
+
+
+def test_a_resume_starts_at_the_checkpoint_s_position_without_reading_what_came_before(corpus):
+    plan = plan_of(corpus)
+    whole = read(plan, world=2, step=0, until=2 * plan.steps_per_epoch)
+    for stop in (3, 10, 13):  # mid-epoch, at the boundary, in the second epoch
+        resumed = read(plan, world=2, step=stop, until=2 * plan.steps_per_epoch)
+        done = stop * plan.global_batch // 2
+        assert resumed == [ids[done:] for ids in whole]
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2), (2, 4), (4, 2)])
+def test_a_resume_on_another_number_of_ranks_reads_the_rest_of_the_epoch_once(corpus, before, after):
+    plan = plan_of(corpus)
+    stop = 3
+    head = read(plan, world=before, step=0, until=stop)
+    lineage = extend_lineage([(0, before)], stop, after)
+    tail = read(plan, world=after, step=stop, until=plan.steps_per_epoch, lineage=lineage)
+    epoch = [i for ids in head + tail for i in ids]
+    assert len(epoch) == len(set(epoch)) == plan.epoch_samples
+    assert len({len(ids) for ids in tail}) == 1  # the new ranks still read equal shares
+    # and a second change in the same epoch keeps it so
+    again = extend_lineage(lineage, 6, before)
+    tail_a = read(plan, world=after, step=stop, until=6, lineage=lineage)
+    tail_b = read(plan, world=before, step=6, until=plan.steps_per_epoch, lineage=again)
+    epoch = [i for ids in head + tail_a + tail_b for i in ids]
+    assert len(epoch) == len(set(epoch)) == plan.epoch_samples
+
+
+def test_a_study_subset_reads_only_its_rows(tmp_path):
+    full = write_corpus(tmp_path, [10, 10])
+    chosen = ((1, 4, 5, 9), (0, 2, 3, 7))
+    subset = Corpus(full.files, (4, 4), GEOMETRY, chosen)
+    plan = plan_of(subset, window=4, global_batch=4, micro=2)
+    ids = read(plan, world=1, step=0, until=2)[0]
+    assert sorted(ids) == [1, 4, 5, 9, 10, 12, 13, 17]
+
+
+def test_rank_spans_split_the_rest_of_an_epoch_equally():
+    assert rank_spans(12, [(0, 2)], 1, 0, 4) == [(6, 12)]
+    assert rank_spans(12, [(0, 2), (1, 1)], 0, 1, 4) == [(2, 6), (8, 12)]
+    assert rank_spans(12, [(0, 1), (1, 2)], 1, 1, 4) == [(8, 12)]
+    with pytest.raises(ValueError, match="not split"):
+        rank_spans(12, [(0, 5)], 0, 1, 4)
