@@ -162,6 +162,14 @@ def _add_stage_commands(commands: Any) -> None:
         "--force", nargs="?", const="pretrain", choices=["pretrain"],
         help="start the run afresh, discarding its checkpoints (says how many); also `--force pretrain`",
     )  # fmt: skip
+    train.add_argument(
+        "--data-only", action="store_true",
+        help="run the data path alone (each worker's rows, epochs, copy to the device), no training: "
+        "records images/s and data wait per step in RUN/pretrain/data-only/metrics.jsonl",
+    )  # fmt: skip
+    train.add_argument(
+        "--steps", type=int, help="with --data-only: steps to read (default: the run's budget)"
+    )
     _add_address(train)
 
     export = commands.add_parser(
@@ -293,7 +301,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def stage_command(args: argparse.Namespace) -> int:
     """`vitpipe pretrain|finetune|evaluate JOB`: that step of the job's run, alone."""
-    from pipeline.runner.execute import run_job
+    from pipeline.runner.execute import probe_pretrain_data, run_job
     from pipeline.runner.plan import Overrides, RunOptions, StageOptions
 
     given: dict[str, str] = {}
@@ -309,6 +317,18 @@ def stage_command(args: argparse.Namespace) -> int:
         name=getattr(args, "name", None),
         overrides=Overrides(targets=given, out=getattr(args, "out", None)),
     )
+    if getattr(args, "data_only", False):
+        if args.force:
+            raise ConfigError("vitpipe pretrain: --data-only trains nothing; drop --force")
+        if args.steps is not None and args.steps < 1:
+            raise ConfigError(f"vitpipe pretrain: --steps must be at least 1 (got {args.steps})")
+        out = probe_pretrain_data(args.config, stage=stage, steps=args.steps, address=args.address)
+        print(f"data path read; records in {out}/metrics.jsonl")
+        return 0
+    if getattr(args, "steps", None) is not None:
+        raise ConfigError(
+            "vitpipe pretrain: --steps goes with --data-only; the run's budget is pretrain.steps"
+        )
     options = RunOptions(force=(args.command,) if getattr(args, "force", None) else ())
     summary = run_job(args.config, only=args.command, stage=stage, options=options, address=args.address)
     print("\n" + summary.summary())

@@ -97,7 +97,7 @@ def two_node_cluster(cpus_per_node: int):
 
 @pytest.fixture(scope="session")
 def two_nodes(ray_local):
-    """A head and a worker node, two logical CPUs each (one per training worker, one for Ray Data): the
+    """A head and a worker node, two logical CPUs each (one per training worker and the drivers): the
     pretraining tests' cluster. Started by the first of them, `zero2_run`, and always after this process's
     own local Ray: started the other way round, the CLI's drivers on the cluster failed in Ray Data
     (OwnerDiedError) or hung (this session's Ray becomes the machine's "latest" instance, which parts of

@@ -126,12 +126,10 @@ def test_a_run_directory_of_another_model_is_refused(zero2_run, fractal_patches)
 
 
 def test_workers_the_cluster_cannot_place_are_refused(two_nodes, fractal_patches, tmp_path):
-    config = write_config(tmp_path / "big.yaml", fractal_patches, num_workers=4, global_batch_size=64)
+    config = write_config(tmp_path / "big.yaml", fractal_patches, num_workers=5, global_batch_size=80)
     result = run_vitpipe("pretrain", str(config), "--storage", str(tmp_path), "--address", two_nodes.address)
     assert result.returncode != 0
-    assert "4 worker(s) and the data readers cannot be placed (4.5 CPU needed, the cluster has 4)" in (
-        result.stderr
-    )
+    assert "5 worker(s) cannot be placed (5 CPU needed, the cluster has 4)" in result.stderr
     assert not list(tmp_path.rglob("checkpoint_*"))
 
 

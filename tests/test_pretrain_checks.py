@@ -252,7 +252,7 @@ def test_force_starts_afresh_saying_what_it_discards_and_keeps_others_files(
     assert main(["pretrain", str(config), "--storage", str(tmp_path), "--force"]) == 1
     out = capsys.readouterr()
     assert f"discarding the 40 steps trained in {run_with_checkpoint}" in out.out
-    assert "8 worker(s) and the data readers cannot be placed" in out.err
+    assert "8 worker(s) cannot be placed" in out.err
     assert not (run_with_checkpoint / "checkpoint_00000040").exists()
     assert (run_with_checkpoint / "notes.txt").read_text() == "mine"
 

@@ -31,7 +31,9 @@ def write_corpus(folder, counts: list[int], rows_per_group: int = 7) -> Corpus:
     return Corpus(tuple(files), tuple(counts), GEOMETRY)
 
 
-def plan_of(corpus: Corpus, *, window: int = 16, global_batch: int = 8, micro: int = 2, seed: int = 0) -> FeedPlan:
+def plan_of(
+    corpus: Corpus, *, window: int = 16, global_batch: int = 8, micro: int = 2, seed: int = 0
+) -> FeedPlan:  # noqa: E501
     steps = sum(corpus.counts) // global_batch
     return FeedPlan(corpus, seed, window, steps, global_batch, micro, threads=2, depth=3)
 

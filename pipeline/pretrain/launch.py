@@ -8,6 +8,7 @@ mid-run restarts the worker group from the newest checkpoint, up to `max_failure
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from pipeline.pretrain.checkpoints import latest_checkpoint
 from pipeline.pretrain.control import TrainingStopped, fit_stoppably, start_control
 from pipeline.pretrain.export import Export, export_checkpoint
 from pipeline.pretrain.plan import PretrainPlan, worker_settings
-from pipeline.pretrain.worker import SETTINGS, train_loop
+from pipeline.pretrain.worker import SETTINGS, data_loop, train_loop
 from pipeline.ray_session import check_resources, init_ray, worker_env
 from pipeline.storage import join, resolve
 
@@ -60,8 +61,7 @@ def pretrain(
     run_dir = join(storage, name)
     print(plan.describe(), file=sys.stderr)
     print(init_ray(address), file=sys.stderr)
-    needs = config.needs()
-    check_resources(needs, f"pretrain: {config.num_workers} worker(s)",
+    check_resources(config.needs(), f"pretrain: {config.num_workers} worker(s)",
                     "lower num_workers or cpus_per_worker, or grow the cluster")  # fmt: skip
     control = start_control()
     result = _fit(config, plan, name, storage, run_dir, control)
@@ -94,9 +94,15 @@ def _refuse_unfinished(end: LoopEnd | None, run_dir: str) -> None:
 
 def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, run_dir: str, control: Any):
     settings = worker_settings(config, plan, run_dir, _resume_point(run_dir), control)
+    trainer = _trainer(train_loop, config, settings, storage, name)
+    return fit_stoppably(trainer.fit, control)
+
+
+def _trainer(loop: Any, config: PretrainConfig, settings: Any, storage: str, name: str) -> TorchTrainer:
+    """Ray Train's trainer of `loop` on the run's workers, its own state in `storage/name`."""
     storage_fs, storage_path = resolve(storage) if "://" in storage else (None, storage)
-    trainer = TorchTrainer(
-        train_loop,
+    return TorchTrainer(
+        loop,
         train_loop_config={SETTINGS: settings},
         scaling_config=ScalingConfig(
             num_workers=config.num_workers,
@@ -113,7 +119,27 @@ def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, ru
             worker_runtime_env={"env_vars": worker_env(config.use_gpu)},
         ),
     )
-    return fit_stoppably(trainer.fit, control)
+
+
+DATA_ONLY_DIR = "data-only"
+
+
+def probe_data(config: PretrainConfig, plan: PretrainPlan, *, run_dir: str, steps: int | None,
+               address: str | None = None) -> str:  # fmt: skip
+    """`vitpipe pretrain JOB --data-only`: the run's data path on its workers, no training, for `steps`
+    (default: the run's budget); records in `run_dir/data-only/metrics.jsonl`, never the run's own."""
+    if steps is not None:
+        plan = dataclasses.replace(plan, total_steps=steps)
+    print(plan.describe().replace("pretrain:", "pretrain --data-only:", 1), file=sys.stderr)
+    print(init_ray(address), file=sys.stderr)
+    check_resources(config.needs(), f"pretrain: {config.num_workers} worker(s)",
+                    "lower num_workers or cpus_per_worker, or grow the cluster")  # fmt: skip
+    out = join(run_dir, DATA_ONLY_DIR)
+    settings = worker_settings(config, plan, out, None, None)
+    result = _trainer(data_loop, config, settings, run_dir, DATA_ONLY_DIR).fit()
+    if result.error is not None:
+        raise RuntimeError(f"pretrain --data-only in {out} failed: {result.error}") from result.error
+    return out
 
 
 def _resume_point(run_dir: str) -> str | None:

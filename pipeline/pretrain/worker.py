@@ -12,6 +12,7 @@ import dataclasses
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, closing
 from functools import partial
@@ -218,3 +219,67 @@ def _record(log: MetricsLog | None, progress: ProgressLine, record: dict[str, An
     if log is not None:
         log.write(record)
         print(progress.line(record), flush=True)
+
+
+# ---------------------------------------------------------------- --data-only
+
+
+def data_loop(config: dict[str, WorkerSettings]) -> None:
+    """`vitpipe pretrain JOB --data-only`: the run's data path as training reads it (the rank's rows,
+    the epochs, the copy to the device) with no training step; rank 0 records every step's rate and wait
+    (the slowest rank's) into the folder's metrics.jsonl."""
+    settings = config[SETTINGS]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    plan, recipe = settings.feed, settings.recipe
+    accum = plan.global_batch // world // plan.micro_batch
+    with ExitStack() as cleanup:
+        feed = cleanup.enter_context(closing(Feed(plan, rank, world, 0, [(0, world)], device.type == "cuda")))
+        log = cleanup.enter_context(closing(MetricsLog(settings.run_dir))) if rank == 0 else None
+        if log is not None:
+            log.event("started", data_only=True, workers=world, total_steps=recipe.total_steps)
+        started = time.perf_counter()
+        for step in range(recipe.total_steps):
+            epoch, position = divmod(step, plan.steps_per_epoch)
+            if position == 0:
+                batches = _on_device(feed, device, epoch, 0)
+            began, waited = time.perf_counter(), 0.0
+            for _ in range(accum):
+                asked = time.perf_counter()
+                patches, _labels = next(batches)
+                waited += time.perf_counter() - asked
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            slowest = torch.tensor([time.perf_counter() - began, waited], dtype=torch.float64, device=device)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            seconds, waited = slowest.tolist()
+            record = data_record(step + 1, epoch, seconds, waited, plan.global_batch, world, patches)
+            if log is not None:
+                log.write(record)
+                if (step + 1) % settings.cadence.log_every == 0 or step + 1 == recipe.total_steps:
+                    print(data_line(record, recipe.total_steps, time.perf_counter() - started), flush=True)
+        if log is not None:
+            log.event("finished", step=recipe.total_steps, data_only=True)
+
+
+def data_record(
+    step: int, epoch: int, seconds: float, waited: float, global_batch: int, world: int, patches: torch.Tensor
+) -> dict[str, Any]:  # fmt: skip
+    """A --data-only step's record: the same names as training's (`images_per_s`, `data_wait_s`), per
+    worker too, and the bytes that reached the device."""
+    per_image = patches[0].numel() * patches.element_size()
+    return {
+        "step": step, "epoch": epoch, "images_per_s": global_batch / seconds,
+        "worker_images_per_s": global_batch / world / seconds,
+        "worker_mb_per_s": global_batch / world * per_image / seconds / 1e6,
+        "step_s": seconds, "data_wait_s": waited,
+    }  # fmt: skip
+
+
+def data_line(record: dict[str, Any], total: int, elapsed: float) -> str:
+    return (
+        f"data-only: step {record['step']}/{total} epoch {record['epoch']} "
+        f"{record['images_per_s']:,.0f} img/s ({record['worker_images_per_s']:,.0f} per worker, "
+        f"{record['worker_mb_per_s']:,.0f} MB/s) wait {record['data_wait_s'] * 1e3:,.1f} ms; {elapsed:,.0f} s"
+    )

@@ -27,6 +27,7 @@ import yaml
 
 from pipeline.config import ConfigError
 from pipeline.metrics import format_seconds
+from pipeline.pretrain.plan import plan_pretrain
 from pipeline.runner.plan import EVALUATE, JobPlan, RunOptions, StageOptions, Step, load_plan
 from pipeline.runner.preflight import check_before_run
 from pipeline.runner.provenance import git_revision
@@ -177,6 +178,21 @@ def _steps_of(plan: JobPlan, stage: str) -> list[Step]:
             needed.add(step_id)
             frontier.extend(plan.step(step_id).depends)
     return [step for step in plan.steps if step.id in needed] + wanted[:1]
+
+
+def probe_pretrain_data(
+    job_path: str | Path, *, stage: StageOptions, steps: int | None, address: str | None = None
+) -> str:
+    """`vitpipe pretrain JOB --data-only`: the job's pretraining data path on its workers with no training
+    (pipeline.pretrain.launch.probe_data), once its inputs are done; returns the folder of its records."""
+    plan = load_plan(job_path, None, stage)
+    *inputs, _ = _steps_of(plan, "pretrain")
+    _take_cached_inputs(plan, inputs, {})
+    config = plan.job.pretrain
+    data = plan_pretrain(config, plan.patch_dir(config.data))
+    from pipeline.pretrain.launch import probe_data
+
+    return probe_data(config, data, run_dir=plan.layout.pretrain, steps=steps, address=address)
 
 
 def _take_cached_inputs(plan: JobPlan, steps: list[Step], fingerprints: dict[str, str]) -> None:
