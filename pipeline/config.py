@@ -38,7 +38,7 @@ from pydantic import (
 
 from vit.config import BiTConfig, ViTConfig
 from vit.patches import PatchGeometry
-from vit.recipe import Optimizer, Recipe, Schedule, Zero, refuse_derived_keys
+from vit.recipe import Crop, Optimizer, Recipe, Schedule, Zero, refuse_derived_keys
 from vit.variants import VARIANTS, parse_bit_variant, parse_variant
 
 # Strict numbers: YAML already types its scalars (the loader reads `1e-3` as a number, as YAML 1.2
@@ -128,6 +128,7 @@ def dataclass_section(cls: type) -> Any:
 
 OptimizerSection = dataclass_section(Optimizer)
 ScheduleSection = dataclass_section(Schedule)
+CropSection = dataclass_section(Crop)
 
 
 # --- datasets: the corpora the project can write as WebDataset shards ------------------------------
@@ -450,6 +451,12 @@ class PretrainConfig(Section):
     optimizer: OptimizerSection = Optimizer()
     schedule: ScheduleSection = Schedule()
     label_smoothing: UnitFraction = 0.0
+    # The model's resolution; default: the stored one (preprocess.image_size). A smaller one is a centre
+    # crop of the stored images, or with `crop` a random resized crop, on the device.
+    image_size: PositiveInt | None = None
+    crop: CropSection | None = (
+        None  # the paper's random ("Inception") crop: {} for area 8-100%, aspect 3/4-4/3
+    )
     flip: Flag = True  # random horizontal flips, on the device
     mixup_alpha: NonNegativeFloat = 0.0  # 0 turns mixup off
     # Consecutive rows of the epoch's file order (drawn anew each epoch) permuted together; 0 reads each
@@ -484,9 +491,9 @@ class PretrainConfig(Section):
     def grad_accum(self) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.num_workers)
 
-    def recipe(self, total_steps: int) -> Recipe:
-        """The recipe the workers train with; `bf16: auto` stays off here and is decided on the worker,
-        which sees the device."""
+    def recipe(self, total_steps: int, input_size: int | None = None) -> Recipe:
+        """The recipe the workers train with on images stored at `input_size`; `bf16: auto` stays off here
+        and is decided on the worker, which sees the device."""
         return Recipe(
             optimizer=self.optimizer,
             schedule=self.schedule,
@@ -497,6 +504,8 @@ class PretrainConfig(Section):
             flip=self.flip,
             mixup_alpha=self.mixup_alpha,
             bf16=self.bf16 is True,
+            crop=self.crop,
+            input_size=input_size,
         )
 
     def needs(self) -> dict[str, float]:
@@ -541,6 +550,10 @@ class FinetuneConfig(Section):
     optimizer: OptimizerSection = Optimizer(name="sgd", lr=0.03, weight_decay=0.0)
     schedule: ScheduleSection = Schedule(warmup_steps=50)
     label_smoothing: UnitFraction = 0.0
+    # As pretrain's: the resolution fine-tuned at (default: the target's stored one) and the random crop;
+    # validation and test take the centre.
+    image_size: PositiveInt | None = None
+    crop: CropSection | None = None
     flip: Flag = True
     freeze_backbone: Flag = False  # train the head alone: a linear probe
     val_fraction: Annotated[Float, Field(ge=0, lt=1)] = 0.1  # of train, held out to pick the best weights
@@ -579,8 +592,9 @@ class FinetuneConfig(Section):
     def micro_size(self) -> int:
         return self.micro_batch_size or self.batch_size
 
-    def recipe(self) -> Recipe:
-        """The fine-tuning recipe (no mixup); `bf16: auto` is decided in the task, which sees the device."""
+    def recipe(self, input_size: int | None = None) -> Recipe:
+        """The fine-tuning recipe (no mixup) on images stored at `input_size`; `bf16: auto` is decided in the
+        task, which sees the device."""
         return Recipe(
             optimizer=self.optimizer,
             schedule=self.schedule,
@@ -590,6 +604,8 @@ class FinetuneConfig(Section):
             label_smoothing=self.label_smoothing,
             flip=self.flip,
             bf16=self.bf16 is True,
+            crop=self.crop,
+            input_size=input_size,
         )
 
 

@@ -3,12 +3,15 @@ accumulated batch by batch so a large test split never sits in memory as logits.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+
+from vit.augment import center_crop, stored_geometry
 
 Batch = tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]  # uint8 patches [B, N, D], labels [B]
 
@@ -67,8 +70,19 @@ class Classification:
     samples: int
 
 
-def _tensor(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(array).to(device, non_blocking=True)
+def _tensor(array: np.ndarray | torch.Tensor, device: torch.device, model: nn.Module) -> torch.Tensor:
+    """A batch on the device as the model takes it: images stored larger than the model's resolution
+    give their centre crop (the evaluation crop of the recipe's training crops)."""
+    patches = torch.as_tensor(array).to(device, non_blocking=True)
+    geometry = model.config.geometry
+    if (
+        patches.ndim == 3
+        and patches.shape[1] > geometry.num_patches
+        and patches.shape[2] == geometry.patch_dim
+    ):
+        side = math.isqrt(patches.shape[1]) * geometry.patch_size
+        patches = center_crop(patches, stored_geometry(geometry, side), geometry)
+    return patches
 
 
 @torch.no_grad()
@@ -79,7 +93,7 @@ def evaluate_classifier(
     model.eval()
     meter = ClassificationMeter(num_classes)
     for patches, labels in batches:
-        meter.update(model(_tensor(patches, device)), torch.as_tensor(labels))
+        meter.update(model(_tensor(patches, device, model)), torch.as_tensor(labels))
     return meter.result()
 
 
@@ -91,7 +105,7 @@ def extract_features(
     model.eval()
     features, labels = [], []
     for patches, batch_labels in batches:
-        features.append(model.features(_tensor(patches, device)).float().cpu())
+        features.append(model.features(_tensor(patches, device, model)).float().cpu())
         labels.append(torch.as_tensor(batch_labels).long())
     if not features:
         raise ValueError("no samples to extract features from")

@@ -86,6 +86,24 @@ class Schedule:
 
 
 @dataclass(frozen=True)
+class Crop:
+    """The random-resized ("Inception") crop of the paper's recipe, on the device: a box of a random
+    fraction `area` of the image and aspect ratio (log-uniform) in `aspect`, resized to the model's size."""
+
+    area: tuple[float, float] = (0.08, 1.0)
+    aspect: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "area", tuple(self.area))
+        object.__setattr__(self, "aspect", tuple(self.aspect))
+        (low, high), (narrow, wide) = self.area, self.aspect
+        problems = [] if 0 < low <= high <= 1 else [f"area must be 0 < low <= high <= 1 (got {[low, high]})"]
+        if not 0 < narrow <= wide:
+            problems.append(f"aspect must be 0 < low <= high (got {list(self.aspect)})")
+        _require(problems)
+
+
+@dataclass(frozen=True)
 class Recipe:
     """Everything a training loop needs besides the model and the data."""
 
@@ -98,6 +116,8 @@ class Recipe:
     flip: bool = True
     mixup_alpha: float = 0.0
     bf16: bool = False
+    crop: Crop | None = None  # None: the whole image (centre-cropped to the model's size when larger)
+    input_size: int | None = None  # the image size batches arrive at (stored); None: the model's
 
     def lr_at(self, step: int) -> float:
         """The learning rate of optimizer step `step` (0-based): a function of the step alone, so a resumed

@@ -17,7 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vit.augment import mixup, random_hflip, soft_targets
+from vit.augment import (
+    center_crop,
+    inception_boxes,
+    mixup,
+    random_hflip,
+    resized_crop,
+    soft_targets,
+    stored_geometry,
+)
+from vit.patches import PatchGeometry
 from vit.recipe import Optimizer, Recipe
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token")
@@ -83,10 +92,11 @@ def training_loss(
     rng: np.random.Generator,
     forward: Callable[..., torch.Tensor] | None = None,
 ) -> StepLoss:
-    """The forward half of a training step on uint8 patches already on the device: flip, normalise, soft
-    targets, mixup, logits, soft-target cross-entropy. `forward` is what computes the logits (a DeepSpeed
+    """The forward half of a training step on uint8 patches already on the device: crop, flip, normalise,
+    soft targets, mixup, logits, soft-target cross-entropy. `forward` is what computes the logits (a DeepSpeed
     engine wrapping `model`; default `model` itself); the caller runs backward and the optimizer."""
     config = model.config
+    patches = training_crop(patches, config.geometry, recipe)
     if recipe.flip:
         patches = random_hflip(patches, config.geometry)
     images = model.normalize(patches)
@@ -96,3 +106,13 @@ def training_loss(
     logits = (forward or model)(images, normalized=True)
     correct = int((logits.detach().argmax(-1) == labels).sum())
     return StepLoss(soft_cross_entropy(logits, targets), correct, labels.shape[0])
+
+
+def training_crop(patches: torch.Tensor, geometry: PatchGeometry, recipe: Recipe) -> torch.Tensor:
+    """The recipe's crop of patches stored at `recipe.input_size` to the model's `geometry`: a random
+    resized crop (float pixels), else the centre (as evaluation takes it), else the patches as they are."""
+    stored = stored_geometry(geometry, recipe.input_size)
+    if recipe.crop is not None:
+        boxes = inception_boxes(patches.shape[0], stored.image_size, recipe.crop, patches.device)
+        return resized_crop(patches, stored, geometry, boxes)
+    return center_crop(patches, stored, geometry)

@@ -128,8 +128,15 @@ def plan_pretrain(config: PretrainConfig, directory: str, rows: Rows | None = No
             f"{directory}: preprocessed with {geometry.channels} channel(s), but the model is set to "
             f"channels: {model.channels}; preprocess with channels: {model.channels} or drop model.channels"
         )
+    image_size = config.image_size or geometry.image_size
+    if image_size > geometry.image_size or image_size % geometry.patch_size:
+        raise ValueError(
+            f"{directory}: pretrain.image_size {image_size} must be a multiple of the patch size "
+            f"{geometry.patch_size} and at most the stored {geometry.image_size} px (preprocess.image_size); "
+            "the model sees a crop of the stored images"
+        )
     architecture = model.architecture(
-        image_size=geometry.image_size, channels=geometry.channels, num_classes=len(data.classes),
+        image_size=image_size, channels=geometry.channels, num_classes=len(data.classes),
         patch_size=geometry.patch_size,
     )  # fmt: skip
     # Whole global batches: every rank reads its equal share of each (pipeline.pretrain.order), so none
@@ -241,7 +248,7 @@ def worker_settings(
     return WorkerSettings(
         architecture=plan.architecture,
         classes=plan.data.classes,
-        recipe=config.recipe(plan.total_steps),
+        recipe=config.recipe(plan.total_steps, input_size=plan.data.geometry.image_size),
         zero=config.zero(),
         bf16=config.bf16,
         feed=feed_plan(config, plan),

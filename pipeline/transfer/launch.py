@@ -57,6 +57,7 @@ def plan_runs(
     architecture: Architecture | None,
     model: AnyModel | None,
     modes: tuple[str, ...],
+    image_size: int | None = None,
 ) -> tuple[list[tuple[TargetPlan, str, Architecture]], list[dict[str, Any]]]:
     """(target, mode, architecture) of every run that can start, and a failure for each that cannot.
 
@@ -65,7 +66,7 @@ def plan_runs(
     runs, failures = [], []
     for name, directory in targets.items():
         try:
-            target = plan_target(name, directory)
+            target = plan_target(name, directory, image_size)
             fitted = architecture if architecture is not None else _model_for(model, target)
             check_fits(target, fitted, weights or "the model config")
         except TargetError as error:
@@ -86,7 +87,7 @@ def _model_for(model: AnyModel | None, target: TargetPlan) -> Architecture:
         raise TargetError(f"target {target.name!r}: no weights and no model config to build a model from")
     try:
         return model.architecture(
-            image_size=target.geometry.image_size,
+            image_size=target.model_geometry.image_size,
             channels=model.channels or target.geometry.channels,
             num_classes=len(target.classes),
             patch_size=target.geometry.patch_size,
@@ -155,7 +156,10 @@ def transfer(
     architecture = read_architecture(weights) if weights is not None else None
     if architecture is None and model is None:
         raise ValueError("transfer: no weights and no model config to build the scratch model from")
-    runs, failures = plan_runs(targets, weights=weights, architecture=architecture, model=model, modes=modes)
+    runs, failures = plan_runs(
+        targets, weights=weights, architecture=architecture, model=model, modes=modes,
+        image_size=finetune.image_size,
+    )  # fmt: skip
     settings = {
         "name": name,
         "weights": weights,

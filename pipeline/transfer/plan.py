@@ -6,6 +6,7 @@ patch geometry the checkpoint cannot take) gets an error naming it and is left o
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,14 @@ class TargetPlan:
     classes: list[str]
     train_samples: int
     test_samples: int
+    image_size: int | None = None  # what the model fine-tunes at (finetune.image_size); None: as stored
+
+    @property
+    def model_geometry(self) -> PatchGeometry:
+        """The geometry the model sees: the stored one, or its centre/random crop at `image_size`."""
+        return self.geometry if self.image_size is None else PatchGeometry(
+            self.image_size, self.geometry.patch_size, self.geometry.channels
+        )  # fmt: skip
 
     def describe(self) -> str:
         return (
@@ -40,10 +49,11 @@ class TargetPlan:
         )
 
 
-def plan_target(name: str, directory: str) -> TargetPlan:
+def plan_target(name: str, directory: str, image_size: int | None = None) -> TargetPlan:
     """Read a target's manifest and labels; every problem is a TargetError naming the target."""
     try:
-        return _plan(name, directory)
+        target = _plan(name, directory)
+        return cropped_to(target, image_size) if image_size is not None else target
     except TargetError:
         raise
     except (OSError, ValueError, KeyError) as error:
@@ -87,6 +97,17 @@ def _plan(name: str, directory: str) -> TargetPlan:
     )
 
 
+def cropped_to(target: TargetPlan, image_size: int) -> TargetPlan:
+    """The target seen at `image_size` (finetune.image_size), which must fit inside the stored images."""
+    stored = target.geometry
+    if image_size > stored.image_size or image_size % stored.patch_size:
+        raise TargetError(
+            f"target {target.name!r}: finetune.image_size {image_size} must be a multiple of the patch size "
+            f"{stored.patch_size} and at most the stored {stored.image_size} px of {target.directory}"
+        )
+    return dataclasses.replace(target, image_size=image_size)
+
+
 def check_fits(target: TargetPlan, architecture: Architecture, source: str) -> None:
     """What the model's weights fix (a ViT: patch size and channels; a BiT: channels) the target must be
     preprocessed to match (the resolution may differ; a ViT's position embeddings are resampled)."""
@@ -107,7 +128,7 @@ def check_fits(target: TargetPlan, architecture: Architecture, source: str) -> N
 
 def target_architecture(architecture: Architecture, target: TargetPlan) -> Architecture:
     """The model fine-tuned on a target: its resolution and classes (a ViT without pre-logits layer)."""
-    geometry = target.geometry
+    geometry = target.model_geometry
     return architecture.for_target(
         image_size=geometry.image_size, patch_size=geometry.patch_size, num_classes=len(target.classes)
     )

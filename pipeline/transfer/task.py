@@ -141,7 +141,7 @@ def _starting_model(settings: TaskSettings, *, keep_pre_logits: bool) -> torch.n
     if settings.mode == "scratch":
         torch.manual_seed(settings.finetune.seed)
         return build_model(settings.architecture)
-    geometry = settings.target.geometry
+    geometry = settings.target.model_geometry
     input_changes = {"image_size": geometry.image_size, "patch_size": geometry.patch_size}
     if keep_pre_logits:
         adaptable = settings.architecture.adaptable
@@ -215,7 +215,7 @@ def _finetune(
 ) -> dict[str, Any]:
     """Fine-tune in place and load the best weights back; returns what the result records of it."""
     config = settings.finetune
-    recipe = dataclasses.replace(config.recipe(), bf16=bf16)
+    recipe = dataclasses.replace(config.recipe(input_size=reader.geometry.image_size), bf16=bf16)
     trainable = freeze_backbone(model) if config.freeze_backbone else None
     labels = reader.labels()
     max_rows = VALIDATION_BYTES // reader.geometry.sample_bytes
