@@ -175,9 +175,7 @@ def _deepspeed_engine_logits(info, patches: torch.Tensor, scratch: Path) -> torc
 
 
 def test_zero3_run_survives_a_killed_worker(two_nodes, fractal_patches, tmp_path):
-    config = write_config(
-        tmp_path / "zero3.yaml", fractal_patches, zero_stage=3, steps=60, max_failures=2
-    )
+    config = write_config(tmp_path / "zero3.yaml", fractal_patches, zero_stage=3, steps=60, max_failures=2)
     run_dir = tmp_path / "zero3"
     command = ["pretrain", str(config), "--storage", str(tmp_path), "--address", two_nodes.address]
     with _launch(command) as run:

@@ -41,8 +41,10 @@ def test_a_known_box_of_a_known_image_gives_pil_s_crop_and_resize(box):
         Image.fromarray(image).crop((left, top, left + width, top + height)).resize((16, 16), Image.BILINEAR)
     )
     expected = np.asarray(pil).astype(np.float32)
-    assert out.shape == (1, MODEL.num_patches, MODEL.patch_dim) and out.dtype == torch.float32
-    assert np.abs(got - expected).mean() < 1.0 and np.abs(got - expected).max() <= 3.0
+    assert out.shape == (1, MODEL.num_patches, MODEL.patch_dim)
+    assert out.dtype == torch.float32
+    assert np.abs(got - expected).mean() < 1.0
+    assert np.abs(got - expected).max() <= 3.0
 
 
 def test_a_box_of_the_model_s_size_is_the_pixels_themselves():
@@ -69,13 +71,17 @@ def test_random_boxes_stay_inside_the_image_and_the_configured_ranges():
     crop = Crop(area=(0.25, 0.5), aspect=(0.5, 2.0))
     boxes = inception_boxes(20_000, 64, crop, torch.device("cpu"), torch.Generator().manual_seed(0))
     top, left, height, width = boxes.T
-    assert (top >= 0).all() and (left >= 0).all()
-    assert (top + height <= 64).all() and (left + width <= 64).all()
+    assert (top >= 0).all()
+    assert (left >= 0).all()
+    assert (top + height <= 64).all()
+    assert (left + width <= 64).all()
     area = height * width / 64**2
     ratio = width / height
     # whole pixels: a box's area and ratio are within rounding of the drawn ones
-    assert area.min() >= 0.25 * 0.9 and area.max() <= 0.5 * 1.1
-    assert ratio.min() >= 0.5 * 0.9 and ratio.max() <= 2.0 * 1.1
+    assert area.min() >= 0.25 * 0.9
+    assert area.max() <= 0.5 * 1.1
+    assert ratio.min() >= 0.5 * 0.9
+    assert ratio.max() <= 2.0 * 1.1
     assert abs(area.mean().item() - 0.375) < 0.01  # uniform in the area range
     assert abs(ratio.log().mean().item()) < 0.02  # log-uniform about 1
     assert boxes.unique(dim=0).shape[0] > 10_000  # and different for each image
