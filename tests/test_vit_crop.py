@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vit.augment import center_crop, inception_boxes, resized_crop, stored_geometry
+from vit.augment import center_crop, hflip_patches, inception_boxes, resized_crop, stored_geometry
 from vit.patches import PatchGeometry, patchify, unpatchify
 from vit.recipe import Crop, Optimizer, Recipe, Schedule
-from vit.step import training_crop
+from vit.step import training_view
 
 STORED = PatchGeometry(image_size=32, patch_size=4, channels=3)
 MODEL = PatchGeometry(image_size=16, patch_size=4, channels=3)
@@ -61,9 +61,9 @@ def test_evaluation_takes_the_centre_crop_of_larger_stored_images():
     assert centre.dtype == torch.uint8
     assert torch.equal(centre, torch.from_numpy(patchify(images[:, 8:24, 8:24], 4)))
     # the step without a random crop does the same, and images stored at the model's size pass unchanged
-    recipe = Recipe(Optimizer(), Schedule(), total_steps=1, micro_batch_size=3, input_size=32)
-    assert torch.equal(training_crop(patches, MODEL, recipe), centre)
-    assert training_crop(centre, MODEL, Recipe(Optimizer(), Schedule(), 1, 3)) is centre
+    recipe = Recipe(Optimizer(), Schedule(), total_steps=1, micro_batch_size=3, input_size=32, flip=False)
+    assert torch.equal(training_view(patches, MODEL, recipe), centre)
+    assert training_view(centre, MODEL, Recipe(Optimizer(), Schedule(), 1, 3, flip=False)) is centre
     assert stored_geometry(MODEL, None) == MODEL
 
 
@@ -96,7 +96,7 @@ def test_the_recipe_crop_is_random_per_image_and_the_config_checks_its_ranges():
     images = np.stack([photo(seed=0)] * 4)
     recipe = Recipe(Optimizer(), Schedule(), 1, 4, crop=Crop(), input_size=32)
     torch.manual_seed(0)
-    out = training_crop(torch.from_numpy(patchify(images, 4)), MODEL, recipe)
+    out = training_view(torch.from_numpy(patchify(images, 4)), MODEL, recipe)
     assert out.shape == (4, MODEL.num_patches, MODEL.patch_dim)
     assert len({tuple(o.flatten()[:64].tolist()) for o in out}) == 4
     with pytest.raises(ValueError, match="area must be"):
@@ -104,3 +104,35 @@ def test_the_recipe_crop_is_random_per_image_and_the_config_checks_its_ranges():
     with pytest.raises(ValueError, match="aspect must be"):
         Crop(aspect=(2.0, 1.0))
     assert math.isclose(Crop().aspect[1], 4 / 3)
+
+
+def test_the_flip_folded_into_the_crop_mirrors_the_cropped_image():
+    images = np.stack([photo(seed=s) for s in range(4)])
+    patches = torch.from_numpy(patchify(images, 4))
+    boxes = torch.tensor([[3.0, 5.0, 10.0, 22.0]] * 4)
+    flip = torch.tensor([True, False, True, False])
+    plain = resized_crop(patches, STORED, MODEL, boxes)
+    folded = resized_crop(patches, STORED, MODEL, boxes, flip)
+    torch.testing.assert_close(folded, hflip_patches(plain, MODEL, flip))
+    assert not torch.equal(folded[0], plain[0])
+
+
+@pytest.mark.parametrize("family", ["vit", "bit"])
+def test_a_training_step_on_images_stored_larger_than_the_model_trains_on_its_crops(family):
+    from vit.config import BiTConfig, ViTConfig
+    from vit.models import build_model
+    from vit.step import training_loss
+
+    if family == "vit":
+        config = ViTConfig(image_size=16, patch_size=4, num_classes=3, width=16, depth=1, heads=1, mlp_dim=32)
+    else:
+        config = BiTConfig(image_size=16, patch_size=4, num_classes=3, depth=26, base_width=8, groups=8)
+    model = build_model(config)
+    patches = torch.from_numpy(patchify(np.stack([photo(seed=s) for s in range(4)]), 4))
+    labels = torch.tensor([0, 1, 2, 0])
+    for crop in (Crop(), None):
+        recipe = Recipe(Optimizer(), Schedule(), 1, 4, crop=crop, input_size=32, mixup_alpha=0.2)
+        result = training_loss(model, patches, labels, recipe, np.random.default_rng(0))
+        result.loss.backward()
+        assert torch.isfinite(result.loss)
+        assert result.images == 4

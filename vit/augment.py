@@ -28,14 +28,6 @@ def hflip_patches(
     return torch.where(flip.view(-1, 1, 1), mirrored, patches)
 
 
-def random_hflip(
-    patches: torch.Tensor, geometry: PatchGeometry, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Mirror each image with probability 1/2."""
-    flip = torch.rand(patches.shape[0], device=patches.device, generator=generator) < 0.5
-    return hflip_patches(patches, geometry, flip)
-
-
 def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
     """One-hot targets with label smoothing: 1 - s + s/K on the label, s/K elsewhere."""
     targets = torch.full((labels.shape[0], num_classes), smoothing / num_classes, device=labels.device)
@@ -99,14 +91,17 @@ def resize_weights(start: torch.Tensor, length: torch.Tensor, size: int, out: in
 
 
 def resized_crop(
-    patches: torch.Tensor, stored: PatchGeometry, target: PatchGeometry, boxes: Boxes
-) -> torch.Tensor:
+    patches: torch.Tensor, stored: PatchGeometry, target: PatchGeometry, boxes: Boxes,
+    flip: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Each image's box resized to the target's size, on the patch layout: uint8 or float patches of the
     stored geometry in, float pixel patches (0-255) of the target geometry out. Two batched matmuls
-    (rows then columns), so the cost is small next to the model's."""
+    (rows then columns), so the cost is small next to the model's; `flip` [B] mirrors those images."""
     images = unpatchify(patches, stored.patch_size, stored.channels).float()  # [B, H, W, C]
     rows = resize_weights(boxes[:, 0], boxes[:, 2], stored.image_size, target.image_size)
     cols = resize_weights(boxes[:, 1], boxes[:, 3], stored.image_size, target.image_size)
+    if flip is not None:  # mirrored output columns: the flip costs nothing more
+        cols = torch.where(flip.view(-1, 1, 1), cols.flip(1), cols)
     out = torch.einsum("boh,bhwc,bpw->bopc", rows, images, cols)
     return patchify(out, target.patch_size)
 

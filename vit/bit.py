@@ -103,5 +103,5 @@ class ResNetV2(nn.Module):
 
     def normalize(self, patches: torch.Tensor) -> torch.Tensor:
         """The input's normalisation alone, for augmentations that mix images (mixup) before the model."""
-        self.input.check(patches, normalized=False)
+        self.input.check(patches, normalized=patches.is_floating_point())  # uint8, or float pixels (a crop)
         return self.input.normalize(patches)

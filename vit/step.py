@@ -19,9 +19,9 @@ from torch import nn
 
 from vit.augment import (
     center_crop,
+    hflip_patches,
     inception_boxes,
     mixup,
-    random_hflip,
     resized_crop,
     soft_targets,
     stored_geometry,
@@ -92,13 +92,12 @@ def training_loss(
     rng: np.random.Generator,
     forward: Callable[..., torch.Tensor] | None = None,
 ) -> StepLoss:
-    """The forward half of a training step on uint8 patches already on the device: crop, flip, normalise,
-    soft targets, mixup, logits, soft-target cross-entropy. `forward` is what computes the logits (a DeepSpeed
-    engine wrapping `model`; default `model` itself); the caller runs backward and the optimizer."""
+    """The forward half of a training step on uint8 patches already on the device: crop and flip,
+    normalise, soft targets, mixup, logits, soft-target cross-entropy. `forward` is what computes the
+    logits (a DeepSpeed engine wrapping `model`; default `model` itself); the caller runs backward and the
+    optimizer."""
     config = model.config
-    patches = training_crop(patches, config.geometry, recipe)
-    if recipe.flip:
-        patches = random_hflip(patches, config.geometry)
+    patches = training_view(patches, config.geometry, recipe)
     images = model.normalize(patches)
     targets = soft_targets(labels, config.num_classes, recipe.label_smoothing)
     if recipe.mixup_alpha > 0:
@@ -108,11 +107,15 @@ def training_loss(
     return StepLoss(soft_cross_entropy(logits, targets), correct, labels.shape[0])
 
 
-def training_crop(patches: torch.Tensor, geometry: PatchGeometry, recipe: Recipe) -> torch.Tensor:
-    """The recipe's crop of patches stored at `recipe.input_size` to the model's `geometry`: a random
-    resized crop (float pixels), else the centre (as evaluation takes it), else the patches as they are."""
+def training_view(patches: torch.Tensor, geometry: PatchGeometry, recipe: Recipe) -> torch.Tensor:
+    """What the model trains on of patches stored at `recipe.input_size`: the recipe's random resized
+    crop with its flip folded in (float pixels), else the flip on the stored uint8 and the centre crop
+    (as evaluation takes it); patches of the model's `geometry` either way."""
     stored = stored_geometry(geometry, recipe.input_size)
+    flip = torch.rand(patches.shape[0], device=patches.device) < 0.5 if recipe.flip else None
     if recipe.crop is not None:
         boxes = inception_boxes(patches.shape[0], stored.image_size, recipe.crop, patches.device)
-        return resized_crop(patches, stored, geometry, boxes)
+        return resized_crop(patches, stored, geometry, boxes, flip)
+    if flip is not None:
+        patches = hflip_patches(patches, stored, flip)
     return center_crop(patches, stored, geometry)

@@ -25,6 +25,7 @@ from pipeline.pretrain.order import Corpus, FeedPlan, Lineage, Piece, chunks, ra
 from pipeline.storage import resolve
 
 READ_BYTES = 32 * 2**20  # one read: about one row group of the patch files (ROW_GROUP_BYTES)
+READ_ROWS = 4096  # and at most this many rows (small images: a first batch soon, files opened in steps)
 
 
 # ---------------------------------------------------------------- reading rows
@@ -148,7 +149,7 @@ class Feed:
         self.plan, self.rank, self.world, self.lineage, self.pin = plan, rank, world, lineage, pin
         self.epoch, self.position = divmod(step, plan.steps_per_epoch)
         sample_bytes = plan.corpus.geometry.sample_bytes
-        per_read = max(plan.micro_batch, READ_BYTES // sample_bytes)
+        per_read = max(plan.micro_batch, min(READ_ROWS, READ_BYTES // sample_bytes))
         self.rows_per_read = per_read // plan.micro_batch * plan.micro_batch
         cache = 2 * max(plan.window, 1) * sample_bytes + 4 * READ_BYTES  # two shuffle windows
         self.reader = RowReader(plan.corpus, cache_bytes=cache)
