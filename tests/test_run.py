@@ -37,8 +37,12 @@ def finished_checkpoint_steps(pretrain: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_from_its_checkpoint_and_a_rerun_skips_every_stage(ray_local, tmp_path):
+    """Also with images stored larger (20 px) than the models see (16 px: random crops in training,
+    the centre in evaluation), and the data path alone (--data-only) on the finished run."""
     job = {**SMOKE, "run_dir": str(tmp_path / "run")}
-    job["pretrain"] = {**SMOKE["pretrain"], "steps": 80, "checkpoint_every": 10}
+    job["preprocess"] = {name: {**entry, "image_size": 20} for name, entry in SMOKE["preprocess"].items()}
+    job["pretrain"] = {**SMOKE["pretrain"], "steps": 80, "checkpoint_every": 10, "image_size": 16, "crop": {}}
+    job["finetune"] = {**SMOKE["finetune"], "image_size": 16, "crop": {"area": [0.5, 1.0]}}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     run = tmp_path / "run"
@@ -78,6 +82,28 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_a_rerun_skips_every_stage(
         assert f"(report/{picture})" in report
         assert (run / "report" / picture).stat().st_size > 1000
     assert "pretrain: step 80/80" in (run / "logs" / "pretrain.log").read_text()
+    # every checkpoint records where the ranks stood in the run's order; the resume started there
+    steps_per_epoch = 300 // SMOKE["pretrain"]["global_batch_size"]
+    for step in finished_checkpoint_steps(run / "pretrain"):
+        data = json.loads((run / "pretrain" / f"checkpoint_{step:08d}" / "vitpipe.json").read_text())["data"]
+        epoch, position = divmod(step, steps_per_epoch)
+        assert (data["epoch"], data["position"]) == (epoch, position)
+        assert data["lineage"] == ([[0, 2]] if position else [])
+    exported = json.loads((run / "pretrain" / "export" / "vitpipe" / "config.json").read_text())
+    assert exported["vit"]["image_size"] == 16
+    results = json.loads((run / "transfer" / "results.json").read_text())
+    assert {r["mode"] for r in results["results"] if r.get("top1") is not None} == {"pretrained", "scratch"}
+
+    trained = read_records(str(run / "pretrain"))
+    probe = subprocess.run([*VITPIPE, "pretrain", str(path), "--data-only", "--steps", "12", "--address",
+                            ray.get_runtime_context().gcs_address], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    read = [r for r in read_records(str(run / "pretrain" / "data-only")) if "images_per_s" in r]
+    assert [r["step"] for r in read] == list(range(1, 13))
+    assert {r["epoch"] for r in read} == {0, 1}  # across an epoch boundary
+    assert all(r["data_wait_s"] >= 0 and r["worker_images_per_s"] > 0 for r in read)
+    assert read_records(str(run / "pretrain")) == trained  # the run's own records untouched
 
     keys = {step: record(run, step)["key"] for step in statuses(run)}
     third = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
