@@ -439,7 +439,7 @@ class PretrainConfig(Section):
     # Threads each worker reads its rows of the patch files with, ahead of the trainer (pyarrow releases
     # the GIL); more help when the files are remote (s3://, gs://) or compressed.
     data_threads: Annotated[int, Field(ge=1, le=64)] = 2
-    data_cpus: PositiveFloat | None = None  # retired (PRETRAIN_RETIRED)
+    data_cpus: PositiveFloat | None = Field(None, exclude=True)  # retired (PRETRAIN_RETIRED)
     placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # how workers go onto nodes
     global_batch_size: BatchSize = 4096
     micro_batch_size: BatchSize = 64
@@ -462,7 +462,7 @@ class PretrainConfig(Section):
     # Consecutive rows of the epoch's file order (drawn anew each epoch) permuted together; 0 reads each
     # file's rows in their order.
     shuffle_buffer: NonNegativeInt = 2048
-    cache_data: Literal["auto"] | Flag | None = None  # retired (PRETRAIN_RETIRED)
+    cache_data: Literal["auto"] | Flag | None = Field(None, exclude=True)  # retired (PRETRAIN_RETIRED)
     checkpoint_every: PositiveInt = 1000
     keep_checkpoints: PositiveInt = 3
     max_failures: NonNegativeInt = 3  # worker-group restarts from the latest checkpoint before giving up
@@ -483,7 +483,7 @@ class PretrainConfig(Section):
             raise ValueError("set either steps or epochs, not both")
         refuse_derived_keys(self.deepspeed)
         for key, instead in PRETRAIN_RETIRED.items():
-            if key in self.model_fields_set:
+            if getattr(self, key) is not None:
                 warnings.warn(f"pretrain.{key} no longer applies ({instead}); drop it", stacklevel=2)
         return self
 
