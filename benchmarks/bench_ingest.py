@@ -113,9 +113,14 @@ def data_only(
 def summarise(
     records: list[dict], steps_per_epoch: int, wall: float, threads: int, window: int, workers: int
 ) -> dict[str, Any]:
+    """Steady rates over every step but the first (images over the steps' summed wall time: a batch
+    already read ahead costs nothing, so a median step would flatter), and the waits at the epochs' starts."""
     boundaries = [b["data_wait_s"] for a, b in itertools.pairwise(records) if b["epoch"] != a["epoch"]]
-    steady = [r for i, r in enumerate(records) if i > 0 and (i % steps_per_epoch) not in (0, 1)]
-    per_worker = statistics.median(r["worker_images_per_s"] for r in steady)
+    steady = records[1:]
+    seconds = sum(r["step_s"] for r in steady)
+    per_step = steady[0]["images_per_s"] * steady[0]["step_s"] / workers  # images per worker a step
+    per_worker = per_step * len(steady) / seconds
+    bytes_per_image = steady[0]["worker_mb_per_s"] / steady[0]["worker_images_per_s"] * 1e6
     return {
         "workers": workers,
         "data_threads": threads,
@@ -125,8 +130,9 @@ def summarise(
         "first_batch_wait_s": records[0]["data_wait_s"],
         "epoch_boundary_wait_s": {"median": statistics.median(boundaries), "max": max(boundaries)}
         if boundaries else None,
+        "slowest_step_wait_s": max(r["data_wait_s"] for r in steady),
         "steady_images_per_s_per_worker": per_worker,
-        "steady_mb_per_s_per_worker": statistics.median(r["worker_mb_per_s"] for r in steady),
+        "steady_mb_per_s_per_worker": per_worker * bytes_per_image / 1e6,
         "steady_images_per_s_per_data_cpu": per_worker,  # each worker reads inside its one CPU
         "b16_gpus_fed_per_worker": per_worker / B16_IMAGES_PER_S,
         "wall_s_including_ray_train_start": wall,

@@ -1,9 +1,10 @@
 """The function every Ray Train worker runs: a thin adapter from Ray Train to `vit.loop.pretrain_loop`.
 
 What Ray gives is turned into the loop's hooks here: the rank and device (`ray.train.get_context`), the
-dataset shard (`ray.train.get_dataset_shard`) as each epoch's batches, the checkpoint to resume from
-(`ray.train.get_checkpoint`, or the run folder's newest), and `ray.train.report` to hand every rank's
-checkpoint shards to the run's storage. The training itself is `vit/`.
+rank's rows of the run's order from the checkpoint's position on (`pipeline.pretrain.feed`) as each
+epoch's batches, the checkpoint to resume from (`ray.train.get_checkpoint`, or the run folder's newest),
+and `ray.train.report` to hand every rank's checkpoint shards to the run's storage. The training itself
+is `vit/`. `data_loop` is the same worker with no training (`vitpipe pretrain --data-only`).
 """
 
 from __future__ import annotations
