@@ -46,6 +46,7 @@ class RowReader:
         self._lock = threading.Lock()
         self._groups: OrderedDict[tuple[int, int], Future[_Group]] = OrderedDict()
         self._footers: dict[int, Any] = {}
+        self._held = 0  # bytes of the groups read and kept
 
     def read(self, piece: Piece, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The piece's rows as (uint8 [n, N, D] patches, int64 [n] labels), in the piece's order."""
@@ -103,12 +104,14 @@ class RowReader:
             self._groups.move_to_end(key)
         if mine:
             try:
-                future.set_result(self._read_group(file, index))
+                group = self._read_group(file, index)
             except BaseException as error:
                 with self._lock:
                     self._groups.pop(key, None)
                 future.set_exception(error)
-            self._evict()
+                raise
+            future.set_result(group)
+            self._keep(group.patches.nbytes)
         return future.result()
 
     def _read_group(self, file: int, index: int) -> _Group:
@@ -121,16 +124,16 @@ class RowReader:
             raise OSError(f"{self.corpus.files[file]}: row group {index} cannot be read: {error}") from error
         return _Group(patches_array(table.column("patches")), table.column("label").to_numpy())
 
-    def _evict(self) -> None:
+    def _keep(self, size: int) -> None:
+        """Count a group just read, and drop the least recently used read ones beyond the budget."""
         with self._lock:
-            done = [f for f in self._groups.values() if f.done() and not f.exception()]
-            held = sum(f.result().patches.nbytes for f in done)
-            while held > self.cache_bytes and len(self._groups) > 1:
+            self._held += size
+            while self._held > self.cache_bytes and len(self._groups) > 1:
                 key, oldest = next(iter(self._groups.items()))
                 if not oldest.done():
                     break
                 self._groups.pop(key)
-                held -= oldest.result().patches.nbytes if not oldest.exception() else 0
+                self._held -= oldest.result().patches.nbytes
 
 
 COLUMNS = ["patches", "label"]
