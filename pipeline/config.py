@@ -414,7 +414,7 @@ PRETRAIN_OPERATIONAL = frozenset({
     "placement", "micro_batch_size", "cache_data", "checkpoint_every", "keep_checkpoints", "max_failures",
     "log_every",
 })  # fmt: skip
-# Keys of the data path before each worker read its own rows (vitpipe 0.4): accepted, with a warning.
+# Keys of the data path before each worker read its own rows (Ray Data): accepted, with a warning.
 PRETRAIN_RETIRED = {
     "data_cpus": "each worker reads its own rows with data_threads threads, inside its own CPUs",
     "cache_data": "each worker streams its rows from the files every epoch, read ahead of the trainer",
@@ -454,9 +454,8 @@ class PretrainConfig(Section):
     # The model's resolution; default: the stored one (preprocess.image_size). A smaller one is a centre
     # crop of the stored images, or with `crop` a random resized crop, on the device.
     image_size: PositiveInt | None = None
-    crop: CropSection | None = (
-        None  # the paper's random ("Inception") crop: {} for area 8-100%, aspect 3/4-4/3
-    )
+    # The paper's random ("Inception") crop; `{}` for its defaults: area 8-100%, aspect 3/4-4/3.
+    crop: CropSection | None = None
     flip: Flag = True  # random horizontal flips, on the device
     mixup_alpha: NonNegativeFloat = 0.0  # 0 turns mixup off
     # Consecutive rows of the epoch's file order (drawn anew each epoch) permuted together; 0 reads each
