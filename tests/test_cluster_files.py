@@ -162,7 +162,9 @@ def test_paper_recipes_carry_the_papers_settings(name, variant):
         1.0,
     )
     assert pretrain.schedule.warmup_steps == 10_000
-    assert job.preprocess[pretrain.data].image_size == 224
+    # stored at 256, trained on the paper's random crops at 224
+    assert (job.preprocess[pretrain.data].image_size, pretrain.image_size) == (256, 224)
+    assert (pretrain.crop.area, pretrain.crop.aspect) == ((0.08, 1.0), (0.75, 1.333))
     assert pretrain.use_gpu
     assert (finetune.optimizer.name, finetune.optimizer.momentum, finetune.optimizer.weight_decay) == (
         "sgd",
