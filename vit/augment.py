@@ -70,12 +70,6 @@ def inception_boxes(
     return torch.stack([top, left, height, width], dim=1)
 
 
-def center_boxes(batch: int, size: int, out: int, device: torch.device) -> Boxes:
-    """The central `out`-pixel square of a `size`-pixel image, for every image (evaluation's crop)."""
-    offset = float((size - out) // 2)
-    return torch.tensor([[offset, offset, float(out), float(out)]], device=device).expand(batch, 4)
-
-
 def resize_weights(start: torch.Tensor, length: torch.Tensor, size: int, out: int) -> torch.Tensor:
     """[B, out, size] weights that resample pixels [start, start + length) of a row of `size` to `out`
     pixels: a triangle (linear) filter, widened by the scale when shrinking (antialiased, as PIL's
