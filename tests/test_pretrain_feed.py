@@ -4,6 +4,8 @@ or on others), and an order drawn anew each epoch from the seed."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
@@ -134,3 +136,20 @@ def test_rank_spans_split_the_rest_of_an_epoch_equally():
     assert rank_spans(12, [(0, 1), (1, 2)], 1, 1, 4) == [(8, 12)]
     with pytest.raises(ValueError, match="not split"):
         rank_spans(12, [(0, 5)], 0, 1, 4)
+
+
+def test_a_damaged_or_shortened_patch_file_is_named_when_read(tmp_path):
+    corpus = write_corpus(tmp_path, [10, 10])
+    plan = plan_of(corpus, window=4, global_batch=4, micro=2)
+    Path(corpus.files[1]).write_bytes(b"PAR1 not parquet")  # replaced after preprocessing
+    feed = Feed(plan, 0, 1, 0, [(0, 1)], pin=False)
+    with pytest.raises(OSError, match=r"part-001\.parquet"):
+        list(feed.batches(0, 0))
+    feed.close()
+    (tmp_path / "short").mkdir()
+    short = write_corpus(tmp_path / "short", [10, 4])  # the manifest said 10 rows; the file holds 4
+    plan = plan_of(Corpus(short.files, (10, 10), GEOMETRY), window=4, global_batch=4, micro=2)
+    feed = Feed(plan, 0, 1, 0, [(0, 1)], pin=False)
+    with pytest.raises(ValueError, match=r"part-001\.parquet: holds 4 rows, fewer than the run's plan reads"):
+        list(feed.batches(0, 0))
+    feed.close()

@@ -22,7 +22,7 @@ import torch
 
 from pipeline.preprocess.patchfile import patches_array
 from pipeline.pretrain.order import Corpus, FeedPlan, Lineage, Piece, chunks, rank_spans
-from pipeline.storage import resolve
+from pipeline.storage import resolve_all
 
 READ_BYTES = 32 * 2**20  # one read: about one row group of the patch files (ROW_GROUP_BYTES)
 READ_ROWS = 4096  # and at most this many rows (small images: a first batch soon, files opened in steps)
@@ -47,6 +47,9 @@ class RowReader:
         self._groups: OrderedDict[tuple[int, int], Future[_Group]] = OrderedDict()
         self._footers: dict[int, Any] = {}
         self._held = 0  # bytes of the groups read and kept
+        # One filesystem for all the files, built once (an s3:// filesystem per read would cost each read
+        # a client and its credential lookup).
+        self._filesystem, self._paths = resolve_all(list(corpus.files))
 
     def read(self, piece: Piece, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The piece's rows as (uint8 [n, N, D] patches, int64 [n] labels), in the piece's order."""
@@ -76,6 +79,13 @@ class RowReader:
             positions = np.flatnonzero(piece.files == file)
             rows = piece.rows[positions]
             ends = self._footer(file)[1]
+            if len(rows) and rows.max() >= (ends[-1] if len(ends) else 0):
+                held = int(ends[-1]) if len(ends) else 0
+                raise ValueError(
+                    f"{self.corpus.files[file]}: holds {held} rows, fewer than the run's plan reads of it "
+                    f"({self.corpus.counts[file]}, from the manifest); the file changed after preprocessing: "
+                    "preprocess the split again"
+                )
             group = np.searchsorted(ends, rows, side="right")
             starts = np.concatenate([[0], ends[:-1]])
             for index in np.unique(group).tolist():
@@ -87,9 +97,11 @@ class RowReader:
         """The file's Parquet metadata and the cumulative row count at the end of each row group."""
         footer = self._footers.get(file)
         if footer is None:
-            filesystem, path = resolve(self.corpus.files[file])
-            with filesystem.open_input_file(path) as stream:
-                metadata = pq.ParquetFile(stream).metadata
+            try:
+                with self._filesystem.open_input_file(self._paths[file]) as stream:
+                    metadata = pq.ParquetFile(stream).metadata
+            except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+                raise OSError(f"{self.corpus.files[file]}: not a readable patch file: {error}") from error
             ends = np.cumsum([metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)])
             footer = self._footers[file] = (metadata, ends)
         return footer
@@ -115,10 +127,9 @@ class RowReader:
         return future.result()
 
     def _read_group(self, file: int, index: int) -> _Group:
-        filesystem, path = resolve(self.corpus.files[file])
         metadata = self._footer(file)[0]
         try:
-            with filesystem.open_input_file(path) as stream:
+            with self._filesystem.open_input_file(self._paths[file]) as stream:
                 table = pq.ParquetFile(stream, metadata=metadata).read_row_group(index, columns=COLUMNS)
         except (OSError, ValueError) as error:
             raise OSError(f"{self.corpus.files[file]}: row group {index} cannot be read: {error}") from error
