@@ -126,3 +126,13 @@ def test_a_jobs_address_without_a_scheme_is_the_dashboard_and_fails_in_seconds()
     assert done.returncode == 1
     assert "the Ray Jobs API at http://127.0.0.1:1: nothing answers at 127.0.0.1:1" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_data_only_flags_that_do_not_fit_are_refused_saying_why(capsys):
+    job = str(REPO / "jobs" / "smoke.yaml")
+    assert main(["pretrain", job, "--data-only", "--force"]) == 2
+    assert "--data-only trains nothing; drop --force" in capsys.readouterr().err
+    assert main(["pretrain", job, "--data-only", "--steps", "0"]) == 2
+    assert "--steps must be at least 1 (got 0)" in capsys.readouterr().err
+    assert main(["pretrain", job, "--steps", "5"]) == 2
+    assert "--steps goes with --data-only" in capsys.readouterr().err

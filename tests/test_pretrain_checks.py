@@ -284,3 +284,24 @@ def test_a_study_point_resumed_on_other_rows_of_the_corpus_is_refused(patch_sets
     shutil.copytree(corpus, moved)
     rows = {str(moved / Path(file).relative_to(corpus)): taken for file, taken in drawn[0].rows.items()}
     assert check_pretrain(config.model_copy(update={"data": str(moved)}), str(moved), run, rows).total_steps
+
+
+@pytest.mark.parametrize(
+    ("image_size", "message"),
+    [
+        (20, r"pretrain.image_size 20 must be .* at most the stored 16 px"),
+        (14, r"a multiple of the patch size 4"),
+    ],
+)
+def test_a_model_resolution_the_stored_images_cannot_give_is_refused_before_ray(
+    tmp_path, patch_sets, image_size, message
+):
+    import re
+
+    assert re.search(message, refusal(tmp_path, patch_sets["labelled"], image_size=image_size))
+    from pipeline.config import PretrainConfig
+    from pipeline.pretrain.plan import plan_pretrain
+
+    settings = {key: value for key, value in RUN.items() if key != "steps"}
+    plan = plan_pretrain(PretrainConfig(data="x", image_size=12, **settings), str(patch_sets["labelled"]))
+    assert (plan.architecture.image_size, plan.data.geometry.image_size) == (12, 16)  # a crop of 16 px

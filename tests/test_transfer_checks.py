@@ -296,3 +296,13 @@ def test_a_results_folder_holding_others_files_is_refused_and_a_task_s_is_replac
         FileExistsError, match=r"theirs: holds files a vitpipe fine-tuning task did not write \(thesis.pdf\)"
     ):
         _refuse_foreign(str(tmp_path / "theirs"))
+
+
+def test_a_finetune_resolution_beyond_the_stored_images_is_refused_by_name(digits_patches):
+    with pytest.raises(
+        TargetError, match=r"target 'digits': finetune.image_size 48 must be .* at most the stored"
+    ):
+        plan_target("digits", digits_patches, image_size=48)
+    target = plan_target("digits", digits_patches, image_size=8)
+    assert target.model_geometry.image_size == 8
+    assert target.geometry.image_size > 8  # read as stored, cropped on the device
