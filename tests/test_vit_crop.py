@@ -136,3 +136,19 @@ def test_a_training_step_on_images_stored_larger_than_the_model_trains_on_its_cr
         result.loss.backward()
         assert torch.isfinite(result.loss)
         assert result.images == 4
+
+
+def test_normalising_uint8_or_float_pixels_gives_the_same_values_and_leaves_the_input_alone():
+    from vit.config import ViTConfig
+    from vit.model import VisionTransformer
+
+    config = ViTConfig(image_size=16, patch_size=4, num_classes=3, width=16, depth=1, heads=1, mlp_dim=32)
+    model = VisionTransformer(config)
+    pixels = torch.from_numpy(patchify(photo(16)[None], 4))
+    floats = pixels.float()
+    expected = (pixels.double() / 255 - torch.tensor(model.config.mean).repeat(16).double()) / torch.tensor(
+        model.config.std
+    ).repeat(16).double()
+    torch.testing.assert_close(model.normalize(pixels).double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.normalize(floats).double(), expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(floats, pixels.float())  # the crop's float output is not scaled in place
