@@ -24,6 +24,7 @@ from pipeline.config import (
     Section,
     validate,
 )
+from pipeline.console import say
 from pipeline.runner.plan import STAGES
 
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
@@ -54,6 +55,7 @@ def _add_run_commands(commands: Any) -> None:
     send.add_argument("--wait", action="store_true", help="follow the logs; exit with the job's status")
     _add_run_options(send)
     _add_jobs_address(send)
+    _add_verbose(send)
 
     jobs = commands.add_parser("jobs", help="jobs on a Ray cluster: list, status, logs, stop")
     actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -225,6 +227,14 @@ def _add_jobs_address(parser: argparse.ArgumentParser) -> None:
 
 def _add_address(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray)")
+    _add_verbose(parser)
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="also print what Ray, Ray Train and DeepSpeed print (always in the run's logs/ files)",
+    )  # fmt: skip
 
 
 DATASET_MODELS: dict[str, type[Section]] = {
@@ -291,11 +301,12 @@ def run_command(args: argparse.Namespace) -> int:
 
     options = RunOptions(args.from_stage, tuple(args.force), args.until)
     summary = run_job(args.config, run_dir=args.run_dir, options=options, address=args.address)
-    print("\n" + summary.table())
+    if summary.failed or args.verbose:
+        say("\n" + summary.table())
     results = Path(summary.plan.layout.transfer) / RESULTS_MD
-    if results.is_file() and not summary.failed:
-        print("\n" + results.read_text().strip())
-    print("\n" + summary.summary())
+    if results.is_file() and not summary.failed:  # its title and main table; the rest is in report.md
+        say("\n" + "\n\n".join(results.read_text().strip().split("\n\n")[:2]))
+    say("\n" + summary.summary())
     return EXIT_FAILED if summary.failed else 0
 
 
@@ -323,7 +334,7 @@ def stage_command(args: argparse.Namespace) -> int:
         if args.steps is not None and args.steps < 1:
             raise ConfigError(f"vitpipe pretrain: --steps must be at least 1 (got {args.steps})")
         out = probe_pretrain_data(args.config, stage=stage, steps=args.steps, address=args.address)
-        print(f"data path read; records in {out}/metrics.jsonl")
+        say(f"data path read; records in {out}/metrics.jsonl")
         return 0
     if getattr(args, "steps", None) is not None:
         raise ConfigError(
@@ -331,7 +342,7 @@ def stage_command(args: argparse.Namespace) -> int:
         )
     options = RunOptions(force=(args.command,) if getattr(args, "force", None) else ())
     summary = run_job(args.config, only=args.command, stage=stage, options=options, address=args.address)
-    print("\n" + summary.summary())
+    say("\n" + summary.summary())
     return EXIT_FAILED if summary.failed else 0
 
 
@@ -348,21 +359,22 @@ def submit_command(args: argparse.Namespace) -> int:
         env[key] = value
     options = RunOptions(args.from_stage, tuple(args.force), args.until)
     submission = submit(
-        args.config, address=args.address, run_dir=args.run_dir, name=args.name, options=options, env=env
-    )
-    print(f"submitted {submission.submission_id} to {submission.address}: {submission.entrypoint}")
-    print(f"  run folder: {submission.run_dir}")
+        args.config, address=args.address, run_dir=args.run_dir, name=args.name, options=options, env=env,
+        verbose=args.verbose,
+    )  # fmt: skip
+    say(f"submitted {submission.submission_id} to {submission.address}: {submission.entrypoint}")
+    say(f"  run folder: {submission.run_dir}")
     if not args.wait:
         follow_it = f"vitpipe jobs logs {submission.submission_id} --follow --address {submission.address}"
-        print(f"  follow it: {follow_it}")
+        say(f"  follow it: {follow_it}")
         return 0
     client = connect(submission.address)
     try:
         status = follow(client, submission.submission_id)
     except KeyboardInterrupt:
-        print(f"\nstopped following; the job goes on (vitpipe jobs stop {submission.submission_id})")
+        say(f"\nstopped following; the job goes on (vitpipe jobs stop {submission.submission_id})")
         return 130
-    print(f"job {submission.submission_id}: {status}")
+    say(f"job {submission.submission_id}: {status}")
     return 0 if status == "SUCCEEDED" else EXIT_FAILED
 
 
@@ -381,27 +393,27 @@ def jobs_command(args: argparse.Namespace) -> int:
     client = connect(args.address)
     address = client.get_address()
     if args.action == "list":
-        print(jobs_table(call_api(client.list_jobs, address)))
+        say(jobs_table(call_api(client.list_jobs, address)))
         return 0
     job = job_details(client, args.submission_id)  # an unknown id fails here, naming it
     if args.action == "status":
-        print(describe_job(job))
+        say(describe_job(job))
     elif args.action == "logs":
         if args.follow:
             return 0 if follow(client, args.submission_id) == "SUCCEEDED" else EXIT_FAILED
         print(call_api(lambda: client.get_job_logs(args.submission_id), address), end="")
     elif args.action == "stop":
         if not call_api(lambda: client.stop_job(args.submission_id), address):
-            print(f"{args.submission_id}: already {job.status}")
+            say(f"{args.submission_id}: already {job.status}")
             return 0
-        print(f"{args.submission_id}: {wait_for_end(client, args.submission_id, timeout_s=60)}")
+        say(f"{args.submission_id}: {wait_for_end(client, args.submission_id, timeout_s=60)}")
     return 0
 
 
 def info_command(args: argparse.Namespace) -> int:
     from pipeline.info import report
 
-    print(report(args.address))
+    say(report(args.address))
     return 0
 
 
@@ -414,8 +426,8 @@ def validate_command(args: argparse.Namespace) -> int:
     if not args.skip_inputs:
         check_before_run(plan, plan.steps, pretrain_redone=False)
     steps = ", ".join(step.id for step in plan.steps)
-    print(f"{args.config}: valid (config hash {plan.job.digest()}); steps: {steps}")
-    print(plan.job.model_dump_json(indent=2))
+    say(f"{args.config}: valid (config hash {plan.job.digest()}); steps: {steps}")
+    say(plan.job.model_dump_json(indent=2))
     return 0
 
 
@@ -428,7 +440,7 @@ def preprocess_command(args: argparse.Namespace) -> int:
     result = preprocess(
         args.input, args.output, config, overwrite=args.overwrite, workers=args.workers, address=args.address
     )
-    print(result.summary())
+    say(result.summary())
     return EXIT_FAILED if result.exceeded else 0
 
 
@@ -436,26 +448,26 @@ def export_command(args: argparse.Namespace) -> int:
     from pipeline.pretrain.export import export_checkpoint
 
     exported = export_checkpoint(args.run, args.checkpoint, args.out)
-    print(f"exported step {exported.step} of {exported.checkpoint}")
-    print(f"  {exported.describe()}")
+    say(f"exported step {exported.step} of {exported.checkpoint}")
+    say(f"  {exported.describe()}")
     return 0
 
 
 def inspect_command(args: argparse.Namespace) -> int:
     from pipeline.preprocess.summary import describe, write_grid
 
-    print(describe(args.directory))
-    print(f"  samples: {write_grid(args.directory, args.out, args.samples, split=args.split)}")
+    say(describe(args.directory))
+    say(f"  samples: {write_grid(args.directory, args.out, args.samples, split=args.split)}")
     return 0
 
 
 def datasets_command(args: argparse.Namespace) -> int:
     from pipeline.datasets.build import build_dataset
-    from pipeline.ray_session import init_ray
+    from pipeline.ray_session import connect_ray
 
     config = dataset_config(args)  # validate before Ray starts
-    print(init_ray(args.address), file=sys.stderr)
-    build_dataset(config, args.out, args.overwrite, args.preview)
+    connect_ray(args.address)
+    say(build_dataset(config, args.out, args.overwrite, args.preview))
     return 0
 
 
@@ -475,6 +487,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+# Commands that start Ray here: what Ray and the libraries print goes to the logs unless --verbose.
+QUIET_COMMANDS = frozenset({"run", "pretrain", "finetune", "evaluate", "preprocess", "datasets"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -482,22 +498,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline.runner.submit import use_token_if_present
 
         use_token_if_present()
+    if args.command not in QUIET_COMMANDS:
+        return _dispatch(args, argv)
+    from pipeline.console import console
+
+    with console(verbose=args.verbose) as screen:
+        code = _dispatch(args, argv)
+    if screen.fallback is not None and (code or (args.verbose is False and screen.hidden)):
+        say(f"vitpipe: everything else it printed: {screen.fallback}", err=True)
+    return code
+
+
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run the command; a known kind of failure is one line naming what to change, and an exit code."""
     try:
         return COMMANDS[args.command](args)
     except ConfigError as error:
-        print(f"vitpipe: {error}", file=sys.stderr)
+        say(f"vitpipe: {error}", err=True)
         return EXIT_USAGE
     except KeyboardInterrupt as error:  # a clean stop (TrainingStopped) says where it stopped
-        print(f"vitpipe: {error or 'interrupted'}", file=sys.stderr)
+        say(f"vitpipe: {error or 'interrupted'}", err=True)
         from pipeline.pretrain.control import TrainingStopped  # stdlib only: no Ray, no torch
 
         if isinstance(error, TrainingStopped):
-            print(f"  continue with: vitpipe {shlex.join(argv)}", file=sys.stderr)
+            say(f"  continue with: vitpipe {shlex.join(argv)}", err=True)
         return EXIT_INTERRUPTED
     except (
         FileExistsError, FileNotFoundError, NotADirectoryError, ValueError, ConnectionError, RuntimeError
     ) as error:  # fmt: skip
-        print(f"vitpipe: error: {error}", file=sys.stderr)
+        say(f"vitpipe: error: {error}", err=True)
         return EXIT_FAILED
 
 

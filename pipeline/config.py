@@ -521,14 +521,15 @@ class PretrainConfig(Section):
         """The settings that define the run, flattened (`optimizer.lr`), less the model section (its
         resolved architecture is compared as a whole, `vit.ViTConfig`) and the data's location."""
         exclude = PRETRAIN_OPERATIONAL | PRETRAIN_BUDGET | {"model"}
-        return _flatten(self.model_dump(mode="json", exclude=exclude))
+        return flatten(self.model_dump(mode="json", exclude=exclude))
 
 
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: settings as one level of dotted keys (lists stay whole)."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
         if isinstance(value, dict) and value:
-            flat |= _flatten(value, f"{prefix}{key}.")
+            flat |= flatten(value, f"{prefix}{key}.")
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -652,6 +653,32 @@ class StudyConfig(Section):
         return self
 
 
+class WandbConfig(Section):
+    """Weights & Biases: runs in `project`; `offline` writes them under RUN/tracking (`wandb sync` later)."""
+
+    project: Name
+    mode: Literal["online", "offline"] = "online"
+    entity: str | None = None
+    dir: str | None = None  # where W&B writes its files (default RUN/tracking)
+
+
+class TrackingConfig(Section):
+    """Experiment tracking: an MLflow tracking URI (a local path, sqlite:///FILE, or http://SERVER) and/or
+    W&B. Operational: it changes no cache key, and a run that cannot reach its tracker still trains."""
+
+    mlflow: str | None = None
+    experiment: Name | None = None  # the MLflow experiment (default: the job's name)
+    wandb: WandbConfig | None = None
+
+    @model_validator(mode="after")
+    def _tracks_something(self) -> TrackingConfig:
+        if self.mlflow is None and self.wandb is None:
+            raise ValueError(
+                "tracking needs mlflow: URI and/or wandb: {project: ...}; drop the section to track nothing"
+            )
+        return self
+
+
 class PipelineConfig(Section):
     """A whole job: datasets, then preprocess, pretrain, fine-tune and evaluate (or, with a study, the
     study's points, each a pretraining and its transfer)."""
@@ -664,6 +691,7 @@ class PipelineConfig(Section):
     finetune: FinetuneConfig | None = None
     evaluate: EvaluateConfig | None = None
     study: StudyConfig | None = None
+    tracking: TrackingConfig | None = None
 
     @model_validator(mode="after")
     def _study_has_its_recipe(self) -> PipelineConfig:

@@ -19,7 +19,9 @@ from typing import Any, TextIO
 
 import pyarrow.fs as pafs
 
+from pipeline import console
 from pipeline.storage import resolve
+from pipeline.tracking import StepLogger, TrackingTarget
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -29,7 +31,7 @@ LOSS_PLOT = "loss.png"
 class MetricsLog:
     """Appends one JSON object per logged step (and per event) and mirrors the numbers to TensorBoard."""
 
-    def __init__(self, run_dir: str) -> None:
+    def __init__(self, run_dir: str, tracking: TrackingTarget | None = None) -> None:
         from tensorboardX import SummaryWriter
 
         self.filesystem, self.root = resolve(run_dir)
@@ -40,6 +42,7 @@ class MetricsLog:
             self._download(METRICS_FILE)  # a resumed run appends to the record it left
         self._jsonl = (self.local / METRICS_FILE).open("a", buffering=1)
         self._board = SummaryWriter(str(self.local / TENSORBOARD_DIR), flush_secs=30)
+        self._tracker = StepLogger(tracking) if tracking is not None and tracking.enabled else None
 
     def write(self, record: dict[str, Any]) -> None:
         """One step's metrics; every finite number also becomes a TensorBoard scalar at that step."""
@@ -48,6 +51,8 @@ class MetricsLog:
         for name, value in record.items():
             if name != "step" and isinstance(value, int | float) and math.isfinite(value):
                 self._board.add_scalar(f"train/{name}", value, step)
+        if self._tracker is not None:
+            self._tracker.log(record)
 
     def event(self, name: str, **fields: Any) -> None:
         """A line that is not a step: start, resume, checkpoint, end."""
@@ -57,6 +62,8 @@ class MetricsLog:
         """Flush, and copy the files to the run directory when it is remote."""
         self._jsonl.flush()
         self._board.flush()
+        if self._tracker is not None:
+            self._tracker.flush()
         if self.remote:
             pafs.copy_files(
                 str(self.local), self.root, destination_filesystem=self.filesystem, use_threads=False
@@ -66,6 +73,8 @@ class MetricsLog:
         self.sync()
         self._jsonl.close()
         self._board.close()
+        if self._tracker is not None:
+            self._tracker.close()
 
     def _download(self, name: str) -> None:
         source = posixpath.join(self.root, name)
@@ -93,6 +102,10 @@ class ProgressLine:
             f"{record['images_per_s']:,.0f} img/s{mfu} ETA {format_seconds(eta)}"
         )
 
+    def report(self, record: dict[str, Any]) -> None:
+        """The step's line as the console's progress (the live bar on a terminal)."""
+        console.progress(self.line(record), record["step"], self.total)
+
 
 class Progress:
     """Prints `label: 3/10 shards, 1,234 images, 456 images/s, ETA 12s` as work completes."""
@@ -111,6 +124,9 @@ class Progress:
         """Count `done` finished units holding `items` samples; print if a line is due."""
         self.done += done
         self.items += items
+        if console.Console.active is not None:  # it draws the bar and spaces the lines itself
+            console.progress(self.line(), self.done, self.total)
+            return
         now = time.perf_counter()
         if now - self._last_print >= self.every_s or self.done == self.total:
             self._last_print = now

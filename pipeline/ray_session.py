@@ -8,6 +8,8 @@ import socket
 
 import ray
 
+from pipeline.console import say
+
 ADDRESS_ENV = "RAY_ADDRESS"
 
 
@@ -37,6 +39,12 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
             "too and RAY_AUTH_TOKEN or ~/.ray/auth_token holds the cluster's token."
         ) from error
     return _describe()
+
+
+def connect_ray(address: str | None = None) -> None:
+    """`init_ray`, saying once, when it starts or joins Ray, what Ray runs on."""
+    if not ray.is_initialized():
+        say(init_ray(address), err=True)
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

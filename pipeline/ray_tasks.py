@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import ray
 
+from pipeline.console import detail
 from pipeline.metrics import Progress
 from pipeline.ray_session import cluster_cpus
 
@@ -54,7 +54,7 @@ def run_shard_tasks(
             results[pending.pop(ref)] = result
             nodes.add(node)
             progress.update(items=result.samples)
-    print(f"{label}: {len(shard_args)} shard(s) on {len(nodes)} node(s)", file=sys.stderr)
+    detail(f"{label}: {len(shard_args)} shard(s) on {len(nodes)} node(s)")
     return [result for result in results if result is not None]
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from pipeline.config import Section
 
 
-def build_dataset(config: Section, out: Path, overwrite: bool, preview: bool) -> None:
-    """Build the dataset `config` describes into `out`; print its summary (and draw a preview)."""
+def build_dataset(config: Section, out: Path, overwrite: bool, preview: bool) -> str:
+    """Build the dataset `config` describes into `out` (and draw a preview); returns its summary."""
     from pipeline.datasets.card import summarize
     from pipeline.datasets.digits import build_digits
     from pipeline.datasets.fractals import build_fractals
@@ -23,6 +23,7 @@ def build_dataset(config: Section, out: Path, overwrite: bool, preview: bool) ->
         "imagefolder": build_imagefolder,
     }
     builders[config.kind](config, out, overwrite=overwrite)  # type: ignore[attr-defined]
-    print(summarize(out))
+    text = summarize(out)
     if preview:
-        print(f"  preview: {write_preview(out)}")
+        text += f"\n  preview: {write_preview(out)}"
+    return text

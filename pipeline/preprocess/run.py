@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import posixpath
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from pipeline.preprocess.manifest import MANIFEST_FILE, build_manifest, failure_
 from pipeline.preprocess.patchfile import read_shard_metadata
 from pipeline.preprocess.shard import ShardReport, preprocess_shard
 from pipeline.preprocess.sources import ShardListing, ShardSource, list_shards
-from pipeline.ray_session import init_ray
+from pipeline.ray_session import connect_ray
 from pipeline.ray_tasks import run_shard_tasks
 from pipeline.storage import is_partial, resolve
 
@@ -120,7 +119,7 @@ def preprocess(
     _remove_partials(out_fs, out_root)
     processed_samples = 0
     if todo:
-        print(init_ray(address), file=sys.stderr)
+        connect_ray(address)
         shared = (listing.filesystem, out_fs, out_root, config, len(classes) if classes else None)
         results = run_shard_tasks(
             preprocess_shard,

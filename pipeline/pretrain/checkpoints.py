@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import posixpath
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
+from pipeline.console import say
 from pipeline.storage import basename, resolve, url_of
 from vit.config import FAMILIES, Architecture, architecture_from_record
 
@@ -130,7 +130,7 @@ def newest(checkpoints: list[CheckpointInfo], skipped: list[Skipped]) -> Checkpo
     for item in skipped:
         if latest is None or step_of(item.path) > latest.step:
             fallback = f"using step {latest.step:,}" if latest else "no complete checkpoint before it"
-            print(f"vitpipe: skipping {item.path}: {item.why}; {fallback}", file=sys.stderr)
+            say(f"vitpipe: skipping {item.path}: {item.why}; {fallback}", err=True)
     return latest
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
+
+from pipeline.console import say
 
 if TYPE_CHECKING:
     from vit.loop import LoopEnd
@@ -105,9 +106,11 @@ def _stop_on_signals(control: Any) -> Iterator[None]:
         name = signal.Signals(signum).name
         if len(received) == 1:
             control.request_stop.remote()
-            print(f"\npretrain: {name}: the workers finish this step, checkpoint it and stop "
-                  f"({name} again to stop at once, losing the steps since the last checkpoint)",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            say(
+                f"\npretrain: {name}: the workers finish this step, checkpoint it and stop "
+                f"({name} again to stop at once, losing the steps since the last checkpoint)",
+                err=True,
+            )
             return
         raise KeyboardInterrupt(f"stopped at once by a second {name}; the newest checkpoint is kept")
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from pipeline.pretrain.card import CARD_FILE, card_facts, write_cards
 from pipeline.pretrain.checkpoints import (
     EXPORT_DIR,
     VITPIPE_DIR,
@@ -22,8 +23,8 @@ from pipeline.pretrain.checkpoints import (
     scan_checkpoints,
     step_of,
 )
-from pipeline.storage import join, local_folder, publish_folder, resolve
-from vit.config import ViTConfig
+from pipeline.storage import join, local_folder, publish_folder, resolve, write_atomic
+from vit.config import CONFIG_FILE, ViTConfig
 from vit.engine import consolidated_state
 from vit.hf import HF_DIR, export_hf
 from vit.models import build_model
@@ -40,6 +41,12 @@ class Export:
     def describe(self) -> str:
         hf = f", {self.hf} (HF transformers)" if self.hf else ""
         return f"weights: {self.vitpipe} (vitpipe){hf}"
+
+    def described_files(self) -> list[str]:
+        """The exported config and model card (what tracking keeps of an export); local folders only."""
+        if "://" in self.vitpipe:
+            return []
+        return [posixpath.join(self.vitpipe, name) for name in (CONFIG_FILE, CARD_FILE)]
 
 
 def choose_checkpoint(run_dir: str, name: str | None = None) -> CheckpointInfo:
@@ -62,11 +69,14 @@ def choose_checkpoint(run_dir: str, name: str | None = None) -> CheckpointInfo:
     raise FileNotFoundError(f"{run_dir}: no checkpoint {name!r}; steps with a complete one: {known}")
 
 
-def export_checkpoint(run_dir: str, checkpoint: str | None = None, out: str | None = None) -> Export:
+def export_checkpoint(
+    run_dir: str, checkpoint: str | None = None, out: str | None = None, data: dict[str, Any] | None = None
+) -> Export:
     """Consolidate one checkpoint and write `OUT/vitpipe`, `OUT/hf` and `OUT/export.json`. OUT defaults to
     RUN/export for the newest checkpoint (what the run's fine-tuning reads) and RUN/export-NNNNNNNN for an
     older one. OUT may hold other files; files under those names that this export did not write are
-    refused, named, never replaced."""
+    refused, named, never replaced. Each folder gets a model card; `data` describes the pretraining data
+    for it (name, directory, split, images, classes)."""
     info = choose_checkpoint(run_dir, checkpoint)
     if out is None:
         newest_step = scan_checkpoints(run_dir)[0][-1].step
@@ -80,9 +90,13 @@ def export_checkpoint(run_dir: str, checkpoint: str | None = None, out: str | No
         save_pretrained(model, staged / VITPIPE_DIR, labels=info.meta.get("classes"))
         if isinstance(model.config, ViTConfig):  # HF transformers' layout is written for the ViT only
             export_hf(model, staged / HF_DIR, labels=info.meta.get("classes"))
+        params = sum(parameter.numel() for parameter in model.parameters())
+        facts = card_facts(info.meta, model.config, params, data)
+        write_cards(staged, facts)
         written = sorted(str(path.relative_to(staged)) for path in staged.rglob("*") if path.is_file())
         refuse_foreign_files(out, written)
-        record = {"format": EXPORT_FORMAT, "checkpoint": info.path, "step": info.step, "files": written}
+        record = {"format": EXPORT_FORMAT, "checkpoint": info.path, "step": info.step, "files": written,
+                  "card": facts}  # fmt: skip
         (staged / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         publish_folder(staged, out)
     hf = join(out, HF_DIR) if isinstance(model.config, ViTConfig) else None
@@ -91,6 +105,23 @@ def export_checkpoint(run_dir: str, checkpoint: str | None = None, out: str | No
 
 EXPORT_RECORD = "export.json"  # what an export wrote: the proof that replacing it later touches only ours
 EXPORT_FORMAT = "vitpipe.export/1"
+
+
+def add_transfer_results(out: str, results: list[dict[str, Any]]) -> bool:
+    """Write the model cards of the export in `out` again, with the transfer results of its weights;
+    False when `out` is no export of this vitpipe (nothing is touched then)."""
+    filesystem, root = resolve(out)
+    previous = _previous_export(filesystem, root)
+    if previous is None or "card" not in previous:
+        return False
+    with tempfile.TemporaryDirectory(prefix="vitpipe-card-") as scratch:
+        staged = Path(scratch)
+        for name in (VITPIPE_DIR, HF_DIR):
+            if filesystem.get_file_info(posixpath.join(root, name)).type == pafs.FileType.Directory:
+                (staged / name).mkdir()
+        for name in write_cards(staged, previous["card"], results):
+            write_atomic(join(out, name), (staged / name).read_text())
+    return True
 
 
 def refuse_foreign_files(out: str, written: list[str]) -> None:

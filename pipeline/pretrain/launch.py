@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import posixpath
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +21,16 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline.config import PretrainConfig
-from pipeline.metrics import LOSS_PLOT, plot_loss, read_records
+from pipeline.console import say
+from pipeline.metrics import LOSS_PLOT, TENSORBOARD_DIR, plot_loss, read_records
 from pipeline.pretrain.checkpoints import latest_checkpoint
 from pipeline.pretrain.control import TrainingStopped, fit_stoppably, start_control
 from pipeline.pretrain.export import Export, export_checkpoint
 from pipeline.pretrain.plan import PretrainPlan, worker_settings
 from pipeline.pretrain.worker import SETTINGS, data_loop, train_loop
-from pipeline.ray_session import check_resources, init_ray, worker_env
+from pipeline.ray_session import check_resources, connect_ray, worker_env
 from pipeline.storage import join, resolve
+from pipeline.tracking import OFF, TrackingTarget
 
 if TYPE_CHECKING:
     from vit.loop import LoopEnd
@@ -54,21 +55,23 @@ class PretrainResult:
 
 
 def pretrain(
-    config: PretrainConfig, plan: PretrainPlan, *, storage: str, name: str, address: str | None = None
-) -> PretrainResult:
+    config: PretrainConfig, plan: PretrainPlan, *, storage: str, name: str, address: str | None = None,
+    tracking: TrackingTarget = OFF,
+) -> PretrainResult:  # fmt: skip
     """Pretrain (or resume) run `storage/name` as `plan` (from `check_pretrain`, which the caller runs
-    first so that a refused run never imports Ray Train or torch) says."""
+    first so that a refused run never imports Ray Train or torch) says; rank 0 logs to `tracking`."""
     run_dir = join(storage, name)
-    print(plan.describe(), file=sys.stderr)
-    print(init_ray(address), file=sys.stderr)
+    say(plan.describe(), err=True)
+    say(f"pretrain: TensorBoard: tensorboard --logdir {join(run_dir, TENSORBOARD_DIR)}", err=True)
+    connect_ray(address)
     check_resources(config.needs(), f"pretrain: {config.num_workers} worker(s)",
                     "lower num_workers or cpus_per_worker, or grow the cluster")  # fmt: skip
     control = start_control()
-    result = _fit(config, plan, name, storage, run_dir, control)
+    result = _fit(config, plan, name, storage, run_dir, control, tracking)
     if result.error is not None:
         raise RuntimeError(f"pretrain run {run_dir} failed: {result.error}") from result.error
     _refuse_unfinished(ray.get(control.end.remote()), run_dir)
-    exported = export_checkpoint(run_dir)
+    exported = export_checkpoint(run_dir, data=_card_data(plan))
     plot = _plot(read_records(run_dir), run_dir)
     return PretrainResult(run_dir, plan, exported.step, exported, plot)
 
@@ -92,8 +95,16 @@ def _refuse_unfinished(end: LoopEnd | None, run_dir: str) -> None:
     )
 
 
-def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, run_dir: str, control: Any):
-    settings = worker_settings(config, plan, run_dir, _resume_point(run_dir), control)
+def _card_data(plan: PretrainPlan) -> dict[str, Any]:
+    """The pretraining data as the model card describes it."""
+    data = plan.data
+    return {"name": posixpath.basename(data.directory.rstrip("/")), "directory": data.directory,
+            "split": data.split, "images": data.samples, "classes": len(data.classes)}  # fmt: skip
+
+
+def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, run_dir: str, control: Any,
+         tracking: TrackingTarget):  # fmt: skip
+    settings = worker_settings(config, plan, run_dir, _resume_point(run_dir), control, tracking)
     trainer = _trainer(train_loop, config, settings, storage, name)
     return fit_stoppably(trainer.fit, control)
 
@@ -130,8 +141,8 @@ def probe_data(config: PretrainConfig, plan: PretrainPlan, *, run_dir: str, step
     (default: the run's budget); records in `run_dir/data-only/metrics.jsonl`, never the run's own."""
     if steps is not None:
         plan = dataclasses.replace(plan, total_steps=steps)
-    print(plan.describe().replace("pretrain:", "pretrain --data-only:", 1), file=sys.stderr)
-    print(init_ray(address), file=sys.stderr)
+    say(plan.describe().replace("pretrain:", "pretrain --data-only:", 1), err=True)
+    connect_ray(address)
     check_resources(config.needs(), f"pretrain: {config.num_workers} worker(s)",
                     "lower num_workers or cpus_per_worker, or grow the cluster")  # fmt: skip
     out = join(run_dir, DATA_ONLY_DIR)

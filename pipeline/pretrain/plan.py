@@ -21,6 +21,7 @@ from pipeline.preprocess.manifest import (
 from pipeline.pretrain.checkpoints import architecture_of, latest_checkpoint
 from pipeline.pretrain.order import Corpus, FeedPlan
 from pipeline.storage import basename
+from pipeline.tracking import OFF, TrackingTarget
 from vit.config import Architecture
 from vit.patches import PatchGeometry
 from vit.recipe import Cadence, Recipe, Zero
@@ -240,11 +241,13 @@ class WorkerSettings:
     resume_from: str | None  # the run folder's newest finished checkpoint at launch
     defines: dict[str, Any]  # run_identity: what each checkpoint records it was trained as
     control: Any  # the launch's RunControl actor (pipeline.pretrain.control): stop requests, how it ended
+    tracking: TrackingTarget = OFF  # the tracking run rank 0 logs every step into
 
 
 def worker_settings(
-    config: PretrainConfig, plan: PretrainPlan, run_dir: str, resume_from: str | None, control: Any
-) -> WorkerSettings:
+    config: PretrainConfig, plan: PretrainPlan, run_dir: str, resume_from: str | None, control: Any,
+    tracking: TrackingTarget = OFF,
+) -> WorkerSettings:  # fmt: skip
     return WorkerSettings(
         architecture=plan.architecture,
         classes=plan.data.classes,
@@ -258,6 +261,7 @@ def worker_settings(
         resume_from=resume_from,
         defines=run_identity(config, plan),
         control=control,
+        tracking=tracking,
     )
 
 

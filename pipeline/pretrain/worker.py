@@ -26,6 +26,8 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from pipeline.console import detail, say
+from pipeline.console import progress as show_progress
 from pipeline.metrics import MetricsLog, ProgressLine
 from pipeline.pretrain.checkpoints import (
     META_FILE,
@@ -65,7 +67,11 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
         scratch = Path(tempfile.mkdtemp(prefix="vitpipe-worker-"))
         cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
         engine, step, resumed = _engine(model, recipe, settings, world, scratch, cleanup)
-        log = cleanup.enter_context(closing(MetricsLog(settings.run_dir))) if rank == 0 else None
+        log = (
+            cleanup.enter_context(closing(MetricsLog(settings.run_dir, settings.tracking)))
+            if rank == 0
+            else None
+        )
         _announce(log, step, resumed, world, recipe)
         feed = cleanup.enter_context(closing(_feed(settings, rank, world, step, resumed, device)))
         hooks = Hooks(
@@ -150,7 +156,10 @@ def _announce(
         log.event("started", **fields)
     else:
         log.event("resumed", from_workers=resumed["world_size"], **fields)
-    print(f"pretrain: {'resuming at step ' + str(step) if step else 'starting'} on {world} worker(s)")
+    if step:
+        say(f"pretrain: resuming at step {step} on {world} worker(s)")
+    else:
+        detail(f"pretrain: starting on {world} worker(s)")
 
 
 # ---------------------------------------------------------------- the loop's hooks
@@ -219,7 +228,7 @@ def _record(log: MetricsLog | None, progress: ProgressLine, record: dict[str, An
     """Rank 0 writes the step's (already all-reduced) metrics and prints its progress line."""
     if log is not None:
         log.write(record)
-        print(progress.line(record), flush=True)
+        progress.report(record)
 
 
 # ---------------------------------------------------------------- --data-only
@@ -259,7 +268,8 @@ def data_loop(config: dict[str, WorkerSettings]) -> None:
             if log is not None:
                 log.write(record)
                 if (step + 1) % settings.cadence.log_every == 0 or step + 1 == recipe.total_steps:
-                    print(data_line(record, recipe.total_steps, time.perf_counter() - started), flush=True)
+                    line = data_line(record, recipe.total_steps, time.perf_counter() - started)
+                    show_progress(line, step + 1, recipe.total_steps)
         if log is not None:
             log.event("finished", step=recipe.total_steps, data_only=True)
 

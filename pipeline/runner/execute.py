@@ -14,18 +14,18 @@ import json
 import os
 import shutil
 import socket
-import sys
 import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import ray
 import yaml
 
 from pipeline.config import ConfigError
+from pipeline.console import log_to, say, session
 from pipeline.metrics import format_seconds
 from pipeline.pretrain.plan import plan_pretrain
 from pipeline.runner.plan import EVALUATE, JobPlan, RunOptions, StageOptions, Step, load_plan
@@ -41,8 +41,11 @@ from pipeline.runner.stages import (
     outputs_present,
 )
 from pipeline.storage import write_atomic
+from pipeline.tracking import OFF, open_child, open_run
+from pipeline.tracking import end as end_tracking
 
 RUN_FILE = "run.json"
+RUN_LOG = "run.log"  # what is printed outside any step: Ray starting and stopping
 LOCK_FILE = ".lock"
 
 
@@ -116,19 +119,29 @@ def run_job(
         plan, steps, pretrain_redone=options.redo("pretrain"), study_redone=options.redo("study")
     )  # or fail now
     root.mkdir(parents=True, exist_ok=True)
-    with _run_lock(root):
+    with (
+        session(verbose=True),
+        log_to(Path(plan.layout.logs) / RUN_LOG, f"{plan.job.name} {_now()}"),
+        _run_lock(root),
+    ):
         _keep_job_file(plan, job_path, root)
         _write_run_file(plan, summary, "running")
+        context.tracking = open_run(
+            plan.job.tracking, str(root), plan.job.name, plan.job.model_dump(mode="json")
+        )
         try:
             _run_steps(context, steps, options, fingerprints, externals, summary, started)
         except BaseException as error:  # run.json never stays "running" after its process has stopped
             summary.seconds = time.perf_counter() - started
             stopped = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
             _write_run_file(plan, summary, stopped)
+            for child in [*context.children.values(), context.tracking]:
+                end_tracking(child, "KILLED" if stopped == "interrupted" else "FAILED")
             raise
         summary.seconds = time.perf_counter() - started
         _write_run_file(plan, summary, "failed" if summary.failed else "finished")
-    context.close()  # a Ray this run started ends here, its workers' last lines printed before the summary
+        end_tracking(context.tracking, "FAILED" if summary.failed else "FINISHED")
+        context.close()  # a Ray this run started ends here, its workers' last lines before the summary
     return summary
 
 
@@ -247,7 +260,7 @@ def _run_step(
     layout = context.plan.layout
     verb = "resuming" if started.resume else "running"
     try:
-        with _tee(Path(layout.logs) / f"{step.stage}.log", f"{step.id} {verb} {started.stamp}"):
+        with log_to(Path(layout.logs) / f"{step.stage}.log", f"{step.id} {verb} {started.stamp}"):
             outcome = RUNNERS[step.stage](context, step, started.clear)
     except Exception as error:  # a failed step is recorded and reported, and the run stops
         return _failed(context, started, error)
@@ -265,14 +278,15 @@ def _start(
     same = record is not None and record.get("key") == key
     if same and not redo and record.get("status") == "done" and outputs_present(step):
         fingerprints[step.id] = record["fingerprint"]
-        print(f"[run] {step.id}: cached (done {record.get('finished', '?')}, key {key})")
+        say(f"[run] {step.id}: cached (done {record.get('finished', '?')}, key {key})")
         return StepReport(step.id, "cached")
     # Outputs are cleared only when the step is redone on purpose or its key changed; with no record
     # (outputs of a single-stage command, say a `vitpipe pretrain` of this job) they are built upon.
     clear = redo or (record is not None and not same and step.stage not in RESUMED_ON_CHANGE)
     started = _Started(step, key, upstream, external, clear, resume=same and not redo)
-    print(f"[run] {step.id}: {'resuming' if started.resume else 'running'} (key {key})", flush=True)
+    say(f"[run] {step.id}: {'resuming' if started.resume else 'running'} (key {key})")
     write_record(layout.stages, step.id, {"key": key, "status": "running", "started": started.stamp})
+    context.children[step.id] = open_child(context.tracking, step.id, step.id, step.settings)
     return started
 
 
@@ -288,8 +302,8 @@ def _failed(context: RunContext, started: _Started, error: BaseException) -> Ste
     log = Path(layout.logs) / f"{step.stage}.log"
     with log.open("a") as stream:  # the whole traceback for whoever debugs it
         stream.write(f"{step.id}: " + "".join(traceback.format_exception(error)))
-    print(f"[run] {step.id}: FAILED after {format_seconds(seconds)}: {message} (traceback in {log})",
-          file=sys.stderr)  # fmt: skip
+    say(f"[run] {step.id}: FAILED after {format_seconds(seconds)}: {message} (traceback in {log})", err=True)
+    end_tracking(context.children.pop(step.id, OFF), "FAILED")
     return StepReport(step.id, "failed", seconds, message)
 
 
@@ -308,10 +322,11 @@ def _finish(
          "external": started.external, "outputs": outcome.outputs, "error": outcome.error},
     )  # fmt: skip
     fingerprints[step.id] = outcome.fingerprint  # what follows may still read a partly failed step
+    end_tracking(context.children.pop(step.id, OFF), "FAILED" if outcome.error else "FINISHED")
     if outcome.error:
-        print(f"[run] {step.id}: FAILED in {format_seconds(seconds)}: {outcome.error}", file=sys.stderr)
+        say(f"[run] {step.id}: FAILED in {format_seconds(seconds)}: {outcome.error}", err=True)
         return StepReport(step.id, "failed", seconds, outcome.error)
-    print(f"[run] {step.id}: done in {format_seconds(seconds)}")
+    say(f"[run] {step.id}: done in {format_seconds(seconds)}")
     return StepReport(step.id, "resumed" if started.resume else "ran", seconds)
 
 
@@ -325,7 +340,7 @@ def _run_concurrently(
     reports: list[StepReport] = []
     pending: dict[Any, _Started] = {}
     layout = context.plan.layout
-    with _tee(Path(layout.logs) / f"{group[0].stage}.log", f"{len(group)} {group[0].stage} steps {_now()}"):
+    with log_to(Path(layout.logs) / f"{group[0].stage}.log", f"{len(group)} {group[0].stage} steps {_now()}"):
         for step in group:
             if summary.failed or any(dep not in fingerprints for dep in step.depends):
                 reports.append(StepReport(step.id, "not run"))
@@ -411,38 +426,3 @@ def _lock_holder(lock: Path) -> dict[str, Any] | None:
     except PermissionError:
         return holder
     return holder
-
-
-class _Tee:
-    """A text stream writing to the console stream and a log file."""
-
-    def __init__(self, console: IO[str], log: IO[str]) -> None:
-        self.console, self.log = console, log
-
-    def write(self, text: str) -> int:
-        self.console.write(text)
-        with contextlib.suppress(ValueError):  # the log closed under a late background write
-            self.log.write(text)
-        return len(text)
-
-    def flush(self) -> None:
-        self.console.flush()
-        with contextlib.suppress(ValueError):
-            self.log.flush()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.console, name)
-
-
-@contextlib.contextmanager
-def _tee(path: Path, header: str) -> Iterator[None]:
-    """Copy what this process prints (Ray forwards its workers' output here too) into `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as log:
-        log.write(f"===== {header}\n")
-        saved = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = _Tee(saved[0], log), _Tee(saved[1], log)
-        try:
-            yield
-        finally:
-            sys.stdout, sys.stderr = saved

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-import sys
 import uuid
 from collections import defaultdict
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.fs as pafs
 
 from pipeline.config import ConfigError, digest
+from pipeline.console import say
 from pipeline.preprocess.manifest import MANIFEST_FILE, read_manifest
 from pipeline.preprocess.sources import list_shards
 from pipeline.storage import join, resolve, write_atomic
@@ -118,7 +118,7 @@ RECORD_KEYS.update({"done": ("key", "fingerprint"), "running": ("key",), "failed
 
 
 def _unusable(path: Path, why: str) -> None:
-    print(f"[run] {path}: {why}; the step is treated as not run", file=sys.stderr)
+    say(f"[run] {path}: {why}; the step is treated as not run", err=True)
     return None
 
 

@@ -7,7 +7,6 @@ cached step or a job refused by its checks never needs."""
 from __future__ import annotations
 
 import posixpath
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,16 +16,18 @@ import pyarrow.fs as pafs
 import ray
 
 from pipeline.config import EvaluateConfig, digest
+from pipeline.console import detail, say
 from pipeline.datasets.card import CARD_FILE, read_card
 from pipeline.preprocess.manifest import MANIFEST_FILE
 from pipeline.pretrain.checkpoints import EXPORT_DIR, VITPIPE_DIR, is_run_output, latest_checkpoint
 from pipeline.pretrain.plan import check_pretrain
-from pipeline.ray_session import init_ray
+from pipeline.ray_session import connect_ray
 from pipeline.runner.plan import JobPlan, Step
 from pipeline.runner.records import file_fingerprint, fresh_fingerprint
 from pipeline.runner.report import write_report
 from pipeline.storage import join, remove_entries, remove_folder, resolve
-from pipeline.transfer.report import RESULTS_JSON
+from pipeline.tracking import OFF, TrackingTarget, log_artifacts
+from pipeline.transfer.report import RESULTS_JSON, RESULTS_MD, RESULTS_PLOT
 from vit.config import CONFIG_FILE
 
 # Steps whose outputs a changed key does not clear: a pretraining run's (or a study point's) checkpoints
@@ -46,12 +47,16 @@ class RunContext:
     plan: JobPlan
     address: str | None
     ray_was_running: bool = field(default_factory=ray.is_initialized)
+    tracking: TrackingTarget = OFF  # the run's tracking run; each running step has a child
+    children: dict[str, TrackingTarget] = field(default_factory=dict)
+
+    def tracked(self, step: Step) -> TrackingTarget:
+        return self.children.get(step.id, OFF)
 
     def ensure_ray(self) -> None:
         """Start or join Ray when a step needs it (a fully cached run never does); the pretrain and
         transfer stages join it themselves, after their checks, so a refused step never starts Ray."""
-        if not ray.is_initialized():
-            print(init_ray(self.address))
+        connect_ray(self.address)
 
     def close(self) -> None:
         """Shut down a Ray this run started or joined."""
@@ -74,7 +79,8 @@ def run_datasets(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     from pipeline.datasets.build import build_dataset
 
     context.ensure_ray()
-    build_dataset(context.plan.job.datasets[step.item or ""], Path(step.output), overwrite=True, preview=True)
+    detail(build_dataset(context.plan.job.datasets[step.item or ""], Path(step.output), overwrite=True,
+                         preview=True))  # fmt: skip
     card = read_card(step.output)
     card.pop("seconds", None)  # how long the build took is the one thing that differs between rebuilds
     return StepOutcome(digest(card), {"folder": step.output})
@@ -93,9 +99,13 @@ def run_preprocess(context: RunContext, step: Step, clear: bool) -> StepOutcome:
         remove_folder(step.output)
     context.ensure_ray()
     result = preprocess(source, step.output, config, overwrite=True)
-    print(result.summary())
     grid = write_grid(step.output)
-    print(f"  samples: {grid}")
+    detail(result.summary() + f"\n  samples: {grid}")  # the progress line said it; failures are warned of
+    totals = result.manifest["totals"]
+    if totals["failed"] or totals["unreadable_shards"]:
+        failed, unreadable = totals["failed"], totals["unreadable_shards"]
+        say(f"vitpipe: warning: {step.id}: {failed:,} sample(s) failed, {unreadable} shard(s) unreadable "
+            f"({result.failure_rate:.2%}); details in {step.output}/{MANIFEST_FILE}", err=True)  # fmt: skip
     fingerprint = file_fingerprint(posixpath.join(step.output, MANIFEST_FILE))
     error = "more samples failed than max_failure_rate allows" if result.exceeded else None
     return StepOutcome(fingerprint, {"folder": step.output, "samples": grid}, error)
@@ -109,21 +119,20 @@ def run_pretrain(context: RunContext, step: Step, clear: bool) -> StepOutcome:
         raise ValueError("the job has no pretrain section")
     latest = latest_checkpoint(layout.pretrain)
     if clear and latest is not None:
-        print(
-            f"pretrain: redone on request: discarding the {latest.step:,} steps trained in {layout.pretrain}"
-        )
+        say(f"pretrain: redone on request: discarding the {latest.step:,} steps trained in {layout.pretrain}")
     if clear:  # the run's own outputs only: the folder may be the run folder, or hold others' files
         remove_entries(layout.pretrain, is_run_output)
     elif latest is not None:
-        print(f"resuming pretraining from its checkpoint at step {latest.step:,}")
+        say(f"resuming pretraining from its checkpoint at step {latest.step:,}")
     plan = check_pretrain(config, context.plan.patch_dir(config.data), layout.pretrain)
 
     from pipeline.pretrain.launch import pretrain
 
-    result = pretrain(
-        config, plan, storage=layout.pretrain_storage, name=layout.pretrain_name, address=context.address
-    )
-    print(result.summary())
+    tracking = context.tracked(step)
+    result = pretrain(config, plan, storage=layout.pretrain_storage, name=layout.pretrain_name,
+                      address=context.address, tracking=tracking)  # fmt: skip
+    say(result.summary())
+    log_artifacts(tracking, [result.loss_plot, *result.export.described_files()])
     outputs = {"run": result.run_dir, "steps": result.steps, "weights": result.export.vitpipe,
                "hf": result.export.hf}  # fmt: skip
     return StepOutcome(fresh_fingerprint(), outputs)
@@ -149,11 +158,20 @@ def run_transfer(context: RunContext, step: Step, clear: bool) -> StepOutcome:
         train=train,
         name=plan.job.name,
         address=context.address,
+        tracking=context.tracked(step),
     )
-    print(result.summary())
+    say(result.summary().split("\n\n", 1)[0])  # the table comes once, at the end of the run
+    if "://" not in result.out:
+        log_artifacts(context.tracked(step), [Path(result.out) / RESULTS_MD, Path(result.out) / RESULTS_PLOT])
+    weights = pretrained_weights(plan)
+    if train and weights is not None and plan.job.pretrain is not None and finetune.weights is None:
+        from pipeline.pretrain.export import add_transfer_results
+
+        own = [r for r in result.document["results"] if r.get("mode") == "pretrained"]
+        add_transfer_results(posixpath.dirname(weights.rstrip("/")), own)
     failed = [f["target"] + (f"/{f['mode']}" if f.get("mode") else "") for f in result.failures]
     for where, failure in zip(failed, result.failures, strict=True):
-        print(f"vitpipe: {where} failed: {failure['error']}", file=sys.stderr)
+        say(f"vitpipe: {where} failed: {failure['error']}", err=True)
     error = f"{len(failed)} transfer run(s) failed: {', '.join(failed)}" if failed else None
     return StepOutcome(fresh_fingerprint(), {"folder": result.out}, error)
 
@@ -169,7 +187,7 @@ def run_study_subsets(context: RunContext, step: Step, clear: bool) -> StepOutco
     split = training_split(corpus, study.pretrain.split)
     written = draw_subsets(corpus, split, study.study.sizes, study.study.subset_seed, step.output)
     sizes = ", ".join(f"{size:,}" for size in written)
-    print(f"study: nested subsets of {corpus} ({split!r}) of {sizes} images in {step.output}")
+    say(f"study: nested subsets of {corpus} ({split!r}) of {sizes} images in {step.output}")
     return StepOutcome(digest({size: file_fingerprint(path) for size, path in written.items()}),
                        {"subsets": {str(size): path for size, path in written.items()}})  # fmt: skip
 
@@ -197,6 +215,7 @@ def submit_study_point(context: RunContext, step: Step, clear: bool) -> ray.Obje
         targets=dict(step.settings["targets"]),
         out=step.output,
         clear=clear,
+        tracking=context.tracked(step),
     )
     return submit_point(settings, plan.layout.root)
 
@@ -213,7 +232,8 @@ def collect_study_point(ref: ray.ObjectRef) -> StepOutcome:
 
 def run_report(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     path = write_report(context.plan)
-    print(f"report: {path}")
+    detail(f"report: {path}")
+    log_artifacts(context.tracking, [path, *sorted((Path(path).parent / "report").glob("*.png"))])
     return StepOutcome(file_fingerprint(path), {"report": path})
 
 

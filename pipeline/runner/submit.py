@@ -121,6 +121,7 @@ def submit(
     options: RunOptions = RunOptions(),  # noqa: B008 (frozen dataclass)
     env: dict[str, str] | None = None,
     working_dir: Path = PROJECT_ROOT,
+    verbose: bool = False,
 ) -> Submission:
     """Validate the job here, then submit its run; refuse a second run of the same name while one runs."""
     options.check()
@@ -135,7 +136,7 @@ def submit(
     if not job_file.is_relative_to(working_dir.resolve()):
         raise ConfigError(f"{job_path}: the job file must lie inside the uploaded folder {working_dir}")
     relative = job_file.relative_to(working_dir.resolve()).as_posix()
-    entrypoint = _entrypoint(relative, location, options)
+    entrypoint = _entrypoint(relative, location, options, verbose)
     git = git_revision(working_dir)
     revision = f"{git['rev']}{'+dirty' if git['dirty'] else ''}" if git else "unknown"
     client = connect(address)
@@ -157,8 +158,11 @@ def submit(
     return Submission(submission_id, entrypoint, location, where)
 
 
-def _entrypoint(job_file: str, run_dir: str, options: RunOptions) -> str:
+def _entrypoint(job_file: str, run_dir: str, options: RunOptions, verbose: bool = False) -> str:
+    """The cluster's command: `vitpipe run` whose console (the job's logs) is as quiet as it is here."""
     words = ["python", "-m", "pipeline.cli", "run", job_file, "--run-dir", run_dir]
+    if verbose:
+        words.append("--verbose")
     if options.from_stage:
         words += ["--from", options.from_stage]
     for stage in options.force:

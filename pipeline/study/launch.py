@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import posixpath
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +19,10 @@ from typing import Any
 import ray
 
 from pipeline.config import AnyModel, EvaluateConfig, FinetuneConfig, PretrainConfig, digest
+from pipeline.console import say
 from pipeline.storage import join, write_atomic
 from pipeline.study.plan import Point
+from pipeline.tracking import OFF, TrackingTarget
 
 POINT_FILE = "point.json"  # a finished point's summary: what the study's report reads
 
@@ -41,6 +42,7 @@ class PointSettings:
     targets: dict[str, str]
     out: str  # the point's folder
     clear: bool  # redo: discard its pretraining run first
+    tracking: TrackingTarget = OFF  # the point's tracking run: its pretraining steps, its tasks as children
 
 
 @ray.remote(num_cpus=0)
@@ -67,7 +69,7 @@ def pretrain_slots(config: PretrainConfig, run: str) -> Any:
     if key not in _SLOTS:  # the driver holds the handle for its lifetime: Ray ends an actor nobody holds
         _SLOTS[key] = PretrainSlots.options(name=f"vitpipe-study-slots-{key}").remote(slots)
         wants = ", ".join(f"{need:g} {name}" for name, need in needs.items())
-        print(f"study: {slots} point(s) pretrain at once on this cluster (each {wants})", file=sys.stderr)
+        say(f"study: {slots} point(s) pretrain at once on this cluster (each {wants})", err=True)
     return _SLOTS[key]
 
 
@@ -86,7 +88,7 @@ def run_point(settings: PointSettings, slots: Any = None) -> dict[str, Any]:
     """The task's body: pretraining (unless a scratch point) in a slot, transfer, then OUT/point.json."""
     started = time.perf_counter()
     point = settings.point
-    print(f"study: {point.name}: started", file=sys.stderr, flush=True)
+    say(f"study: {point.name}: started", err=True)
     summary: dict[str, Any] = {
         "point": point.name,
         "size": point.size,
@@ -95,7 +97,7 @@ def run_point(settings: PointSettings, slots: Any = None) -> dict[str, Any]:
     }
     weights = None
     if point.pretrained:
-        print(f"study: {point.name}: waiting for a pretraining slot", file=sys.stderr, flush=True)
+        say(f"study: {point.name}: waiting for a pretraining slot", err=True)
         ray.get(slots.acquire.remote())
         try:
             summary |= _pretrain(settings)
@@ -106,14 +108,14 @@ def run_point(settings: PointSettings, slots: Any = None) -> dict[str, Any]:
 
     result = transfer(
         settings.finetune, settings.evaluate, settings.targets, out=join(settings.out, "transfer"),
-        weights=weights, model=settings.model, name=point.name,
+        weights=weights, model=settings.model, name=point.name, tracking=settings.tracking,
     )  # fmt: skip
     summary["results"] = result.document["results"]
     summary["failures"] = result.failures
     summary["params"] = summary.get("params") or _scratch_params(result.document["results"])
     summary["seconds"] = time.perf_counter() - started
     write_atomic(posixpath.join(settings.out, POINT_FILE), json.dumps(summary, indent=2) + "\n")
-    print(f"study: {point.name}: done in {summary['seconds']:.0f}s", file=sys.stderr, flush=True)
+    say(f"study: {point.name}: done in {summary['seconds']:.0f}s", err=True)
     return summary
 
 
@@ -134,7 +136,7 @@ def _pretrain(settings: PointSettings) -> dict[str, Any]:
         remove_entries(run_dir, is_run_output)
     subset = read_subset(settings.subset)
     plan = check_pretrain(config, settings.corpus, run_dir, subset.rows, redo="--force study")
-    result = pretrain(config, plan, storage=settings.storage, name="pretrain")
+    result = pretrain(config, plan, storage=settings.storage, name="pretrain", tracking=settings.tracking)
     images = result.steps * config.global_batch_size
     model = build_model(plan.architecture)
     return {

@@ -4,7 +4,6 @@ results gathered as they finish. A target that fails is reported beside the othe
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -15,9 +14,11 @@ import pyarrow.fs as pafs
 import ray
 
 from pipeline.config import AnyModel, EvaluateConfig, FinetuneConfig
+from pipeline.console import detail, say
 from pipeline.metrics import METRICS_FILE
-from pipeline.ray_session import check_resources, init_ray
+from pipeline.ray_session import check_resources, connect_ray
 from pipeline.storage import join, local_folder, publish_folder, remove_folder, resolve
+from pipeline.tracking import OFF, TrackingTarget, open_child
 from pipeline.transfer.plan import TargetError, TargetPlan, check_fits, plan_target, target_architecture
 from pipeline.transfer.report import RESULTS_MD, write_results
 from pipeline.transfer.task import RESULT_FILE, TaskSettings, transfer_task
@@ -71,9 +72,9 @@ def plan_runs(
             check_fits(target, fitted, weights or "the model config")
         except TargetError as error:
             failures.extend({"target": name, "mode": mode, "error": str(error)} for mode in modes)
-            print(f"transfer: skipping {error}", file=sys.stderr)
+            say(f"transfer: skipping {error}", err=True)
             continue
-        print(f"transfer: {target.describe()}", file=sys.stderr)
+        detail(f"transfer: {target.describe()}")
         for mode in modes:
             if mode == "pretrained":
                 runs.append((target, mode, fitted))  # the checkpoint's own, adapted in the task
@@ -137,11 +138,13 @@ def transfer(
     train: bool = True,
     name: str = "",
     address: str | None = None,
+    tracking: TrackingTarget = OFF,
 ) -> TransferResult:
     """Fine-tune (or, with `train=False`, only evaluate) every target in every mode; write the results.
 
     `weights` are the pretrained weights (needed by mode `pretrained`); `model` describes the model that
-    mode `scratch` builds when there are no weights to take the architecture from.
+    mode `scratch` builds when there are no weights to take the architecture from. Each task is a child
+    run of `tracking`.
     """
     # Tasks may run on other machines, in other directories: local paths go to them absolute.
     out, weights = absolute(out), absolute(weights) if weights is not None else None
@@ -170,11 +173,13 @@ def transfer(
     }
     results: list[dict[str, Any]] = []
     if runs:
-        print(init_ray(address), file=sys.stderr)
+        connect_ray(address)
         needs = {"CPU": finetune.cpus_per_task, "GPU": finetune.gpus_per_task}
         remedy = "lower cpus_per_task or gpus_per_task, or add bigger nodes"
         check_resources(needs, "finetune: a task", remedy, per_node=True)
-        results, task_failures = _run_tasks(finetune, evaluate, runs, weights=weights, out=out, train=train)
+        results, task_failures = _run_tasks(
+            finetune, evaluate, runs, weights=weights, out=out, train=train, tracking=tracking
+        )
         failures += task_failures
     with tempfile.TemporaryDirectory(prefix="vitpipe-results-") as scratch:
         document = write_results(Path(scratch) / "results", results, failures, settings)
@@ -191,6 +196,7 @@ def _run_tasks(
     weights: str | None,
     out: str,
     train: bool,
+    tracking: TrackingTarget = OFF,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Submit every run, then collect each as it finishes; a failed task becomes a failure entry."""
     remote = ray.remote(transfer_task)
@@ -205,11 +211,14 @@ def _run_tasks(
         _refuse_foreign(folder)
     pending = {}
     for (target, mode, architecture), folder in zip(runs, folders, strict=True):
-        settings = TaskSettings(target, mode, weights, architecture, train, finetune, evaluate, folder)
+        params = {"target": target.name, "mode": mode, "weights": weights, "train": train,
+                  "finetune": finetune.model_dump(mode="json")}  # fmt: skip
+        child = open_child(tracking, f"{target.name}/{mode}", f"{target.name}/{mode}", params)
+        settings = TaskSettings(target, mode, weights, architecture, train, finetune, evaluate, folder, child)
         remove_folder(settings.out)  # a new command starts afresh; a retried task appends to its log
         ref = remote.options(name=f"transfer:{target.name}/{mode}", **options).remote(settings)
         pending[ref] = (target.name, mode)
-    print(f"transfer: {len(pending)} task(s) submitted", file=sys.stderr)
+    detail(f"transfer: {len(pending)} task(s) submitted")
     started = time.perf_counter()
     results, failures = [], []
     while pending:
@@ -222,9 +231,9 @@ def _run_tasks(
             cause = getattr(error, "cause", None)
             message = f"{type(cause).__name__}: {cause}" if cause is not None else str(error).strip()
             failures.append({"target": target, "mode": mode, "error": message})
-            print(f"transfer: {target}/{mode} FAILED after {elapsed:.0f}s: {message}", file=sys.stderr)
+            say(f"transfer: {target}/{mode} FAILED after {elapsed:.0f}s: {message}", err=True)
             continue
         results.append(result)
         top1 = f"test top-1 {result['top1']:.4f}" if result.get("top1") is not None else "evaluated"
-        print(f"transfer: {target}/{mode} done after {elapsed:.0f}s, {top1}", file=sys.stderr)
+        say(f"transfer: {target}/{mode} done after {elapsed:.0f}s, {top1}", err=True)
     return results, failures

@@ -21,8 +21,10 @@ import numpy as np
 import torch
 
 from pipeline.config import EvaluateConfig, FinetuneConfig
+from pipeline.console import detail
 from pipeline.metrics import MetricsLog, ProgressLine
 from pipeline.storage import local_folder, publish_folder
+from pipeline.tracking import OFF, StepLogger, TrackingTarget, log_artifacts
 from pipeline.transfer.data import SplitReader, holdout
 from pipeline.transfer.plan import TEST_SPLIT, TRAIN_SPLIT, TargetPlan, target_architecture
 from pipeline.transfer.report import plot_confusion
@@ -53,6 +55,7 @@ class TaskSettings:
     finetune: FinetuneConfig
     evaluate: EvaluateConfig | None
     out: str
+    tracking: TrackingTarget = OFF  # this task's tracking run
 
     @property
     def eval_batch_size(self) -> int:
@@ -76,10 +79,10 @@ def _run(settings: TaskSettings) -> dict[str, Any]:
     label = f"{target.name}/{mode}"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = use_bf16(settings.finetune.bf16, device)
-    metrics = MetricsLog(settings.out)
+    metrics = MetricsLog(settings.out, settings.tracking)
     metrics.event("started", target=target.name, mode=mode, device=str(device), pid=os.getpid())
     metrics.sync()
-    print(f"{label}: started on {device} (pid {os.getpid()})", flush=True)
+    detail(f"{label}: started on {device} (pid {os.getpid()})")
 
     train_reader = SplitReader(target.directory, TRAIN_SPLIT)
     test_reader = SplitReader(target.directory, TEST_SPLIT)
@@ -89,7 +92,7 @@ def _run(settings: TaskSettings) -> dict[str, Any]:
     fewshot = None
     if settings.evaluate is not None:
         fewshot = fewshot_table(probe_model, train_reader, test_reader, num_classes, settings, device)
-        print(f"{label}: few-shot linear " + _describe_fewshot(fewshot), flush=True)
+        detail(f"{label}: few-shot linear " + _describe_fewshot(fewshot))
 
     result: dict[str, Any] = {"target": target.name, "mode": mode, "device": str(device), "bf16": bf16}
     model = probe_model
@@ -108,7 +111,7 @@ def _run(settings: TaskSettings) -> dict[str, Any]:
             "test_samples": test.samples,
             "per_class": dict(zip(target.classes, test.per_class, strict=True)),
         }
-        print(f"{label}: test top-1 {test.top1:.4f}, top-{test.top_k} {test.top5:.4f}", flush=True)
+        detail(f"{label}: test top-1 {test.top1:.4f}, top-{test.top_k} {test.top5:.4f}")
     else:
         test = None
         result["note"] = f"{mismatch}: no test classification without fine-tuning"
@@ -117,7 +120,21 @@ def _run(settings: TaskSettings) -> dict[str, Any]:
     _publish(model, result, test, settings)
     metrics.event("finished", seconds=result["seconds"])
     metrics.close()
+    _track_result(settings.tracking, result)
     return result
+
+
+def _track_result(tracking: TrackingTarget, result: dict[str, Any]) -> None:
+    """The task's test and few-shot accuracies into its tracking run, and its confusion matrix."""
+    if not tracking.enabled:
+        return
+    scores = {"test_top1": result.get("top1"), "test_top5": result.get("top5")}
+    for shots, entry in (result.get("fewshot") or {}).items():
+        scores[f"fewshot_{shots}shot"] = entry.get("mean")
+    logger = StepLogger(tracking)
+    logger.log({"step": result.get("steps", 0), **{k: v for k, v in scores.items() if v is not None}})
+    logger.close()
+    log_artifacts(tracking, [result.get("confusion_plot")])
 
 
 def _head_mismatch(weights: str, classes: list[str]) -> str | None:
@@ -225,7 +242,7 @@ def _finetune(
 
     def on_record(record: dict[str, Any]) -> None:
         metrics.write(record)
-        print(progress.line(record), flush=True)
+        progress.report(record)
 
     batches = reader.training_batches(recipe.micro_batch_size, config.seed, exclude=held_out)
     outcome = finetune(

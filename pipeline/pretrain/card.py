@@ -1,0 +1,101 @@
+"""The model card (`README.md`, Hugging Face layout) of every export: YAML front matter (library, tags,
+datasets, metrics, and a model-index once transfer results are known), then what the weights are, what
+they were pretrained on and for how long, and how they transferred.
+
+The facts are kept in the export's `export.json` (`card`), so the card is written again, with the
+transfer results, once fine-tuning has run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CARD_FILE = "README.md"
+RECIPE_KEYS = ("optimizer.", "schedule.", "global_batch_size", "label_smoothing", "mixup")
+
+
+def card_facts(meta: dict[str, Any], architecture: Any, params: int, data: dict[str, Any] | None) -> dict:
+    """What the card says of a checkpoint: architecture, size, pretraining data, steps, recipe."""
+    defines = meta.get("defines") or {}
+    return {
+        "architecture": architecture.describe(),
+        "family": architecture.family,
+        "image_size": architecture.image_size,
+        "patch_size": architecture.patch_size,
+        "channels": architecture.channels,
+        "classes": len(meta.get("classes") or []) or architecture.num_classes,
+        "params": params,
+        "step": meta.get("step"),
+        "workers": meta.get("world_size"),
+        "zero_stage": meta.get("zero_stage"),
+        "data": data or {"images": defines.get("data.samples")},
+        "recipe": {key: value for key, value in defines.items() if key.startswith(RECIPE_KEYS)},
+    }
+
+
+def model_card(facts: dict[str, Any], *, library: str, results: list[dict[str, Any]] | None = None) -> str:
+    """The card's text for one export folder (`library`: "vitpipe" or "transformers")."""
+    data = facts.get("data") or {}
+    dataset = data.get("name") or "unnamed"
+    tags = ["image-classification", "vision", facts["family"], "vitpipe"]
+    front: dict[str, Any] = {"library_name": library, "pipeline_tag": "image-classification", "tags": tags,
+                             "datasets": [dataset], "metrics": ["accuracy"]}  # fmt: skip
+    scored = [r for r in results or [] if r.get("top1") is not None]
+    if scored:
+        front["model-index"] = [{"name": f"{facts['architecture']} pretrained on {dataset}", "results": [
+            {"task": {"type": "image-classification"}, "dataset": {"name": r["target"], "type": r["target"]},
+             "metrics": [{"type": "accuracy", "value": round(float(r["top1"]), 4),
+                          "name": f"{'fine-tuned' if r.get('steps') else 'evaluated'} top-1 ({r['mode']})"}]}
+            for r in scored]}]  # fmt: skip
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+        f"# {facts['architecture']}, pretrained with vitpipe", "",
+        f"- architecture: {facts['architecture']}, {facts['params']:,} parameters, {facts['image_size']} px "
+        f"input, patch {facts['patch_size']}, {facts['channels']} channel(s), {facts['classes']}-class head",
+        f"- pretraining data: {_data_line(data)}",
+        f"- pretraining: {facts['step']:,} steps on {facts['workers']} worker(s), DeepSpeed ZeRO stage "
+        f"{facts['zero_stage']}" if facts.get("step") is not None else "- pretraining: unknown",
+    ]  # fmt: skip
+    if facts.get("recipe"):
+        lines.append(
+            "- recipe: " + ", ".join(f"{key} {value}" for key, value in sorted(facts["recipe"].items()))
+        )
+    lines += ["", "## Transfer", ""]
+    if scored:
+        lines += ["| target | mode | test top-1 (%) | top-5 (%) |", "| --- | --- | --- | --- |"]
+        lines += [f"| {r['target']} | {r['mode']} | {100 * r['top1']:.1f} | {100 * (r.get('top5') or 0):.1f} |"  # noqa: E501
+                  for r in scored]  # fmt: skip
+    else:
+        lines.append("Not yet fine-tuned or evaluated: vitpipe writes the results here once it has.")
+    lines += ["", "## Use", "", _usage(library), ""]
+    return "\n".join(lines)
+
+
+def write_cards(
+    staged: Path, facts: dict[str, Any], results: list[dict[str, Any]] | None = None
+) -> list[str]:
+    """README.md in each export folder under `staged` (vitpipe/, hf/) that exists; returns their names."""
+    written = []
+    for folder, library in (("vitpipe", "vitpipe"), ("hf", "transformers")):
+        if (staged / folder).is_dir():
+            (staged / folder / CARD_FILE).write_text(model_card(facts, library=library, results=results))
+            written.append(f"{folder}/{CARD_FILE}")
+    return written
+
+
+def _data_line(data: dict[str, Any]) -> str:
+    images = f"{data['images']:,} images" if data.get("images") else "images"
+    where = f" of {data['name']}" if data.get("name") else ""
+    split = f" ('{data['split']}' split" + (f", {data['classes']} classes)" if data.get("classes") else ")")
+    return f"{images}{where}{split if data.get('split') else ''}" + (
+        f", from `{data['directory']}`" if data.get("directory") else ""
+    )
+
+
+def _usage(library: str) -> str:
+    if library == "transformers":
+        return "```python\nfrom transformers import ViTForImageClassification\n\nmodel = ViTForImageClassification.from_pretrained(FOLDER)\n```"  # noqa: E501
+    return "```python\nfrom vit.weights import load_pretrained\n\nmodel = load_pretrained(FOLDER)  # or num_classes=N for a new head\n```"  # noqa: E501
