@@ -76,6 +76,12 @@ def _add_run_commands(commands: Any) -> None:
         help="skip the checks of inputs from outside the run (a job whose storage only the cluster sees)",
     )  # fmt: skip
 
+    status = commands.add_parser(
+        "status", help="where a run stands: its steps, the pretraining step, loss, images/s, ETA, errors"
+    )
+    status.add_argument("run", help="a run folder or a job file; with --address, a submitted job's id")
+    _add_jobs_address(status)
+
     run = commands.add_parser(
         "run",
         help="run a whole job: datasets, preprocess, pretrain, finetune, report (cached; resumes)",
@@ -410,6 +416,21 @@ def jobs_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def status_command(args: argparse.Namespace) -> int:
+    """`vitpipe status RUN_DIR|JOB` (or a submission id with --address)."""
+    if args.address is None:
+        from pipeline.runner.status import run_status
+
+        say(run_status(args.run).text())
+        return 0
+    from pipeline.runner.status import remote_status
+    from pipeline.runner.submit import connect
+
+    client = connect(args.address)
+    say(remote_status(client, args.run, client.get_address()))
+    return 0
+
+
 def info_command(args: argparse.Namespace) -> int:
     from pipeline.info import report
 
@@ -473,6 +494,7 @@ def datasets_command(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "info": info_command,
+    "status": status_command,
     "validate": validate_command,
     "run": run_command,
     "submit": submit_command,
@@ -494,7 +516,7 @@ QUIET_COMMANDS = frozenset({"run", "pretrain", "finetune", "evaluate", "preproce
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args.command in ("submit", "jobs"):
+    if args.command in ("submit", "jobs", "status"):
         from pipeline.runner.submit import use_token_if_present
 
         use_token_if_present()

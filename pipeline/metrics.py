@@ -172,7 +172,13 @@ def read_records(run_dir: str) -> list[dict[str, Any]]:
             text = stream.read().decode()
     except FileNotFoundError:
         return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    records = []
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # the line another process is writing now
+            continue
+    return records
 
 
 def plot_loss(records: list[dict[str, Any]], out: Path) -> Path:

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,35 @@ def zero2_run(two_nodes, fractal_patches, tmp_path_factory) -> Path:
 def pretrained_export(zero2_run) -> Path:
     """The vitpipe weights exported at the end of `zero2_run` (step 80, two ranks)."""
     return zero2_run.parent / "zero2-step80-export" / "vitpipe"
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket()) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real `mlflow server` on 127.0.0.1 (sqlite backend, artifacts served by it); its URI."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    mlflow = str(Path(sys.executable).parent / "mlflow")
+    command = [mlflow, "server", "--host", "127.0.0.1", "--port", str(port),
+               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+               "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]  # fmt: skip
+    log = (root / "server.log").open("w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    for _ in range(240):
+        with contextlib.suppress(OSError):
+            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:  # noqa: S310 (localhost)
+                break
+        assert server.poll() is None, (root / "server.log").read_text()[-3000:]
+        time.sleep(0.25)
+    yield uri
+    os.killpg(server.pid, 15)
+    server.wait(timeout=30)
+    log.close()

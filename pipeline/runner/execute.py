@@ -394,7 +394,7 @@ def _run_lock(root: Path) -> Iterator[None]:
         try:
             descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            holder = _lock_holder(lock)
+            holder = lock_holder(lock)
             if holder is not None:
                 raise RuntimeError(
                     f"{root} is in use by another vitpipe command (pid {holder['pid']} on "
@@ -411,7 +411,7 @@ def _run_lock(root: Path) -> Iterator[None]:
         lock.unlink(missing_ok=True)
 
 
-def _lock_holder(lock: Path) -> dict[str, Any] | None:
+def lock_holder(lock: Path) -> dict[str, Any] | None:
     """Who holds the lock, or None when it was left by a process on this host that no longer runs."""
     try:
         holder = json.loads(lock.read_text())

@@ -233,7 +233,9 @@ def collect_study_point(ref: ray.ObjectRef) -> StepOutcome:
 def run_report(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     path = write_report(context.plan)
     detail(f"report: {path}")
-    log_artifacts(context.tracking, [path, *sorted((Path(path).parent / "report").glob("*.png"))])
+    pictures = [path, *sorted((Path(path).parent / "report").glob("*.png"))]
+    log_artifacts(context.tracking, pictures)  # MLflow: on the run itself
+    log_artifacts(context.tracked(step), pictures)  # W&B has no parent run: on the report's own
     return StepOutcome(file_fingerprint(path), {"report": path})
 
 

@@ -18,7 +18,7 @@ from pipeline.console import detail, say
 from pipeline.metrics import METRICS_FILE
 from pipeline.ray_session import check_resources, connect_ray
 from pipeline.storage import join, local_folder, publish_folder, remove_folder, resolve
-from pipeline.tracking import OFF, TrackingTarget, open_child
+from pipeline.tracking import OFF, TrackingTarget, end, open_child
 from pipeline.transfer.plan import TargetError, TargetPlan, check_fits, plan_target, target_architecture
 from pipeline.transfer.report import RESULTS_MD, write_results
 from pipeline.transfer.task import RESULT_FILE, TaskSettings, transfer_task
@@ -217,13 +217,13 @@ def _run_tasks(
         settings = TaskSettings(target, mode, weights, architecture, train, finetune, evaluate, folder, child)
         remove_folder(settings.out)  # a new command starts afresh; a retried task appends to its log
         ref = remote.options(name=f"transfer:{target.name}/{mode}", **options).remote(settings)
-        pending[ref] = (target.name, mode)
+        pending[ref] = (target.name, mode, child)
     detail(f"transfer: {len(pending)} task(s) submitted")
     started = time.perf_counter()
     results, failures = [], []
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
-        target, mode = pending.pop(ready[0])
+        target, mode, child = pending.pop(ready[0])
         elapsed = time.perf_counter() - started
         try:
             result = ray.get(ready[0])
@@ -231,6 +231,7 @@ def _run_tasks(
             cause = getattr(error, "cause", None)
             message = f"{type(cause).__name__}: {cause}" if cause is not None else str(error).strip()
             failures.append({"target": target, "mode": mode, "error": message})
+            end(child, "FAILED")
             say(f"transfer: {target}/{mode} FAILED after {elapsed:.0f}s: {message}", err=True)
             continue
         results.append(result)

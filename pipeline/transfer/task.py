@@ -24,7 +24,7 @@ from pipeline.config import EvaluateConfig, FinetuneConfig
 from pipeline.console import detail
 from pipeline.metrics import MetricsLog, ProgressLine
 from pipeline.storage import local_folder, publish_folder
-from pipeline.tracking import OFF, StepLogger, TrackingTarget, log_artifacts
+from pipeline.tracking import OFF, StepLogger, TrackingTarget, end, log_artifacts
 from pipeline.transfer.data import SplitReader, holdout
 from pipeline.transfer.plan import TEST_SPLIT, TRAIN_SPLIT, TargetPlan, target_architecture
 from pipeline.transfer.report import plot_confusion
@@ -135,6 +135,7 @@ def _track_result(tracking: TrackingTarget, result: dict[str, Any]) -> None:
     logger.log({"step": result.get("steps", 0), **{k: v for k, v in scores.items() if v is not None}})
     logger.close()
     log_artifacts(tracking, [result.get("confusion_plot")])
+    end(tracking, "FINISHED")
 
 
 def _head_mismatch(weights: str, classes: list[str]) -> str | None:

@@ -1,0 +1,154 @@
+"""`vitpipe status RUN_DIR|JOB`: where a run stands, read from its folder while it may still be written
+(run.json and the step records are replaced whole; a metrics line being written is skipped): each step's
+state, the pretraining step, loss, images/s and ETA, and the last error with its log file. With
+`--address`, a submitted job's Ray status too, and what its console printed when its folder is not
+visible from here."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, load_config
+from pipeline.metrics import format_seconds, read_records
+from pipeline.runner.execute import LOCK_FILE, RUN_FILE, lock_holder
+from pipeline.runner.layout import RunLayout, run_layout
+from pipeline.runner.records import read_record
+
+
+@dataclass
+class RunStatus:
+    root: str
+    name: str
+    state: str  # run.json's status, or "running" while a live process holds the lock
+    holder: str | None = None
+    steps: list[tuple[str, str, str]] = field(default_factory=list)  # (step, state, detail)
+    training: str | None = None
+    error: str | None = None
+
+    def text(self) -> str:
+        lines = [f"run {self.name!r}: {self.state}" + (f" ({self.holder})" if self.holder else ""),
+                 f"  folder: {self.root}"]  # fmt: skip
+        width = max((len(step) for step, _, _ in self.steps), default=0)
+        lines += [f"  {step:<{width}}  {state:<8} {detail}".rstrip() for step, state, detail in self.steps]
+        if self.training:
+            lines.append(f"  {self.training}")
+        if self.error:
+            lines.append(f"  last error: {self.error}")
+        return "\n".join(lines)
+
+
+def run_status(target: str) -> RunStatus:
+    """The status of the run in folder `target`, or of the run of job file `target`."""
+    layout = _layout(target)
+    root = Path(layout.root)
+    document = _read_json(root / RUN_FILE) or {}
+    holder = _live_holder(root / LOCK_FILE)
+    state = "running" if holder else document.get("status", "not started")
+    if state == "running" and not holder:
+        state = "stopped (its process is gone)"
+    status = RunStatus(str(root), document.get("name", layout.name), state, holder)
+    for step_id in _step_ids(layout, document):
+        record = read_record(layout.stages, step_id) or {}
+        status.steps.append((step_id, record.get("status", "pending"), _step_detail(record)))
+        if record.get("status") == "failed":
+            stage = step_id.split(":", 1)[0]
+            status.error = f"{step_id}: {record.get('error')} (log: {Path(layout.logs) / f'{stage}.log'})"
+    status.training = training_line(layout.pretrain)
+    return status
+
+
+def training_line(run_dir: str) -> str | None:
+    """`pretraining: step 120/600 (20%), loss 1.234, 512 img/s, ETA 3m10s` from a run's metrics."""
+    records = read_records(run_dir)
+    steps = [r for r in records if "loss" in r and "step" in r]
+    if not steps:
+        return None
+    last = steps[-1]
+    totals = [
+        r["total_steps"] for r in records if r.get("event") in ("started", "resumed") and "total_steps" in r
+    ]
+    total = totals[-1] if totals else None
+    finished = any(r.get("event") == "finished" for r in records[records.index(last) :])
+    text = f"pretraining: step {last['step']:,}" + (
+        f"/{total:,} ({last['step'] / total:.0%})" if total else ""
+    )
+    text += f", loss {last['loss']:.4f}, {last.get('images_per_s', 0):,.0f} img/s"
+    recent = [r["step_s"] for r in steps[-5:] if r.get("step_s")]
+    if total and recent and not finished and last["step"] < total:
+        text += f", ETA {format_seconds(statistics.mean(recent) * (total - last['step']))}"
+    return text
+
+
+def remote_status(client: Any, submission_id: str, address: str) -> str:
+    """A submitted job: its Ray status, then its run folder's status when visible from here, else the
+    last step line, progress line and error its console printed."""
+    from pipeline.runner.submit import call_api, job_details
+
+    job = job_details(client, submission_id)
+    lines = [f"job {submission_id}: {job.status}" + (f" ({job.message})" if job.message else "")]
+    run_dir = (job.metadata or {}).get("vitpipe.run_dir")
+    if run_dir and (Path(run_dir) / RUN_FILE).is_file():
+        return "\n".join([*lines, run_status(run_dir).text()])
+    lines.append(f"  run folder: {run_dir or 'unknown'} (not visible from here: from the job's console)")
+    console = call_api(lambda: client.get_job_logs(submission_id), address).splitlines()
+    for prefix in ("[run] ", "pretrain: step", "vitpipe: "):
+        last = next((line for line in reversed(console) if line.startswith(prefix)), None)
+        if last:
+            lines.append(f"  {last}")
+    return "\n".join(lines)
+
+
+def _layout(target: str) -> RunLayout:
+    path = Path(target).expanduser()
+    if path.is_dir():
+        if not (path / RUN_FILE).is_file() and not (path / "stages").is_dir():
+            raise ConfigError(f"{target}: not a vitpipe run folder (no {RUN_FILE} or stages/)")
+        job = path / "job.yaml"
+        if job.is_file():
+            try:
+                return _plan_layout(job, str(path))
+            except (ConfigError, OSError):
+                pass
+        return RunLayout(str(path.absolute()), path.name, str(path.absolute()), "pretrain")
+    if path.is_file():
+        return _plan_layout(path, None)
+    raise ConfigError(f"{target}: no such run folder or job file")
+
+
+def _plan_layout(job: Path, run_dir: str | None) -> RunLayout:
+    return run_layout(load_config(job), run_dir)
+
+
+def _step_ids(layout: RunLayout, document: dict[str, Any]) -> list[str]:
+    """The steps in run order: those run.json lists, then any other record (a single-stage command's)."""
+    listed = [step["step"] for step in document.get("steps", [])]
+    recorded = sorted(path.stem.replace(".", ":", 1) for path in Path(layout.stages).glob("*.json"))
+    return listed + [step for step in recorded if step not in listed]
+
+
+def _step_detail(record: dict[str, Any]) -> str:
+    if record.get("status") == "done":
+        return f"{format_seconds(record.get('seconds', 0))}, finished {record.get('finished', '?')}"
+    if record.get("status") == "running":
+        return f"since {record.get('started', '?')}"
+    if record.get("status") == "failed":
+        return f"after {format_seconds(record.get('seconds', 0))}"
+    return ""
+
+
+def _live_holder(lock: Path) -> str | None:
+    """Who holds the run's lock, when that process still runs (or runs on another host)."""
+    holder = lock_holder(lock) if lock.is_file() else None
+    return f"pid {holder.get('pid')} on {holder.get('host')}" if holder else None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
