@@ -1,8 +1,9 @@
 """Experiment tracking (a job's `tracking:` section): MLflow and/or Weights & Biases.
 
 One tracking run per vitpipe run, with a child per stage, per fine-tune task and per study point. MLflow
-nests them (`mlflow.parentRunId`); W&B has no nesting, so each child is a W&B run in the vitpipe run's
-group. Children are found again by their key (`vitpipe.key` tag in MLflow, an id derived from the key in
+nests them (`mlflow.parentRunId`); W&B has no nesting, so each child that logs something is a W&B run
+in the vitpipe run's group, its config the resolved job and the child's own settings (`step.`).
+Children are found again by their key (`vitpipe.key` tag in MLflow, an id derived from the key in
 W&B): a relaunched run continues the same tracking runs. Parameters are the resolved config, flattened
 (`pretrain.optimizer.lr`); metrics are every logged step of rank 0 (and of each fine-tune task);
 artifacts are the pictures, reports and exported config.
@@ -75,7 +76,7 @@ def open_run(section: Any, root: str, name: str, params: dict[str, Any]) -> Trac
         directory = section.wandb.dir or str(Path(root) / "tracking")
         Path(directory).mkdir(parents=True, exist_ok=True)
         wandb = {"project": section.wandb.project, "mode": section.wandb.mode, "entity": section.wandb.entity,
-                 "group": group, "dir": directory}  # fmt: skip
+                 "group": group, "dir": directory, "config": flatten(params)}  # fmt: skip
         target = replace(target, wandb=wandb)
     return target
 
@@ -114,10 +115,9 @@ def open_child(parent: TrackingTarget, key: str, name: str, params: dict[str, An
     if parent.wandb is not None and "wandb" not in _failed:
         prefix = parent.wandb.get("name")
         full_name = f"{prefix}/{name}" if prefix else name
-        child = replace(
-            child,
-            wandb={**parent.wandb, "id": _short(full_key), "name": full_name, "config": flatten(params)},
-        )
+        config = {**parent.wandb.get("config", {}), **flatten(params, "step.")}  # the job, then the child's
+        wandb = {**parent.wandb, "id": _short(full_key), "name": full_name, "config": config}
+        child = replace(child, wandb=wandb)
     return child
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -16,6 +17,7 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.metrics import read_records
+from pipeline.runner.status import run_status
 from tests.conftest import REPO, VITPIPE
 
 SMOKE = yaml.safe_load((REPO / "jobs" / "smoke.yaml").read_text())
@@ -36,10 +38,16 @@ def finished_checkpoint_steps(pretrain: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_from_its_checkpoint_and_a_rerun_skips_every_stage(ray_local, tmp_path):
+def test_a_killed_run_resumes_from_its_checkpoint_and_a_rerun_skips_every_stage(
+    ray_local, mlflow_server, tmp_path
+):
     """Also with images stored larger (20 px) than the models see (16 px: random crops in training,
-    the centre in evaluation), and the data path alone (--data-only) on the finished run."""
+    the centre in evaluation), and the data path alone (--data-only) on the finished run. Tracked in
+    MLflow (a real server) and W&B (offline): the relaunch continues the same tracking runs; `vitpipe
+    status` follows the first launch as it runs; the console shows no Ray internals."""
     job = {**SMOKE, "run_dir": str(tmp_path / "run")}
+    job["tracking"] = {"mlflow": mlflow_server, "experiment": "killed-run",
+                       "wandb": {"project": "vitpipe-e2e", "mode": "offline"}}  # fmt: skip
     job["preprocess"] = {name: {**entry, "image_size": 20} for name, entry in SMOKE["preprocess"].items()}
     job["pretrain"] = {**SMOKE["pretrain"], "steps": 80, "checkpoint_every": 10, "image_size": 16, "crop": {}}
     job["finetune"] = {**SMOKE["finetune"], "image_size": 16, "crop": {"area": [0.5, 1.0]}}
@@ -52,11 +60,18 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_a_rerun_skips_every_stage(
         command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     deadline = time.monotonic() + 400
+    seen = set()
     while time.monotonic() < deadline and not [
         s for s in finished_checkpoint_steps(run / "pretrain") if s >= 20
     ]:
         assert first.poll() is None, "the run ended before it was killed"
+        if (run / "run.json").is_file():
+            seen.add(run_status(str(run)).text())  # read while the run writes its folder
         time.sleep(0.5)
+    live = [text for text in seen if "pretraining: step" in text]
+    assert live, seen
+    assert all(text.startswith("run 'smoke': running (pid ") for text in live)
+    assert any("  pretrain             running  since " in text and "ETA" in text for text in live)
     os.killpg(first.pid, signal.SIGKILL)  # the driver dies mid-pretraining; Ray ends its workers
     first.wait()
     assert record(run, "pretrain")["status"] == "running"
@@ -66,6 +81,10 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_a_rerun_skips_every_stage(
 
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=500)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert_a_quiet_console(second.stdout + second.stderr, run)
+    assert_tracked(mlflow_server, run, killed_at)
+    assert_model_cards(run / "pretrain" / "export")
+    assert_tensorboard_events(run / "pretrain")
     assert "[run] pretrain: resuming" in second.stdout
     assert statuses(run) == {
         "datasets:fractals": "cached", "datasets:digits": "cached", "preprocess:fractals": "cached",
@@ -113,6 +132,105 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_a_rerun_skips_every_stage(
     assert "steps: 7 cached" in third.stdout
     assert "| digits | pretrained |" in third.stdout  # the table is printed again
     assert {step: record(run, step)["key"] for step in statuses(run)} == keys
+
+
+def assert_a_quiet_console(console: str, run: Path) -> None:
+    """vitpipe's lines only: none of Ray's, Ray Train's or DeepSpeed's, which are in the stage logs."""
+    lines = console.splitlines()
+    assert len(lines) <= 40, console
+    ray_internals = re.compile(
+        r"pid=\d+|TrainController|RayTrainWorker|\bINFO\b|DeepSpeed|core_worker|Warning"
+    )
+    internals = [line for line in lines if ray_internals.search(line)]
+    assert internals == [], internals
+    assert "pretrain: TensorBoard: tensorboard --logdir " in console
+    log = (run / "logs" / "pretrain.log").read_text()
+    assert "(RayTrainWorker pid=" in log  # what Ray's workers printed was kept, where a person can look
+
+
+def assert_tracked(uri: str, run: Path, killed_at: int) -> None:
+    """One MLflow run for the vitpipe run, a child per step and per fine-tune task; the pretraining child
+    is the same run across the kill, holding every logged step of both launches."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("killed-run").experiment_id
+    runs = client.search_runs([experiment], max_results=100)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["pretrain.optimizer.lr"] == "0.003"
+    assert parent.data.params["tracking.wandb.mode"] == "offline"
+    children = {
+        r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
+    steps = {"datasets:fractals", "datasets:digits", "preprocess:fractals", "preprocess:digits", "pretrain",
+             "finetune", "report"}  # fmt: skip
+    assert set(children) == steps
+    pretrain = children["pretrain"]
+    assert pretrain.info.status == "FINISHED"
+    logged = sorted({m.step for m in client.get_metric_history(pretrain.info.run_id, "loss")})
+    assert logged[0] < killed_at < logged[-1] == 80  # both launches in one tracking run
+    assert {a.path for a in client.list_artifacts(pretrain.info.run_id)} >= {
+        "loss.png",
+        "config.json",
+        "README.md",
+    }
+    tasks = {
+        r.info.run_name: r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == children["finetune"].info.run_id
+    }
+    assert set(tasks) == {"digits/pretrained", "digits/scratch"}
+    assert all(task.info.status == "FINISHED" and "test_top1" in task.data.metrics for task in tasks.values())
+    assert {a.path for a in client.list_artifacts(children["finetune"].info.run_id)} >= {
+        "results.md",
+        "results.png",
+    }
+    assert "report.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    offline = [re.match(r"offline-run-\d+_\d+-(\w+)", folder.name).group(1)
+               for folder in (run / "tracking" / "wandb").glob("offline-run-*")]  # fmt: skip
+    # W&B: a run per child that logged something (pretrain, finetune, its two tasks, report), and the
+    # pretraining's one id for both launches and its artifacts
+    assert len(set(offline)) == 5
+    assert max(offline.count(run_id) for run_id in offline) >= 3
+
+
+def assert_model_cards(export: Path) -> None:
+    """Each export folder has a README.md model card in HF's layout, with the transfer results written in
+    after fine-tuning, and both folders still load."""
+    import transformers
+
+    from vit.weights import load_pretrained
+
+    for folder, library in (("vitpipe", "vitpipe"), ("hf", "transformers")):
+        text = (export / folder / "README.md").read_text()
+        front = yaml.safe_load(text.split("---\n")[1])
+        assert front["library_name"] == library
+        assert front["datasets"] == ["fractals"]
+        assert "vitpipe" in front["tags"]
+        assert front["metrics"] == ["accuracy"]
+        scores = front["model-index"][0]["results"]
+        assert [(s["dataset"]["name"], s["metrics"][0]["type"]) for s in scores] == [("digits", "accuracy")]
+        assert "- pretraining: 80 steps on 2 worker(s), DeepSpeed ZeRO stage 2" in text
+        assert "300 images of fractals ('train' split, 10 classes)" in text
+    transformers.ViTForImageClassification.from_pretrained(export / "hf")
+    load_pretrained(export / "vitpipe")
+
+
+def assert_tensorboard_events(pretrain: Path) -> None:
+    """TensorBoard's own reader finds every logged step's loss in the run's event files."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    board = EventMultiplexer().AddRunsFromDirectory(str(pretrain / "tensorboard")).Reload()
+    logged = {r["step"]: r["loss"] for r in read_records(str(pretrain)) if "loss" in r}
+    events = {}
+    for name in board.Runs():
+        if "train/loss" in board.Runs()[name].get("scalars", []):
+            events |= {event.step: event.value for event in board.Scalars(name, "train/loss")}
+    assert set(events) == set(logged)
+    assert all(abs(events[step] - logged[step]) < 1e-5 for step in logged)
 
 
 DATA_ONLY = {

@@ -177,7 +177,8 @@ def test_wandb_offline_runs_are_read_back_from_their_files(tmp_path):
         (child.wandb["id"], parent.wandb["group"], "pretrain", "vitpipe-test")
     }
     configs = [{item.key: json.loads(item.value_json) for item in run.config.update} for run in runs]
-    assert all(config["optimizer.lr"] == 0.003 for config in configs)  # the child's settings, flattened
+    assert all(config["step.optimizer.lr"] == 0.003 for config in configs)  # the child's settings, flattened
+    assert all(config["pretrain.optimizer.betas"] == [0.9, 0.999] for config in configs)  # and the job's
     history = [(r.history.step.num, {"/".join(item.nested_key) or item.key: json.loads(item.value_json)
                                      for item in r.history.item})
                for r in records if r.WhichOneof("record_type") == "history"]  # fmt: skip

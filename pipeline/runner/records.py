@@ -97,7 +97,7 @@ def external_fingerprints(plan: JobPlan, step: Step) -> dict[str, str]:
 def read_record(stages_dir: str, step_id: str) -> dict[str, Any] | None:
     """The step's record, or None when there is none or it is unusable (torn, hand-edited, of another
     format, a "done" without its key or fingerprint): the step then runs again, and says why."""
-    path = Path(stages_dir) / _file_name(step_id)
+    path = Path(stages_dir) / record_path_name(step_id)
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
@@ -125,8 +125,9 @@ def _unusable(path: Path, why: str) -> None:
 def write_record(stages_dir: str, step_id: str, record: dict[str, Any]) -> None:
     """Write a record whole (temporary name, then rename), so a killed run never leaves half of one."""
     document = json.dumps({"format": FORMAT, "step": step_id, **record}, indent=2) + "\n"
-    write_atomic(str(Path(stages_dir) / _file_name(step_id)), document)
+    write_atomic(str(Path(stages_dir) / record_path_name(step_id)), document)
 
 
-def _file_name(step_id: str) -> str:
+def record_path_name(step_id: str) -> str:
+    """The file name of a step's record in RUN/stages."""
     return step_id.replace(":", ".") + ".json"

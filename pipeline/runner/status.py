@@ -16,7 +16,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.metrics import format_seconds, read_records
 from pipeline.runner.execute import LOCK_FILE, RUN_FILE, lock_holder
 from pipeline.runner.layout import RunLayout, run_layout
-from pipeline.runner.records import read_record
+from pipeline.runner.records import record_path_name
 
 
 @dataclass
@@ -52,7 +52,7 @@ def run_status(target: str) -> RunStatus:
         state = "stopped (its process is gone)"
     status = RunStatus(str(root), document.get("name", layout.name), state, holder)
     for step_id in _step_ids(layout, document):
-        record = read_record(layout.stages, step_id) or {}
+        record = _read_json(Path(layout.stages) / record_path_name(step_id)) or {}  # as written, unjudged
         status.steps.append((step_id, record.get("status", "pending"), _step_detail(record)))
         if record.get("status") == "failed":
             stage = step_id.split(":", 1)[0]
