@@ -248,7 +248,7 @@ DATASET_MODELS: dict[str, type[Section]] = {
     "fractals": FractalsConfig,
     "imagefolder": ImageFolderConfig,
 }
-NOT_SETTINGS = {"command", "kind", "out", "overwrite", "preview", "address"}
+NOT_SETTINGS = {"command", "kind", "out", "overwrite", "preview", "address", "verbose"}
 
 
 def dataset_config(args: argparse.Namespace) -> Section:
