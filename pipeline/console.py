@@ -41,6 +41,7 @@ HARMLESS = re.compile(
         [
             r"FutureWarning: .*(torch\.cuda\.amp|torch\.utils\._pytree|weights_only|TRANSFORMERS_CACHE)",
             r"PreemptionWatcher",  # Ray Train polls a GCE metadata server that a non-GCE node lacks
+            r"^\(PlacementGroupCleaner ",  # Ray Train's watchdog thread: its failure leaves the run as it is
             r"RayDeprecationWarning",
             r"UserWarning: .*(TypedStorage|pkg_resources|NumPy array is not writable|barrier\(\))",
             r"DeprecationWarning",
@@ -54,7 +55,11 @@ HARMLESS = re.compile(
         ]
     )
 )
-PROGRESS_EVERY_S = 10.0  # without a terminal: one progress line per label this often
+# Without a terminal, a piece of work prints a line when it is done, and before that each time it passes
+# another tenth of the way if the last line is PROGRESS_EVERY_S old, or when it is QUIET_S old.
+PROGRESS_EVERY_S = 30.0
+SYNC_LINE = b"\x00vitpipe-console-sync\n"  # written to the pipe to know its reader has caught up
+QUIET_S = 300.0
 
 
 def say(text: str, *, err: bool = False) -> None:
@@ -79,7 +84,7 @@ def detail(text: str) -> None:
 
 def progress(text: str, done: int, total: int) -> None:
     """Report progress (`label: ...`, `done` of `total` units): the live bar on a terminal, else a line
-    now and then. Outside a console (a library call) each report is a line."""
+    now and then (PROGRESS_EVERY_S). Outside a console (a library call) each report is a line."""
     console = Console.active
     if console is not None:
         console.bar(text, done, total)
@@ -114,7 +119,7 @@ class Console:
         self._held: list[str] = []  # what was printed before any log file was named
         self._held_foreign = False  # whether that holds lines other than vitpipe's own
         self._bar: str = ""
-        self._last_line: dict[str, float] = {}
+        self._last_line: dict[str, tuple[float, int]] = {}  # label: when, and the tenth it showed
         self._in_alert = False
         self.hidden = 0  # lines kept out of the console (they are in the log)
         self.fallback: Path | None = None
@@ -144,6 +149,7 @@ class Console:
         for stream in (sys.stdout, sys.stderr):
             if isinstance(stream, _Captured):
                 stream.flush_partial()
+        self._sync_fds()
         sys.stdout, sys.stderr = self._saved
         Console.active = None
         self._restore_fds()
@@ -176,6 +182,7 @@ class Console:
         try:
             yield
         finally:
+            self._sync_fds()  # what was printed inside the block goes to its log
             with self._lock:
                 self._log.close()
                 self._log = previous
@@ -197,9 +204,10 @@ class Console:
                 return
             label = text.split(":", 1)[0]
             now = time.monotonic()
-            first_seen = self._last_line.setdefault(label, now)  # a short task shows its last line only
-            if done >= total or now - first_seen >= self.every_s:
-                self._last_line[label] = now
+            last, shown_tenth = self._last_line.setdefault(label, (now, 0))  # short work: its last line only
+            tenth = int(10 * done / total) if total > 0 else 0
+            if done >= total or (tenth > shown_tenth and now - last >= self.every_s) or now - last >= QUIET_S:
+                self._last_line[label] = (now, tenth)
                 self._show(text, self.err)
 
     # ---------------------------------------------------------------- everything else
@@ -219,16 +227,17 @@ class Console:
         with self._lock:
             self._record(line if line.endswith("\n") else line + "\n")
             self._held_foreign |= self._log is None
-            if self.verbose or self._alert(body):
+            if self.verbose or self._alert(body, plain):
                 self._show(plain, self.err)
             else:
                 self.hidden += 1
 
-    def _alert(self, body: str) -> bool:
-        """A warning or error worth a person's eyes, with the indented lines that follow it."""
+    def _alert(self, body: str, line: str) -> bool:
+        """A warning or error worth a person's eyes, with the indented lines that follow it (`line` is
+        `body` with Ray's prefix, which names who printed it)."""
         if self._in_alert and (body.startswith((" ", "\t")) or body.startswith("During handling")):
             return True
-        self._in_alert = bool(ALERT.search(body)) and not HARMLESS.search(body)
+        self._in_alert = bool(ALERT.search(body)) and not HARMLESS.search(line)
         return self._in_alert
 
     def _record(self, text: str) -> None:
@@ -266,9 +275,18 @@ class Console:
         os.dup2(write, 2)
         os.close(write)
         self._stop_reading = threading.Event()
+        self._synced = threading.Event()
         reader = threading.Thread(target=self._read_pipe, args=(read,), name="vitpipe-console", daemon=True)
         reader.start()
         return saved[0], saved[1], read, reader
+
+    def _sync_fds(self, timeout_s: float = 2.0) -> None:
+        """Wait until the pipe's reader has passed on everything written to fds 1 and 2 so far."""
+        if self._fds is None:
+            return
+        self._synced.clear()
+        os.write(1, SYNC_LINE)
+        self._synced.wait(timeout_s)
 
     def _restore_fds(self) -> None:
         if self._fds is None:
@@ -296,7 +314,10 @@ class Console:
             pending += chunk
             *lines, pending = re.split(rb"(?<=\n)", pending)
             for line in lines:
-                self.captured(line.decode(errors="replace"))
+                if line == SYNC_LINE:
+                    self._synced.set()
+                else:
+                    self.captured(line.decode(errors="replace"))
         if pending:
             self.captured(pending.decode(errors="replace"))
 

@@ -84,6 +84,14 @@ def test_without_a_terminal_progress_is_a_line_now_and_then(capsys):
         screen.stop()
     assert capsys.readouterr().err.splitlines() == ["shards: 100/100"]
 
+    screen = Console(every_s=0).start()  # long work: a line each tenth of the way
+    try:
+        for done in range(1, 101):
+            progress(f"shards: {done}/100", done, 100)
+    finally:
+        screen.stop()
+    assert capsys.readouterr().err.splitlines() == [f"shards: {done}/100" for done in range(10, 101, 10)]
+
 
 def test_a_terminal_gets_one_live_bar_that_messages_print_above(monkeypatch):
     class Terminal(io.StringIO):
