@@ -303,15 +303,13 @@ def run_command(args: argparse.Namespace) -> int:
     """`vitpipe run`: the job's steps, then the steps table and the transfer results."""
     from pipeline.runner.execute import run_job
     from pipeline.runner.plan import RunOptions
-    from pipeline.transfer.report import RESULTS_MD
 
     options = RunOptions(args.from_stage, tuple(args.force), args.until)
     summary = run_job(args.config, run_dir=args.run_dir, options=options, address=args.address)
     if summary.failed or args.verbose:
         say("\n" + summary.table())
-    results = Path(summary.plan.layout.transfer) / RESULTS_MD
-    if results.is_file() and not summary.failed:  # its title and main table; the rest is in report.md
-        say("\n" + "\n\n".join(results.read_text().strip().split("\n\n")[:2]))
+    if not summary.failed:  # the title and main table; the rest is in report.md
+        _say_results(summary.plan.layout.transfer, blocks=2)
     say("\n" + summary.summary())
     return EXIT_FAILED if summary.failed else 0
 
@@ -348,8 +346,20 @@ def stage_command(args: argparse.Namespace) -> int:
         )
     options = RunOptions(force=(args.command,) if getattr(args, "force", None) else ())
     summary = run_job(args.config, only=args.command, stage=stage, options=options, address=args.address)
+    ran = [step for step in summary.plan.steps if step.stage == args.command]
+    if ran and args.command in ("finetune", "evaluate") and not summary.failed:
+        _say_results(ran[0].output)
     say("\n" + summary.summary())
     return EXIT_FAILED if summary.failed else 0
+
+
+def _say_results(folder: str, blocks: int | None = None) -> None:
+    """The transfer results table of `folder` (a local one), its first `blocks` paragraphs or all."""
+    from pipeline.transfer.report import RESULTS_MD
+
+    results = Path(folder) / RESULTS_MD
+    if "://" not in folder and results.is_file():
+        say("\n" + "\n\n".join(results.read_text().strip().split("\n\n")[:blocks]))
 
 
 def submit_command(args: argparse.Namespace) -> int:

@@ -117,6 +117,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.done = 0
         self.items = 0
+        self.nodes = 0  # the machines the work ran on, when the caller knows
         self.started = time.perf_counter()
         self._last_print = -float("inf")
 
@@ -148,7 +149,9 @@ class Progress:
         if 0 < self.done < self.total:
             text += f", ETA {format_seconds(elapsed / self.done * (self.total - self.done))}"
         elif self.done == self.total:
-            text += f", done in {format_seconds(elapsed)}"
+            text += f", done in {format_seconds(elapsed)}" + (
+                f" on {self.nodes} node(s)" if self.nodes else ""
+            )
         return text
 
 

@@ -7,7 +7,6 @@ from typing import Any, Protocol, TypeVar
 
 import ray
 
-from pipeline.console import detail
 from pipeline.metrics import Progress
 from pipeline.ray_session import cluster_cpus
 
@@ -53,8 +52,8 @@ def run_shard_tasks(
             node, result = ray.get(ref)
             results[pending.pop(ref)] = result
             nodes.add(node)
+            progress.nodes = len(nodes)
             progress.update(items=result.samples)
-    detail(f"{label}: {len(shard_args)} shard(s) on {len(nodes)} node(s)")
     return [result for result in results if result is not None]
 
 

@@ -67,7 +67,7 @@ def _wait_for_jobs_api(cluster: TokenCluster) -> None:
 
 def vitpipe(cluster: TokenCluster, *args: str, env: dict[str, str] | None = None, timeout: int = 120):
     command = [*VITPIPE, *args]
-    if args[0] in ("submit", "jobs"):
+    if args[0] in ("submit", "jobs", "status"):
         command += ["--address", cluster.address]
     return subprocess.run(
         command, cwd=REPO, env=env or cluster.env, capture_output=True, text=True, timeout=timeout
@@ -81,6 +81,9 @@ def test_a_submitted_job_runs_the_whole_pipeline_on_the_cluster(token_cluster, t
     assert "submitted smoke to" in result.stdout
     assert "Ray 2.60.0: 2 node(s), 2 CPU" in result.stdout  # the driver joined the two-node cluster
     assert "job smoke: SUCCEEDED" in result.stdout
+    followed = result.stdout + result.stderr  # the job's console: vitpipe's lines, none of Ray's
+    assert [line for line in followed.splitlines() if "pid=" in line or "TrainController" in line] == []
+    assert len(followed.splitlines()) <= 50
     steps = json.loads((run / "run.json").read_text())["steps"]
     assert [s["status"] for s in steps] == ["ran"] * 7
     assert (run / "report.md").is_file()
@@ -101,6 +104,18 @@ def test_a_submitted_job_runs_the_whole_pipeline_on_the_cluster(token_cluster, t
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "submitted smoke-2 to" in again.stdout
     assert "steps: 7 cached" in again.stdout
+
+    status = vitpipe(token_cluster, "status", "smoke-2")  # the run folder is visible from here
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.startswith("job smoke-2: SUCCEEDED")
+    assert "run 'smoke': finished" in status.stdout
+    assert "pretraining: step 40/40 (100%)" in status.stdout
+    run.rename(tmp_path / "elsewhere")  # as seen from a laptop that does not mount the cluster's storage
+    status = vitpipe(token_cluster, "status", "smoke")
+    assert status.returncode == 0, status.stderr
+    assert f"run folder: {run} (not visible from here: from the job's console)" in status.stdout
+    assert "  [run] report: done in " in status.stdout
+    assert "  pretrain: step 40/40 (100%)" in status.stdout
 
 
 def test_a_wrong_token_fails_with_a_clear_message(token_cluster, tmp_path):

@@ -87,12 +87,18 @@ def write_cards(
 
 
 def _data_line(data: dict[str, Any]) -> str:
-    images = f"{data['images']:,} images" if data.get("images") else "images"
-    where = f" of {data['name']}" if data.get("name") else ""
-    split = f" ('{data['split']}' split" + (f", {data['classes']} classes)" if data.get("classes") else ")")
-    return f"{images}{where}{split if data.get('split') else ''}" + (
-        f", from `{data['directory']}`" if data.get("directory") else ""
-    )
+    """`5,000 images of fractals ('train' split, 50 classes), from `DIR``; what is not known is left out
+    (`vitpipe export` of a run knows the image count only)."""
+    text = f"{data['images']:,} images" if data.get("images") else "images"
+    if data.get("name"):
+        text += f" of {data['name']}"
+    if data.get("split"):
+        text += f" ('{data['split']}' split" + (
+            f", {data['classes']} classes)" if data.get("classes") else ")"
+        )
+    if data.get("directory"):
+        text += f", from `{data['directory']}`"
+    return text
 
 
 def _usage(library: str) -> str:

@@ -163,17 +163,25 @@ def run_transfer(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     say(result.summary().split("\n\n", 1)[0])  # the table comes once, at the end of the run
     if "://" not in result.out:
         log_artifacts(context.tracked(step), [Path(result.out) / RESULTS_MD, Path(result.out) / RESULTS_PLOT])
-    weights = pretrained_weights(plan)
-    if train and weights is not None and plan.job.pretrain is not None and finetune.weights is None:
-        from pipeline.pretrain.export import add_transfer_results
-
-        own = [r for r in result.document["results"] if r.get("mode") == "pretrained"]
-        add_transfer_results(posixpath.dirname(weights.rstrip("/")), own)
+    if train and plan.job.pretrain is not None and finetune.weights is None:
+        _card_results(join(plan.layout.pretrain, EXPORT_DIR), result.document["results"])
     failed = [f["target"] + (f"/{f['mode']}" if f.get("mode") else "") for f in result.failures]
     for where, failure in zip(failed, result.failures, strict=True):
         say(f"vitpipe: {where} failed: {failure['error']}", err=True)
     error = f"{len(failed)} transfer run(s) failed: {', '.join(failed)}" if failed else None
     return StepOutcome(fresh_fingerprint(), {"folder": result.out}, error)
+
+
+def _card_results(export: str, results: list[dict[str, Any]]) -> None:
+    """The run's model cards, written again with how its weights transferred; a card that cannot be
+    written is a warning (the results are in the transfer folder all the same)."""
+    from pipeline.pretrain.export import add_transfer_results
+
+    own = [r for r in results if r.get("mode") == "pretrained"]
+    try:
+        add_transfer_results(export, own)
+    except OSError as error:
+        say(f"vitpipe: warning: the model cards in {export} keep no transfer results: {error}", err=True)
 
 
 def run_study_subsets(context: RunContext, step: Step, clear: bool) -> StepOutcome:
