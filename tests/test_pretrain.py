@@ -205,8 +205,17 @@ def test_zero3_run_survives_a_killed_worker(two_nodes, fractal_patches, tmp_path
 
 
 def _kill_a_worker_after(run_dir: Path, step: int, run: subprocess.Popen) -> bool:
-    """SIGKILL one Ray Train worker process once the run has logged `step`."""
+    """SIGKILL one Ray Train worker process once the run has logged `step` and Ray Train has registered a
+    checkpoint (its snapshot lists one): a worker killed between the ranks' reports and the registration
+    restarts, rightly, from the checkpoint before, which made this test fail now and then."""
     deadline = time.monotonic() + 300
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    while (
+        time.monotonic() < deadline
+        and run.poll() is None
+        and "checkpoint_" not in (snapshot.read_text() if snapshot.is_file() else "")
+    ):
+        time.sleep(0.2)
     while _wait_for_step(run_dir, step, run) and time.monotonic() < deadline:
         workers = [
             p for p in psutil.process_iter(["cmdline"])
