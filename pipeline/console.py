@@ -27,8 +27,9 @@ from typing import IO, Any
 
 MARK = "[vitpipe] "
 BAR_MARK = re.compile(r"^\[vitpipe bar (\d+)/(\d+)\] ")
-# Ray's prefix of a line forwarded from a worker: "(RayTrainWorker pid=123, ip=10.0.0.2) text".
-FORWARDED = re.compile(r"^\((?:[\w.:-]+ )?pid=[^)]*\) (.*)$|^\(raylet[^)]*\) (.*)$")
+# Ray's prefix of a line forwarded from a worker: "(RayTrainWorker pid=123, ip=10.0.0.2) text", the task's
+# or actor's name first (a task's name is vitpipe's, such as "transfer:digits/pretrained").
+FORWARDED = re.compile(r"^\((?:[^()]* )?pid=\d+[^)]*\) (.*)$|^\(raylet[^)]*\) (.*)$")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 ALERT = re.compile(
     r"(^Traceback \(most recent call last\))|(\b\w*(Warning|Error|Exception)\b:)|(^\s*(ERROR|CRITICAL)\b)"

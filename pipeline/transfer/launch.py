@@ -236,5 +236,7 @@ def _run_tasks(
             continue
         results.append(result)
         top1 = f"test top-1 {result['top1']:.4f}" if result.get("top1") is not None else "evaluated"
-        say(f"transfer: {target}/{mode} done after {elapsed:.0f}s, {top1}", err=True)
+        detail(
+            f"transfer: {target}/{mode} done after {elapsed:.0f}s, {top1}"
+        )  # its last progress line said so
     return results, failures
