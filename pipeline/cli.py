@@ -520,7 +520,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 # Commands that start Ray here: what Ray and the libraries print goes to the logs unless --verbose.
-QUIET_COMMANDS = frozenset({"run", "pretrain", "finetune", "evaluate", "preprocess", "datasets"})
+QUIET_COMMANDS = frozenset({"run", "pretrain", "finetune", "evaluate", "preprocess", "datasets", "submit"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipeline.config import ConfigError
+from pipeline.console import say
 from pipeline.runner.plan import RunOptions, load_plan
 from pipeline.runner.provenance import PROJECT_ROOT, REVISION_ENV, git_revision
 
@@ -191,14 +191,17 @@ def _free_submission_id(client: JobSubmissionClient, name: str, address: str) ->
 
 
 def follow(client: JobSubmissionClient, submission_id: str, out: Any = None) -> str:
-    """Print the job's logs as they come until it ends; returns its final status."""
-    out = out or sys.stdout
+    """Print the job's logs as they come until it ends; returns its final status. The logs are the
+    cluster's `vitpipe run` console, already as quiet as one here: they are shown as vitpipe's own."""
     address = client.get_address()
 
     async def tail() -> None:
         async for lines in client.tail_job_logs(submission_id):
-            out.write(lines)
-            out.flush()
+            if out is None:
+                say(lines.rstrip("\n"))
+            else:
+                out.write(lines)
+                out.flush()
 
     call_api(lambda: asyncio.run(tail()), address)
     return wait_for_end(client, submission_id)
