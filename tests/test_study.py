@@ -177,8 +177,8 @@ def test_scaling_smoke_runs_every_point_keeps_a_failed_one_apart_and_reruns_only
     assert bit["results"][0]["start_weights"] == state_digest(exported)
     assert bit["pretrain_flops"] == train_flops(read_checkpoint(bit["weights"]).config) * 16 * 32
 
-    # Side by side as far as the session's 2 CPUs allow: two 1-CPU points (a 0.5-CPU worker and its 0.5-CPU
-    # readers) pretrained at once, never three.
+    # Side by side as far as the session's 2 CPUs allow: two 1-CPU points (one 1-CPU worker each)
+    # pretrained at once, never three.
     spans = []
     for name, point in by_name.items():
         if point["size"]:  # the failed point pretrained too: its transfer failed
