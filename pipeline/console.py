@@ -154,6 +154,9 @@ class Console:
             self._bar = ""
             self.err.flush()
             self.out.flush()
+            for ours, theirs in zip((self.out, self.err), self._saved, strict=True):
+                if ours is not theirs:  # a copy of a file descriptor, made by start()
+                    ours.close()
             if self._log is None and self._held_foreign:  # no log named: keep what others printed anyway
                 stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
                 self.fallback = Path(tempfile.gettempdir()) / "vitpipe-logs" / stamp
@@ -243,6 +246,8 @@ class Console:
             self._held.append(text)
 
     def _show(self, text: str, stream: IO[str]) -> None:
+        if stream.closed:  # a late line from a handler that kept this console's stream: the log has it
+            return
         if self._bar and self.tty:
             self.err.write("\r\x1b[K")
         stream.write(text + "\n")
