@@ -70,7 +70,8 @@ def open_run(section: Any, root: str, name: str, params: dict[str, Any]) -> Trac
         return OFF
     target = TrackingTarget(key=root)
     if section.mlflow is not None:
-        target = _open_mlflow_parent(section.mlflow, section.experiment or name, root, name, params) or target
+        uri = absolute_uri(section.mlflow)
+        target = _open_mlflow_parent(uri, section.experiment or name, root, name, params) or target
     if section.wandb is not None:
         group = f"{name}-{_short(root)}"
         directory = section.wandb.dir or str(Path(root) / "tracking")
@@ -79,6 +80,16 @@ def open_run(section: Any, root: str, name: str, params: dict[str, Any]) -> Trac
                  "group": group, "dir": directory, "config": flatten(params)}  # fmt: skip
         target = replace(target, wandb=wandb)
     return target
+
+
+def absolute_uri(uri: str) -> str:
+    """A tracking URI every process reads alike: a relative folder or sqlite file made absolute here (Ray
+    workers run in other directories)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).absolute())
+    if "://" in uri or ":" in uri.split("/", 1)[0] or uri.startswith("databricks"):
+        return uri  # a server, a URI with its scheme, or MLflow's `databricks` profiles
+    return str(Path(uri).expanduser().absolute())
 
 
 def _open_mlflow_parent(

@@ -186,3 +186,19 @@ def test_wandb_offline_runs_are_read_back_from_their_files(tmp_path):
     assert [round(row["loss"], 6) for _, row in history][:2] == [1.0, 0.5]
     assert all("grad_norm" not in row for _, row in history)
     assert (folders[1] / "files" / "README.md").read_text() == "# a model card\n"
+
+
+def test_a_relative_store_is_the_same_store_for_every_process(tmp_path, monkeypatch):
+    """Ray workers run in other directories: a relative MLflow folder or sqlite file is made absolute."""
+    monkeypatch.chdir(tmp_path)
+    assert tracking.absolute_uri("sqlite:///runs/mlflow.db") == f"sqlite:///{tmp_path}/runs/mlflow.db"
+    assert tracking.absolute_uri("mlruns") == str(tmp_path / "mlruns")
+    for kept in ("sqlite:////abs/db.sqlite", "http://127.0.0.1:5000", "file:///abs/mlruns", "databricks"):
+        assert tracking.absolute_uri(kept) == kept
+    parent = tracking.open_run(TrackingConfig(mlflow="sqlite:///store.db"), str(tmp_path / "run"), "rel", {})
+    monkeypatch.chdir("/")
+    child = tracking.open_child(parent, "pretrain", "pretrain", {})  # as a worker elsewhere would
+    log_steps(child, tmp_path / "pretrain", range(1, 4))
+    history = client(parent.mlflow_uri).get_metric_history(child.mlflow_run, "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    assert (tmp_path / "store.db").is_file()
