@@ -177,8 +177,9 @@ def test_scaling_smoke_runs_every_point_keeps_a_failed_one_apart_and_reruns_only
     assert bit["results"][0]["start_weights"] == state_digest(exported)
     assert bit["pretrain_flops"] == train_flops(read_checkpoint(bit["weights"]).config) * 16 * 32
 
-    # Side by side as far as the session's 2 CPUs allow: two 1-CPU points (one 1-CPU worker each)
-    # pretrained at once, never three.
+    # The run holds as many pretraining slots as the session's 2 CPUs hold 1-CPU points: two, never
+    # more at once. Whether two do overlap is Ray's placement (the other points' fine-tuning tasks take
+    # CPUs too): one run here had them side by side, the next one after another.
     spans = []
     for name, point in by_name.items():
         if point["size"]:  # the failed point pretrained too: its transfer failed
@@ -186,7 +187,8 @@ def test_scaling_smoke_runs_every_point_keeps_a_failed_one_apart_and_reruns_only
             spans.append((min(times), max(times)))
     assert len(spans) == 4
     most = max(sum(1 for start, end in spans if start <= moment <= end) for moment, _ in spans)
-    assert most == 2, spans
+    assert most <= 2, spans
+    assert "study: 2 point(s) pretrain at once on this cluster (each 1 CPU)" in first.stderr
 
     (blocked / "notes.txt").unlink()
     second = run_smoke(run)
