@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import math
 import os
-import socket
 import time
 import urllib.parse
 from dataclasses import dataclass, field, replace
@@ -223,16 +222,13 @@ def _mlflow_client(uri: str | None) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
-def _check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+def _check_reachable(uri: str) -> None:
     """An http(s) server that does not answer is known in seconds, not after MLflow's retries."""
     parsed = urllib.parse.urlparse(uri)
-    if parsed.scheme not in ("http", "https"):
-        return
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
-    except OSError as error:
-        raise ConnectionError(f"nothing answers at {parsed.hostname}:{port} ({error})") from None
+    if parsed.scheme in ("http", "https"):
+        from pipeline.ray_session import check_reachable
+
+        check_reachable(f"{parsed.hostname}:{parsed.port or (443 if parsed.scheme == 'https' else 80)}")
 
 
 def _find_or_create(client: Any, experiment_id: str, key: str, parent: str | None, name: str,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, VITPIPE
+from tests.conftest import REPO, VITPIPE, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -28,20 +27,14 @@ class TokenCluster:
     env: dict[str, str]  # a client environment holding the cluster's token
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def token_cluster() -> Iterator[TokenCluster]:
     state = tempfile.mkdtemp(prefix="vp-", dir="/tmp")
-    dashboard = _free_port()
+    dashboard = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env |= {
         "RAY_AUTH_TOKEN": secrets.token_hex(16),  # never the user's ~/.ray/auth_token
-        "RAY_PORT": str(_free_port()),
+        "RAY_PORT": str(free_port()),
         "DASHBOARD_PORT": str(dashboard),
         "STATE_DIR": state,
         "VENV_BIN": str(Path(sys.executable).parent),
