@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 import yaml
 
 from pipeline.config import ConfigError
@@ -22,6 +23,7 @@ from pipeline.study.plan import SCRATCH, Point
 from pipeline.study.subsets import draw_subsets, read_subset
 from tests.conftest import REPO, VITPIPE
 from vit.flops import train_flops
+from vit.patches import patchify
 from vit.weights import load_pretrained, read_checkpoint, state_digest
 
 SMOKE = REPO / "jobs" / "scaling_smoke.yaml"
@@ -120,6 +122,23 @@ def test_a_study_that_cannot_run_is_refused_before_anything_starts(tmp_path, cha
         load_plan(path, str(tmp_path / "run"))
 
 
+def assert_hf_bit_export_agrees(vitpipe_folder: Path, hf_folder: Path) -> None:
+    from transformers import BitForImageClassification
+
+    ours = load_pretrained(vitpipe_folder).eval()
+    theirs, info = BitForImageClassification.from_pretrained(hf_folder, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    config = ours.config
+    images = torch.randint(
+        0, 256, (4, config.image_size, config.image_size, config.channels), dtype=torch.uint8
+    )
+    pixels = (images.float() / 255 - torch.tensor(config.mean)) / torch.tensor(config.std)
+    with torch.no_grad():
+        logits = ours(patchify(images, config.patch_size))
+        torch.testing.assert_close(logits, theirs.eval()(pixel_values=pixels.permute(0, 3, 1, 2)).logits,
+                                   atol=1e-4, rtol=0)  # fmt: skip
+
+
 def run_smoke(run: Path) -> subprocess.CompletedProcess[str]:
     address = ray.get_runtime_context().gcs_address
     command = [*VITPIPE, "run", str(SMOKE), "--run-dir", str(run), "--address", address]
@@ -176,6 +195,10 @@ def test_scaling_smoke_runs_every_point_keeps_a_failed_one_apart_and_reruns_only
     assert type(exported).__name__ == "ResNetV2"
     assert bit["results"][0]["start_weights"] == state_digest(exported)
     assert bit["pretrain_flops"] == train_flops(read_checkpoint(bit["weights"]).config) * 16 * 32
+    # The BiT's HF exports, pretrained and fine-tuned, load in HF transformers and give vitpipe's logits.
+    finetuned = Path(bit["results"][0]["weights"])
+    for vitpipe_folder in (Path(bit["weights"]), finetuned):
+        assert_hf_bit_export_agrees(vitpipe_folder, vitpipe_folder.parent / "hf")
 
     # The run holds as many pretraining slots as the session's 2 CPUs hold 1-CPU points: two, never
     # more at once. Whether two do overlap is Ray's placement (the other points' fine-tuning tasks take

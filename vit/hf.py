@@ -304,7 +304,8 @@ def read_hf_state(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
     raise FileNotFoundError(f"{directory}: no {WEIGHTS_FILE}, {SHARD_INDEX_FILE} or {PICKLE_WEIGHTS_FILE}")
 
 
-def _labels(hf_config: dict[str, Any], num_classes: int) -> list[str] | None:
+def hf_labels(hf_config: dict[str, Any], num_classes: int) -> list[str] | None:
+    """The class names of an HF config's id2label, or None where it has HF's placeholders."""
     id2label = hf_config.get("id2label") or {}
     labels = [id2label.get(str(i), id2label.get(i)) for i in range(num_classes)]
     if None in labels or labels == [f"LABEL_{i}" for i in range(num_classes)]:
@@ -321,5 +322,5 @@ def read_hf_checkpoint(directory: str | Path) -> Checkpoint:
     state, source = read_hf_state(directory)
     config = config_from_hf(hf_config, state, preprocessor, source)
     return Checkpoint(
-        config, from_hf_state_dict(state, config, source), _labels(hf_config, config.num_classes), source
+        config, from_hf_state_dict(state, config, source), hf_labels(hf_config, config.num_classes), source
     )

@@ -1,9 +1,9 @@
 """Weights on disk without pickle: a folder with `model.safetensors` + `config.json`.
 
-`load_pretrained` reads vitpipe folders (a ViT or a BiT ResNet) and HF transformers ViT folders alike, and
-adapts the weights to the model asked for: position embeddings resampled to a new resolution, a new zero
-head for a new class count, the pre-logits layer dropped for fine-tuning as the paper does. Anything
-else that does not fit is a ValueError naming the file, the key and both shapes.
+`load_pretrained` reads vitpipe folders (a ViT or a BiT ResNet) and HF transformers ViT and BiT folders
+alike, and adapts the weights to the model asked for: position embeddings resampled to a new resolution,
+a new zero head for a new class count, the pre-logits layer dropped for fine-tuning as the paper does.
+Anything else that does not fit is a ValueError naming the file, the key and both shapes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from vit.config import CONFIG_FILE, FAMILIES, Architecture, architecture_from_record, architecture_record
+from vit.config import (
+    CONFIG_FILE,
+    FAMILIES,
+    Architecture,
+    ViTConfig,
+    architecture_from_record,
+    architecture_record,
+)
 from vit.files import (
     WEIGHTS_FILE,
     Checkpoint,
@@ -24,7 +31,8 @@ from vit.files import (
     read_safetensors,
     write_model_folder,
 )
-from vit.hf import read_hf_checkpoint
+from vit.hf import export_hf, read_hf_checkpoint
+from vit.hf_bit import export_hf_bit, read_hf_bit_checkpoint
 from vit.models import build_model
 from vit.posemb import resample_posemb
 
@@ -51,7 +59,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, labels: list[str
 
 
 def read_checkpoint(directory: str | Path) -> Checkpoint:
-    """Read a vitpipe folder (ViT or BiT), or an HF transformers ViT folder (in vitpipe's naming)."""
+    """Read a vitpipe folder (ViT or BiT), or an HF transformers ViT or BiT folder (in vitpipe's naming)."""
     directory = Path(directory)
     data = read_config_json(directory)
     if data.get("format") in FORMATS.values():
@@ -60,11 +68,20 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
         return Checkpoint(config, state, data.get("labels"), str(directory / WEIGHTS_FILE))
     if data.get("model_type") == "vit":
         return read_hf_checkpoint(directory)
+    if data.get("model_type") == "bit":
+        return read_hf_bit_checkpoint(directory)
     raise ValueError(
         f"{directory / CONFIG_FILE}: neither a vitpipe model (format {' or '.join(FORMATS.values())}) "
-        f"nor an HF ViT (model_type 'vit'); got format={data.get('format')!r}, "
+        f"nor an HF ViT or BiT (model_type 'vit' or 'bit'); got format={data.get('format')!r}, "
         f"model_type={data.get('model_type')!r}"
     )
+
+
+def export_hf_folder(model: nn.Module, directory: str | Path, *, labels: list[str] | None = None) -> Path:
+    """Write the HF transformers folder of a ViT (`ViTForImageClassification`) or a BiT
+    (`BitForImageClassification`)."""
+    export = export_hf if isinstance(model.config, ViTConfig) else export_hf_bit
+    return export(model, Path(directory), labels=labels)
 
 
 def _refuse_fixed_changes(source: Architecture, changes: dict[str, Any], source_name: str) -> None:

@@ -24,11 +24,11 @@ from pipeline.pretrain.checkpoints import (
     step_of,
 )
 from pipeline.storage import join, local_folder, publish_folder, resolve, write_atomic
-from vit.config import CONFIG_FILE, ViTConfig
+from vit.config import CONFIG_FILE
 from vit.engine import consolidated_state
-from vit.hf import HF_DIR, export_hf
+from vit.hf import HF_DIR
 from vit.models import build_model
-from vit.weights import load_state, save_pretrained
+from vit.weights import export_hf_folder, load_state, save_pretrained
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,10 @@ class Export:
     step: int
     checkpoint: str
     vitpipe: str
-    hf: str | None  # None for a BiT: HF transformers' layout is written for the ViT only
+    hf: str  # the HF transformers folder (ViTForImageClassification or BitForImageClassification)
 
     def describe(self) -> str:
-        hf = f", {self.hf} (HF transformers)" if self.hf else ""
-        return f"weights: {self.vitpipe} (vitpipe){hf}"
+        return f"weights: {self.vitpipe} (vitpipe), {self.hf} (HF transformers)"
 
     def described_files(self) -> list[str]:
         """The exported config and model card (what tracking keeps of an export); local folders only."""
@@ -88,8 +87,7 @@ def export_checkpoint(
         load_state(model, consolidated_state(folder, info.tag), info.path)
         staged = Path(scratch) / "export"
         save_pretrained(model, staged / VITPIPE_DIR, labels=info.meta.get("classes"))
-        if isinstance(model.config, ViTConfig):  # HF transformers' layout is written for the ViT only
-            export_hf(model, staged / HF_DIR, labels=info.meta.get("classes"))
+        export_hf_folder(model, staged / HF_DIR, labels=info.meta.get("classes"))
         params = sum(parameter.numel() for parameter in model.parameters())
         facts = card_facts(info.meta, model.config, params, data)
         write_cards(staged, facts)
@@ -99,8 +97,7 @@ def export_checkpoint(
                   "card": facts}  # fmt: skip
         (staged / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         publish_folder(staged, out)
-    hf = join(out, HF_DIR) if isinstance(model.config, ViTConfig) else None
-    return Export(info.step, info.path, join(out, VITPIPE_DIR), hf)
+    return Export(info.step, info.path, join(out, VITPIPE_DIR), join(out, HF_DIR))
 
 
 EXPORT_RECORD = "export.json"  # what an export wrote: the proof that replacing it later touches only ours

@@ -28,14 +28,14 @@ from pipeline.tracking import OFF, StepLogger, TrackingTarget, end, log_artifact
 from pipeline.transfer.data import SplitReader, holdout
 from pipeline.transfer.plan import TEST_SPLIT, TRAIN_SPLIT, TargetPlan, target_architecture
 from pipeline.transfer.report import plot_confusion
-from vit.config import Architecture, ViTConfig
+from vit.config import Architecture
 from vit.evaluate import Classification, evaluate_classifier, extract_features
 from vit.fewshot import fewshot_accuracy, sample_shots
 from vit.finetune import finetune, freeze_backbone
-from vit.hf import HF_DIR, export_hf
+from vit.hf import HF_DIR
 from vit.models import build_model
 from vit.step import use_bf16
-from vit.weights import load_pretrained, read_checkpoint, save_pretrained, state_digest
+from vit.weights import export_hf_folder, load_pretrained, read_checkpoint, save_pretrained, state_digest
 
 RESULT_FILE = "result.json"
 CONFUSION_PLOT = "confusion.png"
@@ -295,8 +295,7 @@ def _publish(
         staged.mkdir()
         if settings.train:
             save_pretrained(model, staged / MODEL_DIR, labels=labels)
-            if isinstance(model.config, ViTConfig):  # HF transformers' layout is the ViT's only
-                export_hf(model, staged / HF_DIR, labels=labels)
+            export_hf_folder(model, staged / HF_DIR, labels=labels)
             result["weights"] = f"{out.rstrip('/')}/{MODEL_DIR}"
         if test is not None:
             title = f"{result['target']} / {result['mode']}: test top-1 {test.top1:.3f}"

@@ -1,0 +1,190 @@
+"""Conversion to and from HF transformers' BiT (`BitForImageClassification`, `BitModel`,
+`layer_type="preactivation"`) without importing it: the third-party reference vit/bit.py is checked against.
+
+The two are the same function: a weight-standardised 7x7/2 stem, a zero-padded 3x3/2 max pool, pre-activation
+bottlenecks with the projection shortcut on the first unit of each stage, a final GroupNorm + ReLU, global
+average pooling. The standardisation's epsilon differs (HF 1e-8, the BiT reference's 1e-10), a difference
+far below fp32's resolution of a trained filter's variance.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vit.bit import ResNetV2
+from vit.config import CONFIG_FILE, DEFAULT_MEAN, DEFAULT_STD, BiTConfig
+from vit.files import Checkpoint, read_config_json, read_json, write_model_folder
+from vit.hf import PREPROCESSOR_FILE, hf_labels, read_hf_state
+from vit.variants import BIT_DEPTHS
+
+_UNIT_PARTS = ("norm1.weight", "norm1.bias", "conv1.weight", "norm2.weight", "norm2.bias", "conv2.weight",
+               "norm3.weight", "norm3.bias", "conv3.weight")  # fmt: skip
+_FIXED = {  # HF config fields whose other values build another network than vit/bit.py's
+    "layer_type": "preactivation",
+    "hidden_act": "relu",
+    "global_padding": None,
+    "embedding_dynamic_padding": False,
+    "output_stride": 32,
+}
+_HF_UNIT = re.compile(r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.(.*)$")
+
+
+def _units(config: BiTConfig) -> list[tuple[int, int]]:
+    """(stage, unit within the stage) of every bottleneck, in the order of ResNetV2.body."""
+    return [(stage, unit) for stage, blocks in enumerate(config.stage_blocks) for unit in range(blocks)]
+
+
+def _name_pairs(config: BiTConfig) -> list[tuple[str, str]]:
+    """(vitpipe name, HF name without `bit.`) of every backbone tensor."""
+    pairs = [("stem.weight", "embedder.convolution.weight"), ("norm.weight", "norm.weight"),
+             ("norm.bias", "norm.bias")]  # fmt: skip
+    for index, (stage, unit) in enumerate(_units(config)):
+        hf_unit = f"encoder.stages.{stage}.layers.{unit}."
+        pairs += [(f"body.{index}.{part}", hf_unit + part) for part in _UNIT_PARTS]
+        if unit == 0:
+            pairs.append((f"body.{index}.downsample.weight", hf_unit + "downsample.conv.weight"))
+    return pairs
+
+
+def to_hf_bit_state_dict(model: ResNetV2) -> dict[str, torch.Tensor]:
+    """vitpipe BiT weights -> `BitForImageClassification` weights."""
+    state = {key: tensor.detach().cpu() for key, tensor in model.state_dict().items()}
+    out = {f"bit.{theirs}": state[ours] for ours, theirs in _name_pairs(model.config)}
+    out["classifier.1.weight"], out["classifier.1.bias"] = state["head.weight"], state["head.bias"]
+    return {key: tensor.contiguous() for key, tensor in out.items()}
+
+
+def from_hf_bit_state_dict(
+    state: dict[str, torch.Tensor], config: BiTConfig, source: str = "HF state"
+) -> dict[str, torch.Tensor]:
+    """`BitForImageClassification` or `BitModel` weights -> vitpipe's ResNetV2 state dict; every HF tensor
+    is used, or the error names those that are not."""
+    backbone = {key.removeprefix("bit."): t for key, t in state.items() if not key.startswith("classifier.")}
+    out: dict[str, torch.Tensor] = {}
+    for ours, theirs in _name_pairs(config):
+        if theirs not in backbone:
+            raise ValueError(f"{source}: HF weight {theirs!r} missing")
+        out[ours] = backbone.pop(theirs)
+    if backbone:
+        leftover = sorted(backbone)
+        raise ValueError(
+            f"{source}: HF weights not understood: {leftover[:8]}{' ...' if len(leftover) > 8 else ''}"
+        )
+    if "classifier.1.weight" in state:
+        out["head.weight"], out["head.bias"] = state["classifier.1.weight"], state["classifier.1.bias"]
+    return {key: tensor.contiguous() for key, tensor in out.items()}
+
+
+def _bit_depth(depths: list[int], source: str) -> int:
+    for depth, blocks in BIT_DEPTHS.items():
+        if tuple(depths) == blocks:
+            return depth
+    known = ", ".join(f"{depth}: {list(blocks)}" for depth, blocks in BIT_DEPTHS.items())
+    raise ValueError(f"{source}: depths {depths} are no BiT depth vitpipe builds ({known})")
+
+
+def bit_config_from_hf(
+    hf_config: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    preprocessor: dict[str, Any] | None,
+    source: str,
+) -> BiTConfig:
+    """The BiTConfig equivalent to an HF BiT config (and its preprocessor's size, mean and std)."""
+    for key, wanted in _FIXED.items():
+        if hf_config.get(key, wanted) != wanted:
+            raise ValueError(f"{source}: {key}={hf_config[key]!r} is not supported (vitpipe's BiT: {wanted})")
+    stem = int(hf_config.get("embedding_size", 64))
+    factor = int(hf_config.get("width_factor", 1))
+    hidden = [int(size) * factor for size in hf_config.get("hidden_sizes", (256, 512, 1024, 2048))]
+    if hidden != [4 * stem * 2**stage for stage in range(4)]:
+        raise ValueError(
+            f"{source}: hidden_sizes {hidden} (x width_factor) are not 4, 8, 16 and 32 times embedding_size "
+            f"{stem}, the only widths vitpipe's BiT builds"
+        )
+    channels = int(hf_config.get("num_channels", 3))
+    mean: tuple[float, ...] = (DEFAULT_MEAN,) * channels
+    std: tuple[float, ...] = (DEFAULT_STD,) * channels
+    image_size = 224
+    if preprocessor:
+        if preprocessor.get("do_normalize", True):
+            mean = tuple(preprocessor.get("image_mean", mean))
+            std = tuple(preprocessor.get("image_std", std))
+        size = preprocessor.get("crop_size") or preprocessor.get("size") or {}
+        image_size = int(size.get("height") or size.get("shortest_edge") or image_size)
+    num_classes = len(hf_config.get("id2label") or {}) or int(hf_config.get("num_labels", 2))
+    if "classifier.1.weight" in state:
+        num_classes = int(state["classifier.1.weight"].shape[0])
+    return BiTConfig(
+        image_size=image_size, patch_size=_patch_size(image_size), channels=channels, num_classes=num_classes,
+        depth=_bit_depth(list(hf_config.get("depths", (3, 4, 6, 3))), source), base_width=stem,
+        groups=int(hf_config.get("num_groups", 32)), mean=mean, std=std,
+    )  # fmt: skip
+
+
+def _patch_size(image_size: int) -> int:
+    """A BiT's patch size is the data's layout only (any fits its weights): 16 where it divides the image."""
+    return next(size for size in (16, 8, 4, 2, 1) if image_size % size == 0)
+
+
+def hf_bit_config_dict(config: BiTConfig, labels: list[str] | None = None) -> dict[str, Any]:
+    """The `config.json` of the equivalent `BitForImageClassification`."""
+    labels = labels or [f"LABEL_{i}" for i in range(config.num_classes)]
+    return {
+        "architectures": ["BitForImageClassification"],
+        "model_type": "bit",
+        "num_channels": config.channels,
+        "embedding_size": config.stem_width,
+        "hidden_sizes": list(config.stage_widths),
+        "depths": list(config.stage_blocks),
+        "num_groups": config.groups,
+        "width_factor": 1,  # the widths above are the model's own
+        **_FIXED,
+        "drop_path_rate": 0.0,
+        "id2label": {str(i): name for i, name in enumerate(labels)},
+        "label2id": {name: i for i, name in enumerate(labels)},
+    }
+
+
+def bit_preprocessor_dict(config: BiTConfig) -> dict[str, Any]:
+    """The `preprocessor_config.json` that makes HF's BitImageProcessor feed this model as vitpipe does."""
+    return {
+        "image_processor_type": "BitImageProcessor",
+        "do_resize": True,
+        "size": {"height": config.image_size, "width": config.image_size},
+        "resample": 2,  # bilinear
+        "do_center_crop": False,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(config.mean),
+        "image_std": list(config.std),
+        "do_convert_rgb": config.channels == 3,
+    }
+
+
+def export_hf_bit(model: ResNetV2, directory: Path, *, labels: list[str] | None = None) -> Path:
+    """Write a folder that `transformers.BitForImageClassification.from_pretrained` loads."""
+    if labels is not None and len(labels) != model.config.num_classes:
+        raise ValueError(f"{len(labels)} labels given for a model with {model.config.num_classes} classes")
+    directory.mkdir(parents=True, exist_ok=True)
+    json_files = {
+        PREPROCESSOR_FILE: bit_preprocessor_dict(model.config),
+        CONFIG_FILE: hf_bit_config_dict(model.config, labels),
+    }
+    write_model_folder(directory, to_hf_bit_state_dict(model), {"format": "pt"}, json_files)
+    return directory
+
+
+def read_hf_bit_checkpoint(directory: Path) -> Checkpoint:
+    """Read an HF BiT folder (as `save_pretrained` writes it) into vitpipe's naming."""
+    hf_config = read_config_json(directory)
+    preprocessor_path = directory / PREPROCESSOR_FILE
+    preprocessor = read_json(preprocessor_path) if preprocessor_path.is_file() else None
+    state, source = read_hf_state(directory)
+    config = bit_config_from_hf(hf_config, state, preprocessor, source)
+    weights = from_hf_bit_state_dict(state, config, source)
+    return Checkpoint(config, weights, hf_labels(hf_config, config.num_classes), source)
