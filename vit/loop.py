@@ -175,4 +175,6 @@ def step_record(
         "mfu": throughput.flops_per_step / seconds / peak if peak else None,
         "step_s": seconds,
         "data_wait_s": waited,
+        # DeepSpeed drops an optimizer step whose gradients overflowed, and says nothing: counted here.
+        "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
     }
