@@ -535,9 +535,13 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+PAPER_FINETUNE_LRS = (0.001, 0.003, 0.01, 0.03)  # the ViT paper's fine-tuning sweep (its Appendix B.1.1)
+
+
 class FinetuneConfig(Section):
-    """Fine-tuning on target datasets, the paper's recipe by default (SGD momentum, no decay, warmup +
-    cosine, clipping at 1); one Ray task per target and mode, all submitted at once."""
+    """Fine-tuning on target datasets, the paper's protocol by default (SGD momentum, no decay, warmup +
+    cosine, clipping at 1, the learning rate chosen from a sweep on a validation split of the target's
+    training data); one Ray task per target, mode and learning rate, all submitted at once."""
 
     # Preprocessed patch directories (paths or URLs), or in a job the names of preprocess entries.
     targets: list[str] = Field(min_length=1)
@@ -548,6 +552,10 @@ class FinetuneConfig(Section):
     batch_size: BatchSize = 512
     micro_batch_size: BatchSize | None = None  # gradient accumulation when it is below batch_size
     optimizer: OptimizerSection = Optimizer(name="sgd", lr=0.03, weight_decay=0.0)
+    # The learning rates fine-tuned at, each its own task; the one of best validation top-1 is reported
+    # (its test accuracy, never the test split's best). Default: the paper's sweep, or the one rate of
+    # `optimizer.lr` when the job sets it.
+    lr_sweep: tuple[PositiveFloat, ...] = Field(PAPER_FINETUNE_LRS, min_length=1)
     schedule: ScheduleSection = Schedule(warmup_steps=50)
     label_smoothing: UnitFraction = 0.0
     # As pretrain's: the resolution fine-tuned at (default: the target's stored one) and the random crop;
@@ -564,6 +572,34 @@ class FinetuneConfig(Section):
     gpus_per_task: NonNegativeFloat = 0.0
     max_retries: NonNegativeInt = 2  # a task whose worker process dies is run again this many times
     seed: NonNegativeInt = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_lr_or_a_sweep(cls, data: Any) -> Any:
+        """`optimizer.lr` alone is a sweep of that one rate. Beside `lr_sweep` it must be one of its rates
+        (a saved config holds both); any other is a contradiction."""
+        if not isinstance(data, dict):
+            return data
+        optimizer = data.get("optimizer")
+        lr = optimizer.get("lr") if isinstance(optimizer, dict) else getattr(optimizer, "lr", None)
+        sweep = data.get("lr_sweep")
+        if lr is None:
+            return data
+        if sweep is None:
+            return {**data, "lr_sweep": [lr]}
+        if isinstance(sweep, (list, tuple)) and lr not in sweep:
+            raise ValueError(
+                f"optimizer.lr {lr} is not in lr_sweep {list(sweep)}: set one rate (optimizer.lr) or the "
+                "rates to choose from on the validation split (lr_sweep)"
+            )
+        return data
+
+    @field_validator("lr_sweep")
+    @classmethod
+    def _sorted_rates(cls, rates: tuple[float, ...]) -> tuple[float, ...]:
+        if len(set(rates)) != len(rates):
+            raise ValueError(f"a rate is listed twice: {list(rates)}")
+        return tuple(sorted(rates))
 
     @field_validator("targets")
     @classmethod
@@ -582,6 +618,11 @@ class FinetuneConfig(Section):
 
     @model_validator(mode="after")
     def _batch_splits(self) -> FinetuneConfig:
+        if len(self.lr_sweep) > 1 and self.val_fraction == 0:
+            raise ValueError(
+                f"lr_sweep {list(self.lr_sweep)} is chosen from on a validation split: set val_fraction > 0 "
+                "(the paper holds out 2% to 10% of train) or a single optimizer.lr"
+            )
         if self.batch_size % self.micro_size:
             raise ValueError(
                 f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_size}"
@@ -592,9 +633,14 @@ class FinetuneConfig(Section):
     def micro_size(self) -> int:
         return self.micro_batch_size or self.batch_size
 
+    def at_rate(self, lr: float) -> FinetuneConfig:
+        """This section for one member of the sweep: fine-tuning at `lr` alone."""
+        optimizer = dataclasses.replace(self.optimizer, lr=lr)
+        return self.model_copy(update={"optimizer": optimizer, "lr_sweep": (lr,)})
+
     def recipe(self, input_size: int | None = None) -> Recipe:
-        """The fine-tuning recipe (no mixup) on images stored at `input_size`; `bf16: auto` is decided in the
-        task, which sees the device."""
+        """The fine-tuning recipe (no mixup) on images stored at `input_size` at `optimizer.lr` (one member of
+        the sweep: see `at_rate`); `bf16: auto` is decided in the task, which sees the device."""
         return Recipe(
             optimizer=self.optimizer,
             schedule=self.schedule,

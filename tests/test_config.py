@@ -204,11 +204,13 @@ def test_a_model_section_names_its_family_and_job_files_without_one_mean_a_vit()
 def test_finetune_defaults_are_the_papers_recipe_and_accumulation_splits_the_batch():
     from pipeline.config import FinetuneConfig
 
-    recipe = FinetuneConfig(targets=["d"], batch_size=512, micro_batch_size=128).recipe()
+    config = FinetuneConfig(targets=["d"], batch_size=512, micro_batch_size=128)
+    assert config.lr_sweep == (0.001, 0.003, 0.01, 0.03)  # the paper's sweep, chosen on validation
+    recipe = config.at_rate(0.01).recipe()
     sgd = recipe.optimizer
     assert (sgd.name, sgd.lr, sgd.momentum, sgd.weight_decay, sgd.grad_clip) == (
         "sgd",
-        0.03,
+        0.01,
         0.9,
         0.0,
         1.0,
@@ -216,6 +218,36 @@ def test_finetune_defaults_are_the_papers_recipe_and_accumulation_splits_the_bat
     assert (recipe.schedule.decay, recipe.schedule.warmup_steps, recipe.total_steps) == ("cosine", 50, 500)
     assert (recipe.micro_batch_size, recipe.grad_accum, recipe.mixup_alpha) == (128, 4, 0.0)
     assert FinetuneConfig(targets=["d"]).recipe().grad_accum == 1
+
+
+@pytest.mark.parametrize(
+    ("finetune", "expected"),
+    [
+        ("{targets: [d]}", (0.001, 0.003, 0.01, 0.03)),
+        ("{targets: [d], optimizer: {lr: 0.02}}", (0.02,)),  # a job's one rate stays one rate
+        ("{targets: [d], lr_sweep: [0.1, 0.01]}", (0.01, 0.1)),
+        ("{targets: [d], lr_sweep: [0.1, 0.01], optimizer: {lr: 0.01}}", (0.01, 0.1)),  # a saved config
+    ],
+)
+def test_the_finetune_rates_are_the_sweep_or_the_jobs_one_rate(tmp_path, finetune, expected):
+    job = f"name: x\nfinetune: {finetune}\n"
+    assert load_config(write(tmp_path, job)).finetune.lr_sweep == expected
+
+
+@pytest.mark.parametrize(
+    ("finetune", "message"),
+    [
+        (
+            "{targets: [d], lr_sweep: [0.1, 0.01], optimizer: {lr: 0.3}}",
+            "optimizer.lr 0.3 is not in lr_sweep",
+        ),
+        ("{targets: [d], lr_sweep: [0.1, 0.1]}", r"a rate is listed twice: \[0.1, 0.1\]"),
+        ("{targets: [d], lr_sweep: []}", "finetune.lr_sweep: Tuple should have at least 1 item"),
+        ("{targets: [d], val_fraction: 0.0}", r"lr_sweep \[0.001, 0.003, 0.01, 0.03\] is chosen from on a "),
+    ],
+)
+def test_a_sweep_that_cannot_be_chosen_from_is_refused(tmp_path, finetune, message):
+    assert re.search(message, errors_of(tmp_path, f"name: x\nfinetune: {finetune}\n"))
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """Transfer end to end, as users run it: `vitpipe pretrain` makes a tiny ViT on the fractal corpus at 16px
 (conftest's `zero2_run`), then `vitpipe finetune` fine-tunes and evaluates it on digits at 32px (and 24px)
-as parallel Ray tasks."""
+as parallel Ray tasks, one per (target, mode, learning rate), the rate chosen on the validation split."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ FINETUNE = {
     "targets": ["digits"],
     "steps": 300,
     "batch_size": 64,
-    "optimizer": {"name": "sgd", "lr": 0.03, "momentum": 0.9, "weight_decay": 0.0, "grad_clip": 1.0},
+    "optimizer": {"name": "sgd", "momentum": 0.9, "weight_decay": 0.0, "grad_clip": 1.0},
+    "lr_sweep": [0.003, 0.03],  # the paper's protocol, two of its four rates
     "schedule": {"warmup_steps": 30, "decay": "cosine"},
     "flip": False,  # digits are not mirror-symmetric
     "log_every": 20,
@@ -91,10 +92,52 @@ def test_pretrained_tiny_vit_fine_tunes_on_digits_far_above_chance(digits_run):
     assert "| target | mode | fine-tune top-1 (%) | top-5 (%) | 10-shot linear (%) |" in markdown
     assert f"| digits | pretrained | {100 * pretrained['top1']:.1f} |" in markdown
     assert (digits_run / "results.png").stat().st_size > 10_000
-    assert (digits_run / "digits" / "pretrained" / "confusion.png").stat().st_size > 10_000
-    confusion = np.array(json.loads((digits_run / "digits" / "pretrained" / "confusion.json").read_text()))
+    assert Path(pretrained["confusion_plot"]).stat().st_size > 10_000
+    confusion = np.array(
+        json.loads((Path(pretrained["confusion_plot"]).parent / "confusion.json").read_text())
+    )
     assert confusion.sum() == pretrained["test_samples"] == 360
     assert np.trace(confusion) / confusion.sum() == pytest.approx(pretrained["top1"])
+
+
+def member_results(group: Path) -> dict[float, dict]:
+    """The sweep's members' own result.json files, by rate (what each task wrote, not the summary)."""
+    return {
+        result["lr"]: result
+        for result in (json.loads(path.read_text()) for path in sorted(group.glob("lr-*/result.json")))
+    }
+
+
+def test_each_rate_fine_tunes_in_its_own_task_and_validation_picks_the_reported_one(digits_run):
+    document = json.loads((digits_run / "results.json").read_text())
+    for reported in document["results"]:
+        group = digits_run / "digits" / reported["mode"]
+        members = member_results(group)
+        assert sorted(members) == [0.003, 0.03]
+        # The chosen rate is the member of best validation top-1; its test numbers and weights are reported.
+        best = max(members.values(), key=lambda r: r["val_top1"])
+        assert reported["lr"] == best["lr"]
+        assert (reported["top1"], reported["weights"]) == (best["top1"], best["weights"])
+        assert reported["weights"].startswith(str(group / f"lr-{best['lr']:g}"))
+        assert reported["lr_chosen_by"] == "val_top1"
+        assert [(e["lr"], e["val_top1"]) for e in reported["lr_sweep"]] == [
+            (lr, members[lr]["val_top1"]) for lr in (0.003, 0.03)
+        ]
+        assert "top1" not in reported["lr_sweep"][0]  # the sweep records no test number to choose by
+        assert json.loads((group / "result.json").read_text()) == reported
+        # Each member trained at its own rate (its records' peak lr) in its own task, with its own log.
+        for lr in members:
+            records = read_records(str(group / f"lr-{lr:g}"))
+            assert max(r["lr"] for r in records if "lr" in r) == pytest.approx(
+                lr, rel=0.05
+            )  # logged near peak
+            assert next(r["event"] for r in records if "event" in r) == "started"  # the task's own log
+        # The few-shot probe of the starting weights ran once, in the lowest rate's task.
+        assert members[0.003]["fewshot"] is not None
+        assert members[0.03]["fewshot"] is None
+        assert reported["fewshot"] == members[0.003]["fewshot"]
+    markdown = (digits_run / "results.md").read_text()
+    assert "Learning rate chosen on the validation split" in markdown
 
 
 def test_pretrained_fine_tuning_starts_from_the_exported_weights(digits_run, pretrained):
@@ -120,7 +163,7 @@ def test_exported_weights_are_the_evaluated_model_at_the_new_resolution(
     assert test.top1 == pytest.approx(result["top1"])
     from transformers import ViTForImageClassification
 
-    hf = ViTForImageClassification.from_pretrained(digits_run / "digits" / "pretrained" / "hf").eval()
+    hf = ViTForImageClassification.from_pretrained(Path(result["weights"]).parent / "hf").eval()
     patches, _ = next(SplitReader(digits_patches, "test").batches(8))
     pixels = torch.as_tensor(patches).view(8, 8, 8, 4, 4, 3).permute(0, 5, 1, 3, 2, 4).reshape(8, 3, 32, 32)
     with torch.no_grad():
@@ -168,6 +211,7 @@ def test_two_targets_run_in_parallel_and_a_killed_task_does_not_lose_the_other(
         targets=["digits32", "digits24"],
         modes=["pretrained"],
         steps=400,
+        lr_sweep=[0.03],
         max_retries=1,
     )
     command = [
@@ -177,7 +221,9 @@ def test_two_targets_run_in_parallel_and_a_killed_task_does_not_lose_the_other(
     with subprocess.Popen(
         command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as run:
-        killed = _kill_task_after_a_step(tmp_path / "out" / "digits24" / "pretrained", "digits24", run)
+        killed = _kill_task_after_a_step(
+            tmp_path / "out" / "digits24" / "pretrained" / "lr-0.03", "digits24", run
+        )
         _, stderr = run.communicate(timeout=400)
     assert killed, "no running digits24 task was found to kill"
     assert run.returncode == 0, stderr[-3000:]
@@ -190,7 +236,7 @@ def test_two_targets_run_in_parallel_and_a_killed_task_does_not_lose_the_other(
     started = {
         target: [
             r
-            for r in read_records(str(tmp_path / "out" / target / "pretrained"))
+            for r in read_records(str(tmp_path / "out" / target / "pretrained" / "lr-0.03"))
             if r.get("event") == "started"
         ]
         for target in results
@@ -199,7 +245,7 @@ def test_two_targets_run_in_parallel_and_a_killed_task_does_not_lose_the_other(
     assert len(started["digits32"]) == 1  # untouched by the other task's death
     finished_32 = next(
         r
-        for r in read_records(str(tmp_path / "out" / "digits32" / "pretrained"))
+        for r in read_records(str(tmp_path / "out" / "digits32" / "pretrained" / "lr-0.03"))
         if r.get("event") == "finished"
     )
     assert (

@@ -28,7 +28,7 @@ JOB = {
     "name": "checks",
     "finetune": {
         "targets": ["digits"], "modes": ["pretrained"], "steps": 4, "batch_size": 32,
-        "val_fraction": 0.0, "flip": False,
+        "val_fraction": 0.0, "flip": False, "optimizer": {"name": "sgd", "lr": 0.03},  # one rate: no hold-out
     },
     "evaluate": {"shots": [1, 5], "seeds": 1},
 }  # fmt: skip

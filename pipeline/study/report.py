@@ -68,11 +68,19 @@ def write_study_results(
     return document
 
 
+def chosen_rates(summary: dict[str, Any]) -> dict[str, float]:
+    """{target: the fine-tuning rate its validation split chose} of one point."""
+    return {r["target"]: r["lr"] for r in summary.get("results", []) if r.get("lr") is not None}
+
+
 def markdown_table(points: list[dict[str, Any]]) -> str:
-    """Every point: size, model, seed, params, pretraining FLOPs and steps, and its accuracies (%)."""
+    """Every point: size, model, seed, params, pretraining FLOPs and steps, its accuracies (%) and the
+    fine-tuning rate chosen on each target's validation split."""
     metrics = sorted({(t, m) for p in points for t, values in point_metrics(p).items() for m in values},
                      key=lambda tm: (tm[0], metric_order(tm[1])))  # fmt: skip
-    header = ["size", "model", "seed", "params", "pretrain FLOPs", "steps", *(f"{t} {m}" for t, m in metrics)]
+    targets = sorted({t for p in points for t in chosen_rates(p)})
+    header = ["size", "model", "seed", "params", "pretrain FLOPs", "steps", *(f"{t} {m}" for t, m in metrics),
+              *(f"{t} lr (val)" for t in targets)]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for point in sorted(points, key=lambda p: (p["size"], p["model"], p["seed"])):
         values = point_metrics(point)
@@ -88,8 +96,11 @@ def markdown_table(points: list[dict[str, Any]]) -> str:
             cells += [f"{point.get('status', 'not run')}: {point.get('error') or ''}".strip(": ")] * len(
                 metrics
             )
+            cells += ["—"] * len(targets)
         else:
             cells += [_percent(values.get(t, {}).get(m)) for t, m in metrics]
+            rates = chosen_rates(point)
+            cells += [f"{rates[t]:g}" if t in rates else "—" for t in targets]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -18,9 +18,10 @@ from pipeline.console import detail, say
 from pipeline.metrics import METRICS_FILE
 from pipeline.ray_session import check_resources, connect_ray
 from pipeline.storage import join, local_folder, publish_folder, remove_folder, resolve
-from pipeline.tracking import OFF, TrackingTarget, end, open_child
+from pipeline.tracking import OFF, StepLogger, TrackingTarget, end, open_child
 from pipeline.transfer.plan import TargetError, TargetPlan, check_fits, plan_target, target_architecture
 from pipeline.transfer.report import RESULTS_MD, write_results
+from pipeline.transfer.sweep import choose, is_member_folder, member_folder, write_group_result
 from pipeline.transfer.task import RESULT_FILE, TaskSettings, transfer_task
 from vit.config import Architecture
 
@@ -98,13 +99,14 @@ def _model_for(model: AnyModel | None, target: TargetPlan) -> Architecture:
 
 
 def _refuse_foreign(folder: str) -> None:
-    """A (target, mode) folder is replaced only when it is a task's: empty, or holding the metrics a task
-    writes first or the result.json it writes last. Anything else there is named and kept."""
+    """A (target, mode) folder is replaced only when it is vitpipe's: empty, holding the metrics a task
+    writes first or the result.json written last, or only the sweep's member folders. Anything else there
+    is named and kept."""
     filesystem, path = resolve(folder)
     if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
         return
     names = {info.base_name for info in filesystem.get_file_info(pafs.FileSelector(path))}
-    if names and not names & {RESULT_FILE, METRICS_FILE}:
+    if names and not names & {RESULT_FILE, METRICS_FILE} and not all(map(is_member_folder, names)):
         shown = ", ".join(sorted(names)[:5])
         raise FileExistsError(
             f"{folder}: holds files a vitpipe fine-tuning task did not write ({shown}); vitpipe replaces "
@@ -198,45 +200,108 @@ def _run_tasks(
     train: bool,
     tracking: TrackingTarget = OFF,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Submit every run, then collect each as it finishes; a failed task becomes a failure entry."""
-    remote = ray.remote(transfer_task)
+    """Submit every (target, mode, rate), collect each as it finishes, then each (target, mode)'s result:
+    its member of best validation top-1 (`sweep.choose`). A failed task becomes a failure entry; a
+    (target, mode) is reported from the members that finished."""
+    groups = [join(out, target.name, mode) for target, mode, _ in runs]
+    for group in groups:
+        _refuse_foreign(group)
+    pending: dict[Any, tuple[str, str, float | None, TrackingTarget]] = {}
+    parents: dict[tuple[str, str], TrackingTarget] = {}
+    for (target, mode, architecture), group in zip(runs, groups, strict=True):
+        remove_folder(group)  # a new command starts afresh; a retried task appends to its log
+        params = {"target": target.name, "mode": mode, "weights": weights, "train": train,
+                  "finetune": finetune.model_dump(mode="json")}  # fmt: skip
+        parent = open_child(tracking, f"{target.name}/{mode}", f"{target.name}/{mode}", params)
+        parents[target.name, mode] = parent
+        for index, lr in enumerate(finetune.lr_sweep if train else (None,)):
+            member = _member_settings(finetune, evaluate, (target, mode, architecture), weights, train, group,
+                                      parent, lr, probe=index == 0)  # fmt: skip
+            pending[_submit(member, finetune)] = (target.name, mode, lr, member.tracking)
+    detail(f"transfer: {len(pending)} task(s) submitted")
+    members, failures = _gather(pending)
+    results = []
+    for (target, mode), parent in parents.items():
+        finished = [r for r in members if (r["target"], r["mode"]) == (target, mode)]
+        if not finished:
+            end(parent, "FAILED")
+            continue
+        result = choose(finished) if train else finished[0]
+        if train:
+            write_group_result(join(out, target, mode), result)
+            _track_choice(parent, result)
+        results.append(result)
+    return results, failures
+
+
+def _member_settings(
+    finetune: FinetuneConfig,
+    evaluate: EvaluateConfig | None,
+    run: tuple[TargetPlan, str, Architecture],
+    weights: str | None,
+    train: bool,
+    group: str,
+    parent: TrackingTarget,
+    lr: float | None,
+    *,
+    probe: bool,
+) -> TaskSettings:
+    """One task's settings: the sweep's member at `lr` in its own folder and tracking run (evaluating
+    alone, `lr` None: the group's folder and run)."""
+    target, mode, architecture = run
+    if lr is None:
+        return TaskSettings(target, mode, weights, architecture, train, finetune, evaluate, group, parent)
+    tracking = open_child(parent, f"lr={lr:g}", f"{target.name}/{mode}/lr={lr:g}", {"lr": lr})
+    folder = member_folder(group, lr)
+    return TaskSettings(target, mode, weights, architecture, train, finetune.at_rate(lr), evaluate, folder,
+                        tracking, probe)  # fmt: skip
+
+
+def _submit(settings: TaskSettings, finetune: FinetuneConfig) -> Any:
     options = {
         "num_cpus": finetune.cpus_per_task,
         "num_gpus": finetune.gpus_per_task,
         "max_retries": finetune.max_retries,
         "retry_exceptions": False,  # a bad target fails the same way again; only a lost worker is retried
     }
-    folders = [join(out, target.name, mode) for target, mode, _ in runs]
-    for folder in folders:
-        _refuse_foreign(folder)
-    pending = {}
-    for (target, mode, architecture), folder in zip(runs, folders, strict=True):
-        params = {"target": target.name, "mode": mode, "weights": weights, "train": train,
-                  "finetune": finetune.model_dump(mode="json")}  # fmt: skip
-        child = open_child(tracking, f"{target.name}/{mode}", f"{target.name}/{mode}", params)
-        settings = TaskSettings(target, mode, weights, architecture, train, finetune, evaluate, folder, child)
-        remove_folder(settings.out)  # a new command starts afresh; a retried task appends to its log
-        ref = remote.options(name=f"transfer:{target.name}/{mode}", **options).remote(settings)
-        pending[ref] = (target.name, mode, child)
-    detail(f"transfer: {len(pending)} task(s) submitted")
+    name = f"transfer:{settings.label.replace(' lr ', '/lr=')}"
+    return ray.remote(transfer_task).options(name=name, **options).remote(settings)
+
+
+def _gather(
+    pending: dict[Any, tuple[str, str, float | None, TrackingTarget]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every task's result as it finishes; a failed one becomes a failure entry naming its rate."""
     started = time.perf_counter()
     results, failures = [], []
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
-        target, mode, child = pending.pop(ready[0])
+        target, mode, lr, child = pending.pop(ready[0])
+        label = f"{target}/{mode}" + (f" lr {lr:g}" if lr is not None else "")
         elapsed = time.perf_counter() - started
         try:
             result = ray.get(ready[0])
         except ray.exceptions.RayError as error:
             cause = getattr(error, "cause", None)
             message = f"{type(cause).__name__}: {cause}" if cause is not None else str(error).strip()
-            failures.append({"target": target, "mode": mode, "error": message})
+            failures.append({"target": target, "mode": mode, "lr": lr, "error": message})
             end(child, "FAILED")
-            say(f"transfer: {target}/{mode} FAILED after {elapsed:.0f}s: {message}", err=True)
+            say(f"transfer: {label} FAILED after {elapsed:.0f}s: {message}", err=True)
             continue
         results.append(result)
         top1 = f"test top-1 {result['top1']:.4f}" if result.get("top1") is not None else "evaluated"
-        detail(
-            f"transfer: {target}/{mode} done after {elapsed:.0f}s, {top1}"
-        )  # its last progress line said so
+        detail(f"transfer: {label} done after {elapsed:.0f}s, {top1}")  # its last progress line said so
     return results, failures
+
+
+def _track_choice(parent: TrackingTarget, result: dict[str, Any]) -> None:
+    """The chosen rate and its scores into the (target, mode)'s tracking run, which then ends."""
+    if not parent.enabled:
+        return
+    scores = {"lr": result["lr"], "val_top1": result.get("val_top1"), "test_top1": result.get("top1")}
+    for shots, entry in (result.get("fewshot") or {}).items():
+        scores[f"fewshot_{shots}shot"] = entry.get("mean")
+    logger = StepLogger(parent)
+    logger.log({"step": result.get("steps", 0), **{k: v for k, v in scores.items() if v is not None}})
+    logger.close()
+    end(parent, "FINISHED")

@@ -68,18 +68,25 @@ def markdown_table(document: dict[str, Any]) -> str:
     headline = headline_shots(shots) if shots else None
     seeds = document["evaluate"]["seeds"] if document.get("evaluate") else 0
     fewshot_header = f" {headline}-shot linear (%) |" if headline else ""
+    header = (
+        f"| target | mode | fine-tune top-1 (%) | top-5 (%) |{fewshot_header} lr | best step / steps | time |"
+    )
     lines = [
-        f"| target | mode | fine-tune top-1 (%) | top-5 (%) |{fewshot_header} best step / steps | time |",
-        "| --- | --- | --- | --- |" + (" --- |" if headline else "") + " --- | --- |",
+        header,
+        "| --- | --- | --- | --- |" + (" --- |" if headline else "") + " --- | --- | --- |",
     ]
     for r in document["results"]:
         fewshot = f" {_fewshot_cell((r.get('fewshot') or {}).get(str(headline)))} |" if headline else ""
         budget = f"{r['best_step']} / {r['steps']}" if "steps" in r else "—"
+        lr = f"{r['lr']:g}" if r.get("lr") is not None else "—"
         lines.append(
             f"| {r['target']} | {r['mode']} | {_percent(r.get('top1'))} | {_percent(r.get('top5'))} |"
-            f"{fewshot} {budget} | {r['seconds']:.0f} s |"
+            f"{fewshot} {lr} | {budget} | {r['seconds']:.0f} s |"
         )
     parts = ["\n".join(lines)]
+    sweeps = [r for r in document["results"] if len(r.get("lr_sweep") or ()) > 1]
+    if sweeps:
+        parts.append(_sweep_table(sweeps))
     if shots and seeds:
         parts.append(_fewshot_table(document["results"], shots, seeds))
     if document["best"]:
@@ -95,6 +102,24 @@ def markdown_table(document: dict[str, Any]) -> str:
         ]
         parts.append("Failed:\n\n" + "\n".join(failed))
     return "\n\n".join(parts) + "\n"
+
+
+def _sweep_table(results: list[dict[str, Any]]) -> str:
+    """Each (target, mode)'s validation top-1 at every rate of the sweep; the chosen rate in bold."""
+    rates = sorted({entry["lr"] for r in results for entry in r["lr_sweep"]})
+    lines = [
+        "Learning rate chosen on the validation split (top-1 %, held out of train; test reported at the "
+        "chosen rate only):",
+        "",
+        "| target | mode | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |",
+        "| --- | --- |" + " --- |" * len(rates),
+    ]
+    for r in results:
+        scores = {entry["lr"]: entry.get("val_top1") for entry in r["lr_sweep"]}
+        cells = [_percent(scores.get(lr)) if lr in scores else "" for lr in rates]
+        cells = [f"**{cell}**" if lr == r["lr"] else cell for lr, cell in zip(rates, cells, strict=True)]
+        lines.append(f"| {r['target']} | {r['mode']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _fewshot_table(results: list[dict[str, Any]], shots: list[int], seeds: int) -> str:

@@ -1,8 +1,10 @@
-"""One target dataset in one mode, run as one Ray task: the few-shot probe of the starting weights,
-fine-tuning with a validation hold-out, the test evaluation of the best weights, and their export.
+"""One target dataset in one mode at one learning rate, run as one Ray task: the few-shot probe of the
+starting weights (by one task of the sweep), fine-tuning with a validation hold-out, the test evaluation
+of the best weights, and their export.
 
-Everything the task writes goes to its own folder, `OUT/TARGET/MODE/`; `result.json` is written last, so
-a folder that has one is complete. A task that dies is run again by Ray from the start.
+Everything the task writes goes to its own folder, `OUT/TARGET/MODE/lr-RATE/` (`OUT/TARGET/MODE/` when it
+only evaluates); `result.json` is written last, so a folder that has one is complete. A task that dies is
+run again by Ray from the start.
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ class TaskSettings:
     evaluate: EvaluateConfig | None
     out: str
     tracking: TrackingTarget = OFF  # this task's tracking run
+    probe: bool = True  # run the few-shot probe of the starting weights (one task of a sweep does)
+
+    @property
+    def label(self) -> str:
+        """`digits/pretrained lr 0.003`: how progress lines and logs name the task."""
+        rate = f" lr {self.finetune.optimizer.lr:g}" if self.train else ""
+        return f"{self.target.name}/{self.mode}{rate}"
 
     @property
     def eval_batch_size(self) -> int:
@@ -76,7 +85,7 @@ def _run(settings: TaskSettings) -> dict[str, Any]:
     torch.set_num_threads(max(1, int(settings.finetune.cpus_per_task)))
     torch.manual_seed(settings.finetune.seed)
     target, mode = settings.target, settings.mode
-    label = f"{target.name}/{mode}"
+    label = settings.label
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = use_bf16(settings.finetune.bf16, device)
     metrics = MetricsLog(settings.out, settings.tracking)
@@ -90,7 +99,7 @@ def _run(settings: TaskSettings) -> dict[str, Any]:
 
     probe_model = _starting_model(settings, keep_pre_logits=True).to(device)
     fewshot = None
-    if settings.evaluate is not None:
+    if settings.evaluate is not None and settings.probe:
         fewshot = fewshot_table(probe_model, train_reader, test_reader, num_classes, settings, device)
         detail(f"{label}: few-shot linear " + _describe_fewshot(fewshot))
 
@@ -254,6 +263,7 @@ def _finetune(
     model.load_state_dict(outcome.best_state)
     images_per_s = [r["images_per_s"] for r in outcome.records if r.get("images_per_s")]
     return {
+        "lr": config.optimizer.lr,
         "steps": recipe.total_steps,
         "best_step": outcome.best_step,
         "val_top1": outcome.best_score,
