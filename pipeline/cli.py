@@ -222,6 +222,14 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="redo this stage even if cached (repeatable)",
     )
     parser.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    parser.add_argument(
+        "--point",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="run only this study point (n0000010000-vit-seed0; repeatable) and what it reads, no report; "
+        "--force study redoes it",
+    )
 
 
 def _add_jobs_address(parser: argparse.ArgumentParser) -> None:
@@ -304,7 +312,7 @@ def run_command(args: argparse.Namespace) -> int:
     from pipeline.runner.execute import run_job
     from pipeline.runner.plan import RunOptions
 
-    options = RunOptions(args.from_stage, tuple(args.force), args.until)
+    options = RunOptions(args.from_stage, tuple(args.force), args.until, tuple(args.point))
     summary = run_job(args.config, run_dir=args.run_dir, options=options, address=args.address)
     if summary.failed or args.verbose:
         say("\n" + summary.table())
@@ -373,7 +381,7 @@ def submit_command(args: argparse.Namespace) -> int:
         if not separator or not key:
             raise ConfigError(f"vitpipe submit: --env expects KEY=VALUE, got {option!r}")
         env[key] = value
-    options = RunOptions(args.from_stage, tuple(args.force), args.until)
+    options = RunOptions(args.from_stage, tuple(args.force), args.until, tuple(args.point))
     submission = submit(
         args.config, address=args.address, run_dir=args.run_dir, name=args.name, options=options, env=env,
         verbose=args.verbose,

@@ -184,6 +184,11 @@ def assert_tracked(uri: str, run: Path, killed_at: int) -> None:
     }
     assert set(tasks) == {"digits/pretrained", "digits/scratch"}
     assert all(task.info.status == "FINISHED" and "test_top1" in task.data.metrics for task in tasks.values())
+    members = [
+        r for r in runs if r.data.tags.get("mlflow.parentRunId") == tasks["digits/pretrained"].info.run_id
+    ]
+    assert [r.info.run_name for r in members] == ["digits/pretrained/lr=0.03"]  # the job's one rate
+    assert tasks["digits/pretrained"].data.metrics["lr"] == 0.03
     assert {a.path for a in client.list_artifacts(children["finetune"].info.run_id)} >= {
         "results.md",
         "results.png",
@@ -191,9 +196,10 @@ def assert_tracked(uri: str, run: Path, killed_at: int) -> None:
     assert "report.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     offline = [re.match(r"offline-run-\d+_\d+-(\w+)", folder.name).group(1)
                for folder in (run / "tracking" / "wandb").glob("offline-run-*")]  # fmt: skip
-    # W&B: a run per child that logged something (pretrain, finetune, its two tasks, report), and the
-    # pretraining's one id for both launches and its artifacts
-    assert len(set(offline)) == 5
+    # W&B: a run per child that logged something (pretrain, finetune, its two (target, mode) runs with
+    # their chosen rate, the one rate's task under each, report), and the pretraining's one id for both
+    # launches and its artifacts
+    assert len(set(offline)) == 7
     assert max(offline.count(run_id) for run_id in offline) >= 3
 
 

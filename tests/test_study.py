@@ -18,8 +18,10 @@ import yaml
 from pipeline.config import ConfigError
 from pipeline.metrics import read_records
 from pipeline.preprocess.manifest import patch_files
-from pipeline.runner.plan import load_plan
+from pipeline.runner.execute import point_steps
+from pipeline.runner.plan import RunOptions, load_plan
 from pipeline.study.plan import SCRATCH, Point
+from pipeline.study.report import write_study_results
 from pipeline.study.subsets import draw_subsets, read_subset
 from tests.conftest import REPO, VITPIPE
 from vit.flops import train_flops
@@ -75,6 +77,52 @@ def test_a_study_is_planned_as_concurrent_points_reading_nested_subsets(tmp_path
     assert points[-1].settings["finetune"]["modes"] == ["scratch"]
     assert "pretrain" not in ids
     assert "finetune" not in ids
+
+
+def test_one_point_runs_alone_with_the_steps_it_reads_and_no_report(tmp_path):
+    plan = load_plan(SMOKE, str(tmp_path / "run"))
+    steps = point_steps(plan, ("n0000000100-bit-seed0",))
+    assert [step.id for step in steps] == [
+        "datasets:fractals", "datasets:digits", "preprocess:fractals", "preprocess:digits", "study:subsets",
+        "study:n0000000100-bit-seed0",
+    ]  # fmt: skip
+    scratch = point_steps(plan, ("scratch-vit-seed0", "scratch-bit-seed0"))
+    assert [step.id for step in scratch][-2:] == ["study:scratch-vit-seed0", "study:scratch-bit-seed0"]
+    assert "study:subsets" not in [step.id for step in scratch]  # a scratch point reads no subset
+    with pytest.raises(
+        ConfigError, match=r"no study point n0000000100-vit-seed7; its points are n0000000400"
+    ):
+        point_steps(plan, ("n0000000100-vit-seed7",))
+    with pytest.raises(ConfigError, match="--point runs those study points alone: drop --from and --until"):
+        RunOptions(until="study", points=("scratch-vit-seed0",)).check()
+
+
+def test_the_curves_are_each_sizes_mean_and_spread_over_seeds_of_the_points_own_results(tmp_path):
+    rng = np.random.default_rng(0)
+    points = []
+    for size in (0, 100, 1000):
+        for seed in (0, 1, 2):
+            top1, five = rng.uniform(0.3, 0.9, 2)
+            result = {"target": "digits", "top1": top1, "lr": 0.01, "fewshot": {"5": {"mean": five}}}
+            points.append({"point": f"{size}-{seed}", "size": size, "model": "vit", "seed": seed,
+                           "status": "done", "results": [result]})  # fmt: skip
+    points.append({"point": "failed", "size": 100, "model": "vit", "seed": 3, "status": "failed",
+                   "results": [{"target": "digits", "top1": 0.0}]})  # fmt: skip
+    document = write_study_results(points, tmp_path, {})
+    drawn = json.loads((tmp_path / "transfer_vs_data.json").read_text())
+    readers = {"finetune top-1": lambda r: r["top1"], "5-shot linear": lambda r: r["fewshot"]["5"]["mean"]}
+    for metric, read in readers.items():
+        curve = document["curves"]["digits"][metric]["vit"]
+        for entry in curve:
+            values = [
+                read(p["results"][0]) for p in points if p["size"] == entry["size"] and p["status"] == "done"
+            ]
+            assert (entry["mean"], entry["std"], entry["seeds"]) == (
+                pytest.approx(np.mean(values)), pytest.approx(np.std(values)), 3)  # fmt: skip
+        panel = drawn[f"digits: {metric}"]
+        assert panel["vit"]["y"] == pytest.approx([100 * e["mean"] for e in curve[1:]])
+        assert panel["vit"]["yerr"] == pytest.approx([100 * e["std"] for e in curve[1:]])
+        assert panel["vit from scratch"]["y"] == pytest.approx([100 * curve[0]["mean"]])
 
 
 @pytest.mark.parametrize(
@@ -139,9 +187,9 @@ def assert_hf_bit_export_agrees(vitpipe_folder: Path, hf_folder: Path) -> None:
                                    atol=1e-4, rtol=0)  # fmt: skip
 
 
-def run_smoke(run: Path) -> subprocess.CompletedProcess[str]:
+def run_smoke(run: Path, job: Path = SMOKE, *options: str) -> subprocess.CompletedProcess[str]:
     address = ray.get_runtime_context().gcs_address
-    command = [*VITPIPE, "run", str(SMOKE), "--run-dir", str(run), "--address", address]
+    command = [*VITPIPE, "run", str(job), "--run-dir", str(run), "--address", address, *options]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
@@ -149,17 +197,102 @@ def statuses(run: Path) -> dict[str, str]:
     return {step["step"]: step["status"] for step in json.loads((run / "run.json").read_text())["steps"]}
 
 
+def task_results(run: Path) -> dict[str, dict]:
+    """Each finished point's (target, mode) result as its transfer wrote it, not as the report read it."""
+    found = {}
+    for path in sorted((run / "study").glob("*/transfer/digits/*/result.json")):
+        found[path.parts[-5]] = json.loads(path.read_text())
+    return found
+
+
+def assert_curves_are_the_points_own(run: Path, results: dict) -> None:
+    """results.json's curves and the figure's drawn values are the mean and spread over seeds of what each
+    point's own transfer task measured (one seed here: the value, spread 0)."""
+    own = task_results(run)
+    drawn = json.loads((run / "report" / "transfer_vs_data.json").read_text())
+    readers = {"finetune top-1": lambda r: r["top1"], "5-shot linear": lambda r: r["fewshot"]["5"]["mean"]}
+    for model in ("vit", "bit"):
+        for metric, read in readers.items():
+            by_size = {}
+            for name, result in own.items():
+                size, family = (0 if name.startswith("scratch") else int(name[1:11])), name.split("-")[1]
+                if family == model:
+                    by_size.setdefault(size, []).append(read(result))
+            curve = results["curves"]["digits"][metric][model]
+            assert [e["size"] for e in curve] == sorted(by_size)
+            for entry in curve:
+                values = by_size[entry["size"]]
+                assert entry["mean"] == pytest.approx(float(np.mean(values)))
+                assert entry["std"] == pytest.approx(float(np.std(values)))
+            panel = drawn[f"digits: {metric}"]
+            pretrained = [e for e in curve if e["size"]]
+            assert panel[model]["x"] == [e["size"] for e in pretrained]
+            assert panel[model]["y"] == pytest.approx([100 * e["mean"] for e in pretrained])
+            assert panel[model]["yerr"] == pytest.approx([100 * e["std"] for e in pretrained], abs=1e-9)
+            assert panel[f"{model} from scratch"]["y"] == pytest.approx([100 * curve[0]["mean"]])
+
+
+def assert_fine_tuning_started_from_the_engines_final_weights(point: dict) -> None:
+    """The pretrained point's fine-tuning started from its pretraining engine's last weights: DeepSpeed's
+    own zero_to_fp32 of the last checkpoint, tensor by tensor, against the model whose digest the task
+    recorded as its start (the export read by vitpipe's loader, adapted to digits with a new head)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    last = sorted(Path(point["run"]).glob("checkpoint_*"))[-1]
+    tag = json.loads((last / "vitpipe.json").read_text())["tag"]
+    engine_weights = get_fp32_state_dict_from_zero_checkpoint(str(last), tag=tag)
+    started = load_pretrained(point["weights"], num_classes=10)
+    assert point["results"][0]["start_weights"] == state_digest(started)
+    state = started.state_dict()
+    compared = [key for key in engine_weights if not key.startswith("head.")]
+    assert len(compared) > 10
+    for key in compared:
+        assert torch.equal(state[key], engine_weights[key].float()), key
+
+
+def tracked_job(tmp_path: Path) -> Path:
+    job = yaml.safe_load(SMOKE.read_text())
+    job["tracking"] = {"mlflow": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "study-smoke",
+                       "wandb": {"project": "vitpipe-study", "mode": "offline"}}  # fmt: skip
+    path = tmp_path / "scaling_smoke.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def assert_point_tracked(uri: str, point: str) -> None:
+    """The point's MLflow child of the run holds its pretraining's steps and its fine-tuning's (target,
+    mode) run, the chosen rate's score, with a run per rate under it."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("study-smoke").experiment_id], max_results=200)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1  # one vitpipe run across all four launches
+
+    def children(of: object) -> dict[str, object]:
+        return {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == of.info.run_id}
+
+    tracked = children(parents[0])[f"study:{point}"]
+    assert tracked.info.status == "FINISHED"
+    logged = sorted({m.step for m in client.get_metric_history(tracked.info.run_id, "loss")})
+    assert logged[-1] == 16  # its pretraining's steps, on the point's own run
+    task = children(tracked)["digits/pretrained"]
+    assert task.data.metrics["lr"] in (0.01, 0.03)
+    assert "test_top1" in task.data.metrics
+    assert set(children(task)) == {"digits/pretrained/lr=0.01", "digits/pretrained/lr=0.03"}
+
+
 @pytest.mark.slow
 def test_scaling_smoke_runs_every_point_keeps_a_failed_one_apart_and_reruns_only_what_is_missing(
     ray_local, tmp_path
 ):
-    run = tmp_path / "run"
+    run, job = tmp_path / "run", tracked_job(tmp_path)
     # A file vitpipe did not write where one point's transfer results go: that point fails, and only it.
     blocked = run / "study" / "n0000000100-vit-seed0" / "transfer" / "digits" / "pretrained"
     blocked.mkdir(parents=True)
     (blocked / "notes.txt").write_text("someone else's")
 
-    first = run_smoke(run)
+    first = run_smoke(run, job)
     assert first.returncode != 0, first.stdout[-2000:]
     status = statuses(run)
     assert status["study:n0000000100-vit-seed0"] == "failed"
@@ -173,27 +306,32 @@ def test_scaling_smoke_runs_every_point_keeps_a_failed_one_apart_and_reruns_only
     by_name = {point["point"]: point for point in results["points"]}
     assert len(by_name) == 6
     assert by_name["n0000000100-vit-seed0"]["status"] == "failed"
-    assert results["curves"]["digits"]["finetune top-1"]["bit"][0]["size"] == 0  # the scratch row
     assert [e["size"] for e in results["curves"]["digits"]["finetune top-1"]["bit"]] == [0, 100, 400]
     assert [e["size"] for e in results["curves"]["digits"]["5-shot linear"]["vit"]] == [0, 400]
+    assert_curves_are_the_points_own(run, results)
     report = (run / "report.md").read_text()
     assert "| 400 | bit | 0 |" in report
     assert "![transfer against pretraining images](report/transfer_vs_data.png)" in report
     assert (run / "report" / "transfer_vs_data.png").stat().st_size > 20_000
+    # Every point records the rate its validation split chose, in its results and the report's table.
+    for name, point in by_name.items():
+        if point["status"] == "done":
+            assert point["results"][0]["lr"] in (0.01, 0.03), name
+            assert [e["lr"] for e in point["results"][0]["lr_sweep"]] == [0.01, 0.03]
+    assert "digits lr (val)" in (run / "study" / "results.md").read_text()
 
     # Each point pretrained on its own nested subset with its own Ray Train + DeepSpeed run.
     small = read_subset(str(run / "study" / "subsets" / "n0000000100.json"))
     large = read_subset(str(run / "study" / "subsets" / "n0000000400.json"))
     assert drawn_rows(small) < drawn_rows(large)
     bit = by_name["n0000000100-bit-seed0"]
-    assert (bit["steps"], bit["images_seen"], bit["params"]) == (16, 16 * 32, bit["params"])
+    assert (bit["steps"], bit["images_seen"]) == (16, 16 * 32)
+    assert bit["params"] == sum(p.numel() for p in load_pretrained(bit["weights"]).parameters())
     assert bit["architecture"] == "BiT R26x1, base width 8"
     losses = [r["loss"] for r in read_records(bit["run"]) if "loss" in r]
     assert losses[-1] < losses[0] - 0.2, losses  # BiT learns on the fractals
-    # Its fine-tuning started from the exported BiT weights, given a new 10-class head.
-    exported = load_pretrained(bit["weights"], num_classes=10)
-    assert type(exported).__name__ == "ResNetV2"
-    assert bit["results"][0]["start_weights"] == state_digest(exported)
+    assert type(load_pretrained(bit["weights"])).__name__ == "ResNetV2"
+    assert_fine_tuning_started_from_the_engines_final_weights(bit)
     assert bit["pretrain_flops"] == train_flops(read_checkpoint(bit["weights"]).config) * 16 * 32
     # The BiT's HF exports, pretrained and fine-tuned, load in HF transformers and give vitpipe's logits.
     finetuned = Path(bit["results"][0]["weights"])
@@ -214,7 +352,7 @@ def test_scaling_smoke_runs_every_point_keeps_a_failed_one_apart_and_reruns_only
     assert "study: 2 point(s) pretrain at once on this cluster (each 1 CPU)" in first.stderr
 
     (blocked / "notes.txt").unlink()
-    second = run_smoke(run)
+    second = run_smoke(run, job)
     assert second.returncode == 0, second.stderr[-3000:]
     status = statuses(run)
     assert status["study:n0000000100-vit-seed0"] == "resumed"  # its record: failed, with this key
@@ -222,11 +360,31 @@ def test_scaling_smoke_runs_every_point_keeps_a_failed_one_apart_and_reruns_only
     others = ["n0000000400-vit-seed0", "n0000000400-bit-seed0", "n0000000100-bit-seed0", "scratch-vit-seed0",
               "scratch-bit-seed0", "subsets"]  # fmt: skip
     assert cached >= {f"study:{name}" for name in others}
-    # Its pretraining had finished: the rerun resumed it at its last step instead of training again.
-    resumed = [r for r in read_records(str(run / "study" / "n0000000100-vit-seed0" / "pretrain"))
-               if r.get("event") == "resumed"]  # fmt: skip
+    # Its pretraining had finished: the rerun resumed it at its last step, with the weights it had there
+    # (the hash of what the engine loaded against DeepSpeed's own consolidation of that checkpoint).
+    resumed_point = json.loads((run / "study" / "n0000000100-vit-seed0" / "point.json").read_text())
+    resumed = [r for r in read_records(resumed_point["run"]) if r.get("event") == "resumed"]
     assert [r["step"] for r in resumed] == [16]
+    assert resumed[0]["weights"] == state_digest(load_pretrained(resumed_point["weights"]))
+    assert_fine_tuning_started_from_the_engines_final_weights(resumed_point)
 
-    third = run_smoke(run)
+    third = run_smoke(run, job)
     assert third.returncode == 0
     assert set(statuses(run).values()) == {"cached"}
+
+    # One point alone, redone: only it (and the cached steps it reads) runs; the others and the report
+    # are left as they were; its pretraining starts over; its tracking child holds this launch.
+    others_files = [run / "report.md", *(run / "study").glob("*/point.json")]
+    kept = {
+        path: path.stat().st_mtime_ns for path in others_files if "n0000000100-bit-seed0" not in str(path)
+    }
+    alone = run_smoke(run, job, "--point", "n0000000100-bit-seed0", "--force", "study")
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert statuses(run) == {"datasets:fractals": "cached", "datasets:digits": "cached",
+                             "preprocess:fractals": "cached", "preprocess:digits": "cached",
+                             "study:subsets": "ran", "study:n0000000100-bit-seed0": "ran"}  # fmt: skip
+    assert {path: path.stat().st_mtime_ns for path in kept} == kept
+    redone = [r for r in read_records(bit["run"]) if r.get("event") in ("started", "resumed")]
+    assert [(r["event"], r["step"]) for r in redone] == [("started", 0)]  # the old run cleared, not resumed
+    assert_point_tracked(f"sqlite:///{tmp_path / 'mlflow.db'}", "n0000000100-bit-seed0")
+    assert list((run / "tracking" / "wandb").glob("offline-run-*"))

@@ -50,6 +50,7 @@ from vit.loop import Batch, Hooks, Throughput, pretrain_loop
 from vit.models import build_model
 from vit.recipe import Recipe
 from vit.step import use_bf16
+from vit.weights import state_digest
 
 SETTINGS = "settings"  # the one key of the train_loop_config
 
@@ -72,7 +73,7 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
             if rank == 0
             else None
         )
-        _announce(log, step, resumed, world, recipe)
+        _announce(log, step, resumed, world, recipe, engine)
         feed = cleanup.enter_context(closing(_feed(settings, rank, world, step, resumed, device)))
         hooks = Hooks(
             batches=partial(_on_device, feed, device),
@@ -143,9 +144,11 @@ def newest_checkpoint(from_ray: ray.train.Checkpoint | None, launch_point: str |
 
 
 def _announce(
-    log: MetricsLog | None, step: int, resumed: dict[str, Any] | None, world: int, recipe: Recipe
+    log: MetricsLog | None, step: int, resumed: dict[str, Any] | None, world: int, recipe: Recipe, engine: Any
 ) -> None:
-    """Rank 0 records where the ranks run and whether this launch started or resumed the run."""
+    """Rank 0 records where the ranks run and whether this launch started or resumed the run; a resume
+    records the hash of the weights it loaded (whole on every rank below ZeRO-3), which a test compares
+    with the checkpoint's own."""
     nodes: list[str | None] = [None] * world
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     if log is None:
@@ -155,7 +158,8 @@ def _announce(
     if resumed is None:
         log.event("started", **fields)
     else:
-        log.event("resumed", from_workers=resumed["world_size"], **fields)
+        loaded = {"weights": state_digest(engine.module)} if engine.zero_optimization_stage() < 3 else {}
+        log.event("resumed", from_workers=resumed["world_size"], **fields, **loaded)
     if step:
         say(f"pretrain: resuming at step {step} on {world} worker(s)")
     else:

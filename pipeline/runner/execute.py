@@ -111,6 +111,8 @@ def run_job(
     context = RunContext(plan, address)
     fingerprints: dict[str, str] = {}
     steps = [s for s in plan.steps if not options.beyond(s.stage)]
+    if options.points:
+        steps = point_steps(plan, options.points)
     if only:
         *inputs, last = _steps_of(plan, only)
         _take_cached_inputs(plan, inputs, fingerprints)
@@ -191,6 +193,26 @@ def _steps_of(plan: JobPlan, stage: str) -> list[Step]:
             needed.add(step_id)
             frontier.extend(plan.step(step_id).depends)
     return [step for step in plan.steps if step.id in needed] + wanted[:1]
+
+
+def point_steps(plan: JobPlan, names: tuple[str, ...]) -> list[Step]:
+    """`vitpipe run JOB --point NAME`: those study points and every step they read, in run order, without
+    the report (which reads every point): for debugging one point, or redoing it with `--force study`."""
+    points = {step.item: step for step in plan.steps if step.stage == "study" and step.concurrent}
+    if not points:
+        raise ConfigError(f"{plan.source}: --point names a study point, and the job has no study section")
+    unknown = [name for name in names if name not in points]
+    if unknown:
+        known = ", ".join(list(points)[:6]) + (", ..." if len(points) > 6 else "")
+        raise ConfigError(f"{plan.source}: no study point {', '.join(unknown)}; its points are {known}")
+    needed, frontier = set(), [dep for name in names for dep in points[name].depends]
+    while frontier:
+        step_id = frontier.pop()
+        if step_id not in needed:
+            needed.add(step_id)
+            frontier.extend(plan.step(step_id).depends)
+    needed |= {points[name].id for name in names}
+    return [step for step in plan.steps if step.id in needed]
 
 
 def probe_pretrain_data(

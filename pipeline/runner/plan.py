@@ -93,6 +93,7 @@ class RunOptions:
     from_stage: str | None = None
     force: tuple[str, ...] = ()
     until: str | None = None
+    points: tuple[str, ...] = ()  # a study's points to run alone (with what they read), no report
 
     def check(self) -> None:
         for stage in self.force:
@@ -107,6 +108,8 @@ class RunOptions:
             and stage_index(self.from_stage, "--from") > stage_index(self.until, "--until")
         ):
             raise ConfigError(f"--from {self.from_stage} comes after --until {self.until}")
+        if self.points and (self.from_stage or self.until):
+            raise ConfigError("--point runs those study points alone: drop --from and --until")
 
     def redo(self, stage: str) -> bool:
         if stage in self.force:

@@ -169,6 +169,8 @@ def _entrypoint(job_file: str, run_dir: str, options: RunOptions, verbose: bool 
         words += ["--force", stage]
     if options.until:
         words += ["--until", options.until]
+    for point in options.points:
+        words += ["--point", point]
     return shlex.join(words)
 
 

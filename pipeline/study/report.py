@@ -17,6 +17,7 @@ from pipeline.storage import write_atomic
 
 STUDY_FORMAT = "vitpipe.study/1"
 FIGURE = "transfer_vs_data.png"
+FIGURE_DATA = "transfer_vs_data.json"  # what each panel of the figure plots, read back from its artists
 FINETUNE_METRIC = "finetune top-1"
 
 
@@ -111,7 +112,8 @@ def _percent(value: float | None) -> str:
 
 def plot_curves(document_curves: dict[str, dict[str, dict[str, list[dict[str, Any]]]]], path: Path) -> Path:
     """One panel per (target, metric): accuracy against pretraining images on a log axis, a line per model
-    with its seeds' spread, each model's scratch level dashed."""
+    with its seeds' spread, each model's scratch level dashed. Beside the picture, FIGURE_DATA holds the
+    values its artists draw (not the document's), so what the figure shows can be checked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,5 +150,25 @@ def plot_curves(document_curves: dict[str, dict[str, dict[str, list[dict[str, An
         axis.axis("off")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+    drawn = {
+        f"{target}: {metric}": _plotted(axis)
+        for axis, (target, metric) in zip(axes.flat, panels, strict=False)
+    }
+    write_atomic(str(path.with_name(FIGURE_DATA)), json.dumps(drawn, indent=2) + "\n")
     plt.close(figure)
     return path
+
+
+def _plotted(axis: Any) -> dict[str, dict[str, list[float]]]:
+    """{label: {x, y, yerr}} of a panel's error-bar lines and {label: {y}} of its dashed levels, in %, as
+    matplotlib holds them."""
+    series: dict[str, dict[str, list[float]]] = {}
+    for container in axis.containers:
+        line, _, (bars,) = container.lines
+        half = [float(abs(segment[1][1] - segment[0][1]) / 2) for segment in bars.get_segments()]
+        series[container.get_label()] = {"x": [float(v) for v in line.get_xdata()],
+                                         "y": [float(v) for v in line.get_ydata()], "yerr": half}  # fmt: skip
+    for line in axis.get_lines():
+        if line.get_linestyle() == "--":
+            series[line.get_label()] = {"y": [float(line.get_ydata()[0])]}
+    return series
