@@ -388,3 +388,27 @@ def test_scaling_smoke_runs_every_point_keeps_a_failed_one_apart_and_reruns_only
     assert [(r["event"], r["step"]) for r in redone] == [("started", 0)]  # the old run cleared, not resumed
     assert_point_tracked(f"sqlite:///{tmp_path / 'mlflow.db'}", "n0000000100-bit-seed0")
     assert list((run / "tracking" / "wandb").glob("offline-run-*"))
+
+
+def test_the_studys_answer_is_computed_from_its_curves():
+    from benchmarks.study_results import answer, sentences
+
+    def curve(scratch: float, means: list[float], std: float = 0.01) -> list[dict]:
+        sizes = [1000, 10000, 100000]
+        return [{"size": 0, "mean": scratch, "std": std}] + [
+            {"size": size, "mean": mean, "std": std} for size, mean in zip(sizes, means, strict=True)
+        ]
+
+    shots_curves = {"vit": curve(0.5, [0.4, 0.6, 0.8]), "bit": curve(0.5, [0.6, 0.65, 0.7])}
+    top1_curves = {"vit": curve(0.9, [0.905, 0.9, 0.91]), "bit": curve(0.9, [0.95, 0.96, 0.97])}
+    found = answer({"d": {"10-shot linear": shots_curves, "top-1": top1_curves}})
+    shots = found["d"]["10-shot linear"]
+    assert shots["vit"]["gain_over_scratch"]["gain"] == pytest.approx(0.3)
+    assert shots["vit"]["gain_over_scratch"]["above_spread"]
+    assert shots["vit"]["slope_per_decade"] == pytest.approx(0.2)
+    assert shots["vit_vs_bit"]["crossover_at"] == 100000  # behind at 10,000 (-0.05), ahead at 100,000
+    top1 = found["d"]["top-1"]
+    assert not top1["vit"]["gain_over_scratch"]["above_spread"]  # +0.01 against a spread of 0.02
+    assert top1["vit_vs_bit"]["crossover_at"] is None
+    assert "extrapolated_crossover_images" not in top1["vit_vs_bit"]  # the ViT's line is not steeper
+    assert "ViT catches BiT at 100,000 images" in sentences(found)[0]
