@@ -306,3 +306,34 @@ def test_a_finetune_resolution_beyond_the_stored_images_is_refused_by_name(digit
     target = plan_target("digits", digits_patches, image_size=8)
     assert target.model_geometry.image_size == 8
     assert target.geometry.image_size > 8  # read as stored, cropped on the device
+
+
+def test_an_hf_bit_folder_fine_tunes_as_pretrained_weights_and_exports_back_to_hf(
+    ray_local, digits_patches, tmp_path
+):
+    """A `BitForImageClassification` folder as transformers saves it is `--weights` like a vitpipe one:
+    fine-tuning starts from its backbone (adapted to 32 px and a 10-class head) and exports HF BiT."""
+    transformers = pytest.importorskip("transformers")
+    from vit.config import BiTConfig
+    from vit.hf_bit import hf_bit_config_dict
+    from vit.weights import load_pretrained, state_digest
+
+    config = BiTConfig(image_size=32, patch_size=4, num_classes=5, depth=26, base_width=8, groups=8)
+    fields = {k: v for k, v in hf_bit_config_dict(config).items() if k != "architectures"}
+    transformers.BitForImageClassification(transformers.BitConfig(**fields)).save_pretrained(
+        tmp_path / "hf-bit"
+    )
+    address = ray.get_runtime_context().gcs_address
+    result = run_vitpipe(
+        "finetune", str(write_job(tmp_path)), "--weights", str(tmp_path / "hf-bit"),
+        f"--target=digits={digits_patches}", "--out", str(tmp_path / "out"), "--address", address,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    fine_tuned = json.loads((tmp_path / "out" / "results.json").read_text())["results"][0]
+    started = load_pretrained(tmp_path / "hf-bit", image_size=32, patch_size=4, num_classes=10)
+    assert fine_tuned["start_weights"] == state_digest(started)
+    exported, info = transformers.BitForImageClassification.from_pretrained(
+        Path(fine_tuned["weights"]).parent / "hf", output_loading_info=True
+    )
+    assert not any(info.values()), info
+    assert exported.config.num_labels == 10
