@@ -24,8 +24,8 @@ from pipeline.config import (
     Section,
     validate,
 )
-from pipeline.console import say
-from pipeline.runner.plan import STAGES
+from pipeline.console import console, say
+from pipeline.runner.plan import STAGES, Overrides, RunOptions, StageOptions, load_plan
 
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -310,7 +310,6 @@ def _as_int(text: str, option: str) -> int:
 def run_command(args: argparse.Namespace) -> int:
     """`vitpipe run`: the job's steps, then the steps table and the transfer results."""
     from pipeline.runner.execute import run_job
-    from pipeline.runner.plan import RunOptions
 
     options = RunOptions(args.from_stage, tuple(args.force), args.until, tuple(args.point))
     summary = run_job(args.config, run_dir=args.run_dir, options=options, address=args.address)
@@ -325,7 +324,6 @@ def run_command(args: argparse.Namespace) -> int:
 def stage_command(args: argparse.Namespace) -> int:
     """`vitpipe pretrain|finetune|evaluate JOB`: that step of the job's run, alone."""
     from pipeline.runner.execute import probe_pretrain_data, run_job
-    from pipeline.runner.plan import Overrides, RunOptions, StageOptions
 
     given: dict[str, str] = {}
     for option in getattr(args, "target", []):
@@ -372,7 +370,6 @@ def _say_results(folder: str, blocks: int | None = None) -> None:
 
 def submit_command(args: argparse.Namespace) -> int:
     """`vitpipe submit`: validate here, submit, and with --wait follow the logs to the job's end."""
-    from pipeline.runner.plan import RunOptions
     from pipeline.runner.submit import connect, follow, submit
 
     env: dict[str, str] = {}
@@ -458,7 +455,6 @@ def info_command(args: argparse.Namespace) -> int:
 
 def validate_command(args: argparse.Namespace) -> int:
     """`vitpipe validate JOB`: everything `vitpipe run` checks before it starts, and the resolved job."""
-    from pipeline.runner.plan import load_plan
     from pipeline.runner.preflight import check_before_run
 
     plan = load_plan(args.config)
@@ -540,7 +536,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         use_token_if_present()
     if args.command not in QUIET_COMMANDS:
         return _dispatch(args, argv)
-    from pipeline.console import console
 
     with console(verbose=args.verbose) as screen:
         code = _dispatch(args, argv)

@@ -20,6 +20,7 @@ from typing import Any, TextIO
 import pyarrow.fs as pafs
 
 from pipeline import console
+from pipeline.figures import saved_figure
 from pipeline.storage import resolve
 from pipeline.tracking import StepLogger, TrackingTarget
 
@@ -187,31 +188,29 @@ def read_records(run_dir: str) -> list[dict[str, Any]]:
 def plot_loss(records: list[dict[str, Any]], out: Path) -> Path:
     """Training loss, accuracy and learning rate against step; a resumed run's redone steps show as
     the last value written for each step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     latest = {r["step"]: r for r in records if "step" in r and "loss" in r}
     steps = sorted(latest)
-    figure, (loss_axis, lr_axis) = plt.subplots(
-        2, 1, figsize=(7, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
-    )
-    loss_axis.plot(steps, [latest[s]["loss"] for s in steps], color="tab:blue", label="loss")
-    loss_axis.set_ylabel("training loss")
-    accuracy_axis = loss_axis.twinx()
-    accuracy_axis.plot(steps, [latest[s]["accuracy"] for s in steps], color="tab:orange", label="accuracy")
-    accuracy_axis.set_ylabel("training accuracy")
-    accuracy_axis.set_ylim(0, 1)
-    resumes = [r["step"] for r in records if r.get("event") == "resumed"]
-    for step in resumes:
-        loss_axis.axvline(step, color="grey", linestyle=":", linewidth=1)
-    lr_axis.plot(steps, [latest[s]["lr"] for s in steps], color="tab:green")
-    lr_axis.set_ylabel("lr")
-    lr_axis.set_xlabel("step")
-    loss_axis.set_title("pretraining" + (" (dotted: resumed from a checkpoint)" if resumes else ""))
-    figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=110)
-    plt.close(figure)
+    layout = {
+        "nrows": 2,
+        "ncols": 1,
+        "figsize": (7, 5),
+        "sharex": True,
+        "gridspec_kw": {"height_ratios": [3, 1]},
+    }
+    with saved_figure(out, **layout) as (_, (loss_axis, lr_axis)):
+        loss_axis.plot(steps, [latest[s]["loss"] for s in steps], color="tab:blue", label="loss")
+        loss_axis.set_ylabel("training loss")
+        accuracy_axis = loss_axis.twinx()
+        accuracy_axis.plot(
+            steps, [latest[s]["accuracy"] for s in steps], color="tab:orange", label="accuracy"
+        )
+        accuracy_axis.set_ylabel("training accuracy")
+        accuracy_axis.set_ylim(0, 1)
+        resumes = [r["step"] for r in records if r.get("event") == "resumed"]
+        for step in resumes:
+            loss_axis.axvline(step, color="grey", linestyle=":", linewidth=1)
+        lr_axis.plot(steps, [latest[s]["lr"] for s in steps], color="tab:green")
+        lr_axis.set_ylabel("lr")
+        lr_axis.set_xlabel("step")
+        loss_axis.set_title("pretraining" + (" (dotted: resumed from a checkpoint)" if resumes else ""))
     return out

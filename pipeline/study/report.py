@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from pipeline.figures import saved_figure
 from pipeline.storage import write_atomic
 
 STUDY_FORMAT = "vitpipe.study/1"
@@ -116,47 +117,45 @@ def plot_curves(document_curves: dict[str, dict[str, dict[str, list[dict[str, An
     values its artists draw (not the document's), so what the figure shows can be checked."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [(t, m) for t, metrics in document_curves.items() for m in sorted(metrics, key=metric_order)]
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.4 * rows), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     models = sorted(
         {model for metrics in document_curves.values() for lines in metrics.values() for model in lines}
     )
-    for axis, (target, metric) in zip(axes.flat, panels, strict=False):
-        for index, model in enumerate(models):
-            entries = document_curves[target][metric].get(model, [])
-            colour = colours[index % len(colours)]
-            pretrained = [e for e in entries if e["size"] > 0]
-            if pretrained:
-                sizes = [e["size"] for e in pretrained]
-                means = [100 * e["mean"] for e in pretrained]
-                stds = [100 * e["std"] for e in pretrained]
-                axis.errorbar(sizes, means, yerr=stds, marker="o", capsize=3, color=colour, label=model)
-            for scratch in (e for e in entries if e["size"] == 0):
-                axis.axhline(100 * scratch["mean"], color=colour, linestyle="--", linewidth=1,
-                             label=f"{model} from scratch")  # fmt: skip
-        axis.set_xscale("log")
-        axis.set_xlabel("pretraining images")
-        axis.set_ylabel("accuracy (%)")
-        axis.set_title(f"{target}: {metric}")
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=7)
-    for axis in list(axes.flat)[len(panels) :]:
-        axis.axis("off")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    drawn = {
-        f"{target}: {metric}": _plotted(axis)
-        for axis, (target, metric) in zip(axes.flat, panels, strict=False)
-    }
+    layout = {"nrows": rows, "ncols": columns, "figsize": (4.5 * columns, 3.4 * rows), "squeeze": False}
+    with saved_figure(path, dpi=120, **layout) as (_, axes):
+        for axis, (target, metric) in zip(axes.flat, panels, strict=False):
+            _draw_panel(axis, document_curves[target][metric], models, colours, f"{target}: {metric}")
+        for axis in list(axes.flat)[len(panels) :]:
+            axis.axis("off")
+        drawn = {f"{t}: {m}": _plotted(axis) for axis, (t, m) in zip(axes.flat, panels, strict=False)}
     write_atomic(str(path.with_name(FIGURE_DATA)), json.dumps(drawn, indent=2) + "\n")
-    plt.close(figure)
     return path
+
+
+def _draw_panel(axis: Any, lines: dict[str, list[dict[str, Any]]], models: list[str], colours: list[str],
+                title: str) -> None:  # fmt: skip
+    """One (target, metric): each model's pretrained sizes with their spread, its scratch level dashed."""
+    for index, model in enumerate(models):
+        entries = lines.get(model, [])
+        colour = colours[index % len(colours)]
+        pretrained = [e for e in entries if e["size"] > 0]
+        if pretrained:
+            sizes = [e["size"] for e in pretrained]
+            means = [100 * e["mean"] for e in pretrained]
+            stds = [100 * e["std"] for e in pretrained]
+            axis.errorbar(sizes, means, yerr=stds, marker="o", capsize=3, color=colour, label=model)
+        for scratch in (e for e in entries if e["size"] == 0):
+            axis.axhline(100 * scratch["mean"], color=colour, linestyle="--", linewidth=1,
+                         label=f"{model} from scratch")  # fmt: skip
+    axis.set_xscale("log")
+    axis.set_xlabel("pretraining images")
+    axis.set_ylabel("accuracy (%)")
+    axis.set_title(title)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=7)
 
 
 def _plotted(axis: Any) -> dict[str, dict[str, list[float]]]:

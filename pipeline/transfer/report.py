@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.figures import saved_figure
+
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 RESULTS_PLOT = "results.png"
@@ -153,11 +155,6 @@ def write_results(
 def plot_results(document: dict[str, Any], out: Path) -> Path:
     """Grouped bars per target, one colour per mode: fine-tune top-1, and the headline few-shot accuracy
     with its spread over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     results = document["results"]
     targets = sorted({r["target"] for r in results})
     modes = sorted({r["mode"] for r in results}, key=lambda m: (m != "pretrained", m))
@@ -172,59 +169,48 @@ def plot_results(document: dict[str, Any], out: Path) -> Path:
 
         panels.append((f"{headline}-shot linear", fewshot))
     size = (4 + 2.5 * len(targets) * len(panels), 4)
-    figure, axes = plt.subplots(1, len(panels), figsize=size, squeeze=False)
-    width = 0.8 / max(1, len(modes))
-    for axis, (name, value) in zip(axes[0], panels, strict=True):
-        for index, mode in enumerate(modes):
-            heights, errors = [], []
-            for target in targets:
-                run = next((r for r in results if r["target"] == target and r["mode"] == mode), {})
-                height, error = value(run) if run else (None, 0.0)
-                heights.append(np.nan if height is None else height)
-                errors.append(error)
-            positions = np.arange(len(targets)) + (index - (len(modes) - 1) / 2) * width
-            bars = axis.bar(positions, heights, width, yerr=errors, capsize=3, label=mode)
-            axis.bar_label(bars, labels=[_percent(None if np.isnan(h) else h) for h in heights], fontsize=8)
-        axis.set_xticks(np.arange(len(targets)), targets)
-        axis.set_ylim(0, 1.05)
-        axis.set_title(name)
-        axis.set_ylabel("accuracy")
-    axes[0][0].legend(loc="lower right")
-    figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=110)
-    plt.close(figure)
+    with saved_figure(out, nrows=1, ncols=len(panels), figsize=size, squeeze=False) as (_, axes):
+        width = 0.8 / max(1, len(modes))
+        for axis, (name, value) in zip(axes[0], panels, strict=True):
+            for index, mode in enumerate(modes):
+                heights, errors = [], []
+                for target in targets:
+                    run = next((r for r in results if r["target"] == target and r["mode"] == mode), {})
+                    height, error = value(run) if run else (None, 0.0)
+                    heights.append(np.nan if height is None else height)
+                    errors.append(error)
+                positions = np.arange(len(targets)) + (index - (len(modes) - 1) / 2) * width
+                bars = axis.bar(positions, heights, width, yerr=errors, capsize=3, label=mode)
+                axis.bar_label(
+                    bars, labels=[_percent(None if np.isnan(h) else h) for h in heights], fontsize=8
+                )
+            axis.set_xticks(np.arange(len(targets)), targets)
+            axis.set_ylim(0, 1.05)
+            axis.set_title(name)
+            axis.set_ylabel("accuracy")
+        axes[0][0].legend(loc="lower right")
     return out
 
 
 def plot_confusion(confusion: np.ndarray, classes: list[str], title: str, out: Path) -> Path:
     """Row-normalised confusion matrix (true class down, prediction across); names shown up to 40 classes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     totals = confusion.sum(axis=1, keepdims=True)
     rates = np.divide(confusion, totals, out=np.zeros(confusion.shape), where=totals > 0)
     size = min(12.0, 3.0 + 0.35 * len(classes))
-    figure, axis = plt.subplots(figsize=(size + 1, size))
-    image = axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    figure.colorbar(image, ax=axis, fraction=0.046, label="fraction of the true class")
-    if len(classes) <= 40:
-        axis.set_xticks(range(len(classes)), classes, rotation=90)
-        axis.set_yticks(range(len(classes)), classes)
-    if len(classes) <= 15:
-        for row in range(len(classes)):
-            for col in range(len(classes)):
-                if confusion[row, col]:
-                    colour = "white" if rates[row, col] > 0.5 else "black"
-                    count = str(confusion[row, col])
-                    axis.text(col, row, count, ha="center", va="center", color=colour, fontsize=8)
-    axis.set_xlabel("predicted")
-    axis.set_ylabel("true")
-    axis.set_title(title)
-    figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=110)
-    plt.close(figure)
+    with saved_figure(out, figsize=(size + 1, size)) as (figure, axis):
+        image = axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+        figure.colorbar(image, ax=axis, fraction=0.046, label="fraction of the true class")
+        if len(classes) <= 40:
+            axis.set_xticks(range(len(classes)), classes, rotation=90)
+            axis.set_yticks(range(len(classes)), classes)
+        if len(classes) <= 15:
+            for row in range(len(classes)):
+                for col in range(len(classes)):
+                    if confusion[row, col]:
+                        colour = "white" if rates[row, col] > 0.5 else "black"
+                        count = str(confusion[row, col])
+                        axis.text(col, row, count, ha="center", va="center", color=colour, fontsize=8)
+        axis.set_xlabel("predicted")
+        axis.set_ylabel("true")
+        axis.set_title(title)
     return out
