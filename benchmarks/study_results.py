@@ -128,6 +128,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("run", type=Path, help="the run folder of `vitpipe run jobs/scaling.yaml`")
+    parser.add_argument("--note", default="", help="what a reader should know of how the run was made")
     args = parser.parse_args()
     study = json.loads((args.run / "study" / "results.json").read_text())
     run = json.loads((args.run / "run.json").read_text())
@@ -145,6 +146,7 @@ def main() -> None:
         "curves": study["curves"],
         "answer": found,
         "answer_lines": sentences(found),
+        "note": args.note,
     })  # fmt: skip
     shutil.copyfile(args.run / "report" / FIGURE, RESULTS / "scaling_study.png")
     print("\n".join(sentences(found)))

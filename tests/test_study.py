@@ -209,7 +209,7 @@ def assert_curves_are_the_points_own(run: Path, results: dict) -> None:
     """results.json's curves and the figure's drawn values are the mean and spread over seeds of what each
     point's own transfer task measured (one seed here: the value, spread 0)."""
     own = task_results(run)
-    drawn = json.loads((run / "report" / "transfer_vs_data.json").read_text())
+    drawn = json.loads((run / "study" / "transfer_vs_data.json").read_text())
     readers = {"finetune top-1": lambda r: r["top1"], "5-shot linear": lambda r: r["fewshot"]["5"]["mean"]}
     for model in ("vit", "bit"):
         for metric, read in readers.items():
@@ -238,7 +238,7 @@ def assert_fine_tuning_started_from_the_engines_final_weights(point: dict) -> No
     recorded as its start (the export read by vitpipe's loader, adapted to digits with a new head)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    last = sorted(Path(point["run"]).glob("checkpoint_*"))[-1]
+    last = sorted(Path(point["run"]).glob("checkpoint_0*"))[-1]
     tag = json.loads((last / "vitpipe.json").read_text())["tag"]
     engine_weights = get_fp32_state_dict_from_zero_checkpoint(str(last), tag=tag)
     started = load_pretrained(point["weights"], num_classes=10)
