@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from vit.config import ViTConfig
+from vit.config import Architecture, ViTConfig
 from vit.hf import config_from_hf, export_hf, from_hf_state_dict, hf_config_dict, to_hf_state_dict
 from vit.model import VisionTransformer
 from vit.patches import patchify
@@ -41,7 +41,7 @@ def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def images_for(config: ViTConfig, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+def images_for(config: Architecture, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images [B, H, W, C] and the same images as HF's normalised pixel_values [B, C, H, W]."""
     generator = torch.Generator().manual_seed(1)
     shape = (batch, config.image_size, config.image_size, config.channels)

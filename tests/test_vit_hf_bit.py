@@ -8,6 +8,7 @@ import logging
 import pytest
 import torch
 
+from tests.test_vit_hf import assert_same_logits, images_for
 from vit.bit import ResNetV2
 from vit.config import BiTConfig
 from vit.hf_bit import (
@@ -49,20 +50,6 @@ def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         scale = 0.02 if name.startswith(("head.", "classifier.")) else 0.2
         param.add_(scale * torch.randn(param.shape, generator=generator))
     return model
-
-
-def images_for(config: BiTConfig, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images [B, H, W, C] and the same images as HF's normalised pixel_values [B, C, H, W]."""
-    generator = torch.Generator().manual_seed(1)
-    shape = (batch, config.image_size, config.image_size, config.channels)
-    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
-    pixels = (images.float() / 255 - torch.tensor(config.mean)) / torch.tensor(config.std)
-    return images, pixels.permute(0, 3, 1, 2)
-
-
-def assert_same_logits(ours: torch.Tensor, theirs: torch.Tensor) -> None:
-    assert ours.abs().max() > 0.1, "logits too small for the comparison to mean anything"
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
 def logits_of_both(config: BiTConfig, ours: ResNetV2, theirs: torch.nn.Module) -> tuple[torch.Tensor, ...]:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 
-from vit.config import CONFIG_FILE, DEFAULT_MEAN, DEFAULT_STD, ViTConfig
+from vit.config import CONFIG_FILE, DEFAULT_MEAN, DEFAULT_STD, Architecture, ViTConfig
 from vit.files import (
     WEIGHTS_FILE,
     Checkpoint,
@@ -256,10 +256,11 @@ def hf_config_dict(config: ViTConfig, labels: list[str] | None = None) -> dict[s
     }
 
 
-def preprocessor_dict(config: ViTConfig) -> dict[str, Any]:
-    """The `preprocessor_config.json` that makes HF's ViTImageProcessor feed this model as vitpipe does."""
+def image_processor_dict(config: Architecture, processor: str, **extra: Any) -> dict[str, Any]:
+    """The `preprocessor_config.json` that makes HF's `processor` feed a model as vitpipe does: resized to
+    the model's square size, scaled to [0, 1], normalised with its mean and std."""
     return {
-        "image_processor_type": "ViTImageProcessor",
+        "image_processor_type": processor,
         "do_resize": True,
         "size": {"height": config.image_size, "width": config.image_size},
         "resample": 2,  # bilinear
@@ -268,21 +269,32 @@ def preprocessor_dict(config: ViTConfig) -> dict[str, Any]:
         "do_normalize": True,
         "image_mean": list(config.mean),
         "image_std": list(config.std),
+        **extra,
     }
+
+
+def write_hf_folder(
+    directory: Path, state: dict[str, torch.Tensor], hf_config: dict[str, Any], preprocessor: dict[str, Any]
+) -> Path:
+    """An HF transformers folder: the weights, `config.json` and `preprocessor_config.json`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    json_files = {PREPROCESSOR_FILE: preprocessor, CONFIG_FILE: hf_config}
+    write_model_folder(directory, state, {"format": "pt"}, json_files)
+    return directory
+
+
+def check_labels(labels: list[str] | None, num_classes: int) -> None:
+    if labels is not None and len(labels) != num_classes:
+        raise ValueError(f"{len(labels)} labels given for a model with {num_classes} classes")
 
 
 def export_hf(model: VisionTransformer, directory: str | Path, *, labels: list[str] | None = None) -> Path:
     """Write a folder that `transformers.ViTForImageClassification.from_pretrained` loads."""
-    if labels is not None and len(labels) != model.config.num_classes:
-        raise ValueError(f"{len(labels)} labels given for a model with {model.config.num_classes} classes")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    json_files = {
-        PREPROCESSOR_FILE: preprocessor_dict(model.config),
-        CONFIG_FILE: hf_config_dict(model.config, labels),
-    }
-    write_model_folder(directory, to_hf_state_dict(model, layout="hub"), {"format": "pt"}, json_files)
-    return directory
+    check_labels(labels, model.config.num_classes)
+    state = to_hf_state_dict(model, layout="hub")
+    hf_config = hf_config_dict(model.config, labels)
+    preprocessor = image_processor_dict(model.config, "ViTImageProcessor")
+    return write_hf_folder(Path(directory), state, hf_config, preprocessor)
 
 
 def read_hf_state(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -313,13 +325,21 @@ def hf_labels(hf_config: dict[str, Any], num_classes: int) -> list[str] | None:
     return [str(label) for label in labels]
 
 
-def read_hf_checkpoint(directory: str | Path) -> Checkpoint:
-    """Read an HF ViT folder (as `save_pretrained` writes it) into vitpipe's naming."""
-    directory = Path(directory)
+def read_hf_folder(
+    directory: Path,
+) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, torch.Tensor], str]:
+    """An HF folder as saved: its config, its preprocessor config (None when absent), its weights and the
+    file they came from."""
     hf_config = read_config_json(directory)
     preprocessor_path = directory / PREPROCESSOR_FILE
     preprocessor = read_json(preprocessor_path) if preprocessor_path.is_file() else None
     state, source = read_hf_state(directory)
+    return hf_config, preprocessor, state, source
+
+
+def read_hf_checkpoint(directory: str | Path) -> Checkpoint:
+    """Read an HF ViT folder (as `save_pretrained` writes it) into vitpipe's naming."""
+    hf_config, preprocessor, state, source = read_hf_folder(Path(directory))
     config = config_from_hf(hf_config, state, preprocessor, source)
     return Checkpoint(
         config, from_hf_state_dict(state, config, source), hf_labels(hf_config, config.num_classes), source

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from vit.bit import ResNetV2
-from vit.config import CONFIG_FILE, DEFAULT_MEAN, DEFAULT_STD, BiTConfig
-from vit.files import Checkpoint, read_config_json, read_json, write_model_folder
-from vit.hf import PREPROCESSOR_FILE, hf_labels, read_hf_state
+from vit.config import DEFAULT_MEAN, DEFAULT_STD, BiTConfig
+from vit.files import Checkpoint
+from vit.hf import check_labels, hf_labels, image_processor_dict, read_hf_folder, write_hf_folder
 from vit.variants import BIT_DEPTHS
 
 _UNIT_PARTS = ("norm1.weight", "norm1.bias", "conv1.weight", "norm2.weight", "norm2.bias", "conv2.weight",
@@ -149,42 +149,22 @@ def hf_bit_config_dict(config: BiTConfig, labels: list[str] | None = None) -> di
     }
 
 
-def bit_preprocessor_dict(config: BiTConfig) -> dict[str, Any]:
-    """The `preprocessor_config.json` that makes HF's BitImageProcessor feed this model as vitpipe does."""
-    return {
-        "image_processor_type": "BitImageProcessor",
-        "do_resize": True,
-        "size": {"height": config.image_size, "width": config.image_size},
-        "resample": 2,  # bilinear
-        "do_center_crop": False,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": list(config.mean),
-        "image_std": list(config.std),
-        "do_convert_rgb": config.channels == 3,
-    }
-
-
 def export_hf_bit(model: ResNetV2, directory: Path, *, labels: list[str] | None = None) -> Path:
-    """Write a folder that `transformers.BitForImageClassification.from_pretrained` loads."""
-    if labels is not None and len(labels) != model.config.num_classes:
-        raise ValueError(f"{len(labels)} labels given for a model with {model.config.num_classes} classes")
-    directory.mkdir(parents=True, exist_ok=True)
-    json_files = {
-        PREPROCESSOR_FILE: bit_preprocessor_dict(model.config),
-        CONFIG_FILE: hf_bit_config_dict(model.config, labels),
-    }
-    write_model_folder(directory, to_hf_bit_state_dict(model), {"format": "pt"}, json_files)
-    return directory
+    """Write a folder that `transformers.BitForImageClassification.from_pretrained` loads (its
+    BitImageProcessor resizes to the model's size without a centre crop)."""
+    check_labels(labels, model.config.num_classes)
+    config = model.config
+    preprocessor = image_processor_dict(
+        config, "BitImageProcessor", do_center_crop=False, do_convert_rgb=config.channels == 3
+    )
+    return write_hf_folder(
+        directory, to_hf_bit_state_dict(model), hf_bit_config_dict(config, labels), preprocessor
+    )
 
 
 def read_hf_bit_checkpoint(directory: Path) -> Checkpoint:
     """Read an HF BiT folder (as `save_pretrained` writes it) into vitpipe's naming."""
-    hf_config = read_config_json(directory)
-    preprocessor_path = directory / PREPROCESSOR_FILE
-    preprocessor = read_json(preprocessor_path) if preprocessor_path.is_file() else None
-    state, source = read_hf_state(directory)
+    hf_config, preprocessor, state, source = read_hf_folder(directory)
     config = bit_config_from_hf(hf_config, state, preprocessor, source)
     weights = from_hf_bit_state_dict(state, config, source)
     return Checkpoint(config, weights, hf_labels(hf_config, config.num_classes), source)
