@@ -91,6 +91,14 @@ def absolute_uri(uri: str) -> str:
     return str(Path(uri).expanduser().absolute())
 
 
+def _artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a sqlite database (MLflow's default is
+    `./mlruns` of whichever directory each process runs in); a server or a folder store decides itself."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+
+
 def _open_mlflow_parent(
     uri: str, experiment: str, root: str, name: str, params: dict
 ) -> TrackingTarget | None:
@@ -98,7 +106,10 @@ def _open_mlflow_parent(
         _check_reachable(uri)
         client = _mlflow_client(uri)
         found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        if found:
+            experiment_id = found.experiment_id
+        else:
+            experiment_id = client.create_experiment(experiment, artifact_location=_artifact_location(uri))
         run_id = _find_or_create(client, experiment_id, root, None, name, {"vitpipe.run_dir": root})
         _log_params(client, run_id, params)
     except Exception as error:

@@ -202,3 +202,21 @@ def test_a_relative_store_is_the_same_store_for_every_process(tmp_path, monkeypa
     history = client(parent.mlflow_uri).get_metric_history(child.mlflow_run, "loss")
     assert sorted(m.step for m in history) == [1, 2, 3]
     assert (tmp_path / "store.db").is_file()
+
+
+def test_a_sqlite_stores_artifacts_sit_beside_its_database_not_in_each_processs_directory(
+    tmp_path, monkeypatch
+):
+    """MLflow puts a sqlite store's artifacts in `./mlruns` of the process that logs them (the repository
+    a test runs from, or each Ray worker's directory); vitpipe's experiments keep them beside the database."""
+    store, elsewhere = tmp_path / "store", tmp_path / "elsewhere"
+    store.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    section = TrackingConfig(mlflow=f"sqlite:///{store / 'mlflow.db'}", experiment="beside-the-db")
+    parent = tracking.open_run(section, str(tmp_path / "run"), "sqlite", {})
+    picture = tmp_path / "loss.png"
+    picture.write_bytes(b"\x89PNG not really")
+    tracking.log_artifacts(parent, [picture])
+    assert list(store.glob("mlartifacts/*/artifacts/loss.png"))
+    assert not list(elsewhere.iterdir())
