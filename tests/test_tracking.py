@@ -6,7 +6,9 @@ relaunch, and an unreachable server as a warning only."""
 from __future__ import annotations
 
 import json
+import os
 import struct
+import sys
 import time
 from pathlib import Path
 
@@ -31,10 +33,15 @@ NESTED = {
 
 @pytest.fixture(autouse=True)
 def trackers_on():
-    """A failed tracker is off for the rest of its process; each test starts with both on."""
+    """A failed tracker is off for the rest of its process; each test starts with both on. W&B leaves
+    its service's address in this process's environment (WANDB_SERVICE), where every later `vitpipe`
+    subprocess of the session would inherit it and talk to a service that is gone: it is ended here."""
     tracking._failed.clear()
     yield
     tracking._failed.clear()
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
+    os.environ.pop("WANDB_SERVICE", None)
 
 
 def client(uri: str):

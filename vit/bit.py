@@ -37,8 +37,8 @@ class StdConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = standardize_weight(self.weight)
         if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-            # oneDNN's bf16 weight gradient leaves the taps that read only padding unwritten (a strided 3x3
-            # on a 1x1 map: 16 px images in BiT's last stage), NaN now and then; DeepSpeed then skips the
+            # oneDNN's bf16 weight gradient of a strided 3x3 on a 1x1 map (16 px images in BiT's last
+            # stage) comes out NaN now and then, as if from unwritten memory; DeepSpeed then skips the
             # step (benchmarks/bench_bf16.py). bf16 weights and activations, fp32 arithmetic: CPUs are a
             # test path.
             return F.conv2d(x.float(), weight.float(), None, self.stride, self.padding).to(x.dtype)
