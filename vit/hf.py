@@ -231,9 +231,15 @@ def to_hf_state_dict(
     return out
 
 
+def label_fields(labels: list[str] | None, num_classes: int) -> dict[str, dict]:
+    """An HF config's `id2label` and `label2id` (HF's LABEL_i placeholders when the classes have no names)."""
+    labels = labels or [f"LABEL_{i}" for i in range(num_classes)]
+    return {"id2label": {str(i): name for i, name in enumerate(labels)},
+            "label2id": {name: i for i, name in enumerate(labels)}}  # fmt: skip
+
+
 def hf_config_dict(config: ViTConfig, labels: list[str] | None = None) -> dict[str, Any]:
     """The `config.json` of the equivalent `ViTForImageClassification`."""
-    labels = labels or [f"LABEL_{i}" for i in range(config.num_classes)]
     return {
         "architectures": ["ViTForImageClassification"],
         "model_type": "vit",
@@ -251,8 +257,7 @@ def hf_config_dict(config: ViTConfig, labels: list[str] | None = None) -> dict[s
         "num_channels": config.channels,
         "qkv_bias": True,
         "encoder_stride": config.patch_size,
-        "id2label": {str(i): name for i, name in enumerate(labels)},
-        "label2id": {name: i for i, name in enumerate(labels)},
+        **label_fields(labels, config.num_classes),
     }
 
 

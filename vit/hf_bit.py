@@ -18,7 +18,14 @@ import torch
 from vit.bit import ResNetV2
 from vit.config import DEFAULT_MEAN, DEFAULT_STD, BiTConfig
 from vit.files import Checkpoint
-from vit.hf import check_labels, hf_labels, image_processor_dict, read_hf_folder, write_hf_folder
+from vit.hf import (
+    check_labels,
+    hf_labels,
+    image_processor_dict,
+    label_fields,
+    read_hf_folder,
+    write_hf_folder,
+)
 from vit.variants import BIT_DEPTHS
 
 _UNIT_PARTS = ("norm1.weight", "norm1.bias", "conv1.weight", "norm2.weight", "norm2.bias", "conv2.weight",
@@ -132,7 +139,6 @@ def _patch_size(image_size: int) -> int:
 
 def hf_bit_config_dict(config: BiTConfig, labels: list[str] | None = None) -> dict[str, Any]:
     """The `config.json` of the equivalent `BitForImageClassification`."""
-    labels = labels or [f"LABEL_{i}" for i in range(config.num_classes)]
     return {
         "architectures": ["BitForImageClassification"],
         "model_type": "bit",
@@ -144,8 +150,7 @@ def hf_bit_config_dict(config: BiTConfig, labels: list[str] | None = None) -> di
         "width_factor": 1,  # the widths above are the model's own
         **_FIXED,
         "drop_path_rate": 0.0,
-        "id2label": {str(i): name for i, name in enumerate(labels)},
-        "label2id": {name: i for i, name in enumerate(labels)},
+        **label_fields(labels, config.num_classes),
     }
 
 
