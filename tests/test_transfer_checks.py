@@ -337,3 +337,23 @@ def test_an_hf_bit_folder_fine_tunes_as_pretrained_weights_and_exports_back_to_h
     )
     assert not any(info.values()), info
     assert exported.config.num_labels == 10
+
+
+def test_a_file_of_someone_elses_in_a_rates_folder_is_kept_and_named(
+    ray_local, weights, digits_patches, tmp_path
+):
+    """A (target, mode) folder of an earlier command is replaced, but not when one of its rate folders
+    holds a file no task wrote: the command refuses, naming it, and the file stays."""
+    group = tmp_path / "out" / "digits" / "pretrained"
+    (group / "lr-0.03").mkdir(parents=True)
+    (group / "result.json").write_text("{}")  # the earlier command's, so the group itself is vitpipe's
+    notes = group / "lr-0.03" / "notes.txt"
+    notes.write_text("mine")
+    address = ray.get_runtime_context().gcs_address
+    result = run_vitpipe(
+        "finetune", str(write_job(tmp_path)), "--weights", str(weights), f"--target=digits={digits_patches}",
+        "--out", str(tmp_path / "out"), "--address", address,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "lr-0.03: holds files a vitpipe fine-tuning task did not write (notes.txt)" in result.stderr
+    assert notes.read_text() == "mine"

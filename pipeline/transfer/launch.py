@@ -100,18 +100,22 @@ def _model_for(model: AnyModel | None, target: TargetPlan) -> Architecture:
 
 def _refuse_foreign(folder: str) -> None:
     """A (target, mode) folder is replaced only when it is vitpipe's: empty, holding the metrics a task
-    writes first or the result.json written last, or only the sweep's member folders. Anything else there
-    is named and kept."""
+    writes first or the result.json written last, or the sweep's member folders, each of them a task's by
+    the same rule. Anything else there is named and kept."""
     filesystem, path = resolve(folder)
     if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
         return
     names = {info.base_name for info in filesystem.get_file_info(pafs.FileSelector(path))}
-    if names and not names & {RESULT_FILE, METRICS_FILE} and not all(map(is_member_folder, names)):
+    members = {name for name in names if is_member_folder(name)}
+    ours = not names or names & {RESULT_FILE, METRICS_FILE} or names == members
+    if not ours:
         shown = ", ".join(sorted(names)[:5])
         raise FileExistsError(
             f"{folder}: holds files a vitpipe fine-tuning task did not write ({shown}); vitpipe replaces "
             "only its own. Choose another --out or move them"
         )
+    for member in sorted(members):
+        _refuse_foreign(join(folder, member))
 
 
 def absolute(location: str) -> str:
