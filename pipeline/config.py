@@ -38,7 +38,7 @@ from pydantic import (
 
 from vit.config import BiTConfig, ViTConfig
 from vit.patches import PatchGeometry
-from vit.recipe import Crop, Optimizer, Recipe, Schedule, Zero, refuse_derived_keys
+from vit.recipe import Crop, Optimizer, Recipe, Schedule, Zero, grad_accum, refuse_derived_keys
 from vit.variants import VARIANTS, parse_bit_variant, parse_variant
 
 # Strict numbers: YAML already types its scalars (the loader reads `1e-3` as a number, as YAML 1.2
@@ -54,6 +54,16 @@ NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
 PositiveFloat = Annotated[Float, Field(gt=0)]
 NonNegativeFloat = Annotated[Float, Field(ge=0)]
 UnitFraction = Annotated[Float, Field(ge=0, lt=1)]
+
+
+def _worker_range(workers: tuple[int, int]) -> tuple[int, int]:
+    if workers[0] > workers[1]:
+        raise ValueError(f"[min, max] needs min <= max (got {list(workers)})")
+    return workers
+
+
+# Ray Train workers: a number, or [min, max] for an elastic run.
+WorkerCount = PositiveInt | Annotated[tuple[PositiveInt, PositiveInt], AfterValidator(_worker_range)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)]
 Extension = Annotated[str, Field(pattern=r"^[a-z0-9_]+(\.[a-z0-9_]+)*$")]  # a tar member's suffix, lower case
 
@@ -412,7 +422,7 @@ AnyModel = Annotated[
 PRETRAIN_OPERATIONAL = frozenset({
     "data", "storage_path", "num_workers", "use_gpu", "cpus_per_worker", "data_threads", "data_cpus",
     "placement", "micro_batch_size", "cache_data", "checkpoint_every", "keep_checkpoints", "max_failures",
-    "log_every",
+    "log_every", "elastic_wait_s",
 })  # fmt: skip
 # Keys of the data path before each worker read its own rows (Ray Data): accepted, with a warning.
 PRETRAIN_RETIRED = {
@@ -433,7 +443,12 @@ class PretrainConfig(Section):
     data: str  # a preprocessed patch directory (path or URL), or in a job the name of a preprocess entry
     split: Name = "train"  # the split to train on; a patch directory without sub-folders has only "."
     model: AnyModel = ModelConfig()
-    num_workers: PositiveInt = 2
+    # Ray Train workers: a fixed number, or [min, max] for an elastic run, which starts on what the cluster
+    # offers up to max, goes on with fewer (at least min) from the newest checkpoint when a node is lost,
+    # and grows back at a checkpoint when resources return; the global batch stays, accumulation follows.
+    num_workers: WorkerCount = 2
+    # How long an elastic run waits for the cluster to place `min` workers before it fails.
+    elastic_wait_s: PositiveFloat = 600.0
     use_gpu: Flag = False
     cpus_per_worker: PositiveFloat = 1.0
     # Threads each worker reads its rows of the patch files with, ahead of the trainer (pyarrow releases
@@ -472,11 +487,19 @@ class PretrainConfig(Section):
 
     @model_validator(mode="after")
     def _batch_splits(self) -> PretrainConfig:
-        per_step = self.micro_batch_size * self.num_workers
-        if self.global_batch_size % per_step:
+        sizes = range(self.min_workers, self.max_workers + 1)
+        uneven = [w for w in sizes if self.global_batch_size % (self.micro_batch_size * w)]
+        if uneven and not self.elastic:
             raise ValueError(
                 f"global_batch_size {self.global_batch_size} is not a multiple of "
                 f"micro_batch_size x num_workers = {self.micro_batch_size} x {self.num_workers}"
+            )
+        if uneven:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} does not split into micro-batches of "
+                f"{self.micro_batch_size} over {' or '.join(map(str, uneven))} worker(s); an elastic run "
+                f"(num_workers {list(self.num_workers)}) may train on any number from {self.min_workers} to "
+                f"{self.max_workers}: choose a global batch that micro_batch_size x each of them divides"
             )
         if self.epochs is not None and "steps" in self.model_fields_set:
             raise ValueError("set either steps or epochs, not both")
@@ -487,18 +510,33 @@ class PretrainConfig(Section):
         return self
 
     @property
-    def grad_accum(self) -> int:
-        return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
 
-    def recipe(self, total_steps: int, input_size: int | None = None) -> Recipe:
-        """The recipe the workers train with on images stored at `input_size`; `bf16: auto` stays off here
-        and is decided on the worker, which sees the device."""
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    def describe_workers(self) -> str:
+        """`2 worker(s)`, or for an elastic run `1-4 worker(s) (elastic)`."""
+        if not self.elastic:
+            return f"{self.num_workers} worker(s)"
+        return f"{self.min_workers}-{self.max_workers} worker(s) (elastic)"
+
+    def recipe(self, total_steps: int, input_size: int | None = None, workers: int | None = None) -> Recipe:
+        """The recipe `workers` workers (default: the most the run uses) train with on images stored at
+        `input_size`; `bf16: auto` stays off here and is decided on the worker, which sees the device. An
+        elastic run's workers set their accumulation for the group they find themselves in."""
         return Recipe(
             optimizer=self.optimizer,
             schedule=self.schedule,
             total_steps=total_steps,
             micro_batch_size=self.micro_batch_size,
-            grad_accum=self.grad_accum,
+            grad_accum=grad_accum(self.global_batch_size, self.micro_batch_size, workers or self.max_workers),
             label_smoothing=self.label_smoothing,
             flip=self.flip,
             mixup_alpha=self.mixup_alpha,
@@ -507,12 +545,14 @@ class PretrainConfig(Section):
             input_size=input_size,
         )
 
-    def needs(self) -> dict[str, float]:
-        """What the run takes of a cluster: its workers' CPUs (each reads its own data) and GPUs."""
-        needs = {"CPU": self.num_workers * self.cpus_per_worker}
-        if self.use_gpu:
-            needs["GPU"] = float(self.num_workers)
-        return needs
+    def worker_resources(self) -> dict[str, float]:
+        """What one worker takes of a node: its CPUs (it reads its own data) and a GPU."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {})}
+
+    def needs(self, workers: int | None = None) -> dict[str, float]:
+        """What `workers` workers (default: the most the run uses) take of a cluster."""
+        count = self.max_workers if workers is None else workers
+        return {key: count * need for key, need in self.worker_resources().items()}
 
     def zero(self) -> Zero:
         return Zero(self.zero_stage, self.offload_optimizer, dict(self.deepspeed))

@@ -185,6 +185,17 @@ def read_records(run_dir: str) -> list[dict[str, Any]]:
     return records
 
 
+def resizes(records: list[dict[str, Any]]) -> str:
+    """`resized 2 -> 1 worker(s) at step 23, 1 -> 2 at step 60`: an elastic run's group sizes, from its
+    metrics' `resized` events ('' when the group never changed size)."""
+    changes = [r for r in records if r.get("event") == "resized"]
+    if not changes:
+        return ""
+    parts = [f"{r['from_workers']} -> {r['workers']}{' worker(s)' if i == 0 else ''} at step {r['step']:,}"
+             for i, r in enumerate(changes)]  # fmt: skip
+    return "resized " + ", ".join(parts)
+
+
 def plot_loss(records: list[dict[str, Any]], out: Path) -> Path:
     """Training loss, accuracy and learning rate against step; a resumed run's redone steps show as
     the last value written for each step."""

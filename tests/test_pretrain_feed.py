@@ -14,6 +14,7 @@ from pipeline.preprocess.patchfile import PatchShardWriter
 from pipeline.pretrain.feed import Feed
 from pipeline.pretrain.order import Corpus, EpochOrder, FeedPlan, extend_lineage, rank_spans
 from vit.patches import PatchGeometry
+from vit.recipe import grad_accum
 
 GEOMETRY = PatchGeometry(image_size=8, patch_size=4, channels=1)  # 64 bytes a sample
 
@@ -48,7 +49,7 @@ def read(plan: FeedPlan, world: int, step: int, until: int, lineage=None) -> lis
         feed = Feed(plan, rank, world, step, lineage or extend_lineage(None, position, world), pin=False)
         ids: list[int] = []
         at = step
-        accum = plan.global_batch // world // plan.micro_batch
+        accum = grad_accum(plan.global_batch, plan.micro_batch, world)
         while at < until:
             epoch, position = divmod(at, plan.steps_per_epoch)
             batches = feed.batches(epoch, position * accum)

@@ -220,3 +220,122 @@ def test_a_requested_stop_checkpoints_the_step_just_trained(one_rank_group, tmp_
     end = run(memory, build_engine(VisionTransformer(TINY), RECIPE, ZERO, world_size=1), 0, stop_after=3)
     assert end == LoopEnd(3, "stopped")
     assert memory.saved == [3]
+
+
+def test_a_checkpoint_notice_saves_the_step_and_training_carries_on(one_rank_group, tmp_path):
+    """A node's preemption notice: the step just trained is checkpointed at once, and the loop goes on."""
+    memory = Memory(tmp_path)
+    hooks = dataclasses.replace(memory.hooks(), notice=lambda step: "checkpoint" if step == 3 else "")
+    memory.hooks = lambda stop_after=None: hooks
+    end = run(memory, build_engine(VisionTransformer(TINY), RECIPE, ZERO, world_size=1), 0)
+    assert end == LoopEnd(24, "finished")
+    assert memory.saved == [3, 10, 20, 24]
+
+
+def test_a_regroup_notice_checkpoints_and_ends_the_loop_there(one_rank_group, tmp_path):
+    """Room for more ranks: the loop saves the step and ends it "regroup", for the caller to start the
+    group again; a notice on a step the cadence saved anyway saves it once."""
+    memory = Memory(tmp_path)
+    hooks = dataclasses.replace(memory.hooks(), notice=lambda step: "regroup" if step in (5, 10) else "")
+    memory.hooks = lambda stop_after=None: hooks
+    engine = build_engine(VisionTransformer(TINY), RECIPE, ZERO, world_size=1)
+    assert run(memory, engine, 0) == LoopEnd(5, "regroup")
+    assert memory.saved == [5]
+    assert run(memory, engine, 5) == LoopEnd(10, "regroup")
+    assert memory.saved == [5, 10]
+
+
+# ---------------------------------------------------------------- ZeRO state across group sizes
+
+RESHARD_STAGES = (1, 2, 3)
+
+
+def _reshard_phase(
+    rank: int, world: int, port: int, folder: str, load: str | None, save: str | None, steps: range
+) -> None:
+    """One group of `world` gloo ranks (a spawned process each): for every ZeRO stage, an engine loaded from
+    the universal checkpoint `load` (or fresh) trains `steps` (global step numbers: the same 16 images for
+    a step on any number of ranks), saving `save` before the last of them. Rank 0 writes the full fp32
+    weights, gathered by DeepSpeed, after the load and the save and at the end."""
+    import os
+
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param
+    from safetensors.torch import save_file
+
+    os.environ.update({"DS_ACCELERATOR": "cpu", "LOCAL_RANK": str(rank), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})  # fmt: skip
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    patches, labels = dataset()
+    recipe = dataclasses.replace(RECIPE, grad_accum=16 // (MICRO * world), optimizer=Optimizer(lr=1e-2))
+
+    def dump(engine, name: str) -> None:
+        weights = {n: safe_get_full_fp32_param(p).detach().cpu().contiguous()
+                   for n, p in engine.module.named_parameters()}  # fmt: skip
+        if rank == 0:
+            save_file(weights, Path(folder) / f"state-{name}.safetensors")
+
+    for stage in RESHARD_STAGES:
+        torch.manual_seed(stage)
+        universal = load is not None
+        engine = build_engine(VisionTransformer(TINY), recipe, Zero(stage), world, load_universal=universal)
+        if universal:
+            load_checkpoint(engine, Path(folder) / f"universal-{stage}", load)
+            dump(engine, f"{stage}-loaded-{load}")
+        for step in steps:
+            if save is not None and step == steps[-1]:
+                save_checkpoint(engine, Path(folder) / f"zero-{stage}", save, {"step": step})
+                dump(engine, f"{stage}-saved-{save}")
+            for micro in range(recipe.grad_accum):  # each rank its own rows of the step's 16 images
+                start = (step * 16 + (rank * recipe.grad_accum + micro) * MICRO) % DATA_ROWS
+                rng = np.random.default_rng(0)
+                train_micro_batch(
+                    engine, patches[start : start + MICRO], labels[start : start + MICRO], recipe, rng
+                )
+        if save is not None and not steps:
+            save_checkpoint(engine, Path(folder) / f"zero-{stage}", save, {"step": 0})
+        dump(engine, f"{stage}-end-{load or 'fresh'}")
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def _spawn_group(world: int, *args) -> None:
+    from tests.conftest import free_port
+
+    torch.multiprocessing.spawn(_reshard_phase, args=(world, free_port(), *args), nprocs=world, join=True)
+
+
+@pytest.mark.slow
+def test_zero_state_is_resharded_exactly_across_a_two_one_two_cycle(tmp_path):
+    """What an elastic run does to its optimizer on every resize, on real gloo groups of spawned ranks, for
+    ZeRO 1, 2 and 3: two ranks train 3 steps, save, and train a 4th; one rank loads DeepSpeed's universal
+    conversion of the save and saves again; two ranks load the conversion of that and train the 4th step.
+    The weights are the saved ones after each load, and the 4th step lands exactly where the unbroken run's
+    did: Adam's moments and step count came through both reshards (lost moments change the update)."""
+    from safetensors.torch import load_file
+
+    from vit.engine import to_universal
+
+    def state(name: str) -> dict[str, torch.Tensor]:
+        return load_file(tmp_path / f"state-{name}.safetensors")
+
+    _spawn_group(2, str(tmp_path), None, "two", range(4))
+    for stage in RESHARD_STAGES:
+        to_universal(tmp_path / f"zero-{stage}", "two", tmp_path / f"universal-{stage}")
+    _spawn_group(1, str(tmp_path), "two", "one", range(0))
+    for stage in RESHARD_STAGES:
+        to_universal(tmp_path / f"zero-{stage}", "one", tmp_path / f"universal-{stage}")
+    _spawn_group(2, str(tmp_path), "one", None, range(3, 4))
+    for stage in RESHARD_STAGES:
+        saved, unbroken = state(f"{stage}-saved-two"), state(f"{stage}-end-fresh")
+        assert not torch.equal(saved["head.weight"], unbroken["head.weight"])  # the 4th step moved them
+        pairs = {"2->1 weights": (state(f"{stage}-loaded-two"), saved),
+                 "1->2 weights": (state(f"{stage}-loaded-one"), saved),
+                 "2->1->2 then a step": (state(f"{stage}-end-one"), unbroken)}  # fmt: skip
+        for what, (got, expected) in pairs.items():
+            assert got.keys() == expected.keys()
+            for name, tensor in expected.items():
+                torch.testing.assert_close(
+                    got[name], tensor, rtol=0, atol=0, msg=lambda m: f"ZeRO-{stage} {what}: {name}: {m}"
+                )

@@ -123,11 +123,24 @@ def save_checkpoint(engine: Any, directory: str | Path, tag: str, client_state: 
 
 def load_checkpoint(engine: Any, directory: str | Path, tag: str) -> dict[str, Any]:
     """Restore model and optimizer; returns the client state saved with them. Checkpoints of earlier
-    vitpipe versions also hold a LambdaLR state: the engine has no scheduler, so it is not read."""
+    vitpipe versions also hold a LambdaLR state: the engine has no scheduler, so it is not read.
+
+    Two repairs of DeepSpeed 0.19's ZeRO-3 load of a universal checkpoint (every resize), found by the
+    2 -> 1 -> 2 test: the optimizer's group settings stay the recipe's (every group got the first group's,
+    so biases, norms and position embeddings were decayed), and each group counts its own Adam steps (the
+    groups shared one step tensor, so the second group's bias correction ran a step ahead per step)."""
+    recipe_groups = [{key: value for key, value in group.items() if key != "params"}
+                     for group in engine.optimizer.param_groups]  # fmt: skip
     with quiet_deepspeed():
         path, client_state = engine.load_checkpoint(str(directory), tag=tag, load_lr_scheduler_states=False)
     if path is None:
         raise FileNotFoundError(f"{directory}/{tag}: no DeepSpeed checkpoint to load")
+    for group, settings in zip(engine.optimizer.param_groups, recipe_groups, strict=True):
+        group.update(settings)
+    torch_optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in torch_optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
     return client_state or {}
 
 

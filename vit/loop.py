@@ -6,9 +6,11 @@ saving a checkpoint, writing a record, and whether a stop was asked for. Ray Tra
 (`pipeline.pretrain.worker`) is one such caller; the tests run it on a one-rank gloo group with batches
 from memory.
 
-The loop ends in one of three ways, every rank alike: the budget is trained ("finished"); a stop was
-asked for, and the step just trained is checkpointed first ("stopped"); or a step's loss or gradient
-norm is not finite ("diverged"), and nothing of that state is saved.
+The loop ends in one of four ways, every rank alike: the budget is trained ("finished"); a stop was
+asked for, and the step just trained is checkpointed first ("stopped"); the caller's notice asked for the
+group to be started again on other ranks, after a checkpoint ("regroup"); or a step's loss or gradient
+norm is not finite ("diverged"), and nothing of that state is saved. A notice may also ask for a
+checkpoint alone (a node's preemption notice), and training carries on.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -27,6 +29,8 @@ from vit.engine import set_step_lr, train_micro_batch
 from vit.evaluate import Batch
 from vit.recipe import Cadence, Recipe
 
+Notice = Literal["", "checkpoint", "regroup"]
+
 
 @dataclass(frozen=True)
 class Hooks:
@@ -35,13 +39,16 @@ class Hooks:
     `batches(epoch, skip)`: the epoch's micro-batches for this rank, starting after the first `skip`;
     `save(step, epoch)`: write a checkpoint (every rank calls it); `record(record)`: keep a step's
     metrics (every rank calls it with the same all-reduced numbers; the caller decides who writes);
-    `stop_requested()`: whether to checkpoint and stop after this step (any rank's yes stops all).
+    `stop_requested()`: whether to checkpoint and stop after this step (any rank's yes stops all);
+    `notice(step)`: after step `step`, "checkpoint" (save now, carry on), "regroup" (save now and end the
+    loop: the caller restarts it on another number of ranks) or "" (nothing); every rank must answer alike.
     """
 
     batches: Callable[[int, int], Iterator[Batch]]
     save: Callable[[int, int], None]
     record: Callable[[dict[str, Any]], None]
     stop_requested: Callable[[], bool] = lambda: False
+    notice: Callable[[int], Notice] = lambda step: ""
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,7 @@ class LoopEnd:
     """How the loop ended: at `step` (the last checkpointed step unless "diverged"), and why."""
 
     step: int
-    reason: str  # "finished", "stopped" or "diverged"
+    reason: str  # "finished", "stopped", "regroup" or "diverged"
     detail: str = ""  # for "diverged": which value was not finite
 
 
@@ -101,10 +108,13 @@ def pretrain_loop(
                 hooks.save(step, epoch)
             if step == recipe.total_steps:
                 break
-            if _agreed(hooks.stop_requested(), engine.device):
-                if not saved:
-                    hooks.save(step, epoch)
+            stop, notice = _agreed(hooks.stop_requested(), engine.device), hooks.notice(step)
+            if (stop or notice) and not saved:
+                hooks.save(step, epoch)
+            if stop:
                 return LoopEnd(step, "stopped")
+            if notice == "regroup":
+                return LoopEnd(step, "regroup")
     return LoopEnd(step, "finished")
 
 

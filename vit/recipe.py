@@ -103,6 +103,18 @@ class Crop:
         _require(problems)
 
 
+def grad_accum(global_batch: int, micro_batch: int, world_size: int) -> int:
+    """Micro-batches each of `world_size` ranks trains per optimizer step so that every step sees the same
+    `global_batch` images whatever the number of ranks (the one place the batch is split)."""
+    per_pass = micro_batch * world_size
+    if global_batch % per_pass:
+        raise ValueError(
+            f"a global batch of {global_batch} does not split into micro-batches of {micro_batch} on "
+            f"{world_size} rank(s)"
+        )
+    return global_batch // per_pass
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Everything a training loop needs besides the model and the data."""

@@ -30,11 +30,33 @@ class TrainingStopped(KeyboardInterrupt):
 
 
 class RunControl:
-    """The actor between the driver and the workers of one launch."""
+    """The actor between the driver and the workers of one launch (every worker group it runs)."""
 
     def __init__(self) -> None:
         self._stop = False
         self._end: LoopEnd | None = None
+        self._regroups: set[tuple[str, ...]] = set()  # the node sets a regroup was tried on
+        self._controller: Any = None  # Ray Train's controller of the group running now
+
+    def try_regroup(self, nodes: list[str]) -> bool:
+        """Whether rank 0 may regroup to grow on this set of live nodes: once per set, so that room a
+        regroup could not use (another job's, a node too small) does not restart the group again."""
+        key = tuple(sorted(nodes))
+        if key in self._regroups:
+            return False
+        self._regroups.add(key)
+        return True
+
+    def set_controller(self, controller: Any) -> None:
+        self._controller = controller
+
+    def abort_group(self) -> None:
+        """Abort the running fit (its controller ends the worker group), as the driver gives up on it."""
+        if self._controller is not None:
+            import ray
+
+            with contextlib.suppress(ray.exceptions.RayActorError):  # the controller exits as it aborts
+                ray.get(self._controller.abort.remote())
 
     def request_stop(self) -> None:
         self._stop = True
@@ -46,8 +68,10 @@ class RunControl:
         self._end = end
 
     def end(self) -> LoopEnd | None:
-        """How rank 0's loop ended; None when it never ended (the workers failed)."""
-        return self._end
+        """How rank 0's loop ended; None when it never ended (the workers failed). Cleared as it is read,
+        for the next group of the launch."""
+        end, self._end = self._end, None
+        return end
 
 
 def start_control() -> Any:
@@ -73,9 +97,10 @@ class StopPoll:
         return self.requested
 
 
-def fit_stoppably(fit: Callable[[], Any], control: Any) -> Any:
+def fit_stoppably(fit: Callable[[], Any], control: Any, watch: Callable[[], None] | None = None) -> Any:
     """`fit()` on a thread of its own while this (main) thread turns the first SIGINT/SIGTERM into a stop
-    request and the second into KeyboardInterrupt; returns what `fit` returns, raises what it raises."""
+    request and the second into KeyboardInterrupt, and calls `watch` (which may raise to give up on the
+    fit) as it waits; returns what `fit` returns, raises what it raises."""
     outcome: dict[str, Any] = {}
 
     def run() -> None:
@@ -89,6 +114,8 @@ def fit_stoppably(fit: Callable[[], Any], control: Any) -> Any:
         thread.start()
         while thread.is_alive():
             thread.join(0.2)
+            if watch is not None:
+                watch()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]

@@ -23,6 +23,7 @@ import torch
 from pipeline.preprocess.patchfile import patches_array
 from pipeline.pretrain.order import Corpus, FeedPlan, Lineage, Piece, chunks, rank_spans
 from pipeline.storage import resolve_all
+from vit.recipe import grad_accum
 
 READ_BYTES = 32 * 2**20  # one read: about one row group of the patch files (ROW_GROUP_BYTES)
 READ_ROWS = 4096  # and at most this many rows (small images: a first batch soon, files opened in steps)
@@ -199,7 +200,7 @@ class Feed:
     def batches(self, epoch: int, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The epoch's micro-batches (the loop's `Hooks.batches`); `skip` must be where the feed stands."""
         plan, first = self.plan, epoch == self.epoch
-        expected = self.position * plan.global_batch // self.world // plan.micro_batch if first else 0
+        expected = self.position * grad_accum(plan.global_batch, plan.micro_batch, self.world) if first else 0
         if skip != expected:
             raise RuntimeError(f"the feed stands at micro-batch {expected} of epoch {epoch}, not {skip}")
         left = sum(stop - start for start, stop in self.spans(epoch))

@@ -3,14 +3,19 @@ TorchTrainer (the runner's `pretrain` step calls `pretrain`; `vitpipe pretrain J
 
 A run is `STORAGE/NAME` (where the run layout puts it). Launching a run that already has checkpoints
 resumes it from the newest one (Ray Train restores its own state from the same folder); a worker lost
-mid-run restarts the worker group from the newest checkpoint, up to `max_failures` times.
+mid-run restarts the worker group from the newest checkpoint, up to `max_failures` times. An elastic
+run (`num_workers: [min, max]`) restarts on what the cluster has left, and grows back at a checkpoint
+(`pipeline.pretrain.elastic`): each regroup is one more fit of the same run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import posixpath
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,12 +24,14 @@ import pyarrow.fs as pafs
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.execution.callback import ControllerCallback
 
 from pipeline.config import PretrainConfig
 from pipeline.console import say
 from pipeline.metrics import LOSS_PLOT, TENSORBOARD_DIR, plot_loss, read_records
 from pipeline.pretrain.checkpoints import latest_checkpoint
 from pipeline.pretrain.control import TrainingStopped, fit_stoppably, start_control
+from pipeline.pretrain.elastic import MinimumWatch
 from pipeline.pretrain.export import Export, export_checkpoint
 from pipeline.pretrain.plan import PretrainPlan, worker_settings
 from pipeline.pretrain.worker import SETTINGS, data_loop, train_loop
@@ -64,13 +71,17 @@ def pretrain(
     say(plan.describe(), err=True)
     say(f"pretrain: TensorBoard: tensorboard --logdir {join(run_dir, TENSORBOARD_DIR)}", err=True)
     connect_ray(address)
-    check_resources(config.needs(), f"pretrain: {config.num_workers} worker(s)",
-                    "lower num_workers or cpus_per_worker, or grow the cluster")  # fmt: skip
+    _check_placeable(config)
     control = start_control()
-    result = _fit(config, plan, name, storage, run_dir, control, tracking)
-    if result.error is not None:
-        raise RuntimeError(f"pretrain run {run_dir} failed: {result.error}") from result.error
-    _refuse_unfinished(ray.get(control.end.remote()), run_dir)
+    while True:  # one fit per worker group: an elastic group that regroups to grow is fitted again
+        result = _fit(config, plan, name, storage, run_dir, control, tracking)
+        if result.error is not None:
+            raise RuntimeError(f"pretrain run {run_dir} failed: {result.error}") from result.error
+        end = ray.get(control.end.remote())
+        if end is None or end.reason != "regroup":
+            break
+        say(f"pretrain: regrouping at step {end.step:,} (checkpointed) on what the cluster offers", err=True)
+    _refuse_unfinished(end, run_dir)
     exported = export_checkpoint(run_dir, data=_card_data(plan))
     plot = _plot(read_records(run_dir), run_dir)
     return PretrainResult(run_dir, plan, exported.step, exported, plot)
@@ -102,14 +113,61 @@ def _card_data(plan: PretrainPlan) -> dict[str, Any]:
             "split": data.split, "images": data.samples, "classes": len(data.classes)}  # fmt: skip
 
 
+def _check_placeable(config: PretrainConfig) -> None:
+    """A fixed-size group the cluster cannot place would wait forever: refused at once. An elastic one
+    waits for its minimum (MinimumWatch) as nodes may come."""
+    if not config.elastic:
+        check_resources(config.needs(), f"pretrain: {config.describe_workers()}",
+                        "lower num_workers or cpus_per_worker, or grow the cluster")  # fmt: skip
+
+
 def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, run_dir: str, control: Any,
          tracking: TrackingTarget):  # fmt: skip
     settings = worker_settings(config, plan, run_dir, _resume_point(run_dir), control, tracking)
-    trainer = _trainer(train_loop, config, settings, storage, name)
-    return fit_stoppably(trainer.fit, control)
+    trainer = _trainer(train_loop, config, settings, storage, name, control)
+    watch = MinimumWatch(settings.bounds, config.elastic_wait_s, control) if config.elastic else None
+    with _elastic_start_timeout(config.elastic):
+        return fit_stoppably(trainer.fit, control, watch)
 
 
-def _trainer(loop: Any, config: PretrainConfig, settings: Any, storage: str, name: str) -> TorchTrainer:
+# Ray Train waits this long for a group it decided to start before it counts the cluster again; after a
+# node's loss it may decide on the old size once (its view of the cluster lags), so an elastic run waits
+# less than Ray's default minute before it starts on what is left. A user's own setting is kept.
+ELASTIC_START_TIMEOUT_S = "20"
+START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+@contextlib.contextmanager
+def _elastic_start_timeout(elastic: bool) -> Iterator[None]:
+    """Ray Train hands the driver's setting to its controller when a fit starts."""
+    if not elastic or START_TIMEOUT_VARIABLE in os.environ:
+        yield
+        return
+    os.environ[START_TIMEOUT_VARIABLE] = ELASTIC_START_TIMEOUT_S
+    try:
+        yield
+    finally:
+        os.environ.pop(START_TIMEOUT_VARIABLE, None)
+
+
+# An elastic group is resized by vitpipe at a checkpoint (a regroup), never by Ray Train mid-step.
+NO_RESIZE_WHILE_RUNNING_S = 10.0**9
+
+
+class _RegisterController(ControllerCallback):
+    """Hands Ray Train's controller of this fit to the launch's RunControl, so that the driver can abort
+    a group that waits for a cluster below its minimum (Ray Train would wait for ever)."""
+
+    def __init__(self, control: Any) -> None:
+        self.control = control
+
+    def after_controller_start(self, train_run_context: Any) -> None:
+        self.control.set_controller.remote(ray.get_runtime_context().current_actor)
+
+
+def _trainer(
+    loop: Any, config: PretrainConfig, settings: Any, storage: str, name: str, control: Any = None
+) -> TorchTrainer:
     """Ray Train's trainer of `loop` on the run's workers, its own state in `storage/name`."""
     storage_fs, storage_path = resolve(storage) if "://" in storage else (None, storage)
     return TorchTrainer(
@@ -118,8 +176,9 @@ def _trainer(loop: Any, config: PretrainConfig, settings: Any, storage: str, nam
         scaling_config=ScalingConfig(
             num_workers=config.num_workers,
             use_gpu=config.use_gpu,
-            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})},
+            resources_per_worker=settings.bounds.per_worker,
             placement_strategy=config.placement,
+            elastic_resize_monitor_interval_s=NO_RESIZE_WHILE_RUNNING_S,
         ),
         run_config=RunConfig(
             name=name,
@@ -128,6 +187,7 @@ def _trainer(loop: Any, config: PretrainConfig, settings: Any, storage: str, nam
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
             worker_runtime_env={"env_vars": worker_env(config.use_gpu)},
+            callbacks=[_RegisterController(control)] if control is not None else None,
         ),
     )
 
@@ -143,8 +203,7 @@ def probe_data(config: PretrainConfig, plan: PretrainPlan, *, run_dir: str, step
         plan = dataclasses.replace(plan, total_steps=steps)
     say(plan.describe().replace("pretrain:", "pretrain --data-only:", 1), err=True)
     connect_ray(address)
-    check_resources(config.needs(), f"pretrain: {config.num_workers} worker(s)",
-                    "lower num_workers or cpus_per_worker, or grow the cluster")  # fmt: skip
+    _check_placeable(config)
     out = join(run_dir, DATA_ONLY_DIR)
     settings = worker_settings(config, plan, out, None, None)
     result = _trainer(data_loop, config, settings, run_dir, DATA_ONLY_DIR).fit()

@@ -7,6 +7,7 @@ and a run directory that already holds a different model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,7 +25,7 @@ from pipeline.storage import basename
 from pipeline.tracking import OFF, TrackingTarget
 from vit.config import Architecture
 from vit.patches import PatchGeometry
-from vit.recipe import Cadence, Recipe, Zero
+from vit.recipe import Cadence, Recipe, Zero, grad_accum
 
 Rows = dict[str, tuple[int, ...]]  # patch file (path or URL) -> the row numbers of it to read
 
@@ -50,10 +51,11 @@ class PretrainPlan:
 
     data: DataPlan
     architecture: Architecture
-    num_workers: int
-    grad_accum: int
+    num_workers: int | tuple[int, int]  # a fixed group, or an elastic one's [min, max]
+    grad_accum: int  # micro-batches per rank and step at the largest group
     steps_per_epoch: int
     total_steps: int
+    global_batch: int = 0
 
     def describe(self) -> str:
         d, model = self.data, self.architecture
@@ -61,9 +63,18 @@ class PretrainPlan:
         return (
             f"pretrain: {d.samples:,} images ({d.split!r} of {d.directory}, {len(d.files)} files), "
             f"{len(d.classes)} classes, {model.describe()} on "
-            f"{model.geometry.describe()} ({model.geometry.num_patches} patches); {self.num_workers} "
-            f"worker(s) x accumulation {self.grad_accum}; {self.total_steps:,} steps "
-            f"({self.steps_per_epoch:,} per epoch, {epochs:.1f} epochs)"
+            f"{model.geometry.describe()} ({model.geometry.num_patches} patches); {self._split()}; "
+            f"{self.total_steps:,} steps ({self.steps_per_epoch:,} per epoch, {epochs:.1f} epochs)"
+        )
+
+    def _split(self) -> str:
+        if not isinstance(self.num_workers, tuple):
+            return f"{self.num_workers} worker(s) x accumulation {self.grad_accum}"
+        low, high = self.num_workers
+        most = self.grad_accum * high // low  # accumulation at the smallest group
+        return (
+            f"{low}-{high} worker(s), elastic, x accumulation {most}-{self.grad_accum} (global batch "
+            f"{self.global_batch:,} at every size)"
         )
 
 
@@ -149,7 +160,9 @@ def plan_pretrain(config: PretrainConfig, directory: str, rows: Rows | None = No
             f"{config.global_batch_size}; lower global_batch_size or add data"
         )
     total = config.epochs * steps_per_epoch if config.epochs is not None else config.steps
-    return PretrainPlan(data, architecture, config.num_workers, config.grad_accum, steps_per_epoch, total)
+    accumulation = grad_accum(config.global_batch_size, config.micro_batch_size, config.max_workers)
+    return PretrainPlan(data, architecture, config.num_workers, accumulation, steps_per_epoch, total,
+                        config.global_batch_size)  # fmt: skip
 
 
 def check_pretrain(
@@ -226,6 +239,27 @@ def check_run_matches(
 
 
 @dataclass(frozen=True)
+class GroupBounds:
+    """The sizes a run's worker group may take and what one worker needs of a node."""
+
+    min_workers: int
+    max_workers: int
+    per_worker: dict[str, float]
+
+
+def placeable(bounds: GroupBounds, nodes: list[dict[str, float]]) -> int:
+    """How many workers fit on `nodes` (each node's resources: totals, or what is free), node by node."""
+    return sum(
+        min(
+            math.floor(node.get(key, 0.0) / need + 1e-9)
+            for key, need in bounds.per_worker.items()
+            if need > 0
+        )
+        for node in nodes
+    )
+
+
+@dataclass(frozen=True)
 class WorkerSettings:
     """What every Ray Train worker receives (Ray serialises it as it is)."""
 
@@ -241,6 +275,7 @@ class WorkerSettings:
     resume_from: str | None  # the run folder's newest finished checkpoint at launch
     defines: dict[str, Any]  # run_identity: what each checkpoint records it was trained as
     control: Any  # the launch's RunControl actor (pipeline.pretrain.control): stop requests, how it ended
+    bounds: GroupBounds  # the sizes the worker group may take (elastic: min < max) and one worker's needs
     tracking: TrackingTarget = OFF  # the tracking run rank 0 logs every step into
 
 
@@ -261,6 +296,7 @@ def worker_settings(
         resume_from=resume_from,
         defines=run_identity(config, plan),
         control=control,
+        bounds=GroupBounds(config.min_workers, config.max_workers, config.worker_resources()),
         tracking=tracking,
     )
 

@@ -39,6 +39,7 @@ from pipeline.pretrain.checkpoints import (
     tag_of,
 )
 from pipeline.pretrain.control import StopPoll
+from pipeline.pretrain.elastic import Notices
 from pipeline.pretrain.feed import Feed
 from pipeline.pretrain.order import ORDER_FORMAT, Lineage, extend_lineage
 from pipeline.pretrain.plan import WorkerSettings
@@ -48,7 +49,7 @@ from vit.engine import build_engine, load_checkpoint, save_checkpoint, to_univer
 from vit.flops import peak_flops, train_flops
 from vit.loop import Batch, Hooks, Throughput, pretrain_loop
 from vit.models import build_model
-from vit.recipe import Recipe
+from vit.recipe import Recipe, grad_accum
 from vit.step import use_bf16
 from vit.weights import state_digest
 
@@ -61,7 +62,11 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    recipe = dataclasses.replace(settings.recipe, bf16=use_bf16(settings.bf16, device))
+    # The global batch is the run's whatever the group's size: each rank's accumulation follows the size.
+    accumulation = grad_accum(settings.feed.global_batch, settings.feed.micro_batch, world)
+    recipe = dataclasses.replace(
+        settings.recipe, bf16=use_bf16(settings.bf16, device), grad_accum=accumulation
+    )
     torch.manual_seed(settings.seed)  # identical initial weights on every rank
     model = build_model(settings.architecture).to(device)
     with ExitStack() as cleanup:
@@ -78,10 +83,11 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
         hooks = Hooks(
             batches=partial(_on_device, feed, device),
             save=partial(_save, engine, settings, recipe, world, scratch, log, feed),
-            record=partial(_record, log, ProgressLine(recipe.total_steps, step)),
+            record=partial(_record, log, ProgressLine(recipe.total_steps, step), world),
             stop_requested=StopPoll(settings.control) if rank == 0 else (lambda: False),
+            notice=Notices(settings.cadence.log_every, rank, world, settings.bounds, settings.control, log),
         )
-        images_per_step = recipe.micro_batch_size * recipe.grad_accum * world
+        images_per_step = settings.feed.global_batch
         peak = peak_flops(device, recipe.bf16)
         throughput = Throughput(
             images_per_step=images_per_step,
@@ -160,7 +166,14 @@ def _announce(
     else:
         loaded = {"weights": state_digest(engine.module)} if engine.zero_optimization_stage() < 3 else {}
         log.event("resumed", from_workers=resumed["world_size"], **fields, **loaded)
-    if step:
+    before = int(resumed["world_size"]) if resumed is not None else world
+    if before != world:
+        log.event("resized", step=step, from_workers=before, workers=world, grad_accum=recipe.grad_accum)
+        say(
+            f"pretrain: resized {before} -> {world} worker(s) at step {step} (same global batch: each "
+            f"worker accumulates {recipe.grad_accum} micro-batch(es) a step; ZeRO state resharded)"
+        )
+    elif step:
         say(f"pretrain: resuming at step {step} on {world} worker(s)")
     else:
         detail(f"pretrain: starting on {world} worker(s)")
@@ -228,10 +241,11 @@ def _save(
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _record(log: MetricsLog | None, progress: ProgressLine, record: dict[str, Any]) -> None:
-    """Rank 0 writes the step's (already all-reduced) metrics and prints its progress line."""
+def _record(log: MetricsLog | None, progress: ProgressLine, world: int, record: dict[str, Any]) -> None:
+    """Rank 0 writes the step's (already all-reduced) metrics, with the group's size and the time, and
+    prints its progress line."""
     if log is not None:
-        log.write(record)
+        log.write({**record, "workers": world, "time": round(time.time(), 3)})
         progress.report(record)
 
 
@@ -247,7 +261,7 @@ def data_loop(config: dict[str, WorkerSettings]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     plan, recipe = settings.feed, settings.recipe
-    accum = plan.global_batch // world // plan.micro_batch
+    accum = grad_accum(plan.global_batch, plan.micro_batch, world)
     with ExitStack() as cleanup:
         feed = cleanup.enter_context(closing(Feed(plan, rank, world, 0, [(0, world)], device.type == "cuda")))
         log = cleanup.enter_context(closing(MetricsLog(settings.run_dir))) if rank == 0 else None

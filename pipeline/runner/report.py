@@ -107,7 +107,7 @@ def _study_section(plan: JobPlan, pictures: Path) -> str:
 
 
 def _pretrain_section(plan: JobPlan, config: PretrainConfig, pictures: Path) -> str:
-    from pipeline.metrics import plot_loss, read_records
+    from pipeline.metrics import plot_loss, read_records, resizes
 
     records = read_records(plan.layout.pretrain)
     steps = [r for r in records if "loss" in r]
@@ -117,13 +117,14 @@ def _pretrain_section(plan: JobPlan, config: PretrainConfig, pictures: Path) -> 
     resumes = [r["step"] for r in records if r.get("event") == "resumed"]
     rates = [r["images_per_s"] for r in steps[len(steps) // 2 :] if r.get("images_per_s")]
     started = next((r for r in records if r.get("event") == "started"), {})
+    workers = f"{started['workers']} worker(s)" if "workers" in started else config.describe_workers()
+    resized = resizes(records)
     lines = [
         "## Pretraining",
         "",
         f"{config.model.label} {config.model.describe()} on `{config.data}`, "
-        f"{started.get('workers', config.num_workers)} worker(s) on "
-        f"{started.get('nodes', '?')} node(s), DeepSpeed ZeRO-{config.zero_stage}, "
-        f"global batch {config.global_batch_size}.",
+        f"{workers} on {started.get('nodes', '?')} node(s), DeepSpeed ZeRO-{config.zero_stage}, "
+        f"global batch {config.global_batch_size}." + (f" Elastic: {resized}." if resized else ""),
         "",
         "| step | loss | accuracy | images/s (median, second half) | resumed at |",
         "| --- | --- | --- | --- | --- |",

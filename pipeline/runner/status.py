@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, load_config
-from pipeline.metrics import format_seconds, read_records
+from pipeline.metrics import format_seconds, read_records, resizes
 from pipeline.runner.execute import LOCK_FILE, RUN_FILE, lock_holder
 from pipeline.runner.layout import RunLayout, run_layout
 from pipeline.runner.records import record_path_name
@@ -77,10 +77,13 @@ def training_line(run_dir: str) -> str | None:
         f"/{total:,} ({last['step'] / total:.0%})" if total else ""
     )
     text += f", loss {last['loss']:.4f}, {last.get('images_per_s', 0):,.0f} img/s"
+    if "workers" in last:
+        text += f", {last['workers']} worker(s)"
     recent = [r["step_s"] for r in steps[-5:] if r.get("step_s")]
     if total and recent and not finished and last["step"] < total:
         text += f", ETA {format_seconds(statistics.mean(recent) * (total - last['step']))}"
-    return text
+    resized = resizes(records)
+    return text + (f"; {resized}" if resized else "")
 
 
 def remote_status(client: Any, submission_id: str, address: str) -> str:
