@@ -337,5 +337,5 @@ def test_zero_state_is_resharded_exactly_across_a_two_one_two_cycle(tmp_path):
             assert got.keys() == expected.keys()
             for name, tensor in expected.items():
                 torch.testing.assert_close(
-                    got[name], tensor, rtol=0, atol=0, msg=lambda m: f"ZeRO-{stage} {what}: {name}: {m}"
+                    got[name], tensor, rtol=0, atol=0, msg=f"ZeRO-{stage} {what}: {name} differs"
                 )
