@@ -28,6 +28,7 @@ from pydantic import (
     Discriminator,
     Field,
     PlainSerializer,
+    PlainValidator,
     Strict,
     Tag,
     ValidationError,
@@ -56,14 +57,29 @@ NonNegativeFloat = Annotated[Float, Field(ge=0)]
 UnitFraction = Annotated[Float, Field(ge=0, lt=1)]
 
 
-def _worker_range(workers: tuple[int, int]) -> tuple[int, int]:
-    if workers[0] > workers[1]:
-        raise ValueError(f"[min, max] needs min <= max (got {list(workers)})")
-    return workers
+def _worker_count(value: Any) -> int | tuple[int, int]:
+    """A positive number of workers, or [min, max] with 1 <= min <= max: one error either way."""
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if whole and value >= 1:
+        return value
+    pair = isinstance(value, list | tuple) and len(value) == 2
+    if (
+        pair
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        and 1 <= value[0] <= value[1]
+    ):
+        return (value[0], value[1])
+    shown = list(value) if isinstance(value, tuple) else value
+    raise ValueError(
+        f"must be a number of workers (1 or more) or [min, max] with 1 <= min <= max (got {shown!r})"
+    )
 
 
 # Ray Train workers: a number, or [min, max] for an elastic run.
-WorkerCount = PositiveInt | Annotated[tuple[PositiveInt, PositiveInt], AfterValidator(_worker_range)]
+WorkerCount = Annotated[
+    int | tuple[int, int], PlainValidator(_worker_count),
+    PlainSerializer(lambda workers: list(workers) if isinstance(workers, tuple) else workers),
+]  # fmt: skip
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)]
 Extension = Annotated[str, Field(pattern=r"^[a-z0-9_]+(\.[a-z0-9_]+)*$")]  # a tar member's suffix, lower case
 

@@ -57,7 +57,10 @@ def test_launcher_config_pins_the_image_shares_storage_and_turns_on_token_auth(p
     )
     for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
         assert any("RAY_AUTH_MODE=token ray start" in command for command in commands)
-    assert config["file_mounts"] == {"/home/ray/.ray/auth_token": "~/.ray/auth_token"}  # no token in the repo
+    # no token in the repo; the spot-notice handler, started after `ray start` on every worker
+    assert config["file_mounts"] == {"/home/ray/.ray/auth_token": "~/.ray/auth_token",
+                                     "/home/ray/spot-notice.sh": "./cluster/spot-notice.sh"}  # fmt: skip
+    assert any("spot-notice.sh" in command for command in config["worker_start_ray_commands"])
 
 
 def test_a_broken_launcher_config_is_caught_by_the_schema():
@@ -84,6 +87,13 @@ def _check_cluster_spec(spec: dict) -> None:
         assert group["groupName"]
         assert isinstance(group["rayStartParams"], dict)
         assert 0 <= group["minReplicas"] <= group["maxReplicas"]
+        # a deleted worker pod drains its Ray node first, within its grace period (elastic pretraining)
+        pre_stop = " ".join(_container(group)["lifecycle"]["preStop"]["exec"]["command"])
+        assert "ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION" in pre_stop
+        assert (
+            int(pre_stop.split("--deadline-remaining-seconds ")[1].split()[0])
+            < group["template"]["spec"]["terminationGracePeriodSeconds"]
+        )
     gpu_groups = [
         g for g in spec["workerGroupSpecs"] if _container(g)["resources"]["limits"].get("nvidia.com/gpu")
     ]

@@ -78,6 +78,13 @@ def test_data_the_model_cannot_train_on_is_refused_naming_the_directory(
         ({"steps": 10, "epochs": 2}, "set either steps or epochs, not both"),
         ({"deepspeed": {"train_batch_size": 8}}, "deepspeed: ['train_batch_size'] are derived from vitpipe"),
         ({"placement": "EVERYWHERE"}, "placement: Input should be 'PACK', 'SPREAD' or 'STRICT_SPREAD'"),
+        ({"num_workers": [1, 3]}, "global_batch_size 32 does not split into micro-batches of 8 over 3 "
+                                  "worker(s); an elastic run (num_workers [1, 3]) may train on any number"),
+        ({"num_workers": [3, 2]}, "num_workers: must be a number of workers (1 or more) or [min, max] with "
+                                  "1 <= min <= max (got [3, 2])"),
+        ({"num_workers": [0, 2]}, "(got [0, 2])"),
+        ({"num_workers": "2"}, "(got '2')"),
+        ({"elastic_wait_s": 0}, "elastic_wait_s: Input should be greater than 0"),
     ],
 )  # fmt: skip
 def test_settings_that_cannot_work_are_refused_naming_the_key(patch_sets, tmp_path, changes, message):
@@ -124,6 +131,25 @@ def test_plan_splits_the_global_batch_and_counts_steps_per_epoch(patch_sets):
     assert (model.image_size, model.channels, model.num_classes) == (16, 3, 10)
     assert "300 images" in plan.describe()
     assert "27 steps (9 per epoch, 3.0 epochs)" in plan.describe()
+
+
+def test_an_elastic_group_keeps_the_global_batch_at_every_size(patch_sets):
+    """`num_workers: [min, max]`: the plan names both ends, and the one split function gives each size the
+    accumulation that keeps the global batch (the workers call it with the size they find)."""
+    from pipeline.config import PretrainConfig
+    from pipeline.pretrain.plan import plan_pretrain
+    from vit.recipe import grad_accum
+
+    config = PretrainConfig(data="x", **{**RUN, "num_workers": [1, 4], "global_batch_size": 96})
+    assert (config.elastic, config.min_workers, config.max_workers) == (True, 1, 4)
+    assert config.needs() == {"CPU": 2.0}
+    assert config.needs(1) == {"CPU": 0.5}
+    plan = plan_pretrain(config, str(patch_sets["labelled"]))
+    assert "1-4 worker(s), elastic, x accumulation 12-3 (global batch 96 at every size)" in plan.describe()
+    assert [grad_accum(96, 8, world) * 8 * world for world in (1, 2, 3, 4)] == [96] * 4
+    with pytest.raises(ValueError, match="a global batch of 32 does not split into micro-batches of 8 on 3"):
+        grad_accum(32, 8, 3)
+    assert not PretrainConfig(data="x", **RUN).elastic  # a number stays a fixed group
 
 
 def test_bf16_auto_is_decided_on_the_worker_by_its_device(monkeypatch):

@@ -75,10 +75,13 @@ class RunControl:
 
 
 def start_control() -> Any:
-    """A RunControl actor for this launch (no CPU: it only holds two flags)."""
+    """A RunControl actor for this launch (no CPU: it only holds a few flags), on the driver's own node, as
+    Ray Train's controller is: a worker node that goes (a spot reclaim) must not take it along."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(RunControl).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(RunControl).remote()
 
 
 class StopPoll:

@@ -123,7 +123,7 @@ def _check_placeable(config: PretrainConfig) -> None:
 
 def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, run_dir: str, control: Any,
          tracking: TrackingTarget):  # fmt: skip
-    settings = worker_settings(config, plan, run_dir, _resume_point(run_dir), control, tracking)
+    settings = worker_settings(config, plan, run_dir, control, tracking)
     trainer = _trainer(train_loop, config, settings, storage, name, control)
     watch = MinimumWatch(settings.bounds, config.elastic_wait_s, control) if config.elastic else None
     with _elastic_start_timeout(config.elastic):
@@ -205,19 +205,11 @@ def probe_data(config: PretrainConfig, plan: PretrainPlan, *, run_dir: str, step
     connect_ray(address)
     _check_placeable(config)
     out = join(run_dir, DATA_ONLY_DIR)
-    settings = worker_settings(config, plan, out, None, None)
+    settings = worker_settings(config, plan, out, None)
     result = _trainer(data_loop, config, settings, run_dir, DATA_ONLY_DIR).fit()
     if result.error is not None:
         raise RuntimeError(f"pretrain --data-only in {out} failed: {result.error}") from result.error
     return out
-
-
-def _resume_point(run_dir: str) -> str | None:
-    """The newest finished checkpoint in the run folder. A relaunch resumes from it even where Ray
-    Train's own record of the run (its checkpoint snapshot) lags behind or is missing, as after a
-    killed driver; a worker restart inside one launch gets Ray Train's newer checkpoint instead."""
-    latest = latest_checkpoint(run_dir)
-    return latest.path if latest is not None else None
 
 
 def _plot(records: list[dict], run_dir: str) -> str | None:

@@ -272,7 +272,6 @@ class WorkerSettings:
     cadence: Cadence
     seed: int
     run_dir: str
-    resume_from: str | None  # the run folder's newest finished checkpoint at launch
     defines: dict[str, Any]  # run_identity: what each checkpoint records it was trained as
     control: Any  # the launch's RunControl actor (pipeline.pretrain.control): stop requests, how it ended
     bounds: GroupBounds  # the sizes the worker group may take (elastic: min < max) and one worker's needs
@@ -280,7 +279,7 @@ class WorkerSettings:
 
 
 def worker_settings(
-    config: PretrainConfig, plan: PretrainPlan, run_dir: str, resume_from: str | None, control: Any,
+    config: PretrainConfig, plan: PretrainPlan, run_dir: str, control: Any,
     tracking: TrackingTarget = OFF,
 ) -> WorkerSettings:  # fmt: skip
     return WorkerSettings(
@@ -293,7 +292,6 @@ def worker_settings(
         cadence=Cadence(config.log_every, config.checkpoint_every),
         seed=config.seed,
         run_dir=run_dir,
-        resume_from=resume_from,
         defines=run_identity(config, plan),
         control=control,
         bounds=GroupBounds(config.min_workers, config.max_workers, config.worker_resources()),

@@ -2,8 +2,9 @@
 
 What Ray gives is turned into the loop's hooks here: the rank and device (`ray.train.get_context`), the
 rank's rows of the run's order from the checkpoint's position on (`pipeline.pretrain.feed`) as each
-epoch's batches, the checkpoint to resume from (`ray.train.get_checkpoint`, or the run folder's newest),
-and `ray.train.report` to hand every rank's checkpoint shards to the run's storage. The training itself
+epoch's batches, the checkpoint to resume from (the run folder's newest complete one, as rank 0 finds it),
+`ray.train.report` to hand every rank's checkpoint shards to the run's storage, and the notices of an
+elastic group (`pipeline.pretrain.elastic`). The training itself
 is `vit/`. `data_loop` is the same worker with no training (`vitpipe pretrain --data-only`).
 """
 
@@ -22,6 +23,7 @@ from typing import Any
 
 import ray
 import ray.train
+import ray.train.collective
 import ray.train.torch
 import torch
 import torch.distributed as dist
@@ -35,7 +37,6 @@ from pipeline.pretrain.checkpoints import (
     checkpoint_dir_name,
     file_sizes,
     list_checkpoints,
-    step_of,
     tag_of,
 )
 from pipeline.pretrain.control import StopPoll
@@ -112,9 +113,12 @@ def _engine(
     cleanup: ExitStack,
 ) -> tuple[Any, int, dict[str, Any] | None]:  # fmt: skip
     """The engine, restored from the newest checkpoint when there is one: (engine, step, its meta)."""
-    resume = newest_checkpoint(ray.train.get_checkpoint(), settings.resume_from, settings.run_dir)
-    if resume is None:
+    newest = newest_checkpoint(settings.run_dir) if ray.train.get_context().get_world_rank() == 0 else None
+    newest = ray.train.collective.broadcast_from_rank_zero(newest)  # every rank loads the same one
+    if newest is None:
         return build_engine(model, recipe, settings.zero, world), 0, None
+    filesystem, path = resolve(newest)  # a URL's query holds its filesystem's settings
+    resume = ray.train.Checkpoint(path, filesystem=filesystem)
     folder = Path(cleanup.enter_context(resume.as_directory()))
     meta = json.loads((folder / META_FILE).read_text())
     saved, wanted = architecture_of(meta, str(folder)), settings.architecture
@@ -136,17 +140,15 @@ def _engine(
     return engine, int(meta["step"]), meta
 
 
-def newest_checkpoint(from_ray: ray.train.Checkpoint | None, launch_point: str | None, run_dir: str) -> Any:
-    """Ray Train's checkpoint (a worker-group restart inside this launch) when it is complete and further
-    along than the run folder's newest complete one at launch (a relaunch); None on a fresh run."""
-    complete = {info.step for info in list_checkpoints(run_dir)} if from_ray is not None else set()
-    ray_step = step_of(from_ray.path) if from_ray is not None else -1
-    if ray_step in complete and (launch_point is None or ray_step > step_of(launch_point)):
-        return from_ray
-    if launch_point is None:
-        return None
-    filesystem, path = resolve(launch_point)  # a URL's query holds its filesystem's settings
-    return ray.train.Checkpoint(path, filesystem=filesystem)
+def newest_checkpoint(run_dir: str) -> str | None:
+    """The run folder's newest complete checkpoint (path or URL) as the group starts; None on a fresh run.
+
+    The folder, not Ray Train's own record (`ray.train.get_checkpoint`): Ray Train registers a checkpoint
+    only once every rank's report has reached its controller, so a checkpoint every rank wrote just before
+    a node went (a preemption notice's) or before the driver died is in the folder, complete, and not in
+    Ray Train's record; resuming from an older one would throw those steps away."""
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1].path if checkpoints else None
 
 
 def _announce(

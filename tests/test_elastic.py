@@ -1,0 +1,160 @@
+"""Elastic pretraining (`num_workers: [min, max]`) on a cluster that changes under the run: nodes of one
+worker each (`ray.cluster_utils.Cluster`), drained (a spot notice), removed for good and added back while
+`vitpipe pretrain` runs, as a user launches it."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.metrics import read_records
+from pipeline.pretrain.checkpoints import list_checkpoints
+from tests.conftest import run_vitpipe
+from tests.test_pretrain import _launch, assert_learned, events, steps, write_config
+
+pytestmark = pytest.mark.slow
+
+ELASTIC = {"num_workers": [1, 2], "steps": 300, "checkpoint_every": 100, "log_every": 2}
+
+
+@contextlib.contextmanager
+def one_worker_nodes(count: int) -> Iterator:
+    """A head and `count - 1` more nodes of one CPU each: one pretraining worker per node. Started after the
+    session's own local Ray (see conftest's `two_nodes`)."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    for _ in range(count - 1):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+def wait_for(
+    run_dir: Path, run: subprocess.Popen, what: Callable[[list[dict]], bool], seconds: float = 300
+) -> bool:
+    """Whether the run's records came to satisfy `what` within `seconds`, while it still ran."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and run.poll() is None:
+        if what(read_records(str(run_dir))):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def drain(cluster, node, deadline_s: int) -> None:
+    """What a spot node's reclaim notice (or a pod's preStop hook) does: Ray's drain with a deadline."""
+    result = subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "drain-node", "--address", cluster.address,
+         "--node-id", node.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+         "--reason-message", "spot instance reclaim", "--deadline-remaining-seconds", str(deadline_s)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_node_lost_for_good_after_its_spot_notice_leaves_one_worker_to_finish_from_the_notice_step(
+    ray_local, fractal_patches, tmp_path, monkeypatch
+):
+    """Two workers on two nodes; the second node gets a spot notice (a drain) and then goes for good. The
+    notice checkpoints the step at once; the run resumes from that step on the one worker left (global
+    batch kept: accumulation 1 -> 2, ZeRO-2 state resharded), finishes all its steps, learns, and its
+    records, console and status say so."""
+    monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")  # Ray Train looks for drains each second
+    with one_worker_nodes(2) as cluster:
+        second = cluster.list_all_nodes()[1]
+        config = write_config(tmp_path / "spot.yaml", fractal_patches, **ELASTIC)
+        run_dir = tmp_path / "spot"
+        command = ["pretrain", str(config), "--storage", str(tmp_path), "--address", cluster.address]
+        with _launch(command) as run:
+            reached = wait_for(
+                run_dir, run, lambda records: any(r.get("step", 0) >= 20 for r in steps(records))
+            )
+            assert reached, run.stderr.read()[-3000:] if run.poll() is not None else "no step 20"
+            drain(cluster, second, deadline_s=20)
+            noticed = wait_for(run_dir, run, lambda records: bool(events(records, "preemption")))
+            cluster.remove_node(second)  # the reclaim
+            stdout, stderr = run.communicate(timeout=500)
+    assert noticed, stderr[-3000:]
+    assert run.returncode == 0, stderr[-3000:]
+    records = read_records(str(run_dir))
+    notice = events(records, "preemption")[0]
+    assert notice["ranks"] == [1]
+    assert notice["step"] in [r["step"] for r in events(records, "checkpoint")]  # checkpointed at once
+    resized = events(records, "resized")
+    assert [(r["from_workers"], r["workers"], r["grad_accum"]) for r in resized] == [(2, 1, 2)]
+    assert resized[0]["step"] == notice["step"]  # resumed from the notice's checkpoint, nothing older
+    after = steps(records[records.index(resized[0]) :])
+    assert {r["workers"] for r in after} == {1}
+    assert after[-1]["step"] == 300
+    assert events(records, "finished")[-1]["step"] == 300
+    assert_learned(records)
+    before = [r for r in steps(records[: records.index(resized[0])]) if r["step"] <= notice["step"]][-1]
+    fresh = steps(records)[0]["loss"]
+    assert abs(after[0]["loss"] - before["loss"]) < abs(after[0]["loss"] - fresh) / 2  # the weights came too
+    final = list_checkpoints(str(run_dir))[-1]
+    assert (final.step, final.meta["world_size"]) == (300, 1)
+    assert "preemption notice for rank(s) [1]" in stdout
+    assert f"resized 2 -> 1 worker(s) at step {notice['step']}" in stdout
+    status = run_vitpipe("status", str(run_dir))
+    assert f"1 worker(s); resized 2 -> 1 worker(s) at step {notice['step']}" in status.stdout, status.stdout
+
+
+def test_a_node_that_joins_later_grows_the_group_back_at_a_checkpoint_losing_no_step(
+    ray_local, fractal_patches, tmp_path
+):
+    """An elastic run started on a one-node cluster trains on one worker; a node joins; rank 0 sees the
+    room, checkpoints and regroups, and the run goes on with two workers from exactly that step: every
+    step is trained once."""
+    with one_worker_nodes(1) as cluster:
+        config = write_config(tmp_path / "grow.yaml", fractal_patches, **{**ELASTIC, "log_every": 1})
+        run_dir = tmp_path / "grow"
+        command = ["pretrain", str(config), "--storage", str(tmp_path), "--address", cluster.address]
+        with _launch(command) as run:
+            started = wait_for(
+                run_dir, run, lambda records: any(r.get("step", 0) >= 10 for r in steps(records))
+            )
+            cluster.add_node(num_cpus=1)
+            stdout, stderr = run.communicate(timeout=500)
+    assert started, stderr[-3000:]
+    assert run.returncode == 0, stderr[-3000:]
+    records = read_records(str(run_dir))
+    assert events(records, "started")[0]["workers"] == 1
+    resized = events(records, "resized")
+    assert [(r["from_workers"], r["workers"], r["grad_accum"]) for r in resized] == [(1, 2, 1)]
+    room = events(records, "room")[0]
+    assert resized[0]["step"] == room["step"]
+    assert room["step"] in [r["step"] for r in events(records, "checkpoint")]
+    assert [r["step"] for r in steps(records)] == list(range(1, 301))  # none lost, none trained twice
+    assert {r["workers"] for r in steps(records[records.index(resized[0]) :])} == {2}
+    assert "the cluster has room for 1 more worker(s)" in stdout
+    assert f"regrouping at step {room['step']}" in stderr
+    assert_learned(records)
+
+
+def test_a_cluster_below_the_minimum_is_waited_for_then_refused_naming_min_and_what_it_has(
+    two_nodes, fractal_patches, tmp_path
+):
+    """Five workers at least, on a cluster of four CPUs: Ray Train would wait for ever; vitpipe waits
+    `elastic_wait_s`, then fails naming the minimum and the resources it saw, and keeps nothing."""
+    config = write_config(tmp_path / "small.yaml", fractal_patches, num_workers=[5, 6], global_batch_size=240,
+                          micro_batch_size=8, elastic_wait_s=3.0)  # fmt: skip
+    started = time.monotonic()
+    result = run_vitpipe("pretrain", str(config), "--storage", str(tmp_path), "--address", two_nodes.address)
+    assert result.returncode != 0
+    assert time.monotonic() - started >= 3
+    assert "waiting for the cluster to place at least 5 worker(s)" in result.stderr
+    assert (
+        "could not place the run's minimum of 5 worker(s) for 3 s (elastic_wait_s): the cluster has 4 CPU "
+        "on 2 live node(s): room for 4 worker(s) of 1 CPU" in result.stderr
+    ), result.stderr[-3000:]
+    assert not list(tmp_path.rglob("checkpoint_*"))
