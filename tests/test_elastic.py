@@ -88,7 +88,8 @@ def test_a_node_lost_for_good_after_its_spot_notice_leaves_one_worker_to_finish_
     assert run.returncode == 0, stderr[-3000:]
     records = read_records(str(run_dir))
     notice = events(records, "preemption")[0]
-    assert notice["ranks"] == [1]
+    assert notice["nodes"] == [second.node_id]
+    assert len(notice["ranks"]) == 1  # the one worker on it, rank 0 or 1 as Ray Train placed them
     assert notice["step"] in [r["step"] for r in events(records, "checkpoint")]  # checkpointed at once
     resized = events(records, "resized")
     assert [(r["from_workers"], r["workers"], r["grad_accum"]) for r in resized] == [(2, 1, 2)]
@@ -103,7 +104,7 @@ def test_a_node_lost_for_good_after_its_spot_notice_leaves_one_worker_to_finish_
     assert abs(after[0]["loss"] - before["loss"]) < abs(after[0]["loss"] - fresh) / 2  # the weights came too
     final = list_checkpoints(str(run_dir))[-1]
     assert (final.step, final.meta["world_size"]) == (300, 1)
-    assert "preemption notice for rank(s) [1]" in stdout
+    assert f"preemption notice for rank(s) {notice['ranks']}" in stdout
     assert f"resized 2 -> 1 worker(s) at step {notice['step']}" in stdout
     status = run_vitpipe("status", str(run_dir))
     assert f"1 worker(s); resized 2 -> 1 worker(s) at step {notice['step']}" in status.stdout, status.stdout

@@ -121,14 +121,15 @@ class MinimumWatch:
         fits = placeable(self.bounds, nodes)
         if fits >= self.bounds.min_workers:
             if self.below_since is not None:
-                say(f"pretrain: the cluster can place {fits} worker(s) again")
+                say(f"pretrain: the cluster can place {fits} worker(s) again", err=True)
             self.below_since = None
             return
         if self.below_since is None:
             self.below_since = now
             say(
                 f"pretrain: waiting for the cluster to place at least {self.bounds.min_workers} worker(s) "
-                f"({describe_cluster(self.bounds, nodes)}); giving up after {self.wait_s:,.0f} s"
+                f"({describe_cluster(self.bounds, nodes)}); giving up after {self.wait_s:,.0f} s",
+                err=True,
             )
         if now - self.below_since >= self.wait_s:
             ray.get(self.control.abort_group.remote())
