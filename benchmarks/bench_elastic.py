@@ -2,9 +2,11 @@
 trained step, and the steps trained again, for the three ways the group changes size.
 
 On a cluster of one-CPU nodes on this machine (`ray.cluster_utils.Cluster`), `vitpipe pretrain` of the
-tests' tiny ViT with `num_workers: [1, 2]`, ZeRO-2, a checkpoint every 50 steps:
+tests' tiny ViT with `num_workers: [1, 2]`, ZeRO-2, a checkpoint every 100 steps, 400 steps:
 - lost: the second node is removed at once (a crash, no notice), mid-way between two checkpoints;
-- spot: the second node is drained with a 20 s deadline (a spot notice), then removed at the deadline;
+- spot: the second node is drained with a 20 s deadline (a spot notice), then removed at the deadline
+  (a longer run, 2,000 steps with a checkpoint every 1,000, so that the notice's checkpoint is what saves
+  the steps; Ray Train looks for drains every second here, `RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S=1`);
 - grow: the run starts on one node and a second joins.
 Each phase of the way back is read from the run's own records (`time` on every step and event): the
 change, the group's restart ("resumed"), the first step after it. Repeated `--repeats` times.
@@ -15,6 +17,7 @@ change, the group's restart ("resumed"), the first step after it. Repeated `--re
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -35,11 +38,12 @@ REPO = Path(__file__).resolve().parents[1]
 RUN = {
     "model": {"variant": "Ti/4", "width": 64, "depth": 2, "heads": 2, "mlp_dim": 128},
     "num_workers": [1, 2], "cpus_per_worker": 1.0, "global_batch_size": 32, "micro_batch_size": 16,
-    "steps": 120, "zero_stage": 2, "optimizer": {"lr": 3.0e-3, "weight_decay": 0.05},
-    "schedule": {"warmup_steps": 8}, "flip": False, "shuffle_buffer": 64, "checkpoint_every": 50,
+    "steps": 400, "zero_stage": 2, "optimizer": {"lr": 3.0e-3, "weight_decay": 0.05},
+    "schedule": {"warmup_steps": 8}, "flip": False, "shuffle_buffer": 64, "checkpoint_every": 100,
     "log_every": 2,
 }  # fmt: skip
 SPOT_DEADLINE_S = 20
+SPOT_RUN = {"steps": 2000, "checkpoint_every": 1000}
 
 
 def corpus(root: Path) -> str:
@@ -71,19 +75,25 @@ def one_resize(way: str, data: str, root: Path) -> dict:
     second = cluster.add_node(num_cpus=1) if way != "grow" else None
     cluster.wait_for_nodes()
     name = f"{way}-{time.monotonic_ns()}"
-    (root / f"{name}.yaml").write_text(yaml.safe_dump({**RUN, "data": data}))
+    settings = {**RUN, **(SPOT_RUN if way == "spot" else {}), "data": data}
+    (root / f"{name}.yaml").write_text(yaml.safe_dump(settings))
     command = [sys.executable, "-m", "pipeline.cli", "pretrain", str(root / f"{name}.yaml"), "--storage",
                str(root), "--address", cluster.address]  # fmt: skip
     run_dir = root / name
     try:
-        with subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as run:
-            wait_until(run_dir, run, 74)  # mid-way between the checkpoints at 50 and 100
+        env = {**os.environ, "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"}
+        with subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ) as run:
+            wait_until(run_dir, run, 150)  # mid-way between the checkpoints at 100 and 200
             changed = _change(way, cluster, second)
             run.wait(timeout=600)
     finally:
         cluster.shutdown()
     records = read_records(str(run_dir))
-    resized = next(r for r in records if r.get("event") == "resized")
+    resized = next((r for r in records if r.get("event") == "resized"), None)
+    if resized is None:  # the run ended before the change took effect: nothing to measure
+        return {"way": way, "returncode": run.returncode, "error": "no resize recorded"}
     resumed = next(r for r in records if r.get("event") == "resumed" and r["time"] >= changed)
     first = next(r for r in steps(records[records.index(resized) :]))
     last_before = steps(records[: records.index(resized)])[-1]["step"]
@@ -124,16 +134,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         data = corpus(root)
-        runs = [one_resize(way, data, root) for way in args.ways for _ in range(args.repeats)]
-        for run in runs:
-            print(run, flush=True)
+        runs = []
+        for way in args.ways:
+            for _ in range(args.repeats):
+                runs.append(one_resize(way, data, root))
+                print(runs[-1], flush=True)
     summary = {
-        way: {key: statistics.median(r[key] for r in runs if r["way"] == way)
+        way: {key: statistics.median(r[key] for r in runs if r["way"] == way and "error" not in r)
               for key in ("change_to_group_resumed_s", "change_to_next_step_s", "steps_trained_again")}
         for way in args.ways
     }  # fmt: skip
-    path = save("elastic", {"settings": {**RUN, "spot_deadline_s": SPOT_DEADLINE_S}, "median": summary,
-                            "runs": runs})  # fmt: skip
+    settings = {**RUN, "spot": {**SPOT_RUN, "deadline_s": SPOT_DEADLINE_S}}
+    path = save("elastic", {"settings": settings, "median": summary, "runs": runs})
     print(path)
 
 

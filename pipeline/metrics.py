@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 from pipeline import console
 from pipeline.figures import saved_figure
 from pipeline.storage import resolve
-from pipeline.tracking import StepLogger, TrackingTarget
+from pipeline.tracking import NOT_METRICS, StepLogger, TrackingTarget
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -50,7 +50,7 @@ class MetricsLog:
         self._jsonl.write(json.dumps(record) + "\n")
         step = record["step"]
         for name, value in record.items():
-            if name != "step" and isinstance(value, int | float) and math.isfinite(value):
+            if name not in NOT_METRICS and isinstance(value, int | float) and math.isfinite(value):
                 self._board.add_scalar(f"train/{name}", value, step)
         if self._tracker is not None:
             self._tracker.log(record)

@@ -34,6 +34,11 @@ PARAMS_PER_CALL = 100  # MLflow's limit per log_batch
 MLFLOW_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 
 
+# A step record's fields that are not its metrics: the step itself and the wall time it was written at
+# (trackers keep their own).
+NOT_METRICS = frozenset({"step", "time"})
+
+
 @dataclass(frozen=True)
 class TrackingTarget:
     """Where one tracking run's records go; plain data, handed to Ray tasks and workers."""
@@ -185,7 +190,7 @@ class StepLogger:
     def log(self, record: dict[str, Any]) -> None:
         step = int(record["step"])
         numbers = {k: float(v) for k, v in record.items()
-                   if k != "step" and isinstance(v, int | float) and math.isfinite(v)}  # fmt: skip
+                   if k not in NOT_METRICS and isinstance(v, int | float) and math.isfinite(v)}  # fmt: skip
         if not numbers:
             return
         if self.target.mlflow_run is not None and "mlflow" not in _failed:

@@ -12,7 +12,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
+from pipeline.config import PretrainConfig
 from pipeline.metrics import read_records
 from pipeline.pretrain.checkpoints import list_checkpoints
 from tests.conftest import run_vitpipe
@@ -96,6 +98,8 @@ def test_a_node_lost_for_good_after_its_spot_notice_leaves_one_worker_to_finish_
     assert resized[0]["step"] == notice["step"]  # resumed from the notice's checkpoint, nothing older
     after = steps(records[records.index(resized[0]) :])
     assert {r["workers"] for r in after} == {1}
+    recipe = PretrainConfig(**yaml.safe_load(config.read_text())).recipe(300)
+    assert [r["lr"] for r in after] == pytest.approx([recipe.lr_at(r["step"] - 1) for r in after])
     assert after[-1]["step"] == 300
     assert events(records, "finished")[-1]["step"] == 300
     assert_learned(records)
