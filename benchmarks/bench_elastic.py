@@ -5,8 +5,9 @@ On a cluster of one-CPU nodes on this machine (`ray.cluster_utils.Cluster`), `vi
 tests' tiny ViT with `num_workers: [1, 2]`, ZeRO-2, a checkpoint every 100 steps, 400 steps:
 - lost: the second node is removed at once (a crash, no notice), mid-way between two checkpoints;
 - spot: the second node is drained with a 20 s deadline (a spot notice), then removed at the deadline
-  (a longer run, 2,000 steps with a checkpoint every 1,000, so that the notice's checkpoint is what saves
-  the steps; Ray Train looks for drains every second here, `RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S=1`);
+  (a longer run, 2,500 steps and no periodic checkpoint before the end, so that the notice's checkpoints
+  are all there is to resume from; Ray Train looks for drains every second here,
+  `RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S=1`);
 - grow: the run starts on one node and a second joins.
 Each phase of the way back is read from the run's own records (`time` on every step and event): the
 change, the group's restart ("resumed"), the first step after it. Repeated `--repeats` times.
@@ -43,7 +44,7 @@ RUN = {
     "log_every": 2,
 }  # fmt: skip
 SPOT_DEADLINE_S = 20
-SPOT_RUN = {"steps": 2000, "checkpoint_every": 1000}
+SPOT_RUN = {"steps": 2500, "checkpoint_every": 2500}
 
 
 def corpus(root: Path) -> str:

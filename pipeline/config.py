@@ -543,16 +543,16 @@ class PretrainConfig(Section):
             return f"{self.num_workers} worker(s)"
         return f"{self.min_workers}-{self.max_workers} worker(s) (elastic)"
 
-    def recipe(self, total_steps: int, input_size: int | None = None, workers: int | None = None) -> Recipe:
-        """The recipe `workers` workers (default: the most the run uses) train with on images stored at
-        `input_size`; `bf16: auto` stays off here and is decided on the worker, which sees the device. An
-        elastic run's workers set their accumulation for the group they find themselves in."""
+    def recipe(self, total_steps: int, input_size: int | None = None) -> Recipe:
+        """The recipe the workers train with on images stored at `input_size`, its accumulation for the
+        largest group (the workers set their own for the group they find themselves in); `bf16: auto` stays
+        off here and is decided on the worker, which sees the device."""
         return Recipe(
             optimizer=self.optimizer,
             schedule=self.schedule,
             total_steps=total_steps,
             micro_batch_size=self.micro_batch_size,
-            grad_accum=grad_accum(self.global_batch_size, self.micro_batch_size, workers or self.max_workers),
+            grad_accum=grad_accum(self.global_batch_size, self.micro_batch_size, self.max_workers),
             label_smoothing=self.label_smoothing,
             flip=self.flip,
             mixup_alpha=self.mixup_alpha,

@@ -53,6 +53,13 @@ def wait_for(
     return False
 
 
+def _last_checkpoint_written(run_dir: Path, records: list[dict]) -> bool:
+    """Whether the checkpoint a preemption notice takes just before its deadline is complete in the run
+    folder (every rank's files), as it is by the time the node goes."""
+    last = events(records, "last_checkpoint")
+    return bool(last) and last[0]["step"] in {info.step for info in list_checkpoints(str(run_dir))}
+
+
 def drain(cluster, node, deadline_s: int) -> None:
     """What a spot node's reclaim notice (or a pod's preStop hook) does: Ray's drain with a deadline."""
     result = subprocess.run(
@@ -67,14 +74,16 @@ def drain(cluster, node, deadline_s: int) -> None:
 def test_a_node_lost_for_good_after_its_spot_notice_leaves_one_worker_to_finish_from_the_notice_step(
     ray_local, fractal_patches, tmp_path, monkeypatch
 ):
-    """Two workers on two nodes; the second node gets a spot notice (a drain) and then goes for good. The
-    notice checkpoints the step at once; the run resumes from that step on the one worker left (global
-    batch kept: accumulation 1 -> 2, ZeRO-2 state resharded), finishes all its steps, learns, and its
-    records, console and status say so."""
+    """Two workers on two nodes; the second node gets a spot notice (a drain with a 12 s deadline) and then
+    goes for good. The notice checkpoints the step at once and once more just before the deadline; the run
+    resumes from that last step on the one worker left (global batch kept: accumulation 1 -> 2, ZeRO-2
+    state resharded, each step's lr its own), finishes all its steps, learns, and its records, console and
+    status say so. No periodic checkpoint comes between: the notice's are all there is."""
     monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")  # Ray Train looks for drains each second
     with one_worker_nodes(2) as cluster:
         second = cluster.list_all_nodes()[1]
-        config = write_config(tmp_path / "spot.yaml", fractal_patches, **ELASTIC)
+        config = write_config(tmp_path / "spot.yaml", fractal_patches, **{**ELASTIC, "steps": 1000,
+                              "checkpoint_every": 1000})  # fmt: skip
         run_dir = tmp_path / "spot"
         command = ["pretrain", str(config), "--storage", str(tmp_path), "--address", cluster.address]
         with _launch(command) as run:
@@ -82,36 +91,39 @@ def test_a_node_lost_for_good_after_its_spot_notice_leaves_one_worker_to_finish_
                 run_dir, run, lambda records: any(r.get("step", 0) >= 20 for r in steps(records))
             )
             assert reached, run.stderr.read()[-3000:] if run.poll() is not None else "no step 20"
-            drain(cluster, second, deadline_s=20)
-            noticed = wait_for(run_dir, run, lambda records: bool(events(records, "preemption")))
-            cluster.remove_node(second)  # the reclaim
+            drain(cluster, second, deadline_s=12)
+            noticed = wait_for(run_dir, run, lambda records: _last_checkpoint_written(run_dir, records))
+            cluster.remove_node(second)  # the reclaim, at its deadline
             stdout, stderr = run.communicate(timeout=500)
     assert noticed, stderr[-3000:]
     assert run.returncode == 0, stderr[-3000:]
     records = read_records(str(run_dir))
-    notice = events(records, "preemption")[0]
+    notice, last = events(records, "preemption")[0], events(records, "last_checkpoint")[0]
     assert notice["nodes"] == [second.node_id]
     assert len(notice["ranks"]) == 1  # the one worker on it, rank 0 or 1 as Ray Train placed them
-    assert notice["step"] in [r["step"] for r in events(records, "checkpoint")]  # checkpointed at once
+    assert 0 < notice["deadline_s"] <= 12
+    checkpointed = [r["step"] for r in events(records, "checkpoint")]
+    assert notice["step"] < last["step"]
+    assert {notice["step"], last["step"]} <= set(checkpointed)  # at once, and again before the deadline
     resized = events(records, "resized")
     assert [(r["from_workers"], r["workers"], r["grad_accum"]) for r in resized] == [(2, 1, 2)]
-    assert resized[0]["step"] == notice["step"]  # resumed from the notice's checkpoint, nothing older
+    assert resized[0]["step"] == last["step"]  # resumed from the last checkpoint before the node went
     after = steps(records[records.index(resized[0]) :])
     assert {r["workers"] for r in after} == {1}
-    recipe = PretrainConfig(**yaml.safe_load(config.read_text())).recipe(300)
+    recipe = PretrainConfig(**yaml.safe_load(config.read_text())).recipe(1000)
     assert [r["lr"] for r in after] == pytest.approx([recipe.lr_at(r["step"] - 1) for r in after])
-    assert after[-1]["step"] == 300
-    assert events(records, "finished")[-1]["step"] == 300
+    assert after[-1]["step"] == 1000
+    assert events(records, "finished")[-1]["step"] == 1000
     assert_learned(records)
-    before = [r for r in steps(records[: records.index(resized[0])]) if r["step"] <= notice["step"]][-1]
+    before = [r for r in steps(records[: records.index(resized[0])]) if r["step"] <= last["step"]][-1]
     fresh = steps(records)[0]["loss"]
     assert abs(after[0]["loss"] - before["loss"]) < abs(after[0]["loss"] - fresh) / 2  # the weights came too
     final = list_checkpoints(str(run_dir))[-1]
-    assert (final.step, final.meta["world_size"]) == (300, 1)
+    assert (final.step, final.meta["world_size"]) == (1000, 1)
     assert f"preemption notice for rank(s) {notice['ranks']}" in stdout
-    assert f"resized 2 -> 1 worker(s) at step {notice['step']}" in stdout
+    assert f"resized 2 -> 1 worker(s) at step {last['step']}" in stdout
     status = run_vitpipe("status", str(run_dir))
-    assert f"1 worker(s); resized 2 -> 1 worker(s) at step {notice['step']}" in status.stdout, status.stdout
+    assert f"1 worker(s); resized 2 -> 1 worker(s) at step {last['step']}" in status.stdout, status.stdout
 
 
 def test_a_node_that_joins_later_grows_the_group_back_at_a_checkpoint_losing_no_step(

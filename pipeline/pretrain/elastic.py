@@ -4,8 +4,9 @@ waits for when the cluster cannot hold the run's smallest group.
 Ray Train sizes an elastic group (`num_workers: [min, max]`) when it starts or restarts it: as many
 workers as the cluster can place, up to max; a lost node restarts the group on what is left, from the
 newest checkpoint. vitpipe adds three things around that:
-- a node's preemption notice (a drain: a spot reclaim, a pod's preStop hook) checkpoints the step at once,
-  so the restart that follows the node's loss resumes there;
+- a node's preemption notice (a drain: a spot reclaim, a pod's preStop hook) checkpoints the step at once
+  and, when the notice has a deadline, once more just before it, so the restart that follows the node's
+  loss resumes there;
 - room for more workers, seen by rank 0, checkpoints and ends the group ("regroup"): the driver starts it
   again and Ray Train places the larger group; so a group grows at a checkpoint and loses no step;
 - a cluster that cannot place `min` workers for `elastic_wait_s` fails the run, naming min and what the
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from vit.loop import Notice
 
 CLUSTER_POLL_SECONDS = 2.0  # how often the driver looks at the cluster while an elastic group runs
+LAST_CALL_MARGIN_S = 5.0  # a preempted node's last checkpoint starts at least this long before it goes
 
 
 def alive_nodes() -> list[dict[str, Any]]:
@@ -41,9 +43,11 @@ def alive_nodes() -> list[dict[str, Any]]:
 @dataclass
 class Notices:
     """Every rank's `notice` hook (vit.loop.Hooks). Each `every` steps all ranks ask Ray Train together
-    whether a node of the group is being preempted (a checkpoint at once, once per notice); a group below
-    its max (elastic) then asks rank 0 whether the cluster has room for another worker on nodes it has
-    not tried to grow onto yet (a checkpoint and a regroup). Every rank returns the same answer."""
+    whether a node of the group is being preempted: a checkpoint at once, and with a deadline a last one
+    just before it (so that only the steps after it are trained again); a group below its max (elastic)
+    then asks rank 0 whether the cluster has room for another worker on nodes it has not tried to grow onto
+    yet (a checkpoint and a regroup). Every rank returns the same answer: what one rank decides alone is
+    broadcast from rank 0."""
 
     every: int
     rank: int
@@ -52,11 +56,16 @@ class Notices:
     control: Any  # the launch's RunControl actor: remembers the node sets a regroup was tried on
     log: Any = None  # rank 0's MetricsLog
     noticed: set[str] = field(default_factory=set)
+    deadline: float | None = None  # when the noticed node goes (epoch seconds), until its last checkpoint
+    polled: float = field(default_factory=time.monotonic)  # rank 0's time of the previous poll
+    poll_gap: float = 0.0  # the longest time between two polls since the notice (steps and its checkpoint)
 
     def __call__(self, step: int) -> Notice:
         if step % self.every:
             return ""
-        if self._preempted(step):
+        now = time.monotonic()
+        self.poll_gap, self.polled = max(self.poll_gap, now - self.polled), now
+        if self._preempted(step) or self._last_call(step):
             return "checkpoint"
         if self.world < self.bounds.max_workers and self._room(step):
             return "regroup"
@@ -67,8 +76,10 @@ class Notices:
         if info is None or set(info.preempted_node_ids) <= self.noticed:
             return False
         self.noticed |= set(info.preempted_node_ids)
+        self.deadline = info.deadline_ms / 1000 if info.deadline_ms else None
+        self.poll_gap = 0.0  # measured afresh from here: the next poll's gap holds this checkpoint
         if self.log is not None:
-            left = (info.deadline_ms / 1000 - time.time()) if info.deadline_ms else None
+            left = self.deadline - time.time() if self.deadline is not None else None
             self.log.event("preemption", step=step, nodes=info.preempted_node_ids, ranks=info.preempted_ranks,
                            deadline_s=round(left, 1) if left is not None else None)  # fmt: skip
             say(
@@ -77,6 +88,20 @@ class Notices:
                 + f": checkpointing step {step}; the group carries on until the node goes"
             )
         return True
+
+    def _last_call(self, step: int) -> bool:
+        """Once the node's deadline is nearer than two polls (each holding a checkpoint) and a margin, the
+        step is checkpointed once more: a restart after the node goes loses only the steps after it."""
+        if self.deadline is None:
+            return False
+        due = self.rank == 0 and self.deadline - time.time() < 2 * self.poll_gap + LAST_CALL_MARGIN_S
+        due = bool(ray.train.collective.broadcast_from_rank_zero(due))
+        if due:
+            self.deadline = None
+            if self.log is not None:
+                self.log.event("last_checkpoint", step=step)
+                say(f"pretrain: the preempted node goes soon: checkpointing step {step} once more")
+        return due
 
     def _room(self, step: int) -> bool:
         grow = self._rank0_sees_room(step) if self.rank == 0 else None
