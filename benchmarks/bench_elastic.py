@@ -33,6 +33,7 @@ from ray.cluster_utils import Cluster
 from benchmarks.machine import save
 from pipeline.config import FractalsConfig, PreprocessConfig
 from pipeline.metrics import read_records
+from pipeline.pretrain.launch import ELASTIC_START_TIMEOUT_S
 from pipeline.ray_session import init_ray
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +146,8 @@ def main() -> None:
               for key in ("change_to_group_resumed_s", "change_to_next_step_s", "steps_trained_again")}
         for way in args.ways
     }  # fmt: skip
-    settings = {**RUN, "spot": {**SPOT_RUN, "deadline_s": SPOT_DEADLINE_S}}
+    settings = {**RUN, "spot": {**SPOT_RUN, "deadline_s": SPOT_DEADLINE_S},
+                "ray_train_worker_group_start_timeout_s": float(ELASTIC_START_TIMEOUT_S)}  # fmt: skip
     path = save("elastic", {"settings": settings, "median": summary, "runs": runs})
     print(path)
 

@@ -133,7 +133,7 @@ def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, ru
 # Ray Train waits this long for a group it decided to start before it counts the cluster again; after a
 # node's loss it may decide on the old size once (its view of the cluster lags), so an elastic run waits
 # less than Ray's default minute before it starts on what is left. A user's own setting is kept.
-ELASTIC_START_TIMEOUT_S = "20"
+ELASTIC_START_TIMEOUT_S = "10"
 START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 

@@ -52,10 +52,10 @@ class PretrainPlan:
     data: DataPlan
     architecture: Architecture
     num_workers: int | tuple[int, int]  # a fixed group, or an elastic one's [min, max]
+    global_batch: int
     grad_accum: int  # micro-batches per rank and step at the largest group
     steps_per_epoch: int
     total_steps: int
-    global_batch: int = 0
 
     def describe(self) -> str:
         d, model = self.data, self.architecture
@@ -161,8 +161,8 @@ def plan_pretrain(config: PretrainConfig, directory: str, rows: Rows | None = No
         )
     total = config.epochs * steps_per_epoch if config.epochs is not None else config.steps
     accumulation = grad_accum(config.global_batch_size, config.micro_batch_size, config.max_workers)
-    return PretrainPlan(data, architecture, config.num_workers, accumulation, steps_per_epoch, total,
-                        config.global_batch_size)  # fmt: skip
+    return PretrainPlan(data, architecture, config.num_workers, config.global_batch_size, accumulation,
+                        steps_per_epoch, total)  # fmt: skip
 
 
 def check_pretrain(
