@@ -70,8 +70,8 @@ def test_unknown_nested_key_in_pretrain(tmp_path):
         (
             "num_workers: 2",
             "num_workers: 2.5",
-            "pretrain.num_workers: must be a number of workers (1 or more) or [min, max] with 1 <= min <= max "
-            "(got 2.5)",
+            "pretrain.num_workers: must be a number of workers (1 or more) or [min, max] with "
+            "1 <= min <= max (got 2.5)",
         ),
         ("lr: 1e-3", "lr: fast", "pretrain.optimizer.lr: Input should be a valid number (got 'fast')"),
         ("targets: [digits]", "targets: digits", "finetune.targets: Input should be a valid list"),
