@@ -114,7 +114,7 @@ class Notices:
             return False
         node_set = sorted(node["NodeID"] for node in nodes)
         if not ray.get(self.control.try_regroup.remote(node_set)):
-            return False  # a regroup on these very nodes gave no more workers: wait for the cluster to change
+            return False  # a regroup was tried on these very nodes already: wait for the cluster to change
         if self.log is not None:
             self.log.event("room", step=step, workers=self.world, free_workers=free)
         say(
