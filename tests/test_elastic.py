@@ -20,8 +20,6 @@ from pipeline.pretrain.checkpoints import list_checkpoints
 from tests.conftest import run_vitpipe
 from tests.test_pretrain import _launch, assert_learned, events, steps, write_config
 
-pytestmark = pytest.mark.slow
-
 ELASTIC = {"num_workers": [1, 2], "steps": 300, "checkpoint_every": 100, "log_every": 2}
 
 
@@ -71,6 +69,7 @@ def drain(cluster, node, deadline_s: int) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_node_lost_for_good_after_its_spot_notice_leaves_one_worker_to_finish_from_the_notice_step(
     ray_local, fractal_patches, tmp_path, monkeypatch
 ):
@@ -126,6 +125,7 @@ def test_a_node_lost_for_good_after_its_spot_notice_leaves_one_worker_to_finish_
     assert f"1 worker(s); resized 2 -> 1 worker(s) at step {last['step']}" in status.stdout, status.stdout
 
 
+@pytest.mark.slow
 def test_a_node_that_joins_later_grows_the_group_back_at_a_checkpoint_losing_no_step(
     ray_local, fractal_patches, tmp_path
 ):
@@ -158,6 +158,7 @@ def test_a_node_that_joins_later_grows_the_group_back_at_a_checkpoint_losing_no_
     assert_learned(records)
 
 
+@pytest.mark.slow
 def test_a_cluster_below_the_minimum_is_waited_for_then_refused_naming_min_and_what_it_has(
     two_nodes, fractal_patches, tmp_path
 ):
@@ -175,3 +176,84 @@ def test_a_cluster_below_the_minimum_is_waited_for_then_refused_naming_min_and_w
         "on 2 live node(s): room for 4 worker(s) of 1 CPU" in result.stderr
     ), result.stderr[-3000:]
     assert not list(tmp_path.rglob("checkpoint_*"))
+
+
+# ---------------------------------------------------------------- the pieces, without a training run
+
+
+def test_workers_are_placed_node_by_node_not_from_the_cluster_s_sum():
+    """Three nodes with 1.5 free CPUs each hold three 1-CPU workers, not four; a GPU worker needs both."""
+    from pipeline.pretrain.plan import GroupBounds, placeable
+
+    cpu = GroupBounds(1, 4, {"CPU": 1.0})
+    assert placeable(cpu, [{"CPU": 1.5}] * 3) == 3
+    gpu = GroupBounds(1, 4, {"CPU": 8.0, "GPU": 1.0})
+    assert placeable(gpu, [{"CPU": 96.0, "GPU": 8.0}, {"CPU": 96.0}, {"CPU": 4.0, "GPU": 1.0}]) == 8
+
+
+def test_a_regroup_is_tried_once_per_set_of_live_nodes():
+    """Room a regroup could not use (another job's CPUs) does not restart the group again and again; a
+    changed cluster may be tried."""
+    from pipeline.pretrain.control import RunControl
+
+    control = RunControl()
+    assert control.try_regroup(["b", "a"])
+    assert not control.try_regroup(["a", "b"])
+    assert control.try_regroup(["a", "b", "c"])
+
+
+def test_the_driver_waits_for_the_minimum_then_aborts_the_group_naming_what_it_saw(ray_local, monkeypatch):
+    """Below min: one line when the wait starts, the fit's controller aborted and a clear error after
+    `elastic_wait_s`; a cluster that can place min again resets the wait (on the session's 2-CPU Ray)."""
+    from pipeline.pretrain import elastic
+    from pipeline.pretrain.plan import GroupBounds
+
+    class Control:  # the run's RunControl actor, as the watch calls it
+        aborted = 0
+
+        class abort_group:  # noqa: N801
+            @staticmethod
+            def remote():
+                Control.aborted += 1
+                return ray_ref
+
+    import ray
+
+    ray_ref = ray.put(None)
+    monkeypatch.setattr(elastic, "CLUSTER_POLL_SECONDS", 0.0)
+    lines: list[str] = []
+    monkeypatch.setattr(elastic, "say", lambda line, err=False: lines.append(line))
+    fits = elastic.MinimumWatch(GroupBounds(2, 2, {"CPU": 1.0}), wait_s=0.2, control=Control)
+    fits()
+    assert fits.below_since is None  # 2 CPUs hold 2 workers
+    watch = elastic.MinimumWatch(GroupBounds(3, 4, {"CPU": 1.0}), wait_s=0.3, control=Control)
+    watch()
+    assert lines[-1].startswith("pretrain: waiting for the cluster to place at least 3 worker(s)")
+    watch.bounds = GroupBounds(2, 4, {"CPU": 1.0})  # as if a node came back
+    watch()
+    assert watch.below_since is None
+    assert lines[-1] == "pretrain: the cluster can place 2 worker(s) again"
+    watch.bounds = GroupBounds(3, 4, {"CPU": 1.0})
+    watch()
+    time.sleep(0.35)
+    with pytest.raises(elastic.GroupBelowMinimumError, match=r"minimum of 3 worker\(s\) for 0 s.*room for 2"):
+        watch()
+    assert Control.aborted == 1
+
+
+def test_an_elastic_launch_waits_less_for_a_group_ray_cannot_place_unless_the_user_says_otherwise(
+    monkeypatch,
+):
+    import os
+
+    from pipeline.pretrain.launch import START_TIMEOUT_VARIABLE, _elastic_start_timeout
+
+    monkeypatch.delenv(START_TIMEOUT_VARIABLE, raising=False)
+    with _elastic_start_timeout(elastic=True):
+        assert os.environ[START_TIMEOUT_VARIABLE] == "10"
+    assert START_TIMEOUT_VARIABLE not in os.environ
+    with _elastic_start_timeout(elastic=False):
+        assert START_TIMEOUT_VARIABLE not in os.environ
+    monkeypatch.setenv(START_TIMEOUT_VARIABLE, "45")
+    with _elastic_start_timeout(elastic=True):
+        assert os.environ[START_TIMEOUT_VARIABLE] == "45"

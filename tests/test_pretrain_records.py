@@ -40,6 +40,17 @@ def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):
     assert "train/mfu" not in scalars  # None is not a number to plot
 
 
+def test_a_step_record_s_wall_time_is_kept_but_not_plotted(tmp_path):
+    """Every pretraining step carries its `time` (the cost of a resize is read from it), and its group size;
+    the time is no metric: TensorBoard (and the trackers, through NOT_METRICS) leave it out."""
+    with closing(MetricsLog(str(tmp_path))) as log:
+        log.write({**step_record(1, 2.5), "workers": 2, "time": 1796531644.0})
+    assert read_records(str(tmp_path))[0]["time"] == 1796531644.0
+    scalars = tensorboard_scalars(next((tmp_path / "tensorboard").glob("events.out.tfevents.*")))
+    assert scalars["train/workers"] == [(1, 2.0)]
+    assert "train/time" not in scalars
+
+
 def tensorboard_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
     """The scalars of a TensorBoard event file (TFRecord framing: length, its CRC, the event, its CRC)."""
     scalars: dict[str, list[tuple[int, float]]] = {}
