@@ -219,3 +219,18 @@ def test_hf_folder_without_weights_is_named(tmp_path):
     hf_model(CONFIGS["w48 d3 p12@48"]).config.save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"no model.safetensors, model.safetensors.index.json or"):
         load_pretrained(tmp_path)
+
+
+def test_the_attention_the_analyses_read_is_hf_transformers_attention():
+    config = CONFIGS["w48 d3 p12@48"]
+    ours = perturb(VisionTransformer(config).eval())
+    theirs = hf_model(config, attn_implementation="eager")  # HF's textbook attention returns its weights
+    theirs.load_state_dict(to_hf_state_dict(ours, layout="modules"), strict=True)
+    images, pixels = images_for(config)
+    with torch.no_grad():
+        _, attentions = ours.encode_with_attention(patchify(images, config.patch_size))
+        reference = theirs(pixel_values=pixels, output_attentions=True).attentions
+    assert len(attentions) == len(reference) == config.depth
+    for layer, (mine, hf) in enumerate(zip(attentions, reference, strict=True)):
+        assert mine.shape == hf.shape == (3, config.heads, config.seq_len, config.seq_len)
+        torch.testing.assert_close(mine, hf, atol=1e-5, rtol=0, msg=f"layer {layer}")

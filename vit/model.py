@@ -113,13 +113,28 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *, need_weights: bool = False, explicit: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(output, attention probabilities [B, heads, T, T] or None). The fused kernel (SDPA) computes
+        the output; with `need_weights` it also gives its own probabilities (the same kernel applied to
+        identity values). `explicit` is the textbook softmax(QK^T / sqrt(d)) V instead, for comparison."""
         batch, tokens, width = x.shape
         qkv = self.qkv(x).view(batch, tokens, 3, self.heads, width // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         dropout = self.attention_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, width))
+        if need_weights and dropout:
+            raise ValueError("attention probabilities are read in eval mode (attention dropout is on)")
+        weights = None
+        if explicit:
+            weights = torch.softmax((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1)
+            out = weights @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+            if need_weights:
+                identity = torch.eye(tokens, dtype=q.dtype, device=q.device).expand(batch, self.heads, -1, -1)
+                weights = F.scaled_dot_product_attention(q, k, identity)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, width)), weights
 
 
 class Mlp(nn.Module):
@@ -145,9 +160,13 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.dropout(self.attn(self.norm1(x))))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+    def forward(
+        self, x: torch.Tensor, *, need_weights: bool = False, explicit: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(output, the attention's probabilities or None: see Attention.forward)."""
+        attended, weights = self.attn(self.norm1(x), need_weights=need_weights, explicit=explicit)
+        x = x + self.drop_path(self.dropout(attended))
+        return x + self.drop_path(self.mlp(self.norm2(x))), weights
 
 
 class VisionTransformer(nn.Module):
@@ -202,13 +221,28 @@ class VisionTransformer(nn.Module):
 
     def encode(self, patches: torch.Tensor, *, normalized: bool = False) -> torch.Tensor:
         """Token sequence after the final LayerNorm: [B, seq_len, width]."""
+        return self._encode(patches, normalized=normalized, need_weights=False, explicit=False)[0]
+
+    def encode_with_attention(
+        self, patches: torch.Tensor, *, normalized: bool = False, explicit: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The tokens `encode` gives, and every block's attention probabilities [B, heads, T, T] (query
+        rows sum to 1), from the fused kernel unless `explicit`: what the paper's analyses read."""
+        tokens, weights = self._encode(patches, normalized=normalized, need_weights=True, explicit=explicit)
+        return tokens, [w for w in weights if w is not None]
+
+    def _encode(
+        self, patches: torch.Tensor, *, normalized: bool, need_weights: bool, explicit: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         x = self.stem(patches, normalized=normalized)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.dropout(x + self.pos_embed)
+        weights = []
         for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+            x, block_weights = block(x, need_weights=need_weights, explicit=explicit)
+            weights.append(block_weights)
+        return self.norm(x), weights
 
     def features(self, patches: torch.Tensor, *, normalized: bool = False) -> torch.Tensor:
         """Pooled pre-logits features [B, feature_dim]: what the head and few-shot probes read."""
