@@ -153,7 +153,7 @@ def _add_dataset_commands(commands: Any) -> None:
 
 
 def _add_stage_commands(commands: Any) -> None:
-    """pretrain, finetune, evaluate (a job's step alone) and export."""
+    """pretrain, finetune, evaluate, analyze (a job's step alone) and export."""
     train = commands.add_parser(
         "pretrain",
         help="the job's pretraining step alone: DeepSpeed ZeRO on Ray Train (resumes its checkpoints)",
@@ -179,6 +179,15 @@ def _add_stage_commands(commands: Any) -> None:
         "--steps", type=int, help="with --data-only: steps to read (default: the run's budget)"
     )
     _add_address(train)
+
+    look = commands.add_parser(
+        "analyze",
+        help="the job's analysis step alone: attention rollout, attention distance by depth, position-"
+        "embedding similarity and embedding filters of every ViT the run trained (into RUN/analysis)",
+    )
+    look.add_argument("run", help="a run folder (its job.yaml is read) or a job file")
+    look.add_argument("--force", action="store_true", help="analyse again even if cached")
+    _add_address(look)
 
     export = commands.add_parser(
         "export", help="consolidate a pretraining checkpoint into vitpipe + HF weights"
@@ -359,6 +368,34 @@ def stage_command(args: argparse.Namespace) -> int:
     return EXIT_FAILED if summary.failed else 0
 
 
+def analyze_command(args: argparse.Namespace) -> int:
+    """`vitpipe analyze RUN|JOB`: the analysis step of a run whose training steps are done."""
+    from pipeline.runner.execute import run_job
+
+    job, run_dir = run_of(args.run)
+    options = RunOptions(force=("analyze",) if args.force else ())
+    summary = run_job(job, run_dir=run_dir, only="analyze", options=options, address=args.address)
+    say("\n" + summary.summary())
+    if not summary.failed:
+        say(f"  analyses: {summary.plan.layout.analysis}")
+    return EXIT_FAILED if summary.failed else 0
+
+
+def run_of(target: str) -> tuple[Path, str | None]:
+    """(job file, run folder) of a command's RUN|JOB argument: a run folder's own job.yaml, or a job file
+    whose run folder is its own."""
+    path = Path(target).expanduser()
+    if path.is_dir():
+        if not (path / "job.yaml").is_file():
+            raise ConfigError(
+                f"{target}: not a vitpipe run folder (no job.yaml); give the run folder or its job"
+            )
+        return path / "job.yaml", str(path)
+    if not path.is_file():
+        raise ConfigError(f"{target}: no such run folder or job file")
+    return path, None
+
+
 def _say_results(folder: str, blocks: int | None = None) -> None:
     """The transfer results table of `folder` (a local one), its first `blocks` paragraphs or all."""
     from pipeline.transfer.report import RESULTS_MD
@@ -519,12 +556,15 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "pretrain": stage_command,
     "finetune": stage_command,
     "evaluate": stage_command,
+    "analyze": analyze_command,
     "export": export_command,
 }
 
 
 # Commands that start Ray here: what Ray and the libraries print goes to the logs unless --verbose.
-QUIET_COMMANDS = frozenset({"run", "pretrain", "finetune", "evaluate", "preprocess", "datasets", "submit"})
+QUIET_COMMANDS = frozenset(
+    {"run", "pretrain", "finetune", "evaluate", "analyze", "preprocess", "datasets", "submit"}
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

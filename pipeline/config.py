@@ -725,6 +725,19 @@ class EvaluateConfig(Section):
         return tuple(sorted(set(shots)))
 
 
+class AnalyzeConfig(Section):
+    """The paper's looks inside every ViT a job trains (attention rollout maps, mean attention distance by
+    depth, position-embedding similarity, embedding-filter components), from the stored weights, on the
+    test images of the first finetune target; one Ray task per model."""
+
+    images: PositiveInt = 8  # the grid of test images the rollout maps are drawn over
+    distance_images: PositiveInt = 128  # the images attention distances average over (the paper's 128)
+    components: PositiveInt = 28  # principal components of the embedding filters drawn (the paper's 28)
+    batch_size: PositiveInt = 64
+    cpus_per_task: PositiveFloat = 1.0
+    gpus_per_task: NonNegativeFloat = 0.0
+
+
 class StudyConfig(Section):
     """Transfer as a function of pretraining data size (the paper's Figures 3 and 4): each (size, model,
     seed) point is pretrained on a nested random subset of the corpus with the job's pretrain section as
@@ -793,6 +806,7 @@ class PipelineConfig(Section):
     finetune: FinetuneConfig | None = None
     evaluate: EvaluateConfig | None = None
     study: StudyConfig | None = None
+    analyze: AnalyzeConfig = Field(default_factory=AnalyzeConfig)
     tracking: TrackingConfig | None = None
 
     @model_validator(mode="after")

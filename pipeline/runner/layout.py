@@ -8,6 +8,8 @@ RUN (the job's `run_dir`, default `runs/NAME`) holds:
     transfer/          fine-tune and few-shot results of every target
     study/             a study's subsets/ manifests, one folder per point (pretrain/, transfer/,
                        point.json), and results.json, results.md, transfer_vs_data.png
+    analysis/          the paper's looks inside every ViT trained: one folder of pictures and numbers
+                       per model, analysis.json, and the figures that compare them
     stages/            one record per finished (or interrupted) step: its cache key and outputs
     logs/              what each stage printed
     report.md, report/ the results table and pictures
@@ -66,6 +68,10 @@ class RunLayout:
         if self.pretrain_storage == self.root:
             return self.study_point(point)
         return join(self.pretrain_storage, self.name, "study", point)
+
+    @property
+    def analysis(self) -> str:
+        return posixpath.join(self.root, "analysis")
 
     @property
     def stages(self) -> str:

@@ -27,7 +27,7 @@ from pipeline.runner.layout import RunLayout, run_layout
 from pipeline.storage import basename
 
 # What `vitpipe run` runs, in order; a job with a study runs its points in place of pretrain and finetune.
-STAGES = ("datasets", "preprocess", "pretrain", "finetune", "study", "report")
+STAGES = ("datasets", "preprocess", "pretrain", "finetune", "study", "analyze", "report")
 EVALUATE = "evaluate"  # `vitpipe evaluate JOB`: the weights scored on the targets without training
 
 
@@ -70,7 +70,7 @@ class JobPlan:
 
     def patch_dir(self, entry: str) -> str:
         """A preprocess entry's folder in the run, or the entry itself when it is a location."""
-        return self.layout.patches(entry) if entry in self.job.preprocess else entry
+        return patches_of(entry, self.job, self.layout)
 
 
 @dataclass(frozen=True)
@@ -217,6 +217,9 @@ def plan_job(
         steps.append(_pretrain_step(job.pretrain, job, source, layout))
     if job.finetune is not None and job.study is None:
         steps.append(_transfer_step("finetune", job.finetune, job, source, layout, overrides))
+    trained = [step for step in steps if step.stage in ("pretrain", "finetune") or step.concurrent]
+    if trained:
+        steps.append(_analyze_step(job, layout, trained))
     if steps:
         steps.append(Step("report", None, {}, tuple(step.id for step in steps), output=layout.report))
     if evaluate:
@@ -301,6 +304,34 @@ def _transfer_step(
     settings["out"] = overrides.out
     item = f"out-{digest(overrides.out)[:8]}"
     return Step(stage, item, settings, tuple(depends), tuple(external), output=overrides.out)
+
+
+def _analyze_step(job: PipelineConfig, layout: RunLayout, trained: list[Step]) -> Step:
+    """The analyses of every model the steps in `trained` write, on the test split of the first finetune
+    target (B), or without one on the pretraining data's training split."""
+    transfer = next((step for step in trained if step.stage == "finetune" or step.concurrent), None)
+    images: dict[str, str] = {}
+    if transfer is not None:
+        name, directory = next(iter(transfer.settings["targets"].items()))
+        # the test split (pipeline.transfer.plan.TEST_SPLIT, whose module would bring torch to the planner)
+        images = {"name": name, "directory": directory, "split": "test"}
+    elif job.pretrain is not None:
+        pretrain = job.pretrain
+        images = {
+            "name": pretrain.data,
+            "directory": patches_of(pretrain.data, job, layout),
+            "split": pretrain.split,
+        }
+    reads = f"preprocess:{images['name']}"
+    depends = [step.id for step in trained] + ([reads] if images["name"] in job.preprocess else [])
+    external = () if images["name"] in job.preprocess else (("patches", images["directory"]),)
+    settings = {"analyze": job.analyze.model_dump(mode="json"), "images": images}
+    return Step("analyze", None, settings, tuple(depends), external, output=layout.analysis)
+
+
+def patches_of(entry: str, job: PipelineConfig, layout: RunLayout) -> str:
+    """A preprocess entry's folder in the run, or the entry itself when it is a location."""
+    return layout.patches(entry) if entry in job.preprocess else entry
 
 
 def _check_target_patches(target: str, finetune: FinetuneConfig, job: PipelineConfig, source: str) -> None:

@@ -17,6 +17,12 @@ from pipeline.runner.records import read_record
 from pipeline.storage import write_atomic
 
 PICTURES = "report"
+CAPTIONS = {  # a model's analysis pictures (pipeline.analysis.task.PICTURES) as the report names them
+    "rollout": "attention rollout",
+    "distance": "attention distance by depth",
+    "position_embedding": "position embedding similarity",
+    "filters": "embedding filters",
+}
 
 
 def write_report(plan: JobPlan) -> str:
@@ -36,6 +42,8 @@ def write_report(plan: JobPlan) -> str:
         sections.append(_study_section(plan, pictures))
     elif job.finetune is not None:
         sections.append(_transfer_section(plan, pictures))
+    if any(step.stage == "analyze" for step in plan.steps):
+        sections.append(_analysis_section(plan, pictures))
     if job.pretrain is not None and job.study is None:
         sections.append(_pretrain_section(plan, job.pretrain, pictures))
     if job.datasets or job.preprocess:
@@ -104,6 +112,68 @@ def _study_section(plan: JobPlan, pictures: Path) -> str:
     text += ["", f"Per point: pretraining run, transfer results and point.json under `{plan.layout.study}`; "
              "every point and curve in `study/results.json`."]  # fmt: skip
     return "\n".join(text)
+
+
+def _analysis_section(plan: JobPlan, pictures: Path) -> str:
+    """The paper's looks inside the models: one model's four pictures (the pretrained one, a study's
+    largest), a table of every model's numbers, and the figures that compare them."""
+    import json
+
+    from pipeline.analysis.subjects import ANALYSIS_FILE, PRETRAINED
+    from pipeline.analysis.task import PICTURES as MODEL_PICTURES
+
+    folder = Path(plan.layout.analysis)
+    if not (folder / ANALYSIS_FILE).is_file():
+        return "## What the model sees\n\nNo analyses: the analyze step has not finished."
+    index = json.loads((folder / ANALYSIS_FILE).read_text())
+    models = index["models"]
+    images = index["images"]
+    text = ["## What the model sees", "",
+            f"The paper's analyses (section 4.5) of every ViT the run trained, from its stored weights, on "
+            f"up to {index['settings']['distance_images']} `{images['split']}` images of `{images['name']}`; "
+            f"numbers in `{folder / ANALYSIS_FILE}`."]  # fmt: skip
+    shown = next((m for m in models if m["role"] == PRETRAINED), models[0] if models else None)
+    if shown is not None:
+        text += ["", f"**{shown['label']}** ({shown['architecture']}):", ""]
+        for key, caption in CAPTIONS.items():
+            name = f"analysis-{key}.png"
+            shutil.copyfile(folder / shown["folder"] / MODEL_PICTURES[key], pictures / name)
+            text.append(f"![{caption}]({PICTURES}/{name})")
+    for key, caption in (("by_data", "attention distance by pretraining images"),
+                         ("by_model", "attention distance, every model")):  # fmt: skip
+        if key in index["figures"]:
+            shutil.copyfile(folder / index["figures"][key], pictures / index["figures"][key])
+            text += ["", f"![{caption}]({PICTURES}/{index['figures'][key]})"]
+    text += ["", *_analysis_table(models)]
+    for entry in index["skipped"]:
+        text.append(f"- {entry['model']}: not analysed ({entry['reason']})")
+    for entry in index["failures"]:
+        text.append(f"- {entry['model']}: FAILED: {entry['error']}")
+    return "\n".join(text)
+
+
+def _analysis_table(models: list[dict[str, Any]]) -> list[str]:
+    """One row per model: mean attention distance of each layer (heads averaged), the distance of uniform
+    attention, how alike neighbouring and far-apart position embeddings are, and its pictures."""
+    rows = [
+        "| model | attention distance by layer (px) | uniform (px) | posemb similarity: neighbours / far | "
+        "top-3 filter PCs (variance) | pictures |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for model in models:
+        distance = model["attention_distance"]
+        layers = ", ".join(f"{value:.1f}" for value in distance["mean_by_layer"])
+        posemb = model["position_embedding"]
+        similarity = (
+            f"{posemb['neighbours']:.2f} / {posemb['far_apart']:.2f}" if "neighbours" in posemb else "—"
+        )
+        explained = ", ".join(f"{value:.0%}" for value in model["explained_variance"])
+        links = " ".join(
+            f"[{key}](analysis/{model['folder']}/{name})" for key, name in model["pictures"].items()
+        )
+        uniform = f"{distance['uniform']:.1f}"
+        rows.append(f"| {model['label']} | {layers} | {uniform} | {similarity} | {explained} | {links} |")
+    return rows
 
 
 def _pretrain_section(plan: JobPlan, config: PretrainConfig, pictures: Path) -> str:

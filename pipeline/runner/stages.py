@@ -1,5 +1,5 @@
 """What each step of a job does: the thin calls into the stage entry points (datasets, preprocess,
-pretrain, transfer, report), with the run's folders as their inputs and outputs.
+pretrain, transfer, study, analysis, report), with the run's folders as their inputs and outputs.
 
 Each runner imports its stage when it runs: those bring Ray Train, Ray Data and torch (~6 s), which a
 cached step or a job refused by its checks never needs."""
@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import ray
 
+from pipeline.analysis.subjects import ANALYSIS_FILE
 from pipeline.config import EvaluateConfig, digest
 from pipeline.console import detail, say
 from pipeline.datasets.card import CARD_FILE, read_card
@@ -238,6 +239,38 @@ def collect_study_point(ref: ray.ObjectRef) -> StepOutcome:
     )
 
 
+def run_analyze(context: RunContext, step: Step, clear: bool) -> StepOutcome:
+    """The paper's analyses of every ViT the run trained (pipeline.analysis), each model's folder
+    replaced whole; a model whose analysis fails is named and the others are kept."""
+    from pipeline.analysis.launch import analyze
+    from pipeline.analysis.subjects import run_subjects, study_subjects
+    from pipeline.analysis.task import ImageSource
+    from pipeline.pretrain.plan import training_split
+    from pipeline.transfer.launch import absolute
+    from pipeline.transfer.plan import TEST_SPLIT
+
+    plan = context.plan
+    if plan.job.study is not None:
+        points = [(s.item or "", s.output) for s in plan.steps if s.stage == "study" and s.concurrent]
+        vits = {name for name, model in plan.job.study.models.items() if model.family == "vit"}
+        subjects = study_subjects(points, vits)
+    else:
+        export = (
+            join(plan.layout.pretrain, EXPORT_DIR, VITPIPE_DIR) if plan.job.pretrain is not None else None
+        )
+        transfer = next((s.output for s in plan.steps if s.stage == "finetune"), None)
+        subjects = run_subjects(export, transfer)
+    images = dict(step.settings["images"], directory=absolute(step.settings["images"]["directory"]))
+    if images["split"] != TEST_SPLIT:  # the pretraining data's ("." when its shards had no split folders)
+        images["split"] = training_split(images["directory"], images["split"])
+    source = ImageSource(**images)
+    result = analyze(subjects, source, plan.job.analyze, step.output, address=context.address)
+    say(result.summary())
+    failed = [failure["model"] for failure in result.failures]
+    error = f"{len(failed)} model(s) could not be analysed: {', '.join(failed)}" if failed else None
+    return StepOutcome(fresh_fingerprint(), {"folder": step.output}, error)
+
+
 def run_report(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     path = write_report(context.plan)
     detail(f"report: {path}")
@@ -254,6 +287,7 @@ RUNNERS: dict[str, Callable[[RunContext, Step, bool], StepOutcome]] = {
     "finetune": run_transfer,
     "evaluate": run_transfer,
     "study": run_study_subsets,
+    "analyze": run_analyze,
     "report": run_report,
 }
 # Steps that run beside each other (Step.concurrent): started all at once, each collected as it ends.
@@ -280,6 +314,7 @@ def outputs_present(step: Step) -> bool:
         "pretrain": posixpath.join(EXPORT_DIR, VITPIPE_DIR, CONFIG_FILE),
         "finetune": RESULTS_JSON,
         "evaluate": RESULTS_JSON,
+        "analyze": ANALYSIS_FILE,
         "report": "",
     }[step.stage]
     filesystem, path = resolve(join(step.output, marker) if marker else step.output)

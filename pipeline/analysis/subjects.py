@@ -1,0 +1,79 @@
+"""Which models a run trained, found from what its steps wrote: the pretraining export, the weights each
+(target, mode) chose, and for a study every point's export and chosen weights. Each is a `Subject`: its
+weights, its folder under RUN/analysis and how the report names it."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.storage import join, resolve
+
+PRETRAINED, FINETUNED = "pretrained", "fine-tuned"
+ANALYSIS_FILE = "analysis.json"  # a model's numbers in its folder; the index of them all in RUN/analysis
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One trained model to analyse."""
+
+    name: (
+        str  # its folder in RUN/analysis: `pretrained`, `digits-scratch`, `n0000000100-vit-seed0/pretrained`
+    )
+    label: str  # how tables and figures name it
+    weights: str  # a vitpipe (or HF) weights folder
+    role: str  # PRETRAINED (the upstream export) or FINETUNED (a target's chosen weights)
+    point: dict[str, Any] = field(default_factory=dict)  # a study point's size, model and seed
+
+
+def run_subjects(pretrain_export: str | None, transfer_out: str | None) -> list[Subject]:
+    """A run's models: its pretraining export (if it pretrained) and every fine-tuned (target, mode)."""
+    subjects = []
+    if pretrain_export is not None:
+        subjects.append(Subject(PRETRAINED, "pretrained", pretrain_export, PRETRAINED))
+    if transfer_out is not None:
+        subjects += _finetuned(_read_json(join(transfer_out, "results.json")).get("results", []), "")
+    return subjects
+
+
+def study_subjects(points: list[tuple[str, str]], vit_models: set[str]) -> list[Subject]:
+    """Every finished point's models, `(point name, folder)` with point.json, those of `vit_models` only (a
+    BiT ResNet has no attention to look at)."""
+    subjects = []
+    for name, folder in points:
+        summary = _read_json(join(folder, "point.json"))
+        if not summary or summary.get("model") not in vit_models:
+            continue
+        point = {key: summary[key] for key in ("size", "model", "seed")}
+        if summary.get("weights"):
+            label = f"{name} pretrained"
+            subjects.append(Subject(f"{name}/{PRETRAINED}", label, summary["weights"], PRETRAINED, point))
+        subjects += _finetuned(summary.get("results", []), name, point)
+    return subjects
+
+
+def _finetuned(
+    results: list[dict[str, Any]], prefix: str, point: dict[str, Any] | None = None
+) -> list[Subject]:
+    subjects = []
+    for result in results:
+        if not result.get("weights"):
+            continue
+        target, mode = result["target"], result["mode"]
+        folder = f"{target}-{mode}"
+        name = posixpath.join(prefix, folder) if prefix else folder
+        label = f"{prefix + ' ' if prefix else ''}{target} fine-tuned ({mode})"
+        subjects.append(Subject(name, label, result["weights"], FINETUNED, point or {}))
+    return subjects
+
+
+def _read_json(location: str) -> dict[str, Any]:
+    """A JSON file's content, or {} when there is none (a step that wrote nothing yet)."""
+    filesystem, path = resolve(location)
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            return json.loads(stream.read())
+    except FileNotFoundError:
+        return {}
