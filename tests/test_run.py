@@ -88,7 +88,8 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_a_rerun_skips_every_stage(
     assert "[run] pretrain: resuming" in second.stdout
     assert statuses(run) == {
         "datasets:fractals": "cached", "datasets:digits": "cached", "preprocess:fractals": "cached",
-        "preprocess:digits": "cached", "pretrain": "resumed", "finetune": "ran", "report": "ran",
+        "preprocess:digits": "cached", "pretrain": "resumed", "finetune": "ran", "analyze": "ran",
+        "report": "ran",
     }  # fmt: skip
     resumed = [r for r in read_records(str(run / "pretrain")) if r.get("event") == "resumed"]
     assert resumed
@@ -112,6 +113,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_a_rerun_skips_every_stage(
     assert exported["vit"]["image_size"] == 16
     results = json.loads((run / "transfer" / "results.json").read_text())
     assert {r["mode"] for r in results["results"] if r.get("top1") is not None} == {"pretrained", "scratch"}
+    assert_the_analyses_are_of_the_stored_weights(run, results)
 
     trained = read_records(str(run / "pretrain"))
     probe = subprocess.run([*VITPIPE, "pretrain", str(path), "--data-only", "--steps", "12", "--address",
@@ -129,7 +131,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_a_rerun_skips_every_stage(
     assert third.returncode == 0, third.stderr
     assert set(statuses(run).values()) == {"cached"}
     assert "Ray 2.60.0" not in third.stdout  # nothing to do: Ray was not even joined
-    assert "steps: 7 cached" in third.stdout
+    assert "steps: 8 cached" in third.stdout
     assert "| digits | pretrained |" in third.stdout  # the table is printed again
     assert {step: record(run, step)["key"] for step in statuses(run)} == keys
 
@@ -166,7 +168,7 @@ def assert_tracked(uri: str, run: Path, killed_at: int) -> None:
         r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
     }
     steps = {"datasets:fractals", "datasets:digits", "preprocess:fractals", "preprocess:digits", "pretrain",
-             "finetune", "report"}  # fmt: skip
+             "finetune", "analyze", "report"}  # fmt: skip
     assert set(children) == steps
     pretrain = children["pretrain"]
     assert pretrain.info.status == "FINISHED"
@@ -194,13 +196,48 @@ def assert_tracked(uri: str, run: Path, killed_at: int) -> None:
         "results.png",
     }
     assert "report.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    analysis = {a.path for a in client.list_artifacts(children["analyze"].info.run_id)}
+    assert analysis == {"analysis.json", "attention_distance_by_model.png"}
     offline = [re.match(r"offline-run-\d+_\d+-(\w+)", folder.name).group(1)
                for folder in (run / "tracking" / "wandb").glob("offline-run-*")]  # fmt: skip
     # W&B: a run per child that logged something (pretrain, finetune, its two (target, mode) runs with
-    # their chosen rate, the one rate's task under each, report), and the pretraining's one id for both
-    # launches and its artifacts
-    assert len(set(offline)) == 7
+    # their chosen rate, the one rate's task under each, analyze, report), and the pretraining's one id
+    # for both launches and its artifacts
+    assert len(set(offline)) == 8
     assert max(offline.count(run_id) for run_id in offline) >= 3
+
+
+def assert_the_analyses_are_of_the_stored_weights(run: Path, results: dict) -> None:
+    """The report shows the four analyses of the pretrained model, and each model's numbers are of the
+    weights the run stored: its position embeddings' similarity, its filters, its attention on B's images."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    index = json.loads((run / "analysis" / "analysis.json").read_text())
+    chosen = {f"{r['target']}-{r['mode']}": r["weights"] for r in results["results"]}
+    export = str(run / "pretrain" / "export" / "vitpipe")
+    assert {m["name"]: m["weights"] for m in index["models"]} == {"pretrained": export, **chosen}
+    assert index["images"]["split"] == "test"
+    assert index["failures"] == []
+    report = (run / "report.md").read_text()
+    for picture in ("rollout", "distance", "position_embedding", "filters"):
+        assert f"(report/analysis-{picture}.png)" in report
+        assert (run / "report" / f"analysis-{picture}.png").stat().st_size > 5000
+    assert "| digits fine-tuned (scratch) |" in report
+    for model in index["models"]:
+        document = json.loads((run / "analysis" / model["folder"] / "analysis.json").read_text())
+        assert document["images"]["count"] == 128  # the paper's 128, spread over the 360 test images
+        weights = load_file(Path(model["weights"]) / "model.safetensors")
+        grid = weights["pos_embed"][0, 1:]  # the class token's row left out
+        unit = grid / np.linalg.norm(grid, axis=1, keepdims=True)
+        np.testing.assert_allclose(document["position_embedding"]["similarity"], unit @ unit.T, atol=1e-4)
+        distances = np.array(document["attention_distance"]["per_layer_and_head"])
+        assert distances.shape == (2, 2)  # smoke's depth and heads
+        assert (distances > 0).all()
+        assert (distances < document["attention_distance"]["uniform"] * 1.6).all()
+    fine_tuned = json.loads((run / "analysis" / "digits-pretrained" / "analysis.json").read_text())
+    pretrained = json.loads((run / "analysis" / "pretrained" / "analysis.json").read_text())
+    assert fine_tuned["attention_distance"] != pretrained["attention_distance"]  # each model its own
 
 
 def assert_model_cards(export: Path) -> None:

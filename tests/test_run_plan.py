@@ -57,14 +57,34 @@ def test_steps_come_in_stage_order_with_their_dependencies(tmp_path):
     plan = plan_job(job, "job.yaml", run_layout(job))
     datasets = ["datasets:shapes", "datasets:digits"]
     preprocess = ["preprocess:shapes", "preprocess:digits"]
-    assert [step.id for step in plan.steps] == [*datasets, *preprocess, "pretrain", "finetune", "report"]
+    steps = [*datasets, *preprocess, "pretrain", "finetune", "analyze", "report"]
+    assert [step.id for step in plan.steps] == steps
     assert plan.step("preprocess:digits").depends == ("datasets:digits",)
     assert plan.step("pretrain").depends == ("preprocess:shapes",)
     assert plan.step("finetune").depends == ("preprocess:digits", "pretrain")
+    # the analyses read every trained model and B's test images; they are redone when any of those is
+    assert plan.step("analyze").depends == ("pretrain", "finetune", "preprocess:digits")
+    images = {"name": "digits", "directory": str(tmp_path / "run" / "patches" / "digits"), "split": "test"}
+    assert plan.step("analyze").settings["images"] == images
+    assert plan.step("analyze").output == str(tmp_path / "run" / "analysis")
     assert plan.step("pretrain").output == str(tmp_path / "run" / "pretrain")
     # how often to log or checkpoint does not change what pretraining computes: not part of its key
     assert "log_every" not in plan.step("pretrain").settings
     assert "steps" in plan.step("pretrain").settings
+
+
+def test_a_job_that_only_pretrains_analyses_its_model_on_its_own_training_data(tmp_path):
+    job = load_config(write_job(tmp_path, {k: v for k, v in JOB.items() if k != "finetune"}))
+    plan = plan_job(job, "job.yaml", run_layout(job))
+    assert [step.id for step in plan.steps][-3:] == ["pretrain", "analyze", "report"]
+    assert plan.step("analyze").depends == ("pretrain", "preprocess:shapes")
+    assert plan.step("analyze").settings["images"]["split"] == "train"
+    data_only = load_config(
+        write_job(tmp_path, {k: v for k, v in JOB.items() if k not in ("pretrain", "finetune")})
+    )
+    assert "analyze" not in [
+        step.stage for step in plan_job(data_only, "job.yaml", run_layout(data_only)).steps
+    ]
 
 
 def test_a_pretrain_storage_path_puts_only_the_checkpoints_there(tmp_path):

@@ -90,6 +90,11 @@ class RunSummary:
         return "\n".join(lines)
 
 
+# Steps that still run after a failed one, when every step they read wrote something (a study whose one
+# point failed: the others' analyses and the report of them all).
+AFTER_FAILURE = frozenset({"analyze", "report"})
+
+
 def run_job(
     job_path: str | Path,
     *,
@@ -152,7 +157,7 @@ def _run_steps(
     externals: dict[str, dict[str, str]], summary: RunSummary, started: float,
 ) -> None:  # fmt: skip
     """Each step in order (concurrent ones next to each other together), run.json updated after each;
-    after a failure only the report still runs."""
+    after a failure only the analyses and the report still run, on what the finished steps wrote."""
     index = 0
     while index < len(steps):
         group = [steps[index]]
@@ -166,7 +171,7 @@ def _run_steps(
         else:
             step = group[0]
             unread = any(dep not in fingerprints for dep in step.depends)
-            if summary.failed and (step.stage != "report" or unread):
+            if summary.failed and (step.stage not in AFTER_FAILURE or unread):
                 summary.steps.append(StepReport(step.id, "not run"))
                 continue
             summary.steps.append(

@@ -266,6 +266,8 @@ def run_analyze(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     source = ImageSource(**images)
     result = analyze(subjects, source, plan.job.analyze, step.output, address=context.address)
     say(result.summary())
+    figures = [join(step.output, name) for name in result.index["figures"].values()]
+    log_artifacts(context.tracked(step), [join(step.output, ANALYSIS_FILE), *figures])
     failed = [failure["model"] for failure in result.failures]
     error = f"{len(failed)} model(s) could not be analysed: {', '.join(failed)}" if failed else None
     return StepOutcome(fresh_fingerprint(), {"folder": step.output}, error)
