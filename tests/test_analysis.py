@@ -1,0 +1,123 @@
+"""The analysis stage on real weights and real Ray: every model analysed into its own folder from its stored
+weights, a BiT left out with the reason, a broken weights folder named while the others are kept; and a
+study's attention distance by depth per pretraining size."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.analysis.launch import BY_DATA, _by_data, analyze
+from pipeline.analysis.subjects import FINETUNED, PRETRAINED, Subject, study_subjects
+from pipeline.analysis.task import PICTURES, ImageSource
+from pipeline.config import AnalyzeConfig
+from vit.analysis import position_similarity
+from vit.config import BiTConfig
+from vit.models import build_model
+from vit.weights import load_pretrained, save_pretrained
+
+
+def test_every_model_gets_its_pictures_and_numbers_a_bit_is_skipped_and_a_broken_one_named(
+    ray_local, pretrained_export, digits_patches, tmp_path
+):
+    bit = save_pretrained(build_model(BiTConfig(image_size=16, patch_size=4, depth=26, base_width=8, groups=8,
+                                                num_classes=3)), tmp_path / "bit")  # fmt: skip
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    subjects = [
+        Subject("pretrained", "pretrained", str(pretrained_export), PRETRAINED),
+        Subject("bit", "a BiT", str(bit), PRETRAINED),
+        Subject("broken", "broken", str(broken), FINETUNED),
+    ]
+    images = ImageSource("digits", digits_patches, "test")
+    config = AnalyzeConfig(images=5, distance_images=40, components=6, cpus_per_task=0.5)
+    result = analyze(subjects, images, config, str(tmp_path / "analysis"))
+
+    assert [entry["name"] for entry in result.index["models"]] == ["pretrained"]
+    assert result.index["skipped"] == [
+        {"model": "bit", "reason": "BiT R26x1, base width 8: no attention to analyse"}
+    ]
+    [failure] = result.failures
+    assert failure["model"] == "broken"
+    assert str(broken / "config.json") in failure["error"]
+    assert "1 model(s) analysed" in result.summary()
+    assert "1 FAILED" in result.summary()
+
+    folder = tmp_path / "analysis" / "pretrained"
+    for picture in PICTURES.values():
+        assert (folder / picture).stat().st_size > 3000, picture
+    document = json.loads((folder / "analysis.json").read_text())
+    # the digits are stored at 32 px and the model reads 16 px: each whole image is resized to it
+    assert document["images"]["stored"].startswith("32px")
+    assert document["images"]["seen_as"].startswith("16px")
+    assert document["images"]["count"] == 40
+    assert len(document["rollout"]["maps"]) == 5
+    assert np.array(document["rollout"]["maps"]).shape == (5, 4, 4)
+    distances = np.array(document["attention_distance"]["per_layer_and_head"])
+    assert distances.shape == (2, 2)  # TINY_RUN: depth 2, 2 heads
+    model = load_pretrained(pretrained_export)
+    similarity = position_similarity(model.pos_embed, 1).numpy()
+    np.testing.assert_allclose(document["position_embedding"]["similarity"], similarity, atol=1e-4)
+    assert len(document["embedding_filters"]["explained_variance"]) == 6
+    assert not (tmp_path / "analysis" / "bit").exists()
+
+
+def _document(name: str, role: str, point: dict, distances: list[list[float]]) -> dict:
+    return {
+        "subject": {"name": name, "label": name, "role": role, "point": point},
+        "attention_distance": {"per_layer_and_head": distances, "uniform": 8.0},
+    }
+
+
+def test_a_study_has_distance_by_depth_per_pretraining_size_averaged_over_seeds(tmp_path):
+    vit = {"model": "vit"}
+    models = [
+        _document("n400-s0", PRETRAINED, {**vit, "size": 400, "seed": 0}, [[6.0, 2.0], [7.0, 7.0]]),
+        _document("n400-s1", PRETRAINED, {**vit, "size": 400, "seed": 1}, [[4.0, 2.0], [7.0, 5.0]]),
+        _document("n100-s0", PRETRAINED, {**vit, "size": 100, "seed": 0}, [[3.0, 3.0], [6.0, 6.0]]),
+        _document("n100-s0/digits", FINETUNED, {**vit, "size": 100, "seed": 0}, [[9.0, 9.0], [9.0, 9.0]]),
+        _document("scratch/digits", FINETUNED, {**vit, "size": 0, "seed": 0}, [[1.0, 1.0], [2.0, 2.0]]),
+        _document("run's own", PRETRAINED, {}, [[5.0, 5.0], [5.0, 5.0]]),
+    ]
+    by_data = _by_data(models)
+    assert list(by_data) == ["vit"]
+    entry = by_data["vit"]
+    assert entry["sizes"] == [0, 100, 400]  # the fine-tuned model of a pretrained point is not a size's
+    assert entry["seeds"] == [1, 1, 2]
+    assert entry["per_layer_and_head"][2] == [[5.0, 2.0], [7.0, 6.0]]
+    assert entry["lowest_layer_mean"] == [1.0, 3.0, 3.5]
+
+    from pipeline.analysis.launch import _plot_by_data
+
+    _plot_by_data(by_data, tmp_path / BY_DATA)
+    assert (tmp_path / BY_DATA).stat().st_size > 10_000
+
+
+def test_study_subjects_are_every_finished_vit_points_models(tmp_path):
+    def point(name: str, size: int, model: str, weights: str | None) -> tuple[str, str]:
+        folder = tmp_path / name
+        folder.mkdir()
+        summary = {"point": name, "size": size, "model": model, "seed": 0, "weights": weights,
+                   "results": [{"target": "digits", "mode": "pretrained" if size else "scratch",
+                                "weights": f"/w/{name}/digits"}]}  # fmt: skip
+        (folder / "point.json").write_text(json.dumps(summary))
+        return name, str(folder)
+
+    points = [point("n400-vit", 400, "vit", "/w/n400"), point("n400-bit", 400, "bit", "/w/bit"),
+              point("scratch-vit", 0, "vit", None), ("unfinished", str(tmp_path / "unfinished"))]  # fmt: skip
+    subjects = study_subjects(points, {"vit"})
+    assert [(s.name, s.weights, s.role) for s in subjects] == [
+        ("n400-vit/pretrained", "/w/n400", PRETRAINED),
+        ("n400-vit/digits-pretrained", "/w/n400-vit/digits", FINETUNED),
+        ("scratch-vit/digits-scratch", "/w/scratch-vit/digits", FINETUNED),
+    ]
+    assert subjects[2].point == {"size": 0, "model": "vit", "seed": 0}
+
+
+@pytest.mark.parametrize("field", ["images", "distance_images", "components", "batch_size"])
+def test_an_analyze_setting_below_one_is_refused(field):
+    with pytest.raises(ValueError, match=field):
+        AnalyzeConfig(**{field: 0})
