@@ -111,6 +111,14 @@ def test_the_quickstart_data_stages_build_and_preprocess_both_datasets(tmp_path,
     assert (run / "patches" / "digits" / "samples.png").is_file()
     assert "steps: 4 ran" in capsys.readouterr().out
     assert not (run / "pretrain").exists()
+    # the analyses of a run folder whose models are not trained yet: what to run first, in that folder
+    assert main(["analyze", str(run)]) == 2
+    err = capsys.readouterr().err
+    first = f"`vitpipe run {run / 'job.yaml'} --run-dir {run} --until pretrain` first"
+    assert f"pretrain has not run in {run}; run {first}" in err
+    assert not (run / "analysis").exists()
+    assert main(["analyze", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: no such run folder or job file" in capsys.readouterr().err
 
 
 def test_every_job_in_jobs_validates():

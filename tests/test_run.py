@@ -135,6 +135,15 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_a_rerun_skips_every_stage(
     assert "| digits | pretrained |" in third.stdout  # the table is printed again
     assert {step: record(run, step)["key"] for step in statuses(run)} == keys
 
+    # `vitpipe analyze RUN`: the run's own step, cached; with --force done again, in place
+    analysis = run / "analysis" / "pretrained" / "analysis.json"
+    written = analysis.stat().st_mtime_ns
+    assert main(["analyze", str(run)]) == 0
+    assert statuses(run) == {"analyze": "cached"}
+    assert main(["analyze", str(run), "--force"]) == 0
+    assert statuses(run) == {"analyze": "ran"}
+    assert analysis.stat().st_mtime_ns > written
+
 
 def assert_a_quiet_console(console: str, run: Path) -> None:
     """vitpipe's lines only: none of Ray's, Ray Train's or DeepSpeed's, which are in the stage logs."""

@@ -319,6 +319,11 @@ def test_scaling_smoke_runs_every_point_keeps_a_failed_one_apart_and_reruns_only
             assert point["results"][0]["lr"] in (0.01, 0.03), name
             assert [e["lr"] for e in point["results"][0]["lr_sweep"]] == [0.01, 0.03]
     assert "digits lr (val)" in (run / "study" / "results.md").read_text()
+    # The analyses ran on the points that finished (BiTs have no attention: never submitted).
+    analysis = json.loads((run / "analysis" / "analysis.json").read_text())
+    assert analysis["by_data"]["vit"]["sizes"] == [0, 400]
+    assert analysis["skipped"] == []
+    assert analysis["failures"] == []
 
     # Each point pretrained on its own nested subset with its own Ray Train + DeepSpeed run.
     small = read_subset(str(run / "study" / "subsets" / "n0000000100.json"))
@@ -367,6 +372,22 @@ def test_scaling_smoke_runs_every_point_keeps_a_failed_one_apart_and_reruns_only
     assert [r["step"] for r in resumed] == [16]
     assert resumed[0]["weights"] == state_digest(load_pretrained(resumed_point["weights"]))
     assert_fine_tuning_started_from_the_engines_final_weights(resumed_point)
+    # With every point done, the study's report shows how attention distance by depth moves with data.
+    analysis = json.loads((run / "analysis" / "analysis.json").read_text())
+    assert [model["name"] for model in analysis["models"]] == [
+        "n0000000400-vit-seed0/pretrained", "n0000000400-vit-seed0/digits-pretrained",
+        "n0000000100-vit-seed0/pretrained", "n0000000100-vit-seed0/digits-pretrained",
+        "scratch-vit-seed0/digits-scratch",
+    ]  # fmt: skip
+    assert analysis["by_data"]["vit"]["sizes"] == [0, 100, 400]
+    resumed_analysis = json.loads(
+        (run / "analysis" / "n0000000100-vit-seed0" / "pretrained" / "analysis.json").read_text()
+    )
+    assert resumed_analysis["subject"]["weights"] == resumed_point["weights"]
+    report = (run / "report.md").read_text()
+    assert "![attention distance by pretraining images](report/attention_distance_by_data.png)" in report
+    assert (run / "report" / "attention_distance_by_data.png").stat().st_size > 20_000
+    assert "**n0000000400-vit-seed0 pretrained**" in report  # the largest size's four pictures
 
     third = run_smoke(run, job)
     assert third.returncode == 0

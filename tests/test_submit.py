@@ -96,7 +96,7 @@ def test_a_submitted_job_runs_the_whole_pipeline_on_the_cluster(token_cluster, t
     again = vitpipe(token_cluster, "submit", "jobs/smoke.yaml", "--run-dir", str(run), "--wait", timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "submitted smoke-2 to" in again.stdout
-    assert "steps: 7 cached" in again.stdout
+    assert "steps: 8 cached" in again.stdout
 
     status = vitpipe(token_cluster, "status", "smoke-2")  # the run folder is visible from here
     assert status.returncode == 0, status.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import socket
 import time
@@ -28,6 +29,7 @@ from pipeline.config import ConfigError
 from pipeline.console import log_to, say, session
 from pipeline.metrics import format_seconds
 from pipeline.pretrain.plan import plan_pretrain
+from pipeline.runner.layout import run_layout
 from pipeline.runner.plan import EVALUATE, JobPlan, RunOptions, StageOptions, Step, load_plan
 from pipeline.runner.preflight import check_before_run
 from pipeline.runner.provenance import git_revision
@@ -246,9 +248,13 @@ def _take_cached_inputs(plan: JobPlan, steps: list[Step], fingerprints: dict[str
             done = record.get("key") == step_key(step.settings, upstream, external_fingerprints(plan, step))
         if not done:
             state = "has not run" if record is None else "is not done with these settings"
+            elsewhere = (
+                run_layout(plan.job).root != plan.layout.root
+            )  # a run folder given on the command line
+            folder = f" --run-dir {shlex.quote(plan.layout.root)}" if elsewhere else ""
             raise ConfigError(
                 f"{plan.source}: {step.id} {state} in {plan.layout.root}; run "
-                f"`vitpipe run {plan.source} --until {step.stage}` first"
+                f"`vitpipe run {plan.source}{folder} --until {step.stage}` first"
             )
         fingerprints[step.id] = record["fingerprint"]
 
