@@ -13,6 +13,12 @@ import numpy as np
 from pipeline.figures import saved_figure
 
 DISTANCE_LABEL = "mean attention distance (pixels)"
+PICTURES = {  # one model's pictures, in its folder under RUN/analysis
+    "rollout": "attention_rollout.png",
+    "distance": "attention_distance.png",
+    "position_embedding": "position_embedding_similarity.png",
+    "filters": "embedding_filters.png",
+}
 
 
 def _show_image(axis, image: np.ndarray) -> None:

@@ -14,7 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.analysis.figures import plot_components, plot_distances, plot_position_similarity, plot_rollout
+from pipeline.analysis.figures import (
+    PICTURES,
+    plot_components,
+    plot_distances,
+    plot_position_similarity,
+    plot_rollout,
+)
 from pipeline.analysis.subjects import ANALYSIS_FILE, Subject
 from pipeline.config import AnalyzeConfig
 from pipeline.storage import local_folder, publish_folder
@@ -24,12 +30,6 @@ from vit.config import ViTConfig
 from vit.weights import load_pretrained, read_checkpoint
 
 ANALYSIS_FORMAT = "vitpipe.analysis/1"
-PICTURES = {
-    "rollout": "attention_rollout.png",
-    "distance": "attention_distance.png",
-    "position_embedding": "position_embedding_similarity.png",
-    "filters": "embedding_filters.png",
-}
 MAX_MATRIX_PATCHES = 256  # the full position-similarity matrix goes into the JSON up to this many patches
 
 

@@ -4,12 +4,15 @@ go to RUN/report/ and the markdown links them relatively, so the folder can be c
 
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.analysis.figures import PICTURES as MODEL_PICTURES
+from pipeline.analysis.subjects import ANALYSIS_FILE, PRETRAINED
 from pipeline.config import PretrainConfig
 from pipeline.runner.plan import JobPlan
 from pipeline.runner.provenance import git_revision
@@ -54,8 +57,6 @@ def write_report(plan: JobPlan) -> str:
 
 
 def _transfer_section(plan: JobPlan, pictures: Path) -> str:
-    import json
-
     from pipeline.transfer.report import RESULTS_JSON, markdown_table, plot_results
 
     path = Path(plan.layout.transfer) / RESULTS_JSON
@@ -71,8 +72,6 @@ def _transfer_section(plan: JobPlan, pictures: Path) -> str:
 
 def study_points_status(plan: JobPlan) -> list[dict[str, Any]]:
     """Every study point: its summary (point.json) when done, else its state and error from its record."""
-    import json
-
     from pipeline.study.launch import POINT_FILE
 
     points = []
@@ -117,11 +116,6 @@ def _study_section(plan: JobPlan, pictures: Path) -> str:
 def _analysis_section(plan: JobPlan, pictures: Path) -> str:
     """The paper's looks inside the models: one model's four pictures (the pretrained one, a study's
     largest), a table of every model's numbers, and the figures that compare them."""
-    import json
-
-    from pipeline.analysis.subjects import ANALYSIS_FILE, PRETRAINED
-    from pipeline.analysis.task import PICTURES as MODEL_PICTURES
-
     folder = Path(plan.layout.analysis)
     if not (folder / ANALYSIS_FILE).is_file():
         return "## What the model sees\n\nNo analyses: the analyze step has not finished."

@@ -21,7 +21,7 @@ from pipeline.console import detail, say
 from pipeline.datasets.card import CARD_FILE, read_card
 from pipeline.preprocess.manifest import MANIFEST_FILE
 from pipeline.pretrain.checkpoints import EXPORT_DIR, VITPIPE_DIR, is_run_output, latest_checkpoint
-from pipeline.pretrain.plan import check_pretrain
+from pipeline.pretrain.plan import check_pretrain, training_split
 from pipeline.ray_session import connect_ray
 from pipeline.runner.plan import JobPlan, Step
 from pipeline.runner.records import file_fingerprint, fresh_fingerprint
@@ -187,7 +187,6 @@ def _card_results(export: str, results: list[dict[str, Any]]) -> None:
 
 def run_study_subsets(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     """Draw the study's nested subsets of the corpus (manifests over its patch files)."""
-    from pipeline.pretrain.plan import training_split
     from pipeline.study.plan import study_job
     from pipeline.study.subsets import draw_subsets
 
@@ -245,7 +244,6 @@ def run_analyze(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     from pipeline.analysis.launch import analyze
     from pipeline.analysis.subjects import run_subjects, study_subjects
     from pipeline.analysis.task import ImageSource
-    from pipeline.pretrain.plan import training_split
     from pipeline.transfer.launch import absolute
     from pipeline.transfer.plan import TEST_SPLIT
 
