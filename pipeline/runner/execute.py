@@ -248,10 +248,9 @@ def _take_cached_inputs(plan: JobPlan, steps: list[Step], fingerprints: dict[str
             done = record.get("key") == step_key(step.settings, upstream, external_fingerprints(plan, step))
         if not done:
             state = "has not run" if record is None else "is not done with these settings"
-            elsewhere = (
-                run_layout(plan.job).root != plan.layout.root
-            )  # a run folder given on the command line
-            folder = f" --run-dir {shlex.quote(plan.layout.root)}" if elsewhere else ""
+            # a run folder given on the command line (not the job's own) goes into the command to run
+            own = run_layout(plan.job).root == plan.layout.root
+            folder = "" if own else f" --run-dir {shlex.quote(plan.layout.root)}"
             raise ConfigError(
                 f"{plan.source}: {step.id} {state} in {plan.layout.root}; run "
                 f"`vitpipe run {plan.source}{folder} --until {step.stage}` first"

@@ -20,7 +20,7 @@ from pipeline.runner.records import read_record
 from pipeline.storage import write_atomic
 
 PICTURES = "report"
-CAPTIONS = {  # a model's analysis pictures (pipeline.analysis.task.PICTURES) as the report names them
+CAPTIONS = {  # a model's analysis pictures (pipeline.analysis.figures.PICTURES) as the report names them
     "rollout": "attention rollout",
     "distance": "attention distance by depth",
     "position_embedding": "position embedding similarity",
