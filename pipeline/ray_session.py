@@ -99,3 +99,10 @@ def _describe() -> str:
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
     gpus = int(resources.get("GPU", 0))
     return f"Ray {ray.__version__}: {nodes} node(s), {int(resources.get('CPU', 0))} CPU, {gpus} GPU"
+
+
+def task_error(error: ray.exceptions.RayError) -> str:
+    """What a failed Ray task raised, as one line (`ValueError: ...`), or Ray's own message (a lost
+    worker, a cancelled task) when the task itself raised nothing."""
+    cause = getattr(error, "cause", None)
+    return f"{type(cause).__name__}: {cause}" if cause is not None else str(error).strip()

@@ -22,7 +22,7 @@ from pipeline.analysis.subjects import ANALYSIS_FILE, FINETUNED, PRETRAINED, Sub
 from pipeline.analysis.task import ImageSource, analysis_task
 from pipeline.config import AnalyzeConfig
 from pipeline.console import detail, say
-from pipeline.ray_session import check_resources, connect_ray
+from pipeline.ray_session import check_resources, connect_ray, task_error
 from pipeline.storage import join, publish_folder, write_atomic
 
 INDEX_FORMAT = "vitpipe.analysis-index/1"
@@ -106,8 +106,7 @@ def _run_tasks(
         try:
             document = ray.get(ready[0])
         except ray.exceptions.RayError as error:
-            cause = getattr(error, "cause", None)
-            message = f"{type(cause).__name__}: {cause}" if cause is not None else str(error).strip()
+            message = task_error(error)
             failures.append({"model": subject.name, "weights": subject.weights, "error": message})
             say(f"analyze: {subject.name} FAILED after {elapsed:.0f}s: {message}", err=True)
             continue

@@ -16,7 +16,7 @@ import ray
 from pipeline.config import AnyModel, EvaluateConfig, FinetuneConfig
 from pipeline.console import detail, say
 from pipeline.metrics import METRICS_FILE
-from pipeline.ray_session import check_resources, connect_ray
+from pipeline.ray_session import check_resources, connect_ray, task_error
 from pipeline.storage import join, local_folder, publish_folder, remove_folder, resolve
 from pipeline.tracking import OFF, StepLogger, TrackingTarget, end, open_child
 from pipeline.transfer.plan import TargetError, TargetPlan, check_fits, plan_target, target_architecture
@@ -286,8 +286,7 @@ def _gather(
         try:
             result = ray.get(ready[0])
         except ray.exceptions.RayError as error:
-            cause = getattr(error, "cause", None)
-            message = f"{type(cause).__name__}: {cause}" if cause is not None else str(error).strip()
+            message = task_error(error)
             failures.append({"target": target, "mode": mode, "lr": lr, "error": message})
             end(child, "FAILED")
             say(f"transfer: {label} FAILED after {elapsed:.0f}s: {message}", err=True)
