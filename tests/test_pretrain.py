@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -179,10 +180,13 @@ def test_zero3_run_survives_a_killed_worker(two_nodes, fractal_patches, tmp_path
     config = write_config(tmp_path / "zero3.yaml", fractal_patches, zero_stage=3, steps=60, max_failures=2)
     run_dir = tmp_path / "zero3"
     command = ["pretrain", str(config), "--storage", str(tmp_path), "--address", two_nodes.address]
+    launched = time.time()
     with _launch(command) as run:
-        killed = _kill_a_worker_after(run_dir, step=30, run=run)
+        killed = _kill_a_worker_after(
+            run_dir, step=30, run=run, victims=lambda: _workers_of(two_nodes, launched)
+        )
         _, stderr = run.communicate(timeout=400)
-    assert killed, "no Ray Train worker process was found to kill"
+    assert killed, "no Ray Train worker process of this run was found to kill"
     assert run.returncode == 0, stderr[-3000:]
     records = read_records(str(run_dir))
     resumed = events(records, "resumed")
@@ -205,10 +209,35 @@ def test_zero3_run_survives_a_killed_worker(two_nodes, fractal_patches, tmp_path
     assert_learned(records)
 
 
-def _kill_a_worker_after(run_dir: Path, step: int, run: subprocess.Popen) -> bool:
-    """SIGKILL one Ray Train worker process once the run has logged `step` and Ray Train has registered a
-    checkpoint (its snapshot lists one): a worker killed between the ranks' reports and the registration
-    restarts, rightly, from the checkpoint before, which made this test fail now and then."""
+def _workers_of(cluster, since: float) -> list[psutil.Process]:
+    """The Ray Train worker processes of a run launched at `since` on `cluster`: started by one of its
+    raylets (RAY_RAYLET_PID, which Ray sets in every worker) after the launch. Ray starts a job's workers
+    for that job alone, so an idle worker left by an earlier run, or one of another Ray, is never picked."""
+    from ray._private import ray_constants
+
+    raylets = {
+        str(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
+        for node in cluster.list_all_nodes()
+    }
+    found = []
+    for process in psutil.process_iter(["cmdline", "create_time"]):
+        if not (process.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker"):
+            continue
+        try:
+            if process.info["create_time"] >= since and process.environ().get("RAY_RAYLET_PID") in raylets:
+                found.append(process)
+        except psutil.Error:  # gone since it was listed
+            continue
+    return found
+
+
+def _kill_a_worker_after(
+    run_dir: Path, step: int, run: subprocess.Popen, victims: Callable[[], list[psutil.Process]]
+) -> bool:
+    """SIGKILL one of the run's Ray Train worker processes (`victims`) once the run has logged `step` and
+    Ray Train has registered a checkpoint (its snapshot lists one): a worker killed between the ranks'
+    reports and the registration restarts, rightly, from the checkpoint before, which made this test fail
+    now and then."""
     deadline = time.monotonic() + 300
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
     while (
@@ -218,12 +247,9 @@ def _kill_a_worker_after(run_dir: Path, step: int, run: subprocess.Popen) -> boo
     ):
         time.sleep(0.2)
     while _wait_for_step(run_dir, step, run) and time.monotonic() < deadline:
-        workers = [
-            p for p in psutil.process_iter(["cmdline"])
-            if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")
-        ]  # fmt: skip
+        workers = victims()
         if workers:
-            os.kill(workers[-1].pid, signal.SIGKILL)
+            os.kill(workers[0].pid, signal.SIGKILL)
             return True
         time.sleep(0.2)
     return False

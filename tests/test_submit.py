@@ -78,7 +78,7 @@ def test_a_submitted_job_runs_the_whole_pipeline_on_the_cluster(token_cluster, t
     assert [line for line in followed.splitlines() if "pid=" in line or "TrainController" in line] == []
     assert len(followed.splitlines()) <= 50, followed
     steps = json.loads((run / "run.json").read_text())["steps"]
-    assert [s["status"] for s in steps] == ["ran"] * 7
+    assert [s["status"] for s in steps] == ["ran"] * 8
     assert (run / "report.md").is_file()
     assert len(json.loads((run / "transfer" / "results.json").read_text())["results"]) == 2
 
