@@ -33,6 +33,16 @@ for _name, _value in S3_TEST_ENV.items():
 
 VITPIPE = [sys.executable, "-m", "pipeline.cli"]
 
+# Fixtures that start a multi-node cluster or a Ray Train group: a test that uses one is slow (part of
+# `make test` only, not of `make test-fast`), whatever its own body costs.
+SLOW_FIXTURES = frozenset({"two_nodes", "zero2_run", "pretrained_export", "token_cluster"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def ray_local():

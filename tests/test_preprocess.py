@@ -303,6 +303,7 @@ def test_inspect_prints_the_summary_and_draws_samples(digits_dir, tmp_path, caps
     assert grid.size == (8 * 68, 2 * (64 + 14 + 4))
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_bytes(tmp_path):
     """SIGKILL the CLI after its first finished shard, rerun, and compare with an uninterrupted run."""
     photo = encode(photo_crops(1, (1600, 1200))[0], "JPEG", quality=90)

@@ -370,6 +370,7 @@ STAGED = {
 }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_single_stage_command_is_the_run_s_own_step(ray_local, tmp_path, capsys):
     """`vitpipe pretrain JOB` records the job's pretrain step: a following `vitpipe run JOB` takes it from
     the cache instead of pretraining again; and while a `vitpipe run` holds the run folder, a single-stage
