@@ -29,6 +29,9 @@ class TrainingStopped(KeyboardInterrupt):
     """Pretraining stopped on request after checkpointing its last step; relaunching continues it."""
 
 
+ABORT_WAIT_S = 30.0  # how long a driver giving up on a fit waits for Ray Train's controller to abort it
+
+
 class RunControl:
     """The actor between the driver and the workers of one launch (every worker group it runs)."""
 
@@ -51,12 +54,14 @@ class RunControl:
         self._controller = controller
 
     def abort_group(self) -> None:
-        """Abort the running fit (its controller ends the worker group), as the driver gives up on it."""
+        """Abort the running fit (its controller ends the worker group), as the driver gives up on it.
+        Waited for ABORT_WAIT_S at most: a controller stuck waiting for placement may never answer, and the
+        driver that gives up must not wait with it (its actors end with it all the same)."""
         if self._controller is not None:
             import ray
 
-            with contextlib.suppress(ray.exceptions.RayActorError):  # the controller exits as it aborts
-                ray.get(self._controller.abort.remote())
+            # ray.wait, not ray.get: the controller exits as it aborts, which is no error here
+            ray.wait([self._controller.abort.remote()], timeout=ABORT_WAIT_S)
 
     def request_stop(self) -> None:
         self._stop = True

@@ -24,6 +24,7 @@ import ray.train
 import ray.train.collective
 
 from pipeline.console import say
+from pipeline.pretrain.control import ABORT_WAIT_S
 from pipeline.pretrain.plan import GroupBounds, placeable
 
 if TYPE_CHECKING:
@@ -157,7 +158,7 @@ class MinimumWatch:
                 err=True,
             )
         if now - self.below_since >= self.wait_s:
-            ray.get(self.control.abort_group.remote())
+            ray.wait([self.control.abort_group.remote()], timeout=ABORT_WAIT_S + 10)
             raise GroupBelowMinimumError(
                 f"pretrain: the cluster could not place the run's minimum of {self.bounds.min_workers} "
                 f"worker(s) for {self.wait_s:,.0f} s (elastic_wait_s): "
