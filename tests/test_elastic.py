@@ -257,3 +257,26 @@ def test_an_elastic_launch_waits_less_for_a_group_ray_cannot_place_unless_the_us
     monkeypatch.setenv(START_TIMEOUT_VARIABLE, "45")
     with _elastic_start_timeout(elastic=True):
         assert os.environ[START_TIMEOUT_VARIABLE] == "45"
+
+
+@pytest.mark.slow
+def test_a_controller_that_never_answers_the_abort_does_not_hang_the_driver(ray_local):
+    """Ray Train's controller, stuck waiting for placement, may never answer `abort`: the driver giving up
+    on the group waits ABORT_WAIT_S for it at most, then goes on to fail with its message."""
+    import ray
+
+    from pipeline.pretrain.control import ABORT_WAIT_S, start_control
+
+    @ray.remote(num_cpus=0)
+    class StuckController:
+        def abort(self) -> None:
+            time.sleep(3600)
+
+    stuck = StuckController.remote()
+    control = start_control()
+    ray.get(control.set_controller.remote(stuck))
+    started = time.monotonic()
+    ray.get(control.abort_group.remote(), timeout=ABORT_WAIT_S + 30)  # before the fix: for ever
+    assert ABORT_WAIT_S - 1 <= time.monotonic() - started <= ABORT_WAIT_S + 15
+    ray.kill(stuck)
+    ray.kill(control)
