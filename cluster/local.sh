@@ -41,21 +41,23 @@ wait_up() {
   return 1
 }
 
-# Stop the nodes: each one's whole process group (raylet, GCS, dashboard, workers), all at once, SIGKILL
-# for whatever still runs after 20 s.
+# Stop the nodes: SIGTERM to each `ray start --block`, which drains its node and stops the processes it
+# started (raylet, GCS, dashboard, workers) in about 3 s; SIGKILL for whatever of its process group still
+# runs after 20 s. (SIGTERM to the whole group at once killed the processes under it first, and it then
+# waited the full 20 s for them.)
 stop_nodes() {
   local node pid alive
   local -a pids=()
   for node in "$@"; do
     [ -f "$STATE/$node.pid" ] || continue
     pid=$(cat "$STATE/$node.pid")
-    kill -TERM -- "-$pid" 2>/dev/null || true
+    kill -TERM "$pid" 2>/dev/null || true
     pids+=("$pid")
   done
   for _ in $(seq 40); do
     alive=0
     for pid in "${pids[@]}"; do
-      if kill -0 "$pid" 2>/dev/null; then alive=1; fi
+      if kill -0 -- "-$pid" 2>/dev/null; then alive=1; fi
     done
     [ "$alive" = 1 ] || break
     sleep 0.5

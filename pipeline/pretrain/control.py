@@ -29,7 +29,9 @@ class TrainingStopped(KeyboardInterrupt):
     """Pretraining stopped on request after checkpointing its last step; relaunching continues it."""
 
 
-ABORT_WAIT_S = 30.0  # how long a driver giving up on a fit waits for Ray Train's controller to abort it
+# How long a driver giving up on a fit waits for Ray Train's controller to abort it: one that can answers in
+# a second or two; one stuck waiting for placement never does, and its actors end with the driver anyway.
+ABORT_WAIT_S = 10.0
 
 
 class RunControl:
