@@ -123,6 +123,37 @@ def run_vitpipe(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*VITPIPE, *args], capture_output=True, text=True, cwd=REPO, **kwargs)
 
 
+@pytest.fixture
+def cli_before_ray(monkeypatch, capsys):
+    """The CLI called in this process, for commands that must be refused before Ray: every binding of
+    `connect_ray`/`init_ray` is replaced by one that notes the call and fails it, and the test fails if
+    one was called (in this process the session's Ray may be up: a command joining it would print
+    nothing). Returns run(*args) -> (exit code, stderr)."""
+    from pipeline import ray_session
+
+    calls: list[str] = []
+
+    def reached(*args, **kwargs):
+        calls.append("Ray")
+        raise RuntimeError("cli_before_ray: the command reached Ray")
+
+    originals = {name: getattr(ray_session, name) for name in ("connect_ray", "init_ray")}
+    for module in list(sys.modules.values()):
+        for name, original in originals.items():
+            if getattr(module, name, None) is original:
+                monkeypatch.setattr(module, name, reached)
+
+    def run(*args: str) -> tuple[int, str]:
+        from pipeline.cli import main
+
+        code = main(list(args))
+        stderr = capsys.readouterr().err
+        assert not calls, f"vitpipe {' '.join(args)} started or joined Ray before refusing: {stderr[-2000:]}"
+        return code, stderr
+
+    return run
+
+
 # A pretraining run small enough for a test: a two-block ViT, 80 steps on two workers with ZeRO-2.
 TINY_RUN = {
     "model": {"variant": "Ti/4", "width": 64, "depth": 2, "heads": 2, "mlp_dim": 128},

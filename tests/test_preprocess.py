@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 import webdataset as wds
 from PIL import Image
 from sklearn.datasets import load_sample_image
@@ -304,15 +305,18 @@ def test_inspect_prints_the_summary_and_draws_samples(digits_dir, tmp_path, caps
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_bytes(tmp_path):
-    """SIGKILL the CLI after its first finished shard, rerun, and compare with an uninterrupted run."""
+def test_killed_run_resumes_to_the_same_bytes(ray_local, tmp_path):
+    """SIGKILL the CLI (a driver on the session's Ray) after its first finished shard, rerun, and compare
+    with an uninterrupted run."""
     photo = encode(photo_crops(1, (1600, 1200))[0], "JPEG", quality=90)
     corpus = tmp_path / "corpus"
     for shard in range(24):
         write_shard(
             corpus / f"c-{shard:06d}.tar", [(f"s{shard}_{i}", {"jpg": photo, "cls": b"0"}) for i in range(10)]
         )
-    args = ["preprocess", str(corpus), "--image-size", "64", "--patch-size", "16", "--workers", "1"]
+    address = ray.get_runtime_context().gcs_address
+    args = ["preprocess", str(corpus), "--image-size", "64", "--patch-size", "16", "--workers", "1",
+            "--address", address]  # fmt: skip
     killed = tmp_path / "killed"
     env = {**os.environ, "RAY_ADDRESS": ""}
     process = subprocess.Popen([*VITPIPE, *args[:2], str(killed), *args[2:]], env=env, cwd=tmp_path)

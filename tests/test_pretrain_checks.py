@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, run_vitpipe
+from tests.conftest import REPO
 
 RUN = {
     "model": {"patch_size": 4, "width": 32, "depth": 1, "heads": 2, "mlp_dim": 64},
@@ -38,16 +38,17 @@ def patch_sets(fractals_dir, tmp_path_factory) -> dict[str, Path]:
     return {name: root / name for name in [*sets, "empty"]} | {"missing": root / "missing"}
 
 
-def refusal(tmp_path: Path, data: Path, **changes) -> str:
-    """Run `vitpipe pretrain` on a config; assert it fails before Ray starts and return its message."""
+def refusal(cli_before_ray, tmp_path: Path, data: Path, **changes) -> str:
+    """`vitpipe pretrain` of a config (in this process): it fails before Ray is started or joined, having
+    written no checkpoint; its message. (That every check also comes before the heavy imports is
+    test_a_refused_run_imports_neither_torch_nor_ray_train's, in a fresh process.)"""
     config = {**RUN, "data": str(data), **changes}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
-    result = run_vitpipe("pretrain", str(path), "--storage", str(tmp_path / "runs"))
-    assert result.returncode != 0, result.stdout
-    assert "Ray " not in result.stdout + result.stderr  # refused before a Ray session was started or joined
+    code, stderr = cli_before_ray("pretrain", str(path), "--storage", str(tmp_path / "runs"))
+    assert code != 0, stderr
     assert not list(tmp_path.rglob("checkpoint_*"))
-    return result.stderr
+    return stderr
 
 
 @pytest.mark.parametrize(
@@ -63,9 +64,9 @@ def refusal(tmp_path: Path, data: Path, **changes) -> str:
     ],
 )  # fmt: skip
 def test_data_the_model_cannot_train_on_is_refused_naming_the_directory(
-    patch_sets, tmp_path, data, changes, message
+    patch_sets, tmp_path, cli_before_ray, data, changes, message
 ):
-    stderr = refusal(tmp_path, patch_sets[data], **changes)
+    stderr = refusal(cli_before_ray, tmp_path, patch_sets[data], **changes)
     assert str(patch_sets[data]) in stderr
     assert message in stderr
 
@@ -87,8 +88,10 @@ def test_data_the_model_cannot_train_on_is_refused_naming_the_directory(
         ({"elastic_wait_s": 0}, "elastic_wait_s: Input should be greater than 0"),
     ],
 )  # fmt: skip
-def test_settings_that_cannot_work_are_refused_naming_the_key(patch_sets, tmp_path, changes, message):
-    assert message in refusal(tmp_path, patch_sets["labelled"], **changes)
+def test_settings_that_cannot_work_are_refused_naming_the_key(
+    patch_sets, tmp_path, cli_before_ray, changes, message
+):
+    assert message in refusal(cli_before_ray, tmp_path, patch_sets["labelled"], **changes)
 
 
 def test_a_refused_run_imports_neither_torch_nor_ray_train(patch_sets, tmp_path):
@@ -320,11 +323,13 @@ def test_a_study_point_resumed_on_other_rows_of_the_corpus_is_refused(patch_sets
     ],
 )
 def test_a_model_resolution_the_stored_images_cannot_give_is_refused_before_ray(
-    tmp_path, patch_sets, image_size, message
+    tmp_path, patch_sets, cli_before_ray, image_size, message
 ):
     import re
 
-    assert re.search(message, refusal(tmp_path, patch_sets["labelled"], image_size=image_size))
+    assert re.search(
+        message, refusal(cli_before_ray, tmp_path, patch_sets["labelled"], image_size=image_size)
+    )
     from pipeline.config import PretrainConfig
     from pipeline.pretrain.plan import plan_pretrain
 

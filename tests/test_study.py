@@ -170,6 +170,31 @@ def test_a_study_that_cannot_run_is_refused_before_anything_starts(tmp_path, cha
         load_plan(path, str(tmp_path / "run"))
 
 
+def test_a_forced_point_discards_its_own_pretraining_run_first_and_nothing_else(tmp_path):
+    """`--force study` reaches a pretrained point's task as `clear`: its pretraining run's outputs go before
+    anything else is read (here the subset, which is missing: the task stops there), files of others stay;
+    without `clear` the run is kept to be resumed."""
+    from pipeline.study.launch import PointSettings, _pretrain
+    from pipeline.study.plan import point_finetune, point_model, point_pretrain, study_job
+
+    plan = load_plan(SMOKE, str(tmp_path / "run"))
+    study, point = study_job(plan.job, plan.source), Point(100, "bit", 0)
+    storage = tmp_path / "point"
+    for clear in (False, True):
+        (storage / "pretrain" / "checkpoint_00000016").mkdir(parents=True, exist_ok=True)
+        (storage / "pretrain" / "notes.txt").write_text("mine")
+        settings = PointSettings(
+            point=point, model=point_model(study, point), pretrain=point_pretrain(study, point),
+            corpus=str(tmp_path / "corpus"), subset=str(tmp_path / "missing.json"), storage=str(storage),
+            finetune=point_finetune(study, point), evaluate=None, targets={}, out=str(tmp_path / "out"),
+            clear=clear,
+        )  # fmt: skip
+        with pytest.raises(ValueError, match=r"missing\.json: not a readable subset manifest"):
+            _pretrain(settings)
+        assert (storage / "pretrain" / "checkpoint_00000016").is_dir() != clear
+        assert (storage / "pretrain" / "notes.txt").read_text() == "mine"
+
+
 def assert_hf_bit_export_agrees(vitpipe_folder: Path, hf_folder: Path) -> None:
     from transformers import BitForImageClassification
 
@@ -260,8 +285,8 @@ def tracked_job(tmp_path: Path) -> Path:
 
 
 def assert_point_tracked(uri: str, point: str) -> None:
-    """The point's MLflow child of the run holds its pretraining's steps and its fine-tuning's (target,
-    mode) run, the chosen rate's score, with a run per rate under it."""
+    """The point's MLflow child of the run holds its fine-tuning's (target, mode) run, the chosen rate's
+    score, with a run per rate under it (and a pretrained point's pretraining steps)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -274,12 +299,14 @@ def assert_point_tracked(uri: str, point: str) -> None:
 
     tracked = children(parents[0])[f"study:{point}"]
     assert tracked.info.status == "FINISHED"
-    logged = sorted({m.step for m in client.get_metric_history(tracked.info.run_id, "loss")})
-    assert logged[-1] == 16  # its pretraining's steps, on the point's own run
-    task = children(tracked)["digits/pretrained"]
+    mode = "scratch" if point.startswith("scratch") else "pretrained"
+    if mode == "pretrained":
+        logged = sorted({m.step for m in client.get_metric_history(tracked.info.run_id, "loss")})
+        assert logged[-1] == 16  # its pretraining's steps, on the point's own run
+    task = children(tracked)[f"digits/{mode}"]
     assert task.data.metrics["lr"] in (0.01, 0.03)
     assert "test_top1" in task.data.metrics
-    assert set(children(task)) == {"digits/pretrained/lr=0.01", "digits/pretrained/lr=0.03"}
+    assert set(children(task)) == {f"digits/{mode}/lr=0.01", f"digits/{mode}/lr=0.03"}
 
 
 @pytest.mark.slow
@@ -393,21 +420,21 @@ def test_scaling_smoke_runs_every_point_keeps_a_failed_one_apart_and_reruns_only
     assert third.returncode == 0
     assert set(statuses(run).values()) == {"cached"}
 
-    # One point alone, redone: only it (and the cached steps it reads) runs; the others and the report
-    # are left as they were; its pretraining starts over; its tracking child holds this launch.
+    # One point alone, redone: only it (and the cached steps it reads) runs; the others and the report are
+    # left as they were; its tracking child holds this launch. A scratch point, which has no pretraining:
+    # what --force does to a pretrained point's run is test_a_forced_point_discards_its_own_pretraining_run.
+    alone_name = "scratch-bit-seed0"
     others_files = [run / "report.md", *(run / "study").glob("*/point.json")]
-    kept = {
-        path: path.stat().st_mtime_ns for path in others_files if "n0000000100-bit-seed0" not in str(path)
-    }
-    alone = run_smoke(run, job, "--point", "n0000000100-bit-seed0", "--force", "study")
+    kept = {path: path.stat().st_mtime_ns for path in others_files if alone_name not in str(path)}
+    point_file = run / "study" / alone_name / "point.json"
+    before = point_file.stat().st_mtime_ns
+    alone = run_smoke(run, job, "--point", alone_name, "--force", "study")
     assert alone.returncode == 0, alone.stderr[-3000:]
-    assert statuses(run) == {"datasets:fractals": "cached", "datasets:digits": "cached",
-                             "preprocess:fractals": "cached", "preprocess:digits": "cached",
-                             "study:subsets": "ran", "study:n0000000100-bit-seed0": "ran"}  # fmt: skip
+    assert statuses(run) == {"datasets:digits": "cached", "preprocess:digits": "cached",
+                             f"study:{alone_name}": "ran"}  # fmt: skip
     assert {path: path.stat().st_mtime_ns for path in kept} == kept
-    redone = [r for r in read_records(bit["run"]) if r.get("event") in ("started", "resumed")]
-    assert [(r["event"], r["step"]) for r in redone] == [("started", 0)]  # the old run cleared, not resumed
-    assert_point_tracked(f"sqlite:///{tmp_path / 'mlflow.db'}", "n0000000100-bit-seed0")
+    assert point_file.stat().st_mtime_ns > before  # done again, not taken from the cache
+    assert_point_tracked(f"sqlite:///{tmp_path / 'mlflow.db'}", alone_name)
     assert list((run / "tracking" / "wandb").glob("offline-run-*"))
 
 

@@ -149,21 +149,27 @@ def test_bad_targets_are_reported_and_the_good_one_still_finishes(
     assert (tmp_path / "out" / "results.png").is_file()
 
 
-def refused(tmp_path: Path, *args: str) -> str:
-    result = run_vitpipe(*args)
-    assert result.returncode != 0, result.stdout
-    assert "Ray " not in result.stderr  # refused before a Ray session was started or joined
-    assert not (tmp_path / "out").exists()
-    return result.stderr
+@pytest.fixture
+def refused(cli_before_ray, tmp_path: Path):
+    """refused(*args): `vitpipe ARGS` (in this process) fails before Ray is started or joined, writing no
+    output folder; its message."""
+
+    def run(*args: str) -> str:
+        code, stderr = cli_before_ray(*args)
+        assert code != 0, stderr
+        assert not (tmp_path / "out").exists()
+        return stderr
+
+    return run
 
 
-def test_malformed_target_option_is_refused(tmp_path, weights):
+def test_malformed_target_option_is_refused(tmp_path, weights, refused):
     job = str(write_job(tmp_path))
-    message = refused(tmp_path, "finetune", job, "--weights", str(weights), "--target", "digits")
+    message = refused("finetune", job, "--weights", str(weights), "--target", "digits")
     assert "--target expects NAME=DIR, got 'digits'" in message
 
 
-def test_a_target_naming_a_preprocess_entry_that_has_not_run_says_how_to_make_it(tmp_path, weights):
+def test_a_target_naming_a_preprocess_entry_that_has_not_run_says_how_to_make_it(tmp_path, weights, refused):
     job = {
         **JOB,
         "run_dir": str(tmp_path / "run"),
@@ -171,7 +177,7 @@ def test_a_target_naming_a_preprocess_entry_that_has_not_run_says_how_to_make_it
     }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
-    message = refused(tmp_path, "finetune", str(path), "--weights", str(weights))
+    message = refused("finetune", str(path), "--weights", str(weights))
     assert f"preprocess:digits has not run in {tmp_path / 'run'}" in message
     assert f"run `vitpipe run {path} --until preprocess` first" in message
 
@@ -185,26 +191,22 @@ def test_a_target_naming_a_preprocess_entry_that_has_not_run_says_how_to_make_it
         ({"val_fraction": 1.0}, "finetune.val_fraction: Input should be less than 1"),
     ],
 )
-def test_a_bad_finetune_section_fails_before_ray(tmp_path, weights, changes, message):
-    assert message in refused(
-        tmp_path, "finetune", str(write_job(tmp_path, **changes)), "--weights", str(weights)
-    )
+def test_a_bad_finetune_section_fails_before_ray(tmp_path, weights, refused, changes, message):
+    assert message in refused("finetune", str(write_job(tmp_path, **changes)), "--weights", str(weights))
 
 
-def test_pretrained_mode_without_weights_is_refused(tmp_path, digits_patches):
+def test_pretrained_mode_without_weights_is_refused(tmp_path, digits_patches, refused):
     job = str(write_job(tmp_path))
-    message = refused(tmp_path, "finetune", job, f"--target=digits={digits_patches}")
+    message = refused("finetune", job, f"--target=digits={digits_patches}")
     assert "finetune mode 'pretrained' needs weights: add a pretrain section or set" in message
 
 
-def test_unreadable_weights_fail_naming_the_file_before_any_task(tmp_path, weights, digits_patches):
+def test_unreadable_weights_fail_naming_the_file_before_any_task(tmp_path, weights, digits_patches, refused):
     broken = tmp_path / "broken"
     shutil.copytree(weights, broken)
     (broken / "model.safetensors").write_bytes(b"not safetensors")
     job = str(write_job(tmp_path))
-    message = refused(
-        tmp_path, "finetune", job, "--weights", str(broken), f"--target=digits={digits_patches}"
-    )
+    message = refused("finetune", job, "--weights", str(broken), f"--target=digits={digits_patches}")
     assert f"{broken / 'model.safetensors'}: not a readable safetensors file" in message
 
 
@@ -225,11 +227,11 @@ def test_an_output_folder_holding_the_weights_is_refused(tmp_path, digits_patche
     assert (weights / "model.safetensors").is_file()
 
 
-def test_a_job_whose_pretraining_has_not_run_says_so(tmp_path, digits_patches):
+def test_a_job_whose_pretraining_has_not_run_says_so(tmp_path, digits_patches, refused):
     job = {**JOB, "pretrain": {"data": "x", "storage_path": str(tmp_path / "runs")}}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
-    message = refused(tmp_path, "finetune", str(path), f"--target=digits={digits_patches}")
+    message = refused("finetune", str(path), f"--target=digits={digits_patches}")
     assert "pretrain has not run in" in message
     assert f"run `vitpipe run {path} --until pretrain` first" in message
 
