@@ -36,7 +36,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # The inner loop: every test but the slow ones (a multi-node cluster, a Ray Train group, a whole run,
-# a killed process: tests/conftest.py marks them), in 3 to 4 minutes. CI runs `make test`.
+# a killed process: tests/conftest.py marks them), in under 3 minutes. CI runs `make test`.
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow"
