@@ -31,11 +31,15 @@ def timed(selection: list[str]) -> dict:
                           cwd=REPO, capture_output=True, text=True)  # fmt: skip
     wall = time.perf_counter() - started
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
-    counts = {
+    return {"selection": " ".join(selection) or "all", "wall_s": round(wall, 1), "exit": done.returncode,
+            "summary": summary, **counts_of(summary)}  # fmt: skip
+
+
+def counts_of(summary: str) -> dict[str, int]:
+    """The test counts a pytest summary line gives: passed, failed, deselected, skipped, error."""
+    return {
         kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|deselected|skipped|error)", summary)
     }
-    return {"selection": " ".join(selection) or "all", "wall_s": round(wall, 1), "exit": done.returncode,
-            "summary": summary, **counts}  # fmt: skip
 
 
 def read_log(path: Path) -> dict:
@@ -46,7 +50,7 @@ def read_log(path: Path) -> dict:
     if not summary:
         raise SystemExit(f"{path}: no pytest summary line (was the run finished?)")
     line, seconds = summary[-1]
-    counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|deselected|skipped|error)", line)}
+    counts = counts_of(line)
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
     by_file: dict[str, float] = {}
     for spent, test in re.findall(r"^([\d.]+)s (?:call|setup|teardown)\s+(\S+)", text, re.MULTILINE):
