@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from importlib.metadata import version
 from pathlib import Path
 
@@ -189,3 +190,14 @@ def test_paper_recipes_carry_the_papers_settings(name, variant):
     plan = plan_job(job, name, run_layout(job))
     assert plan.layout.root.startswith("/mnt/shared/")  # a run folder every node sees
     assert job.evaluate.shots == (1, 5, 10, 25)
+
+
+def test_make_runs_every_target_with_the_venvs_tools_first_on_path():
+    """DeepSpeed compiles its CPU ops with the first `ninja` on PATH; the venv's and the system's sharing one
+    build cache rebuilt the op each time the other had run. `make` puts the venv's bin first, as
+    cluster/local.sh does for its nodes."""
+    shown = subprocess.run(["make", "-np", "lint"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    path = next(line for line in shown.stdout.splitlines() if line.startswith("PATH := "))
+    assert path.removeprefix("PATH := ").split(":")[0] == str(REPO / ".venv" / "bin")
+    script = (REPO / "cluster" / "local.sh").read_text()
+    assert 'export PATH="$BIN:$PATH"' in script

@@ -47,7 +47,25 @@ def token_cluster() -> Iterator[TokenCluster]:
         _wait_for_jobs_api(cluster)
         yield cluster
     finally:
-        subprocess.run([*script, "stop"], env=env, capture_output=True, timeout=120)
+        _stop_and_check(script, env, Path(state))
+
+
+def _stop_and_check(script: list[str], env: dict[str, str], state: Path) -> None:
+    """`cluster/local.sh stop` ends every process of both nodes' groups, in seconds (SIGTERM to each
+    `ray start --block`, which drains its node; the whole group signalled at once made it wait 20 s)."""
+    groups = [int((state / f"{node}.pid").read_text()) for node in ("head", "worker")
+              if (state / f"{node}.pid").is_file()]  # fmt: skip
+    started = time.monotonic()
+    stopped = subprocess.run([*script, "stop"], env=env, capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - started
+    assert stopped.returncode == 0, stopped.stderr
+    left = [
+        pid
+        for pid in groups
+        if subprocess.run(["kill", "-0", "--", f"-{pid}"], capture_output=True).returncode == 0
+    ]
+    assert not left, f"processes of node group(s) {left} still run after stop"
+    assert took < 15, f"cluster/local.sh stop took {took:.1f} s"
 
 
 def _wait_for_jobs_api(cluster: TokenCluster) -> None:
