@@ -72,7 +72,7 @@ def main() -> None:
     ways = {way: [round(one_stop(way), 1) for _ in range(args.rounds)] for way in ("script", "whole-group")}
     result = {
         "seconds": ways,
-        "claim": "cluster/local.sh stop ends both nodes in under 10 s; a whole-group SIGTERM took 20 s or more",
+        "claim": "local.sh stop ends both nodes in under 10 s; a whole-group SIGTERM took 20 s or more",
         "holds": max(ways["script"]) < 10 <= min(ways["whole-group"]),
     }
     print(result)
