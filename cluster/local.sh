@@ -41,12 +41,33 @@ wait_up() {
   return 1
 }
 
-# Stop the nodes: SIGTERM to each `ray start --block`, which drains its node and stops the processes it
-# started (raylet, GCS, dashboard, workers) in about 3 s; SIGKILL for whatever of its process group still
-# runs after 20 s. (SIGTERM to the whole group at once killed the processes under it first, and it then
-# waited the full 20 s for them.)
+# Stop the nodes: SIGTERM to each `ray start --block`, which stops the processes it started (raylet, GCS,
+# dashboard, workers) in about 3 s; SIGKILL for whatever of its process group still runs after 20 s. The
+# nodes are started with RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: Ray's default drains a SIGTERMed node for
+# up to 30 s until its leases are returned, which after a job held the head past the 20 s (the whole
+# cluster stops, so there is nowhere to drain to). A zombie counts as stopped: it runs nothing and this
+# machine's init reaps it when it gets to it.
+group_alive() {
+  ps -eo pgid=,stat= | awk -v g="$1" '$1 == g && $2 !~ /^Z/ { found = 1 } END { exit !found }'
+}
+
+# Wait up to $1 half-seconds until no process group of the other arguments has a live process.
+wait_gone() {
+  local tries=$1 pid alive
+  shift
+  for _ in $(seq "$tries"); do
+    alive=0
+    for pid in "$@"; do
+      if group_alive "$pid"; then alive=1; fi
+    done
+    [ "$alive" = 1 ] || return 0
+    sleep 0.5
+  done
+  return 1
+}
+
 stop_nodes() {
-  local node pid alive
+  local node pid
   local -a pids=()
   for node in "$@"; do
     [ -f "$STATE/$node.pid" ] || continue
@@ -54,17 +75,12 @@ stop_nodes() {
     kill -TERM "$pid" 2>/dev/null || true
     pids+=("$pid")
   done
-  for _ in $(seq 40); do
-    alive=0
+  if [ "${#pids[@]}" -gt 0 ] && ! wait_gone 40 "${pids[@]}"; then
     for pid in "${pids[@]}"; do
-      if kill -0 -- "-$pid" 2>/dev/null; then alive=1; fi
+      kill -KILL -- "-$pid" 2>/dev/null || true
     done
-    [ "$alive" = 1 ] || break
-    sleep 0.5
-  done
-  for pid in "${pids[@]}"; do
-    kill -KILL -- "-$pid" 2>/dev/null || true
-  done
+    wait_gone 10 "${pids[@]}" || echo "processes of node group(s) ${pids[*]} outlived SIGKILL" >&2
+  fi
   for node in "$@"; do
     rm -f "$STATE/$node.pid"
   done
@@ -80,13 +96,13 @@ case "${1:-}" in
     if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ ! -f ~/.ray/auth_token ]; then
       ray get-auth-token --generate >/dev/null  # the shared token, in ~/.ray/auth_token
     fi
-    setsid ray start --head --block --node-ip-address 127.0.0.1 --port "$PORT" --num-cpus "$CPUS" \
+    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 setsid ray start --head --block --node-ip-address 127.0.0.1 --port "$PORT" --num-cpus "$CPUS" \
       --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD" \
       --dashboard-agent-listen-port "$(free_port)" --disable-usage-stats --temp-dir "$STATE/head" \
       >"$STATE/head.log" 2>&1 &
     echo $! >"$STATE/head.pid"
     wait_up head
-    setsid ray start --block --address "127.0.0.1:$PORT" --node-ip-address 127.0.0.1 --num-cpus "$CPUS" \
+    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 setsid ray start --block --address "127.0.0.1:$PORT" --node-ip-address 127.0.0.1 --num-cpus "$CPUS" \
       --dashboard-agent-listen-port "$(free_port)" --disable-usage-stats --temp-dir "$STATE/worker" \
       >"$STATE/worker.log" 2>&1 &
     echo $! >"$STATE/worker.pid"

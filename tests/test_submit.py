@@ -51,21 +51,31 @@ def token_cluster() -> Iterator[TokenCluster]:
 
 
 def _stop_and_check(script: list[str], env: dict[str, str], state: Path) -> None:
-    """`cluster/local.sh stop` ends every process of both nodes' groups, in seconds (SIGTERM to each
-    `ray start --block`, which drains its node; the whole group signalled at once made it wait 20 s)."""
+    """`cluster/local.sh stop` ends every process of both nodes' groups, in seconds, also after a job ran
+    (Ray's default 30 s drain on SIGTERM held the head past local.sh's 20 s grace then)."""
     groups = [int((state / f"{node}.pid").read_text()) for node in ("head", "worker")
               if (state / f"{node}.pid").is_file()]  # fmt: skip
     started = time.monotonic()
     stopped = subprocess.run([*script, "stop"], env=env, capture_output=True, text=True, timeout=120)
     took = time.monotonic() - started
     assert stopped.returncode == 0, stopped.stderr
-    left = [
-        pid
-        for pid in groups
-        if subprocess.run(["kill", "-0", "--", f"-{pid}"], capture_output=True).returncode == 0
-    ]
-    assert not left, f"processes of node group(s) {left} still run after stop"
+    left = _live_members(set(groups))
+    assert not left, f"processes of node group(s) {groups} still run after stop: {left}"
     assert took < 15, f"cluster/local.sh stop took {took:.1f} s"
+
+
+def _live_members(groups: set[int]) -> list[str]:
+    """The processes of these process groups that are not zombies (this machine's init reaps late)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            name, fields = stat.read_text().rsplit(")", 1)
+        except OSError:
+            continue  # it ended while being listed
+        state, _, pgid = fields.split()[:3]
+        if int(pgid) in groups and state != "Z":
+            live.append(f"{stat.parent.name} {name.split('(', 1)[1]} ({state})")
+    return live
 
 
 def _wait_for_jobs_api(cluster: TokenCluster) -> None:
