@@ -7,10 +7,12 @@ A location is a local path, a `file://` URL, or any URL pyarrow (s3://, gs://, h
 from __future__ import annotations
 
 import contextlib
+import os
 import posixpath
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -77,6 +79,54 @@ def _split_query(location: str) -> tuple[str, str]:
         return location, ""
     base, _, query = location.partition("?")
     return base, "?" + query
+
+
+@dataclass
+class Walk:
+    """The regular files below a folder, and the links a walk did not follow (a loop or a second way into
+    one folder or file), each as a line naming the link."""
+
+    files: list[pafs.FileInfo] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def walk_files(filesystem: pafs.FileSystem, root: str) -> Walk:
+    """Every regular file below `root`, each real folder and file once. On local disk links are followed,
+    but a link into a folder already walked (`loop -> .`, `up -> ..`, two links to one folder) is skipped
+    and named, so a loop neither multiplies the data nor walks forever; object stores have no links."""
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
+        return Walk([info for info in filesystem.get_file_info(selector) if info.type == pafs.FileType.File])
+    walk, seen, paths = Walk(), {os.path.realpath(root)}, []
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        dirs[:] = [name for name in _links_last(folder, dirs) if _first_visit(folder, name, root, seen, walk)]
+        paths += [
+            os.path.join(folder, name)
+            for name in _links_last(folder, names)
+            if os.path.isfile(os.path.join(folder, name)) and _first_visit(folder, name, root, seen, walk)
+        ]
+    walk.files = [info for info in filesystem.get_file_info(paths) if info.type == pafs.FileType.File]
+    return walk
+
+
+def _links_last(folder: str, names: list[str]) -> list[str]:
+    """Names sorted, the real entries before the links: of a folder and a link to it, the link is skipped."""
+    return sorted(names, key=lambda name: (os.path.islink(os.path.join(folder, name)), name))
+
+
+def _first_visit(folder: str, name: str, root: str, seen: set[str], walk: Walk) -> bool:
+    path = os.path.join(folder, name)
+    real = os.path.realpath(path)
+    if real not in seen:
+        seen.add(real)
+        return True
+    target = os.readlink(path) if os.path.islink(path) else real
+    what = "folder" if os.path.isdir(path) else "file"
+    walk.skipped.append(
+        f"{os.path.relpath(path, root)} -> {target}: a {what} already walked (a link loop or a second link "
+        "to it); skipped"
+    )
+    return False
 
 
 def partial_name(path: str) -> str:

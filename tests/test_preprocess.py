@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tarfile
@@ -291,6 +292,22 @@ def test_missing_input_and_bad_options_fail_before_any_work(tmp_path, capsys):
     assert main(["preprocess", str(tmp_path), str(tmp_path / "out"), "--image-keys", "jpg,PNG"]) == 2
     assert "--image-keys[1]: String should match pattern" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_with_symlink_loops_is_preprocessed_once_with_a_line_per_link(digits_dir, tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(digits_dir, corpus)
+    (corpus / "loop").symlink_to(".")
+    (corpus / "again").symlink_to(corpus)
+    (corpus / "train" / "up").symlink_to("..")
+    out = tmp_path / "out"
+    assert main(["preprocess", str(corpus), str(out), "--image-size", "16", "--patch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    for link in ("loop -> .", f"again -> {corpus}", "train/up -> .."):
+        assert printed.count(link) == 1, printed
+    manifest = read_manifest(str(out))
+    assert manifest["totals"]["samples"] == 1797  # not 1797 once per way into the folder
+    assert sorted(manifest["splits"]) == ["test", "train"]
 
 
 def test_inspect_prints_the_summary_and_draws_samples(digits_dir, tmp_path, capsys):

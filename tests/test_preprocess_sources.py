@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from pipeline.preprocess.sources import list_shards
@@ -72,3 +74,48 @@ def test_two_inputs_for_one_output_name_are_refused(tmp_path):
     touch(tmp_path / "a.tgz")
     with pytest.raises(ValueError, match=r"would both be written to a.parquet"):
         list_shards(str(tmp_path))
+
+
+def _list_within(location: str, seconds: float):
+    """list_shards in a thread that may not finish: a walk that loops forever fails the test, not CI."""
+    done: list = []
+    thread = threading.Thread(target=lambda: done.append(list_shards(location)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert done, f"listing {location} did not finish in {seconds} s"
+    return done[0]
+
+
+def test_symlink_loops_are_walked_once_and_each_named(tmp_path):
+    corpus = tmp_path / "corpus"
+    for name in ("train/a-000000.tar", "train/a-000001.tar"):
+        touch(corpus / name)
+    touch(tmp_path / "elsewhere" / "b-000000.tar")
+    (corpus / "loop").symlink_to(".")
+    (corpus / "again").symlink_to(corpus)
+    (corpus / "d").mkdir()
+    (corpus / "d" / "up").symlink_to("..")
+    (corpus / "extra").symlink_to(tmp_path / "elsewhere")  # a folder outside: followed, once
+    (corpus / "twice").symlink_to(tmp_path / "elsewhere")
+    (corpus / "train" / "copy.tar").symlink_to("a-000000.tar")  # a second name for one shard
+
+    listing = _list_within(str(corpus), 20)
+    assert [s.name for s in listing.shards] == [
+        "extra/b-000000.tar",
+        "train/a-000000.tar",
+        "train/a-000001.tar",
+    ]
+    assert sorted(line.split(" ->")[0] for line in listing.skipped) == [
+        "again",
+        "d/up",
+        "loop",
+        "train/copy.tar",
+        "twice",
+    ]
+    assert all("already walked" in line for line in listing.skipped)
+    globbed = _list_within(str(corpus / "*" / "*.tar"), 20)  # a glob walks the same way
+    assert [s.name for s in globbed.shards] == [
+        "extra/b-000000.tar",
+        "train/a-000000.tar",
+        "train/a-000001.tar",
+    ]

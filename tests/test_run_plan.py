@@ -16,7 +16,7 @@ from pipeline.config import load_config
 from pipeline.runner.execute import LOCK_FILE, _run_lock, run_job
 from pipeline.runner.layout import run_layout
 from pipeline.runner.plan import Overrides, RunOptions, StageOptions, load_plan, plan_job
-from pipeline.runner.records import read_record, write_record
+from pipeline.runner.records import read_record, tree_fingerprint, write_record
 from pipeline.runner.stages import RUNNERS
 from tests.conftest import REPO
 
@@ -274,3 +274,13 @@ def test_the_files_of_one_folder_resolve_to_one_filesystem_and_its_paths(tmp_pat
     assert paths == ["b/p/a.parquet", "b/p/b.parquet"]
     filesystem, paths = resolve_all([str(tmp_path / "a.parquet"), "rel/b.parquet"])
     assert paths == [str(tmp_path / "a.parquet"), str(Path("rel/b.parquet").absolute())]
+
+
+def test_an_input_folders_fingerprint_walks_a_symlink_loop_once(tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "cats").mkdir(parents=True)
+    (folder / "cats" / "a.jpg").write_bytes(b"jpeg")
+    plain = tree_fingerprint(str(folder))
+    (folder / "loop").symlink_to(".")
+    (folder / "cats" / "up").symlink_to("..")
+    assert tree_fingerprint(str(folder)) == plain  # the same files, each once, and it ends

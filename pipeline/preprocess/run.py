@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pipeline.config import OUTPUT_NEUTRAL, PreprocessConfig
+from pipeline.console import say
 from pipeline.datasets.card import CARD_FILE, parse_card
 from pipeline.preprocess.manifest import MANIFEST_FILE, build_manifest, failure_kinds, write_manifest
 from pipeline.preprocess.patchfile import read_shard_metadata
@@ -98,6 +99,8 @@ def preprocess(
     """
     started = time.perf_counter()
     listing = list_shards(input_spec)
+    for line in listing.skipped:
+        say(f"{input_spec}: {line}")
     out_fs, out_root = resolve(output)
     config_hash = config.output_hash()
     _refuse_other_config(out_fs, out_root, output, config, overwrite)

@@ -9,12 +9,12 @@ from __future__ import annotations
 import fnmatch
 import posixpath
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import braceexpand
 import pyarrow.fs as pafs
 
-from pipeline.storage import resolve
+from pipeline.storage import resolve, walk_files
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _BRACE = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
@@ -41,11 +41,13 @@ class ShardListing:
     filesystem: pafs.FileSystem
     root: str
     shards: list[ShardSource]
+    skipped: list[str] = field(default_factory=list)  # links not followed, a line each (see walk_files)
 
 
 def list_shards(location: str) -> ShardListing:
     """Expand INPUT into its shards, sorted by name; an input that names no shard is an error."""
     filesystem, path = resolve(location)
+    skipped: list[str] = []
     if _BRACE.search(path):
         paths = list(braceexpand.braceexpand(path))
         root = _common_dir(paths)
@@ -56,10 +58,9 @@ def list_shards(location: str) -> ShardListing:
         ]
     elif _GLOB_CHARS.search(path):
         root = _static_prefix_dir(path)
+        files, skipped = _walk(filesystem, root)
         shards = [
-            _source(info.path, root, info.size)
-            for info in _walk(filesystem, root)
-            if fnmatch.fnmatchcase(info.path, path)
+            _source(info.path, root, info.size) for info in files if fnmatch.fnmatchcase(info.path, path)
         ]
     else:
         info = filesystem.get_file_info(path)
@@ -70,7 +71,8 @@ def list_shards(location: str) -> ShardListing:
             shards = [_source(path, root, info.size)]
         else:
             root = path
-            shards = [_source(i.path, root, i.size) for i in _walk(filesystem, root) if _is_shard(i.path)]
+            files, skipped = _walk(filesystem, root)
+            shards = [_source(i.path, root, i.size) for i in files if _is_shard(i.path)]
     if not shards:
         raise FileNotFoundError(
             f"{location}: no shards found (looking for {', '.join(SHARD_SUFFIXES)} files)"
@@ -80,18 +82,19 @@ def list_shards(location: str) -> ShardListing:
     if len(set(outputs)) != len(outputs):
         clash = next(name for name in outputs if outputs.count(name) > 1)
         raise ValueError(f"{location}: two input shards would both be written to {clash}; rename one")
-    return ShardListing(filesystem, root, shards)
+    return ShardListing(filesystem, root, shards, skipped)
 
 
-def _walk(filesystem: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
-    """Regular files below `root`, skipping hidden files and folders (`.partial`, `.git`, ...)."""
-    selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
-    return [
+def _walk(filesystem: pafs.FileSystem, root: str) -> tuple[list[pafs.FileInfo], list[str]]:
+    """Regular files below `root`, skipping hidden files and folders (`.partial`, `.git`, ...), each real
+    file once; and the links not followed (loops), a line each."""
+    walk = walk_files(filesystem, root)
+    visible = [
         info
-        for info in filesystem.get_file_info(selector)
-        if info.type == pafs.FileType.File
-        and not any(part.startswith(".") for part in posixpath.relpath(info.path, root).split("/"))
+        for info in walk.files
+        if not any(part.startswith(".") for part in posixpath.relpath(info.path, root).split("/"))
     ]
+    return visible, walk.skipped
 
 
 def _is_shard(path: str) -> bool:

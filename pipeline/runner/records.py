@@ -23,7 +23,7 @@ from pipeline.config import ConfigError, digest
 from pipeline.console import say
 from pipeline.preprocess.manifest import MANIFEST_FILE, read_manifest
 from pipeline.preprocess.sources import list_shards
-from pipeline.storage import join, resolve, write_atomic
+from pipeline.storage import join, resolve, walk_files, write_atomic
 
 if TYPE_CHECKING:
     from pipeline.runner.plan import JobPlan, Step
@@ -55,11 +55,9 @@ def tree_fingerprint(location: str) -> str:
     filesystem, root = resolve(location)
     if filesystem.get_file_info(root).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"{location}: no such folder")
-    selector = pafs.FileSelector(root, recursive=True)
     entries = sorted(
         (posixpath.relpath(info.path, root), info.size, info.mtime_ns)
-        for info in filesystem.get_file_info(selector)
-        if info.type == pafs.FileType.File
+        for info in walk_files(filesystem, root).files
     )
     return digest(entries)
 
