@@ -587,6 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     """Run the command; a known kind of failure is one line naming what to change, and an exit code."""
     try:
+        _check_locations(args)
         return COMMANDS[args.command](args)
     except ConfigError as error:
         say(f"vitpipe: {error}", err=True)
@@ -598,11 +599,25 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         if isinstance(error, TrainingStopped):
             say(f"  continue with: vitpipe {shlex.join(argv)}", err=True)
         return EXIT_INTERRUPTED
-    except (
-        FileExistsError, FileNotFoundError, NotADirectoryError, ValueError, ConnectionError, RuntimeError
-    ) as error:  # fmt: skip
+    except (ValueError, OSError, RuntimeError) as error:  # OSError: files, storage, connections
         say(f"vitpipe: error: {error}", err=True)
         return EXIT_FAILED
+
+
+# The options that name a folder or file, a path or a URL (--target: NAME=DIR).
+LOCATION_OPTIONS = ("input", "output", "directory", "out", "data", "storage", "run", "run_dir", "weights")
+
+
+def _check_locations(args: argparse.Namespace) -> None:
+    """Every URL a command was given, its options and its endpoint, checked before the command starts
+    anything: one line naming the URL, not a traceback from the middle of a run."""
+    from pipeline.storage import check_location
+
+    values = [getattr(args, name, None) for name in LOCATION_OPTIONS]
+    values += [target.partition("=")[2] for target in getattr(args, "target", None) or []]
+    for value in values:
+        if isinstance(value, str) and "://" in value:
+            check_location(value)
 
 
 if __name__ == "__main__":

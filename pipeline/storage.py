@@ -10,6 +10,7 @@ import contextlib
 import os
 import posixpath
 import shutil
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,22 +22,105 @@ import pyarrow.fs as pafs
 PARTIAL_SUFFIX = ".partial"
 
 
+# The options pyarrow reads from a URL's query, by scheme (pyarrow 25; tests/test_storage.py checks them
+# against the installed pyarrow); any other key is refused here, naming these, before anything connects.
+URL_OPTIONS = {
+    "s3": (
+        "region", "scheme", "endpoint_override", "allow_bucket_creation", "allow_bucket_deletion",
+        "tls_ca_file_path", "tls_ca_dir_path", "tls_verify_certificates", "allow_delayed_open",
+        "smart_defaults",
+    ),
+    "gs": ("scheme", "endpoint_override", "retry_limit_seconds", "project_id"),
+}  # fmt: skip
+URL_OPTIONS["gcs"] = URL_OPTIONS["gs"]
+
+
 def resolve(location: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem and path of a local path, a `file://` URL or any URL pyarrow or fsspec knows."""
+    """The filesystem and path of a local path, a `file://` URL or any URL pyarrow or fsspec knows. A URL
+    whose options are wrong, or whose endpoint does not answer pyarrow's region lookup, is a ValueError
+    naming it (in one line)."""
     if "://" not in location:
         return pafs.LocalFileSystem(), str(Path(location).expanduser().absolute())
+    check_url_options(location)
     try:
         return pafs.FileSystem.from_uri(location)
+    except OSError as error:  # S3 without a region asks the bucket's region at once
+        raise ValueError(storage_error(location, error)) from None
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as pyarrow_error:
-        try:
-            import fsspec
-        except ImportError:
-            raise ValueError(f"{location}: pyarrow cannot open it ({pyarrow_error})") from None
-        try:
-            filesystem, path = fsspec.core.url_to_fs(location)
-        except (ValueError, ImportError) as error:
-            raise ValueError(f"{location}: no filesystem for this URL ({error})") from None
-        return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem)), path
+        if "Unrecognized filesystem type" not in str(pyarrow_error) and not isinstance(
+            pyarrow_error, pa.ArrowNotImplementedError
+        ):
+            raise ValueError(f"{location}: {pyarrow_error}") from None  # a known scheme, a wrong value
+        return _fsspec_filesystem(location, pyarrow_error)
+
+
+def _fsspec_filesystem(location: str, pyarrow_error: Exception) -> tuple[pafs.FileSystem, str]:
+    try:
+        import fsspec
+    except ImportError:
+        raise ValueError(f"{location}: pyarrow cannot open it ({pyarrow_error})") from None
+    try:
+        filesystem, path = fsspec.core.url_to_fs(location)
+    except (ValueError, ImportError) as error:
+        raise ValueError(f"{location}: no filesystem for this URL ({error})") from None
+    return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem)), path
+
+
+def check_url_options(location: str) -> None:
+    """Each option of a URL's query known to its scheme, given once: `s3://b/p?bogus=1` names `bogus` and
+    the keys there are, not a missing package."""
+    scheme = location.split("://", 1)[0].lower()
+    query = urllib.parse.urlsplit(location).query
+    if scheme not in URL_OPTIONS or not query:
+        return
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        raise ValueError(f"{location}: the options after '?' are not KEY=VALUE pairs joined by '&'") from None
+    keys = [key for key, _ in pairs]
+    known = URL_OPTIONS[scheme]
+    for key in keys:
+        if key not in known:
+            raise ValueError(
+                f"{location}: unknown {scheme}:// URL option {key!r} (known: {', '.join(known)})"
+            )
+        if keys.count(key) > 1:
+            raise ValueError(f"{location}: URL option {key!r} is given {keys.count(key)} times")
+
+
+def check_location(location: str) -> None:
+    """Fail now, in one line, for a URL whose options are wrong or whose endpoint does not answer, before
+    any worker starts (one request; a folder not made yet is fine). A local path needs no check."""
+    if "://" not in location:
+        return
+    filesystem, path = resolve(location)
+    try:
+        filesystem.get_file_info(path)
+    except OSError as error:
+        raise ValueError(storage_error(location, error)) from None
+
+
+def storage_error(location: str, error: OSError) -> str:
+    """One line for a filesystem's failure: the location, the endpoint, what was tried and why it failed."""
+    text = " ".join(str(error).split())
+    endpoint = _endpoint(location)
+    if "NETWORK_CONNECTION" in text or "curlCode" in text or "Could not connect" in text:
+        return f"{location}: cannot reach {endpoint}: {text}"
+    return f"{location}: {endpoint}: {text}"
+
+
+def _endpoint(location: str) -> str:
+    url = urllib.parse.urlsplit(location)
+    options = dict(urllib.parse.parse_qsl(url.query))
+    if url.scheme == "s3":
+        if "endpoint_override" in options:
+            return f"the S3 endpoint {options['endpoint_override']}"
+        for variable in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+            if os.environ.get(variable):
+                return f"the S3 endpoint {os.environ[variable]} (${variable})"
+        region = options.get("region")
+        return f"AWS S3 ({f'region {region}' if region else 'region looked up from the bucket'})"
+    return f"{url.scheme}://{url.netloc}"
 
 
 def resolve_all(locations: list[str]) -> tuple[pafs.FileSystem, list[str]]:

@@ -8,6 +8,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.datasets.card import read_card
+from pipeline.storage import URL_OPTIONS
 from tests.conftest import GOOD_JOB, REPO, run_vitpipe
 
 
@@ -144,3 +145,42 @@ def test_data_only_flags_that_do_not_fit_are_refused_saying_why(capsys):
     assert "--steps must be at least 1 (got 0)" in capsys.readouterr().err
     assert main(["pretrain", job, "--steps", "5"]) == 2
     assert "--steps goes with --data-only" in capsys.readouterr().err
+
+
+def test_every_command_taking_a_url_refuses_a_wrong_or_unreachable_one_in_one_line(cli_before_ray, tmp_path):
+    bogus = "s3://bucket/runs?bogus=1"
+    job = tmp_path / "job.yaml"
+    job.write_text("name: j\npretrain:\n  model: {variant: Ti/4}\n  data: " + bogus + "\n")
+    weights = tmp_path / "w.yaml"
+    weights.write_text("name: w\nfinetune:\n  targets: [digits]\n")
+    for command in (
+        ["preprocess", bogus, str(tmp_path / "out")],
+        ["preprocess", str(tmp_path), bogus],
+        ["pretrain", str(job), "--storage", bogus],
+        ["export", bogus],
+        ["export", str(tmp_path), "--out", bogus],
+        ["inspect", bogus],
+        ["analyze", bogus],
+        ["finetune", str(weights), "--weights", bogus],
+        ["evaluate", str(weights), "--target", f"digits={bogus}"],
+        ["run", str(job), "--run-dir", bogus],
+    ):
+        code, stderr = cli_before_ray(*command)
+        assert code == 1, (command, stderr)
+        known = ", ".join(URL_OPTIONS["s3"])
+        assert stderr.splitlines() == [
+            f"vitpipe: error: {bogus}: unknown s3:// URL option 'bogus' (known: {known})"
+        ]
+    code, stderr = cli_before_ray("validate", str(job))  # a job file's URL: named with its file and step
+    assert code == 2
+    assert f"{job}: " in stderr
+    assert "unknown s3:// URL option 'bogus'" in stderr
+    assert len(stderr.splitlines()) == 1
+
+    unreachable = "s3://bucket/corpus?endpoint_override=127.0.0.1:1&scheme=http&region=us-east-1"
+    code, stderr = cli_before_ray("preprocess", unreachable, str(tmp_path / "out"))
+    assert code == 1
+    assert stderr.startswith(f"vitpipe: error: {unreachable}: cannot reach the S3 endpoint 127.0.0.1:1: ")
+    assert len(stderr.splitlines()) == 1
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "out").exists()

@@ -12,7 +12,7 @@ from pipeline.preprocess.manifest import MANIFEST_FILE
 from pipeline.pretrain.plan import check_run_matches, plan_pretrain
 from pipeline.runner.plan import JobPlan, Step
 from pipeline.runner.records import external_fingerprints
-from pipeline.storage import join, resolve
+from pipeline.storage import check_location, join, resolve
 
 
 def check_before_run(
@@ -21,6 +21,11 @@ def check_before_run(
     """The outside inputs' fingerprints of each of `steps`, after the checks; a failure is a ConfigError
     naming the job file. A pretraining step (or study) redone on purpose (--force, --from) is not compared
     with the run it replaces."""
+    if any(step.stage == "pretrain" for step in steps):
+        try:
+            check_location(plan.layout.pretrain_storage)  # a URL's options and endpoint, in one line
+        except ValueError as error:
+            raise ConfigError(f"{plan.source}: pretrain storage: {error}") from None
     externals = {step.id: external_fingerprints(plan, step) for step in steps}
     if not pretrain_redone and any(step.stage == "pretrain" for step in steps):
         check_pretrain_run(plan)

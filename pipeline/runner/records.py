@@ -23,7 +23,7 @@ from pipeline.config import ConfigError, digest
 from pipeline.console import say
 from pipeline.preprocess.manifest import MANIFEST_FILE, read_manifest
 from pipeline.preprocess.sources import list_shards
-from pipeline.storage import join, resolve, walk_files, write_atomic
+from pipeline.storage import check_location, join, resolve, walk_files, write_atomic
 
 if TYPE_CHECKING:
     from pipeline.runner.plan import JobPlan, Step
@@ -85,6 +85,7 @@ def external_fingerprints(plan: JobPlan, step: Step) -> dict[str, str]:
     fingerprints = {}
     for kind, where in step.external:
         try:
+            check_location(where)  # a URL's options and endpoint, in one line
             fingerprints[f"{kind}:{where}"] = external_fingerprint(kind, where)
         except (FileNotFoundError, ValueError) as error:
             message = f"{plan.source}: {step.id} reads {where!r}, which is unusable: {error}"
