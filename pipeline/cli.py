@@ -473,8 +473,9 @@ def status_command(args: argparse.Namespace) -> int:
     if args.address is None:
         from pipeline.runner.status import run_status
 
-        say(run_status(args.run).text())
-        return 0
+        status = run_status(args.run)
+        say(status.text())
+        return EXIT_FAILED if status.unreadable else 0
     from pipeline.runner.status import remote_status
     from pipeline.runner.submit import connect
 

@@ -100,3 +100,34 @@ def test_status_of_a_job_file_reads_its_run_folder_and_refuses_what_is_neither(t
     os.makedirs(tmp_path / "empty")
     assert main(["status", str(tmp_path / "empty")]) == 2
     assert "not a vitpipe run folder" in capsys.readouterr().err
+
+
+def test_status_names_an_unreadable_record_and_exits_non_zero(tmp_path, capsys):
+    root = tmp_path / "run"
+    root.mkdir()
+    write_run(root, "finished", ["datasets:digits", "pretrain"])
+    done = {"key": "k", "status": "done", "seconds": 3.0, "finished": "2026-12-02T10:00:00"}
+    for step in ("datasets:digits", "pretrain"):
+        write_record(str(root / "stages"), step, done)
+    record = root / "stages" / "pretrain.json"
+    record.write_text(record.read_text()[:20])  # truncated
+
+    assert main(["status", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "  datasets:digits  done" in out
+    assert "  pretrain         unreadable" in out  # not "pending", not "done"
+    assert f"  unreadable: {record}: not valid JSON (" in out
+
+    (root / "run.json").write_text("{not json")
+    assert main(["status", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "run 'run': unknown (run.json is unreadable)" in out  # not "not started"
+    assert f"  unreadable: {root / 'run.json'}: not valid JSON (" in out
+    assert "  datasets:digits  done" in out  # the records it could read are still shown
+
+    (root / "run.json").write_text(json.dumps({"status": "finished", "steps": "all"}))
+    record.write_text("[]")
+    assert main(["status", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert f"unreadable: {root / 'run.json'}: its 'steps' is not a list of steps" in out
+    assert f"unreadable: {record}: not a JSON object" in out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ class RunStatus:
     steps: list[tuple[str, str, str]] = field(default_factory=list)  # (step, state, detail)
     training: str | None = None
     error: str | None = None
+    unreadable: list[str] = field(default_factory=list)  # "PATH: why", for each record that could not be read
 
     def text(self) -> str:
         lines = [f"run {self.name!r}: {self.state}" + (f" ({self.holder})" if self.holder else ""),
@@ -38,26 +40,38 @@ class RunStatus:
             lines.append(f"  {self.training}")
         if self.error:
             lines.append(f"  last error: {self.error}")
+        lines += [f"  unreadable: {why}" for why in self.unreadable]
         return "\n".join(lines)
 
 
 def run_status(target: str) -> RunStatus:
-    """The status of the run in folder `target`, or of the run of job file `target`."""
+    """The status of the run in folder `target`, or of the run of job file `target`. A record that is
+    there but cannot be read is named in `unreadable`, and no state is made up for it."""
     layout = _layout(target)
     root = Path(layout.root)
-    document = _read_json(root / RUN_FILE) or {}
+    unreadable: list[str] = []
+    document = _read_json(root / RUN_FILE, unreadable, _check_run_document)
     holder = _live_holder(root / LOCK_FILE)
-    state = "running" if holder else document.get("status", "not started")
+    if holder:
+        state = "running"
+    elif document is None and unreadable:
+        state = f"unknown ({RUN_FILE} is unreadable)"
+    else:
+        state = (document or {}).get("status", "not started")
     if state == "running" and not holder:
         state = "stopped (its process is gone)"
-    status = RunStatus(str(root), document.get("name", layout.name), state, holder)
-    for step_id in _step_ids(layout, document):
-        record = _read_json(Path(layout.stages) / record_path_name(step_id)) or {}  # as written, unjudged
-        status.steps.append((step_id, record.get("status", "pending"), _step_detail(record)))
+    status = RunStatus(str(root), (document or {}).get("name", layout.name), state, holder)
+    for step_id in _step_ids(layout, document or {}):
+        path = Path(layout.stages) / record_path_name(step_id)
+        failures = len(unreadable)
+        record = _read_json(path, unreadable, _check_record) or {}  # as written, unjudged
+        step_state = "unreadable" if len(unreadable) > failures else record.get("status", "pending")
+        status.steps.append((step_id, step_state, _step_detail(record) if record else ""))
         if record.get("status") == "failed":
             stage = step_id.split(":", 1)[0]
             status.error = f"{step_id}: {record.get('error')} (log: {Path(layout.logs) / f'{stage}.log'})"
     status.training = training_line(layout.pretrain)
+    status.unreadable = unreadable
     return status
 
 
@@ -149,9 +163,38 @@ def _live_holder(lock: Path) -> str | None:
     return f"pid {holder.get('pid')} on {holder.get('host')}" if holder else None
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _read_json(
+    path: Path, unreadable: list[str], check: Callable[[dict[str, Any]], str | None]
+) -> dict[str, Any] | None:
+    """The JSON object in `path`; None when there is no such file, or when there is one that cannot be
+    read (then "PATH: why" is added to `unreadable`)."""
     try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        value = json.loads(path.read_bytes())
+    except FileNotFoundError:
         return None
-    return value if isinstance(value, dict) else None
+    except ValueError as error:  # not JSON, or not UTF-8
+        unreadable.append(f"{path}: not valid JSON ({error})")
+        return None
+    except OSError as error:
+        unreadable.append(f"{path}: {error.strerror or error}")
+        return None
+    problem = "not a JSON object" if not isinstance(value, dict) else check(value)
+    if problem:
+        unreadable.append(f"{path}: {problem}")
+        return None
+    return value
+
+
+def _check_run_document(document: dict[str, Any]) -> str | None:
+    steps = document.get("steps", [])
+    if not isinstance(steps, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("step"), str) for s in steps
+    ):
+        return "its 'steps' is not a list of steps"
+    if not isinstance(document.get("status", ""), str):
+        return "its 'status' is not a string"
+    return None
+
+
+def _check_record(record: dict[str, Any]) -> str | None:
+    return None if isinstance(record.get("status"), str) else "a step record without a 'status'"
