@@ -519,8 +519,10 @@ def preprocess_command(args: argparse.Namespace) -> int:
 
 def export_command(args: argparse.Namespace) -> int:
     from pipeline.pretrain.export import export_checkpoint
+    from pipeline.runner.lock import writer_lock
 
-    exported = export_checkpoint(args.run, args.checkpoint, args.out)
+    with writer_lock(args.out, args.run):  # never beside a running command writing the same run
+        exported = export_checkpoint(args.run, args.checkpoint, args.out)
     say(f"exported step {exported.step} of {exported.checkpoint}")
     say(f"  {exported.describe()}")
     return 0
@@ -605,8 +607,9 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         return EXIT_FAILED
 
 
-# The options that name a folder or file, a path or a URL (--target: NAME=DIR).
-LOCATION_OPTIONS = ("input", "output", "directory", "out", "data", "storage", "run", "run_dir", "weights")
+# The options that may name a folder or file by URL (--target: NAME=DIR); a run folder (--run-dir) is a
+# filesystem path, and the plan says so.
+LOCATION_OPTIONS = ("input", "output", "directory", "out", "data", "storage", "run", "weights")
 
 
 def _check_locations(args: argparse.Namespace) -> None:

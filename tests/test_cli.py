@@ -163,7 +163,6 @@ def test_every_command_taking_a_url_refuses_a_wrong_or_unreachable_one_in_one_li
         ["analyze", bogus],
         ["finetune", str(weights), "--weights", bogus],
         ["evaluate", str(weights), "--target", f"digits={bogus}"],
-        ["run", str(job), "--run-dir", bogus],
     ):
         code, stderr = cli_before_ray(*command)
         assert code == 1, (command, stderr)

@@ -13,8 +13,9 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.runner.execute import LOCK_FILE, _run_lock, run_job
+from pipeline.runner.execute import _pretrain_lock, run_job
 from pipeline.runner.layout import run_layout
+from pipeline.runner.lock import LOCK_FILE, run_lock
 from pipeline.runner.plan import Overrides, RunOptions, StageOptions, load_plan, plan_job
 from pipeline.runner.records import read_record, tree_fingerprint, write_record
 from pipeline.runner.stages import RUNNERS
@@ -172,13 +173,50 @@ def test_redo_options_select_stages():
 def test_a_run_folder_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path):
     lock = tmp_path / LOCK_FILE
     lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))  # a live process
-    with pytest.raises(RuntimeError, match=r"in use by another vitpipe command \(pid"), _run_lock(tmp_path):
+    with pytest.raises(RuntimeError, match=r"in use by another vitpipe command \(pid"), run_lock(tmp_path):
         pass
     assert lock.exists()
     lock.write_text(json.dumps({"pid": 2**22 + 1, "host": socket.gethostname()}))  # no such process
-    with _run_lock(tmp_path):
+    with run_lock(tmp_path):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not lock.exists()
+
+
+def test_export_takes_the_lock_of_the_run_it_writes_into(tmp_path, capsys):
+    live = json.dumps({"pid": os.getppid(), "host": socket.gethostname()})  # a live process's lock
+    run = tmp_path / "run"
+    (run / "pretrain").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"format": "vitpipe.run/1", "status": "running", "steps": []}))
+    (run / LOCK_FILE).write_text(live)
+    assert main(["export", str(run / "pretrain")]) == 1  # RUN/pretrain/export: the run's own export
+    err = capsys.readouterr().err
+    assert f"{run} is in use by another vitpipe command (pid {os.getppid()}" in err
+    assert "or write elsewhere with --out" in err
+    assert sorted(p.name for p in (run / "pretrain").iterdir()) == []  # nothing written
+    assert main(["export", str(run / "pretrain"), "--out", str(tmp_path / "copy")]) == 1  # elsewhere: no lock
+    assert "no complete checkpoint" in capsys.readouterr().err
+    (run / LOCK_FILE).unlink()  # the run has ended: the export runs, under the run's lock, and lets it go
+    assert main(["export", str(run / "pretrain")]) == 1
+    assert "no complete checkpoint" in capsys.readouterr().err
+    assert not (run / LOCK_FILE).exists()
+
+    elsewhere = tmp_path / "storage" / "checks"  # a pretraining folder outside any run: its own lock
+    elsewhere.mkdir(parents=True)
+    (elsewhere / LOCK_FILE).write_text(live)
+    assert main(["export", str(elsewhere)]) == 1
+    assert f"{elsewhere} is in use by another vitpipe command" in capsys.readouterr().err
+
+
+def test_a_run_locks_a_pretraining_folder_outside_it(tmp_path):
+    storage = tmp_path / "storage"
+    job = changed(pretrain={**JOB["pretrain"], "storage_path": str(storage)})
+    plan = load_plan(write_job(tmp_path, job), None, StageOptions())
+    with _pretrain_lock(plan, plan.steps):
+        assert json.loads((storage / "checks" / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert not (storage / "checks" / LOCK_FILE).exists()
+    inside = load_plan(write_job(tmp_path, JOB), None, StageOptions())  # RUN/pretrain: the run's lock
+    with _pretrain_lock(inside, inside.steps):
+        assert not (tmp_path / "run" / "pretrain" / LOCK_FILE).exists()
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.name)

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shlex
 import shutil
-import socket
 import time
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +27,7 @@ from pipeline.console import log_to, say, session
 from pipeline.metrics import format_seconds
 from pipeline.pretrain.plan import plan_pretrain
 from pipeline.runner.layout import run_layout
+from pipeline.runner.lock import RUN_FILE, run_lock
 from pipeline.runner.plan import EVALUATE, JobPlan, RunOptions, StageOptions, Step, load_plan
 from pipeline.runner.preflight import check_before_run
 from pipeline.runner.provenance import git_revision
@@ -46,9 +44,7 @@ from pipeline.storage import write_atomic
 from pipeline.tracking import OFF, open_child, open_run
 from pipeline.tracking import end as end_tracking
 
-RUN_FILE = "run.json"
 RUN_LOG = "run.log"  # what is printed outside any step: Ray starting and stopping
-LOCK_FILE = ".lock"
 
 
 STATUSES = ("ran", "resumed", "cached", "failed", "not run")
@@ -131,7 +127,8 @@ def run_job(
     with (
         session(verbose=True),
         log_to(Path(plan.layout.logs) / RUN_LOG, f"{plan.job.name} {_now()}"),
-        _run_lock(root),
+        run_lock(root),
+        _pretrain_lock(plan, steps),
     ):
         _keep_job_file(plan, job_path, root)
         _write_run_file(plan, summary, "running")
@@ -152,6 +149,20 @@ def run_job(
         end_tracking(context.tracking, "FAILED" if summary.failed else "FINISHED")
         context.close()  # a Ray this run started ends here, its workers' last lines before the summary
     return summary
+
+
+def _pretrain_lock(plan: JobPlan, steps: list[Step]) -> contextlib.AbstractContextManager[None]:
+    """A pretraining run folder outside the run's own (a `storage_path` of its own, on local disk) is
+    locked too, so that `vitpipe export` of it waits for this run."""
+    pretraining = plan.layout.pretrain
+    root = Path(plan.layout.root)
+    if "://" in pretraining or not any(step.stage == "pretrain" for step in steps):
+        return contextlib.nullcontext()
+    folder = Path(pretraining)
+    if folder == root or root in folder.parents:
+        return contextlib.nullcontext()
+    folder.mkdir(parents=True, exist_ok=True)
+    return run_lock(folder)
 
 
 def _run_steps(
@@ -415,46 +426,3 @@ def _write_run_file(plan: JobPlan, summary: RunSummary, status: str) -> None:
         "steps": [vars(step) for step in summary.steps],
     }
     write_atomic(str(Path(plan.layout.root) / RUN_FILE), json.dumps(document, indent=2) + "\n")
-
-
-@contextlib.contextmanager
-def _run_lock(root: Path) -> Iterator[None]:
-    """Hold RUN/.lock while running; a lock left by a process that is gone is taken over."""
-    lock = root / LOCK_FILE
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(2):
-        try:
-            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            holder = lock_holder(lock)
-            if holder is not None:
-                raise RuntimeError(
-                    f"{root} is in use by another vitpipe command (pid {holder['pid']} on "
-                    f"{holder['host']}); wait for it, or delete {lock} if that run is gone"
-                ) from None
-            lock.unlink(missing_ok=True)  # its process is gone
-            continue
-        with os.fdopen(descriptor, "w") as stream:
-            json.dump(me, stream)
-        break
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def lock_holder(lock: Path) -> dict[str, Any] | None:
-    """Who holds the lock, or None when it was left by a process on this host that no longer runs."""
-    try:
-        holder = json.loads(lock.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if holder.get("host") != socket.gethostname():
-        return holder  # another machine's process: cannot tell whether it still runs
-    try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return holder
-    return holder

@@ -15,8 +15,8 @@ from typing import Any
 
 from pipeline.config import ConfigError, load_config
 from pipeline.metrics import format_seconds, read_records, resizes
-from pipeline.runner.execute import LOCK_FILE, RUN_FILE, lock_holder
 from pipeline.runner.layout import RunLayout, run_layout
+from pipeline.runner.lock import LOCK_FILE, RUN_FILE, lock_holder
 from pipeline.runner.records import record_path_name
 
 
