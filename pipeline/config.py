@@ -926,9 +926,16 @@ def validate(data: Any, model: type[ModelT], source: str, key_style: str = "yaml
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        lines = [_describe(item, data, model, key_style) for item in error.errors()]
+        lines = [_describe(item, data, model, key_style) for item in _root_causes(error.errors())]
         noun = "error" if len(lines) == 1 else "errors"
         raise ConfigError(f"{source}: {len(lines)} config {noun}:\n" + "\n".join(lines)) from None
+
+
+def _root_causes(items: list[Any]) -> list[Any]:
+    """The errors without those that only follow from another: a list 'too short after validation'
+    because its items were refused (`sizes: [-5]` is one error, the -5, not also an empty list)."""
+    refused = {tuple(item["loc"][:-1]) for item in items if item["loc"] and isinstance(item["loc"][-1], int)}
+    return [item for item in items if not (item["type"] == "too_short" and tuple(item["loc"]) in refused)]
 
 
 def _describe(item: dict[str, Any], data: Any, model: type[BaseModel], key_style: str) -> str:
@@ -942,6 +949,9 @@ def _describe(item: dict[str, Any], data: Any, model: type[BaseModel], key_style
         return f"  {path}: unknown key{hint}"
     if item["type"] == "missing":
         return f"  {path}: required key is missing"
+    if item["type"] == "too_short":  # pydantic says "... after validation", which reads as a second fault
+        least, length = item.get("ctx", {}).get("min_length"), item.get("ctx", {}).get("actual_length")
+        return f"  {path}: needs at least {least} {'value' if least == 1 else 'values'}, got {length}"
     got = item.get("input")
     shown = "" if isinstance(got, dict | list) or not keys else f" (got {got!r})"
     return f"  {path or '(top level)'}: {message}{shown}{_quoted_value_hint(item['type'], got)}"

@@ -97,7 +97,7 @@ def test_unknown_nested_key_in_pretrain(tmp_path):
         (
             "patch_size: 4}",
             "patch_size: 4, image_keys: []}",
-            "preprocess.corpus.image_keys: Tuple should have at least 1",
+            "preprocess.corpus.image_keys: needs at least 1 value, got 0",
         ),
         (
             "patch_size: 4}",
@@ -247,7 +247,7 @@ def test_the_finetune_rates_are_the_sweep_or_the_jobs_one_rate(tmp_path, finetun
             "optimizer.lr 0.3 is not in lr_sweep",
         ),
         ("{targets: [d], lr_sweep: [0.1, 0.1]}", r"a rate is listed twice: \[0.1, 0.1\]"),
-        ("{targets: [d], lr_sweep: []}", "finetune.lr_sweep: Tuple should have at least 1 item"),
+        ("{targets: [d], lr_sweep: []}", "finetune.lr_sweep: needs at least 1 value, got 0"),
         ("{targets: [d], val_fraction: 0.0}", r"lr_sweep \[0.001, 0.003, 0.01, 0.03\] is chosen from on a "),
     ],
 )

@@ -5,6 +5,7 @@ apart from the others, a rerun redoing only what is missing, then fully cached).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import ray
 import torch
 import yaml
 
+from pipeline.cli import main
 from pipeline.config import ConfigError
 from pipeline.metrics import read_records
 from pipeline.preprocess.manifest import patch_files
@@ -168,6 +170,46 @@ def test_a_study_that_cannot_run_is_refused_before_anything_starts(tmp_path, cha
     path.write_text(yaml.safe_dump(job))
     with pytest.raises(ConfigError, match=message):
         load_plan(path, str(tmp_path / "run"))
+
+
+def test_study_sizes_beyond_the_corpus_are_refused_before_anything_runs_naming_its_size(
+    tmp_path, digits_dir, digits_patches, capsys
+):
+    job = yaml.safe_load(SMOKE.read_text())  # fractals: 10 classes x 40 per class, one train split
+    path = tmp_path / "job.yaml"
+
+    def validate_sizes(sizes: list, data: str = "fractals", shards: str | None = None) -> tuple[int, str]:
+        changed = {**job, "study": {**job["study"], "sizes": sizes}, "run_dir": str(tmp_path / "run")}
+        changed["pretrain"] = {**job["pretrain"], "data": data}
+        if data != "fractals":  # the study reads the digits: generated, or shards from outside
+            changed["datasets"] = {} if shards else {"digits": job["datasets"]["digits"]}
+            changed["preprocess"] = {"digits": {**job["preprocess"]["digits"], "input": shards}}
+        path.write_text(yaml.safe_dump(changed))
+        code = main(["validate", str(path)])
+        return code, capsys.readouterr().err
+
+    code, err = validate_sizes([100, 100_000_000, 500])
+    assert code == 2
+    assert err.splitlines() == [
+        f"vitpipe: {path}: study.sizes [500, 100000000]: the corpus 'fractals' has 400 images in split "
+        "'train' (as datasets.fractals makes it); lower the sizes or use a larger corpus"
+    ]
+    assert not (tmp_path / "run").exists()
+    assert validate_sizes([100, 400])[0] == 0
+    code, err = validate_sizes([1437, 1438], data="digits")  # digits' train split: 80% of 1797, stratified
+    assert code == 2
+    assert "study.sizes [1438]: the corpus 'digits' has 1,437 images in split 'train'" in err
+    shutil.copytree(digits_patches, tmp_path / "run" / "patches" / "digits")  # preprocessed by an earlier run
+    code, err = validate_sizes([5000], data="digits", shards=str(digits_dir))  # from outside: the manifest
+    assert code == 2
+    assert (
+        f"has 1,437 images in split 'train' (preprocessed in {tmp_path / 'run' / 'patches' / 'digits'})"
+        in err
+    )
+    for bad, why in (([-5], "greater than 0 (got -5)"), ([True], "a valid integer (got True)")):
+        code, err = validate_sizes(bad)
+        assert code == 2
+        assert err.splitlines()[1:] == [f"  study.sizes[0]: Input should be {why}"]  # one error, not two
 
 
 def test_a_forced_point_discards_its_own_pretraining_run_first_and_nothing_else(tmp_path):

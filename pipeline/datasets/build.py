@@ -27,3 +27,15 @@ def build_dataset(config: Section, out: Path, overwrite: bool, preview: bool) ->
     if preview:
         text += f"\n  preview: {write_preview(out)}"
     return text
+
+
+def planned_split_sizes(config: Section) -> dict[str, int] | None:
+    """The images of each split the dataset `config` describes will hold, where its settings tell
+    (generated corpora); None where only building tells (an image folder's files may not decode)."""
+    if config.kind == "fractals":  # type: ignore[attr-defined]
+        return {"train": config.classes * config.per_class}  # type: ignore[attr-defined]
+    if config.kind == "digits":  # type: ignore[attr-defined]
+        from pipeline.datasets.digits import split_sizes
+
+        return split_sizes(config)  # type: ignore[arg-type]
+    return None

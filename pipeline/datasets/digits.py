@@ -41,6 +41,15 @@ def split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> dict[s
     return {"train": np.sort(train), "test": np.sort(test)}
 
 
+def split_sizes(config: DigitsConfig) -> dict[str, int]:
+    """How many images each split of these digits holds, without building them."""
+    labels = load_digits_arrays()[1]
+    return {
+        split: len(indices)
+        for split, indices in split_indices(labels, config.test_fraction, config.seed).items()
+    }
+
+
 def encode_png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image, mode="L").save(buffer, format="PNG")

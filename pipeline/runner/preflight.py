@@ -8,8 +8,8 @@ No Ray and no torch here: a refused job is refused in about a second.
 from __future__ import annotations
 
 from pipeline.config import ConfigError
-from pipeline.preprocess.manifest import MANIFEST_FILE
-from pipeline.pretrain.plan import check_run_matches, plan_pretrain
+from pipeline.preprocess.manifest import MANIFEST_FILE, read_manifest
+from pipeline.pretrain.plan import check_run_matches, plan_pretrain, training_split
 from pipeline.runner.plan import JobPlan, Step
 from pipeline.runner.records import external_fingerprints
 from pipeline.storage import check_location, join, resolve
@@ -29,6 +29,8 @@ def check_before_run(
     externals = {step.id: external_fingerprints(plan, step) for step in steps}
     if not pretrain_redone and any(step.stage == "pretrain" for step in steps):
         check_pretrain_run(plan)
+    if any(step.stage == "study" and not step.concurrent for step in steps):
+        check_study_sizes(plan)
     for step in steps:
         if step.stage == "study" and step.concurrent and step.settings["pretrain"] and not study_redone:
             check_study_point_run(plan, step)
@@ -48,6 +50,43 @@ def check_pretrain_run(plan: JobPlan) -> None:
         check_run_matches(plan.layout.pretrain, config, planned)
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"{plan.source}: pretrain: {error}") from None
+
+
+def check_study_sizes(plan: JobPlan) -> None:
+    """study.sizes against the images of the corpus's training split, where that is known before
+    anything runs (a generated dataset's settings, else a patch directory's manifest): one error naming
+    every size too large and the corpus size. Otherwise the subsets step checks when it draws."""
+    from pipeline.study.plan import study_job
+
+    study = study_job(plan.job, plan.source)
+    known = _corpus_images(plan, study.corpus, study.pretrain.split)
+    if known is None:
+        return
+    images, split, where = known
+    too_big = [size for size in study.study.sizes if size > images]
+    if too_big:
+        raise ConfigError(
+            f"{plan.source}: study.sizes {too_big}: the corpus {study.corpus!r} has {images:,} images in "
+            f"split {split!r} ({where}); lower the sizes or use a larger corpus"
+        )
+
+
+def _corpus_images(plan: JobPlan, corpus: str, split: str) -> tuple[int, str, str] | None:
+    """(images, split, where that was read) of a preprocess entry's training split, or None."""
+    from pipeline.datasets.build import planned_split_sizes
+
+    entry = plan.job.preprocess.get(corpus)
+    source = entry.input if entry is not None and entry.input else corpus
+    dataset = plan.job.datasets.get(source) if entry is not None else None
+    sizes = planned_split_sizes(dataset) if dataset is not None else None
+    if sizes is not None and split in sizes:
+        return sizes[split], split, f"as datasets.{source} makes it"
+    directory = plan.patch_dir(corpus)
+    filesystem, manifest = resolve(join(directory, MANIFEST_FILE))
+    if not filesystem.get_file_info(manifest).is_file:
+        return None  # made by this run: the subsets step checks it when it draws
+    split = training_split(directory, split)
+    return read_manifest(directory)["splits"][split]["samples"], split, f"preprocessed in {directory}"
 
 
 def check_study_point_run(plan: JobPlan, step: Step) -> None:
