@@ -47,11 +47,14 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
     except OSError as error:  # S3 without a region asks the bucket's region at once
         raise ValueError(storage_error(location, error)) from None
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as pyarrow_error:
-        if "Unrecognized filesystem type" not in str(pyarrow_error) and not isinstance(
-            pyarrow_error, pa.ArrowNotImplementedError
-        ):
-            raise ValueError(f"{location}: {pyarrow_error}") from None  # a known scheme, a wrong value
-        return _fsspec_filesystem(location, pyarrow_error)
+        scheme = location.split("://", 1)[0].lower()
+        if (
+            scheme in URL_OPTIONS
+            and isinstance(pyarrow_error, pa.ArrowInvalid)
+            and "parse URI" not in str(pyarrow_error)
+        ):  # an option's value pyarrow refuses (`allow_bucket_creation=maybe`): its word, no detour
+            raise ValueError(f"{location}: {pyarrow_error}") from None
+        return _fsspec_filesystem(location, pyarrow_error)  # a scheme or URL form only fsspec knows
 
 
 def _fsspec_filesystem(location: str, pyarrow_error: Exception) -> tuple[pafs.FileSystem, str]:
