@@ -145,11 +145,13 @@ def test_a_damaged_newest_checkpoint_is_skipped_naming_the_file_and_the_previous
     make_checkpoint(tmp_path, 200)
     damage(make_checkpoint(tmp_path, 400))
     assert latest_checkpoint(str(tmp_path)).step == 200
+    assert latest_checkpoint(str(tmp_path)).step == 200  # looked for again (preflight, resume, export)
+    assert choose_checkpoint(str(tmp_path)).step == 200  # export falls back the same way
     err = capsys.readouterr().err
+    assert err.count("skipping") == 1, err  # named once, not at every look
     assert f"skipping {tmp_path / 'checkpoint_00000400'}: " in err
     assert why in err
     assert "using step 200" in err
-    assert choose_checkpoint(str(tmp_path)).step == 200  # export falls back the same way
     with pytest.raises(FileNotFoundError, match="checkpoint_00000400: cannot be exported"):
         choose_checkpoint(str(tmp_path), "400")
 
@@ -170,6 +172,8 @@ def test_a_diverged_or_stopped_launch_ends_before_export_naming_the_step_and_the
     assert "nothing was exported" in str(error.value)
     with pytest.raises(TrainingStopped, match="stopped at step 200"):
         _refuse_unfinished(LoopEnd(200, "stopped"), str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"kept\. No good checkpoint was kept before it\. Lower"):
+        _refuse_unfinished(LoopEnd(7, "diverged", "loss nan"), str(tmp_path / "none"))
 
 
 def test_a_forced_redo_removes_the_run_s_outputs_and_nothing_else(tmp_path):

@@ -124,11 +124,16 @@ def latest_checkpoint(run_dir: str) -> CheckpointInfo | None:
     return newest(*scan_checkpoints(run_dir))
 
 
+_NAMED: set[tuple[str, str]] = set()  # the skipped folders this process has named: each once a command
+
+
 def newest(checkpoints: list[CheckpointInfo], skipped: list[Skipped]) -> CheckpointInfo | None:
-    """The last of `checkpoints` (from scan_checkpoints), after naming each newer skipped folder."""
+    """The last of `checkpoints` (from scan_checkpoints), after naming each newer skipped folder (once,
+    though a launch looks for the newest checkpoint several times: preflight, resume, export)."""
     latest = checkpoints[-1] if checkpoints else None
     for item in skipped:
-        if latest is None or step_of(item.path) > latest.step:
+        if (latest is None or step_of(item.path) > latest.step) and (item.path, item.why) not in _NAMED:
+            _NAMED.add((item.path, item.why))
             fallback = f"using step {latest.step:,}" if latest else "no complete checkpoint before it"
             say(f"vitpipe: skipping {item.path}: {item.why}; {fallback}", err=True)
     return latest

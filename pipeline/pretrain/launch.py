@@ -92,7 +92,11 @@ def _refuse_unfinished(end: LoopEnd | None, run_dir: str) -> None:
     if end is None or end.reason == "finished":
         return
     latest = latest_checkpoint(run_dir)
-    kept = f"step {latest.step:,} ({latest.path})" if latest is not None else "none"
+    kept = (
+        f"The last good checkpoint is step {latest.step:,} ({latest.path})."
+        if latest is not None
+        else "No good checkpoint was kept before it."
+    )
     if end.reason == "stopped":
         where = latest.path if latest is not None else run_dir
         raise TrainingStopped(
@@ -101,7 +105,7 @@ def _refuse_unfinished(end: LoopEnd | None, run_dir: str) -> None:
         )
     raise RuntimeError(
         f"pretraining diverged at step {end.step:,}: {end.detail} (not finite); nothing was exported and "
-        f"no checkpoint of that state kept. The last good checkpoint is {kept}. Lower optimizer.lr (or fix "
+        f"no checkpoint of that state kept. {kept} Lower optimizer.lr (or fix "
         "the data), then start afresh (another name, or --force pretrain)"
     )
 
