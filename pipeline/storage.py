@@ -170,11 +170,11 @@ def _split_query(location: str) -> tuple[str, str]:
 
 @dataclass
 class Walk:
-    """The regular files below a folder, and the links a walk did not follow (a loop or a second way into
-    one folder or file), each as a line naming the link."""
+    """The regular files below a folder, and the links a walk did not follow (a loop, a second way into
+    one folder or file, a broken link): (path under the folder, `-> target: why`)."""
 
     files: list[pafs.FileInfo] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def walk_files(filesystem: pafs.FileSystem, root: str) -> Walk:
@@ -187,11 +187,12 @@ def walk_files(filesystem: pafs.FileSystem, root: str) -> Walk:
     walk, seen, paths = Walk(), {os.path.realpath(root)}, []
     for folder, dirs, names in os.walk(root, followlinks=True):
         dirs[:] = [name for name in _links_last(folder, dirs) if _first_visit(folder, name, root, seen, walk)]
-        paths += [
-            os.path.join(folder, name)
-            for name in _links_last(folder, names)
-            if os.path.isfile(os.path.join(folder, name)) and _first_visit(folder, name, root, seen, walk)
-        ]
+        for name in _links_last(folder, names):
+            path = os.path.join(folder, name)
+            if os.path.islink(path) and not os.path.exists(path):
+                walk.skipped.append((os.path.relpath(path, root), f"-> {os.readlink(path)}: a broken link"))
+            elif os.path.isfile(path) and _first_visit(folder, name, root, seen, walk):
+                paths.append(path)
     walk.files = [info for info in filesystem.get_file_info(paths) if info.type == pafs.FileType.File]
     return walk
 
@@ -210,8 +211,10 @@ def _first_visit(folder: str, name: str, root: str, seen: set[str], walk: Walk) 
     target = os.readlink(path) if os.path.islink(path) else real
     what = "folder" if os.path.isdir(path) else "file"
     walk.skipped.append(
-        f"{os.path.relpath(path, root)} -> {target}: a {what} already walked (a link loop or a second link "
-        "to it); skipped"
+        (
+            os.path.relpath(path, root),
+            f"-> {target}: a {what} already walked (a loop, or a second link to it)",
+        )
     )
     return False
 

@@ -98,6 +98,9 @@ def test_symlink_loops_are_walked_once_and_each_named(tmp_path):
     (corpus / "extra").symlink_to(tmp_path / "elsewhere")  # a folder outside: followed, once
     (corpus / "twice").symlink_to(tmp_path / "elsewhere")
     (corpus / "train" / "copy.tar").symlink_to("a-000000.tar")  # a second name for one shard
+    (corpus / "train" / "gone.tar").symlink_to(tmp_path / "moved" / "a-000002.tar")  # a broken link
+    (corpus / ".cache").mkdir()
+    (corpus / ".cache" / "old.tar").symlink_to(tmp_path / "nowhere")  # hidden: ignored, not named
 
     listing = _list_within(str(corpus), 20)
     assert [s.name for s in listing.shards] == [
@@ -110,9 +113,13 @@ def test_symlink_loops_are_walked_once_and_each_named(tmp_path):
         "d/up",
         "loop",
         "train/copy.tar",
+        "train/gone.tar",
         "twice",
     ]
-    assert all("already walked" in line for line in listing.skipped)
+    assert (
+        f"train/gone.tar -> {tmp_path / 'moved' / 'a-000002.tar'}: a broken link; skipped" in listing.skipped
+    )
+    assert sum("already walked" in line for line in listing.skipped) == 5
     globbed = _list_within(str(corpus / "*" / "*.tar"), 20)  # a glob walks the same way
     assert [s.name for s in globbed.shards] == [
         "extra/b-000000.tar",

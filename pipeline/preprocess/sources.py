@@ -86,15 +86,16 @@ def list_shards(location: str) -> ShardListing:
 
 
 def _walk(filesystem: pafs.FileSystem, root: str) -> tuple[list[pafs.FileInfo], list[str]]:
-    """Regular files below `root`, skipping hidden files and folders (`.partial`, `.git`, ...), each real
-    file once; and the links not followed (loops), a line each."""
+    """Regular files below `root`, each real file once, skipping hidden files and folders (`.partial`,
+    `.git`, ...); and the links not followed (a loop, a broken link), a line each."""
     walk = walk_files(filesystem, root)
-    visible = [
-        info
-        for info in walk.files
-        if not any(part.startswith(".") for part in posixpath.relpath(info.path, root).split("/"))
-    ]
-    return visible, walk.skipped
+    visible = [info for info in walk.files if not _hidden(posixpath.relpath(info.path, root))]
+    skipped = [f"{path} {why}; skipped" for path, why in walk.skipped if not _hidden(path)]
+    return visible, skipped
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith(".") for part in relative.split("/"))
 
 
 def _is_shard(path: str) -> bool:
