@@ -280,6 +280,12 @@ def test_missing_input_and_bad_options_fail_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "empty: no shards found" in err
     assert "node(s)" not in err  # refused before Ray was started or joined
+    (tmp_path / "empty" / "a.tar").write_bytes(b"")
+    (tmp_path / "afile").write_text("mine")
+    assert main(["preprocess", str(tmp_path / "empty"), str(tmp_path / "afile")]) == 1
+    assert f"{tmp_path / 'afile'}: is a file; OUTPUT is the folder" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "mine"
+    (tmp_path / "empty" / "a.tar").unlink()
     assert (
         main(["preprocess", str(tmp_path), str(tmp_path / "out"), "--image-size", "30", "--patch-size", "4"])
         == 2

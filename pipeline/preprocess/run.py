@@ -102,6 +102,8 @@ def preprocess(
     for line in listing.skipped:
         say(f"{input_spec}: {line}")
     out_fs, out_root = resolve(output)
+    if out_fs.get_file_info(out_root).type == pafs.FileType.File:
+        raise NotADirectoryError(f"{output}: is a file; OUTPUT is the folder the patch files go to")
     config_hash = config.output_hash()
     _refuse_other_config(out_fs, out_root, output, config, overwrite)
     classes = class_names(listing)
