@@ -339,6 +339,10 @@ def stage_command(args: argparse.Namespace) -> int:
         name, separator, directory = option.partition("=")
         if not separator or not name or not directory:
             raise ConfigError(f"vitpipe {args.command}: --target expects NAME=DIR, got {option!r}")
+        if name in given:
+            raise ConfigError(
+                f"vitpipe {args.command}: --target {name} is given twice ({given[name]}, {directory})"
+            )
         given[name] = directory
     stage = StageOptions(
         data=getattr(args, "data", None),

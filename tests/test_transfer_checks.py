@@ -167,6 +167,25 @@ def test_malformed_target_option_is_refused(tmp_path, weights, refused):
     job = str(write_job(tmp_path))
     message = refused("finetune", job, "--weights", str(weights), "--target", "digits")
     assert "--target expects NAME=DIR, got 'digits'" in message
+    message = refused("finetune", job, "--weights", str(weights), "--target", "a=x", "--target", "a=y")
+    assert "--target a is given twice (x, y)" in message  # not the last one silently
+
+
+def test_two_target_folders_of_one_name_are_refused_not_one_dropped(
+    tmp_path, weights, digits_patches, refused
+):
+    for copy in ("a", "b"):
+        shutil.copytree(digits_patches, tmp_path / copy / "digits")
+    path = write_job(tmp_path, targets=[str(tmp_path / "a" / "digits"), str(tmp_path / "b" / "digits")])
+    message = refused("finetune", str(path), "--weights", str(weights))
+    assert "both go by the name 'digits' (a folder's last component)" in message
+
+
+def test_scratch_mode_with_nothing_to_build_is_refused_before_ray(tmp_path, digits_patches, refused):
+    message = refused(
+        "finetune", str(write_job(tmp_path, modes=["scratch"])), f"--target=digits={digits_patches}"
+    )
+    assert "finetune mode 'scratch' has no model to build: add a pretrain section" in message
 
 
 def test_a_target_naming_a_preprocess_entry_that_has_not_run_says_how_to_make_it(tmp_path, weights, refused):

@@ -277,7 +277,13 @@ def _transfer_step(
             )
         else:
             external.append(("patches", target))
-            targets[target_name(target)] = target
+            name = target_name(target)
+            if name in targets:
+                raise ConfigError(
+                    f"{source}: finetune targets {targets[name]!r} and {target!r} both go by the name "
+                    f"{name!r} (a folder's last component); rename one, or give it as --target NAME=DIR"
+                )
+            targets[name] = target
     for name, location in overrides.targets.items():
         external.append(("patches", location))
         targets[name] = location
@@ -289,6 +295,11 @@ def _transfer_step(
         raise ConfigError(
             f"{source}: finetune mode 'pretrained' needs weights: add a pretrain section or set "
             "finetune.weights"
+        )
+    else:  # mode scratch alone builds its model from the weights' architecture or the pretrain section's
+        raise ConfigError(
+            f"{source}: finetune mode 'scratch' has no model to build: add a pretrain section (its model is "
+            "the one trained from scratch) or set finetune.weights (their architecture)"
         )
     settings = {
         "finetune": finetune.model_dump(mode="json"),
