@@ -26,7 +26,8 @@ from pipeline.datasets.card import CARD_FORMAT, read_card, shard_paths
 from pipeline.datasets.shards import write_shard
 from pipeline.preprocess.manifest import patch_files, read_manifest
 from pipeline.preprocess.patchfile import PatchGeometry, patches_array
-from pipeline.preprocess.run import preprocess
+from pipeline.preprocess.run import class_names, preprocess
+from pipeline.preprocess.sources import list_shards
 from tests.conftest import VITPIPE
 from tests.test_preprocess_decode import corrupt_jpeg, encode, png_bomb, reference, truncated_jpeg
 from vit.patches import patchify, unpatchify
@@ -314,6 +315,23 @@ def test_a_folder_with_symlink_loops_is_preprocessed_once_with_a_line_per_link(d
     manifest = read_manifest(str(out))
     assert manifest["totals"]["samples"] == 1797  # not 1797 once per way into the folder
     assert sorted(manifest["splits"]) == ["test", "train"]
+
+
+def test_a_damaged_dataset_card_is_named_and_a_foreign_one_ignored(tmp_path, capsys):
+    (tmp_path / "a-000000.tar").write_bytes(b"")
+    card = tmp_path / "dataset.json"
+    listing = list_shards(str(tmp_path))
+    for text, warned in (
+        ('{"format": "' + CARD_FORMAT + '", "classes": ["cat", "d', "cannot be read"),  # truncated
+        (json.dumps({"format": CARD_FORMAT, "classes": 5}), "'classes' is not a list of names"),
+        (json.dumps({"classes": ["not", "ours"]}), None),  # someone else's file
+    ):
+        card.write_text(text)
+        assert class_names(listing) is None
+        err = capsys.readouterr().err
+        assert (f"{card}" in err and warned in err) if warned else err == ""
+    card.write_text(json.dumps({"format": CARD_FORMAT, "classes": ["cat", "dog"]}))
+    assert class_names(listing) == ["cat", "dog"]
 
 
 def test_inspect_prints_the_summary_and_draws_samples(digits_dir, tmp_path, capsys):

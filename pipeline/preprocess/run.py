@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 
 from pipeline.config import OUTPUT_NEUTRAL, PreprocessConfig
 from pipeline.console import say
-from pipeline.datasets.card import CARD_FILE, parse_card
+from pipeline.datasets.card import CARD_FILE, CARD_FORMAT
 from pipeline.preprocess.manifest import MANIFEST_FILE, build_manifest, failure_kinds, write_manifest
 from pipeline.preprocess.patchfile import read_shard_metadata
 from pipeline.preprocess.shard import ShardReport, preprocess_shard
@@ -188,13 +188,26 @@ def _remove_partials(filesystem: pafs.FileSystem, root: str) -> None:
 def class_names(listing: ShardListing) -> list[str] | None:
     """Class names from the vitpipe `dataset.json` beside the shards or one folder up, if there is one.
 
-    A `dataset.json` that is not vitpipe's is someone else's file, and ignored.
+    A `dataset.json` that is not vitpipe's is someone else's file, and ignored; a damaged one is named
+    (the labels stay numbers), not passed over in silence.
     """
     for folder in (listing.root, posixpath.dirname(listing.root)):
         path = posixpath.join(folder, CARD_FILE)
         try:
             with listing.filesystem.open_input_stream(path) as stream:
-                return parse_card(stream.read(), path)["classes"]
-        except (OSError, ValueError, KeyError):
+                card = json.loads(stream.read())
+        except FileNotFoundError:
             continue
+        except (OSError, ValueError) as error:
+            say(f"vitpipe: warning: {path} cannot be read ({error}); no class names taken from it", err=True)
+            continue
+        if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+            continue
+        classes = card.get("classes")
+        if isinstance(classes, list) and all(isinstance(name, str) for name in classes):
+            return classes
+        say(
+            f"vitpipe: warning: {path}: 'classes' is not a list of names; no class names taken from it",
+            err=True,
+        )
     return None
