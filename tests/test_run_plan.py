@@ -322,3 +322,14 @@ def test_an_input_folders_fingerprint_walks_a_symlink_loop_once(tmp_path):
     (folder / "loop").symlink_to(".")
     (folder / "cats" / "up").symlink_to("..")
     assert tree_fingerprint(str(folder)) == plain  # the same files, each once, and it ends
+
+
+def test_the_report_names_a_damaged_results_file(tmp_path):
+    from pipeline.runner.report import _transfer_section
+
+    plan = load_plan(write_job(tmp_path, JOB), None, StageOptions())
+    results = Path(plan.layout.transfer) / "results.json"
+    results.parent.mkdir(parents=True)
+    results.write_text('{"results": [')
+    with pytest.raises(ValueError, match=f"{results}: not valid JSON"):
+        _transfer_section(plan, tmp_path)

@@ -4,7 +4,6 @@ go to RUN/report/ and the markdown links them relatively, so the folder can be c
 
 from __future__ import annotations
 
-import json
 import shutil
 import statistics
 import time
@@ -58,11 +57,12 @@ def write_report(plan: JobPlan) -> str:
 
 def _transfer_section(plan: JobPlan, pictures: Path) -> str:
     from pipeline.transfer.report import RESULTS_JSON, markdown_table, plot_results
+    from vit.files import read_json  # a damaged file: a ValueError naming it
 
     path = Path(plan.layout.transfer) / RESULTS_JSON
     if not path.is_file():
         return "## Transfer\n\nNo results: the finetune step has not finished."
-    document = json.loads(path.read_text())
+    document = read_json(path)
     text = "## Transfer to the target datasets\n\n" + markdown_table(document).strip()
     if document["results"]:
         plot_results(document, pictures / "transfer.png")
@@ -73,6 +73,7 @@ def _transfer_section(plan: JobPlan, pictures: Path) -> str:
 def study_points_status(plan: JobPlan) -> list[dict[str, Any]]:
     """Every study point: its summary (point.json) when done, else its state and error from its record."""
     from pipeline.study.launch import POINT_FILE
+    from vit.files import read_json
 
     points = []
     for step in plan.steps:
@@ -82,7 +83,7 @@ def study_points_status(plan: JobPlan) -> list[dict[str, Any]]:
         summary_file = Path(step.output) / POINT_FILE
         point = {**step.settings["point"], "point": step.item, "status": record.get("status", "not run")}
         if point["status"] == "done" and summary_file.is_file():
-            point |= json.loads(summary_file.read_text())
+            point |= read_json(summary_file)
         else:
             point["error"] = record.get("error")
         points.append(point)
@@ -116,10 +117,12 @@ def _study_section(plan: JobPlan, pictures: Path) -> str:
 def _analysis_section(plan: JobPlan, pictures: Path) -> str:
     """The paper's looks inside the models: one model's four pictures (the pretrained one, a study's
     largest), a table of every model's numbers, and the figures that compare them."""
+    from vit.files import read_json
+
     folder = Path(plan.layout.analysis)
     if not (folder / ANALYSIS_FILE).is_file():
         return "## What the model sees\n\nNo analyses: the analyze step has not finished."
-    index = json.loads((folder / ANALYSIS_FILE).read_text())
+    index = read_json(folder / ANALYSIS_FILE)
     models = index["models"]
     images = index["images"]
     text = ["## What the model sees", "",
