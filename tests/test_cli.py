@@ -46,8 +46,11 @@ def test_existing_output_is_refused_with_exit_1(tmp_path, ray_local, capsys):
     capsys.readouterr()
     assert main(["datasets", "digits", str(out)]) == 1
     assert "already exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    (out / "notes.txt").write_text("mine")  # a file of the user's beside the dataset
     assert main(["datasets", "digits", str(out), "--overwrite", "--test-fraction", "0.5"]) == 0
     assert read_card(out)["splits"]["test"]["samples"] in (898, 899)
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite replaced the dataset, nothing else
+    assert f"{out}: kept notes.txt (not the dataset's)" in capsys.readouterr().out
 
 
 def test_imagefolder_missing_source_exit_1(tmp_path, ray_local, capsys):

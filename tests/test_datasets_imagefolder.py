@@ -167,6 +167,14 @@ def test_overwrite_refuses_to_delete_a_foreign_directory(messy_tree, tmp_path, r
     assert len(read_card(out)["splits"]["train"]["shards"]) == 1
 
 
+def test_an_output_inside_the_image_folder_or_around_it_is_refused(messy_tree, tmp_path):
+    for out in (messy_tree / "shards", messy_tree, tmp_path):
+        with pytest.raises(ValueError, match="one inside the other; choose an OUT apart"):
+            build_imagefolder(config_for(messy_tree), out, overwrite=True)
+    assert not (messy_tree / "shards").exists()
+    assert (messy_tree / "cat").is_dir()
+
+
 def test_links_are_followed_but_each_real_file_is_read_once_and_loops_are_skipped(tmp_path):
     src = tmp_path / "train"
     for name in ("cat/a.png", "dog/b.png"):

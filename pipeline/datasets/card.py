@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from pipeline.console import say
 from pipeline.datasets.shards import ShardResult, brace_pattern, result_dicts
-from pipeline.storage import write_atomic
+from pipeline.storage import remove_entries, write_atomic
 
 CARD_FILE = "dataset.json"
 CARD_FORMAT = "vitpipe.webdataset/1"
 
 
+PREVIEW_FILE = "preview.png"
+
+
 def prepare_output_dir(out: Path, overwrite: bool) -> None:
-    """Create `out`; refuse to touch an existing non-empty one unless `overwrite` and it is a dataset."""
+    """Create `out`; refuse to touch an existing non-empty one unless `overwrite` and it is a dataset,
+    whose own entries (its card, preview and split folders) are then removed, and nothing else."""
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
@@ -25,7 +29,20 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
                 f"{out} is not empty and holds no {CARD_FILE}: not a vitpipe dataset, so --overwrite "
                 "will not delete it; choose another output directory"
             )
-        shutil.rmtree(out)
+        try:
+            ours = {
+                CARD_FILE,
+                PREVIEW_FILE,
+                *parse_card((out / CARD_FILE).read_bytes(), str(out / CARD_FILE))["splits"],
+            }
+        except (ValueError, KeyError, TypeError) as error:
+            raise FileExistsError(
+                f"{error}; --overwrite will not guess which files are the dataset's: choose another output "
+                "directory, or remove it yourself"
+            ) from None
+        kept = remove_entries(str(out), lambda name: name in ours)
+        if kept:
+            say(f"{out}: kept {', '.join(kept)} (not the dataset's)")
     out.mkdir(parents=True, exist_ok=True)
 
 

@@ -223,10 +223,21 @@ def plan_shards(candidates: list[Candidate], config: ImageFolderConfig) -> list[
     return shards
 
 
+def _refuse_nested(src: Path, out: Path) -> None:
+    """OUT inside SRC would be read as images next time (its preview a class of its own); SRC inside OUT
+    could go with OUT's --overwrite."""
+    source, target = src.resolve(), out.resolve()
+    if source == target or source in target.parents or target in source.parents:
+        raise ValueError(
+            f"{out}: the output and the image folder {src} are one inside the other; choose an OUT apart"
+        )
+
+
 def build_imagefolder(config: ImageFolderConfig, out: Path, overwrite: bool = False) -> Path:
     """Shard the image tree at `config.src` into `out/{split}/`; return the dataset.json path."""
     src = Path(config.src)
     scan = scan_image_folder(src, config.extensions)  # fails on a missing/empty source before writing
+    _refuse_nested(src, out)
     prepare_output_dir(out, overwrite)
     started = time.perf_counter()
     config = config.model_copy(update={"src": str(src.resolve())})

@@ -7,7 +7,7 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-from pipeline.datasets.card import read_card, shard_paths
+from pipeline.datasets.card import PREVIEW_FILE, read_card, shard_paths
 
 IMAGE_KEYS = "jpg;jpeg;png;webp;ppm;pgm;bmp;gif;tif;tiff"
 
@@ -37,6 +37,6 @@ def write_preview(
         draw.text((4, top + cell // 2 - 6), classes[label], fill="black")
         for column, image in enumerate(images):
             grid.paste(image, (label_width + column * (cell + 2), top))
-    path = directory / "preview.png"
+    path = directory / PREVIEW_FILE
     grid.save(path)
     return path
