@@ -22,6 +22,7 @@ from pipeline.config import (
     ImageFolderConfig,
     PreprocessConfig,
     Section,
+    check_name,
     validate,
 )
 from pipeline.console import console, say
@@ -339,11 +340,14 @@ def stage_command(args: argparse.Namespace) -> int:
         name, separator, directory = option.partition("=")
         if not separator or not name or not directory:
             raise ConfigError(f"vitpipe {args.command}: --target expects NAME=DIR, got {option!r}")
+        check_name(name, f"vitpipe {args.command}: --target {option!r}")
         if name in given:
             raise ConfigError(
                 f"vitpipe {args.command}: --target {name} is given twice ({given[name]}, {directory})"
             )
         given[name] = directory
+    if getattr(args, "name", None) is not None:
+        check_name(args.name, f"vitpipe {args.command}: --name")
     stage = StageOptions(
         data=getattr(args, "data", None),
         weights=getattr(args, "weights", None),

@@ -80,7 +80,8 @@ WorkerCount = Annotated[
     int | tuple[int, int], PlainValidator(_worker_count),
     PlainSerializer(lambda workers: list(workers) if isinstance(workers, tuple) else workers),
 ]  # fmt: skip
-Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=100)]
 Extension = Annotated[str, Field(pattern=r"^[a-z0-9_]+(\.[a-z0-9_]+)*$")]  # a tar member's suffix, lower case
 
 PIL_DEFAULT_MAX_PIXELS = 89_478_485
@@ -912,6 +913,15 @@ def load_yaml(path: str | Path) -> Any:
 def load_config(path: str | Path, model: type[ModelT] = PipelineConfig) -> ModelT:  # type: ignore[assignment]
     """Load and validate a YAML config file against `model`."""
     return validate(load_yaml(path), model, source=str(path))
+
+
+def check_name(name: str, source: str) -> str:
+    """A name given on the command line (a run's, a target's): it becomes a folder, so it follows the
+    same rule as a job file's names (no `/`, no `..`)."""
+    if not re.fullmatch(NAME_PATTERN, name) or len(name) > 100:
+        rule = "up to 100 letters, digits, '_', '.', '-', starting with a letter or digit"
+        raise ConfigError(f"{source}: {name!r} is not a name ({rule})")
+    return name
 
 
 def validate(data: Any, model: type[ModelT], source: str, key_style: str = "yaml") -> ModelT:

@@ -103,6 +103,15 @@ def check_location(location: str) -> None:
         raise ValueError(storage_error(location, error)) from None
 
 
+def check_not_a_file(location: str) -> None:
+    """A location a command writes folders into must not be a file (nor have one on its path)."""
+    filesystem, path = resolve(location)
+    while path and path != posixpath.dirname(path):
+        if filesystem.get_file_info(path).type == pafs.FileType.File:
+            raise ValueError(f"{location}: {path} is a file; a folder is needed here")
+        path = posixpath.dirname(path)
+
+
 def storage_error(location: str, error: OSError) -> str:
     """One line for a filesystem's failure: the location, the endpoint, what was tried and why it failed."""
     text = " ".join(str(error).split())

@@ -35,7 +35,8 @@ def patch_sets(fractals_dir, tmp_path_factory) -> dict[str, Path]:
     for name, config in sets.items():
         preprocess(str(fractals_dir), str(root / name), config)
     (root / "empty").mkdir()
-    return {name: root / name for name in [*sets, "empty"]} | {"missing": root / "missing"}
+    (root / "a-file").write_text("not patches")
+    return {name: root / name for name in [*sets, "empty", "a-file"]} | {"missing": root / "missing"}
 
 
 def refusal(cli_before_ray, tmp_path: Path, data: Path, **changes) -> str:
@@ -55,6 +56,7 @@ def refusal(cli_before_ray, tmp_path: Path, data: Path, **changes) -> str:
     ("data", "changes", "message"),
     [
         ("missing", {}, "no such directory"),
+        ("a-file", {}, "a-file: is a file, not a patch directory"),
         ("empty", {}, "no _manifest.json; not a finished `vitpipe preprocess` output"),
         ("unlabelled", {}, "preprocessed without labels (label_key: none)"),
         ("labelled", {"split": "val"}, "no split 'val' to pretrain on"),
@@ -92,6 +94,25 @@ def test_settings_that_cannot_work_are_refused_naming_the_key(
     patch_sets, tmp_path, cli_before_ray, changes, message
 ):
     assert message in refusal(cli_before_ray, tmp_path, patch_sets["labelled"], **changes)
+
+
+def test_a_run_name_or_storage_that_is_no_folder_is_refused(patch_sets, tmp_path, cli_before_ray):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({**RUN, "data": str(patch_sets["labelled"])}))
+    (tmp_path / "afile").write_text("mine")
+    code, stderr = cli_before_ray("pretrain", str(path), "--storage", str(tmp_path / "afile"))
+    assert code == 2
+    assert (
+        f"pretrain storage: {tmp_path / 'afile'}: {tmp_path / 'afile'} is a file; a folder is needed"
+        in stderr
+    )
+    code, stderr = cli_before_ray(
+        "pretrain", str(path), "--storage", str(tmp_path / "runs"), "--name", "../../x"
+    )
+    assert code == 2
+    assert "--name: '../../x' is not a name" in stderr  # it would be a run folder two levels up
+    assert (tmp_path / "afile").read_text() == "mine"
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_refused_run_imports_neither_torch_nor_ray_train(patch_sets, tmp_path):

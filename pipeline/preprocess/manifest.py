@@ -94,6 +94,10 @@ def read_manifest(directory: str) -> dict[str, Any]:
         ) from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON: {error}") from None
+    except OSError:
+        if filesystem.get_file_info(root).type == pafs.FileType.File:
+            raise ValueError(f"{directory}: is a file, not a patch directory") from None
+        raise
     if manifest.get("format") != PATCHES_FORMAT:
         raise ValueError(f"{path}: format {manifest.get('format')!r} is not {PATCHES_FORMAT!r}")
     return manifest

@@ -12,7 +12,7 @@ from pipeline.preprocess.manifest import MANIFEST_FILE, read_manifest
 from pipeline.pretrain.plan import check_run_matches, plan_pretrain, training_split
 from pipeline.runner.plan import JobPlan, Step
 from pipeline.runner.records import external_fingerprints
-from pipeline.storage import check_location, join, resolve
+from pipeline.storage import check_location, check_not_a_file, join, resolve
 
 
 def check_before_run(
@@ -24,6 +24,7 @@ def check_before_run(
     if any(step.stage == "pretrain" for step in steps):
         try:
             check_location(plan.layout.pretrain_storage)  # a URL's options and endpoint, in one line
+            check_not_a_file(plan.layout.pretrain_storage)
         except ValueError as error:
             raise ConfigError(f"{plan.source}: pretrain storage: {error}") from None
     externals = {step.id: external_fingerprints(plan, step) for step in steps}
