@@ -169,6 +169,8 @@ def test_malformed_target_option_is_refused(tmp_path, weights, refused):
     assert "--target expects NAME=DIR, got 'digits'" in message
     message = refused("finetune", job, "--weights", str(weights), "--target", "a=x", "--target", "a=y")
     assert "--target a is given twice (x, y)" in message  # not the last one silently
+    message = refused("finetune", job, "--weights", str(weights), "--target", "../up=x")
+    assert "'../up' is not a name" in message  # a target's name becomes a folder of the results
 
 
 def test_two_target_folders_of_one_name_are_refused_not_one_dropped(
