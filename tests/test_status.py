@@ -131,3 +131,7 @@ def test_status_names_an_unreadable_record_and_exits_non_zero(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"unreadable: {root / 'run.json'}: its 'steps' is not a list of steps" in out
     assert f"unreadable: {record}: not a JSON object" in out
+
+    (root / "job.yaml").write_text("name: [")  # the run's copy of its job, damaged
+    assert main(["status", str(root)]) == 1
+    assert f"unreadable: {root / 'job.yaml'}: not valid YAML" in capsys.readouterr().out

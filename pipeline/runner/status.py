@@ -47,9 +47,9 @@ class RunStatus:
 def run_status(target: str) -> RunStatus:
     """The status of the run in folder `target`, or of the run of job file `target`. A record that is
     there but cannot be read is named in `unreadable`, and no state is made up for it."""
-    layout = _layout(target)
-    root = Path(layout.root)
     unreadable: list[str] = []
+    layout = _layout(target, unreadable)
+    root = Path(layout.root)
     document = _read_json(root / RUN_FILE, unreadable, _check_run_document)
     holder = _live_holder(root / LOCK_FILE)
     if holder:
@@ -119,7 +119,9 @@ def remote_status(client: Any, submission_id: str, address: str) -> str:
     return "\n".join(lines)
 
 
-def _layout(target: str) -> RunLayout:
+def _layout(target: str, unreadable: list[str]) -> RunLayout:
+    """The run's layout, from its job.yaml (where its pretraining went); a job.yaml that cannot be read
+    is added to `unreadable`, and the folder's default layout used."""
     path = Path(target).expanduser()
     if path.is_dir():
         if not (path / RUN_FILE).is_file() and not (path / "stages").is_dir():
@@ -128,8 +130,9 @@ def _layout(target: str) -> RunLayout:
         if job.is_file():
             try:
                 return _plan_layout(job, str(path))
-            except (ConfigError, OSError):
-                pass
+            except (ConfigError, OSError) as error:
+                first = str(error).splitlines()[0].removeprefix(f"{job}: ")
+                unreadable.append(f"{job}: {first} (pretraining looked for in {path / 'pretrain'})")
         return RunLayout(str(path.absolute()), path.name, str(path.absolute()), "pretrain")
     if path.is_file():
         return _plan_layout(path, None)
