@@ -71,8 +71,10 @@ def test_an_unreachable_endpoint_is_one_line_naming_it_and_what_was_tried():
     url = "s3://bucket/path?endpoint_override=127.0.0.1:1&scheme=http&region=us-east-1"
     with pytest.raises(ValueError, match="cannot reach") as refused:
         check_location(url)
-    message = str(refused.value)
-    assert message.startswith(f"{url}: cannot reach the S3 endpoint 127.0.0.1:1: ")
-    assert "HeadObject" in message
-    assert "\n" not in message
+    assert str(refused.value) == (
+        f"{url}: cannot reach the S3 endpoint 127.0.0.1:1: a TCP connection to 127.0.0.1:1 failed "
+        "(Connection refused)"
+    )  # refused at once, not after the S3 client's seconds of retries
+    with pytest.raises(ValueError, match=r"endpoint_override '127\.0\.0\.1:port' has no valid port"):
+        check_location("s3://bucket/path?endpoint_override=127.0.0.1:port&region=us-east-1")
     check_location(str(Path("/nonexistent/folder")))  # a local path needs no check, not even existence
