@@ -284,7 +284,10 @@ def test_missing_input_and_bad_options_fail_before_any_work(tmp_path, capsys):
     (tmp_path / "empty" / "a.tar").write_bytes(b"")
     (tmp_path / "afile").write_text("mine")
     assert main(["preprocess", str(tmp_path / "empty"), str(tmp_path / "afile")]) == 1
-    assert f"{tmp_path / 'afile'}: is a file; OUTPUT is the folder" in capsys.readouterr().err
+    assert (
+        f"{tmp_path / 'afile'}: {tmp_path / 'afile'} is a file; a folder is needed here"
+        in capsys.readouterr().err
+    )
     assert (tmp_path / "afile").read_text() == "mine"
     (tmp_path / "empty" / "a.tar").unlink()
     assert (

@@ -25,7 +25,7 @@ from pipeline.preprocess.shard import ShardReport, preprocess_shard
 from pipeline.preprocess.sources import ShardListing, ShardSource, list_shards
 from pipeline.ray_session import connect_ray
 from pipeline.ray_tasks import run_shard_tasks
-from pipeline.storage import is_partial, resolve
+from pipeline.storage import check_not_a_file, is_partial, resolve
 
 FOOTER_READERS = 16
 
@@ -101,9 +101,8 @@ def preprocess(
     listing = list_shards(input_spec)
     for line in listing.skipped:
         say(f"{input_spec}: {line}")
+    check_not_a_file(output)
     out_fs, out_root = resolve(output)
-    if out_fs.get_file_info(out_root).type == pafs.FileType.File:
-        raise NotADirectoryError(f"{output}: is a file; OUTPUT is the folder the patch files go to")
     config_hash = config.output_hash()
     _refuse_other_config(out_fs, out_root, output, config, overwrite)
     classes = class_names(listing)

@@ -92,8 +92,7 @@ def writer_lock(folder: str | None, run_dir: str) -> contextlib.AbstractContextM
         pretraining = Path(run_dir).expanduser().absolute()
         inside = Path(target).expanduser().absolute()
         root = pretraining if inside == pretraining or pretraining in inside.parents else None
-    hint = "; or write elsewhere with --out" if root is not None else ""
-    return run_lock(root, hint) if root is not None else contextlib.nullcontext()
+    return run_lock(root, "; or write elsewhere with --out") if root is not None else contextlib.nullcontext()
 
 
 def owning_run(folder: str) -> Path | None:
