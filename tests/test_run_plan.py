@@ -333,3 +333,31 @@ def test_the_report_names_a_damaged_results_file(tmp_path):
     results.write_text('{"results": [')
     with pytest.raises(ValueError, match=f"{results}: not valid JSON"):
         _transfer_section(plan, tmp_path)
+
+
+def test_a_lock_appears_with_its_holder_inside_also_where_hard_links_fail(tmp_path, monkeypatch):
+    from pipeline.runner import lock as lock_module
+
+    seen = []
+    real_link = os.link
+
+    def link(source, target):  # what another command reading the lock sees the moment it exists
+        real_link(source, target)
+        seen.append(json.loads(Path(target).read_text()))
+
+    monkeypatch.setattr(lock_module.os, "link", link)
+    with run_lock(tmp_path):
+        pass
+    assert seen == [
+        {"pid": os.getpid(), "host": socket.gethostname()}
+    ]  # never an empty lock to take for stale
+
+    def no_links(source, target):
+        raise PermissionError(1, "Operation not permitted")  # gcsfuse, s3fs mounts
+
+    monkeypatch.setattr(lock_module.os, "link", no_links)
+    with run_lock(tmp_path):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+        with pytest.raises(RuntimeError, match="in use by another vitpipe command"), run_lock(tmp_path):
+            pass  # (this process holds it: a live holder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no lock and no partial left behind
