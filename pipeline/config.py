@@ -39,7 +39,7 @@ from pydantic import (
 
 from vit.config import BiTConfig, ViTConfig
 from vit.patches import PatchGeometry
-from vit.recipe import Crop, Optimizer, Recipe, Schedule, Zero, grad_accum, refuse_derived_keys
+from vit.recipe import Crop, Optimizer, Recipe, Schedule, Speed, Zero, grad_accum, refuse_derived_keys
 from vit.variants import VARIANTS, parse_bit_variant, parse_variant
 
 # Strict numbers: YAML already types its scalars (the loader reads `1e-3` as a number, as YAML 1.2
@@ -439,7 +439,8 @@ AnyModel = Annotated[
 PRETRAIN_OPERATIONAL = frozenset({
     "data", "storage_path", "num_workers", "use_gpu", "cpus_per_worker", "data_threads", "data_cpus",
     "placement", "micro_batch_size", "cache_data", "checkpoint_every", "keep_checkpoints", "max_failures",
-    "log_every", "elastic_wait_s",
+    "log_every", "elastic_wait_s", "compile", "activation_checkpointing", "tf32", "overlap_comm",
+    "reduce_bucket_size", "allgather_bucket_size", "grad_reduce_dtype",
 })  # fmt: skip
 # Keys of the data path before each worker read its own rows (Ray Data): accepted, with a warning.
 PRETRAIN_RETIRED = {
@@ -500,6 +501,16 @@ class PretrainConfig(Section):
     log_every: PositiveInt = 10
     storage_path: str | None = None
     seed: NonNegativeInt = 0
+    # GPU speed: how a step runs, never what it computes (a relaunch that changes one resumes the run).
+    compile: Literal["auto"] | Flag = "auto"  # torch.compile of the model; auto: on GPUs
+    activation_checkpointing: Flag = False  # recompute each block in backward: less memory, ~1/3 more compute
+    tf32: Flag = True  # TF32 tensor cores for the fp32 matmuls left outside bf16 (CUDA only)
+    # Gradients reduced over the ranks and accumulated over micro-batches in fp32 under bf16; bf16 halves
+    # the bytes on the wire at the cost of precision (benchmarks/results/grad_reduce.json).
+    grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    overlap_comm: Flag = True  # ZeRO's reduction overlapped with backward (stages 1-3)
+    reduce_bucket_size: Annotated[int, Field(ge=2, multiple_of=2)] = 500_000_000  # elements per reduction
+    allgather_bucket_size: Annotated[int, Field(ge=2, multiple_of=2)] = 500_000_000  # per weight gather
     deepspeed: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -572,7 +583,11 @@ class PretrainConfig(Section):
         return {key: count * need for key, need in self.worker_resources().items()}
 
     def zero(self) -> Zero:
-        return Zero(self.zero_stage, self.offload_optimizer, dict(self.deepspeed))
+        return Zero(self.zero_stage, self.offload_optimizer, dict(self.deepspeed), self.grad_reduce_dtype,
+                    self.overlap_comm, self.reduce_bucket_size, self.allgather_bucket_size)  # fmt: skip
+
+    def speed(self) -> Speed:
+        return Speed(self.compile, self.activation_checkpointing, self.tf32)
 
     def defining(self) -> dict[str, Any]:
         """The settings that define the run, flattened (`optimizer.lr`), less the model section (its
@@ -625,6 +640,9 @@ class FinetuneConfig(Section):
     validate_every: PositiveInt | None = None  # default: ten validations per run
     log_every: PositiveInt = 10
     bf16: Literal["auto"] | Flag = "auto"
+    # torch.compile of the training forward: a slower start, faster steps. auto: on CUDA; on CPUs the
+    # compile costs more than a fine-tune's steps gain.
+    compile: Literal["auto"] | Flag = "auto"
     cpus_per_task: PositiveFloat = 1.0
     gpus_per_task: NonNegativeFloat = 0.0
     max_retries: NonNegativeInt = 2  # a task whose worker process dies is run again this many times

@@ -25,8 +25,9 @@ TINY = ViTConfig(
 
 @pytest.mark.parametrize(("stage", "offload"), [(0, False), (2, False), (3, False), (2, True)])
 def test_bf16_deepspeed_engine_trains_on_uint8_patches(stage, offload, one_rank_group):
-    """The GPU recipe's path (bf16 weights, fp32 loss) on DeepSpeed's CPU accelerator: the engine runs the
-    ZeRO stage and offload asked for, and it learns a batch."""
+    """The GPU recipe's path (bf16 compute, fp32 loss) on DeepSpeed's CPU accelerator: the engine runs the
+    ZeRO stage and offload asked for, and it learns a batch. ZeRO >= 1 keeps bf16 weights (fp32 master
+    partitions in its optimizer); ZeRO-0 keeps fp32 weights under bf16 autocast, its only master copy."""
     torch.manual_seed(0)
     recipe = Recipe(Optimizer(lr=3e-3), Schedule(warmup_steps=0), total_steps=30, micro_batch_size=8,
                     bf16=True)  # fmt: skip
@@ -34,8 +35,9 @@ def test_bf16_deepspeed_engine_trains_on_uint8_patches(stage, offload, one_rank_
     engine = build_engine(VisionTransformer(TINY), recipe, zero, world_size=1)
     assert engine.zero_optimization_stage() == stage
     assert engine.zero_cpu_offload() is offload
-    assert engine.bfloat16_enabled()
-    assert next(engine.module.parameters()).dtype == torch.bfloat16
+    assert engine.bfloat16_enabled() is (stage > 0)
+    assert engine.torch_autocast_enabled() is (stage == 0)
+    assert next(engine.module.parameters()).dtype == (torch.bfloat16 if stage else torch.float32)
     patches = torch.randint(0, 256, (8, *TINY.geometry.shape), dtype=torch.uint8)
     labels = torch.arange(8) % TINY.num_classes
     rng = np.random.default_rng(0)

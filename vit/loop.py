@@ -28,6 +28,7 @@ import torch.distributed as dist
 from vit.engine import set_step_lr, train_micro_batch
 from vit.evaluate import Batch
 from vit.recipe import Cadence, Recipe
+from vit.step import step_randomness
 
 Notice = Literal["", "checkpoint", "regroup"]
 
@@ -87,29 +88,41 @@ def pretrain_loop(
 ) -> LoopEnd:
     """Train from `start_step` to `recipe.total_steps`, or until a stop or a non-finite step. Every rank
     runs the same number of steps (the caller plans `steps_per_epoch` so that every rank's data holds
-    them) and ends the same way."""
+    them) and ends the same way.
+
+    The host reads the device only at log steps and before a checkpoint (nanoGPT's rule: each read waits
+    for the GPU): loss, accuracy and the non-finite flag stay on the device in between, and a stop request
+    is agreed on at log steps. A step that is not finite is therefore found at the next log step or
+    checkpoint, before anything of it is saved."""
     rank = dist.get_rank()
-    rng = np.random.default_rng([seed, rank, start_step])  # mixup draws; a resume draws afresh
     step = start_step
+    window = Window(engine.device, step)
     while step < recipe.total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         micro_batches = hooks.batches(epoch, position * recipe.grad_accum)
         for _ in range(position, steps_per_epoch):
-            record = _train_step(engine, recipe, micro_batches, rng, step, epoch, throughput)
+            rng = step_randomness(seed, rank, step)
+            lr = _train_step(engine, recipe, micro_batches, rng, step, epoch, window)
             step += 1
-            not_finite = non_finite(record)
-            if not_finite:
-                hooks.record(record)
-                return LoopEnd(step, "diverged", not_finite)
-            if step % cadence.log_every == 0 or step == recipe.total_steps or step == 1:
-                hooks.record(record)
+            logged = step % cadence.log_every == 0 or step == recipe.total_steps or step == start_step + 1
             saved = step % cadence.checkpoint_every == 0 or step == recipe.total_steps
+            if logged or saved:
+                record, bad = window.read(step, epoch, engine, lr, throughput)
+                if bad:
+                    hooks.record(record)
+                    return LoopEnd(step, "diverged", bad)
+                if logged:
+                    hooks.record(record)
             if saved:
                 hooks.save(step, epoch)
             if step == recipe.total_steps:
                 break
-            stop, notice = _agreed(hooks.stop_requested(), engine.device), hooks.notice(step)
+            stop = logged and _agreed(hooks.stop_requested(), engine.device)
+            notice = hooks.notice(step)
             if (stop or notice) and not saved:
+                bad = window.non_finite()  # a notice between log steps: nothing diverged may be saved
+                if bad:
+                    return LoopEnd(step, "diverged", bad)
                 hooks.save(step, epoch)
             if stop:
                 return LoopEnd(step, "stopped")
@@ -139,14 +152,13 @@ def _train_step(
     rng: np.random.Generator,
     step: int,
     epoch: int,
-    throughput: Throughput,
-) -> dict[str, Any]:
-    """One optimizer step (0-based `step`) of `grad_accum` micro-batches; returns its record."""
-    started = time.perf_counter()
+    window: Window,
+) -> float:
+    """One optimizer step (0-based `step`) of `grad_accum` micro-batches, its sums kept in `window` on the
+    device; returns the step's learning rate."""
     lr = set_step_lr(engine, recipe, step)
     # loss x images, correct, images; on the engine's device, where NCCL can reduce it
     totals = torch.zeros(3, dtype=torch.float64, device=engine.device)
-    waited = 0.0
     for _ in range(recipe.grad_accum):
         wait_started = time.perf_counter()
         batch = next(micro_batches, None)
@@ -155,36 +167,93 @@ def _train_step(
                 f"rank {dist.get_rank()}: the data ran out during step {step + 1} (epoch {epoch}); the "
                 "split holds fewer micro-batches than planned"
             )
-        waited += time.perf_counter() - wait_started
+        window.waited += time.perf_counter() - wait_started
         result = train_micro_batch(engine, *batch, recipe, rng)
         totals[0] += result.loss.detach().double() * result.images
-        totals[1:] += torch.tensor([result.correct, result.images], dtype=torch.float64, device=engine.device)
+        totals[1] += result.correct
+        totals[2] += result.images
     dist.all_reduce(totals)
-    seconds = time.perf_counter() - started
-    return step_record(step + 1, epoch, totals, engine, lr, seconds, waited, throughput)
+    window.add(totals, engine.get_global_grad_norm())
+    return lr
+
+
+class Window:
+    """The steps since the host last read the device: the newest step's all-reduced sums and gradient
+    norm, whether any step's loss or norm was not finite (a device flag), and the wall time and data wait
+    since the last read, which turn into per-step rates when it is read."""
+
+    def __init__(self, device: torch.device, step: int) -> None:
+        self.device = device
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        """An empty window after `step` (0-based count of the steps trained), timed from now."""
+        self.first_step = step
+        self.bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.totals: torch.Tensor | None = None
+        self.grad_norm: Any = None
+        self.started, self.waited = time.perf_counter(), 0.0
+
+    def add(self, totals: torch.Tensor, grad_norm: Any) -> None:
+        """Keep a step's sums; its loss or gradient norm not finite sets the flag (no read)."""
+        self.totals, self.grad_norm = totals, grad_norm
+        self.bad |= ~torch.isfinite(totals[0])
+        if torch.is_tensor(grad_norm):
+            self.bad |= ~torch.isfinite(grad_norm.to(self.device)).all()
+        elif grad_norm is not None and not math.isfinite(grad_norm):
+            self.bad.fill_(True)
+
+    def non_finite(self) -> str:
+        """Reads the flag: '' when every step since the last read was finite."""
+        if not bool(self.bad.item()):
+            return ""
+        return f"a non-finite loss or gradient norm between steps {self.first_step + 1} and the last read"
+
+    def read(
+        self, step: int, epoch: int, engine: Any, lr: float, throughput: Throughput
+    ) -> tuple[dict[str, Any], str]:
+        """Read the device: the newest step's record (1-based `step`) with rates over the steps since the
+        last read, and what was not finite ('' when all was); the window starts again."""
+        if self.totals is None:
+            raise RuntimeError(f"step {step}: no step was trained since the last read")
+        loss_sum, correct, images = self.totals.tolist()
+        grad_norm = float(self.grad_norm) if self.grad_norm is not None else None
+        steps, seconds = step - self.first_step, time.perf_counter() - self.started
+        record = step_record(step, epoch, loss_sum / images, correct / images, lr, grad_norm, engine,
+                             seconds / steps, self.waited / steps, throughput)  # fmt: skip
+        bad = non_finite(record) or self.non_finite()
+        self.restart(step)
+        return record, bad
 
 
 def step_record(
-    step: int, epoch: int, totals: torch.Tensor, engine: Any, lr: float, seconds: float, waited: float,
-    throughput: Throughput,
+    step: int, epoch: int, loss: float, accuracy: float, lr: float, grad_norm: float | None, engine: Any,
+    step_seconds: float, waited: float, throughput: Throughput,
 ) -> dict[str, Any]:  # fmt: skip
-    """The metrics of a finished step (1-based), as metrics.jsonl and TensorBoard keep them."""
-    loss_sum, correct, images = totals.tolist()
-    grad_norm = engine.get_global_grad_norm()
-    images_per_s = throughput.images_per_step / seconds
+    """The metrics of a finished step (1-based), as metrics.jsonl and TensorBoard keep them: the step's
+    loss, accuracy and gradient norm, and rates averaged over the steps since the previous record."""
+    images_per_s = throughput.images_per_step / step_seconds
     peak = throughput.peak_flops
     return {
         "step": step,
         "epoch": epoch,
-        "loss": loss_sum / images,
-        "accuracy": correct / images,
+        "loss": loss,
+        "accuracy": accuracy,
         "lr": lr,
-        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "grad_norm": grad_norm,
         "images_per_s": images_per_s,
         "tokens_per_s": images_per_s * throughput.seq_len if throughput.seq_len else None,
-        "mfu": throughput.flops_per_step / seconds / peak if peak else None,
-        "step_s": seconds,
+        "mfu": throughput.flops_per_step / step_seconds / peak if peak else None,
+        "step_s": step_seconds,
         "data_wait_s": waited,
+        "peak_memory_gb": peak_memory_gb(engine.device),
         # DeepSpeed drops an optimizer step whose gradients overflowed, and says nothing: counted here.
         "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
     }
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    """The most memory the device's allocator has held (GiB): CUDA only (no device read); None on CPUs."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30

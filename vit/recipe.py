@@ -23,6 +23,9 @@ DERIVED_DEEPSPEED_KEYS = frozenset(
         "scheduler",
         "bf16",
         "fp16",
+        "torch_autocast",
+        "communication_data_type",
+        "data_types",
     }
 )
 
@@ -147,16 +150,45 @@ class Cadence:
 
 @dataclass(frozen=True)
 class Zero:
-    """How the model state is sharded over the ranks: ZeRO stage, optimizer offload, raw extra keys."""
+    """How the model state is sharded over the ranks and its gradients travel: ZeRO stage, optimizer
+    offload, the dtype gradients are reduced and accumulated in under bf16, communication overlapped with
+    the backward pass in buckets of so many elements, and raw extra DeepSpeed keys."""
 
     stage: int
     offload_optimizer: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # fp32: a sum over ranks and micro-batches keeps fp32's 24 mantissa bits (bf16 has 8: adding 64
+    # micro-batches' gradients in bf16 loses the small ones); bf16 halves the bytes on the wire.
+    grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    overlap_comm: bool = True
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3):
             raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3 (got {self.stage})")
+        if self.grad_reduce_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"grad_reduce_dtype must be fp32 or bf16 (got {self.grad_reduce_dtype!r})")
+        for name in ("reduce_bucket_size", "allgather_bucket_size"):
+            if getattr(self, name) < 2 or getattr(self, name) % 2:  # DeepSpeed aligns buckets to 4 bytes
+                raise ValueError(f"{name} must be an even number of elements >= 2 (got {getattr(self, name)})")
         refuse_derived_keys(self.extra)
+
+
+@dataclass(frozen=True)
+class Speed:
+    """How fast a step runs, never what it computes: `torch.compile` of the model ("auto": on CUDA),
+    activation checkpointing per block (recompute in backward: less memory, ~1/3 more compute), TF32 for
+    fp32 matmuls on CUDA."""
+
+    compile: Literal["auto"] | bool = "auto"
+    activation_checkpointing: bool = False
+    tf32: bool = True
+
+    def compiles(self, device_type: str) -> bool:
+        """Whether to compile on a device of this type: `auto` compiles on CUDA only (on CPUs the compile
+        costs more than a test's steps gain)."""
+        return device_type == "cuda" if self.compile == "auto" else bool(self.compile)
 
 
 def refuse_derived_keys(extra: dict[str, Any]) -> None:

@@ -75,12 +75,22 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
+def step_randomness(seed: int, rank: int, step: int) -> np.random.Generator:
+    """Seed the step's randomness from (seed, rank, step): torch's generators on every device (crop boxes,
+    flips, dropout, drop-path) and the returned numpy generator (mixup's weight). Each rank draws its own
+    crops and masks, and a resumed run draws at each step exactly what an unbroken run drew there."""
+    entropy = np.random.SeedSequence([seed, rank, step])
+    torch.manual_seed(int(entropy.generate_state(1, np.uint64)[0] >> 1))  # a non-negative 63-bit seed
+    return np.random.default_rng(entropy)
+
+
 @dataclass
 class StepLoss:
-    """One micro-batch's loss (still attached to the graph) and how many of its images were right."""
+    """One micro-batch's loss (still attached to the graph) and how many of its images were right (a
+    0-dim tensor on the device: reading it would wait for the step)."""
 
     loss: torch.Tensor
-    correct: int
+    correct: torch.Tensor
     images: int
 
 
@@ -103,7 +113,7 @@ def training_loss(
     if recipe.mixup_alpha > 0:
         images, targets = mixup(images, targets, float(rng.beta(recipe.mixup_alpha, recipe.mixup_alpha)))
     logits = (forward or model)(images, normalized=True)
-    correct = int((logits.detach().argmax(-1) == labels).sum())
+    correct = (logits.detach().argmax(-1) == labels).sum()
     return StepLoss(soft_cross_entropy(logits, targets), correct, labels.shape[0])
 
 

@@ -25,7 +25,7 @@ from pipeline.storage import basename
 from pipeline.tracking import OFF, TrackingTarget
 from vit.config import Architecture
 from vit.patches import PatchGeometry
-from vit.recipe import Cadence, Recipe, Zero, grad_accum
+from vit.recipe import Cadence, Recipe, Speed, Zero, grad_accum
 
 Rows = dict[str, tuple[int, ...]]  # patch file (path or URL) -> the row numbers of it to read
 
@@ -267,6 +267,7 @@ class WorkerSettings:
     classes: list[str]
     recipe: Recipe
     zero: Zero
+    speed: Speed
     bf16: Literal["auto"] | bool  # the recipe's bf16 is decided on the worker, which sees the device
     feed: FeedPlan
     cadence: Cadence
@@ -287,6 +288,7 @@ def worker_settings(
         classes=plan.data.classes,
         recipe=config.recipe(plan.total_steps, input_size=plan.data.geometry.image_size),
         zero=config.zero(),
+        speed=config.speed(),
         bf16=config.bf16,
         feed=feed_plan(config, plan),
         cadence=Cadence(config.log_every, config.checkpoint_every),

@@ -46,6 +46,7 @@ from pipeline.pretrain.order import ORDER_FORMAT, Lineage, extend_lineage
 from pipeline.pretrain.plan import WorkerSettings
 from pipeline.storage import resolve
 from vit.config import architecture_record
+from vit.device import enable_tf32, prefetch_to_device
 from vit.engine import build_engine, load_checkpoint, save_checkpoint, to_universal
 from vit.flops import peak_flops, train_flops
 from vit.loop import Batch, Hooks, Throughput, pretrain_loop
@@ -68,8 +69,11 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
     recipe = dataclasses.replace(
         settings.recipe, bf16=use_bf16(settings.bf16, device), grad_accum=accumulation
     )
-    torch.manual_seed(settings.seed)  # identical initial weights on every rank
-    model = build_model(settings.architecture).to(device)
+    if settings.speed.tf32:
+        enable_tf32(device)
+    torch.manual_seed(settings.seed)  # identical initial weights on every rank; steps reseed per rank
+    model = build_model(settings.architecture, device=device)
+    model.set_activation_checkpointing(settings.speed.activation_checkpointing)
     with ExitStack() as cleanup:
         scratch = Path(tempfile.mkdtemp(prefix="vitpipe-worker-"))
         cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
@@ -115,8 +119,9 @@ def _engine(
     """The engine, restored from the newest checkpoint when there is one: (engine, step, its meta)."""
     newest = newest_checkpoint(settings.run_dir) if ray.train.get_context().get_world_rank() == 0 else None
     newest = ray.train.collective.broadcast_from_rank_zero(newest)  # every rank loads the same one
+    compiled = settings.speed.compiles(ray.train.torch.get_device().type)
     if newest is None:
-        return build_engine(model, recipe, settings.zero, world), 0, None
+        return build_engine(model, recipe, settings.zero, world, compile_model=compiled), 0, None
     filesystem, path = resolve(newest)  # a URL's query holds its filesystem's settings
     resume = ray.train.Checkpoint(path, filesystem=filesystem)
     folder = Path(cleanup.enter_context(resume.as_directory()))
@@ -130,7 +135,7 @@ def _engine(
     universal = meta["world_size"] != world and meta["zero_stage"] > 0
     if universal:  # written by another number of ranks: DeepSpeed's universal format reshards it
         folder = to_universal(folder, meta["tag"], scratch / "universal")
-    engine = build_engine(model, recipe, settings.zero, world, load_universal=universal)
+    engine = build_engine(model, recipe, settings.zero, world, load_universal=universal, compile_model=compiled)
     try:
         load_checkpoint(engine, folder, meta["tag"])
     except (OSError, RuntimeError, EOFError, ValueError) as error:  # torch.load of a damaged file
@@ -200,9 +205,9 @@ def _feed(
 
 
 def _on_device(feed: Feed, device: torch.device, epoch: int, skip: int) -> Iterator[Batch]:
-    """The feed's micro-batches of `epoch`, copied to the device (asynchronously from pinned memory)."""
-    for patches, labels in feed.batches(epoch, skip):
-        yield patches.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    """The feed's micro-batches of `epoch` on the device: on a GPU each copied from pinned memory on a
+    side stream while the step before it trains."""
+    return prefetch_to_device(feed.batches(epoch, skip), device)
 
 
 def position_record(feed: Feed, step: int) -> dict[str, Any]:
