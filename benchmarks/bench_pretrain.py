@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from vit.config import ViTConfig
+from vit.device import enable_tf32
 from vit.flops import gpu_peak_flops, train_flops
 from vit.model import VisionTransformer
 from vit.recipe import Optimizer, Recipe, Schedule
@@ -254,7 +255,7 @@ def gpu_section(variant: str, micro_batches: list[int], steps: int, warmup: int)
                         "WORLD_SIZE": "1"}.items():  # fmt: skip
         os.environ.setdefault(name, value)
     dist.init_process_group("nccl", rank=0, world_size=1)
-    torch.backends.cuda.matmul.allow_tf32 = True
+    enable_tf32(torch.device("cuda"))
     name = torch.cuda.get_device_name()
     datasheet = gpu_peak_flops(name, bf16=True)
     measured = measured_bf16_peak()

@@ -607,6 +607,8 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# How fine-tuning runs, not what it computes: left out of the step's cache key (a change reuses results).
+FINETUNE_OPERATIONAL = frozenset({"compile"})
 PAPER_FINETUNE_LRS = (0.001, 0.003, 0.01, 0.03)  # the ViT paper's fine-tuning sweep (its Appendix B.1.1)
 
 

@@ -5,10 +5,15 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import ray
 
 from pipeline.console import say
+
+if TYPE_CHECKING:
+    import torch
 
 ADDRESS_ENV = "RAY_ADDRESS"
 
@@ -71,6 +76,32 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     return env
+
+
+def task_device(gpu_ids: Sequence[int | str], cuda_available: bool) -> torch.device:
+    """The device a Ray task computes on: the GPU Ray assigned it (`gpu_ids`, from `ray.get_gpu_ids()`),
+    else the CPU. Ray 2.60 no longer hides the GPUs from a task that asked for none (CUDA_VISIBLE_DEVICES
+    is left as it is), so `torch.cuda.is_available()` alone would put such a task on a GPU that Ray
+    scheduled for another. With a GPU assigned, CUDA_VISIBLE_DEVICES holds it: it is device 0, "cuda"."""
+    import torch
+
+    if not gpu_ids:
+        return torch.device("cpu")
+    if not cuda_available:
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a build without CUDA"
+        raise RuntimeError(
+            f"Ray assigned this task GPU {', '.join(map(str, gpu_ids))} but torch cannot use CUDA here "
+            f"(torch {torch.__version__}, {build}): the node's driver or this torch build cannot see the "
+            "GPU. Install a CUDA build of torch that the node's driver supports, or set gpus_per_task: 0"
+        )
+    return torch.device("cuda")
+
+
+def ray_task_device() -> torch.device:
+    """`task_device` of the Ray task this runs in."""
+    import torch
+
+    return task_device(ray.get_gpu_ids(), torch.cuda.is_available())
 
 
 def check_resources(needs: dict[str, float], what: str, remedy: str, *, per_node: bool = False) -> None:

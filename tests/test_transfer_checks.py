@@ -1,5 +1,6 @@
 """Bad transfer inputs: each bad target is reported by name with its reason and the others still run;
-a bad config, option or weights folder fails before Ray starts."""
+a bad config, option or weights folder fails before Ray starts. A task computes on a GPU only when Ray
+gave it one, and says so when it cannot use the one it was given."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 import yaml
 
 from pipeline.preprocess.manifest import MANIFEST_FILE, read_manifest
+from pipeline.ray_session import ray_task_device, task_device
 from pipeline.transfer.plan import TargetError, check_fits, plan_target
 from tests.conftest import REPO, preprocess_to, run_vitpipe
 from vit.config import ViTConfig
@@ -380,3 +383,21 @@ def test_a_file_of_someone_elses_in_a_rates_folder_is_kept_and_named(
     assert result.returncode != 0
     assert "lr-0.03: holds files a vitpipe fine-tuning task did not write (notes.txt)" in result.stderr
     assert notes.read_text() == "mine"
+
+
+def test_a_task_computes_on_a_gpu_only_when_ray_assigned_it_one():
+    # Ray 2.60 leaves the node's GPUs visible to a task that asked for none: CUDA being there is not enough.
+    assert task_device([], cuda_available=True) == torch.device("cpu")
+    assert task_device([], cuda_available=False) == torch.device("cpu")
+    assert task_device([0], cuda_available=True) == torch.device("cuda")
+    with pytest.raises(RuntimeError, match="Ray assigned this task GPU 0 but torch cannot use CUDA here"):
+        task_device([0], cuda_available=False)
+
+
+def test_a_ray_task_without_a_gpu_is_assigned_none_and_computes_on_the_cpu(ray_local):
+    def device_of_task() -> tuple[list, str]:
+        return ray.get_gpu_ids(), str(ray_task_device())
+
+    gpu_ids, device = ray.get(ray.remote(device_of_task).options(num_cpus=1, num_gpus=0).remote())
+    assert gpu_ids == []
+    assert device == "cpu"

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from vit.bit import PreActBottleneck, ResNetV2, StdConv2d, standardize_weight
 from vit.config import BiTConfig
 from vit.evaluate import extract_features
+from vit.models import build_model
 from vit.patches import patchify
 from vit.recipe import Optimizer, Recipe, Schedule
 from vit.step import training_loss
@@ -145,3 +146,74 @@ def test_saved_bit_reloads_with_a_new_head_at_another_resolution_and_patch_size(
 
     with pytest.raises(ValueError, match="channels: the checkpoint has 3"):
         load_pretrained(tmp_path, channels=1)
+
+
+# Parameter counts with 1000 classes, as timm's resnetv2_*_bit models have them (BiT's published set).
+PUBLISHED_PARAMETERS = {
+    "R50x1": 25_549_352,
+    "R50x3": 217_319_080,
+    "R101x1": 44_541_480,
+    "R101x3": 387_934_888,
+    "R152x2": 236_335_208,
+    "R152x4": 936_533_224,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))
+def test_every_bit_variant_builds_on_the_meta_device_without_memory(name):
+    model = build_model(BiTConfig.from_variant(name, num_classes=1000), device="meta")
+    assert all(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMETERS[name]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [TOY, TOY.replace(channels=1, image_size=16, mean=(0.2,), std=(0.3,))],
+    ids=["toy", "toy-1ch-own-normalisation"],
+)
+def test_a_bit_materialised_from_meta_is_bit_identical_to_the_eager_build(config):
+    torch.manual_seed(0)
+    eager = ResNetV2(config)
+    eager_rng = torch.get_rng_state()
+    torch.manual_seed(0)
+    materialised = build_model(config, device="cpu")
+    # BiT's convolutions keep PyTorch's default init: the replay must draw it in the constructor's order.
+    expected = {**eager.state_dict(), **dict(eager.named_buffers())}
+    got = {**materialised.state_dict(), **dict(materialised.named_buffers())}
+    assert expected.keys() == got.keys()
+    assert [name for name in expected if not torch.equal(expected[name], got[name])] == []
+    assert torch.equal(torch.get_rng_state(), eager_rng)
+    with torch.no_grad():
+        patches = random_patches(config)
+        assert torch.equal(materialised.eval().features(patches), eager.eval().features(patches))
+
+
+def seeded_step(model: ResNetV2, patches: torch.Tensor, checkpointed: bool):
+    """Loss and every parameter's gradient after one seeded forward+backward."""
+    model.set_activation_checkpointing(checkpointed)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    loss = F.cross_entropy(model(patches), torch.arange(len(patches)) % 10)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_activation_checkpointing_per_unit_leaves_loss_and_every_gradient_unchanged():
+    torch.manual_seed(0)
+    model = ResNetV2(TOY)
+    torch.nn.init.normal_(model.head.weight)  # a zero head gives the body zero gradients
+    patches = random_patches(TOY, batch=2)
+    entered: list[int] = []
+    for unit in model.body:
+        unit.register_forward_pre_hook(lambda *_: entered.append(1))
+    loss, grads = seeded_step(model, patches, checkpointed=False)
+    assert len(entered) == len(model.body)
+    entered.clear()
+    loss_checkpointed, grads_checkpointed = seeded_step(model, patches, checkpointed=True)
+    assert len(entered) == 2 * len(model.body)  # each unit ran again in the backward pass
+    assert torch.equal(loss_checkpointed, loss)
+    assert [name for name in grads if not torch.equal(grads[name], grads_checkpointed[name])] == []
+    entered.clear()
+    model.eval()(patches).sum().backward()
+    assert len(entered) == len(model.body)  # evaluation is not checkpointed
+    assert model.state_dict().keys() == ResNetV2(TOY).state_dict().keys()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.test_vit_device import count_host_reads
 from vit.config import ViTConfig
 from vit.finetune import finetune, freeze_backbone
 from vit.model import VisionTransformer
@@ -98,9 +99,44 @@ def test_nothing_trainable_is_an_error():
         finetune(net, batches(8), paper_spec(), device=CPU)
 
 
-def test_a_diverging_fine_tune_stops_at_the_step_naming_the_values():
+def exploding_recipe() -> Recipe:
     optimizer = Optimizer(name="sgd", lr=1e30, weight_decay=0.0, grad_clip=None)
     schedule = Schedule(warmup_steps=0, decay="constant")
-    exploding = Recipe(optimizer, schedule, total_steps=20, micro_batch_size=8, flip=False)
+    return Recipe(optimizer, schedule, total_steps=20, micro_batch_size=8, flip=False)
+
+
+def test_a_diverging_fine_tune_stops_at_the_step_naming_the_values():
     with pytest.raises(FloatingPointError, match=r"fine-tuning diverged at step \d+: loss"):
-        finetune(model(), batches(8), exploding, device=CPU, log_every=1)
+        finetune(model(), batches(8), exploding_recipe(), device=CPU, log_every=1)
+
+
+def test_divergence_is_found_at_the_next_record_naming_the_steps_since_the_last():
+    with pytest.raises(FloatingPointError, match=r"fine-tuning diverged in steps 1-5: loss"):
+        finetune(model(), batches(8), exploding_recipe(), device=CPU, log_every=5)
+
+
+def test_the_loop_reads_values_back_from_the_device_only_at_record_steps(monkeypatch):
+    """On a GPU every read of a value waits for the queued steps: one a micro-batch (a loss, a correct
+    count, a gradient norm) would leave the GPU idle between steps. Here 6 steps of 2 micro-batches,
+    recorded every 2 steps: three records, one read each."""
+    net = model()
+    counts = count_host_reads(monkeypatch)
+    outcome = finetune(net, batches(4), paper_spec(micro_batch_size=4, grad_accum=2), device=CPU,
+                       log_every=2)  # fmt: skip
+    reads = dict(counts)
+    assert len(outcome.records) == 3
+    assert reads == {"tolist": 3}
+    assert all(np.isfinite(r["loss"]) and 0 <= r["accuracy"] <= 1 for r in outcome.records)
+
+
+@pytest.mark.slow  # inductor compiles the forward and backward graphs to C++: about 45 s here, cold
+def test_a_compiled_fine_tune_computes_what_the_eager_one_does():
+    """`compile_forward` trains through a compiled forward: the same losses step by step (fused kernels
+    reorder float sums, hence a tolerance) and the same weights, kept on the plain module."""
+    eager, compiled = model(), model()
+    spec = paper_spec(total_steps=5)
+    eager_losses = [r["loss"] for r in finetune(eager, batches(8), spec, device=CPU, log_every=1).records]
+    outcome = finetune(compiled, batches(8), spec, device=CPU, log_every=1, compile_forward=True)
+    assert [r["loss"] for r in outcome.records] == pytest.approx(eager_losses, rel=1e-4)
+    for (name, a), b in zip(eager.state_dict().items(), outcome.best_state.values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)

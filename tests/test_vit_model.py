@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from vit.config import ViTConfig
-from vit.model import VisionTransformer
+from vit.model import VisionTransformer, drop_path_rates
+from vit.models import build_model
 from vit.patches import patchify
 from vit.variants import VARIANTS
 
@@ -223,3 +224,127 @@ def test_package_exports_load_lazily_so_the_config_schema_does_not_import_torch(
 
     with pytest.raises(AttributeError, match="module 'vit' has no attribute 'nope'"):
         _ = vit.nope
+
+
+# Parameter counts with 1000 classes at 224 px, as timm's vit_*_224 models (and HF's, for B/16) have them.
+PUBLISHED_PARAMETERS = {
+    "Ti/16": 5_717_416,
+    "S/16": 22_050_664,
+    "B/16": 86_567_656,
+    "B/32": 88_224_232,
+    "L/16": 304_326_632,
+    "H/14": 632_045_800,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))
+def test_every_variant_builds_on_the_meta_device_without_memory(name):
+    config = ViTConfig.from_variant(name, num_classes=1000, drop_path=0.1)
+    with torch.device("meta"):
+        model = VisionTransformer(config)
+    assert all(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMETERS[name]
+    model.reset_parameters()  # initialising on meta reads no values either (build_model(config, "meta"))
+    assert model.blocks[-1].drop_path.rate == 0.1
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        tiny(depth=3, drop_path=0.2, representation_size=16, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 0.125)),
+        tiny(pool="gap", channels=1),
+        ViTConfig.from_variant("Ti/16"),
+    ],
+    ids=["tiny-cls-prelogits", "tiny-gap-1ch", "Ti/16"],
+)
+def test_a_model_materialised_from_meta_is_bit_identical_to_the_eager_build(config):
+    torch.manual_seed(0)
+    eager = build_model(config)
+    eager_rng = torch.get_rng_state()
+    torch.manual_seed(0)
+    materialised = build_model(config, device="cpu")
+    # The same draws in the same order: every weight, the derived (unsaved) normalisation buffers, and the
+    # generator afterwards (what is drawn next, e.g. the first batch, does not depend on how it was built).
+    expected = {**eager.state_dict(), **dict(eager.named_buffers())}
+    got = {**materialised.state_dict(), **dict(materialised.named_buffers())}
+    assert expected.keys() == got.keys()
+    assert [name for name in expected if not torch.equal(expected[name], got[name])] == []
+    assert torch.equal(torch.get_rng_state(), eager_rng)
+    assert [b.drop_path.rate for b in materialised.blocks] == [b.drop_path.rate for b in eager.blocks]
+    patches = uint8_patches(config)
+    with torch.no_grad():
+        assert torch.equal(materialised.eval().encode(patches), eager.eval().encode(patches))
+
+
+def test_drop_path_rates_ramp_from_zero_to_exactly_the_configured_rate():
+    rates = drop_path_rates(0.1, 12)
+    assert rates[0] == 0.0
+    assert rates[-1] == 0.1
+    assert rates == pytest.approx(torch.linspace(0.0, 0.1, 12).tolist())
+    assert drop_path_rates(0.1, 1) == [0.0]
+
+
+def blocks_entered(model: VisionTransformer) -> list[int]:
+    """Count each time any block's forward starts (a recompute stops early, so no post-forward hook)."""
+    entered: list[int] = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda *_: entered.append(1))
+    return entered
+
+
+def seeded_step(model: torch.nn.Module, patches: torch.Tensor, checkpointed: bool):
+    """Loss, every parameter's gradient and the generator's state after one seeded forward+backward."""
+    model.set_activation_checkpointing(checkpointed)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)  # the same dropout and drop-path draws for both
+    loss = torch.nn.functional.cross_entropy(model(patches), torch.arange(len(patches)) % 5)
+    loss.backward()
+    return (
+        loss.detach(),
+        {name: p.grad.clone() for name, p in model.named_parameters()},
+        torch.get_rng_state(),
+    )
+
+
+def test_activation_checkpointing_leaves_loss_and_every_gradient_unchanged_with_dropout_and_drop_path():
+    config = tiny(depth=3, dropout=0.2, attention_dropout=0.2, drop_path=0.3)
+    torch.manual_seed(0)
+    model = VisionTransformer(config)
+    torch.nn.init.normal_(model.head.weight)  # a zero head gives the blocks zero gradients
+    patches = uint8_patches(config, batch=4)
+    entered = blocks_entered(model)
+    loss, grads, rng = seeded_step(model, patches, checkpointed=False)
+    assert len(entered) == 3
+    entered.clear()
+    loss_checkpointed, grads_checkpointed, rng_checkpointed = seeded_step(model, patches, checkpointed=True)
+    assert len(entered) == 6  # each block ran again in the backward pass: it was checkpointed
+    assert torch.equal(loss_checkpointed, loss)
+    assert [name for name in grads if not torch.equal(grads[name], grads_checkpointed[name])] == []
+    assert torch.equal(rng_checkpointed, rng)  # the recompute replays the draws, it takes none of its own
+
+
+def test_activation_checkpointing_acts_only_in_training_with_grad_and_not_on_the_attention_path():
+    model = VisionTransformer(tiny())
+    model.set_activation_checkpointing(True)
+    patches = uint8_patches(model.config)
+    entered = blocks_entered(model)
+    model.eval()(patches).sum().backward()
+    with torch.no_grad():
+        model.train()(patches)
+    _, weights = model.train().encode_with_attention(patches)
+    weights[0].sum().backward()
+    assert len(entered) == 3 * 2  # three passes of two blocks, none recomputed
+    assert len(weights) == 2
+
+
+def test_activation_checkpointing_is_a_switch_not_a_weight():
+    plain = VisionTransformer(tiny())
+    checkpointed = VisionTransformer(tiny())
+    checkpointed.set_activation_checkpointing(True)
+    assert checkpointed.state_dict().keys() == plain.state_dict().keys()
+    checkpointed.load_state_dict(plain.state_dict())
+    plain.load_state_dict(checkpointed.state_dict())
+    assert checkpointed.activation_checkpointing
+    assert not plain.activation_checkpointing
+    checkpointed.set_activation_checkpointing(False)
+    assert not checkpointed.activation_checkpointing

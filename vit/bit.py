@@ -4,7 +4,8 @@ ResNet-v2: pre-activation bottleneck units, GroupNorm instead of BatchNorm, weig
 convolutions, a zero-initialised head. It reads the same patch tensors as the ViT (the data path is
 unchanged): the shared `PatchInput` normalises them on the device and `vit.patches.unpatchify` rebuilds
 the image. Layer shapes follow the BiT reference (7x7/2 stem, zero-padded 3x3/2 max pool, stride on the
-3x3 convolution, projection shortcut in the first unit of each stage).
+3x3 convolution, projection shortcut in the first unit of each stage). Like the ViT it can be built on the
+meta device and materialised with `reset_parameters`, and checkpointed per bottleneck unit.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vit.config import BiTConfig
-from vit.model import PatchInput
+from vit.model import BlockCheckpointing, PatchInput, reset_submodules
 from vit.patches import unpatchify
 
 WS_EPSILON = 1e-10  # the BiT reference's: inside the square root of the variance
@@ -69,7 +70,7 @@ class PreActBottleneck(nn.Module):
         return out + shortcut
 
 
-class ResNetV2(nn.Module):
+class ResNetV2(BlockCheckpointing, nn.Module):
     """BiT classifier: `model(uint8 patches [B, N, P*P*C]) -> logits [B, num_classes]`, any image size."""
 
     def __init__(self, config: BiTConfig) -> None:
@@ -87,6 +88,18 @@ class ResNetV2(nn.Module):
         self.body = nn.Sequential(*units)
         self.norm = nn.GroupNorm(config.groups, config.feature_dim)
         self.head = nn.Linear(config.feature_dim, config.num_classes)
+        self._init_weights()  # over the defaults the layers drew as they were built
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise every weight and derived buffer in place, drawing what the constructor draws: how a
+        model built on the meta device is materialised (`vit.models.build_model`)."""
+        reset_submodules(self)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """BiT's own initialisation over PyTorch's layer defaults: the head starts at zero."""
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
@@ -101,7 +114,9 @@ class ResNetV2(nn.Module):
         x = self.image(self.input(patches, normalized=normalized))
         x = self.stem(x.to(self.stem.weight.dtype))
         x = F.max_pool2d(F.pad(x, (1, 1, 1, 1)), kernel_size=3, stride=2)
-        x = F.relu(self.norm(self.body(x)))
+        for unit in self.body:
+            x = self.call_block(unit, x)
+        x = F.relu(self.norm(x))
         return x.mean(dim=(2, 3))
 
     def forward(self, patches: torch.Tensor, *, normalized: bool = False) -> torch.Tensor:

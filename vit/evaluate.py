@@ -12,50 +12,62 @@ import torch
 from torch import nn
 
 from vit.augment import center_crop, stored_geometry
+from vit.device import HostBatch, autocast, prefetch_to_device
 
-Batch = tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]  # uint8 patches [B, N, D], labels [B]
+Batch = HostBatch  # uint8 patches [B, N, D], labels [B]
+NO_LABEL = torch.iinfo(torch.int64).min  # no label outside the head was seen
 
 
 class ClassificationMeter:
-    """Counts of a classifier's answers: a confusion matrix (rows: true class) and top-k hits."""
+    """Counts of a classifier's answers: a confusion matrix (rows: true class) and top-k hits.
 
-    def __init__(self, num_classes: int, top_k: int = 5) -> None:
+    The counts stay on the device the meter was made for and are read once, by `result()`: an update never
+    waits for the device. A label outside the head is remembered and refused there.
+    """
+
+    def __init__(self, num_classes: int, top_k: int = 5, device: torch.device | str = "cpu") -> None:
         self.num_classes = num_classes
         self.top_k = min(top_k, num_classes)
-        self.confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-        self.top_k_hits = 0
+        self.confusion = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
+        self.top_k_hits = torch.zeros((), dtype=torch.int64, device=device)
+        self._outside = torch.full((), NO_LABEL, dtype=torch.int64, device=device)  # the largest seen
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        labels = labels.long().cpu()
-        logits = logits.float().cpu()
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"label {int(labels.max())} outside the model's {self.num_classes} classes")
+        labels = labels.long()
+        logits = logits.float()
+        inside = (labels >= 0) & (labels < self.num_classes)
+        if labels.numel():
+            self._outside = torch.maximum(self._outside, torch.where(inside, NO_LABEL, labels).max())
         predicted = logits.argmax(dim=1)
-        pairs = (labels * self.num_classes + predicted).numpy()
-        self.confusion += np.bincount(pairs, minlength=self.num_classes**2).reshape(self.confusion.shape)
+        pairs = torch.where(inside, labels * self.num_classes + predicted, 0)  # one outside adds 0 at 0
+        self.confusion.view(-1).index_add_(0, pairs, inside.long())
         top = logits.topk(self.top_k, dim=1).indices
-        self.top_k_hits += int((top == labels[:, None]).any(dim=1).sum())
+        self.top_k_hits += ((top == labels[:, None]).any(dim=1) & inside).sum()
 
     @property
     def samples(self) -> int:
         return int(self.confusion.sum())
 
     def result(self) -> Classification:
-        total = self.samples
+        outside = int(self._outside)
+        if outside != NO_LABEL:
+            raise ValueError(f"label {outside} outside the model's {self.num_classes} classes")
+        confusion = self.confusion.cpu().numpy()
+        total = int(confusion.sum())
         if total == 0:
             raise ValueError("no samples were evaluated")
-        per_class_total = self.confusion.sum(axis=1)
-        diagonal = np.diag(self.confusion)
+        per_class_total = confusion.sum(axis=1)
+        diagonal = np.diag(confusion)
         per_class = [
             float(hit / count) if count else None
             for hit, count in zip(diagonal, per_class_total, strict=True)
         ]
         return Classification(
             top1=float(diagonal.sum() / total),
-            top5=float(self.top_k_hits / total),
+            top5=int(self.top_k_hits) / total,
             top_k=self.top_k,
             per_class=per_class,
-            confusion=self.confusion.copy(),
+            confusion=confusion,
             samples=total,
         )
 
@@ -70,10 +82,9 @@ class Classification:
     samples: int
 
 
-def _tensor(array: np.ndarray | torch.Tensor, device: torch.device, model: nn.Module) -> torch.Tensor:
-    """A batch on the device as the model takes it: images stored larger than the model's resolution
-    give their centre crop (the evaluation crop of the recipe's training crops)."""
-    patches = torch.as_tensor(array).to(device, non_blocking=True)
+def _model_view(patches: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """A batch as the model takes it: images stored larger than the model's resolution give their centre
+    crop (the evaluation crop of the recipe's training crops)."""
     geometry = model.config.geometry
     if (
         patches.ndim == 3
@@ -87,26 +98,31 @@ def _tensor(array: np.ndarray | torch.Tensor, device: torch.device, model: nn.Mo
 
 @torch.no_grad()
 def evaluate_classifier(
-    model: nn.Module, batches: Iterable[Batch], num_classes: int, device: torch.device
+    model: nn.Module, batches: Iterable[Batch], num_classes: int, device: torch.device, *, bf16: bool = False
 ) -> Classification:
-    """Run the model in eval mode over every batch and score its logits."""
+    """Run the model (on `device`) in eval mode over every batch, under bf16 autocast when `bf16`, and score
+    its logits."""
     model.eval()
-    meter = ClassificationMeter(num_classes)
-    for patches, labels in batches:
-        meter.update(model(_tensor(patches, device, model)), torch.as_tensor(labels))
+    meter = ClassificationMeter(num_classes, device=device)
+    for patches, labels in prefetch_to_device(batches, device):
+        with autocast(device, bf16):
+            logits = model(_model_view(patches, model))
+        meter.update(logits, labels)
     return meter.result()
 
 
 @torch.no_grad()
 def extract_features(
-    model: nn.Module, batches: Iterable[Batch], device: torch.device
+    model: nn.Module, batches: Iterable[Batch], device: torch.device, *, bf16: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled pre-logits features (float32, on the CPU) and labels of every batch, in order."""
+    """Pooled pre-logits features (float32, on the CPU) and labels of every batch, in order; computed under
+    bf16 autocast when `bf16`. They are gathered on the device and moved once, at the end."""
     model.eval()
     features, labels = [], []
-    for patches, batch_labels in batches:
-        features.append(model.features(_tensor(patches, device, model)).float().cpu())
-        labels.append(torch.as_tensor(batch_labels).long())
+    for patches, batch_labels in prefetch_to_device(batches, device):
+        with autocast(device, bf16):
+            features.append(model.features(_model_view(patches, model)).float())
+        labels.append(batch_labels)
     if not features:
         raise ValueError("no samples to extract features from")
-    return torch.cat(features), torch.cat(labels)
+    return torch.cat(features).cpu(), torch.cat(labels).cpu()

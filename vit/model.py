@@ -3,15 +3,19 @@
 Pre-norm encoder blocks with fused QKV projections and `scaled_dot_product_attention`; class-token or
 global-average pooling; optional tanh pre-logits layer; zero-initialised head. The stem normalises
 uint8 patches on the device and embeds them with one matmul (the patch layout is `vit.patches`).
+Constructors read no tensor values, so a model can be built on the meta device and materialised with
+`reset_parameters` (`vit.models.build_model`); blocks can be activation-checkpointed (`BlockCheckpointing`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vit.config import Architecture, ViTConfig
 from vit.patches import describe_patch_dim
@@ -25,6 +29,46 @@ def lecun_normal_(weight: torch.Tensor) -> None:
     nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
 
 
+def reset_submodules(model: nn.Module) -> None:
+    """Call every submodule's own `reset_parameters` in the order the constructor built them: the random
+    draws the constructor's layers made, so a model built on the meta device and then reset gets bit for
+    bit the weights an eager build gets from the same seed."""
+    for module in model.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if module is not model and callable(reset):
+            reset()
+
+
+def drop_path_rates(drop_path: float, depth: int) -> list[float]:
+    """Stochastic depth per block, growing linearly from 0 at the first block to `drop_path` at the last.
+    Plain Python: a tensor's values cannot be read on the meta device."""
+    if depth == 1:
+        return [0.0]
+    return [drop_path * index / (depth - 1) for index in range(depth)]
+
+
+class BlockCheckpointing:
+    """Per-block activation checkpointing for a model that runs a sequence of blocks: when on, in training
+    with grad enabled, each block keeps only its input and recomputes its activations in the backward pass
+    (memory for one block's activations instead of all, for about one more forward pass). A switch, not a
+    weight: the state_dict is the same either way."""
+
+    training: bool
+    activation_checkpointing: bool = False
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Checkpoint each block from the next training forward pass on (or stop doing so)."""
+        self.activation_checkpointing = enabled
+
+    def call_block(self, block: nn.Module, x: torch.Tensor, **kwargs: Any) -> Any:
+        """`block(x, **kwargs)`, checkpointed when switched on, training and grad enabled (otherwise there
+        is no backward pass to save memory for). torch's default preserve_rng_state makes the recompute
+        draw the same dropout and drop-path masks, so gradients are those of the plain forward pass."""
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False, **kwargs)
+        return block(x, **kwargs)
+
+
 class PatchInput(nn.Module):
     """What every model family does first: check the patch tensors fit it, and normalise uint8 pixels
     on the device. Has no weights (its buffers are derived from the config and not saved)."""
@@ -32,12 +76,21 @@ class PatchInput(nn.Module):
     def __init__(self, config: Architecture) -> None:
         super().__init__()
         self.config = config
-        pixels_per_channel = config.patch_size * config.patch_size
+        patch_dim = config.geometry.patch_dim
+        self.register_buffer("scale", torch.empty(patch_dim), persistent=False)
+        self.register_buffer("shift", torch.empty(patch_dim), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Fill the normalisation buffers from the config, in place: not saved, so a model materialised
+        from the meta device (where they hold nothing) needs them computed again."""
+        device, pixels_per_channel = self.scale.device, self.config.patch_size * self.config.patch_size
         # The layout is (row, col, channel) within a patch, so channel values repeat with period C.
-        mean = torch.tensor(config.mean).repeat(pixels_per_channel)
-        std = torch.tensor(config.std).repeat(pixels_per_channel)
-        self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)
-        self.register_buffer("shift", -mean / std, persistent=False)
+        mean = torch.tensor(self.config.mean, device=device).repeat(pixels_per_channel)
+        std = torch.tensor(self.config.std, device=device).repeat(pixels_per_channel)
+        self.scale.copy_(1.0 / (255.0 * std))
+        self.shift.copy_(-mean / std)
 
     def check(self, patches: torch.Tensor, *, normalized: bool) -> None:
         """Raise a ValueError that says what the model expects when the input does not fit it."""
@@ -169,7 +222,7 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x))), weights
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(BlockCheckpointing, nn.Module):
     """ViT classifier: `model(uint8 patches [B, N, P*P*C]) -> logits [B, num_classes]`."""
 
     def __init__(self, config: ViTConfig) -> None:
@@ -179,8 +232,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.width)) if config.pool == "cls" else None
         self.pos_embed = nn.Parameter(torch.zeros(1, config.seq_len, config.width))
         self.dropout = nn.Dropout(config.dropout)
-        # Stochastic depth grows linearly with depth, from 0 at the first block to drop_path at the last.
-        rates = torch.linspace(0.0, config.drop_path, config.depth).tolist() if config.depth > 1 else [0.0]
+        rates = drop_path_rates(config.drop_path, config.depth)
         self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
         self.norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
         self.pre_logits = (
@@ -189,10 +241,17 @@ class VisionTransformer(nn.Module):
             else nn.Identity()
         )
         self.head = nn.Linear(config.feature_dim, config.num_classes)
-        self.reset_parameters()
+        self._init_weights()  # over the defaults the layers drew as they were built
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        """Initialise every weight and derived buffer in place, drawing what the constructor draws: how a
+        model built on the meta device is materialised (`vit.models.build_model`)."""
+        reset_submodules(self)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
         """Initialise as the reference implementation does; the head starts at zero."""
         lecun_normal_(self.stem.proj.weight)
         nn.init.zeros_(self.stem.proj.bias)
@@ -240,7 +299,10 @@ class VisionTransformer(nn.Module):
         x = self.dropout(x + self.pos_embed)
         weights = []
         for block in self.blocks:
-            x, block_weights = block(x, need_weights=need_weights, explicit=explicit)
+            if need_weights:  # the analyses' path (eval mode): never checkpointed
+                x, block_weights = block(x, need_weights=True, explicit=explicit)
+            else:
+                x, block_weights = self.call_block(block, x, explicit=explicit)
             weights.append(block_weights)
         return self.norm(x), weights
 

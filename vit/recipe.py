@@ -170,8 +170,9 @@ class Zero:
         if self.grad_reduce_dtype not in ("fp32", "bf16"):
             raise ValueError(f"grad_reduce_dtype must be fp32 or bf16 (got {self.grad_reduce_dtype!r})")
         for name in ("reduce_bucket_size", "allgather_bucket_size"):
-            if getattr(self, name) < 2 or getattr(self, name) % 2:  # DeepSpeed aligns buckets to 4 bytes
-                raise ValueError(f"{name} must be an even number of elements >= 2 (got {getattr(self, name)})")
+            size = getattr(self, name)
+            if size < 2 or size % 2:  # DeepSpeed aligns its buckets to 4 bytes
+                raise ValueError(f"{name} must be an even number of elements >= 2 (got {size})")
         refuse_derived_keys(self.extra)
 
 

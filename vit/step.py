@@ -112,7 +112,7 @@ def training_loss(
     targets = soft_targets(labels, config.num_classes, recipe.label_smoothing)
     if recipe.mixup_alpha > 0:
         images, targets = mixup(images, targets, float(rng.beta(recipe.mixup_alpha, recipe.mixup_alpha)))
-    logits = (forward or model)(images, normalized=True)
+    logits = (model if forward is None else forward)(images, normalized=True)
     correct = (logits.detach().argmax(-1) == labels).sum()
     return StepLoss(soft_cross_entropy(logits, targets), correct, labels.shape[0])
 

@@ -23,6 +23,7 @@ from pipeline.analysis.figures import (
 )
 from pipeline.analysis.subjects import ANALYSIS_FILE, Subject
 from pipeline.config import AnalyzeConfig
+from pipeline.ray_session import ray_task_device
 from pipeline.storage import local_folder, publish_folder
 from pipeline.transfer.data import SplitReader
 from vit.analysis import Analysis, analyze_vit, fit_images
@@ -52,7 +53,7 @@ def analysis_task(subject: Subject, images: ImageSource, config: AnalyzeConfig, 
         architecture = read_checkpoint(local).config
         if not isinstance(architecture, ViTConfig):
             return {"subject": subject.name, "skipped": f"{architecture.describe()}: no attention to analyse"}
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = ray_task_device()
         model = load_pretrained(local).to(device)
         reader = SplitReader(images.directory, images.split)
         rows = _spread_rows(len(reader), config.distance_images)

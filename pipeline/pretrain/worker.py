@@ -135,7 +135,9 @@ def _engine(
     universal = meta["world_size"] != world and meta["zero_stage"] > 0
     if universal:  # written by another number of ranks: DeepSpeed's universal format reshards it
         folder = to_universal(folder, meta["tag"], scratch / "universal")
-    engine = build_engine(model, recipe, settings.zero, world, load_universal=universal, compile_model=compiled)
+    engine = build_engine(
+        model, recipe, settings.zero, world, load_universal=universal, compile_model=compiled
+    )
     try:
         load_checkpoint(engine, folder, meta["tag"])
     except (OSError, RuntimeError, EOFError, ValueError) as error:  # torch.load of a damaged file

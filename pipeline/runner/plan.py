@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline.config import (
     DEFAULT_RUNS,
+    FINETUNE_OPERATIONAL,
     PRETRAIN_OPERATIONAL,
     ConfigError,
     FinetuneConfig,
@@ -302,7 +303,7 @@ def _transfer_step(
             "the one trained from scratch) or set finetune.weights (their architecture)"
         )
     settings = {
-        "finetune": finetune.model_dump(mode="json"),
+        "finetune": finetune.model_dump(mode="json", exclude=FINETUNE_OPERATIONAL),
         "evaluate": job.evaluate.model_dump(mode="json") if job.evaluate else None,
         # the scratch model is built from the pretrain section's model when there are no weights
         "model": job.pretrain.model.model_dump(mode="json") if job.pretrain else None,

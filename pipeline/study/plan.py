@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import (
+    FINETUNE_OPERATIONAL,
     PRETRAIN_OPERATIONAL,
     AnyModel,
     EvaluateConfig,
@@ -114,6 +115,6 @@ def point_settings(job: StudyJob, point: Point) -> dict[str, Any]:
         "point": {"size": point.size, "model": point.model, "seed": point.seed},
         "model": point_model(job, point).model_dump(mode="json"),
         "pretrain": pretrain.model_dump(mode="json", exclude=PRETRAIN_OPERATIONAL) if pretrain else None,
-        "finetune": point_finetune(job, point).model_dump(mode="json"),
+        "finetune": point_finetune(job, point).model_dump(mode="json", exclude=FINETUNE_OPERATIONAL),
         "evaluate": job.evaluate.model_dump(mode="json") if job.evaluate else None,
     }

@@ -25,17 +25,20 @@ import torch
 from pipeline.config import EvaluateConfig, FinetuneConfig
 from pipeline.console import detail
 from pipeline.metrics import MetricsLog, ProgressLine
+from pipeline.ray_session import ray_task_device
 from pipeline.storage import local_folder, publish_folder
 from pipeline.tracking import OFF, StepLogger, TrackingTarget, end, log_artifacts
 from pipeline.transfer.data import SplitReader, holdout
 from pipeline.transfer.plan import TEST_SPLIT, TRAIN_SPLIT, TargetPlan, target_architecture
 from pipeline.transfer.report import plot_confusion
 from vit.config import Architecture
+from vit.device import enable_tf32
 from vit.evaluate import Classification, evaluate_classifier, extract_features
 from vit.fewshot import fewshot_accuracy, sample_shots
 from vit.finetune import finetune, freeze_backbone
 from vit.hf import HF_DIR
 from vit.models import build_model
+from vit.recipe import Speed
 from vit.step import use_bf16
 from vit.weights import export_hf_folder, load_pretrained, read_checkpoint, save_pretrained, state_digest
 
@@ -86,8 +89,9 @@ def _run(settings: TaskSettings) -> dict[str, Any]:
     torch.manual_seed(settings.finetune.seed)
     target, mode = settings.target, settings.mode
     label = settings.label
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = ray_task_device()
     bf16 = use_bf16(settings.finetune.bf16, device)
+    tf32 = enable_tf32(device)  # for the float32 matmuls left outside bf16 (all of them without it)
     metrics = MetricsLog(settings.out, settings.tracking)
     metrics.event("started", target=target.name, mode=mode, device=str(device), pid=os.getpid())
     metrics.sync()
@@ -100,10 +104,13 @@ def _run(settings: TaskSettings) -> dict[str, Any]:
     probe_model = _starting_model(settings, keep_pre_logits=True).to(device)
     fewshot = None
     if settings.evaluate is not None and settings.probe:
-        fewshot = fewshot_table(probe_model, train_reader, test_reader, num_classes, settings, device)
+        fewshot = fewshot_table(
+            probe_model, train_reader, test_reader, num_classes, settings, device, bf16=bf16
+        )
         detail(f"{label}: few-shot linear " + _describe_fewshot(fewshot))
 
-    result: dict[str, Any] = {"target": target.name, "mode": mode, "device": str(device), "bf16": bf16}
+    result: dict[str, Any] = {"target": target.name, "mode": mode, "device": str(device), "bf16": bf16,
+                              "tf32": tf32}  # fmt: skip
     model = probe_model
     if settings.train:
         del probe_model
@@ -112,7 +119,8 @@ def _run(settings: TaskSettings) -> dict[str, Any]:
         result |= _finetune(model, train_reader, settings, device, bf16, metrics, label)
     mismatch = None if settings.train else _head_mismatch(settings.weights, target.classes)
     if mismatch is None:
-        test = evaluate_classifier(model, test_reader.batches(settings.eval_batch_size), num_classes, device)
+        test_batches = test_reader.batches(settings.eval_batch_size)
+        test = evaluate_classifier(model, test_batches, num_classes, device, bf16=bf16)
         result |= {
             "top1": test.top1,
             "top5": test.top5,
@@ -184,11 +192,13 @@ def fewshot_table(
     num_classes: int,
     settings: TaskSettings,
     device: torch.device,
+    *,
+    bf16: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Few-shot linear accuracy for every shot count, over several seeds: {"10": {mean, std, accuracies}}.
 
-    The features of every image any draw needs are extracted once; a shot count that some class has too
-    few training images for is reported as skipped, with the reason.
+    The features of every image any draw needs are extracted once (under bf16 autocast when `bf16`); a
+    shot count that some class has too few training images for is reported as skipped, with the reason.
     """
     options = settings.evaluate
     if options is None:
@@ -204,11 +214,11 @@ def fewshot_table(
         except ValueError as error:
             skipped[shots] = str(error)
     batch = settings.eval_batch_size
-    test_features, test_labels = extract_features(model, test_reader.batches(batch), device)
+    test_features, test_labels = extract_features(model, test_reader.batches(batch), device, bf16=bf16)
     needed = np.unique(np.concatenate(list(draws.values()))) if draws else np.empty(0, np.int64)
     table: dict[str, dict[str, Any]] = {str(shots): {"skipped": reason} for shots, reason in skipped.items()}
     if len(needed):
-        features, _ = extract_features(model, train_reader.take(needed, batch), device)
+        features, _ = extract_features(model, train_reader.take(needed, batch), device, bf16=bf16)
         row_of = {int(index): row for row, index in enumerate(needed)}
         for shots in options.shots:
             if shots in skipped:
@@ -247,7 +257,9 @@ def _finetune(
     labels = reader.labels()
     max_rows = VALIDATION_BYTES // reader.geometry.sample_bytes
     held_out = holdout(labels, config.val_fraction, config.seed, max_rows)
-    validate = _validation(reader, held_out, len(settings.target.classes), settings.eval_batch_size, device)
+    validate = _validation(reader, held_out, len(settings.target.classes), settings.eval_batch_size, device,
+                           bf16)  # fmt: skip
+    compiled = Speed(compile=config.compile).compiles(device.type)
     progress = ProgressLine(recipe.total_steps, 0, label=label)
 
     def on_record(record: dict[str, Any]) -> None:
@@ -257,13 +269,14 @@ def _finetune(
     batches = reader.training_batches(recipe.micro_batch_size, config.seed, exclude=held_out)
     outcome = finetune(
         model, batches, recipe, device=device, validate=validate, validate_every=config.validate_every,
-        log_every=config.log_every, on_record=on_record, seed=config.seed,
+        log_every=config.log_every, on_record=on_record, seed=config.seed, compile_forward=compiled,
     )  # fmt: skip
     metrics.sync()
     model.load_state_dict(outcome.best_state)
     images_per_s = [r["images_per_s"] for r in outcome.records if r.get("images_per_s")]
     return {
         "lr": config.optimizer.lr,
+        "compiled": compiled,
         "steps": recipe.total_steps,
         "best_step": outcome.best_step,
         "val_top1": outcome.best_score,
@@ -276,9 +289,10 @@ def _finetune(
 
 
 def _validation(
-    reader: SplitReader, held_out: np.ndarray, num_classes: int, batch: int, device: torch.device
+    reader: SplitReader, held_out: np.ndarray, num_classes: int, batch: int, device: torch.device, bf16: bool
 ) -> Callable[[torch.nn.Module], float] | None:
-    """Top-1 on the hold-out (read once, kept in memory), or None when there is no hold-out."""
+    """Top-1 on the hold-out (read once, kept in memory), or None when there is no hold-out; under bf16
+    autocast when `bf16`, as the training steps are."""
     if not len(held_out):
         return None
     val_patches, val_labels = map(np.concatenate, zip(*reader.take(held_out, len(held_out)), strict=True))
@@ -287,7 +301,7 @@ def _validation(
         batches = (
             (val_patches[i : i + batch], val_labels[i : i + batch]) for i in range(0, len(val_labels), batch)
         )
-        return evaluate_classifier(candidate, batches, num_classes, device).top1
+        return evaluate_classifier(candidate, batches, num_classes, device, bf16=bf16).top1
 
     return validate
 
