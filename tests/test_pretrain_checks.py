@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
+from vit.recipe import Speed
 
 RUN = {
     "model": {"patch_size": 4, "width": 32, "depth": 1, "heads": 2, "mlp_dim": 64},
@@ -190,13 +191,30 @@ def test_bf16_auto_is_decided_on_the_worker_by_its_device(monkeypatch):
     assert use_bf16(False, torch.device("cuda")) is False
 
 
+def test_gpu_speed_options_have_a_gpu_users_defaults_and_refuse_bad_values():
+    from pipeline.config import PretrainConfig
+
+    config = PretrainConfig(data="x")
+    assert config.speed() == Speed(compile="auto", activation_checkpointing=False, tf32=True)
+    assert config.speed().compiles("cuda")
+    assert not config.speed().compiles("cpu")
+    zero = config.zero()
+    assert (zero.grad_reduce_dtype, zero.overlap_comm) == ("fp32", True)
+    for key, value in (("reduce_bucket_size", 3), ("allgather_bucket_size", 0), ("grad_reduce_dtype", "fp16"),
+                       ("compile", "yes")):  # fmt: skip
+        with pytest.raises(ValueError, match=key):
+            PretrainConfig(data="x", **{key: value})
+
+
 # ---------------------------------------------------------------- relaunching a run that has checkpoints
 
 OPERATIONAL = [
     {"num_workers": 1}, {"num_workers": 4, "micro_batch_size": 4}, {"micro_batch_size": 4},
     {"cpus_per_worker": 2.0}, {"data_threads": 4}, {"placement": "SPREAD"},
     {"checkpoint_every": 7}, {"keep_checkpoints": 1}, {"max_failures": 0}, {"log_every": 1},
-    {"steps": 400}, {"use_gpu": True},
+    {"steps": 400}, {"use_gpu": True}, {"compile": True}, {"activation_checkpointing": True}, {"tf32": False},
+    {"grad_reduce_dtype": "bf16"}, {"overlap_comm": False}, {"reduce_bucket_size": 2**24},
+    {"allgather_bucket_size": 2**24},
 ]  # fmt: skip
 DEFINING = [
     ({"optimizer": {"lr": 0.01}}, "optimizer.lr 0.001 -> 0.01"),

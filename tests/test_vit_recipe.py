@@ -123,16 +123,18 @@ def test_label_smoothing_and_mixup_keep_targets_distributions():
 def test_deepspeed_config_splits_the_batch_and_merges_extra_keys():
     recipe = Recipe(Optimizer(grad_clip=1.0), Schedule(), total_steps=10, micro_batch_size=8, grad_accum=4,
                     bf16=True)  # fmt: skip
-    extra = {"zero_optimization": {"overlap_comm": True}, "comms_logger": {"enabled": False}}
-    zero = Zero(3, offload_optimizer=True, extra=extra)
+    extra = {"zero_optimization": {"overlap_comm": False}, "comms_logger": {"enabled": False}}
+    zero = Zero(3, offload_optimizer=True, extra=extra, reduce_bucket_size=2**20, allgather_bucket_size=2**18)
     config = deepspeed_config(recipe, zero, world_size=2)
     assert config["train_batch_size"] == 64
     assert config["gradient_accumulation_steps"] == 4
     assert config["train_micro_batch_size_per_gpu"] == 8
     assert config["gradient_clipping"] == 1.0
     assert config["zero_optimization"] == {
-        "stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False}, "overlap_comm": True,
+        "stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False}, "overlap_comm": False,
+        "reduce_bucket_size": 2**20, "stage3_prefetch_bucket_size": 2**18, "contiguous_gradients": True,
     }  # fmt: skip
+    assert deepspeed_config(recipe, Zero(2), 1)["zero_optimization"]["allgather_bucket_size"] == 500_000_000
     assert config["bf16"] == {"enabled": True}
     assert config["comms_logger"] == {"enabled": False}
     assert "scheduler" not in config  # the loop sets each step's rate itself

@@ -64,7 +64,8 @@ def precision_config(bf16: bool, zero: Zero) -> dict[str, Any]:
         return {"bf16": {"enabled": False}}
     reduce_dtype = zero.grad_reduce_dtype
     if zero.stage == 0:
-        return {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}, "communication_data_type": reduce_dtype}
+        autocast = {"enabled": True, "dtype": "bfloat16"}
+        return {"torch_autocast": autocast, "communication_data_type": reduce_dtype}
     section: dict[str, Any] = {"bf16": {"enabled": True}, "communication_data_type": reduce_dtype}
     if reduce_dtype == "fp32":
         section["data_types"] = {"grad_accum_dtype": "fp32"}
