@@ -302,7 +302,8 @@ def test_a_compiled_engine_trains_within_a_tolerance_of_eager(one_rank_group):
     runs, names = [], []
     for compiled in (False, True):
         torch.manual_seed(0)
-        engine = build_engine(VisionTransformer(config), recipe, Zero(2), world_size=1, compile_model=compiled)
+        model = VisionTransformer(config)
+        engine = build_engine(model, recipe, Zero(2), world_size=1, compile_model=compiled)
         assert engine.is_compiled is compiled
         runs.append(losses_of(engine, recipe, 4))
         names.append(list(engine.module.state_dict()))
