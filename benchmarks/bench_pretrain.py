@@ -16,8 +16,8 @@ Reported: median images/s over the steps after warm-up, and the overhead 1 - ray
 GPU section (CUDA only): one process, one GPU, `vit.engine.build_engine` (the engine each Ray worker
 builds) on ViT-B/16 at 224, bf16, ZeRO-2, on random uint8 patches already on the GPU; against a plain
 bf16-autocast PyTorch loop with fused AdamW. MFU = 3x forward FLOPs x images/s over the datasheet peak,
-and over a bf16 matmul measured in the same run. Ray itself is not on the GPU machines this project is
-lent, so this section times the DeepSpeed step without it; the CPU section measures Ray's share.
+and over a bf16 matmul measured in the same run: the DeepSpeed step without Ray (the CPU section measures
+Ray's share; benchmarks/gpu/check.sh measures the whole path on a GPU, Ray included).
 
     .venv/bin/python -m benchmarks.bench_pretrain                   # CPU section -> results/pretrain.json
     python -m benchmarks.bench_pretrain --gpu-only --out gpu.json   # GPU section alone (no Ray needed)
