@@ -281,7 +281,7 @@ def gpu_section(variant: str, micro_batches: list[int], steps: int, warmup: int)
                 step = functools.partial(train_micro_batch, engine, patches, labels, recipe, rng)
             else:
                 recipe = plain_recipe(10_000, micro, bf16=True)
-                optimizer = make_optimizer(model, recipe.optimizer, fused=True)
+                optimizer = make_optimizer(model, recipe.optimizer)
                 rng = np.random.default_rng(0)
                 step = functools.partial(plain_step, model, optimizer, recipe, [0], patches, labels, rng)
             try:

@@ -104,11 +104,10 @@ def build_engine(
     """`deepspeed.initialize` on an already set-up process group, the model compiled in place when asked
     (`engine.compile`: the module keeps its parameter names, so checkpoints do not change). The learning
     rate is not a DeepSpeed scheduler's state: the loop sets `recipe.lr_at(step)` before each optimizer
-    step (`set_step_lr`). The optimizer is torch's fused one on every device: on CPUs too it is 4-7x
-    faster than the per-tensor loop (benchmarks/results/fused_optimizer.json)."""
+    step (`set_step_lr`)."""
     import deepspeed
 
-    optimizer = make_optimizer(model, recipe.optimizer, fused=True)
+    optimizer = make_optimizer(model, recipe.optimizer)
     config = deepspeed_config(recipe, zero, world_size, load_universal=load_universal)
     with quiet_deepspeed():
         engine, *_ = deepspeed.initialize(

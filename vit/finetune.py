@@ -70,7 +70,7 @@ def finetune(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("no parameter is trainable")
-    optimizer = make_optimizer(model, recipe.optimizer, fused=device.type == "cuda")
+    optimizer = make_optimizer(model, recipe.optimizer)
     # The compiled forward is a function of the module's own parameters: the module itself stays plain for
     # validation, state_dict and export.
     forward = torch.compile(model.forward) if compile_forward else model

@@ -47,13 +47,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
-def make_optimizer(model: nn.Module, optimizer: Optimizer, *, fused: bool = False) -> torch.optim.Optimizer:
-    """AdamW or SGD-momentum over the decay/no-decay groups (`fused` kernels on CUDA)."""
+def make_optimizer(model: nn.Module, optimizer: Optimizer) -> torch.optim.Optimizer:
+    """AdamW or SGD-momentum over the decay/no-decay groups, torch's fused kernels on every device (on CPUs
+    AdamW's is 7.4x faster than its per-tensor loop: benchmarks/results/fused_optimizer.json)."""
     groups = param_groups(model, optimizer.weight_decay)
-    options = {"fused": True} if fused else {}
     if optimizer.name == "adamw":
-        return torch.optim.AdamW(groups, lr=optimizer.lr, betas=optimizer.betas, **options)
-    return torch.optim.SGD(groups, lr=optimizer.lr, momentum=optimizer.momentum, **options)
+        return torch.optim.AdamW(groups, lr=optimizer.lr, betas=optimizer.betas, fused=True)
+    return torch.optim.SGD(groups, lr=optimizer.lr, momentum=optimizer.momentum, fused=True)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
