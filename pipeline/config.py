@@ -39,7 +39,7 @@ from pydantic import (
 
 from vit.config import BiTConfig, ViTConfig
 from vit.patches import PatchGeometry
-from vit.recipe import Crop, Optimizer, Recipe, Schedule, Speed, Zero, grad_accum, refuse_derived_keys
+from vit.recipe import Crop, Optimizer, Recipe, Schedule, Speed, Zero, grad_accum
 from vit.variants import VARIANTS, parse_bit_variant, parse_variant
 
 # Strict numbers: YAML already types its scalars (the loader reads `1e-3` as a number, as YAML 1.2
@@ -508,9 +508,9 @@ class PretrainConfig(Section):
     # Gradients reduced over the ranks and accumulated over micro-batches in fp32 under bf16; bf16 halves
     # the bytes on the wire at the cost of precision (benchmarks/results/grad_reduce.json).
     grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
-    overlap_comm: Flag = True  # ZeRO's reduction overlapped with backward (stages 1-3)
-    reduce_bucket_size: Annotated[int, Field(ge=2, multiple_of=2)] = 500_000_000  # elements per reduction
-    allgather_bucket_size: Annotated[int, Field(ge=2, multiple_of=2)] = 500_000_000  # per weight gather
+    overlap_comm: Flag = True  # ZeRO 2-3 reduce while backward goes on (not stage 1 under bf16)
+    reduce_bucket_size: int = 500_000_000  # elements per gradient reduction
+    allgather_bucket_size: int | None = None  # per weight gather (stage 3: prefetch); None: DeepSpeed's
     deepspeed: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -531,7 +531,7 @@ class PretrainConfig(Section):
             )
         if self.epochs is not None and "steps" in self.model_fields_set:
             raise ValueError("set either steps or epochs, not both")
-        refuse_derived_keys(self.deepspeed)
+        self.zero()  # the ZeRO settings' own checks (bucket sizes, derived raw keys)
         for key, instead in PRETRAIN_RETIRED.items():
             if getattr(self, key) is not None:
                 warnings.warn(f"pretrain.{key} no longer applies ({instead}); drop it", stacklevel=2)

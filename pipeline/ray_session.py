@@ -78,11 +78,15 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     return env
 
 
-def task_device(gpu_ids: Sequence[int | str], cuda_available: bool) -> torch.device:
+def task_device(
+    gpu_ids: Sequence[int | str], cuda_available: bool, *, ray_sets_visible_devices: bool = True
+) -> torch.device:
     """The device a Ray task computes on: the GPU Ray assigned it (`gpu_ids`, from `ray.get_gpu_ids()`),
     else the CPU. Ray 2.60 no longer hides the GPUs from a task that asked for none (CUDA_VISIBLE_DEVICES
     is left as it is), so `torch.cuda.is_available()` alone would put such a task on a GPU that Ray
-    scheduled for another. With a GPU assigned, CUDA_VISIBLE_DEVICES holds it: it is device 0, "cuda"."""
+    scheduled for another. With a GPU assigned, CUDA_VISIBLE_DEVICES holds it alone: it is "cuda" (device
+    0); unless Ray was told not to set it (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES), then it is the
+    assigned GPU's own index."""
     import torch
 
     if not gpu_ids:
@@ -94,14 +98,15 @@ def task_device(gpu_ids: Sequence[int | str], cuda_available: bool) -> torch.dev
             f"(torch {torch.__version__}, {build}): the node's driver or this torch build cannot see the "
             "GPU. Install a CUDA build of torch that the node's driver supports, or set gpus_per_task: 0"
         )
-    return torch.device("cuda")
+    return torch.device("cuda") if ray_sets_visible_devices else torch.device("cuda", int(gpu_ids[0]))
 
 
 def ray_task_device() -> torch.device:
     """`task_device` of the Ray task this runs in."""
     import torch
 
-    return task_device(ray.get_gpu_ids(), torch.cuda.is_available())
+    noset = os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES", "") not in ("", "0")
+    return task_device(ray.get_gpu_ids(), torch.cuda.is_available(), ray_sets_visible_devices=not noset)
 
 
 def check_resources(needs: dict[str, float], what: str, remedy: str, *, per_node: bool = False) -> None:

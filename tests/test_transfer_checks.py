@@ -390,6 +390,7 @@ def test_a_task_computes_on_a_gpu_only_when_ray_assigned_it_one():
     assert task_device([], cuda_available=True) == torch.device("cpu")
     assert task_device([], cuda_available=False) == torch.device("cpu")
     assert task_device([0], cuda_available=True) == torch.device("cuda")
+    assert task_device(["3"], cuda_available=True, ray_sets_visible_devices=False) == torch.device("cuda", 3)
     with pytest.raises(RuntimeError, match="Ray assigned this task GPU 0 but torch cannot use CUDA here"):
         task_device([0], cuda_available=False)
 

@@ -233,7 +233,38 @@ def test_gradients_are_reduced_and_accumulated_in_fp32_under_bf16_by_default(
     wanted = torch.float32 if reduce_dtype == "fp32" else torch.bfloat16
     assert engine.communication_data_type == wanted
     assert engine.get_data_types()[1] == wanted  # the gradient accumulation dtype
-    assert Zero(2).grad_reduce_dtype == "fp32"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_bf16_checkpoint_consolidates_into_the_fp32_master_weights(stage, one_rank_group, tmp_path):
+    """Under bf16 with fp32 accumulation ZeRO-1 is DeepSpeed's BF16_Optimizer, whose files zero_to_fp32
+    does not read (an export of such a run failed after all its training); every stage's checkpoint gives
+    the fp32 master weights the engine holds, bit for bit."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    bf16 = dataclasses.replace(NOISY_RECIPE, bf16=True, total_steps=3)
+    engine = fresh_engine(bf16, Zero(stage))
+    assert (type(engine.optimizer).__name__ == "BF16_Optimizer") is (stage == 1)
+    train(Memory(tmp_path), engine, 0, bf16)
+    exported = consolidated_state(tmp_path, "step3")
+    assert set(exported) == {name for name, _ in engine.module.named_parameters()}
+    for name, parameter in engine.module.named_parameters():
+        assert torch.equal(exported[name], safe_get_full_fp32_param(parameter).float()), name
+
+
+def test_deepspeed_does_not_synchronise_the_device_at_each_micro_batch(one_rank_group, monkeypatch):
+    """DeepSpeed's throughput timer (on by default) synchronises the accelerator as each micro-batch
+    starts and steps: two host-device syncs a micro-batch on a GPU. Counted through the accelerator, which
+    the timer calls on CPUs too."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    calls = []
+    synchronize = accelerator.synchronize
+    monkeypatch.setattr(accelerator, "synchronize", lambda *a, **k: calls.append(1) or synchronize(*a, **k))
+    engine = fresh_engine(dataclasses.replace(NOISY_RECIPE, bf16=True))
+    losses_of(engine, NOISY_RECIPE, 10)  # 5 steps: the timer starts timing at the third
+    assert calls == []
 
 
 def test_zero0_under_bf16_keeps_and_exports_fp32_master_weights(one_rank_group, tmp_path):
@@ -293,16 +324,17 @@ def test_activation_checkpointing_in_the_engine_trains_the_same_steps(stage, one
 @pytest.mark.slow
 def test_a_compiled_engine_trains_within_a_tolerance_of_eager(one_rank_group):
     """`pretrain.compile`: DeepSpeed's engine.compile (torch.compile of the module in place) on the CPU's
-    inductor; 4 steps from the same weights and draws (crops, flips and mixup outside the model) give
-    eager's losses within rel 1e-4, and the parameter names (what checkpoints hold) are unchanged. Dropout
-    and drop-path are off: inside a compiled graph they draw from inductor's own generator, another
-    stream than eager's."""
+    inductor, with activation checkpointing; 4 steps from the same weights and draws (crops, flips and
+    mixup outside the model) give eager's losses within rel 1e-4, and the parameter names (what
+    checkpoints hold) are unchanged. Dropout and drop-path are off: inside a compiled graph they draw from
+    inductor's own generator, another stream than eager's."""
     recipe = dataclasses.replace(NOISY_RECIPE, grad_accum=1)
     config = dataclasses.replace(NOISY, dropout=0.0, drop_path=0.0)
     runs, names = [], []
-    for compiled in (False, True):
+    for compiled in (False, True):  # compiled with activation checkpointing: the two together, as on GPUs
         torch.manual_seed(0)
         model = VisionTransformer(config)
+        model.set_activation_checkpointing(compiled)
         engine = build_engine(model, recipe, Zero(2), world_size=1, compile_model=compiled)
         assert engine.is_compiled is compiled
         runs.append(losses_of(engine, recipe, 4))

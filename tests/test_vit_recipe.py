@@ -123,8 +123,9 @@ def test_label_smoothing_and_mixup_keep_targets_distributions():
 def test_deepspeed_config_splits_the_batch_and_merges_extra_keys():
     recipe = Recipe(Optimizer(grad_clip=1.0), Schedule(), total_steps=10, micro_batch_size=8, grad_accum=4,
                     bf16=True)  # fmt: skip
-    extra = {"zero_optimization": {"overlap_comm": False}, "comms_logger": {"enabled": False}}
-    zero = Zero(3, offload_optimizer=True, extra=extra, reduce_bucket_size=2**20, allgather_bucket_size=2**18)
+    extra = {"zero_optimization": {"sub_group_size": 10**8}, "comms_logger": {"enabled": False}}
+    zero = Zero(3, offload_optimizer=True, extra=extra, overlap_comm=False, reduce_bucket_size=2**20,
+                allgather_bucket_size=2**18)  # fmt: skip
     config = deepspeed_config(recipe, zero, world_size=2)
     assert config["train_batch_size"] == 64
     assert config["gradient_accumulation_steps"] == 4
@@ -133,8 +134,11 @@ def test_deepspeed_config_splits_the_batch_and_merges_extra_keys():
     assert config["zero_optimization"] == {
         "stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False}, "overlap_comm": False,
         "reduce_bucket_size": 2**20, "stage3_prefetch_bucket_size": 2**18, "contiguous_gradients": True,
+        "sub_group_size": 10**8,
     }  # fmt: skip
-    assert deepspeed_config(recipe, Zero(2), 1)["zero_optimization"]["allgather_bucket_size"] == 500_000_000
+    # No all-gather size of vitpipe's own by default: DeepSpeed's (5e8 at stages 1-2, 5e7 at stage 3).
+    assert "stage3_prefetch_bucket_size" not in deepspeed_config(recipe, Zero(3), 1)["zero_optimization"]
+    assert config["timers"] == {"throughput": {"enabled": False}}  # its timer syncs every micro-batch
     assert config["bf16"] == {"enabled": True}
     assert config["comms_logger"] == {"enabled": False}
     assert "scheduler" not in config  # the loop sets each step's rate itself
@@ -144,6 +148,8 @@ def test_deepspeed_config_splits_the_batch_and_merges_extra_keys():
 def test_deepspeed_keys_vitpipe_derives_cannot_be_overridden():
     with pytest.raises(ValueError, match=r"\['train_batch_size'\] are derived from vitpipe"):
         Zero(2, extra={"train_batch_size": 99})
+    with pytest.raises(ValueError, match=r"zero_optimization.overlap_comm.*set those instead"):
+        Zero(2, extra={"zero_optimization": {"overlap_comm": False}})
 
 
 def test_peak_flops_come_from_the_datasheet_table_or_a_measurement():

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import io
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,9 @@ def deepspeed_config(
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # vitpipe prints its own progress
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronises the device at every micro-batch's start and step
+        # (on by default); vitpipe times steps itself, reading the device only at log steps.
+        "timers": {"throughput": {"enabled": False}},
     }
     if zero.offload_optimizer:
         # The torch optimizer on CPU (DeepSpeedCPUAdam needs compiled ops, which are not built here).
@@ -80,8 +84,9 @@ def zero_section(zero: Zero) -> dict[str, Any]:
     if zero.stage > 0:
         section |= {"overlap_comm": zero.overlap_comm, "reduce_bucket_size": zero.reduce_bucket_size,
                     "contiguous_gradients": True}  # fmt: skip
-        bucket = "stage3_prefetch_bucket_size" if zero.stage == 3 else "allgather_bucket_size"
-        section[bucket] = zero.allgather_bucket_size
+        if zero.allgather_bucket_size is not None:
+            bucket = "stage3_prefetch_bucket_size" if zero.stage == 3 else "allgather_bucket_size"
+            section[bucket] = zero.allgather_bucket_size
     if zero.offload_optimizer:
         section["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return section
@@ -248,10 +253,38 @@ def consolidated_state(directory: str | Path, tag: str) -> dict[str, torch.Tenso
         raise FileNotFoundError(f"{folder}: no such checkpoint")
     if not any(folder.glob("*model_states.pt")):  # ZeRO-3 names it zero_pp_rank_0_mp_rank_00_model_states.pt
         raise FileNotFoundError(f"{folder}: no *model_states.pt file; the checkpoint is incomplete")
-    if any(folder.glob("*zero_pp_rank_*_optim_states.pt")):
+    optimizer_files = sorted(folder.glob("*zero_pp_rank_*_optim_states.pt"))
+    if optimizer_files and _no_zero_stage(optimizer_files[0]):
+        state = _universal_fp32_state(directory, tag)
+    elif optimizer_files:
         with contextlib.redirect_stdout(io.StringIO()), quiet_deepspeed():
             state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
     else:  # ZeRO stage 0 without bf16: rank 0's model file holds the full fp32 weights
         saved = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         state = saved["module"]
     return {name: tensor.float().contiguous() for name, tensor in state.items()}
+
+
+def _no_zero_stage(optimizer_file: Path) -> bool:
+    """Whether DeepSpeed's BF16_Optimizer wrote this file (ZeRO-1 under bf16 with fp32 accumulation): it
+    records no ZeRO stage, which is what zero_to_fp32 refuses such a checkpoint for."""
+    saved = torch.load(optimizer_file, map_location="cpu", weights_only=False)
+    return "zero_stage" not in saved["optimizer_state_dict"]
+
+
+def _universal_fp32_state(directory: str | Path, tag: str) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a ZeRO-1 bf16 checkpoint with fp32 accumulation, which DeepSpeed trains
+    with its BF16_Optimizer and whose files zero_to_fp32 does not read: from its universal form, which
+    holds each parameter's fp32 weights (`zero/NAME/fp32.pt`, some flattened), in the shapes of the bf16
+    module saved beside them."""
+    saved = torch.load(Path(directory) / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=False)  # fmt: skip
+    shapes = {name: tensor.shape for name, tensor in saved["module"].items()}
+    state = {}
+    with tempfile.TemporaryDirectory(prefix="vitpipe-universal-") as scratch:
+        parameters = to_universal(directory, tag, scratch) / tag / "zero"
+        for weights in sorted(parameters.glob("*/fp32.pt")):
+            loaded = torch.load(weights, weights_only=True)  # {"param": tensor, ...}, or the tensor alone
+            tensor = loaded["param"] if isinstance(loaded, dict) else loaded
+            state[weights.parent.name] = tensor.reshape(shapes[weights.parent.name])
+    return state

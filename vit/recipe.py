@@ -28,6 +28,10 @@ DERIVED_DEEPSPEED_KEYS = frozenset(
         "data_types",
     }
 )
+# Keys of `zero_optimization` that vitpipe derives from its own (pretrain.zero_stage, overlap_comm, ...).
+DERIVED_ZERO_KEYS = frozenset(
+    {"stage", "overlap_comm", "reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size"}
+)
 
 
 def _require(problems: list[str]) -> None:
@@ -162,7 +166,9 @@ class Zero:
     grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     overlap_comm: bool = True
     reduce_bucket_size: int = 500_000_000
-    allgather_bucket_size: int = 500_000_000
+    # None: DeepSpeed's own (5e8 elements per all-gather at stages 1-2, a 5e7 prefetch at stage 3, where a
+    # larger one would gather a large model's layers ahead almost whole)
+    allgather_bucket_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3):
@@ -171,7 +177,7 @@ class Zero:
             raise ValueError(f"grad_reduce_dtype must be fp32 or bf16 (got {self.grad_reduce_dtype!r})")
         for name in ("reduce_bucket_size", "allgather_bucket_size"):
             size = getattr(self, name)
-            if size < 2 or size % 2:  # DeepSpeed aligns its buckets to 4 bytes
+            if size is not None and (size < 2 or size % 2):  # DeepSpeed aligns its buckets to 4 bytes
                 raise ValueError(f"{name} must be an even number of elements >= 2 (got {size})")
         refuse_derived_keys(self.extra)
 
@@ -195,5 +201,11 @@ class Speed:
 def refuse_derived_keys(extra: dict[str, Any]) -> None:
     """Raw DeepSpeed keys may add to the generated config, not contradict what vitpipe derives."""
     clash = sorted(DERIVED_DEEPSPEED_KEYS & set(extra))
+    zero = extra.get("zero_optimization")
+    if isinstance(zero, dict):
+        clash += [f"zero_optimization.{key}" for key in sorted(DERIVED_ZERO_KEYS & set(zero))]
     if clash:
-        raise ValueError(f"deepspeed: {clash} are derived from vitpipe's own keys; set those instead")
+        raise ValueError(
+            f"deepspeed: {clash} are derived from vitpipe's own keys; set those instead (pretrain."
+            "zero_stage, overlap_comm, reduce_bucket_size, allgather_bucket_size)"
+        )

@@ -182,6 +182,8 @@ class Report:
         except Exception as error:
             traceback.print_exc()
             status |= {"status": "error", "error": f"{type(error).__name__}: {error}"}
+        except KeyboardInterrupt:  # a second signal (check.sh's timeout): keep what the section has
+            status |= {"status": "interrupted"}
         finally:
             status["seconds"] = round(time.perf_counter() - started, 2)
             self.write()
@@ -383,6 +385,9 @@ def run_configuration(profile: Profile, configuration: Configuration, data: str,
             pretrain(config, plan, storage=str(runs), name=configuration.name)
     except TrainingStopped as stopped:
         row |= {"status": "stopped", "error": str(stopped)}
+    except KeyboardInterrupt:  # a second signal while the run checkpointed: its records so far, no more runs
+        deadline.signalled = "a second signal"
+        row |= {"status": "killed", "error": "stopped again before its checkpoint was written"}
     except Exception as error:
         traceback.print_exc()
         row |= {"status": "error", "error": f"{type(error).__name__}: {error}"}

@@ -36,8 +36,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 "$python" -c "import deepspeed, ray" || echo "check.sh: Ray or DeepSpeed does not import (above): was .whl/ made" \
   "by benchmarks/gpu/wheels.sh and carried? The sections that need neither run all the same" >&2
 $cpu || nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv || true
-# check.py stops starting runs at its deadline and stops a run still going then (checkpoint, return); the
-# timeout after it is the backstop: SIGTERM (the same clean stop), then SIGKILL 10 s later.
+# check.py stops starting runs at its deadline and stops a run still going then (checkpoint, return): 60 s
+# before the budget ends, the time an L/16 ZeRO-2 checkpoint (~4 GB) takes to write and hand to Ray Train,
+# counted from check.py's start (its imports, ~10 s, are inside the margin). The timeout is the backstop:
+# SIGTERM (a second stop: the run's rows so far are kept, nan_check and summary still written), then
+# SIGKILL 5 s later.
 left=$((budget_s - (SECONDS - started)))
-timeout -k 10 $((left - 15)) "$python" -m benchmarks.gpu.check --out "$out_dir/$name.json" \
-  --deadline-s $((left - 45)) "$@" 2>&1 | tee "$out_dir/$name.log"
+timeout -k 5 $((left - 5)) "$python" -m benchmarks.gpu.check --out "$out_dir/$name.json" \
+  --deadline-s $((left - 70)) "$@" 2>&1 | tee "$out_dir/$name.log"

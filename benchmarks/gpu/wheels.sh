@@ -24,6 +24,7 @@ fi
 packages=(
   ray                                     # core; ray.train, ray.tune's tensorboardX
   pydantic pydantic-core annotated-types typing-inspection  # vitpipe's config schema, DeepSpeed's, Ray's
+  typing-extensions                       # pydantic-core's floor (4.16) may be above the image's
   hjson                                   # DeepSpeed
   webdataset braceexpand                  # vitpipe's preprocess modules
   tensorboardX                            # vitpipe's metrics, ray.tune
