@@ -10,10 +10,11 @@ from importlib import metadata
 PACKAGES = ("torch", "ray", "deepspeed", "webdataset", "pyarrow", "numpy", "pillow", "pydantic")
 
 
-def package_versions() -> dict[str, str]:
-    """Installed versions of the packages vitpipe runs on ('missing' when not installed)."""
+def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
+    """Python's version and the installed versions of `names`, by default the packages vitpipe runs on
+    ('missing' when not installed)."""
     versions = {"python": platform.python_version()}
-    for name in PACKAGES:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

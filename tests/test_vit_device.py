@@ -77,11 +77,6 @@ def test_on_a_cpu_batches_arrive_as_tensors_with_int64_labels_one_read_ahead():
         np.testing.assert_array_equal(got_labels.numpy(), want_labels)
 
 
-def test_a_side_stream_is_for_cuda_devices_only():
-    with pytest.raises(ValueError, match="a side stream copies to a CUDA device, not to cpu"):
-        prefetch_to_device([], CPU, side_stream=True)
-
-
 @pytest.fixture
 def precision_settings():
     """The TF32 settings `enable_tf32` writes, set to plain fp32 and put back afterwards: they are global to

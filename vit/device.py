@@ -37,21 +37,14 @@ def copy_ahead(
         yield wait(issued.popleft())
 
 
-def prefetch_to_device(
-    batches: Iterable[HostBatch], device: torch.device, *, side_stream: bool | None = None
-) -> Iterator[DeviceBatch]:
+def prefetch_to_device(batches: Iterable[HostBatch], device: torch.device) -> Iterator[DeviceBatch]:
     """(patches, labels) of every batch on `device`, labels as int64, one batch read and copied ahead.
 
-    With a `side_stream` (the default on CUDA) the host tensors are pinned and copied without blocking on a
-    stream of their own, which the compute stream waits for before it uses them; otherwise a plain move
-    (on a CPU, none at all).
+    On CUDA the host tensors are pinned and copied without blocking on a stream of their own, which the
+    compute stream waits for before it uses them; elsewhere a plain move (on a CPU, none at all).
     """
-    if side_stream is None:
-        side_stream = device.type == "cuda"
-    if not side_stream:
-        return copy_ahead(batches, lambda batch: _move(batch, device), lambda moved: moved)
     if device.type != "cuda":
-        raise ValueError(f"a side stream copies to a CUDA device, not to {device}")
+        return copy_ahead(batches, lambda batch: _move(batch, device), lambda moved: moved)
     stream = torch.cuda.Stream(device)
     return copy_ahead(
         batches, lambda batch: _copy_on(stream, batch, device), lambda copied: _wait(copied, device)

@@ -41,7 +41,6 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,7 @@ import torch
 from benchmarks.bench_pretrain import cuda_seconds, measured_bf16_peak
 from benchmarks.machine import machine
 from pipeline.config import PreprocessConfig, PretrainConfig
+from pipeline.info import package_versions
 from pipeline.preprocess.manifest import build_manifest, write_manifest
 from pipeline.preprocess.patchfile import PatchShardWriter
 from pipeline.storage import resolve
@@ -231,16 +231,6 @@ class Deadline:
 
 # What the wheels check.sh installs rely on finding in the machine's image, at a version that suits them.
 IMAGE_PACKAGES = ("protobuf", "grpcio", "aiohttp", "packaging", "msgpack", "click", "pandas", "tensorboard")
-
-
-def image_packages() -> dict[str, str]:
-    versions = {}
-    for name in IMAGE_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "missing"
-    return versions
 
 
 def seconds_per_call(function: Callable[[], Any], repeats: int, device: torch.device) -> float:
@@ -568,7 +558,7 @@ def main() -> None:
     try:
         with report.section("machine") as results:
             results |= machine() | {"python": platform.python_version(), "torch": torch.__version__}
-            results["image_packages"] = image_packages()
+            results["image_packages"] = package_versions(IMAGE_PACKAGES)
             if device.type == "cuda":
                 results |= {"device": torch.cuda.get_device_name(), "cuda": torch.version.cuda}
                 peaks["datasheet"] = gpu_peak_flops(torch.cuda.get_device_name(), bf16=True)
