@@ -7,9 +7,9 @@ saving a checkpoint, writing a record, and whether a stop was asked for. Ray Tra
 from memory.
 
 The loop ends in one of four ways, every rank alike: the budget is trained ("finished"); a stop was
-asked for, and the step just trained is checkpointed first ("stopped"); the caller's notice asked for the
-group to be started again on other ranks, after a checkpoint ("regroup"); or a step's loss or gradient
-norm is not finite ("diverged"), and nothing of that state is saved. A notice may also ask for a
+asked for, and the log step it is agreed on at is checkpointed first ("stopped"); the caller's notice
+asked for the group to be started again on other ranks, after a checkpoint ("regroup"); or a step's loss
+or gradient norm is not finite ("diverged"), and nothing of that state is saved. A notice may also ask for a
 checkpoint alone (a node's preemption notice), and training carries on.
 """
 
@@ -40,7 +40,7 @@ class Hooks:
     `batches(epoch, skip)`: the epoch's micro-batches for this rank, starting after the first `skip`;
     `save(step, epoch)`: write a checkpoint (every rank calls it); `record(record)`: keep a step's
     metrics (every rank calls it with the same all-reduced numbers; the caller decides who writes);
-    `stop_requested()`: whether to checkpoint and stop after this step (any rank's yes stops all);
+    `stop_requested()`, asked at log steps: whether to checkpoint and stop (any rank's yes stops all);
     `notice(step)`: after step `step`, "checkpoint" (save now, carry on), "regroup" (save now and end the
     loop: the caller restarts it on another number of ranks) or "" (nothing); every rank must answer alike.
     """

@@ -1,7 +1,8 @@
 """A clean stop for a pretraining launch: the driver's first SIGINT or SIGTERM (Ctrl-C, a pod eviction,
-a spot notice) asks the workers, through a small Ray actor, to finish the step they are on, checkpoint it
-and return; a second signal stops at once. The same actor carries back how the workers' loop ended
-(finished, stopped, diverged), which the driver turns into its exit and message.
+a spot notice) asks the workers, through a small Ray actor, to train on to the next log step (where they
+read the device and agree on a stop), checkpoint it and return; a second signal stops at once. The same
+actor carries back how the workers' loop ended (finished, stopped, diverged), which the driver turns into
+its exit and message.
 
 Ray Train's own SIGINT handler aborts the run without a checkpoint; it is installed only when `fit()`
 runs on the main thread, so `fit()` runs on another one here and the main thread keeps the signals.
