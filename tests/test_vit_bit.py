@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.test_vit_model import eager_and_materialised
 from vit.bit import PreActBottleneck, ResNetV2, StdConv2d, standardize_weight
 from vit.config import BiTConfig
 from vit.evaluate import extract_features
@@ -172,17 +173,8 @@ def test_every_bit_variant_builds_on_the_meta_device_without_memory(name):
     ids=["toy", "toy-1ch-own-normalisation"],
 )
 def test_a_bit_materialised_from_meta_is_bit_identical_to_the_eager_build(config):
-    torch.manual_seed(0)
-    eager = ResNetV2(config)
-    eager_rng = torch.get_rng_state()
-    torch.manual_seed(0)
-    materialised = build_model(config, device="cpu")
     # BiT's convolutions keep PyTorch's default init: the replay must draw it in the constructor's order.
-    expected = {**eager.state_dict(), **dict(eager.named_buffers())}
-    got = {**materialised.state_dict(), **dict(materialised.named_buffers())}
-    assert expected.keys() == got.keys()
-    assert [name for name in expected if not torch.equal(expected[name], got[name])] == []
-    assert torch.equal(torch.get_rng_state(), eager_rng)
+    eager, materialised = eager_and_materialised(config)
     with torch.no_grad():
         patches = random_patches(config)
         assert torch.equal(materialised.eval().features(patches), eager.eval().features(patches))

@@ -248,6 +248,24 @@ def test_every_variant_builds_on_the_meta_device_without_memory(name):
     assert model.blocks[-1].drop_path.rate == 0.1
 
 
+def eager_and_materialised(config) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """From the same seed, an eager build of `config` (ViT or BiT) and one materialised from the meta
+    device, checked to make the same draws in the same order: every weight, the derived (unsaved)
+    normalisation buffers, and the generator afterwards (what is drawn next, e.g. the first batch, does
+    not depend on how the model was built)."""
+    torch.manual_seed(0)
+    eager = build_model(config)
+    eager_rng = torch.get_rng_state()
+    torch.manual_seed(0)
+    materialised = build_model(config, device="cpu")
+    expected = {**eager.state_dict(), **dict(eager.named_buffers())}
+    got = {**materialised.state_dict(), **dict(materialised.named_buffers())}
+    assert expected.keys() == got.keys()
+    assert [name for name in expected if not torch.equal(expected[name], got[name])] == []
+    assert torch.equal(torch.get_rng_state(), eager_rng)
+    return eager, materialised
+
+
 @pytest.mark.parametrize(
     "config",
     [
@@ -258,18 +276,7 @@ def test_every_variant_builds_on_the_meta_device_without_memory(name):
     ids=["tiny-cls-prelogits", "tiny-gap-1ch", "Ti/16"],
 )
 def test_a_model_materialised_from_meta_is_bit_identical_to_the_eager_build(config):
-    torch.manual_seed(0)
-    eager = build_model(config)
-    eager_rng = torch.get_rng_state()
-    torch.manual_seed(0)
-    materialised = build_model(config, device="cpu")
-    # The same draws in the same order: every weight, the derived (unsaved) normalisation buffers, and the
-    # generator afterwards (what is drawn next, e.g. the first batch, does not depend on how it was built).
-    expected = {**eager.state_dict(), **dict(eager.named_buffers())}
-    got = {**materialised.state_dict(), **dict(materialised.named_buffers())}
-    assert expected.keys() == got.keys()
-    assert [name for name in expected if not torch.equal(expected[name], got[name])] == []
-    assert torch.equal(torch.get_rng_state(), eager_rng)
+    eager, materialised = eager_and_materialised(config)
     assert [b.drop_path.rate for b in materialised.blocks] == [b.drop_path.rate for b in eager.blocks]
     patches = uint8_patches(config)
     with torch.no_grad():
