@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vit.config import BiTConfig
-from vit.model import BlockCheckpointing, PatchInput, reset_submodules
+from vit.model import BlockCheckpointing, Materialisable, PatchInput
 from vit.patches import unpatchify
 
 WS_EPSILON = 1e-10  # the BiT reference's: inside the square root of the variance
@@ -70,7 +70,7 @@ class PreActBottleneck(nn.Module):
         return out + shortcut
 
 
-class ResNetV2(BlockCheckpointing, nn.Module):
+class ResNetV2(Materialisable, BlockCheckpointing, nn.Module):
     """BiT classifier: `model(uint8 patches [B, N, P*P*C]) -> logits [B, num_classes]`, any image size."""
 
     def __init__(self, config: BiTConfig) -> None:
@@ -89,13 +89,6 @@ class ResNetV2(BlockCheckpointing, nn.Module):
         self.norm = nn.GroupNorm(config.groups, config.feature_dim)
         self.head = nn.Linear(config.feature_dim, config.num_classes)
         self._init_weights()  # over the defaults the layers drew as they were built
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Initialise every weight and derived buffer in place, drawing what the constructor draws: how a
-        model built on the meta device is materialised (`vit.models.build_model`)."""
-        reset_submodules(self)
-        self._init_weights()
 
     @torch.no_grad()
     def _init_weights(self) -> None:

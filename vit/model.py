@@ -10,6 +10,7 @@ Constructors read no tensor values, so a model can be built on the meta device a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,6 +46,20 @@ def drop_path_rates(drop_path: float, depth: int) -> list[float]:
     if depth == 1:
         return [0.0]
     return [drop_path * index / (depth - 1) for index in range(depth)]
+
+
+class Materialisable:
+    """A model family whose constructor draws its layers' default initialisation, then its own
+    (`_init_weights`): `reset_parameters` draws both again in place, the way a model built on the meta
+    device is materialised (`vit.models.build_model`)."""
+
+    _init_weights: Callable[[], None]  # the family's own initialisation, over its layers' defaults
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise every weight and derived buffer in place, drawing what the constructor draws."""
+        reset_submodules(self)  # type: ignore[arg-type]
+        self._init_weights()
 
 
 class BlockCheckpointing:
@@ -222,7 +237,7 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x))), weights
 
 
-class VisionTransformer(BlockCheckpointing, nn.Module):
+class VisionTransformer(Materialisable, BlockCheckpointing, nn.Module):
     """ViT classifier: `model(uint8 patches [B, N, P*P*C]) -> logits [B, num_classes]`."""
 
     def __init__(self, config: ViTConfig) -> None:
@@ -242,13 +257,6 @@ class VisionTransformer(BlockCheckpointing, nn.Module):
         )
         self.head = nn.Linear(config.feature_dim, config.num_classes)
         self._init_weights()  # over the defaults the layers drew as they were built
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Initialise every weight and derived buffer in place, drawing what the constructor draws: how a
-        model built on the meta device is materialised (`vit.models.build_model`)."""
-        reset_submodules(self)
-        self._init_weights()
 
     @torch.no_grad()
     def _init_weights(self) -> None:
