@@ -25,7 +25,7 @@ from vit.engine import (
 )
 from vit.loop import LoopEnd, Throughput, pretrain_loop
 from vit.model import VisionTransformer
-from vit.recipe import Cadence, Crop, Recipe, Zero
+from vit.recipe import Cadence, Crop, Optimizer, Recipe, Schedule, Zero
 from vit.step import step_randomness, training_view
 
 # Every source of randomness on: dropout, drop-path, the random crop, flips, mixup.
@@ -341,3 +341,34 @@ def test_a_compiled_engine_trains_within_a_tolerance_of_eager(one_rank_group):
         names.append(list(engine.module.state_dict()))
     assert runs[1] == pytest.approx(runs[0], rel=1e-4)
     assert names[0] == names[1]
+
+
+def test_peak_memory_is_read_from_cuda_s_allocator_and_is_none_elsewhere(monkeypatch):
+    """The record's `peak_memory_gb`: CUDA's allocator statistic in GiB (a host-side number, no device
+    read), None on a CPU."""
+    from vit.loop import peak_memory_gb
+
+    assert peak_memory_gb(torch.device("cpu")) is None
+    asked = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: asked.append(device) or 3 * 2**30)
+    assert peak_memory_gb(torch.device("cuda", 1)) == 3.0
+    assert asked == [torch.device("cuda", 1)]
+
+
+def test_a_non_finite_step_between_log_steps_is_not_checkpointed_by_a_notice(one_rank_group, tmp_path):
+    """The loop reads the device only at log steps; a preemption notice at a step between them must still
+    find a non-finite step before it saves: the run ends 'diverged' and nothing is saved."""
+    exploding = dataclasses.replace(
+        RECIPE, optimizer=Optimizer(name="sgd", lr=1e30, weight_decay=0.0, grad_clip=None),
+        schedule=Schedule(warmup_steps=0, decay="constant"), total_steps=20,
+    )  # fmt: skip
+    memory = Memory(tmp_path)
+    hooks = dataclasses.replace(memory.hooks(), notice=lambda step: "checkpoint" if step == 5 else "")
+    memory.engine = engine = fresh_engine(exploding)
+    end = pretrain_loop(
+        engine, exploding, hooks, start_step=0, steps_per_epoch=STEPS_PER_EPOCH,
+        cadence=Cadence(log_every=100, checkpoint_every=100), throughput=THROUGHPUT, seed=0,
+    )  # fmt: skip
+    assert end.reason == "diverged"
+    assert end.step == 5
+    assert memory.saved == []
