@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.machine import save
+from vit.build import build_model
 from vit.config import ViTConfig
-from vit.models import build_model
 from vit.patches import patchify
 
 MIB = 1024 * 1024

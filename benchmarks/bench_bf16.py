@@ -34,8 +34,8 @@ from vit.bit import ResNetV2, StdConv2d
 from vit.config import Architecture, BiTConfig, ViTConfig
 from vit.engine import build_engine, train_micro_batch
 from vit.model import VisionTransformer
+from vit.objective import training_loss
 from vit.recipe import Optimizer, Recipe, Schedule, Zero
-from vit.step import training_loss
 
 BATCH = 8
 CLASSES = 5

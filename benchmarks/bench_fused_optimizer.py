@@ -15,7 +15,7 @@ import torch
 from benchmarks.machine import save
 from vit.config import ViTConfig
 from vit.model import VisionTransformer
-from vit.step import param_groups
+from vit.objective import param_groups
 
 ROUNDS, STEPS = 3, 10
 

@@ -24,8 +24,8 @@ from benchmarks.machine import save
 from vit.config import ViTConfig
 from vit.engine import build_engine, train_micro_batch
 from vit.model import VisionTransformer
+from vit.objective import step_randomness
 from vit.recipe import Optimizer, Recipe, Schedule, Zero
-from vit.step import step_randomness
 
 CONFIG = ViTConfig(image_size=32, patch_size=4, num_classes=10, width=192, depth=4, heads=3, mlp_dim=768)
 MICRO, ACCUM, STEPS, WORLD = 8, 8, 12, 2

@@ -34,8 +34,8 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import PreprocessConfig, PretrainConfig
+from pipeline.patchfile import PatchShardWriter, patches_array
 from pipeline.preprocess.manifest import build_manifest, write_manifest
-from pipeline.preprocess.patchfile import PatchShardWriter, patches_array
 from pipeline.preprocess.shard import ShardReport
 from vit.patches import PatchGeometry, patchify
 
@@ -245,8 +245,8 @@ def device_augmentation(micro: int, repeats: int = 5) -> dict[str, Any]:
     from vit.augment import hflip_patches
     from vit.config import ViTConfig
     from vit.model import VisionTransformer
+    from vit.objective import training_view
     from vit.recipe import Crop, Optimizer, Recipe, Schedule
-    from vit.step import training_view
 
     torch.set_num_threads(1)
     model = VisionTransformer(ViTConfig(image_size=224, patch_size=16, num_classes=10, width=16, depth=1,

@@ -45,8 +45,8 @@ from vit.config import ViTConfig
 from vit.device import enable_tf32
 from vit.flops import gpu_peak_flops, train_flops
 from vit.model import VisionTransformer
+from vit.objective import make_optimizer, set_lr, training_loss
 from vit.recipe import Optimizer, Recipe, Schedule
-from vit.step import make_optimizer, set_lr, training_loss
 
 CPU_MODEL = {"patch_size": 4, "width": 128, "depth": 4, "heads": 4, "mlp_dim": 512}
 CPU_IMAGE, CPU_PATCH, MICRO = 32, 4, 32
@@ -72,7 +72,7 @@ def plain_step(
     rng: np.random.Generator,
 ) -> float:
     """One training step the way a single-process PyTorch script writes it around vitpipe's step
-    (`vit.step.training_loss`): rate, forward under autocast, backward, clipping, update."""
+    (`vit.objective.training_loss`): rate, forward under autocast, backward, clipping, update."""
     set_lr(optimizer, recipe.lr_at(step[0]))
     with torch.autocast(patches.device.type, dtype=torch.bfloat16, enabled=recipe.bf16):
         loss = training_loss(model, patches, labels, recipe, rng).loss
@@ -109,7 +109,7 @@ def load_patches(directory: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     import pyarrow.parquet as pq
 
     from pipeline.config import PretrainConfig
-    from pipeline.preprocess.patchfile import patches_array
+    from pipeline.patchfile import patches_array
     from pipeline.pretrain.plan import plan_data
 
     plan = plan_data(PretrainConfig(data=directory), directory)

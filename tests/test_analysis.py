@@ -14,8 +14,8 @@ from pipeline.analysis.subjects import FINETUNED, PRETRAINED, Subject, study_sub
 from pipeline.analysis.task import PICTURES, ImageSource
 from pipeline.config import AnalyzeConfig
 from vit.analysis import position_similarity
+from vit.build import build_model
 from vit.config import BiTConfig
-from vit.models import build_model
 from vit.weights import load_pretrained, save_pretrained
 
 

@@ -24,8 +24,8 @@ from pipeline.cli import main
 from pipeline.config import PreprocessConfig
 from pipeline.datasets.card import CARD_FORMAT, read_card, shard_paths
 from pipeline.datasets.shards import write_shard
+from pipeline.patchfile import PatchGeometry, patches_array
 from pipeline.preprocess.manifest import patch_files, read_manifest
-from pipeline.preprocess.patchfile import PatchGeometry, patches_array
 from pipeline.preprocess.run import class_names, preprocess
 from pipeline.preprocess.sources import list_shards
 from tests.conftest import VITPIPE

@@ -181,7 +181,7 @@ def test_bf16_auto_is_decided_on_the_worker_by_its_device(monkeypatch):
     import torch
 
     from pipeline.config import PretrainConfig
-    from vit.step import use_bf16
+    from vit.objective import use_bf16
 
     assert PretrainConfig(data="x").recipe(10).bf16 is False  # "auto" does not force it on the driver
     assert PretrainConfig(data="x", bf16=True).recipe(10).bf16 is True

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from pipeline.preprocess.patchfile import PatchShardWriter
+from pipeline.patchfile import PatchShardWriter
 from pipeline.pretrain.feed import Feed
 from pipeline.pretrain.order import Corpus, EpochOrder, FeedPlan, extend_lineage, rank_spans
 from vit.patches import PatchGeometry

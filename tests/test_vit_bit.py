@@ -10,12 +10,12 @@ import torch.nn.functional as F
 
 from tests.test_vit_model import eager_and_materialised
 from vit.bit import PreActBottleneck, ResNetV2, StdConv2d, standardize_weight
+from vit.build import build_model
 from vit.config import BiTConfig
 from vit.evaluate import extract_features
-from vit.models import build_model
+from vit.objective import training_loss
 from vit.patches import patchify
 from vit.recipe import Optimizer, Recipe, Schedule
-from vit.step import training_loss
 from vit.weights import load_pretrained, read_checkpoint, save_pretrained
 
 TOY = BiTConfig(image_size=32, patch_size=4, channels=3, num_classes=10, depth=26, base_width=8, groups=8)

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from vit.augment import center_crop, hflip_patches, inception_boxes, resized_crop, stored_geometry
+from vit.objective import training_view
 from vit.patches import PatchGeometry, patchify, unpatchify
 from vit.recipe import Crop, Optimizer, Recipe, Schedule
-from vit.step import training_view
 
 STORED = PatchGeometry(image_size=32, patch_size=4, channels=3)
 MODEL = PatchGeometry(image_size=16, patch_size=4, channels=3)
@@ -119,9 +119,9 @@ def test_the_flip_folded_into_the_crop_mirrors_the_cropped_image():
 
 @pytest.mark.parametrize("family", ["vit", "bit"])
 def test_a_training_step_on_images_stored_larger_than_the_model_trains_on_its_crops(family):
+    from vit.build import build_model
     from vit.config import BiTConfig, ViTConfig
-    from vit.models import build_model
-    from vit.step import training_loss
+    from vit.objective import training_loss
 
     if family == "vit":
         config = ViTConfig(image_size=16, patch_size=4, num_classes=3, width=16, depth=1, heads=1, mlp_dim=32)

@@ -25,8 +25,8 @@ from vit.engine import (
 )
 from vit.loop import LoopEnd, Throughput, pretrain_loop
 from vit.model import VisionTransformer
+from vit.objective import step_randomness, training_view
 from vit.recipe import Cadence, Crop, Optimizer, Recipe, Schedule, Zero
-from vit.step import step_randomness, training_view
 
 # Every source of randomness on: dropout, drop-path, the random crop, flips, mixup.
 NOISY = ViTConfig(

@@ -15,9 +15,9 @@ from vit.config import ViTConfig
 from vit.engine import deepspeed_config
 from vit.flops import gpu_peak_flops, measured_matmul_flops
 from vit.model import VisionTransformer
+from vit.objective import param_groups, soft_cross_entropy, training_loss
 from vit.patches import PatchGeometry, patchify
 from vit.recipe import Optimizer, Recipe, Schedule, Zero
-from vit.step import param_groups, soft_cross_entropy, training_loss
 
 TINY = ViTConfig(
     image_size=16, patch_size=4, channels=3, num_classes=5, width=32, depth=2, heads=2, mlp_dim=64

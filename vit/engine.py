@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from vit.objective import StepLoss, make_optimizer, set_lr, training_loss
 from vit.recipe import Recipe, Zero
-from vit.step import StepLoss, make_optimizer, set_lr, training_loss
 
 LATEST_UNIVERSAL = "latest_universal"
 

@@ -19,8 +19,8 @@ from torch import nn
 
 from vit.device import DeviceBatch, autocast, prefetch_to_device
 from vit.evaluate import Batch
+from vit.objective import StepLoss, make_optimizer, set_lr, training_loss
 from vit.recipe import Recipe
-from vit.step import StepLoss, make_optimizer, set_lr, training_loss
 
 HEAD_PREFIX = "head."
 

@@ -27,8 +27,8 @@ import torch.distributed as dist
 
 from vit.engine import set_step_lr, train_micro_batch
 from vit.evaluate import Batch
+from vit.objective import step_randomness
 from vit.recipe import Cadence, Recipe
-from vit.step import step_randomness
 
 Notice = Literal["", "checkpoint", "regroup"]
 

@@ -4,7 +4,7 @@ Pre-norm encoder blocks with fused QKV projections and `scaled_dot_product_atten
 global-average pooling; optional tanh pre-logits layer; zero-initialised head. The stem normalises
 uint8 patches on the device and embeds them with one matmul (the patch layout is `vit.patches`).
 Constructors read no tensor values, so a model can be built on the meta device and materialised with
-`reset_parameters` (`vit.models.build_model`); blocks can be activation-checkpointed (`BlockCheckpointing`).
+`reset_parameters` (`vit.build.build_model`); blocks can be activation-checkpointed (`BlockCheckpointing`).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def drop_path_rates(drop_path: float, depth: int) -> list[float]:
 class Materialisable:
     """A model family whose constructor draws its layers' default initialisation, then its own
     (`_init_weights`): `reset_parameters` draws both again in place, the way a model built on the meta
-    device is materialised (`vit.models.build_model`)."""
+    device is materialised (`vit.build.build_model`)."""
 
     _init_weights: Callable[[], None]  # the family's own initialisation, over its layers' defaults
 

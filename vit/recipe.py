@@ -3,7 +3,7 @@ and the ZeRO sharding it runs under.
 
 The config schema (`pipeline.config`) validates a job's sections into these dataclasses, and workers
 receive them as they are. Plain Python (no torch), so that validating a config stays quick; the step
-that runs a recipe is `vit.step`, the engine `vit.engine`.
+that runs a recipe is `vit.objective`, the engine `vit.engine`.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vit.build import build_model
 from vit.config import (
     CONFIG_FILE,
     FAMILIES,
@@ -33,7 +34,6 @@ from vit.files import (
 )
 from vit.hf import export_hf, read_hf_checkpoint
 from vit.hf_bit import export_hf_bit, read_hf_bit_checkpoint
-from vit.models import build_model
 from vit.posemb import resample_posemb
 
 log = logging.getLogger(__name__)

@@ -51,15 +51,15 @@ from benchmarks.bench_pretrain import cuda_seconds, measured_bf16_peak
 from benchmarks.machine import machine
 from pipeline.config import PreprocessConfig, PretrainConfig
 from pipeline.info import package_versions
+from pipeline.patchfile import PatchShardWriter
 from pipeline.preprocess.manifest import build_manifest, write_manifest
-from pipeline.preprocess.patchfile import PatchShardWriter
 from pipeline.storage import resolve
 from vit.config import ViTConfig
 from vit.flops import gpu_peak_flops, measured_matmul_flops, train_flops
 from vit.model import VisionTransformer
+from vit.objective import training_view
 from vit.patches import PatchGeometry
 from vit.recipe import Crop, Optimizer, Recipe, Schedule
-from vit.step import training_view
 
 GOAL_MFU = 0.45  # of the datasheet dense bf16 peak: the goal for ViT-B/16
 CROP = {"area": [0.08, 1.0], "aspect": [0.75, 1.333]}  # the paper jobs' Inception crop

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.fs as pafs
 
 from pipeline.config import PreprocessConfig
-from pipeline.preprocess.patchfile import PATCHES_FORMAT
+from pipeline.patchfile import PATCHES_FORMAT
 from pipeline.storage import atomic_file, resolve, url_of
 from vit.patches import PatchGeometry
 

@@ -19,8 +19,8 @@ import pyarrow.fs as pafs
 from pipeline.config import OUTPUT_NEUTRAL, PreprocessConfig
 from pipeline.console import say
 from pipeline.datasets.card import CARD_FILE, CARD_FORMAT
+from pipeline.patchfile import read_shard_metadata
 from pipeline.preprocess.manifest import MANIFEST_FILE, build_manifest, failure_kinds, write_manifest
-from pipeline.preprocess.patchfile import read_shard_metadata
 from pipeline.preprocess.shard import ShardReport, preprocess_shard
 from pipeline.preprocess.sources import ShardListing, ShardSource, list_shards
 from pipeline.ray_session import connect_ray

@@ -17,8 +17,8 @@ import pyarrow.fs as pafs
 import torch
 
 from pipeline.config import PreprocessConfig
+from pipeline.patchfile import PatchShardWriter
 from pipeline.preprocess.decode import decode_image
-from pipeline.preprocess.patchfile import PatchShardWriter
 from pipeline.preprocess.samples import Failure, SampleError, UnreadableShardError, parse_label, read_samples
 from pipeline.preprocess.sources import ShardSource
 from pipeline.storage import partial_name

@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from pipeline.patchfile import geometry_of, patches_array
 from pipeline.preprocess.manifest import MANIFEST_FILE, failure_kinds, patch_files, read_manifest
-from pipeline.preprocess.patchfile import geometry_of, patches_array
 from pipeline.storage import resolve
 from vit.patches import unpatchify
 

@@ -24,10 +24,10 @@ from pipeline.pretrain.checkpoints import (
     step_of,
 )
 from pipeline.storage import join, local_folder, publish_folder, resolve, write_atomic
+from vit.build import build_model
 from vit.config import CONFIG_FILE
 from vit.engine import consolidated_state
 from vit.hf import HF_DIR
-from vit.models import build_model
 from vit.weights import export_hf_folder, load_state, save_pretrained
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.preprocess.patchfile import patches_array
+from pipeline.patchfile import patches_array
 from pipeline.pretrain.order import Corpus, FeedPlan, Lineage, Piece, chunks, rank_spans
 from pipeline.storage import resolve_all
 from vit.recipe import grad_accum

@@ -45,14 +45,14 @@ from pipeline.pretrain.feed import Feed
 from pipeline.pretrain.order import ORDER_FORMAT, Lineage, extend_lineage
 from pipeline.pretrain.plan import WorkerSettings
 from pipeline.storage import resolve
+from vit.build import build_model
 from vit.config import architecture_record
 from vit.device import enable_tf32, prefetch_to_device
 from vit.engine import build_engine, load_checkpoint, save_checkpoint, to_universal
 from vit.flops import peak_flops, train_flops
 from vit.loop import Batch, Hooks, Throughput, pretrain_loop
-from vit.models import build_model
+from vit.objective import use_bf16
 from vit.recipe import Recipe, grad_accum
-from vit.step import use_bf16
 from vit.weights import state_digest
 
 SETTINGS = "settings"  # the one key of the train_loop_config

@@ -125,8 +125,8 @@ def _pretrain(settings: PointSettings) -> dict[str, Any]:
     from pipeline.pretrain.plan import check_pretrain
     from pipeline.storage import remove_entries
     from pipeline.study.subsets import read_subset
+    from vit.build import build_model
     from vit.flops import train_flops
-    from vit.models import build_model
 
     config = settings.pretrain
     if config is None or settings.subset is None:

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.patchfile import patches_array
 from pipeline.preprocess.manifest import manifest_geometry, patch_files, read_manifest
-from pipeline.preprocess.patchfile import patches_array
 from pipeline.storage import resolve
 from vit.evaluate import Batch
 

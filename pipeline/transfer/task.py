@@ -31,15 +31,15 @@ from pipeline.tracking import OFF, StepLogger, TrackingTarget, end, log_artifact
 from pipeline.transfer.data import SplitReader, holdout
 from pipeline.transfer.plan import TEST_SPLIT, TRAIN_SPLIT, TargetPlan, target_architecture
 from pipeline.transfer.report import plot_confusion
+from vit.build import build_model
 from vit.config import Architecture
 from vit.device import enable_tf32
 from vit.evaluate import Classification, evaluate_classifier, extract_features
 from vit.fewshot import fewshot_accuracy, sample_shots
 from vit.finetune import finetune, freeze_backbone
 from vit.hf import HF_DIR
-from vit.models import build_model
+from vit.objective import use_bf16
 from vit.recipe import Speed
-from vit.step import use_bf16
 from vit.weights import export_hf_folder, load_pretrained, read_checkpoint, save_pretrained, state_digest
 
 RESULT_FILE = "result.json"
