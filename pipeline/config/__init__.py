@@ -1,0 +1,27 @@
+"""The one config schema of every stage (a module per stage's sections) and the loader every command
+validates through; a config that fails here fails before any Ray work starts, with the file and the key
+path named. Derived values (the recipe, the batch split, the worker group) belong to each stage's plan.
+"""
+
+from pipeline.config.base import DEFAULT_PATCH_SIZE, DEFAULT_RUNS, ConfigError, Section, digest, flatten
+from pipeline.config.data import (
+    OUTPUT_NEUTRAL,
+    DatasetConfig,
+    DigitsConfig,
+    FractalsConfig,
+    ImageFolderConfig,
+    PreprocessConfig,
+)
+from pipeline.config.job import PipelineConfig, StudyConfig, TrackingConfig, WandbConfig
+from pipeline.config.loader import check_name, load_config, load_yaml, validate
+from pipeline.config.model import AnyModel, BiTModelConfig, ModelConfig
+from pipeline.config.pretrain import PRETRAIN_OPERATIONAL, PretrainConfig
+from pipeline.config.transfer import FINETUNE_OPERATIONAL, AnalyzeConfig, EvaluateConfig, FinetuneConfig
+
+__all__ = [
+    "DEFAULT_PATCH_SIZE", "DEFAULT_RUNS", "FINETUNE_OPERATIONAL", "OUTPUT_NEUTRAL", "PRETRAIN_OPERATIONAL",
+    "AnalyzeConfig", "AnyModel", "BiTModelConfig", "ConfigError", "DatasetConfig", "DigitsConfig",
+    "EvaluateConfig", "FinetuneConfig", "FractalsConfig", "ImageFolderConfig", "ModelConfig",
+    "PipelineConfig", "PreprocessConfig", "PretrainConfig", "Section", "StudyConfig", "TrackingConfig",
+    "WandbConfig", "check_name", "digest", "flatten", "load_config", "load_yaml", "validate",
+]  # fmt: skip

@@ -1,0 +1,142 @@
+"""A whole job: its datasets, preprocess entries and stages, the study, tracking; and the checks that
+span sections (a study's recipe, patch sizes taken from the models that read an entry)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import (
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from pipeline.config.base import Flag, Name, NonNegativeInt, PositiveInt, Section, StepBudget
+from pipeline.config.data import DatasetConfig, PreprocessConfig
+from pipeline.config.model import AnyModel
+from pipeline.config.pretrain import PretrainConfig
+from pipeline.config.transfer import AnalyzeConfig, EvaluateConfig, FinetuneConfig
+
+
+class StudyConfig(Section):
+    """Transfer as a function of pretraining data size (the paper's Figures 3 and 4): each (size, model,
+    seed) point is pretrained on a nested random subset of the corpus with the job's pretrain section as
+    its recipe, then fine-tuned and few-shot evaluated on every finetune target."""
+
+    corpus: Name | None = None  # the preprocess entry the subsets are drawn from; default: pretrain.data
+    sizes: tuple[PositiveInt, ...] = Field(min_length=1)  # pretraining images of each point
+    models: dict[Name, AnyModel] = Field(min_length=1)  # the models compared, by the name the report uses
+    seeds: tuple[NonNegativeInt, ...] = Field((0,), min_length=1)  # each point's pretrain and finetune seed
+    # The budget of every point: passes over its subset (the paper's rule: more data, more steps) or a
+    # fixed number of steps at every size. Default: the pretrain section's epochs, else its steps.
+    epochs: StepBudget | None = None
+    steps: StepBudget | None = None
+    scratch: Flag = True  # also each model trained from scratch on each target: the size-0 row
+    subset_seed: NonNegativeInt = 0  # draws the nested subsets, once for every model and seed
+
+    @field_validator("sizes", "seeds")
+    @classmethod
+    def _distinct_and_sorted(cls, values: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(values)) != len(values):
+            raise ValueError(f"a value is listed twice: {list(values)}")
+        return tuple(sorted(values))
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> StudyConfig:
+        if self.epochs is not None and self.steps is not None:
+            raise ValueError("set either epochs or steps, not both")
+        return self
+
+
+class WandbConfig(Section):
+    """Weights & Biases: runs in `project`; `offline` writes them under RUN/tracking (`wandb sync` later)."""
+
+    project: Name
+    mode: Literal["online", "offline"] = "online"
+    entity: str | None = None
+    dir: str | None = None  # where W&B writes its files (default RUN/tracking)
+
+
+class TrackingConfig(Section):
+    """Experiment tracking: an MLflow tracking URI (a local path, sqlite:///FILE, or http://SERVER) and/or
+    W&B. Operational: it changes no cache key, and a run that cannot reach its tracker still trains."""
+
+    mlflow: str | None = None
+    experiment: Name | None = None  # the MLflow experiment (default: the job's name)
+    wandb: WandbConfig | None = None
+
+    @model_validator(mode="after")
+    def _tracks_something(self) -> TrackingConfig:
+        if self.mlflow is None and self.wandb is None:
+            raise ValueError(
+                "tracking needs mlflow: URI and/or wandb: {project: ...}; drop the section to track nothing"
+            )
+        return self
+
+
+class PipelineConfig(Section):
+    """A whole job: datasets, then preprocess, pretrain, fine-tune and evaluate (or, with a study, the
+    study's points, each a pretraining and its transfer)."""
+
+    name: Name
+    run_dir: str | None = None  # the run's folder (all stage outputs); default runs/NAME
+    datasets: dict[Name, DatasetConfig] = Field(default_factory=dict)
+    preprocess: dict[Name, PreprocessConfig] = Field(default_factory=dict)
+    pretrain: PretrainConfig | None = None
+    finetune: FinetuneConfig | None = None
+    evaluate: EvaluateConfig | None = None
+    study: StudyConfig | None = None
+    analyze: AnalyzeConfig = Field(default_factory=AnalyzeConfig)
+    tracking: TrackingConfig | None = None
+
+    @model_validator(mode="after")
+    def _study_has_its_recipe(self) -> PipelineConfig:
+        if self.study is None:
+            return self
+        if self.pretrain is None or self.finetune is None:
+            raise ValueError("a study needs a pretrain section (its points' recipe) and a finetune section "
+                             "(the targets each point is evaluated on)")  # fmt: skip
+        if "model" in self.pretrain.model_fields_set:
+            raise ValueError("pretrain.model is not used by a study: its points train study.models; drop it")
+        corpus = self.study.corpus or self.pretrain.data
+        if corpus not in self.preprocess:
+            raise ValueError(f"study.corpus {corpus!r} is not a preprocess entry of this job")
+        sizes = {model.reads_patch_size for model in self.study.models.values()} - {None}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"study.models read patches of sizes {sorted(sizes)}; the corpus and the targets are "
+                "preprocessed once, so every ViT of a study has one patch size"
+            )
+        return self
+
+    def models_reading(self, entry: str) -> list[AnyModel]:
+        """The model sections that read a preprocess entry: the pretrain model (or a study's models) for
+        the pretraining data, the corpus and every finetune target."""
+        if self.pretrain is None:
+            return []
+        targets = self.finetune.targets if self.finetune is not None else []
+        corpus = (self.study.corpus or self.pretrain.data) if self.study is not None else self.pretrain.data
+        if entry != corpus and entry not in targets:
+            return []
+        return list(self.study.models.values()) if self.study is not None else [self.pretrain.model]
+
+    @model_validator(mode="after")
+    def _patch_sizes_from_models(self) -> PipelineConfig:
+        """A preprocess entry without `patch_size` takes the patch size of the model that reads it, so a
+        job writes the patch size once (in the model)."""
+        for name, entry in self.preprocess.items():
+            if entry.patch_size is not None:
+                continue
+            readers = self.models_reading(name)
+            sizes = [model.reads_patch_size for model in readers if model.reads_patch_size is not None]
+            if not sizes:
+                why = "only a BiT, which reads any patch size," if readers else "no model of this job"
+                raise ValueError(
+                    f"preprocess.{name}.patch_size is not set and {why} reads {name!r} (pretrain.data, the "
+                    "study's corpus or a finetune target); set it"
+                )
+            size = sizes[0]
+            self.preprocess[name] = PreprocessConfig.model_validate(
+                {**entry.model_dump(exclude_unset=True), "patch_size": size}
+            )
+        return self

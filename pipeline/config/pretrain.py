@@ -1,0 +1,193 @@
+"""The pretrain section: what defines a run, how it is operated, and its budget. What a run derives
+from it (the recipe, the batch split, the worker group) is worked out in `pipeline.pretrain.plan`."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    Field,
+    model_validator,
+)
+
+from pipeline.config.base import (
+    BatchSize,
+    CropSection,
+    Flag,
+    Name,
+    NonNegativeFloat,
+    NonNegativeInt,
+    OptimizerSection,
+    PositiveFloat,
+    PositiveInt,
+    ScheduleSection,
+    Section,
+    StepBudget,
+    UnitFraction,
+    WorkerCount,
+    flatten,
+)
+from pipeline.config.model import AnyModel, ModelConfig
+from vit.recipe import Optimizer, Recipe, Schedule, Speed, Zero, grad_accum
+
+# How a pretraining run is operated, not what it trains: a relaunch with other values resumes the run
+# (across world sizes the checkpoint is resharded; the global batch stays, its micro-batch split may not).
+PRETRAIN_OPERATIONAL = frozenset({
+    "data", "storage_path", "num_workers", "use_gpu", "cpus_per_worker", "data_threads", "data_cpus",
+    "placement", "micro_batch_size", "cache_data", "checkpoint_every", "keep_checkpoints", "max_failures",
+    "log_every", "elastic_wait_s", "compile", "activation_checkpointing", "tf32", "overlap_comm",
+    "reduce_bucket_size", "allgather_bucket_size", "grad_reduce_dtype",
+})  # fmt: skip
+# Keys of the data path before each worker read its own rows (Ray Data): accepted, with a warning.
+PRETRAIN_RETIRED = {
+    "data_cpus": "each worker reads its own rows with data_threads threads, inside its own CPUs",
+    "cache_data": "each worker streams its rows from the files every epoch, read ahead of the trainer",
+}
+# The budget: a relaunch with another one resumes the run and trains to the new end.
+PRETRAIN_BUDGET = frozenset({"steps", "epochs"})
+
+
+class PretrainConfig(Section):
+    """DeepSpeed ZeRO pretraining on Ray Train; the batch is global and must split evenly.
+
+    Settings divide into those that define the run (the model, the global batch, the optimizer and
+    schedule, augmentation, precision, ZeRO stage, seed; a relaunch that changes one is refused) and the
+    operational ones and the budget above (a relaunch that changes them resumes)."""
+
+    data: str  # a preprocessed patch directory (path or URL), or in a job the name of a preprocess entry
+    split: Name = "train"  # the split to train on; a patch directory without sub-folders has only "."
+    model: AnyModel = ModelConfig()
+    # Ray Train workers: a fixed number, or [min, max] for an elastic run, which starts on what the cluster
+    # offers up to max, goes on with fewer (at least min) from the newest checkpoint when a node is lost,
+    # and grows back at a checkpoint when resources return; the global batch stays, accumulation follows.
+    num_workers: WorkerCount = 2
+    # How long an elastic run waits for the cluster to place `min` workers before it fails.
+    elastic_wait_s: PositiveFloat = 600.0
+    use_gpu: Flag = False
+    cpus_per_worker: PositiveFloat = 1.0
+    # Threads each worker reads its rows of the patch files with, ahead of the trainer (pyarrow releases
+    # the GIL); more help when the files are remote (s3://, gs://) or compressed.
+    data_threads: Annotated[int, Field(ge=1, le=64)] = 2
+    data_cpus: PositiveFloat | None = Field(None, exclude=True)  # retired (PRETRAIN_RETIRED)
+    placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # how workers go onto nodes
+    global_batch_size: BatchSize = 4096
+    micro_batch_size: BatchSize = 64
+    steps: StepBudget = 100_000
+    epochs: StepBudget | None = None  # a budget in passes over the data instead of `steps`
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: Flag = False
+    bf16: Literal["auto"] | Flag = "auto"  # auto: on GPUs that support it (Ampere and newer), else fp32
+    optimizer: OptimizerSection = Optimizer()
+    schedule: ScheduleSection = Schedule()
+    label_smoothing: UnitFraction = 0.0
+    # The model's resolution; default: the stored one (preprocess.image_size). A smaller one is a centre
+    # crop of the stored images, or with `crop` a random resized crop, on the device.
+    image_size: PositiveInt | None = None
+    # The paper's random ("Inception") crop; `{}` for its defaults: area 8-100%, aspect 3/4-4/3.
+    crop: CropSection | None = None
+    flip: Flag = True  # random horizontal flips, on the device
+    mixup_alpha: NonNegativeFloat = 0.0  # 0 turns mixup off
+    # Consecutive rows of the epoch's file order (drawn anew each epoch) permuted together; 0 reads each
+    # file's rows in their order.
+    shuffle_buffer: NonNegativeInt = 2048
+    cache_data: Literal["auto"] | Flag | None = Field(None, exclude=True)  # retired (PRETRAIN_RETIRED)
+    checkpoint_every: PositiveInt = 1000
+    keep_checkpoints: PositiveInt = 3
+    max_failures: NonNegativeInt = 3  # worker-group restarts from the latest checkpoint before giving up
+    log_every: PositiveInt = 10
+    storage_path: str | None = None
+    seed: NonNegativeInt = 0
+    # GPU speed: how a step runs, never what it computes (a relaunch that changes one resumes the run).
+    compile: Literal["auto"] | Flag = "auto"  # torch.compile of the model; auto: on GPUs
+    activation_checkpointing: Flag = False  # recompute each block in backward: less memory, ~1/3 more compute
+    tf32: Flag = True  # TF32 tensor cores for the fp32 matmuls left outside bf16 (CUDA only)
+    # Gradients reduced over the ranks and accumulated over micro-batches in fp32 under bf16; bf16 halves
+    # the bytes on the wire at the cost of precision (benchmarks/results/grad_reduce.json).
+    grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    overlap_comm: Flag = True  # ZeRO 2-3 reduce while backward goes on (not stage 1 under bf16)
+    reduce_bucket_size: int = 500_000_000  # elements per gradient reduction
+    allgather_bucket_size: int | None = None  # per weight gather (stage 3: prefetch); None: DeepSpeed's
+    deepspeed: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> PretrainConfig:
+        sizes = range(self.min_workers, self.max_workers + 1)
+        uneven = [w for w in sizes if self.global_batch_size % (self.micro_batch_size * w)]
+        if uneven and not self.elastic:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not a multiple of "
+                f"micro_batch_size x num_workers = {self.micro_batch_size} x {self.num_workers}"
+            )
+        if uneven:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} does not split into micro-batches of "
+                f"{self.micro_batch_size} over {' or '.join(map(str, uneven))} worker(s); an elastic run "
+                f"(num_workers {list(self.num_workers)}) may train on any number from {self.min_workers} to "
+                f"{self.max_workers}: choose a global batch that micro_batch_size x each of them divides"
+            )
+        if self.epochs is not None and "steps" in self.model_fields_set:
+            raise ValueError("set either steps or epochs, not both")
+        self.zero()  # the ZeRO settings' own checks (bucket sizes, derived raw keys)
+        for key, instead in PRETRAIN_RETIRED.items():
+            if getattr(self, key) is not None:
+                warnings.warn(f"pretrain.{key} no longer applies ({instead}); drop it", stacklevel=2)
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    def describe_workers(self) -> str:
+        """`2 worker(s)`, or for an elastic run `1-4 worker(s) (elastic)`."""
+        if not self.elastic:
+            return f"{self.num_workers} worker(s)"
+        return f"{self.min_workers}-{self.max_workers} worker(s) (elastic)"
+
+    def recipe(self, total_steps: int, input_size: int | None = None) -> Recipe:
+        """The recipe the workers train with on images stored at `input_size`, its accumulation for the
+        largest group (the workers set their own for the group they find themselves in); `bf16: auto` stays
+        off here and is decided on the worker, which sees the device."""
+        return Recipe(
+            optimizer=self.optimizer,
+            schedule=self.schedule,
+            total_steps=total_steps,
+            micro_batch_size=self.micro_batch_size,
+            grad_accum=grad_accum(self.global_batch_size, self.micro_batch_size, self.max_workers),
+            label_smoothing=self.label_smoothing,
+            flip=self.flip,
+            mixup_alpha=self.mixup_alpha,
+            bf16=self.bf16 is True,
+            crop=self.crop,
+            input_size=input_size,
+        )
+
+    def worker_resources(self) -> dict[str, float]:
+        """What one worker takes of a node: its CPUs (it reads its own data) and a GPU."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {})}
+
+    def needs(self, workers: int | None = None) -> dict[str, float]:
+        """What `workers` workers (default: the most the run uses) take of a cluster."""
+        count = self.max_workers if workers is None else workers
+        return {key: count * need for key, need in self.worker_resources().items()}
+
+    def zero(self) -> Zero:
+        return Zero(self.zero_stage, self.offload_optimizer, dict(self.deepspeed), self.grad_reduce_dtype,
+                    self.overlap_comm, self.reduce_bucket_size, self.allgather_bucket_size)  # fmt: skip
+
+    def speed(self) -> Speed:
+        return Speed(self.compile, self.activation_checkpointing, self.tf32)
+
+    def defining(self) -> dict[str, Any]:
+        """The settings that define the run, flattened (`optimizer.lr`), less the model section (its
+        resolved architecture is compared as a whole, `vit.ViTConfig`) and the data's location."""
+        exclude = PRETRAIN_OPERATIONAL | PRETRAIN_BUDGET | {"model"}
+        return flatten(self.model_dump(mode="json", exclude=exclude))
