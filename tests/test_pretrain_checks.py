@@ -134,14 +134,15 @@ def test_a_refused_run_imports_neither_torch_nor_ray_train(patch_sets, tmp_path)
     assert result.stdout.splitlines()[-1] == "exit 2"  # refused as a config error; nothing heavy imported
 
 
-def test_a_job_file_with_the_retired_data_keys_still_loads_and_is_told_to_drop_them():
-    from pipeline.config import PretrainConfig
+def test_a_job_file_with_a_retired_data_key_is_refused_naming_what_replaced_it(tmp_path):
+    from pipeline.config import ConfigError, load_config
 
-    with pytest.warns(UserWarning, match=r"pretrain.cache_data no longer applies .*drop it"):
-        config = PretrainConfig(data="x", cache_data=True)
-    with pytest.warns(UserWarning, match=r"pretrain.data_cpus no longer applies \(each worker reads"):
-        PretrainConfig(data="x", data_cpus=1)
-    assert config.needs() == {"CPU": 2.0}  # the workers' own CPUs read their data
+    for key, value, replaced in [("cache_data", "true", "streaming"), ("data_cpus", "1", "data_threads")]:
+        job = tmp_path / f"{key}.yaml"
+        job.write_text(f"name: old\npretrain:\n  data: x\n  {key}: {value}\n")
+        message = rf"{key}.yaml: (.|\n)*pretrain: {key} is retired: replaced by {replaced}"
+        with pytest.raises(ConfigError, match=message):
+            load_config(job)
 
 
 def test_plan_splits_the_global_batch_and_counts_steps_per_epoch(patch_sets):

@@ -3,7 +3,6 @@ from it (the recipe, the batch split, the worker group) is worked out in `pipeli
 
 from __future__ import annotations
 
-import warnings
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -34,15 +33,17 @@ from vit.recipe import Optimizer, Recipe, Schedule, Speed, Zero, grad_accum
 # How a pretraining run is operated, not what it trains: a relaunch with other values resumes the run
 # (across world sizes the checkpoint is resharded; the global batch stays, its micro-batch split may not).
 PRETRAIN_OPERATIONAL = frozenset({
-    "data", "storage_path", "num_workers", "use_gpu", "cpus_per_worker", "data_threads", "data_cpus",
-    "placement", "micro_batch_size", "cache_data", "checkpoint_every", "keep_checkpoints", "max_failures",
+    "data", "storage_path", "num_workers", "use_gpu", "cpus_per_worker", "data_threads",
+    "placement", "micro_batch_size", "checkpoint_every", "keep_checkpoints", "max_failures",
     "log_every", "elastic_wait_s", "compile", "activation_checkpointing", "tf32", "overlap_comm",
     "reduce_bucket_size", "allgather_bucket_size", "grad_reduce_dtype",
 })  # fmt: skip
-# Keys of the data path before each worker read its own rows (Ray Data): accepted, with a warning.
+# Keys of the data path before each worker read its own rows (Ray Data): refused, saying what replaced them.
 PRETRAIN_RETIRED = {
-    "data_cpus": "each worker reads its own rows with data_threads threads, inside its own CPUs",
-    "cache_data": "each worker streams its rows from the files every epoch, read ahead of the trainer",
+    "data_cpus": "replaced by data_threads (each worker reads its own rows with that many threads, "
+    "inside its cpus_per_worker)",
+    "cache_data": "replaced by streaming (each worker reads its rows from the files every epoch, ahead "
+    "of the trainer, with data_threads threads and a shuffle_buffer)",
 }
 # The budget: a relaunch with another one resumes the run and trains to the new end.
 PRETRAIN_BUDGET = frozenset({"steps", "epochs"})
@@ -69,7 +70,6 @@ class PretrainConfig(Section):
     # Threads each worker reads its rows of the patch files with, ahead of the trainer (pyarrow releases
     # the GIL); more help when the files are remote (s3://, gs://) or compressed.
     data_threads: Annotated[int, Field(ge=1, le=64)] = 2
-    data_cpus: PositiveFloat | None = Field(None, exclude=True)  # retired (PRETRAIN_RETIRED)
     placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # how workers go onto nodes
     global_batch_size: BatchSize = 4096
     micro_batch_size: BatchSize = 64
@@ -91,7 +91,6 @@ class PretrainConfig(Section):
     # Consecutive rows of the epoch's file order (drawn anew each epoch) permuted together; 0 reads each
     # file's rows in their order.
     shuffle_buffer: NonNegativeInt = 2048
-    cache_data: Literal["auto"] | Flag | None = Field(None, exclude=True)  # retired (PRETRAIN_RETIRED)
     checkpoint_every: PositiveInt = 1000
     keep_checkpoints: PositiveInt = 3
     max_failures: NonNegativeInt = 3  # worker-group restarts from the latest checkpoint before giving up
@@ -109,6 +108,15 @@ class PretrainConfig(Section):
     reduce_bucket_size: int = 500_000_000  # elements per gradient reduction
     allgather_bucket_size: int | None = None  # per weight gather (stage 3: prefetch); None: DeepSpeed's
     deepspeed: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_retired_keys(cls, data: Any) -> Any:
+        retired = [key for key in PRETRAIN_RETIRED if isinstance(data, dict) and key in data]
+        if retired:
+            key = retired[0]
+            raise ValueError(f"{key} is retired: {PRETRAIN_RETIRED[key]}; drop {key} from the job")
+        return data
 
     @model_validator(mode="after")
     def _batch_splits(self) -> PretrainConfig:
@@ -129,9 +137,6 @@ class PretrainConfig(Section):
         if self.epochs is not None and "steps" in self.model_fields_set:
             raise ValueError("set either steps or epochs, not both")
         self.zero()  # the ZeRO settings' own checks (bucket sizes, derived raw keys)
-        for key, instead in PRETRAIN_RETIRED.items():
-            if getattr(self, key) is not None:
-                warnings.warn(f"pretrain.{key} no longer applies ({instead}); drop it", stacklevel=2)
         return self
 
     @property
