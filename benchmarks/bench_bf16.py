@@ -35,7 +35,7 @@ from vit.config import Architecture, BiTConfig, ViTConfig
 from vit.engine import build_engine, train_micro_batch
 from vit.model import VisionTransformer
 from vit.objective import training_loss
-from vit.recipe import Optimizer, Recipe, Schedule, Zero
+from vit.recipe import BatchSplit, Optimizer, Recipe, Schedule, Zero
 
 BATCH = 8
 CLASSES = 5
@@ -76,8 +76,8 @@ def batch(config: Architecture) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def recipe(lr: float, steps: int, bf16: bool = False) -> Recipe:
-    return Recipe(Optimizer(lr=lr), Schedule(warmup_steps=0), total_steps=steps, micro_batch_size=BATCH,
-                  bf16=bf16)  # fmt: skip
+    return Recipe(Optimizer(lr=lr), Schedule(warmup_steps=0), total_steps=steps,
+                  batch=BatchSplit(BATCH, BATCH), bf16=bf16)  # fmt: skip
 
 
 # ---------------------------------------------------------------- gradient agreement

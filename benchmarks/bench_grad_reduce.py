@@ -25,12 +25,12 @@ from vit.config import ViTConfig
 from vit.engine import build_engine, train_micro_batch
 from vit.model import VisionTransformer
 from vit.objective import step_randomness
-from vit.recipe import Optimizer, Recipe, Schedule, Zero
+from vit.recipe import BatchSplit, Optimizer, Recipe, Schedule, Zero
 
 CONFIG = ViTConfig(image_size=32, patch_size=4, num_classes=10, width=192, depth=4, heads=3, mlp_dim=768)
 MICRO, ACCUM, STEPS, WORLD = 8, 8, 12, 2
-RECIPE = Recipe(Optimizer(lr=1e-3), Schedule(warmup_steps=2), total_steps=STEPS, micro_batch_size=MICRO,
-                grad_accum=ACCUM, flip=False)  # fmt: skip
+RECIPE = Recipe(Optimizer(lr=1e-3), Schedule(warmup_steps=2), total_steps=STEPS,
+                batch=BatchSplit(MICRO * ACCUM * WORLD, MICRO, WORLD), flip=False)  # fmt: skip
 RUNS = {"fp32 everything": (False, "fp32"), "bf16, fp32 reduce": (True, "fp32"),
         "bf16, bf16 reduce": (True, "bf16")}  # fmt: skip
 

@@ -106,7 +106,7 @@ def data_only(
     )  # fmt: skip
     plan = plan_pretrain(config, directory)
     started = time.perf_counter()
-    out = probe_data(config, plan, run_dir=str(runs / name), steps=steps)
+    out = probe_data(plan, run_dir=str(runs / name), steps=steps)
     wall = time.perf_counter() - started
     records = [r for r in read_records(out) if "images_per_s" in r]
     return summarise(records, plan.steps_per_epoch, wall, threads, window, workers)
@@ -246,13 +246,13 @@ def device_augmentation(micro: int, repeats: int = 5) -> dict[str, Any]:
     from vit.config import ViTConfig
     from vit.model import VisionTransformer
     from vit.objective import training_view
-    from vit.recipe import Crop, Optimizer, Recipe, Schedule
+    from vit.recipe import BatchSplit, Crop, Optimizer, Recipe, Schedule
 
     torch.set_num_threads(1)
     model = VisionTransformer(ViTConfig(image_size=224, patch_size=16, num_classes=10, width=16, depth=1,
                                         heads=1, mlp_dim=32))  # fmt: skip
     stored = torch.randint(0, 256, (micro, 256, 768), dtype=torch.uint8)
-    recipe = Recipe(Optimizer(), Schedule(), 1, micro, crop=Crop(), input_size=256)
+    recipe = Recipe(Optimizer(), Schedule(), 1, BatchSplit(micro, micro), crop=Crop(), input_size=256)
     geometry = model.config.geometry
 
     def timed(function: Any) -> float:

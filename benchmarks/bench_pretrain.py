@@ -46,7 +46,7 @@ from vit.device import enable_tf32
 from vit.flops import gpu_peak_flops, train_flops
 from vit.model import VisionTransformer
 from vit.objective import make_optimizer, set_lr, training_loss
-from vit.recipe import Optimizer, Recipe, Schedule
+from vit.recipe import BatchSplit, Optimizer, Recipe, Schedule
 
 CPU_MODEL = {"patch_size": 4, "width": 128, "depth": 4, "heads": 4, "mlp_dim": 512}
 CPU_IMAGE, CPU_PATCH, MICRO = 32, 4, 32
@@ -59,7 +59,8 @@ RESULTS_NAME = "pretrain"
 def plain_recipe(steps: int, micro: int, bf16: bool = False) -> Recipe:
     """The recipe both sides train with: AdamW, warmup + cosine, clipping, flips (the pretrain defaults)."""
     optimizer = Optimizer(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.05, grad_clip=1.0)
-    return Recipe(optimizer, Schedule(warmup_steps=5), total_steps=steps, micro_batch_size=micro, bf16=bf16)
+    batch = BatchSplit(micro, micro)
+    return Recipe(optimizer, Schedule(warmup_steps=5), total_steps=steps, batch=batch, bf16=bf16)
 
 
 def plain_step(
@@ -161,7 +162,7 @@ def cpu_ray(
         checkpoint_every=10_000, log_every=1, shuffle_buffer=256,
     )  # fmt: skip
     started = time.perf_counter()
-    result = pretrain(config, plan_pretrain(config, directory), storage=str(storage.absolute()), name=name)
+    result = pretrain(plan_pretrain(config, directory), storage=str(storage.absolute()), name=name)
     wall = time.perf_counter() - started
     records = read_records(result.run_dir)
     timed = [r for r in records if "images_per_s" in r and r["step"] > warmup]

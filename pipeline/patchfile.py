@@ -12,6 +12,11 @@ finished file without reading its rows.
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,6 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.storage import resolve_all
 from vit.patches import PatchGeometry
 
 PATCHES_FORMAT = "vitpipe.patches/1"
@@ -142,3 +148,129 @@ def geometry_of(schema: pa.Schema) -> PatchGeometry:
     if metadata.get("vitpipe.format") != PATCHES_FORMAT:
         raise ValueError(f"not a vitpipe patch file (format {metadata.get('vitpipe.format')!r})")
     return PatchGeometry.from_dict({key.removeprefix("vitpipe."): value for key, value in metadata.items()})
+
+
+# --- reading rows: the pretraining feed's reader ----------------------------------------------------
+
+READ_BYTES = 32 * 2**20  # one read: about one row group of the patch files (ROW_GROUP_BYTES)
+READ_ROWS = 4096  # and at most this many rows (small images: a first batch soon, files opened in steps)
+COLUMNS = ["patches", "label"]
+
+
+@dataclass
+class _Group:
+    patches: np.ndarray  # [rows, sample_bytes] uint8, a view of Arrow's buffer
+    labels: np.ndarray  # [rows] int64
+
+
+class RowReader:
+    """Reads rows of patch files (each expected to hold `counts` rows) by row group, keeping the most recent
+    groups (a shuffle window draws its rows from a few groups, read once): thread-safe, each group read by
+    one thread at a time."""
+
+    def __init__(
+        self, files: Sequence[str], counts: Sequence[int], geometry: PatchGeometry, cache_bytes: int
+    ) -> None:
+        self.files, self.counts, self.geometry, self.cache_bytes = files, counts, geometry, cache_bytes
+        self._lock = threading.Lock()
+        self._groups: OrderedDict[tuple[int, int], Future[_Group]] = OrderedDict()
+        self._footers: dict[int, Any] = {}
+        self._held = 0  # bytes of the groups read and kept
+        # One filesystem for all the files, built once (an s3:// filesystem per read would cost each read
+        # a client and its credential lookup).
+        self._filesystem, self._paths = resolve_all(list(files))
+
+    def read(self, files: np.ndarray, rows: np.ndarray, patches: np.ndarray, labels: np.ndarray) -> None:
+        """Rows `rows` of files `files` (indices into the reader's files), in that order, into `patches`
+        (uint8 [n, sample_bytes]) and `labels` (int64 [n]): the caller's buffers, pinned memory on a GPU."""
+        n = len(rows)
+        by_group = self._locate(files, rows)
+        staged = np.empty((n, self.geometry.sample_bytes), np.uint8)
+        staged_labels = np.empty(n, np.int64)
+        order = np.empty(n, np.int64)  # staged row of each position
+        at = 0
+        for key, (positions, group_rows) in by_group.items():
+            group = self._group(*key)
+            stop = at + len(group_rows)
+            np.take(group.patches, group_rows, axis=0, out=staged[at:stop])
+            np.take(group.labels, group_rows, out=staged_labels[at:stop])
+            order[positions] = np.arange(at, stop)
+            at = stop
+        np.take(staged, order, axis=0, out=patches)
+        np.take(staged_labels, order, out=labels)
+
+    def _locate(
+        self, files: np.ndarray, rows_of: np.ndarray
+    ) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+        """Positions grouped by (file, row group), with each one's row within its group."""
+        out: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        for file in np.unique(files).tolist():
+            positions = np.flatnonzero(files == file)
+            rows = rows_of[positions]
+            ends = self._footer(file)[1]
+            if len(rows) and rows.max() >= (ends[-1] if len(ends) else 0):
+                held = int(ends[-1]) if len(ends) else 0
+                raise ValueError(
+                    f"{self.files[file]}: holds {held} rows, fewer than the run's plan reads of it "
+                    f"({self.counts[file]}, from the manifest); the file changed after preprocessing: "
+                    "preprocess the split again"
+                )
+            group = np.searchsorted(ends, rows, side="right")
+            starts = np.concatenate([[0], ends[:-1]])
+            for index in np.unique(group).tolist():
+                mine = group == index
+                out[(file, index)] = (positions[mine], rows[mine] - starts[index])
+        return out
+
+    def _footer(self, file: int) -> tuple[Any, np.ndarray]:
+        """The file's Parquet metadata and the cumulative row count at the end of each row group."""
+        footer = self._footers.get(file)
+        if footer is None:
+            try:
+                with self._filesystem.open_input_file(self._paths[file]) as stream:
+                    metadata = pq.ParquetFile(stream).metadata
+            except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+                raise OSError(f"{self.files[file]}: not a readable patch file: {error}") from error
+            ends = np.cumsum([metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)])
+            footer = self._footers[file] = (metadata, ends)
+        return footer
+
+    def _group(self, file: int, index: int) -> _Group:
+        key = (file, index)
+        with self._lock:
+            future = self._groups.get(key)
+            mine = future is None
+            if mine:
+                future = self._groups[key] = Future()
+            self._groups.move_to_end(key)
+        if mine:
+            try:
+                group = self._read_group(file, index)
+            except BaseException as error:
+                with self._lock:
+                    self._groups.pop(key, None)
+                future.set_exception(error)
+                raise
+            future.set_result(group)
+            self._keep(group.patches.nbytes)
+        return future.result()
+
+    def _read_group(self, file: int, index: int) -> _Group:
+        metadata = self._footer(file)[0]
+        try:
+            with self._filesystem.open_input_file(self._paths[file]) as stream:
+                table = pq.ParquetFile(stream, metadata=metadata).read_row_group(index, columns=COLUMNS)
+        except (OSError, ValueError) as error:
+            raise OSError(f"{self.files[file]}: row group {index} cannot be read: {error}") from error
+        return _Group(patches_array(table.column("patches")), table.column("label").to_numpy())
+
+    def _keep(self, size: int) -> None:
+        """Count a group just read, and drop the least recently used read ones beyond the budget."""
+        with self._lock:
+            self._held += size
+            while self._held > self.cache_bytes and len(self._groups) > 1:
+                key, oldest = next(iter(self._groups.items()))
+                if not oldest.done():
+                    break
+                self._groups.pop(key)
+                self._held -= oldest.result().patches.nbytes

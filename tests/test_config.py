@@ -208,10 +208,11 @@ def test_a_model_section_names_its_family_and_job_files_without_one_mean_a_vit()
 
 def test_finetune_defaults_are_the_papers_recipe_and_accumulation_splits_the_batch():
     from pipeline.config import FinetuneConfig
+    from pipeline.transfer.plan import finetune_recipe
 
     config = FinetuneConfig(targets=["d"], batch_size=512, micro_batch_size=128)
     assert config.lr_sweep == (0.001, 0.003, 0.01, 0.03)  # the paper's sweep, chosen on validation
-    recipe = config.at_rate(0.01).recipe()
+    recipe = finetune_recipe(config.at_rate(0.01))
     sgd = recipe.optimizer
     assert (sgd.name, sgd.lr, sgd.momentum, sgd.weight_decay, sgd.grad_clip) == (
         "sgd",
@@ -221,8 +222,8 @@ def test_finetune_defaults_are_the_papers_recipe_and_accumulation_splits_the_bat
         1.0,
     )
     assert (recipe.schedule.decay, recipe.schedule.warmup_steps, recipe.total_steps) == ("cosine", 50, 500)
-    assert (recipe.micro_batch_size, recipe.grad_accum, recipe.mixup_alpha) == (128, 4, 0.0)
-    assert FinetuneConfig(targets=["d"]).recipe().grad_accum == 1
+    assert (recipe.batch.micro_batch, recipe.batch.accumulation, recipe.mixup_alpha) == (128, 4, 0.0)
+    assert finetune_recipe(FinetuneConfig(targets=["d"])).batch.accumulation == 1
 
 
 @pytest.mark.parametrize(

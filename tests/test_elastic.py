@@ -17,8 +17,10 @@ import yaml
 from pipeline.config import PretrainConfig
 from pipeline.metrics import read_records
 from pipeline.pretrain.checkpoints import list_checkpoints
+from pipeline.pretrain.plan import pretrain_recipe
 from tests.conftest import run_vitpipe
 from tests.test_pretrain import _launch, assert_learned, events, steps, write_config
+from vit.recipe import BatchSplit
 
 ELASTIC = {"num_workers": [1, 2], "steps": 300, "checkpoint_every": 100, "log_every": 2}
 
@@ -109,7 +111,9 @@ def test_a_node_lost_for_good_after_its_spot_notice_leaves_one_worker_to_finish_
     assert resized[0]["step"] == last["step"]  # resumed from the last checkpoint before the node went
     after = steps(records[records.index(resized[0]) :])
     assert {r["workers"] for r in after} == {1}
-    recipe = PretrainConfig(**yaml.safe_load(config.read_text())).recipe(1000)
+    pretrain = PretrainConfig(**yaml.safe_load(config.read_text()))
+    batch = BatchSplit(pretrain.global_batch_size, pretrain.micro_batch_size)
+    recipe = pretrain_recipe(pretrain, 1000, batch, 16)
     assert [r["lr"] for r in after] == pytest.approx([recipe.lr_at(r["step"] - 1) for r in after])
     assert after[-1]["step"] == 1000
     assert events(records, "finished")[-1]["step"] == 1000
@@ -183,11 +187,11 @@ def test_a_cluster_below_the_minimum_is_waited_for_then_refused_naming_min_and_w
 
 def test_workers_are_placed_node_by_node_not_from_the_cluster_s_sum():
     """Three nodes with 1.5 free CPUs each hold three 1-CPU workers, not four; a GPU worker needs both."""
-    from pipeline.pretrain.plan import GroupBounds, placeable
+    from pipeline.pretrain.plan import WorkerGroup, placeable
 
-    cpu = GroupBounds(1, 4, {"CPU": 1.0})
+    cpu = WorkerGroup(1, 4, {"CPU": 1.0})
     assert placeable(cpu, [{"CPU": 1.5}] * 3) == 3
-    gpu = GroupBounds(1, 4, {"CPU": 8.0, "GPU": 1.0})
+    gpu = WorkerGroup(1, 4, {"CPU": 8.0, "GPU": 1.0})
     assert placeable(gpu, [{"CPU": 96.0, "GPU": 8.0}, {"CPU": 96.0}, {"CPU": 4.0, "GPU": 1.0}]) == 8
 
 
@@ -206,7 +210,7 @@ def test_the_driver_waits_for_the_minimum_then_aborts_the_group_naming_what_it_s
     """Below min: one line when the wait starts, the fit's controller aborted and a clear error after
     `elastic_wait_s`; a cluster that can place min again resets the wait (on the session's 2-CPU Ray)."""
     from pipeline.pretrain import elastic
-    from pipeline.pretrain.plan import GroupBounds
+    from pipeline.pretrain.plan import WorkerGroup
 
     class Control:  # the run's RunControl actor, as the watch calls it
         aborted = 0
@@ -223,17 +227,17 @@ def test_the_driver_waits_for_the_minimum_then_aborts_the_group_naming_what_it_s
     monkeypatch.setattr(elastic, "CLUSTER_POLL_SECONDS", 0.0)
     lines: list[str] = []
     monkeypatch.setattr(elastic, "say", lambda line, err=False: lines.append(line))
-    fits = elastic.MinimumWatch(GroupBounds(2, 2, {"CPU": 1.0}), wait_s=0.2, control=Control)
+    fits = elastic.MinimumWatch(WorkerGroup(2, 2, {"CPU": 1.0}), wait_s=0.2, control=Control)
     fits()
     assert fits.below_since is None  # 2 CPUs hold 2 workers
-    watch = elastic.MinimumWatch(GroupBounds(3, 4, {"CPU": 1.0}), wait_s=0.3, control=Control)
+    watch = elastic.MinimumWatch(WorkerGroup(3, 4, {"CPU": 1.0}), wait_s=0.3, control=Control)
     watch()
     assert lines[-1].startswith("pretrain: waiting for the cluster to place at least 3 worker(s)")
-    watch.bounds = GroupBounds(2, 4, {"CPU": 1.0})  # as if a node came back
+    watch.bounds = WorkerGroup(2, 4, {"CPU": 1.0})  # as if a node came back
     watch()
     assert watch.below_since is None
     assert lines[-1] == "pretrain: the cluster can place 2 worker(s) again"
-    watch.bounds = GroupBounds(3, 4, {"CPU": 1.0})
+    watch.bounds = WorkerGroup(3, 4, {"CPU": 1.0})
     watch()
     time.sleep(0.35)
     with pytest.raises(elastic.GroupBelowMinimumError, match=r"minimum of 3 worker\(s\) for 0 s.*room for 2"):

@@ -164,11 +164,11 @@ def test_exported_weights_give_the_deepspeed_engines_logits(zero2_run, tmp_path,
 def _deepspeed_engine_logits(info, patches: torch.Tensor, scratch: Path) -> torch.Tensor:
     """Logits of a DeepSpeed ZeRO engine restored from checkpoint `info` on one rank."""
     from vit.engine import build_engine, load_checkpoint, to_universal
-    from vit.recipe import Optimizer, Recipe, Schedule, Zero
+    from vit.recipe import BatchSplit, Optimizer, Recipe, Schedule, Zero
 
     folder = to_universal(Path(info.path), info.tag, scratch / "universal")  # two ranks' shards for one
     model = VisionTransformer(ViTConfig.from_dict(info.meta["vit"]))
-    recipe = Recipe(Optimizer(), Schedule(), total_steps=info.step, micro_batch_size=16)
+    recipe = Recipe(Optimizer(), Schedule(), total_steps=info.step, batch=BatchSplit(16, 16))
     engine = build_engine(model, recipe, Zero(info.meta["zero_stage"]), world_size=1, load_universal=True)
     load_checkpoint(engine, folder, info.tag)
     engine.eval()

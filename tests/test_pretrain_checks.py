@@ -152,7 +152,8 @@ def test_plan_splits_the_global_batch_and_counts_steps_per_epoch(patch_sets):
     settings = {key: value for key, value in RUN.items() if key != "steps"}
     plan = plan_pretrain(PretrainConfig(data="x", epochs=3, **settings), str(patch_sets["labelled"]))
     # 300 samples, 2 workers: 150 each; global 32 = micro 8 x accumulation 2 x 2 workers: 9 whole steps
-    assert (plan.grad_accum, plan.steps_per_epoch, plan.total_steps) == (2, 9, 27)
+    assert (plan.batch.accumulation, plan.steps_per_epoch, plan.total_steps) == (2, 9, 27)
+    assert plan.recipe.batch == plan.feed.batch == plan.batch  # one split, carried by the recipe and the feed
     model = plan.architecture
     assert (model.image_size, model.channels, model.num_classes) == (16, 3, 10)
     assert "300 images" in plan.describe()
@@ -161,20 +162,20 @@ def test_plan_splits_the_global_batch_and_counts_steps_per_epoch(patch_sets):
 
 def test_an_elastic_group_keeps_the_global_batch_at_every_size(patch_sets):
     """`num_workers: [min, max]`: the plan names both ends, and the one split function gives each size the
-    accumulation that keeps the global batch (the workers call it with the size they find)."""
+    accumulation that keeps the global batch (the workers re-split it for the size they find)."""
     from pipeline.config import PretrainConfig
     from pipeline.pretrain.plan import plan_pretrain
-    from vit.recipe import grad_accum
+    from vit.recipe import BatchSplit
 
     config = PretrainConfig(data="x", **{**RUN, "num_workers": [1, 4], "global_batch_size": 96})
     assert (config.elastic, config.min_workers, config.max_workers) == (True, 1, 4)
-    assert config.needs() == {"CPU": 2.0}
-    assert config.needs(1) == {"CPU": 0.5}
     plan = plan_pretrain(config, str(patch_sets["labelled"]))
+    assert plan.group.needs() == {"CPU": 2.0}
+    assert plan.group.needs(1) == {"CPU": 0.5}
     assert "1-4 worker(s), elastic, x accumulation 12-3 (global batch 96 at every size)" in plan.describe()
-    assert [grad_accum(96, 8, world) * 8 * world for world in (1, 2, 3, 4)] == [96] * 4
+    assert [plan.batch.on(world).accumulation * 8 * world for world in (1, 2, 3, 4)] == [96] * 4
     with pytest.raises(ValueError, match="a global batch of 32 does not split into micro-batches of 8 on 3"):
-        grad_accum(32, 8, 3)
+        BatchSplit(32, 8, 3)
     assert not PretrainConfig(data="x", **RUN).elastic  # a number stays a fixed group
 
 
@@ -182,10 +183,13 @@ def test_bf16_auto_is_decided_on_the_worker_by_its_device(monkeypatch):
     import torch
 
     from pipeline.config import PretrainConfig
+    from pipeline.pretrain.plan import pretrain_recipe
     from vit.objective import use_bf16
+    from vit.recipe import BatchSplit
 
-    assert PretrainConfig(data="x").recipe(10).bf16 is False  # "auto" does not force it on the driver
-    assert PretrainConfig(data="x", bf16=True).recipe(10).bf16 is True
+    batch = BatchSplit(4096, 64, 2)
+    assert pretrain_recipe(PretrainConfig(data="x"), 10, batch, 16).bf16 is False  # "auto": not on the driver
+    assert pretrain_recipe(PretrainConfig(data="x", bf16=True), 10, batch, 16).bf16 is True
     assert use_bf16("auto", torch.device("cpu")) is False
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert use_bf16("auto", torch.device("cuda")) is True
@@ -245,7 +249,7 @@ def run_with_checkpoint(patch_sets, tmp_path) -> Path:
     checkpoint.mkdir(parents=True)
     meta = {"step": 40, "tag": "step00000040", "world_size": 2, "zero_stage": 2,
             "vit": plan.architecture.to_dict(),
-            "classes": plan.data.classes, "defines": run_identity(config, plan)}  # fmt: skip
+            "classes": plan.data.classes, "defines": run_identity(config, plan.data)}  # fmt: skip
     (checkpoint / "vitpipe.json").write_text(json.dumps(meta))
     return tmp_path / "run"
 
@@ -342,7 +346,7 @@ def test_a_study_point_resumed_on_other_rows_of_the_corpus_is_refused(patch_sets
     checkpoint = tmp_path / "point" / "checkpoint_00000040"
     checkpoint.mkdir(parents=True)
     meta = {"step": 40, "tag": "step00000040", "world_size": 2, "zero_stage": 2,
-            "vit": plan.architecture.to_dict(), "defines": run_identity(config, plan)}  # fmt: skip
+            "vit": plan.architecture.to_dict(), "defines": run_identity(config, plan.data)}  # fmt: skip
     (checkpoint / "vitpipe.json").write_text(json.dumps(meta))
     run = str(tmp_path / "point")
 

@@ -12,9 +12,10 @@ import pytest
 
 from pipeline.patchfile import PatchShardWriter
 from pipeline.pretrain.feed import Feed
-from pipeline.pretrain.order import Corpus, EpochOrder, FeedPlan, extend_lineage, rank_spans
+from pipeline.pretrain.feed_plan import Corpus, FeedPlan
+from pipeline.pretrain.order import EpochOrder, extend_lineage, rank_spans
 from vit.patches import PatchGeometry
-from vit.recipe import grad_accum
+from vit.recipe import BatchSplit
 
 GEOMETRY = PatchGeometry(image_size=8, patch_size=4, channels=1)  # 64 bytes a sample
 
@@ -38,7 +39,7 @@ def plan_of(
     corpus: Corpus, *, window: int = 16, global_batch: int = 8, micro: int = 2, seed: int = 0
 ) -> FeedPlan:
     steps = sum(corpus.counts) // global_batch
-    return FeedPlan(corpus, seed, window, steps, global_batch, micro, threads=2, depth=3)
+    return FeedPlan(corpus, seed, window, steps, BatchSplit(global_batch, micro), threads=2, depth=3)
 
 
 def read(plan: FeedPlan, world: int, step: int, until: int, lineage=None) -> list[list[int]]:
@@ -49,10 +50,10 @@ def read(plan: FeedPlan, world: int, step: int, until: int, lineage=None) -> lis
         feed = Feed(plan, rank, world, step, lineage or extend_lineage(None, position, world), pin=False)
         ids: list[int] = []
         at = step
-        accum = grad_accum(plan.global_batch, plan.micro_batch, world)
+        accum = plan.batch.on(world).accumulation
         while at < until:
             epoch, position = divmod(at, plan.steps_per_epoch)
-            batches = feed.batches(epoch, position * accum)
+            batches = feed.batches(epoch, position)
             for _ in range(position, plan.steps_per_epoch):
                 if at == until:
                     break
@@ -100,7 +101,7 @@ def test_a_resume_starts_at_the_checkpoint_s_position_without_reading_what_came_
     whole = read(plan, world=2, step=0, until=2 * plan.steps_per_epoch)
     for stop in (3, 10, 13):  # mid-epoch, at the boundary, in the second epoch
         resumed = read(plan, world=2, step=stop, until=2 * plan.steps_per_epoch)
-        done = stop * plan.global_batch // 2
+        done = stop * plan.batch.global_batch // 2
         assert resumed == [ids[done:] for ids in whole]
 
 

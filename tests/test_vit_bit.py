@@ -15,7 +15,7 @@ from vit.config import BiTConfig
 from vit.evaluate import extract_features
 from vit.objective import training_loss
 from vit.patches import patchify
-from vit.recipe import Optimizer, Recipe, Schedule
+from vit.recipe import BatchSplit, Optimizer, Recipe, Schedule
 from vit.weights import load_pretrained, read_checkpoint, save_pretrained
 
 TOY = BiTConfig(image_size=32, patch_size=4, channels=3, num_classes=10, depth=26, base_width=8, groups=8)
@@ -105,7 +105,7 @@ def test_a_wrong_patch_tensor_is_refused_with_what_bit_expects():
 def test_training_step_lowers_the_loss_through_the_shared_recipe():
     torch.manual_seed(0)
     model = ResNetV2(TOY)
-    recipe = Recipe(Optimizer(lr=1e-2, weight_decay=0.0), Schedule(), total_steps=20, micro_batch_size=8)
+    recipe = Recipe(Optimizer(lr=1e-2, weight_decay=0.0), Schedule(), total_steps=20, batch=BatchSplit(8, 8))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     patches, labels = random_patches(TOY, batch=8), torch.arange(8) % 10
     rng = np.random.default_rng(0)

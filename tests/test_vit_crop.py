@@ -14,7 +14,7 @@ from PIL import Image
 from vit.augment import center_crop, hflip_patches, inception_boxes, resized_crop, stored_geometry
 from vit.objective import training_view
 from vit.patches import PatchGeometry, patchify, unpatchify
-from vit.recipe import Crop, Optimizer, Recipe, Schedule
+from vit.recipe import BatchSplit, Crop, Optimizer, Recipe, Schedule
 
 STORED = PatchGeometry(image_size=32, patch_size=4, channels=3)
 MODEL = PatchGeometry(image_size=16, patch_size=4, channels=3)
@@ -61,9 +61,10 @@ def test_evaluation_takes_the_centre_crop_of_larger_stored_images():
     assert centre.dtype == torch.uint8
     assert torch.equal(centre, torch.from_numpy(patchify(images[:, 8:24, 8:24], 4)))
     # the step without a random crop does the same, and images stored at the model's size pass unchanged
-    recipe = Recipe(Optimizer(), Schedule(), total_steps=1, micro_batch_size=3, input_size=32, flip=False)
+    recipe = Recipe(Optimizer(), Schedule(), total_steps=1, batch=BatchSplit(3, 3), input_size=32, flip=False)
     assert torch.equal(training_view(patches, MODEL, recipe), centre)
-    assert training_view(centre, MODEL, Recipe(Optimizer(), Schedule(), 1, 3, flip=False)) is centre
+    whole = Recipe(Optimizer(), Schedule(), 1, BatchSplit(3, 3), flip=False)
+    assert training_view(centre, MODEL, whole) is centre
     assert stored_geometry(MODEL, None) == MODEL
 
 
@@ -94,7 +95,7 @@ def test_draws_that_never_fit_fall_back_to_the_whole_image():
 
 def test_the_recipe_crop_is_random_per_image_and_the_config_checks_its_ranges():
     images = np.stack([photo(seed=0)] * 4)
-    recipe = Recipe(Optimizer(), Schedule(), 1, 4, crop=Crop(), input_size=32)
+    recipe = Recipe(Optimizer(), Schedule(), 1, BatchSplit(4, 4), crop=Crop(), input_size=32)
     torch.manual_seed(0)
     out = training_view(torch.from_numpy(patchify(images, 4)), MODEL, recipe)
     assert out.shape == (4, MODEL.num_patches, MODEL.patch_dim)
@@ -131,7 +132,8 @@ def test_a_training_step_on_images_stored_larger_than_the_model_trains_on_its_cr
     patches = torch.from_numpy(patchify(np.stack([photo(seed=s) for s in range(4)]), 4))
     labels = torch.tensor([0, 1, 2, 0])
     for crop in (Crop(), None):
-        recipe = Recipe(Optimizer(), Schedule(), 1, 4, crop=crop, input_size=32, mixup_alpha=0.2)
+        batch = BatchSplit(4, 4)
+        recipe = Recipe(Optimizer(), Schedule(), 1, batch, crop=crop, input_size=32, mixup_alpha=0.2)
         result = training_loss(model, patches, labels, recipe, np.random.default_rng(0))
         result.loss.backward()
         assert torch.isfinite(result.loss)

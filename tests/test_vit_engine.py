@@ -15,7 +15,7 @@ from vit.config import BiTConfig, ViTConfig
 from vit.engine import build_engine, consolidated_state, load_checkpoint, save_checkpoint, train_micro_batch
 from vit.loop import DataExhaustedError, Hooks, LoopEnd, Throughput, pretrain_loop
 from vit.model import VisionTransformer
-from vit.recipe import Cadence, Optimizer, Recipe, Schedule, Zero
+from vit.recipe import BatchSplit, Cadence, Optimizer, Recipe, Schedule, Zero
 from vit.weights import load_state, state_digest
 
 TINY = ViTConfig(
@@ -29,7 +29,7 @@ def test_bf16_deepspeed_engine_trains_on_uint8_patches(stage, offload, one_rank_
     ZeRO stage and offload asked for, and it learns a batch. ZeRO >= 1 keeps bf16 weights (fp32 master
     partitions in its optimizer); ZeRO-0 keeps fp32 weights under bf16 autocast, its only master copy."""
     torch.manual_seed(0)
-    recipe = Recipe(Optimizer(lr=3e-3), Schedule(warmup_steps=0), total_steps=30, micro_batch_size=8,
+    recipe = Recipe(Optimizer(lr=3e-3), Schedule(warmup_steps=0), total_steps=30, batch=BatchSplit(8, 8),
                     bf16=True)  # fmt: skip
     zero = Zero(stage, offload_optimizer=offload)
     engine = build_engine(VisionTransformer(TINY), recipe, zero, world_size=1)
@@ -58,7 +58,7 @@ def test_bit_trains_in_bf16_in_the_deepspeed_engine_and_its_checkpoint_consolida
     benchmarks/results/bf16.json.)"""
     torch.manual_seed(0)
     config = BiTConfig(image_size=16, patch_size=4, num_classes=5, depth=26, base_width=8, groups=8)
-    recipe = Recipe(Optimizer(lr=3e-3), Schedule(warmup_steps=0), total_steps=20, micro_batch_size=8,
+    recipe = Recipe(Optimizer(lr=3e-3), Schedule(warmup_steps=0), total_steps=20, batch=BatchSplit(8, 8),
                     bf16=True)  # fmt: skip
     initial = ResNetV2(config)
     untrained = state_digest(initial)
@@ -99,7 +99,7 @@ def test_bf16_training_tracks_fp32_from_the_same_seed(family, one_rank_group):
     for bf16 in (False, True):
         torch.manual_seed(0)
         model = ResNetV2(config) if family == "bit" else VisionTransformer(config)
-        recipe = Recipe(Optimizer(lr=3e-3), Schedule(warmup_steps=0), total_steps=30, micro_batch_size=8,
+        recipe = Recipe(Optimizer(lr=3e-3), Schedule(warmup_steps=0), total_steps=30, batch=BatchSplit(8, 8),
                         bf16=bf16)  # fmt: skip
         engine = build_engine(model, recipe, Zero(2), world_size=1)
         rng = np.random.default_rng(0)
@@ -116,8 +116,8 @@ def test_bf16_training_tracks_fp32_from_the_same_seed(family, one_rank_group):
 DATA_ROWS, MICRO, ACCUM = 64, 8, 2
 STEPS_PER_EPOCH = DATA_ROWS // (MICRO * ACCUM)
 RECIPE = Recipe(
-    Optimizer(lr=1e-2, weight_decay=0.05), Schedule(warmup_steps=4), total_steps=24, micro_batch_size=MICRO,
-    grad_accum=ACCUM, flip=False,
+    Optimizer(lr=1e-2, weight_decay=0.05), Schedule(warmup_steps=4), total_steps=24,
+    batch=BatchSplit(MICRO * ACCUM, MICRO), flip=False,
 )  # fmt: skip
 ZERO = Zero(2)
 
@@ -140,9 +140,9 @@ class Memory:
         self.epochs: list[tuple[int, int]] = []
         self.saved: list[int] = []
 
-    def batches(self, epoch: int, skip: int):
-        self.epochs.append((epoch, skip))
-        for start in range(skip * MICRO, DATA_ROWS, MICRO):
+    def batches(self, epoch: int, position: int):
+        self.epochs.append((epoch, position))
+        for start in range(position * ACCUM * MICRO, DATA_ROWS, MICRO):
             yield self.patches[start : start + MICRO], self.labels[start : start + MICRO]
 
     def save(self, step: int, epoch: int) -> None:
@@ -187,7 +187,7 @@ def test_pretraining_loop_trains_without_ray_and_resumes_with_the_weights_it_sav
     engine = build_engine(VisionTransformer(TINY), RECIPE, ZERO, world_size=1)
     assert load_checkpoint(engine, tmp_path / "checkpoints", "step10")["step"] == 10
     assert run(second, engine, start_step=10).step == 24
-    assert second.epochs[0] == (2, 4)  # step 10 is 2 steps (4 micro-batches) into epoch 2
+    assert second.epochs[0] == (2, 2)  # step 10 is 2 steps into epoch 2
     resumed = {record["step"]: record["loss"] for record in second.records}
     assert sorted(resumed) == list(range(11, 25))
     assert resumed[11] == pytest.approx(losses[11], rel=1e-4)
@@ -270,7 +270,7 @@ def _reshard_phase(
                        "MASTER_PORT": str(port)})  # fmt: skip
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     patches, labels = dataset()
-    recipe = dataclasses.replace(RECIPE, grad_accum=16 // (MICRO * world), optimizer=Optimizer(lr=1e-2))
+    recipe = dataclasses.replace(RECIPE, batch=BatchSplit(16, MICRO, world), optimizer=Optimizer(lr=1e-2))
 
     def dump(engine, name: str) -> None:
         weights = {n: safe_get_full_fp32_param(p).detach().cpu().contiguous()
@@ -289,8 +289,9 @@ def _reshard_phase(
             if save is not None and step == steps[-1]:
                 save_checkpoint(engine, Path(folder) / f"zero-{stage}", save, {"step": step})
                 dump(engine, f"{stage}-saved-{save}")
-            for micro in range(recipe.grad_accum):  # each rank its own rows of the step's 16 images
-                start = (step * 16 + (rank * recipe.grad_accum + micro) * MICRO) % DATA_ROWS
+            accumulation = recipe.batch.accumulation
+            for micro in range(accumulation):  # each rank its own rows of the step's 16 images
+                start = (step * 16 + (rank * accumulation + micro) * MICRO) % DATA_ROWS
                 rng = np.random.default_rng(0)
                 train_micro_batch(
                     engine, patches[start : start + MICRO], labels[start : start + MICRO], recipe, rng

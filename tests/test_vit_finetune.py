@@ -12,7 +12,7 @@ from tests.test_vit_device import count_host_reads
 from vit.config import ViTConfig
 from vit.finetune import finetune, freeze_backbone
 from vit.model import VisionTransformer
-from vit.recipe import Optimizer, Recipe, Schedule
+from vit.recipe import BatchSplit, Optimizer, Recipe, Schedule
 
 CPU = torch.device("cpu")
 CONFIG = ViTConfig(image_size=8, patch_size=4, num_classes=3, width=16, depth=1, heads=2, mlp_dim=32)
@@ -29,7 +29,7 @@ def batches(size: int, seed: int = 0):
 
 def paper_spec(lr: float = 0.03, **changes) -> Recipe:
     optimizer = Optimizer(name="sgd", lr=lr, momentum=0.9, weight_decay=0.0, grad_clip=1.0)
-    settings = {"total_steps": 6, "micro_batch_size": 8, "flip": False, **changes}
+    settings = {"total_steps": 6, "batch": BatchSplit(8, 8), "flip": False, **changes}
     return Recipe(optimizer, Schedule(warmup_steps=2, decay="cosine"), **settings)
 
 
@@ -86,7 +86,7 @@ def test_a_frozen_backbone_trains_the_head_alone():
 def test_accumulated_micro_batches_make_the_same_step_as_one_batch():
     whole, split = model(), model()
     finetune(whole, batches(8), paper_spec(), device=CPU)
-    finetune(split, batches(4), paper_spec(micro_batch_size=4, grad_accum=2), device=CPU)
+    finetune(split, batches(4), paper_spec(batch=BatchSplit(4 * 2, 4)), device=CPU)
     for (name, a), b in zip(whole.state_dict().items(), split.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -102,7 +102,7 @@ def test_nothing_trainable_is_an_error():
 def exploding_recipe() -> Recipe:
     optimizer = Optimizer(name="sgd", lr=1e30, weight_decay=0.0, grad_clip=None)
     schedule = Schedule(warmup_steps=0, decay="constant")
-    return Recipe(optimizer, schedule, total_steps=20, micro_batch_size=8, flip=False)
+    return Recipe(optimizer, schedule, total_steps=20, batch=BatchSplit(8, 8), flip=False)
 
 
 def test_a_diverging_fine_tune_stops_at_the_step_naming_the_values():
@@ -121,7 +121,7 @@ def test_the_loop_reads_values_back_from_the_device_only_at_record_steps(monkeyp
     recorded every 2 steps: three records, one read each."""
     net = model()
     counts = count_host_reads(monkeypatch)
-    outcome = finetune(net, batches(4), paper_spec(micro_batch_size=4, grad_accum=2), device=CPU,
+    outcome = finetune(net, batches(4), paper_spec(batch=BatchSplit(4 * 2, 4)), device=CPU,
                        log_every=2)  # fmt: skip
     reads = dict(counts)
     assert len(outcome.records) == 3

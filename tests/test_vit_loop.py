@@ -26,7 +26,7 @@ from vit.engine import (
 from vit.loop import LoopEnd, Throughput, pretrain_loop
 from vit.model import VisionTransformer
 from vit.objective import step_randomness, training_view
-from vit.recipe import Cadence, Crop, Optimizer, Recipe, Schedule, Zero
+from vit.recipe import BatchSplit, Cadence, Crop, Optimizer, Recipe, Schedule, Zero
 
 # Every source of randomness on: dropout, drop-path, the random crop, flips, mixup.
 NOISY = ViTConfig(
@@ -153,8 +153,8 @@ def test_the_loop_reads_the_device_only_at_log_steps(one_rank_group, tmp_path, m
     marks: list[int] = []  # reads counted when each micro-batch was handed out
     batches = memory.batches
 
-    def marked(epoch: int, skip: int):
-        for batch in batches(epoch, skip):
+    def marked(epoch: int, position: int):
+        for batch in batches(epoch, position):
             marks.append(len(reads))
             yield batch
 
@@ -311,7 +311,7 @@ def losses_of(engine, recipe: Recipe, steps: int) -> list[float]:
 def test_activation_checkpointing_in_the_engine_trains_the_same_steps(stage, one_rank_group):
     """Per-block recomputation under DeepSpeed's hooks (ZeRO-3 gathers each block's weights again for the
     recompute): the same losses, step for step, as without it, dropout and drop-path included."""
-    recipe = dataclasses.replace(NOISY_RECIPE, grad_accum=1)
+    recipe = dataclasses.replace(NOISY_RECIPE, batch=BatchSplit(MICRO, MICRO))
     runs = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
@@ -328,7 +328,7 @@ def test_a_compiled_engine_trains_within_a_tolerance_of_eager(one_rank_group):
     mixup outside the model) give eager's losses within rel 1e-4, and the parameter names (what
     checkpoints hold) are unchanged. Dropout and drop-path are off: inside a compiled graph they draw from
     inductor's own generator, another stream than eager's."""
-    recipe = dataclasses.replace(NOISY_RECIPE, grad_accum=1)
+    recipe = dataclasses.replace(NOISY_RECIPE, batch=BatchSplit(MICRO, MICRO))
     config = dataclasses.replace(NOISY, dropout=0.0, drop_path=0.0)
     runs, names = [], []
     for compiled in (False, True):  # compiled with activation checkpointing: the two together, as on GPUs

@@ -17,7 +17,7 @@ from vit.flops import gpu_peak_flops, measured_matmul_flops
 from vit.model import VisionTransformer
 from vit.objective import param_groups, soft_cross_entropy, training_loss
 from vit.patches import PatchGeometry, patchify
-from vit.recipe import Optimizer, Recipe, Schedule, Zero
+from vit.recipe import BatchSplit, Optimizer, Recipe, Schedule, Zero
 
 TINY = ViTConfig(
     image_size=16, patch_size=4, channels=3, num_classes=5, width=32, depth=2, heads=2, mlp_dim=64
@@ -69,8 +69,8 @@ def test_constant_schedule_stays_at_the_peak_after_warmup():
 def test_the_rate_of_a_step_follows_the_run_s_own_budget_so_an_extended_run_decays_anew():
     """The rate is a function of (step, recipe): resuming step 80 of a run extended from 80 to 160 steps
     trains at the longer schedule's rate, not the one a saved scheduler state would carry."""
-    short = Recipe(Optimizer(lr=1.0), Schedule(warmup_steps=0), total_steps=80, micro_batch_size=1)
-    extended = Recipe(Optimizer(lr=1.0), Schedule(warmup_steps=0), total_steps=160, micro_batch_size=1)
+    short = Recipe(Optimizer(lr=1.0), Schedule(warmup_steps=0), total_steps=80, batch=BatchSplit(1, 1))
+    extended = Recipe(Optimizer(lr=1.0), Schedule(warmup_steps=0), total_steps=160, batch=BatchSplit(1, 1))
     assert short.lr_at(80) == pytest.approx(0.0)
     assert extended.lr_at(80) == pytest.approx(0.5)
     assert extended.lr_at(40) == pytest.approx(0.5 * (1 + np.cos(np.pi / 4)))
@@ -121,7 +121,7 @@ def test_label_smoothing_and_mixup_keep_targets_distributions():
 
 
 def test_deepspeed_config_splits_the_batch_and_merges_extra_keys():
-    recipe = Recipe(Optimizer(grad_clip=1.0), Schedule(), total_steps=10, micro_batch_size=8, grad_accum=4,
+    recipe = Recipe(Optimizer(grad_clip=1.0), Schedule(), total_steps=10, batch=BatchSplit(64, 8, 2),
                     bf16=True)  # fmt: skip
     extra = {"zero_optimization": {"sub_group_size": 10**8}, "comms_logger": {"enabled": False}}
     zero = Zero(3, offload_optimizer=True, extra=extra, overlap_comm=False, reduce_bucket_size=2**20,
@@ -137,7 +137,9 @@ def test_deepspeed_config_splits_the_batch_and_merges_extra_keys():
         "sub_group_size": 10**8,
     }  # fmt: skip
     # No all-gather size of vitpipe's own by default: DeepSpeed's (5e8 at stages 1-2, 5e7 at stage 3).
-    assert "stage3_prefetch_bucket_size" not in deepspeed_config(recipe, Zero(3), 1)["zero_optimization"]
+    assert "stage3_prefetch_bucket_size" not in deepspeed_config(recipe, Zero(3), 2)["zero_optimization"]
+    with pytest.raises(ValueError, match="the recipe's batch is split for 2 rank"):
+        deepspeed_config(recipe, zero, world_size=1)
     assert config["timers"] == {"throughput": {"enabled": False}}  # its timer syncs every micro-batch
     assert config["bf16"] == {"enabled": True}
     assert config["comms_logger"] == {"enabled": False}
@@ -175,7 +177,7 @@ def test_the_training_step_flips_smooths_and_mixes_as_the_recipe_says():
     torch.nn.init.normal_(model.head.weight, std=0.5)  # a zero head would give every input the same logits
     patches = torch.randint(0, 256, (6, *TINY.geometry.shape), dtype=torch.uint8)
     labels = torch.arange(6) % TINY.num_classes
-    plain = Recipe(Optimizer(), Schedule(), total_steps=1, micro_batch_size=6, flip=False,
+    plain = Recipe(Optimizer(), Schedule(), total_steps=1, batch=BatchSplit(6, 6), flip=False,
                    label_smoothing=0.1)  # fmt: skip
 
     def loss(recipe: Recipe) -> float:

@@ -34,10 +34,12 @@ def deepspeed_config(
     recipe: Recipe, zero: Zero, world_size: int, *, load_universal: bool = False
 ) -> dict[str, Any]:
     """The DeepSpeed config for `recipe` on `world_size` ranks, with the user's extra raw keys merged in."""
+    if recipe.batch.world != world_size:
+        raise ValueError(f"the recipe's batch is split for {recipe.batch.world} rank(s), not {world_size}")
     config: dict[str, Any] = {
-        "train_batch_size": recipe.micro_batch_size * recipe.grad_accum * world_size,
-        "train_micro_batch_size_per_gpu": recipe.micro_batch_size,
-        "gradient_accumulation_steps": recipe.grad_accum,
+        "train_batch_size": recipe.batch.global_batch,
+        "train_micro_batch_size_per_gpu": recipe.batch.micro_batch,
+        "gradient_accumulation_steps": recipe.batch.accumulation,
         "gradient_clipping": recipe.optimizer.grad_clip or 0.0,
         **precision_config(recipe.bf16, zero),
         "zero_optimization": zero_section(zero),

@@ -58,7 +58,7 @@ def finetune(
     seed: int = 0,
     compile_forward: bool = False,
 ) -> FinetuneOutcome:
-    """Run `recipe.total_steps` optimizer steps of `recipe.grad_accum` micro-batches each.
+    """Run `recipe.total_steps` optimizer steps of `recipe.batch.accumulation` micro-batches each.
 
     Every `validate_every` steps and at the last, `validate(model)` scores the weights; the best score's
     weights are returned (ties go to the later step). Each `log_every` steps a record (loss, accuracy, lr,
@@ -119,15 +119,15 @@ def _step(
     rng: np.random.Generator,
     window: _Window,
 ) -> None:
-    """One optimizer step: the recipe's training loss on `grad_accum` micro-batches, clipping, update; its
-    loss, hits and gradient norm (before clipping) go into the window without leaving the device."""
+    """One optimizer step: the recipe's training loss on its `batch.accumulation` micro-batches, clipping,
+    update; its loss, hits and gradient norm (before clipping) go into the window, not leaving the device."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    for _ in range(recipe.grad_accum):
+    for _ in range(recipe.batch.accumulation):
         patches, labels = next(batches)
         with autocast(patches.device, recipe.bf16):
             result = training_loss(model, patches, labels, recipe, rng, forward=forward)
-        (result.loss / recipe.grad_accum).backward()
+        (result.loss / recipe.batch.accumulation).backward()
         window.add(result)
     clip = recipe.optimizer.grad_clip or float("inf")
     window.end_step(torch.nn.utils.clip_grad_norm_(trainable, clip))

@@ -1,5 +1,5 @@
-"""The pretraining loop: steps of `grad_accum` micro-batches on a DeepSpeed engine, the loss and accuracy
-all-reduced over the ranks, a record every `log_every` steps and a checkpoint every `checkpoint_every`.
+"""The pretraining loop: steps of `batch.accumulation` micro-batches on a DeepSpeed engine, the loss and
+accuracy all-reduced over the ranks, a record every `log_every` steps, a checkpoint every `checkpoint_every`.
 
 No Ray here. Whatever runs the ranks brings its hooks: the micro-batches of an epoch from a position,
 saving a checkpoint, writing a record, and whether a stop was asked for. Ray Train's worker
@@ -37,7 +37,8 @@ Notice = Literal["", "checkpoint", "regroup"]
 class Hooks:
     """What the loop asks of its caller.
 
-    `batches(epoch, skip)`: the epoch's micro-batches for this rank, starting after the first `skip`;
+    `batches(epoch, position)`: the epoch's micro-batches for this rank from its optimizer step `position` on
+    (a resumed epoch starts part-way; the caller's data knows its batch split);
     `save(step, epoch)`: write a checkpoint (every rank calls it); `record(record)`: keep a step's
     metrics (every rank calls it with the same all-reduced numbers; the caller decides who writes);
     `stop_requested()`, asked at log steps: whether to checkpoint and stop (any rank's yes stops all);
@@ -99,7 +100,7 @@ def pretrain_loop(
     window = Window(engine.device, step)
     while step < recipe.total_steps:
         epoch, position = divmod(step, steps_per_epoch)
-        micro_batches = hooks.batches(epoch, position * recipe.grad_accum)
+        micro_batches = hooks.batches(epoch, position)
         for _ in range(position, steps_per_epoch):
             rng = step_randomness(seed, rank, step)
             lr = _train_step(engine, recipe, micro_batches, rng, step, epoch, window)
@@ -154,12 +155,12 @@ def _train_step(
     epoch: int,
     window: Window,
 ) -> float:
-    """One optimizer step (0-based `step`) of `grad_accum` micro-batches, its sums kept in `window` on the
-    device; returns the step's learning rate."""
+    """One optimizer step (0-based `step`) of `batch.accumulation` micro-batches, its sums kept in `window`
+    on the device; returns the step's learning rate."""
     lr = set_step_lr(engine, recipe, step)
     # loss x images, correct, images; on the engine's device, where NCCL can reduce it
     totals = torch.zeros(3, dtype=torch.float64, device=engine.device)
-    for _ in range(recipe.grad_accum):
+    for _ in range(recipe.batch.accumulation):
         wait_started = time.perf_counter()
         batch = next(micro_batches, None)
         if batch is None:

@@ -9,7 +9,7 @@ that runs a recipe is `vit.objective`, the engine `vit.engine`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 # Keys vitpipe derives itself; setting them as raw DeepSpeed keys would contradict the validated config.
@@ -110,16 +110,38 @@ class Crop:
         _require(problems)
 
 
-def grad_accum(global_batch: int, micro_batch: int, world_size: int) -> int:
-    """Micro-batches each of `world_size` ranks trains per optimizer step so that every step sees the same
-    `global_batch` images whatever the number of ranks (the one place the batch is split)."""
-    per_pass = micro_batch * world_size
-    if global_batch % per_pass:
-        raise ValueError(
-            f"a global batch of {global_batch} does not split into micro-batches of {micro_batch} on "
-            f"{world_size} rank(s)"
-        )
-    return global_batch // per_pass
+@dataclass(frozen=True)
+class BatchSplit:
+    """A step's `global_batch` images cut into micro-batches of `micro_batch` on `world` ranks, each rank
+    accumulating `accumulation` of them, so every step sees the same images whatever the number of ranks:
+    the one place the batch is split (the config's check, the plan, the workers, the feed, DeepSpeed)."""
+
+    global_batch: int
+    micro_batch: int
+    world: int = 1
+
+    def __post_init__(self) -> None:
+        if min(self.global_batch, self.micro_batch, self.world) < 1:
+            raise ValueError(f"a batch split needs positive sizes (got {self})")
+        if self.global_batch % (self.micro_batch * self.world):
+            raise ValueError(
+                f"a global batch of {self.global_batch} does not split into micro-batches of "
+                f"{self.micro_batch} on {self.world} rank(s)"
+            )
+
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches each rank trains per optimizer step."""
+        return self.global_batch // (self.micro_batch * self.world)
+
+    @property
+    def per_rank(self) -> int:
+        """Images each rank trains per optimizer step."""
+        return self.global_batch // self.world
+
+    def on(self, world: int) -> BatchSplit:
+        """The same global batch and micro-batch on `world` ranks (an elastic group's other size)."""
+        return replace(self, world=world)
 
 
 @dataclass(frozen=True)
@@ -129,8 +151,7 @@ class Recipe:
     optimizer: Optimizer
     schedule: Schedule
     total_steps: int
-    micro_batch_size: int
-    grad_accum: int = 1
+    batch: BatchSplit
     label_smoothing: float = 0.0
     flip: bool = True
     mixup_alpha: float = 0.0

@@ -59,7 +59,7 @@ from vit.flops import gpu_peak_flops, measured_matmul_flops, train_flops
 from vit.model import VisionTransformer
 from vit.objective import training_view
 from vit.patches import PatchGeometry
-from vit.recipe import Crop, Optimizer, Recipe, Schedule
+from vit.recipe import BatchSplit, Crop, Optimizer, Recipe, Schedule
 
 GOAL_MFU = 0.45  # of the datasheet dense bf16 peak: the goal for ViT-B/16
 CROP = {"area": [0.08, 1.0], "aspect": [0.75, 1.333]}  # the paper jobs' Inception crop
@@ -283,8 +283,9 @@ def augmentation_cost(
     model = VisionTransformer(config).to(device)  # only its normalisation is timed
     stored = PatchGeometry(profile.stored_size, profile.patch_size, 3)
     patches = torch.randint(0, 256, (micro, *stored.shape), dtype=torch.uint8, device=device)
-    crop = Recipe(Optimizer(), Schedule(), 1, micro, crop=Crop(**CROP), input_size=profile.stored_size)
-    centre = Recipe(Optimizer(), Schedule(), 1, micro, input_size=profile.stored_size)
+    batch, stored_size = BatchSplit(micro, micro), profile.stored_size
+    crop = Recipe(Optimizer(), Schedule(), 1, batch, crop=Crop(**CROP), input_size=stored_size)
+    centre = Recipe(Optimizer(), Schedule(), 1, batch, input_size=stored_size)
     for _ in range(3):
         cropped = training_view(patches, config.geometry, crop)
     return {
@@ -372,7 +373,7 @@ def run_configuration(profile: Profile, configuration: Configuration, data: str,
         plan = plan_pretrain(config, data)
         row["model"], flops_per_image = plan.architecture.describe(), train_flops(plan.architecture)
         with deadline.stop_when_due():
-            pretrain(config, plan, storage=str(runs), name=configuration.name)
+            pretrain(plan, storage=str(runs), name=configuration.name)
     except TrainingStopped as stopped:
         row |= {"status": "stopped", "error": str(stopped)}
     except KeyboardInterrupt:  # a second signal while the run checkpointed: its records so far, no more runs

@@ -15,11 +15,12 @@ from pipeline.config.data import (
 from pipeline.config.job import PipelineConfig, StudyConfig, TrackingConfig, WandbConfig
 from pipeline.config.loader import check_name, load_config, load_yaml, validate
 from pipeline.config.model import AnyModel, BiTModelConfig, ModelConfig
-from pipeline.config.pretrain import PRETRAIN_OPERATIONAL, PretrainConfig
+from pipeline.config.pretrain import PRETRAIN_BUDGET, PRETRAIN_OPERATIONAL, PretrainConfig
 from pipeline.config.transfer import FINETUNE_OPERATIONAL, AnalyzeConfig, EvaluateConfig, FinetuneConfig
 
 __all__ = [
-    "DEFAULT_PATCH_SIZE", "DEFAULT_RUNS", "FINETUNE_OPERATIONAL", "OUTPUT_NEUTRAL", "PRETRAIN_OPERATIONAL",
+    "DEFAULT_PATCH_SIZE", "DEFAULT_RUNS", "FINETUNE_OPERATIONAL", "OUTPUT_NEUTRAL", "PRETRAIN_BUDGET",
+    "PRETRAIN_OPERATIONAL",
     "AnalyzeConfig", "AnyModel", "BiTModelConfig", "ConfigError", "DatasetConfig", "DigitsConfig",
     "EvaluateConfig", "FinetuneConfig", "FractalsConfig", "ImageFolderConfig", "ModelConfig",
     "PipelineConfig", "PreprocessConfig", "PretrainConfig", "Section", "StudyConfig", "TrackingConfig",

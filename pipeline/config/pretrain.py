@@ -25,10 +25,9 @@ from pipeline.config.base import (
     StepBudget,
     UnitFraction,
     WorkerCount,
-    flatten,
 )
 from pipeline.config.model import AnyModel, ModelConfig
-from vit.recipe import Optimizer, Recipe, Schedule, Speed, Zero, grad_accum
+from vit.recipe import BatchSplit, Optimizer, Schedule, Speed, Zero
 
 # How a pretraining run is operated, not what it trains: a relaunch with other values resumes the run
 # (across world sizes the checkpoint is resharded; the global batch stays, its micro-batch split may not).
@@ -120,8 +119,7 @@ class PretrainConfig(Section):
 
     @model_validator(mode="after")
     def _batch_splits(self) -> PretrainConfig:
-        sizes = range(self.min_workers, self.max_workers + 1)
-        uneven = [w for w in sizes if self.global_batch_size % (self.micro_batch_size * w)]
+        uneven = [w for w in range(self.min_workers, self.max_workers + 1) if not self._splits_on(w)]
         if uneven and not self.elastic:
             raise ValueError(
                 f"global_batch_size {self.global_batch_size} is not a multiple of "
@@ -139,6 +137,13 @@ class PretrainConfig(Section):
         self.zero()  # the ZeRO settings' own checks (bucket sizes, derived raw keys)
         return self
 
+    def _splits_on(self, workers: int) -> bool:
+        try:
+            BatchSplit(self.global_batch_size, self.micro_batch_size, workers)
+        except ValueError:
+            return False
+        return True
+
     @property
     def elastic(self) -> bool:
         return isinstance(self.num_workers, tuple)
@@ -151,48 +156,9 @@ class PretrainConfig(Section):
     def max_workers(self) -> int:
         return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
 
-    def describe_workers(self) -> str:
-        """`2 worker(s)`, or for an elastic run `1-4 worker(s) (elastic)`."""
-        if not self.elastic:
-            return f"{self.num_workers} worker(s)"
-        return f"{self.min_workers}-{self.max_workers} worker(s) (elastic)"
-
-    def recipe(self, total_steps: int, input_size: int | None = None) -> Recipe:
-        """The recipe the workers train with on images stored at `input_size`, its accumulation for the
-        largest group (the workers set their own for the group they find themselves in); `bf16: auto` stays
-        off here and is decided on the worker, which sees the device."""
-        return Recipe(
-            optimizer=self.optimizer,
-            schedule=self.schedule,
-            total_steps=total_steps,
-            micro_batch_size=self.micro_batch_size,
-            grad_accum=grad_accum(self.global_batch_size, self.micro_batch_size, self.max_workers),
-            label_smoothing=self.label_smoothing,
-            flip=self.flip,
-            mixup_alpha=self.mixup_alpha,
-            bf16=self.bf16 is True,
-            crop=self.crop,
-            input_size=input_size,
-        )
-
-    def worker_resources(self) -> dict[str, float]:
-        """What one worker takes of a node: its CPUs (it reads its own data) and a GPU."""
-        return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {})}
-
-    def needs(self, workers: int | None = None) -> dict[str, float]:
-        """What `workers` workers (default: the most the run uses) take of a cluster."""
-        count = self.max_workers if workers is None else workers
-        return {key: count * need for key, need in self.worker_resources().items()}
-
     def zero(self) -> Zero:
         return Zero(self.zero_stage, self.offload_optimizer, dict(self.deepspeed), self.grad_reduce_dtype,
                     self.overlap_comm, self.reduce_bucket_size, self.allgather_bucket_size)  # fmt: skip
 
     def speed(self) -> Speed:
         return Speed(self.compile, self.activation_checkpointing, self.tf32)
-
-    def defining(self) -> dict[str, Any]:
-        """The settings that define the run, flattened (`optimizer.lr`), less the model section (its
-        resolved architecture is compared as a whole, `vit.ViTConfig`) and the data's location."""
-        exclude = PRETRAIN_OPERATIONAL | PRETRAIN_BUDGET | {"model"}
-        return flatten(self.model_dump(mode="json", exclude=exclude))

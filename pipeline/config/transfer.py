@@ -27,7 +27,7 @@ from pipeline.config.base import (
     StepBudget,
     UnitFraction,
 )
-from vit.recipe import Optimizer, Recipe, Schedule
+from vit.recipe import Optimizer, Schedule
 
 # How fine-tuning runs, not what it computes: left out of the step's cache key (a change reuses results).
 FINETUNE_OPERATIONAL = frozenset({"compile"})
@@ -122,36 +122,15 @@ class FinetuneConfig(Section):
                 f"lr_sweep {list(self.lr_sweep)} is chosen from on a validation split: set val_fraction > 0 "
                 "(the paper holds out 2% to 10% of train) or a single optimizer.lr"
             )
-        if self.batch_size % self.micro_size:
-            raise ValueError(
-                f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_size}"
-            )
+        micro = self.micro_batch_size or self.batch_size
+        if self.batch_size % micro:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {micro}")
         return self
-
-    @property
-    def micro_size(self) -> int:
-        return self.micro_batch_size or self.batch_size
 
     def at_rate(self, lr: float) -> FinetuneConfig:
         """This section for one member of the sweep: fine-tuning at `lr` alone."""
         optimizer = dataclasses.replace(self.optimizer, lr=lr)
         return self.model_copy(update={"optimizer": optimizer, "lr_sweep": (lr,)})
-
-    def recipe(self, input_size: int | None = None) -> Recipe:
-        """The fine-tuning recipe (no mixup) on images stored at `input_size` at `optimizer.lr` (one member of
-        the sweep: see `at_rate`); `bf16: auto` is decided in the task, which sees the device."""
-        return Recipe(
-            optimizer=self.optimizer,
-            schedule=self.schedule,
-            total_steps=self.steps,
-            micro_batch_size=self.micro_size,
-            grad_accum=self.batch_size // self.micro_size,
-            label_smoothing=self.label_smoothing,
-            flip=self.flip,
-            bf16=self.bf16 is True,
-            crop=self.crop,
-            input_size=input_size,
-        )
 
 
 class EvaluateConfig(Section):

@@ -25,7 +25,7 @@ import ray.train.collective
 
 from pipeline.console import say
 from pipeline.pretrain.control import ABORT_WAIT_S
-from pipeline.pretrain.plan import GroupBounds, placeable
+from pipeline.pretrain.plan import WorkerGroup, placeable
 
 if TYPE_CHECKING:
     from vit.loop import Notice
@@ -53,7 +53,7 @@ class Notices:
     every: int
     rank: int
     world: int
-    bounds: GroupBounds
+    bounds: WorkerGroup
     control: Any  # the launch's RunControl actor: remembers the node sets a regroup was tried on
     log: Any = None  # rank 0's MetricsLog
     noticed: set[str] = field(default_factory=set)
@@ -133,7 +133,7 @@ class MinimumWatch:
     nodes can hold `min_workers` (by their total resources). Below that for `wait_s` seconds in a row,
     it aborts the group and raises, naming min and the resources seen."""
 
-    def __init__(self, bounds: GroupBounds, wait_s: float, control: Any) -> None:
+    def __init__(self, bounds: WorkerGroup, wait_s: float, control: Any) -> None:
         self.bounds, self.wait_s, self.control = bounds, wait_s, control
         self.below_since: float | None = None
         self.checked = 0.0
@@ -172,7 +172,7 @@ class GroupBelowMinimumError(RuntimeError):
     """An elastic run's cluster could not hold its smallest group for `elastic_wait_s`."""
 
 
-def describe_cluster(bounds: GroupBounds, nodes: list[dict[str, float]]) -> str:
+def describe_cluster(bounds: WorkerGroup, nodes: list[dict[str, float]]) -> str:
     """`the cluster has 1 CPU, 0 GPU on 1 live node(s): room for 1 worker(s) of 1 CPU`."""
     totals = {key: sum(node.get(key, 0.0) for node in nodes) for key in bounds.per_worker}
     have = ", ".join(f"{value:g} {key}" for key, value in totals.items())

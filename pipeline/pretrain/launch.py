@@ -11,7 +11,6 @@ run (`num_workers: [min, max]`) restarts on what the cluster has left, and grows
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import posixpath
 import tempfile
@@ -26,14 +25,13 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
-from pipeline.config import PretrainConfig
 from pipeline.console import say
 from pipeline.metrics import LOSS_PLOT, TENSORBOARD_DIR, plot_loss, read_records
 from pipeline.pretrain.checkpoints import latest_checkpoint
 from pipeline.pretrain.control import TrainingStopped, fit_stoppably, start_control
 from pipeline.pretrain.elastic import MinimumWatch
 from pipeline.pretrain.export import Export, export_checkpoint
-from pipeline.pretrain.plan import PretrainPlan, worker_settings
+from pipeline.pretrain.plan import PretrainPlan, WorkerGroup, WorkerSettings, worker_settings
 from pipeline.pretrain.worker import SETTINGS, data_loop, train_loop
 from pipeline.ray_session import check_resources, connect_ray, worker_env
 from pipeline.storage import join, resolve
@@ -62,19 +60,18 @@ class PretrainResult:
 
 
 def pretrain(
-    config: PretrainConfig, plan: PretrainPlan, *, storage: str, name: str, address: str | None = None,
-    tracking: TrackingTarget = OFF,
-) -> PretrainResult:  # fmt: skip
+    plan: PretrainPlan, *, storage: str, name: str, address: str | None = None, tracking: TrackingTarget = OFF
+) -> PretrainResult:
     """Pretrain (or resume) run `storage/name` as `plan` (from `check_pretrain`, which the caller runs
     first so that a refused run never imports Ray Train or torch) says; rank 0 logs to `tracking`."""
     run_dir = join(storage, name)
     say(plan.describe(), err=True)
     say(f"pretrain: TensorBoard: tensorboard --logdir {join(run_dir, TENSORBOARD_DIR)}", err=True)
     connect_ray(address)
-    _check_placeable(config)
+    _check_placeable(plan.group)
     control = start_control()
     while True:  # one fit per worker group: an elastic group that regroups to grow is fitted again
-        result = _fit(config, plan, name, storage, run_dir, control, tracking)
+        result = _fit(plan, name, storage, run_dir, control, tracking)
         if result.error is not None:
             raise RuntimeError(f"pretrain run {run_dir} failed: {result.error}") from result.error
         end = ray.get(control.end.remote())
@@ -117,20 +114,23 @@ def _card_data(plan: PretrainPlan) -> dict[str, Any]:
             "split": data.split, "images": data.samples, "classes": len(data.classes)}  # fmt: skip
 
 
-def _check_placeable(config: PretrainConfig) -> None:
+def _check_placeable(group: WorkerGroup) -> None:
     """A fixed-size group the cluster cannot place would wait forever: refused at once. An elastic one
     waits for its minimum (MinimumWatch) as nodes may come."""
-    if not config.elastic:
-        check_resources(config.needs(), f"pretrain: {config.describe_workers()}",
-                        "lower num_workers or cpus_per_worker, or grow the cluster")  # fmt: skip
+    if not group.elastic:
+        check_resources(
+            group.needs(),
+            f"pretrain: {group.describe()}",
+            "lower num_workers or cpus_per_worker, or grow the cluster",
+        )
 
 
-def _fit(config: PretrainConfig, plan: PretrainPlan, name: str, storage: str, run_dir: str, control: Any,
-         tracking: TrackingTarget):  # fmt: skip
-    settings = worker_settings(config, plan, run_dir, control, tracking)
-    trainer = _trainer(train_loop, config, settings, storage, name, control)
-    watch = MinimumWatch(settings.bounds, config.elastic_wait_s, control) if config.elastic else None
-    with _elastic_start_timeout(config.elastic):
+def _fit(plan: PretrainPlan, name: str, storage: str, run_dir: str, control: Any, tracking: TrackingTarget):
+    settings = worker_settings(plan, run_dir, control, tracking)
+    trainer = _trainer(train_loop, settings, storage, name, control)
+    group = plan.group
+    watch = MinimumWatch(group, group.elastic_wait_s, control) if group.elastic else None
+    with _elastic_start_timeout(group.elastic):
         return fit_stoppably(trainer.fit, control, watch)
 
 
@@ -170,27 +170,28 @@ class _RegisterController(ControllerCallback):
 
 
 def _trainer(
-    loop: Any, config: PretrainConfig, settings: Any, storage: str, name: str, control: Any = None
+    loop: Any, settings: WorkerSettings, storage: str, name: str, control: Any = None
 ) -> TorchTrainer:
     """Ray Train's trainer of `loop` on the run's workers, its own state in `storage/name`."""
     storage_fs, storage_path = resolve(storage) if "://" in storage else (None, storage)
+    group = settings.group
     return TorchTrainer(
         loop,
         train_loop_config={SETTINGS: settings},
         scaling_config=ScalingConfig(
-            num_workers=config.num_workers,
-            use_gpu=config.use_gpu,
-            resources_per_worker=settings.bounds.per_worker,
-            placement_strategy=config.placement,
+            num_workers=group.num_workers,
+            use_gpu=group.use_gpu,
+            resources_per_worker=group.per_worker,
+            placement_strategy=group.placement,
             elastic_resize_monitor_interval_s=NO_RESIZE_WHILE_RUNNING_S,
         ),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
             storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
-            worker_runtime_env={"env_vars": worker_env(config.use_gpu)},
+            failure_config=FailureConfig(max_failures=group.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=group.keep_checkpoints),
+            worker_runtime_env={"env_vars": worker_env(group.use_gpu)},
             callbacks=[_RegisterController(control)] if control is not None else None,
         ),
     )
@@ -199,18 +200,17 @@ def _trainer(
 DATA_ONLY_DIR = "data-only"
 
 
-def probe_data(config: PretrainConfig, plan: PretrainPlan, *, run_dir: str, steps: int | None,
-               address: str | None = None) -> str:  # fmt: skip
+def probe_data(plan: PretrainPlan, *, run_dir: str, steps: int | None, address: str | None = None) -> str:
     """`vitpipe pretrain JOB --data-only`: the run's data path on its workers, no training, for `steps`
     (default: the run's budget); records in `run_dir/data-only/metrics.jsonl`, never the run's own."""
     if steps is not None:
-        plan = dataclasses.replace(plan, total_steps=steps)
+        plan = plan.with_steps(steps)
     say(plan.describe().replace("pretrain:", "pretrain --data-only:", 1), err=True)
     connect_ray(address)
-    _check_placeable(config)
+    _check_placeable(plan.group)
     out = join(run_dir, DATA_ONLY_DIR)
-    settings = worker_settings(config, plan, out, None)
-    result = _trainer(data_loop, config, settings, run_dir, DATA_ONLY_DIR).fit()
+    settings = worker_settings(plan, out, None)
+    result = _trainer(data_loop, settings, run_dir, DATA_ONLY_DIR).fit()
     if result.error is not None:
         raise RuntimeError(f"pretrain --data-only in {out} failed: {result.error}") from result.error
     return out

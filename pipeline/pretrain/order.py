@@ -18,8 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vit.patches import PatchGeometry
-
 ORDER_FORMAT = "vitpipe.order/1"  # what a checkpoint's "data" record means: this module's order
 Span = tuple[int, int]  # [start, stop) positions of the epoch's stream
 Lineage = list[tuple[int, int]]  # (step within the epoch, ranks) from each (re)launch in the epoch on
@@ -88,40 +86,6 @@ class EpochOrder:
         if self.selected is not None:
             local = self.flat[self.offsets[files] + local]
         return Piece(files.astype(np.int32), local.astype(np.int64))
-
-
-@dataclass(frozen=True)
-class Corpus:
-    """What a worker needs to read the split: its files, their row counts and geometry; for a study's
-    subset, the rows of each file it holds (sorted)."""
-
-    files: tuple[str, ...]
-    counts: tuple[int, ...]
-    geometry: PatchGeometry
-    selected: tuple[tuple[int, ...], ...] | None = None
-
-
-@dataclass(frozen=True)
-class FeedPlan:
-    """How a rank reads: the corpus, the order's settings and the step structure."""
-
-    corpus: Corpus
-    seed: int
-    window: int  # rows shuffled together (shuffle_buffer); 0 keeps the files' own row order
-    steps_per_epoch: int
-    global_batch: int
-    micro_batch: int
-    threads: int = 2
-    depth: int = 4  # reads in flight ahead of the trainer
-
-    def order(self, epoch: int) -> EpochOrder:
-        rows = self.corpus.selected
-        selected = None if rows is None else tuple(np.asarray(r, np.int64) for r in rows)
-        return EpochOrder(self.corpus.counts, self.seed, epoch, self.window, selected)
-
-    @property
-    def epoch_samples(self) -> int:
-        return self.steps_per_epoch * self.global_batch
 
 
 # ---------------------------------------------------------------- ranks' spans

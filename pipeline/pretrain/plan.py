@@ -8,10 +8,10 @@ and a run directory that already holds a different model.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from pipeline.config import PretrainConfig, digest
+from pipeline.config import PRETRAIN_BUDGET, PRETRAIN_OPERATIONAL, PretrainConfig, digest, flatten
 from pipeline.preprocess.manifest import (
     ROOT_SPLIT,
     manifest_classes,
@@ -20,12 +20,12 @@ from pipeline.preprocess.manifest import (
     read_manifest,
 )
 from pipeline.pretrain.checkpoints import architecture_of, latest_checkpoint
-from pipeline.pretrain.order import Corpus, FeedPlan
+from pipeline.pretrain.feed_plan import Corpus, FeedPlan
 from pipeline.storage import basename
 from pipeline.tracking import OFF, TrackingTarget
 from vit.config import Architecture
 from vit.patches import PatchGeometry
-from vit.recipe import Cadence, Recipe, Speed, Zero, grad_accum
+from vit.recipe import BatchSplit, Cadence, Recipe, Speed, Zero
 
 Rows = dict[str, tuple[int, ...]]  # patch file (path or URL) -> the row numbers of it to read
 
@@ -46,16 +46,72 @@ class DataPlan:
 
 
 @dataclass(frozen=True)
+class WorkerGroup:
+    """The Ray Train worker group: the sizes it may take (an elastic one: min < max, or min == max when
+    `num_workers` was a pair), what one worker takes of a node, and how the group is placed, restarted and
+    checkpointed."""
+
+    min_workers: int
+    max_workers: int
+    per_worker: dict[str, float]
+    elastic: bool = False
+    placement: str = "PACK"
+    use_gpu: bool = False
+    max_failures: int = 3
+    keep_checkpoints: int = 3
+    elastic_wait_s: float = 600.0
+
+    @property
+    def num_workers(self) -> int | tuple[int, int]:
+        """Ray Train's form: a number, or (min, max) for an elastic group."""
+        return (self.min_workers, self.max_workers) if self.elastic else self.max_workers
+
+    def needs(self, workers: int | None = None) -> dict[str, float]:
+        """What `workers` workers (default: the most the run uses) take of a cluster."""
+        count = self.max_workers if workers is None else workers
+        return {key: count * need for key, need in self.per_worker.items()}
+
+    def describe(self) -> str:
+        """`2 worker(s)`, or for an elastic group `1-4 worker(s) (elastic)`."""
+        if not self.elastic:
+            return f"{self.max_workers} worker(s)"
+        return f"{self.min_workers}-{self.max_workers} worker(s) (elastic)"
+
+
+def worker_group(config: PretrainConfig) -> WorkerGroup:
+    """The worker group of the config: its sizes, one worker's CPUs (it reads its own data) and GPU."""
+    return WorkerGroup(
+        config.min_workers, config.max_workers,
+        {"CPU": config.cpus_per_worker, **({"GPU": 1.0} if config.use_gpu else {})},
+        elastic=config.elastic, placement=config.placement, use_gpu=config.use_gpu,
+        max_failures=config.max_failures, keep_checkpoints=config.keep_checkpoints,
+        elastic_wait_s=config.elastic_wait_s,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
 class PretrainPlan:
-    """Everything the workers are told: data, model, step budget, and the batch split."""
+    """Everything a run is, worked out once from the config and the data: the launch and the workers read
+    this, never the config. `batch` is split for the largest group; a worker re-splits it for its own."""
 
     data: DataPlan
     architecture: Architecture
-    num_workers: int | tuple[int, int]  # a fixed group, or an elastic one's [min, max]
-    global_batch: int
-    grad_accum: int  # micro-batches per rank and step at the largest group
+    group: WorkerGroup
+    batch: BatchSplit
     steps_per_epoch: int
     total_steps: int
+    recipe: Recipe
+    zero: Zero
+    speed: Speed
+    bf16: Literal["auto"] | bool  # the recipe's bf16 is decided on the worker, which sees the device
+    feed: FeedPlan
+    cadence: Cadence
+    seed: int
+    identity: dict[str, Any]  # run_identity: what each checkpoint records the run was trained as
+
+    def with_steps(self, steps: int) -> PretrainPlan:
+        """The same run with another step budget (`--data-only --steps N`)."""
+        return replace(self, total_steps=steps, recipe=replace(self.recipe, total_steps=steps))
 
     def describe(self) -> str:
         d, model = self.data, self.architecture
@@ -68,13 +124,14 @@ class PretrainPlan:
         )
 
     def _split(self) -> str:
-        if not isinstance(self.num_workers, tuple):
-            return f"{self.num_workers} worker(s) x accumulation {self.grad_accum}"
-        low, high = self.num_workers
-        most = self.grad_accum * high // low  # accumulation at the smallest group
+        accumulation = self.batch.accumulation
+        if not self.group.elastic:
+            return f"{self.group.max_workers} worker(s) x accumulation {accumulation}"
+        low, high = self.group.min_workers, self.group.max_workers
+        most = self.batch.on(low).accumulation
         return (
-            f"{low}-{high} worker(s), elastic, x accumulation {most}-{self.grad_accum} (global batch "
-            f"{self.global_batch:,} at every size)"
+            f"{low}-{high} worker(s), elastic, x accumulation {most}-{accumulation} (global batch "
+            f"{self.batch.global_batch:,} at every size)"
         )
 
 
@@ -160,9 +217,25 @@ def plan_pretrain(config: PretrainConfig, directory: str, rows: Rows | None = No
             f"{config.global_batch_size}; lower global_batch_size or add data"
         )
     total = config.epochs * steps_per_epoch if config.epochs is not None else config.steps
-    accumulation = grad_accum(config.global_batch_size, config.micro_batch_size, config.max_workers)
-    return PretrainPlan(data, architecture, config.num_workers, config.global_batch_size, accumulation,
-                        steps_per_epoch, total)  # fmt: skip
+    group = worker_group(config)
+    batch = BatchSplit(config.global_batch_size, config.micro_batch_size, group.max_workers)
+    return PretrainPlan(
+        data=data, architecture=architecture, group=group, batch=batch, steps_per_epoch=steps_per_epoch,
+        total_steps=total, recipe=pretrain_recipe(config, total, batch, data.geometry.image_size),
+        zero=config.zero(), speed=config.speed(), bf16=config.bf16,
+        feed=feed_plan(config, data, steps_per_epoch, batch), cadence=Cadence(config.log_every,
+        config.checkpoint_every), seed=config.seed, identity=run_identity(config, data),
+    )  # fmt: skip
+
+
+def pretrain_recipe(config: PretrainConfig, total_steps: int, batch: BatchSplit, input_size: int) -> Recipe:
+    """The recipe the workers train with on images stored at `input_size`; `bf16: auto` stays off here
+    and is decided on the worker, which sees the device."""
+    return Recipe(
+        optimizer=config.optimizer, schedule=config.schedule, total_steps=total_steps, batch=batch,
+        label_smoothing=config.label_smoothing, flip=config.flip, mixup_alpha=config.mixup_alpha,
+        bf16=config.bf16 is True, crop=config.crop, input_size=input_size,
+    )  # fmt: skip
 
 
 def check_pretrain(
@@ -177,15 +250,17 @@ def check_pretrain(
     return plan
 
 
-def run_identity(config: PretrainConfig, plan: PretrainPlan | None) -> dict[str, Any]:
-    """What defines the run, as its checkpoints record it: the defining settings and, when the data is
-    planned, the number of training images (another corpus is another run) and, for a subset of the
-    corpus, which rows (by file name, so that a moved corpus is the same data)."""
-    identity = config.defining()
-    if plan is not None:
-        identity["data.samples"] = plan.data.samples
-    if plan is not None and plan.data.rows is not None:
-        identity["data.rows"] = digest({basename(file): rows for file, rows in plan.data.rows.items()})
+def run_identity(config: PretrainConfig, data: DataPlan | None) -> dict[str, Any]:
+    """What defines the run, as its checkpoints record it: the defining settings (flattened,
+    `optimizer.lr`; less the model, whose resolved architecture is compared as a whole, and the operational
+    settings and the budget) and, when the data is planned, the number of training images (another corpus
+    is another run) and, for a subset of the corpus, which rows (by file name: a moved corpus is the same)."""
+    exclude = PRETRAIN_OPERATIONAL | PRETRAIN_BUDGET | {"model"}
+    identity = flatten(config.model_dump(mode="json", exclude=exclude))
+    if data is not None:
+        identity["data.samples"] = data.samples
+    if data is not None and data.rows is not None:
+        identity["data.rows"] = digest({basename(file): rows for file, rows in data.rows.items()})
     return identity
 
 
@@ -209,7 +284,8 @@ def changed_definition(
             if saved.to_dict().get(key) != value
         ]
     recorded = meta.get("defines", {})
-    for key, value in run_identity(config, plan).items():
+    identity = plan.identity if plan is not None else run_identity(config, None)
+    for key, value in identity.items():
         if key in recorded and recorded[key] != value:
             changes.append(f"{key} {recorded[key]} -> {value}")
     return changes
@@ -238,16 +314,7 @@ def check_run_matches(
         )
 
 
-@dataclass(frozen=True)
-class GroupBounds:
-    """The sizes a run's worker group may take and what one worker needs of a node."""
-
-    min_workers: int
-    max_workers: int
-    per_worker: dict[str, float]
-
-
-def placeable(bounds: GroupBounds, nodes: list[dict[str, float]]) -> int:
+def placeable(bounds: WorkerGroup, nodes: list[dict[str, float]]) -> int:
     """How many workers fit on `nodes` (each node's resources: totals, or what is free), node by node."""
     return sum(
         min(
@@ -275,42 +342,29 @@ class WorkerSettings:
     run_dir: str
     defines: dict[str, Any]  # run_identity: what each checkpoint records it was trained as
     control: Any  # the launch's RunControl actor (pipeline.pretrain.control): stop requests, how it ended
-    bounds: GroupBounds  # the sizes the worker group may take (elastic: min < max) and one worker's needs
+    group: WorkerGroup  # the sizes the worker group may take (elastic: min < max) and one worker's needs
     tracking: TrackingTarget = OFF  # the tracking run rank 0 logs every step into
 
 
 def worker_settings(
-    config: PretrainConfig, plan: PretrainPlan, run_dir: str, control: Any,
-    tracking: TrackingTarget = OFF,
-) -> WorkerSettings:  # fmt: skip
+    plan: PretrainPlan, run_dir: str, control: Any, tracking: TrackingTarget = OFF
+) -> WorkerSettings:
+    """What the workers of `plan`'s run in `run_dir` receive: the plan's own values, nothing recomputed."""
     return WorkerSettings(
-        architecture=plan.architecture,
-        classes=plan.data.classes,
-        recipe=config.recipe(plan.total_steps, input_size=plan.data.geometry.image_size),
-        zero=config.zero(),
-        speed=config.speed(),
-        bf16=config.bf16,
-        feed=feed_plan(config, plan),
-        cadence=Cadence(config.log_every, config.checkpoint_every),
-        seed=config.seed,
-        run_dir=run_dir,
-        defines=run_identity(config, plan),
-        control=control,
-        bounds=GroupBounds(config.min_workers, config.max_workers, config.worker_resources()),
-        tracking=tracking,
-    )
+        architecture=plan.architecture, classes=plan.data.classes, recipe=plan.recipe, zero=plan.zero,
+        speed=plan.speed, bf16=plan.bf16, feed=plan.feed, cadence=plan.cadence, seed=plan.seed,
+        run_dir=run_dir, defines=plan.identity, control=control, group=plan.group, tracking=tracking,
+    )  # fmt: skip
 
 
-def feed_plan(config: PretrainConfig, plan: PretrainPlan) -> FeedPlan:
+def feed_plan(config: PretrainConfig, data: DataPlan, steps_per_epoch: int, batch: BatchSplit) -> FeedPlan:
     """How each worker reads the split (pipeline.pretrain.feed)."""
-    data = plan.data
     selected = None if data.rows is None else tuple(tuple(data.rows[file]) for file in data.files)
     return FeedPlan(
         corpus=Corpus(tuple(data.files), tuple(data.counts), data.geometry, selected),
         seed=config.seed,
         window=config.shuffle_buffer,
-        steps_per_epoch=plan.steps_per_epoch,
-        global_batch=config.global_batch_size,
-        micro_batch=config.micro_batch_size,
+        steps_per_epoch=steps_per_epoch,
+        batch=batch,
         threads=config.data_threads,
     )

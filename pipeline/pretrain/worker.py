@@ -52,7 +52,7 @@ from vit.engine import build_engine, load_checkpoint, save_checkpoint, to_univer
 from vit.flops import peak_flops, train_flops
 from vit.loop import Batch, Hooks, Throughput, pretrain_loop
 from vit.objective import use_bf16
-from vit.recipe import Recipe, grad_accum
+from vit.recipe import Recipe
 from vit.weights import state_digest
 
 SETTINGS = "settings"  # the one key of the train_loop_config
@@ -65,10 +65,8 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     # The global batch is the run's whatever the group's size: each rank's accumulation follows the size.
-    accumulation = grad_accum(settings.feed.global_batch, settings.feed.micro_batch, world)
-    recipe = dataclasses.replace(
-        settings.recipe, bf16=use_bf16(settings.bf16, device), grad_accum=accumulation
-    )
+    batch = settings.recipe.batch.on(world)
+    recipe = dataclasses.replace(settings.recipe, bf16=use_bf16(settings.bf16, device), batch=batch)
     if settings.speed.tf32:
         enable_tf32(device)
     torch.manual_seed(settings.seed)  # identical initial weights on every rank; steps reseed per rank
@@ -90,9 +88,9 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
             save=partial(_save, engine, settings, recipe, world, scratch, log, feed),
             record=partial(_record, log, ProgressLine(recipe.total_steps, step), world),
             stop_requested=StopPoll(settings.control) if rank == 0 else (lambda: False),
-            notice=Notices(settings.cadence.log_every, rank, world, settings.bounds, settings.control, log),
+            notice=Notices(settings.cadence.log_every, rank, world, settings.group, settings.control, log),
         )
-        images_per_step = settings.feed.global_batch
+        images_per_step = batch.global_batch
         peak = peak_flops(device, recipe.bf16)
         throughput = Throughput(
             images_per_step=images_per_step,
@@ -177,10 +175,11 @@ def _announce(
         log.event("resumed", from_workers=resumed["world_size"], **fields, **loaded)
     before = int(resumed["world_size"]) if resumed is not None else world
     if before != world:
-        log.event("resized", step=step, from_workers=before, workers=world, grad_accum=recipe.grad_accum)
+        accumulation = recipe.batch.accumulation
+        log.event("resized", step=step, from_workers=before, workers=world, grad_accum=accumulation)
         say(
             f"pretrain: resized {before} -> {world} worker(s) at step {step} (same global batch: each "
-            f"worker accumulates {recipe.grad_accum} micro-batch(es) a step; ZeRO state resharded)"
+            f"worker accumulates {recipe.batch.accumulation} micro-batch(es) a step; ZeRO state resharded)"
         )
     elif step:
         say(f"pretrain: resuming at step {step} on {world} worker(s)")
@@ -206,10 +205,10 @@ def _feed(
     return Feed(settings.feed, rank, world, step, lineage, pin=device.type == "cuda")
 
 
-def _on_device(feed: Feed, device: torch.device, epoch: int, skip: int) -> Iterator[Batch]:
+def _on_device(feed: Feed, device: torch.device, epoch: int, position: int) -> Iterator[Batch]:
     """The feed's micro-batches of `epoch` on the device: on a GPU each copied from pinned memory on a
     side stream while the step before it trains."""
-    return prefetch_to_device(feed.batches(epoch, skip), device)
+    return prefetch_to_device(feed.batches(epoch, position), device)
 
 
 def position_record(feed: Feed, step: int) -> dict[str, Any]:
@@ -270,7 +269,7 @@ def data_loop(config: dict[str, WorkerSettings]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     plan, recipe = settings.feed, settings.recipe
-    accum = grad_accum(plan.global_batch, plan.micro_batch, world)
+    batch = recipe.batch.on(world)
     with ExitStack() as cleanup:
         feed = cleanup.enter_context(closing(Feed(plan, rank, world, 0, [(0, world)], device.type == "cuda")))
         log = cleanup.enter_context(closing(MetricsLog(settings.run_dir))) if rank == 0 else None
@@ -282,7 +281,7 @@ def data_loop(config: dict[str, WorkerSettings]) -> None:
             if position == 0:
                 batches = _on_device(feed, device, epoch, 0)
             began, waited = time.perf_counter(), 0.0
-            for _ in range(accum):
+            for _ in range(batch.accumulation):
                 asked = time.perf_counter()
                 patches, _labels = next(batches)
                 waited += time.perf_counter() - asked
@@ -291,7 +290,7 @@ def data_loop(config: dict[str, WorkerSettings]) -> None:
             slowest = torch.tensor([time.perf_counter() - began, waited], dtype=torch.float64, device=device)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
             seconds, waited = slowest.tolist()
-            record = data_record(step + 1, epoch, seconds, waited, plan.global_batch, world, patches)
+            record = data_record(step + 1, epoch, seconds, waited, batch.global_batch, world, patches)
             if log is not None:
                 log.write(record)
                 if (step + 1) % settings.cadence.log_every == 0 or step + 1 == recipe.total_steps:

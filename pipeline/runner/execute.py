@@ -245,7 +245,7 @@ def probe_pretrain_data(
     data = plan_pretrain(config, plan.patch_dir(config.data))
     from pipeline.pretrain.launch import probe_data
 
-    return probe_data(config, data, run_dir=plan.layout.pretrain, steps=steps, address=address)
+    return probe_data(data, run_dir=plan.layout.pretrain, steps=steps, address=address)
 
 
 def _take_cached_inputs(plan: JobPlan, steps: list[Step], fingerprints: dict[str, str]) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from pipeline.analysis.figures import PICTURES as MODEL_PICTURES
 from pipeline.analysis.subjects import ANALYSIS_FILE, PRETRAINED
 from pipeline.config import PretrainConfig
+from pipeline.pretrain.plan import worker_group
 from pipeline.runner.plan import JobPlan
 from pipeline.runner.provenance import git_revision
 from pipeline.runner.records import read_record
@@ -184,7 +185,7 @@ def _pretrain_section(plan: JobPlan, config: PretrainConfig, pictures: Path) -> 
     resumes = [r["step"] for r in records if r.get("event") == "resumed"]
     rates = [r["images_per_s"] for r in steps[len(steps) // 2 :] if r.get("images_per_s")]
     started = next((r for r in records if r.get("event") == "started"), {})
-    workers = f"{started['workers']} worker(s)" if "workers" in started else config.describe_workers()
+    workers = f"{started['workers']} worker(s)" if "workers" in started else worker_group(config).describe()
     resized = resizes(records)
     lines = [
         "## Pretraining",

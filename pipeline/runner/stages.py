@@ -130,7 +130,7 @@ def run_pretrain(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     from pipeline.pretrain.launch import pretrain
 
     tracking = context.tracked(step)
-    result = pretrain(config, plan, storage=layout.pretrain_storage, name=layout.pretrain_name,
+    result = pretrain(plan, storage=layout.pretrain_storage, name=layout.pretrain_name,
                       address=context.address, tracking=tracking)  # fmt: skip
     say(result.summary())
     log_artifacts(tracking, [result.loss_plot, *result.export.described_files()])

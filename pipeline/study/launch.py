@@ -20,9 +20,14 @@ import ray
 
 from pipeline.config import AnyModel, EvaluateConfig, FinetuneConfig, PretrainConfig, digest
 from pipeline.console import say
-from pipeline.storage import join, write_atomic
+from pipeline.pretrain.checkpoints import is_run_output
+from pipeline.pretrain.launch import pretrain
+from pipeline.pretrain.plan import WorkerGroup, check_pretrain, worker_group
+from pipeline.storage import join, remove_entries, write_atomic
 from pipeline.study.plan import Point
+from pipeline.study.subsets import read_subset
 from pipeline.tracking import OFF, TrackingTarget
+from pipeline.transfer.launch import transfer
 
 POINT_FILE = "point.json"  # a finished point's summary: what the study's report reads
 
@@ -59,10 +64,10 @@ class PretrainSlots:
         self.semaphore.release()
 
 
-def pretrain_slots(config: PretrainConfig, run: str) -> Any:
+def pretrain_slots(group: WorkerGroup, run: str) -> Any:
     """The run's slots actor, created by the first point submitted with as many slots as the cluster
-    holds whole pretraining runs of `config` (at least one: check_resources refuses a run that never fits)."""
-    needs = config.needs()
+    holds whole pretraining runs of `group` (at least one: check_resources refuses a run that never fits)."""
+    needs = group.needs()
     have = ray.cluster_resources()
     slots = max(1, int(min(have.get(key, 0.0) // need for key, need in needs.items())))
     key = f"{ray.get_runtime_context().get_job_id()}-{digest(run)}"
@@ -79,7 +84,7 @@ _SLOTS: dict[str, Any] = {}
 def submit_point(settings: PointSettings, run: str) -> ray.ObjectRef:
     """Start the point's task. It holds no CPU itself: what it runs (the Ray Train workers, the data
     readers, the fine-tuning tasks) asks Ray for its own resources and waits for them."""
-    slots = pretrain_slots(settings.pretrain, run) if settings.pretrain is not None else None
+    slots = pretrain_slots(worker_group(settings.pretrain), run) if settings.pretrain is not None else None
     remote = ray.remote(run_point).options(num_cpus=0, name=f"study:{settings.point.name}", max_retries=0)
     return remote.remote(settings, slots)
 
@@ -104,7 +109,6 @@ def run_point(settings: PointSettings, slots: Any = None) -> dict[str, Any]:
         finally:
             ray.get(slots.release.remote())
         weights = summary["weights"]
-    from pipeline.transfer.launch import transfer
 
     result = transfer(
         settings.finetune, settings.evaluate, settings.targets, out=join(settings.out, "transfer"),
@@ -120,11 +124,6 @@ def run_point(settings: PointSettings, slots: Any = None) -> dict[str, Any]:
 
 
 def _pretrain(settings: PointSettings) -> dict[str, Any]:
-    from pipeline.pretrain.checkpoints import is_run_output
-    from pipeline.pretrain.launch import pretrain
-    from pipeline.pretrain.plan import check_pretrain
-    from pipeline.storage import remove_entries
-    from pipeline.study.subsets import read_subset
     from vit.build import build_model
     from vit.flops import train_flops
 
@@ -136,7 +135,7 @@ def _pretrain(settings: PointSettings) -> dict[str, Any]:
         remove_entries(run_dir, is_run_output)
     subset = read_subset(settings.subset)
     plan = check_pretrain(config, settings.corpus, run_dir, subset.rows, redo="--force study")
-    result = pretrain(config, plan, storage=settings.storage, name="pretrain", tracking=settings.tracking)
+    result = pretrain(plan, storage=settings.storage, name="pretrain", tracking=settings.tracking)
     images = result.steps * config.global_batch_size
     model = build_model(plan.architecture)
     return {

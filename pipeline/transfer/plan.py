@@ -11,10 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.config import FinetuneConfig
 from pipeline.preprocess.manifest import manifest_classes, manifest_geometry, read_manifest
 from pipeline.transfer.data import SplitReader
 from vit.config import Architecture
 from vit.patches import PatchGeometry
+from vit.recipe import BatchSplit, Recipe
 
 TRAIN_SPLIT, TEST_SPLIT = "train", "test"
 
@@ -132,3 +134,14 @@ def target_architecture(architecture: Architecture, target: TargetPlan) -> Archi
     return architecture.for_target(
         image_size=geometry.image_size, patch_size=geometry.patch_size, num_classes=len(target.classes)
     )
+
+
+def finetune_recipe(config: FinetuneConfig, input_size: int | None = None) -> Recipe:
+    """The fine-tuning recipe (no mixup) on images stored at `input_size`, at `optimizer.lr` (one member of
+    the sweep: `FinetuneConfig.at_rate`); `bf16: auto` is decided in the task, which sees the device."""
+    batch = BatchSplit(config.batch_size, config.micro_batch_size or config.batch_size)
+    return Recipe(
+        optimizer=config.optimizer, schedule=config.schedule, total_steps=config.steps, batch=batch,
+        label_smoothing=config.label_smoothing, flip=config.flip, bf16=config.bf16 is True, crop=config.crop,
+        input_size=input_size,
+    )  # fmt: skip

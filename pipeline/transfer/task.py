@@ -29,7 +29,7 @@ from pipeline.ray_session import ray_task_device
 from pipeline.storage import local_folder, publish_folder
 from pipeline.tracking import OFF, StepLogger, TrackingTarget, end, log_artifacts
 from pipeline.transfer.data import SplitReader, holdout
-from pipeline.transfer.plan import TEST_SPLIT, TRAIN_SPLIT, TargetPlan, target_architecture
+from pipeline.transfer.plan import TEST_SPLIT, TRAIN_SPLIT, TargetPlan, finetune_recipe, target_architecture
 from pipeline.transfer.report import plot_confusion
 from vit.build import build_model
 from vit.config import Architecture
@@ -71,7 +71,7 @@ class TaskSettings:
 
     @property
     def eval_batch_size(self) -> int:
-        return self.evaluate.batch_size if self.evaluate else self.finetune.micro_size
+        return self.evaluate.batch_size if self.evaluate else finetune_recipe(self.finetune).batch.micro_batch
 
 
 def transfer_task(settings: TaskSettings) -> dict[str, Any]:
@@ -252,7 +252,7 @@ def _finetune(
 ) -> dict[str, Any]:
     """Fine-tune in place and load the best weights back; returns what the result records of it."""
     config = settings.finetune
-    recipe = dataclasses.replace(config.recipe(input_size=reader.geometry.image_size), bf16=bf16)
+    recipe = dataclasses.replace(finetune_recipe(config, reader.geometry.image_size), bf16=bf16)
     trainable = freeze_backbone(model) if config.freeze_backbone else None
     labels = reader.labels()
     max_rows = VALIDATION_BYTES // reader.geometry.sample_bytes
@@ -266,7 +266,7 @@ def _finetune(
         metrics.write(record)
         progress.report(record)
 
-    batches = reader.training_batches(recipe.micro_batch_size, config.seed, exclude=held_out)
+    batches = reader.training_batches(recipe.batch.micro_batch, config.seed, exclude=held_out)
     outcome = finetune(
         model, batches, recipe, device=device, validate=validate, validate_every=config.validate_every,
         log_every=config.log_every, on_record=on_record, seed=config.seed, compile_forward=compiled,
