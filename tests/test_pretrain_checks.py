@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from pipeline.cli import main
+from pipeline.config import ConfigError, PreprocessConfig, PretrainConfig, load_config
+from pipeline.preprocess.run import preprocess
+from pipeline.pretrain.plan import (
+    check_pretrain,
+    plan_pretrain,
+    pretrain_recipe,
+    run_identity,
+    training_split,
+)
+from pipeline.study.subsets import draw_subsets, read_subset
 from tests.conftest import REPO
-from vit.recipe import Speed
+from vit.objective import use_bf16
+from vit.recipe import BatchSplit, Speed
 
 RUN = {
     "model": {"patch_size": 4, "width": 32, "depth": 1, "heads": 2, "mlp_dim": 64},
@@ -27,9 +41,6 @@ RUN = {
 @pytest.fixture(scope="module")
 def patch_sets(fractals_dir, tmp_path_factory) -> dict[str, Path]:
     """The fractal corpus preprocessed with labels and without."""
-    from pipeline.config import PreprocessConfig
-    from pipeline.preprocess.run import preprocess
-
     root = tmp_path_factory.mktemp("patch-sets")
     sets = {"labelled": PreprocessConfig(image_size=16, patch_size=4), "unlabelled": None}
     sets["unlabelled"] = sets["labelled"].model_copy(update={"label_key": None})
@@ -61,8 +72,9 @@ def refusal(cli_before_ray, tmp_path: Path, data: Path, **changes) -> str:
         ("empty", {}, "no _manifest.json; not a finished `vitpipe preprocess` output"),
         ("unlabelled", {}, "preprocessed without labels (label_key: none)"),
         ("labelled", {"split": "val"}, "no split 'val' to pretrain on"),
-        ("labelled", {"model": {"variant": "Ti/8"}}, "preprocessed with patch_size 4, but the model (Ti/8)"),
-        ("labelled", {"model": {**RUN["model"], "channels": 1}}, "preprocessed with 3 channel(s)"),
+        ("labelled", {"model": {"variant": "Ti/8"}},
+         "does not fit the model (Ti/8 at pretrain.image_size 16): patch_size 4 in the data, 8 in the model"),
+        ("labelled", {"model": {**RUN["model"], "channels": 1}}, "channels 3 in the data, 1 in the model"),
         ("labelled", {"global_batch_size": 512}, "has 300 samples, fewer than one global batch of 512"),
     ],
 )  # fmt: skip
@@ -135,8 +147,6 @@ def test_a_refused_run_imports_neither_torch_nor_ray_train(patch_sets, tmp_path)
 
 
 def test_a_job_file_with_a_retired_data_key_is_refused_naming_what_replaced_it(tmp_path):
-    from pipeline.config import ConfigError, load_config
-
     for key, value, replaced in [("cache_data", "true", "streaming"), ("data_cpus", "1", "data_threads")]:
         job = tmp_path / f"{key}.yaml"
         job.write_text(f"name: old\npretrain:\n  data: x\n  {key}: {value}\n")
@@ -146,9 +156,6 @@ def test_a_job_file_with_a_retired_data_key_is_refused_naming_what_replaced_it(t
 
 
 def test_plan_splits_the_global_batch_and_counts_steps_per_epoch(patch_sets):
-    from pipeline.config import PretrainConfig
-    from pipeline.pretrain.plan import plan_pretrain
-
     settings = {key: value for key, value in RUN.items() if key != "steps"}
     plan = plan_pretrain(PretrainConfig(data="x", epochs=3, **settings), str(patch_sets["labelled"]))
     # 300 samples, 2 workers: 150 each; global 32 = micro 8 x accumulation 2 x 2 workers: 9 whole steps
@@ -163,10 +170,6 @@ def test_plan_splits_the_global_batch_and_counts_steps_per_epoch(patch_sets):
 def test_an_elastic_group_keeps_the_global_batch_at_every_size(patch_sets):
     """`num_workers: [min, max]`: the plan names both ends, and the one split function gives each size the
     accumulation that keeps the global batch (the workers re-split it for the size they find)."""
-    from pipeline.config import PretrainConfig
-    from pipeline.pretrain.plan import plan_pretrain
-    from vit.recipe import BatchSplit
-
     config = PretrainConfig(data="x", **{**RUN, "num_workers": [1, 4], "global_batch_size": 96})
     assert (config.elastic, config.min_workers, config.max_workers) == (True, 1, 4)
     plan = plan_pretrain(config, str(patch_sets["labelled"]))
@@ -180,13 +183,6 @@ def test_an_elastic_group_keeps_the_global_batch_at_every_size(patch_sets):
 
 
 def test_bf16_auto_is_decided_on_the_worker_by_its_device(monkeypatch):
-    import torch
-
-    from pipeline.config import PretrainConfig
-    from pipeline.pretrain.plan import pretrain_recipe
-    from vit.objective import use_bf16
-    from vit.recipe import BatchSplit
-
     batch = BatchSplit(4096, 64, 2)
     assert pretrain_recipe(PretrainConfig(data="x"), 10, batch, 16).bf16 is False  # "auto": not on the driver
     assert pretrain_recipe(PretrainConfig(data="x", bf16=True), 10, batch, 16).bf16 is True
@@ -197,16 +193,18 @@ def test_bf16_auto_is_decided_on_the_worker_by_its_device(monkeypatch):
 
 
 def test_gpu_speed_options_have_a_gpu_users_defaults_and_refuse_bad_values():
-    from pipeline.config import PretrainConfig
-
     config = PretrainConfig(data="x")
     assert config.speed() == Speed(compile="auto", activation_checkpointing=False, tf32=True)
     assert config.speed().compiles("cuda")
     assert not config.speed().compiles("cpu")
     zero = config.zero()
     assert (zero.grad_reduce_dtype, zero.overlap_comm) == ("fp32", True)
-    for key, value in (("reduce_bucket_size", 3), ("allgather_bucket_size", 0), ("grad_reduce_dtype", "fp16"),
-                       ("compile", "yes")):  # fmt: skip
+    for key, value in (
+        ("reduce_bucket_size", 3),
+        ("allgather_bucket_size", 0),
+        ("grad_reduce_dtype", "fp16"),
+        ("compile", "yes"),
+    ):
         with pytest.raises(ValueError, match=key):
             PretrainConfig(data="x", **{key: value})
 
@@ -240,16 +238,19 @@ DEFINING = [
 def run_with_checkpoint(patch_sets, tmp_path) -> Path:
     """A run folder whose newest checkpoint (step 40) records RUN's model and defining settings, as the
     workers write them."""
-    from pipeline.config import PretrainConfig
-    from pipeline.pretrain.plan import plan_pretrain, run_identity
-
     config = PretrainConfig.model_validate({**RUN, "steps": 100, "data": str(patch_sets["labelled"])})
     plan = plan_pretrain(config, config.data)
     checkpoint = tmp_path / "run" / "checkpoint_00000040"
     checkpoint.mkdir(parents=True)
-    meta = {"step": 40, "tag": "step00000040", "world_size": 2, "zero_stage": 2,
-            "vit": plan.architecture.to_dict(),
-            "classes": plan.data.classes, "defines": run_identity(config, plan.data)}  # fmt: skip
+    meta = {
+        "step": 40,
+        "tag": "step00000040",
+        "world_size": 2,
+        "zero_stage": 2,
+        "vit": plan.architecture.to_dict(),
+        "classes": plan.data.classes,
+        "defines": run_identity(config, plan.data),
+    }
     (checkpoint / "vitpipe.json").write_text(json.dumps(meta))
     return tmp_path / "run"
 
@@ -258,9 +259,6 @@ def run_with_checkpoint(patch_sets, tmp_path) -> Path:
 def test_a_relaunch_that_changes_operational_settings_is_planned_to_resume(
     run_with_checkpoint, patch_sets, changes
 ):
-    from pipeline.config import PretrainConfig
-    from pipeline.pretrain.plan import check_pretrain
-
     config = PretrainConfig.model_validate(
         {**RUN, "steps": 100, "data": str(patch_sets["labelled"]), **changes}
     )
@@ -273,8 +271,6 @@ def test_a_relaunch_that_changes_operational_settings_is_planned_to_resume(
 def test_a_relaunch_that_changes_what_defines_the_run_is_refused_naming_it_and_deletes_nothing(
     run_with_checkpoint, patch_sets, tmp_path, capsys, changes, named
 ):
-    from pipeline.cli import main
-
     before = sorted(p.relative_to(tmp_path) for p in run_with_checkpoint.rglob("*"))
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({**RUN, "steps": 100, "data": str(patch_sets["labelled"]), **changes}))
@@ -289,36 +285,51 @@ def test_a_relaunch_that_changes_what_defines_the_run_is_refused_naming_it_and_d
 
 
 def test_a_budget_below_the_step_reached_is_refused(run_with_checkpoint, patch_sets):
-    from pipeline.config import PretrainConfig
-    from pipeline.pretrain.plan import check_pretrain
-
     config = PretrainConfig.model_validate({**RUN, "steps": 30, "data": str(patch_sets["labelled"])})
     with pytest.raises(ValueError, match="has trained 40 steps, beyond the budget of 30"):
         check_pretrain(config, config.data, str(run_with_checkpoint))
 
 
 def test_validate_refuses_what_a_relaunch_would_refuse(run_with_checkpoint, patch_sets, tmp_path, capsys):
-    from pipeline.cli import main
-
     config = tmp_path / "run.yaml"  # the one-stage job `run` in STORAGE/run: the folder above
-    config.write_text(yaml.safe_dump({**RUN, "steps": 100, "data": str(patch_sets["labelled"]),
-                                      "storage_path": str(tmp_path), "seed": 5}))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                **RUN,
+                "steps": 100,
+                "data": str(patch_sets["labelled"]),
+                "storage_path": str(tmp_path),
+                "seed": 5,
+            }
+        )
+    )
     assert main(["validate", str(config)]) == 2
     assert "seed 0 -> 5" in capsys.readouterr().err
-    config.write_text(yaml.safe_dump({**RUN, "steps": 100, "data": str(patch_sets["labelled"]),
-                                      "storage_path": str(tmp_path)}))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {**RUN, "steps": 100, "data": str(patch_sets["labelled"]), "storage_path": str(tmp_path)}
+        )
+    )
     assert main(["validate", str(config)]) == 0
 
 
 def test_force_starts_afresh_saying_what_it_discards_and_keeps_others_files(
     run_with_checkpoint, patch_sets, tmp_path, capsys, ray_local
 ):
-    from pipeline.cli import main
-
     (run_with_checkpoint / "notes.txt").write_text("mine")
     config = tmp_path / "run.yaml"  # another seed: refused without --force
-    config.write_text(yaml.safe_dump({**RUN, "steps": 100, "data": str(patch_sets["labelled"]), "seed": 5,
-                                      "num_workers": 8, "micro_batch_size": 4}))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                **RUN,
+                "steps": 100,
+                "data": str(patch_sets["labelled"]),
+                "seed": 5,
+                "num_workers": 8,
+                "micro_batch_size": 4,
+            }
+        )
+    )
     assert main(["pretrain", str(config), "--storage", str(tmp_path)]) == 2
     assert (run_with_checkpoint / "checkpoint_00000040").is_dir()
     # 8 workers cannot be placed on the session's Ray: the forced launch stops there, after the clearing
@@ -333,20 +344,24 @@ def test_force_starts_afresh_saying_what_it_discards_and_keeps_others_files(
 def test_a_study_point_resumed_on_other_rows_of_the_corpus_is_refused(patch_sets, tmp_path):
     """A point's checkpoints record which rows it trained on: another subset of the same size (another
     subset_seed) is another run, refused with the study's way on; the same rows in a moved corpus resume."""
-    from pipeline.config import PretrainConfig
-    from pipeline.pretrain.plan import check_pretrain, plan_pretrain, run_identity, training_split
-    from pipeline.study.subsets import draw_subsets, read_subset
-
     corpus = str(patch_sets["labelled"])
     split = training_split(corpus, "train")
     config = PretrainConfig.model_validate({**RUN, "steps": 100, "data": corpus})
-    drawn = {seed: read_subset(draw_subsets(corpus, split, (64,), seed, str(tmp_path / f"s{seed}"))[64])
-             for seed in (0, 1)}  # fmt: skip
+    drawn = {
+        seed: read_subset(draw_subsets(corpus, split, (64,), seed, str(tmp_path / f"s{seed}"))[64])
+        for seed in (0, 1)
+    }
     plan = plan_pretrain(config, corpus, drawn[0].rows)
     checkpoint = tmp_path / "point" / "checkpoint_00000040"
     checkpoint.mkdir(parents=True)
-    meta = {"step": 40, "tag": "step00000040", "world_size": 2, "zero_stage": 2,
-            "vit": plan.architecture.to_dict(), "defines": run_identity(config, plan.data)}  # fmt: skip
+    meta = {
+        "step": 40,
+        "tag": "step00000040",
+        "world_size": 2,
+        "zero_stage": 2,
+        "vit": plan.architecture.to_dict(),
+        "defines": run_identity(config, plan.data),
+    }
     (checkpoint / "vitpipe.json").write_text(json.dumps(meta))
     run = str(tmp_path / "point")
 
@@ -362,20 +377,16 @@ def test_a_study_point_resumed_on_other_rows_of_the_corpus_is_refused(patch_sets
 @pytest.mark.parametrize(
     ("image_size", "message"),
     [
-        (20, r"pretrain.image_size 20 must be .* at most the stored 16 px"),
+        (20, r"image_size 20 must be a multiple of the patch size 4 and at most the stored 16 px"),
         (14, r"a multiple of the patch size 4"),
     ],
 )
 def test_a_model_resolution_the_stored_images_cannot_give_is_refused_before_ray(
     tmp_path, patch_sets, cli_before_ray, image_size, message
 ):
-    import re
-
     assert re.search(
         message, refusal(cli_before_ray, tmp_path, patch_sets["labelled"], image_size=image_size)
     )
-    from pipeline.config import PretrainConfig
-    from pipeline.pretrain.plan import plan_pretrain
 
     settings = {key: value for key, value in RUN.items() if key != "steps"}
     plan = plan_pretrain(PretrainConfig(data="x", image_size=12, **settings), str(patch_sets["labelled"]))

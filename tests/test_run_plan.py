@@ -13,12 +13,16 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.pretrain.checkpoints import step_of
+from pipeline.runner import lock as lock_module
 from pipeline.runner.execute import _pretrain_lock, run_job
 from pipeline.runner.layout import run_layout
 from pipeline.runner.lock import LOCK_FILE, run_lock
-from pipeline.runner.plan import Overrides, RunOptions, StageOptions, load_plan, plan_job
+from pipeline.runner.plan import Overrides, RunOptions, StageOptions, load_plan, plan_job, target_name
 from pipeline.runner.records import read_record, tree_fingerprint, write_record
+from pipeline.runner.report import _transfer_section
 from pipeline.runner.stages import RUNNERS
+from pipeline.storage import join, resolve_all, url_of
 from tests.conftest import REPO
 
 PATCHES = {"image_size": 16, "patch_size": 4}
@@ -109,7 +113,7 @@ PRETRAIN = JOB["pretrain"]
         ),
         (
             changed(pretrain={**PRETRAIN, "data": "digits", "model": {"variant": "Ti/8"}}),
-            "pretrain.model (Ti/8) has patch size 8 but preprocess.digits.patch_size is 4",
+            "pretrain.model (Ti/8) does not fit preprocess.digits: patch_size 4 in the data, 8 in the model",
         ),
         (
             changed(preprocess={"digits": PATCHES}),
@@ -121,7 +125,7 @@ PRETRAIN = JOB["pretrain"]
         ),
         (
             changed(preprocess={"shapes": PATCHES, "digits": {**PATCHES, "patch_size": 8}}),
-            "finetune target 'digits' is preprocessed in 8-pixel patches",
+            "finetune target 'digits' does not fit the pretrained model",
         ),
         ({k: v for k, v in JOB.items() if k != "pretrain"}, "finetune mode 'pretrained' needs weights"),
     ],
@@ -269,13 +273,18 @@ def test_results_of_other_weights_or_targets_go_beside_the_run_s_own_with_their_
     path = write_job(tmp_path, JOB)
     own = load_plan(path).step("finetune")
     assert (own.id, own.output) == ("finetune", str(tmp_path / "run" / "transfer"))
-    for options in (StageOptions(weights=str(tmp_path / "other")),
-                    StageOptions(overrides=Overrides(targets={"digits": str(tmp_path / "d")}))):  # fmt: skip
+    for options in (
+        StageOptions(weights=str(tmp_path / "other")),
+        StageOptions(overrides=Overrides(targets={"digits": str(tmp_path / "d")})),
+    ):
         variant = next(s for s in load_plan(path, stage=options).steps if s.stage == "finetune")
         assert variant.id.startswith("finetune:out-")  # its record is not the run's finetune record
         assert variant.output.startswith(str(tmp_path / "run" / "transfer-"))
-    given = next(s for s in load_plan(path, stage=StageOptions(overrides=Overrides(out="/elsewhere"))).steps
-                 if s.stage == "finetune")  # fmt: skip
+    given = next(
+        s
+        for s in load_plan(path, stage=StageOptions(overrides=Overrides(out="/elsewhere"))).steps
+        if s.stage == "finetune"
+    )
     assert (given.output, given.id != "finetune") == ("/elsewhere", True)
 
 
@@ -286,10 +295,6 @@ def test_validate_checks_the_inputs_run_would_read(tmp_path, capsys):
 
 
 def test_a_url_s_query_stays_with_every_location_derived_from_it():
-    from pipeline.pretrain.checkpoints import step_of
-    from pipeline.runner.plan import target_name
-    from pipeline.storage import join, url_of
-
     url = "s3://b/runs?endpoint_override=minio:9000&scheme=http"
     assert (
         join(url, "job", "checkpoint_00000040")
@@ -304,8 +309,6 @@ def test_a_url_s_query_stays_with_every_location_derived_from_it():
 
 
 def test_the_files_of_one_folder_resolve_to_one_filesystem_and_its_paths(tmp_path):
-    from pipeline.storage import resolve_all
-
     query = "?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"
     filesystem, paths = resolve_all([f"s3://b/p/{n}.parquet{query}" for n in ("a", "b")])
     assert type(filesystem).__name__ == "S3FileSystem"
@@ -325,8 +328,6 @@ def test_an_input_folders_fingerprint_walks_a_symlink_loop_once(tmp_path):
 
 
 def test_the_report_names_a_damaged_results_file(tmp_path):
-    from pipeline.runner.report import _transfer_section
-
     plan = load_plan(write_job(tmp_path, JOB), None, StageOptions())
     results = Path(plan.layout.transfer) / "results.json"
     results.parent.mkdir(parents=True)
@@ -336,8 +337,6 @@ def test_the_report_names_a_damaged_results_file(tmp_path):
 
 
 def test_a_lock_appears_with_its_holder_inside_also_where_hard_links_fail(tmp_path, monkeypatch):
-    from pipeline.runner import lock as lock_module
-
     seen = []
     real_link = os.link
 

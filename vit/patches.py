@@ -102,6 +102,26 @@ def geometry_problems(image_size: int, patch_size: int, channels: int) -> list[s
     return problems
 
 
+def misfits(
+    data: PatchGeometry, *, patch_size: int | None = None, channels: int | None = None,
+    image_size: int | None = None,
+) -> list[str]:  # fmt: skip
+    """The one check that a model fits stored patches: each way a model with this patch size and channel
+    count (None: it takes the data's), seeing this resolution (a crop of the stored images), cannot read
+    patches stored as `data`; empty when it can. Callers add where the data is and the way on."""
+    problems = []
+    if patch_size is not None and patch_size != data.patch_size:
+        problems.append(f"patch_size {data.patch_size} in the data, {patch_size} in the model")
+    if channels is not None and channels != data.channels:
+        problems.append(f"channels {data.channels} in the data, {channels} in the model")
+    if image_size is not None and (image_size > data.image_size or image_size % data.patch_size):
+        problems.append(
+            f"image_size {image_size} must be a multiple of the patch size {data.patch_size} and at most the "
+            f"stored {data.image_size} px"
+        )
+    return problems
+
+
 def _permute(x: Array, axes: tuple[int, ...]) -> Array:
     return np.transpose(x, axes) if isinstance(x, np.ndarray) else x.permute(*axes)
 

@@ -24,7 +24,7 @@ from pipeline.pretrain.feed_plan import Corpus, FeedPlan
 from pipeline.storage import basename
 from pipeline.tracking import OFF, TrackingTarget
 from vit.config import Architecture
-from vit.patches import PatchGeometry
+from vit.patches import PatchGeometry, misfits
 from vit.recipe import BatchSplit, Cadence, Recipe, Speed, Zero
 
 Rows = dict[str, tuple[int, ...]]  # patch file (path or URL) -> the row numbers of it to read
@@ -186,23 +186,15 @@ def plan_pretrain(config: PretrainConfig, directory: str, rows: Rows | None = No
     """The data plan plus the model for it, the steps per epoch and the step budget."""
     data = plan_data(config, directory, rows)
     model, geometry = config.model, data.geometry
-    if model.reads_patch_size not in (None, geometry.patch_size):
-        raise ValueError(
-            f"{directory}: preprocessed with patch_size {geometry.patch_size}, but the model "
-            f"({model.describe()}) uses patch {model.patch_size}; preprocess again or set "
-            f"model.patch_size: {geometry.patch_size}"
-        )
-    if model.channels is not None and model.channels != geometry.channels:
-        raise ValueError(
-            f"{directory}: preprocessed with {geometry.channels} channel(s), but the model is set to "
-            f"channels: {model.channels}; preprocess with channels: {model.channels} or drop model.channels"
-        )
     image_size = config.image_size or geometry.image_size
-    if image_size > geometry.image_size or image_size % geometry.patch_size:
+    problems = misfits(
+        geometry, patch_size=model.reads_patch_size, channels=model.channels, image_size=image_size
+    )
+    if problems:
         raise ValueError(
-            f"{directory}: pretrain.image_size {image_size} must be a multiple of the patch size "
-            f"{geometry.patch_size} and at most the stored {geometry.image_size} px (preprocess.image_size); "
-            "the model sees a crop of the stored images"
+            f"{directory}: does not fit the model ({model.describe()} at pretrain.image_size {image_size}): "
+            f"{'; '.join(problems)}. Preprocess again to the model's geometry, or set the model's to the "
+            "data's (model.patch_size, model.channels; pretrain.image_size is a crop of the stored images)"
         )
     architecture = model.architecture(
         image_size=image_size, channels=geometry.channels, num_classes=len(data.classes),

@@ -26,6 +26,7 @@ from pipeline.config import (
 )
 from pipeline.runner.layout import RunLayout, run_layout
 from pipeline.storage import basename
+from vit.patches import misfits
 
 # What `vitpipe run` runs, in order; a job with a study runs its points in place of pretrain and finetune.
 STAGES = ("datasets", "preprocess", "pretrain", "finetune", "study", "analyze", "report")
@@ -234,17 +235,13 @@ def _pretrain_step(pretrain: PretrainConfig, job: PipelineConfig, source: str, l
     # The budget stays in the key: a longer `steps` is more training (the step resumes the run to it).
     settings = pretrain.model_dump(mode="json", exclude=PRETRAIN_OPERATIONAL)
     if pretrain.data in job.preprocess:
-        entry = job.preprocess[pretrain.data]
-        if pretrain.model.reads_patch_size not in (None, entry.patch_size):
+        model, entry = pretrain.model, job.preprocess[pretrain.data]
+        problems = misfits(entry.geometry(), patch_size=model.reads_patch_size, channels=model.channels)
+        if problems:
             raise ConfigError(
-                f"{source}: pretrain.model ({pretrain.model.describe()}) has patch size "
-                f"{pretrain.model.patch_size} but preprocess.{pretrain.data}.patch_size is "
-                f"{entry.patch_size}; drop preprocess.{pretrain.data}.patch_size to take the model's"
-            )
-        if pretrain.model.channels not in (None, entry.channels):
-            raise ConfigError(
-                f"{source}: pretrain.model.channels is {pretrain.model.channels} but "
-                f"preprocess.{pretrain.data}.channels is {entry.channels}"
+                f"{source}: pretrain.model ({model.describe()}) does not fit preprocess.{pretrain.data}: "
+                f"{'; '.join(problems)}; drop preprocess.{pretrain.data}.patch_size and .channels to take "
+                "the model's"
             )
         return Step("pretrain", None, settings, (f"preprocess:{pretrain.data}",), output=layout.pretrain)
     if pretrain.data in job.datasets:
@@ -347,14 +344,14 @@ def patches_of(entry: str, job: PipelineConfig, layout: RunLayout) -> str:
 
 
 def _check_target_patches(target: str, finetune: FinetuneConfig, job: PipelineConfig, source: str) -> None:
-    patch_size = job.preprocess[target].patch_size
     if finetune.weights is not None:
         return
     for model in job.models_reading(target):
-        if model.reads_patch_size not in (None, patch_size):
+        problems = misfits(job.preprocess[target].geometry(), patch_size=model.reads_patch_size)
+        if problems:
             raise ConfigError(
-                f"{source}: finetune target {target!r} is preprocessed in {patch_size}-pixel patches "
-                f"(preprocess.{target}.patch_size) but the pretrained model uses {model.reads_patch_size}"
+                f"{source}: finetune target {target!r} does not fit the pretrained model "
+                f"({model.describe()}): {problems[0]} (preprocess.{target}.patch_size)"
             )
 
 
@@ -370,7 +367,9 @@ def _study_steps(job: PipelineConfig, source: str, layout: RunLayout, overrides:
     target_depends = tuple(dep for dep in targets.depends if dep != "pretrain")
     for name, model in study.study.models.items():
         read = [study.corpus, *(t for t in study.finetune.targets if t in job.preprocess)]
-        wrong = [entry for entry in read if model.channels not in (None, job.preprocess[entry].channels)]
+        wrong = [
+            entry for entry in read if misfits(job.preprocess[entry].geometry(), channels=model.channels)
+        ]
         if wrong:
             raise ConfigError(
                 f"{source}: study.models.{name}.channels is {model.channels} but preprocess entries "

@@ -15,7 +15,7 @@ from pipeline.config import FinetuneConfig
 from pipeline.preprocess.manifest import manifest_classes, manifest_geometry, read_manifest
 from pipeline.transfer.data import SplitReader
 from vit.config import Architecture
-from vit.patches import PatchGeometry
+from vit.patches import PatchGeometry, misfits
 from vit.recipe import BatchSplit, Recipe
 
 TRAIN_SPLIT, TEST_SPLIT = "train", "test"
@@ -101,12 +101,9 @@ def _plan(name: str, directory: str) -> TargetPlan:
 
 def cropped_to(target: TargetPlan, image_size: int) -> TargetPlan:
     """The target seen at `image_size` (finetune.image_size), which must fit inside the stored images."""
-    stored = target.geometry
-    if image_size > stored.image_size or image_size % stored.patch_size:
-        raise TargetError(
-            f"target {target.name!r}: finetune.image_size {image_size} must be a multiple of the patch size "
-            f"{stored.patch_size} and at most the stored {stored.image_size} px of {target.directory}"
-        )
+    problems = misfits(target.geometry, image_size=image_size)
+    if problems:
+        raise TargetError(f"target {target.name!r}: finetune.{problems[0]} of {target.directory}")
     return dataclasses.replace(target, image_size=image_size)
 
 
@@ -114,11 +111,7 @@ def check_fits(target: TargetPlan, architecture: Architecture, source: str) -> N
     """What the model's weights fix (a ViT: patch size and channels; a BiT: channels) the target must be
     preprocessed to match (the resolution may differ; a ViT's position embeddings are resampled)."""
     fixed = architecture.fixed_geometry
-    problems = [
-        f"{field} {getattr(target.geometry, field)} in the data, {getattr(architecture, field)} in the model"
-        for field in fixed
-        if getattr(target.geometry, field) != getattr(architecture, field)
-    ]
+    problems = misfits(target.geometry, **{field: getattr(architecture, field) for field in fixed})
     if problems:
         wanted = ", ".join(f"{field} {getattr(architecture, field)}" for field in fixed)
         raise TargetError(
