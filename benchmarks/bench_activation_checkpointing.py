@@ -83,10 +83,19 @@ def measure_step(variant: str, image_size: int, batch: int, checkpointed: bool) 
 def run_child(args: argparse.Namespace, checkpointed: bool) -> dict:
     """`measure_step` in a fresh interpreter: its own peak RSS, untouched by the other setting's."""
     command = [
-        sys.executable, "-m", "benchmarks.bench_activation_checkpointing", "--child",
-        "--variant", args.variant, "--image-size", str(args.image_size), "--batch", str(args.batch),
-        "--threads", str(args.threads),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "benchmarks.bench_activation_checkpointing",
+        "--child",
+        "--variant",
+        args.variant,
+        "--image-size",
+        str(args.image_size),
+        "--batch",
+        str(args.batch),
+        "--threads",
+        str(args.threads),
+    ]
     if checkpointed:
         command.append("--checkpointed")
     root = Path(__file__).resolve().parent.parent

@@ -42,8 +42,14 @@ CLASSES = 5
 
 
 def bit_config(**changes) -> BiTConfig:
-    base = {"image_size": 16, "patch_size": 4, "num_classes": CLASSES, "depth": 26, "base_width": 8,
-            "groups": 8}  # fmt: skip
+    base = {
+        "image_size": 16,
+        "patch_size": 4,
+        "num_classes": CLASSES,
+        "depth": 26,
+        "base_width": 8,
+        "groups": 8,
+    }
     return BiTConfig(**{**base, **changes})
 
 
@@ -76,8 +82,13 @@ def batch(config: Architecture) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def recipe(lr: float, steps: int, bf16: bool = False) -> Recipe:
-    return Recipe(Optimizer(lr=lr), Schedule(warmup_steps=0), total_steps=steps,
-                  batch=BatchSplit(BATCH, BATCH), bf16=bf16)  # fmt: skip
+    return Recipe(
+        Optimizer(lr=lr),
+        Schedule(warmup_steps=0),
+        total_steps=steps,
+        batch=BatchSplit(BATCH, BATCH),
+        bf16=bf16,
+    )
 
 
 # ---------------------------------------------------------------- gradient agreement
@@ -96,9 +107,12 @@ def cosines(reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) 
         float(F.cosine_similarity(reference[n].flatten(), other[n].flatten(), dim=0)) for n in reference
     ]
     finite = [v for v in values if np.isfinite(v)]
-    return {"stem": values[0], "min": min(finite) if finite else float("nan"),
-            "median": float(np.median(finite)) if finite else float("nan"),
-            "non_finite_layers": len(values) - len(finite)}  # fmt: skip
+    return {
+        "stem": values[0],
+        "min": min(finite) if finite else float("nan"),
+        "median": float(np.median(finite)) if finite else float("nan"),
+        "non_finite_layers": len(values) - len(finite),
+    }
 
 
 def trained(make: Callable[[], torch.nn.Module], lr: float, steps: int) -> torch.nn.Module:
@@ -149,10 +163,13 @@ def agreement_table(tries: int) -> list[dict]:
     for label, make, lr in cases:
         rows.append(agreement(label, make, lr, tries))
         before, after = rows[-1]["bf16_before"], rows[-1]["bf16_after"]
-        print(f"{label:18s} lr {lr:g}: bf16 before stem {before['stem']:.3f} non-finite "
-              f"{before['non_finite_backwards']}; after stem {after['stem']:.3f} non-finite "
-              f"{after['non_finite_backwards']}; fp64 perturbed stem "
-              f"{rows[-1]['fp64_weights_perturbed_1e-3']['stem']:.3f}", flush=True)  # fmt: skip
+        print(
+            f"{label:18s} lr {lr:g}: bf16 before stem {before['stem']:.3f} non-finite "
+            f"{before['non_finite_backwards']}; after stem {after['stem']:.3f} non-finite "
+            f"{after['non_finite_backwards']}; fp64 perturbed stem "
+            f"{rows[-1]['fp64_weights_perturbed_1e-3']['stem']:.3f}",
+            flush=True,
+        )
     return rows
 
 
@@ -179,8 +196,11 @@ def train(config: Architecture, bf16: bool, stage: int, lr: float, steps: int) -
 
 def training_table(steps: int) -> list[dict]:
     rows = []
-    for label, config in (("BiT R26 w8 16px", bit_config()), ("BiT R26 w8 32px", bit_config(image_size=32)),
-                          ("ViT w32 d2 16px", VIT)):  # fmt: skip
+    for label, config in (
+        ("BiT R26 w8 16px", bit_config()),
+        ("BiT R26 w8 32px", bit_config(image_size=32)),
+        ("ViT w32 d2 16px", VIT),
+    ):
         for stage in (0, 2, 3):
             row = {"case": label, "zero_stage": stage, "lr": 3e-3, "steps": steps}
             row["fp32"] = train(config, False, stage, 3e-3, steps)
@@ -189,8 +209,11 @@ def training_table(steps: int) -> list[dict]:
                 with convolutions(kind):
                     row[f"bf16_{kind}"] = train(config, True, stage, 3e-3, steps)
             rows.append(row)
-            described = ", ".join(f"{key} {row[key]['final_loss']:.3f} (skipped {row[key]['skipped_steps']})"
-                                  for key in row if key.startswith(("fp32", "bf16")))  # fmt: skip
+            described = ", ".join(
+                f"{key} {row[key]['final_loss']:.3f} (skipped {row[key]['skipped_steps']})"
+                for key in row
+                if key.startswith(("fp32", "bf16"))
+            )
             print(f"{label:18s} ZeRO-{stage}: final loss {described}", flush=True)
     return rows
 
@@ -206,13 +229,16 @@ def main() -> None:
     gradient_rows = agreement_table(args.tries)
     one_rank_group()
     training_rows = training_table(args.steps)
-    path = save("bf16", {
-        "what": "bf16 vs fp32 gradients and training of BiT (and the ViT), BiT's convolutions before and "
-                "after the fix (on CPUs: fp32 convolution arithmetic on bf16 weights and activations)",
-        "command": "python -m benchmarks.bench_bf16",
-        "gradient_agreement": gradient_rows,
-        "training": training_rows,
-    })  # fmt: skip
+    path = save(
+        "bf16",
+        {
+            "what": "bf16 vs fp32 gradients and training of BiT (and the ViT), BiT's convolutions before and "
+            "after the fix (on CPUs: fp32 convolution arithmetic on bf16 weights and activations)",
+            "command": "python -m benchmarks.bench_bf16",
+            "gradient_agreement": gradient_rows,
+            "training": training_rows,
+        },
+    )
     print(f"wrote {path}")
 
 

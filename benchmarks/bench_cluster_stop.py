@@ -13,6 +13,7 @@ import argparse
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,8 +27,6 @@ SCRIPT = str(REPO / "cluster" / "local.sh")
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -45,9 +44,13 @@ def one_stop(way: str) -> float:
     """Start the cluster, stop it `way` ("script" or "whole-group"); seconds until no node process is left."""
     state = Path(tempfile.mkdtemp(prefix="vp-bench-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env |= {"RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_PORT": str(free_port()),
-            "DASHBOARD_PORT": str(free_port()), "STATE_DIR": str(state),
-            "VENV_BIN": str(Path(sys.executable).parent)}  # fmt: skip
+    env |= {
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "RAY_PORT": str(free_port()),
+        "DASHBOARD_PORT": str(free_port()),
+        "STATE_DIR": str(state),
+        "VENV_BIN": str(Path(sys.executable).parent),
+    }
     subprocess.run([SCRIPT, "start"], env=env, check=True, capture_output=True, timeout=180)
     groups = [int((state / f"{node}.pid").read_text()) for node in ("head", "worker")]
     started = time.monotonic()

@@ -32,27 +32,34 @@ from ray.cluster_utils import Cluster
 
 from benchmarks.machine import save
 from pipeline.config import FractalsConfig, PreprocessConfig
+from pipeline.datasets.fractals import build_fractals
 from pipeline.metrics import read_records
+from pipeline.preprocess.run import preprocess
 from pipeline.pretrain.launch import ELASTIC_START_TIMEOUT_S
 from pipeline.ray_session import init_ray
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = {
     "model": {"variant": "Ti/4", "width": 64, "depth": 2, "heads": 2, "mlp_dim": 128},
-    "num_workers": [1, 2], "cpus_per_worker": 1.0, "global_batch_size": 32, "micro_batch_size": 16,
-    "steps": 400, "zero_stage": 2, "optimizer": {"lr": 3.0e-3, "weight_decay": 0.05},
-    "schedule": {"warmup_steps": 8}, "flip": False, "shuffle_buffer": 64, "checkpoint_every": 100,
+    "num_workers": [1, 2],
+    "cpus_per_worker": 1.0,
+    "global_batch_size": 32,
+    "micro_batch_size": 16,
+    "steps": 400,
+    "zero_stage": 2,
+    "optimizer": {"lr": 3.0e-3, "weight_decay": 0.05},
+    "schedule": {"warmup_steps": 8},
+    "flip": False,
+    "shuffle_buffer": 64,
+    "checkpoint_every": 100,
     "log_every": 2,
-}  # fmt: skip
+}
 SPOT_DEADLINE_S = 20
 SPOT_RUN = {"steps": 2500, "checkpoint_every": 2500}
 
 
 def corpus(root: Path) -> str:
     """The tests' fractal corpus at 16 px in 4 px patches."""
-    from pipeline.datasets.fractals import build_fractals
-    from pipeline.preprocess.run import preprocess
-
     init_ray(num_cpus=2)
     build_fractals(
         FractalsConfig(classes=10, per_class=30, size=32, shard_size=64, seed=7), root / "fractals"
@@ -79,8 +86,17 @@ def one_resize(way: str, data: str, root: Path) -> dict:
     name = f"{way}-{time.monotonic_ns()}"
     settings = {**RUN, **(SPOT_RUN if way == "spot" else {}), "data": data}
     (root / f"{name}.yaml").write_text(yaml.safe_dump(settings))
-    command = [sys.executable, "-m", "pipeline.cli", "pretrain", str(root / f"{name}.yaml"), "--storage",
-               str(root), "--address", cluster.address]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "pretrain",
+        str(root / f"{name}.yaml"),
+        "--storage",
+        str(root),
+        "--address",
+        cluster.address,
+    ]
     run_dir = root / name
     try:
         env = {**os.environ, "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"}
@@ -100,12 +116,16 @@ def one_resize(way: str, data: str, root: Path) -> dict:
     first = next(r for r in steps(records[records.index(resized) :]))
     last_before = steps(records[: records.index(resized)])[-1]["step"]
     return {
-        "way": way, "returncode": run.returncode, "from_workers": resized["from_workers"],
-        "to_workers": resized["workers"], "resumed_at_step": resized["step"], "last_step_before": last_before,
+        "way": way,
+        "returncode": run.returncode,
+        "from_workers": resized["from_workers"],
+        "to_workers": resized["workers"],
+        "resumed_at_step": resized["step"],
+        "last_step_before": last_before,
         "steps_trained_again": last_before - resized["step"],
         "change_to_group_resumed_s": round(resumed["time"] - changed, 2),
         "change_to_next_step_s": round(first["time"] - changed, 2),
-    }  # fmt: skip
+    }
 
 
 def _change(way: str, cluster: Cluster, second) -> float:
@@ -117,11 +137,25 @@ def _change(way: str, cluster: Cluster, second) -> float:
         return changed
     if way == "spot":
         subprocess.run(
-            [sys.executable, "-m", "ray.scripts.scripts", "drain-node", "--address", cluster.address,
-             "--node-id", second.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message",
-             "bench", "--deadline-remaining-seconds", str(SPOT_DEADLINE_S)],
-            check=True, capture_output=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "ray.scripts.scripts",
+                "drain-node",
+                "--address",
+                cluster.address,
+                "--node-id",
+                second.node_id,
+                "--reason",
+                "DRAIN_NODE_REASON_PREEMPTION",
+                "--reason-message",
+                "bench",
+                "--deadline-remaining-seconds",
+                str(SPOT_DEADLINE_S),
+            ],
+            check=True,
+            capture_output=True,
+        )
         time.sleep(SPOT_DEADLINE_S)
     changed = time.time()
     cluster.remove_node(second)
@@ -142,12 +176,17 @@ def main() -> None:
                 runs.append(one_resize(way, data, root))
                 print(runs[-1], flush=True)
     summary = {
-        way: {key: statistics.median(r[key] for r in runs if r["way"] == way and "error" not in r)
-              for key in ("change_to_group_resumed_s", "change_to_next_step_s", "steps_trained_again")}
+        way: {
+            key: statistics.median(r[key] for r in runs if r["way"] == way and "error" not in r)
+            for key in ("change_to_group_resumed_s", "change_to_next_step_s", "steps_trained_again")
+        }
         for way in args.ways
-    }  # fmt: skip
-    settings = {**RUN, "spot": {**SPOT_RUN, "deadline_s": SPOT_DEADLINE_S},
-                "ray_train_worker_group_start_timeout_s": float(ELASTIC_START_TIMEOUT_S)}  # fmt: skip
+    }
+    settings = {
+        **RUN,
+        "spot": {**SPOT_RUN, "deadline_s": SPOT_DEADLINE_S},
+        "ray_train_worker_group_start_timeout_s": float(ELASTIC_START_TIMEOUT_S),
+    }
     path = save("elastic", {"settings": settings, "median": summary, "runs": runs})
     print(path)
 

@@ -51,8 +51,10 @@ def main() -> None:
         "fused_speedup": medians["foreach"] / medians["fused"],
     }
     path = save("fused_optimizer", results)
-    print(f"foreach {medians['foreach']:.1f} ms, fused {medians['fused']:.1f} ms "
-          f"({results['fused_speedup']:.1f}x) -> {path}")  # fmt: skip
+    print(
+        f"foreach {medians['foreach']:.1f} ms, fused {medians['fused']:.1f} ms "
+        f"({results['fused_speedup']:.1f}x) -> {path}"
+    )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
 from benchmarks.machine import save
+from tests.conftest import free_port
 from vit.config import ViTConfig
 from vit.engine import build_engine, train_micro_batch
 from vit.model import VisionTransformer
@@ -29,16 +31,31 @@ from vit.recipe import BatchSplit, Optimizer, Recipe, Schedule, Zero
 
 CONFIG = ViTConfig(image_size=32, patch_size=4, num_classes=10, width=192, depth=4, heads=3, mlp_dim=768)
 MICRO, ACCUM, STEPS, WORLD = 8, 8, 12, 2
-RECIPE = Recipe(Optimizer(lr=1e-3), Schedule(warmup_steps=2), total_steps=STEPS,
-                batch=BatchSplit(MICRO * ACCUM * WORLD, MICRO, WORLD), flip=False)  # fmt: skip
-RUNS = {"fp32 everything": (False, "fp32"), "bf16, fp32 reduce": (True, "fp32"),
-        "bf16, bf16 reduce": (True, "bf16")}  # fmt: skip
+RECIPE = Recipe(
+    Optimizer(lr=1e-3),
+    Schedule(warmup_steps=2),
+    total_steps=STEPS,
+    batch=BatchSplit(MICRO * ACCUM * WORLD, MICRO, WORLD),
+    flip=False,
+)
+RUNS = {
+    "fp32 everything": (False, "fp32"),
+    "bf16, fp32 reduce": (True, "fp32"),
+    "bf16, bf16 reduce": (True, "bf16"),
+}
 
 
 def _rank(rank: int, port: int, out: str) -> None:
-    os.environ.update({"DS_ACCELERATOR": "cpu", "LOCAL_RANK": str(rank), "RANK": str(rank),
-                       "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)})  # fmt: skip
+    os.environ.update(
+        {
+            "DS_ACCELERATOR": "cpu",
+            "LOCAL_RANK": str(rank),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(WORLD),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     generator = torch.Generator().manual_seed(rank)
@@ -60,15 +77,16 @@ def _rank(rank: int, port: int, out: str) -> None:
             dist.barrier()
             seconds.append(time.perf_counter() - started)
         if rank == 0:
-            from deepspeed.utils import safe_get_full_fp32_param
-            from safetensors.torch import save_file
+            from deepspeed.utils import safe_get_full_fp32_param  # noqa: PLC0415 (after DS_ACCELERATOR=cpu)
 
-            weights = {n: safe_get_full_fp32_param(p).detach().float().contiguous()
-                       for n, p in engine.module.named_parameters()}  # fmt: skip
+            weights = {
+                n: safe_get_full_fp32_param(p).detach().float().contiguous()
+                for n, p in engine.module.named_parameters()
+            }
             save_file(weights, Path(out) / f"{name}.safetensors")
             (Path(out) / f"{name}.txt").write_text(" ".join(map(str, seconds[2:])))
         else:
-            from deepspeed.utils import safe_get_full_fp32_param
+            from deepspeed.utils import safe_get_full_fp32_param  # noqa: PLC0415 (after DS_ACCELERATOR=cpu)
 
             for parameter in engine.module.parameters():
                 safe_get_full_fp32_param(parameter)
@@ -103,15 +121,13 @@ def accumulation_error(micro_batches: int = 64) -> dict[str, float]:
         for dtype, total in sums.items():
             wanted = torch.bfloat16 if dtype == "bf16" else torch.float32
             sums[dtype] = grad.to(wanted) if total is None else total + grad.to(wanted)
-    return {f"{dtype}_relative_error": float((total.double() - exact).norm() / exact.norm())
-            for dtype, total in sums.items()}  # fmt: skip
+    return {
+        f"{dtype}_relative_error": float((total.double() - exact).norm() / exact.norm())
+        for dtype, total in sums.items()
+    }
 
 
 def main() -> None:
-    from safetensors.torch import load_file
-
-    from tests.conftest import free_port
-
     with tempfile.TemporaryDirectory() as out:
         torch.multiprocessing.spawn(_rank, args=(free_port(), out), nprocs=WORLD, join=True)
         reference = load_file(Path(out) / "fp32 everything.safetensors")
@@ -135,8 +151,10 @@ def main() -> None:
     }
     path = save("grad_reduce", results)
     for name, row in rows.items():
-        print(f"{name:20s} {row['step_s_median']:.3f} s/step, {row['reduced_bytes_per_step'] / 1e6:.1f} MB "
-              f"reduced, drift {row['drift_from_fp32']:.2e}")  # fmt: skip
+        print(
+            f"{name:20s} {row['step_s_median']:.3f} s/step, {row['reduced_bytes_per_step'] / 1e6:.1f} MB "
+            f"reduced, drift {row['drift_from_fp32']:.2e}"
+        )
     print(results["accumulation_of_64_micro_batches"], path)
 
 

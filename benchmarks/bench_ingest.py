@@ -31,13 +31,27 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import ray.data
 import torch
+from PIL import Image
+from ray.data.collate_fn import ArrowBatchCollateFn
+from sklearn.datasets import load_sample_images
 
+from benchmarks.machine import RESULTS, save
 from pipeline.config import PreprocessConfig, PretrainConfig
+from pipeline.metrics import read_records
 from pipeline.patchfile import PatchShardWriter, patches_array
 from pipeline.preprocess.manifest import build_manifest, write_manifest
 from pipeline.preprocess.shard import ShardReport
+from pipeline.pretrain.launch import probe_data
+from pipeline.pretrain.plan import plan_pretrain
+from pipeline.ray_session import init_ray
+from vit.augment import hflip_patches
+from vit.config import ViTConfig
+from vit.model import VisionTransformer
+from vit.objective import training_view
 from vit.patches import PatchGeometry, patchify
+from vit.recipe import BatchSplit, Crop, Optimizer, Recipe, Schedule
 
 RESULTS_NAME = "ingest"
 B16_IMAGES_PER_S = 3_000  # what one H100 trains ViT-B/16 at, at good MFU (ANCHORS.md)
@@ -68,8 +82,6 @@ def patch_directory(root: Path, files: int, rows: int, geometry: PatchGeometry, 
 
 def photos(size: int) -> Any:
     """Random crops of scikit-learn's two sample photos at `size` px (real photo bytes, no two alike)."""
-    from sklearn.datasets import load_sample_images
-
     bases = load_sample_images().images
 
     def image(index: int) -> np.ndarray:
@@ -90,20 +102,30 @@ def tiny(size: int) -> Any:
 
 
 def data_only(
-    directory: str, runs: Path, name: str, *, patch: int, workers: int, micro: int, steps: int, window: int,
+    directory: str,
+    runs: Path,
+    name: str,
+    *,
+    patch: int,
+    workers: int,
+    micro: int,
+    steps: int,
+    window: int,
     threads: int,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """`vitpipe pretrain --data-only` in this process; its per-step records read back."""
-    from pipeline.metrics import read_records
-    from pipeline.pretrain.launch import probe_data
-    from pipeline.pretrain.plan import plan_pretrain
-
     config = PretrainConfig(
-        data=directory, model={"patch_size": patch, "width": 16, "depth": 1, "heads": 1,
-                               "mlp_dim": 32},
-        num_workers=workers, cpus_per_worker=1.0 / workers, global_batch_size=micro * workers,
-        micro_batch_size=micro, steps=steps, shuffle_buffer=window, data_threads=threads, log_every=10**6,
-    )  # fmt: skip
+        data=directory,
+        model={"patch_size": patch, "width": 16, "depth": 1, "heads": 1, "mlp_dim": 32},
+        num_workers=workers,
+        cpus_per_worker=1.0 / workers,
+        global_batch_size=micro * workers,
+        micro_batch_size=micro,
+        steps=steps,
+        shuffle_buffer=window,
+        data_threads=threads,
+        log_every=10**6,
+    )
     plan = plan_pretrain(config, directory)
     started = time.perf_counter()
     out = probe_data(plan, run_dir=str(runs / name), steps=steps)
@@ -131,14 +153,15 @@ def summarise(
         "steps_per_epoch": steps_per_epoch,
         "first_batch_wait_s": records[0]["data_wait_s"],
         "epoch_boundary_wait_s": {"median": statistics.median(boundaries), "max": max(boundaries)}
-        if boundaries else None,
+        if boundaries
+        else None,
         "slowest_step_wait_s": max(r["data_wait_s"] for r in steady),
         "steady_images_per_s_per_worker": per_worker,
         "steady_mb_per_s_per_worker": per_worker * bytes_per_image / 1e6,
         "steady_images_per_s_per_data_cpu": per_worker,  # each worker reads inside its one CPU
         "b16_gpus_fed_per_worker": per_worker / B16_IMAGES_PER_S,
         "wall_s_including_ray_train_start": wall,
-    }  # fmt: skip
+    }
 
 
 # ---------------------------------------------------------------- the loaders beside it
@@ -162,8 +185,6 @@ def pyarrow_floor(files: list[str], micro: int, epochs: int = 2) -> dict[str, An
 def ray_data(files: list[str], micro: int, shuffle: int, epochs: int = 2) -> dict[str, Any]:
     """The data path before this one: a Ray Data `read_parquet` executed per epoch, its batches through
     `iter_torch_batches` (with the collation the worker had), with or without the local shuffle buffer."""
-    import ray.data
-    from ray.data.collate_fn import ArrowBatchCollateFn
 
     class Collate(ArrowBatchCollateFn):
         def __call__(self, batch):
@@ -176,9 +197,13 @@ def ray_data(files: list[str], micro: int, shuffle: int, epochs: int = 2) -> dic
     for epoch in range(epochs):
         started, first, images = time.perf_counter(), None, 0
         for batch in dataset.iter_torch_batches(
-            batch_size=micro, drop_last=True, collate_fn=Collate(), prefetch_batches=2,
-            local_shuffle_buffer_size=shuffle or None, local_shuffle_seed=epoch if shuffle else None,
-        ):  # fmt: skip
+            batch_size=micro,
+            drop_last=True,
+            collate_fn=Collate(),
+            prefetch_batches=2,
+            local_shuffle_buffer_size=shuffle or None,
+            local_shuffle_seed=epoch if shuffle else None,
+        ):
             if first is None:
                 first = time.perf_counter() - started
                 after_first = time.perf_counter()
@@ -186,22 +211,24 @@ def ray_data(files: list[str], micro: int, shuffle: int, epochs: int = 2) -> dic
         firsts.append(first)
         rates.append((images - micro) / (time.perf_counter() - after_first))
     rate = statistics.median(rates)
-    return {"first_batch_wait_s_each_epoch": firsts, "images_per_s_after_first_batch": rate,
-            "local_shuffle_buffer": shuffle}  # fmt: skip
+    return {
+        "first_batch_wait_s_each_epoch": firsts,
+        "images_per_s_after_first_batch": rate,
+        "local_shuffle_buffer": shuffle,
+    }
 
 
 def jpeg_loader(folder: Path, count: int, micro: int, epochs: int = 2) -> dict[str, Any]:
     """JPEGs decoded and random-resized-cropped to 224 every epoch (PIL), flipped, in a torch DataLoader
     with one worker process: the per-epoch decode path preprocessing exists to avoid."""
-    from PIL import Image
-
     source = photos(400)
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(count):
         Image.fromarray(np.ascontiguousarray(source(index))).save(folder / f"{index}.jpg", quality=90)
     dataset = JpegCrops(sorted(folder.glob("*.jpg")))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=micro, num_workers=1, persistent_workers=True,
-                                         shuffle=True, drop_last=True)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=micro, num_workers=1, persistent_workers=True, shuffle=True, drop_last=True
+    )
     rates = []
     for _ in range(epochs):
         started, images = time.perf_counter(), 0
@@ -219,8 +246,6 @@ class JpegCrops(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        from PIL import Image
-
         rng = np.random.default_rng()
         with Image.open(self.paths[index]) as image:
             image = image.convert("RGB")
@@ -242,15 +267,10 @@ class JpegCrops(torch.utils.data.Dataset):
 
 def device_augmentation(micro: int, repeats: int = 5) -> dict[str, Any]:
     """The recipe's crop 256 -> 224 / patch 16, flip and normalisation on a batch, on this CPU."""
-    from vit.augment import hflip_patches
-    from vit.config import ViTConfig
-    from vit.model import VisionTransformer
-    from vit.objective import training_view
-    from vit.recipe import BatchSplit, Crop, Optimizer, Recipe, Schedule
-
     torch.set_num_threads(1)
-    model = VisionTransformer(ViTConfig(image_size=224, patch_size=16, num_classes=10, width=16, depth=1,
-                                        heads=1, mlp_dim=32))  # fmt: skip
+    model = VisionTransformer(
+        ViTConfig(image_size=224, patch_size=16, num_classes=10, width=16, depth=1, heads=1, mlp_dim=32)
+    )
     stored = torch.randint(0, 256, (micro, 256, 768), dtype=torch.uint8)
     recipe = Recipe(Optimizer(), Schedule(), 1, BatchSplit(micro, micro), crop=Crop(), input_size=256)
     geometry = model.config.geometry
@@ -365,7 +385,6 @@ def main() -> None:
         help="rerun that section alone into the existing results (no Ray)",
     )
     args = parser.parse_args()
-    from benchmarks.machine import RESULTS, save
 
     if args.only_device_augmentation:
         # The section carries its own time; the file keeps the full run's time and machine.
@@ -377,7 +396,6 @@ def main() -> None:
         path.write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps(section, indent=2))
         return
-    from pipeline.ray_session import init_ray
 
     print(init_ray())
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as scratch:

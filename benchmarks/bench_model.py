@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+import transformers
 
 from benchmarks.machine import save
 from vit.config import ViTConfig
@@ -72,8 +73,6 @@ def training_step(
 
 
 def hf_model(config: ViTConfig) -> torch.nn.Module:
-    import transformers
-
     fields = {k: v for k, v in hf_config_dict(config).items() if k != "architectures"}
     return transformers.ViTForImageClassification(transformers.ViTConfig(**fields))
 

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import webdataset as wds
 from PIL import Image
@@ -35,8 +37,10 @@ from sklearn.datasets import load_sample_image
 from benchmarks.machine import save
 from pipeline.config import PreprocessConfig
 from pipeline.datasets.shards import write_shard
+from pipeline.preprocess import decode
 from pipeline.preprocess.run import preprocess
 from pipeline.ray_session import init_ray
+from vit.patches import patchify
 
 CONFIG = PreprocessConfig(image_size=224, patch_size=16)
 CORPORA = {"imagenet_500x375": ((500, 375), 480), "large_2000x1500": ((2000, 1500), 96)}
@@ -127,12 +131,6 @@ def per_call_ms(function, seconds: float = 1.0) -> float:
 
 def component_times(jpegs: list[bytes]) -> dict[str, float]:
     """The choices inside vitpipe's worker, each against the obvious alternative."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline.preprocess import decode
-    from vit.patches import patchify
-
     large_jpeg = jpegs[0]
 
     def full_decode_and_resize() -> np.ndarray:

@@ -39,14 +39,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 
+from benchmarks.machine import RESULTS, save
+from pipeline.config import FractalsConfig, PreprocessConfig, PretrainConfig
+from pipeline.datasets.fractals import build_fractals
+from pipeline.metrics import read_records
+from pipeline.patchfile import patches_array
+from pipeline.preprocess.run import preprocess
+from pipeline.pretrain.launch import pretrain
+from pipeline.pretrain.plan import plan_data, plan_pretrain
+from pipeline.ray_session import init_ray
 from vit.config import ViTConfig
 from vit.device import enable_tf32
+from vit.engine import build_engine, train_micro_batch
 from vit.flops import gpu_peak_flops, train_flops
 from vit.model import VisionTransformer
 from vit.objective import make_optimizer, set_lr, training_loss
-from vit.recipe import BatchSplit, Optimizer, Recipe, Schedule
+from vit.recipe import BatchSplit, Optimizer, Recipe, Schedule, Zero
 
 CPU_MODEL = {"patch_size": 4, "width": 128, "depth": 4, "heads": 4, "mlp_dim": 512}
 CPU_IMAGE, CPU_PATCH, MICRO = 32, 4, 32
@@ -94,10 +106,6 @@ def median_rate(step_seconds: list[float], images: int) -> float:
 
 def cpu_corpus(root: Path) -> str:
     """The fractal corpus (10 classes x 120 images), preprocessed to 32px / patch 4."""
-    from pipeline.config import FractalsConfig, PreprocessConfig
-    from pipeline.datasets.fractals import build_fractals
-    from pipeline.preprocess.run import preprocess
-
     build_fractals(FractalsConfig(classes=10, per_class=120, size=CPU_IMAGE, shard_size=200), root / "raw")
     preprocess(
         str(root / "raw"), str(root / "patches"), PreprocessConfig(image_size=CPU_IMAGE, patch_size=CPU_PATCH)
@@ -107,12 +115,6 @@ def cpu_corpus(root: Path) -> str:
 
 def load_patches(directory: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Every training patch and label in memory, read from the same files the Ray run reads."""
-    import pyarrow.parquet as pq
-
-    from pipeline.config import PretrainConfig
-    from pipeline.patchfile import patches_array
-    from pipeline.pretrain.plan import plan_data
-
     plan = plan_data(PretrainConfig(data=directory), directory)
     tables = [pq.read_table(path, columns=["patches", "label"]) for path in plan.files]
     patches = np.concatenate([patches_array(t.column("patches"), plan.geometry) for t in tables])
@@ -148,19 +150,29 @@ def cpu_vit_config(classes: int) -> ViTConfig:
 
 
 def cpu_ray(
-    directory: str, storage: Path, name: str, *, workers: int, zero: int, steps: int, warmup: int,
-) -> dict[str, Any]:  # fmt: skip
+    directory: str,
+    storage: Path,
+    name: str,
+    *,
+    workers: int,
+    zero: int,
+    steps: int,
+    warmup: int,
+) -> dict[str, Any]:
     """`vitpipe pretrain` in this process; per-step images/s read back from the run's metrics."""
-    from pipeline.config import PretrainConfig
-    from pipeline.metrics import read_records
-    from pipeline.pretrain.launch import pretrain
-    from pipeline.pretrain.plan import plan_pretrain
-
     config = PretrainConfig(
-        data=directory, model=CPU_MODEL, num_workers=workers, cpus_per_worker=1.0 / workers,
-        global_batch_size=MICRO * workers, micro_batch_size=MICRO, steps=steps + warmup, zero_stage=zero,
-        checkpoint_every=10_000, log_every=1, shuffle_buffer=256,
-    )  # fmt: skip
+        data=directory,
+        model=CPU_MODEL,
+        num_workers=workers,
+        cpus_per_worker=1.0 / workers,
+        global_batch_size=MICRO * workers,
+        micro_batch_size=MICRO,
+        steps=steps + warmup,
+        zero_stage=zero,
+        checkpoint_every=10_000,
+        log_every=1,
+        shuffle_buffer=256,
+    )
     started = time.perf_counter()
     result = pretrain(plan_pretrain(config, directory), storage=str(storage.absolute()), name=name)
     wall = time.perf_counter() - started
@@ -187,8 +199,6 @@ def cpu_ray(
 
 
 def cpu_section(steps: int, warmup: int, rounds: int) -> dict[str, Any]:
-    from pipeline.ray_session import init_ray
-
     print(init_ray())
     with tempfile.TemporaryDirectory(prefix="bench-pretrain-") as scratch:
         root = Path(scratch)
@@ -245,15 +255,18 @@ def measured_bf16_peak(size: int = 8192) -> float:
 
 
 def gpu_section(variant: str, micro_batches: list[int], steps: int, warmup: int) -> dict[str, Any]:
-    import deepspeed
-    import torch.distributed as dist
-
-    from vit.engine import build_engine, train_micro_batch
-    from vit.recipe import Zero
+    # DeepSpeed (2.5 s, and it picks its accelerator when imported) only where it runs: gpu/check.py and
+    # the CPU sections import this module too
+    import deepspeed  # noqa: PLC0415
 
     # What Ray Train sets in each worker (DeepSpeed asserts LOCAL_RANK), for one process on one GPU.
-    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531", "RANK": "0", "LOCAL_RANK": "0",
-                        "WORLD_SIZE": "1"}.items():  # fmt: skip
+    for name, value in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29531",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+    }.items():
         os.environ.setdefault(name, value)
     dist.init_process_group("nccl", rank=0, world_size=1)
     enable_tf32(torch.device("cuda"))
@@ -266,9 +279,13 @@ def gpu_section(variant: str, micro_batches: list[int], steps: int, warmup: int)
         flops = train_flops(config) * micro
         generator = torch.Generator(device="cuda").manual_seed(0)
         patches = torch.randint(
-            0, 256, (micro, *config.geometry.shape), dtype=torch.uint8, device="cuda",
+            0,
+            256,
+            (micro, *config.geometry.shape),
+            dtype=torch.uint8,
+            device="cuda",
             generator=generator,
-        )  # fmt: skip
+        )
         labels = torch.randint(0, 1000, (micro,), device="cuda", generator=generator)
         for mode in ("deepspeed_zero2_bf16", "plain_autocast_bf16", "deepspeed_zero2_bf16_compiled"):
             torch.manual_seed(0)
@@ -296,12 +313,17 @@ def gpu_section(variant: str, micro_batches: list[int], steps: int, warmup: int)
                 print(json.dumps(rows[-1]), flush=True)
                 continue
             rate = micro / seconds
-            rows.append({
-                "mode": mode, "micro_batch": micro, "images_per_s": rate, "step_s": seconds,
-                "mfu_datasheet": flops / seconds / datasheet if datasheet else None,
-                "mfu_measured_matmul": flops / seconds / measured,
-                "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "mode": mode,
+                    "micro_batch": micro,
+                    "images_per_s": rate,
+                    "step_s": seconds,
+                    "mfu_datasheet": flops / seconds / datasheet if datasheet else None,
+                    "mfu_measured_matmul": flops / seconds / measured,
+                    "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
             del model, step
             engine = optimizer = None
@@ -343,7 +365,6 @@ def main() -> None:
         gpu = gpu_section(args.variant, [int(m) for m in args.micro_batches.split(",")], 30, 10)
         Path(args.out or "gpu.json").write_text(json.dumps(gpu, indent=2) + "\n")
         return
-    from benchmarks.machine import RESULTS, save
 
     previous = RESULTS / f"{RESULTS_NAME}.json"
     if args.merge_gpu:  # the CPU run keeps its own time and machine; the GPU section carries its own

@@ -19,7 +19,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import ray
+
+from benchmarks.bench_pretrain import cpu_corpus
 from benchmarks.machine import save
+from pipeline.ray_session import init_ray
 
 PROBE = """
 import json, sys, tempfile
@@ -55,13 +59,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
 
-    from benchmarks.bench_pretrain import cpu_corpus
-    from pipeline.ray_session import init_ray
-
     with tempfile.TemporaryDirectory() as scratch:
         init_ray()
         corpus = cpu_corpus(Path(scratch))
-        import ray
 
         ray.shutdown()  # each run starts its own Ray, as `vitpipe pretrain` does
         runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
@@ -70,17 +70,20 @@ def main() -> None:
                 runs[side].append(one_run(getattr(args, side).resolve(), corpus, args.steps))
                 print(side, runs[side][-1], flush=True)
     rates = {side: [round(r["images_per_s"], 1) for r in results] for side, results in runs.items()}
-    path = save(args.name, {
-        "what": "2-worker Ray Train + DeepSpeed ZeRO-2 step (benchmarks.bench_pretrain.cpu_ray, "
-                f"{args.steps} timed steps after 5, the embedded fractal corpus at 32px/patch 4), "
-                f"{args.before} and {args.after} alternating, {args.rounds} round(s). {args.note}",
-        "before_images_per_s": rates["before"],
-        "after_images_per_s": rates["after"],
-        "before_mean": round(statistics.mean(rates["before"]), 1),
-        "after_mean": round(statistics.mean(rates["after"]), 1),
-        "step_s_before": [round(r["step_s"], 4) for r in runs["before"]],
-        "step_s_after": [round(r["step_s"], 4) for r in runs["after"]],
-    })  # fmt: skip
+    path = save(
+        args.name,
+        {
+            "what": "2-worker Ray Train + DeepSpeed ZeRO-2 step (benchmarks.bench_pretrain.cpu_ray, "
+            f"{args.steps} timed steps after 5, the embedded fractal corpus at 32px/patch 4), "
+            f"{args.before} and {args.after} alternating, {args.rounds} round(s). {args.note}",
+            "before_images_per_s": rates["before"],
+            "after_images_per_s": rates["after"],
+            "before_mean": round(statistics.mean(rates["before"]), 1),
+            "after_mean": round(statistics.mean(rates["after"]), 1),
+            "step_s_before": [round(r["step_s"], 4) for r in runs["before"]],
+            "step_s_after": [round(r["step_s"], 4) for r in runs["after"]],
+        },
+    )
     print(path)
 
 

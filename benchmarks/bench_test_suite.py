@@ -27,12 +27,21 @@ REPO = Path(__file__).resolve().parents[1]
 def timed(selection: list[str]) -> dict:
     """One pytest run of `selection`: wall seconds and the counts its summary line gives."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *selection],
-                          cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *selection],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - started
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
-    return {"selection": " ".join(selection) or "all", "wall_s": round(wall, 1), "exit": done.returncode,
-            "summary": summary, **counts_of(summary)}  # fmt: skip
+    return {
+        "selection": " ".join(selection) or "all",
+        "wall_s": round(wall, 1),
+        "exit": done.returncode,
+        "summary": summary,
+        **counts_of(summary),
+    }
 
 
 def counts_of(summary: str) -> dict[str, int]:
@@ -57,10 +66,13 @@ def read_log(path: Path) -> dict:
         name = test.split("::")[0]
         by_file[name] = by_file.get(name, 0.0) + float(spent)
     return {
-        "log": str(path), "summary": line.strip("= "), **counts, "pytest_s": float(seconds),
+        "log": str(path),
+        "summary": line.strip("= "),
+        **counts,
+        "pytest_s": float(seconds),
         "wall": wall.group(1) if wall else None,
         "by_file_s": {name: round(spent, 1) for name, spent in sorted(by_file.items(), key=lambda i: -i[1])},
-    }  # fmt: skip
+    }
 
 
 def compare(old: Path, new: Path, trees: list[str]) -> dict:
@@ -78,8 +90,13 @@ def compare(old: Path, new: Path, trees: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--all", action="store_true", help="also time the whole suite (about 30 minutes)")
-    parser.add_argument("--compare", nargs=2, type=Path, metavar=("OLD_LOG", "NEW_LOG"),
-                        help="two `make test` logs (--durations=0, under time -v)")  # fmt: skip
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        metavar=("OLD_LOG", "NEW_LOG"),
+        help="two `make test` logs (--durations=0, under time -v)",
+    )
     parser.add_argument("--trees", nargs=2, default=["old", "new"], help="the two trees' revisions")
     args = parser.parse_args()
     if args.compare:

@@ -40,8 +40,14 @@ def gain_over_scratch(curve: Curve) -> dict[str, Any] | None:
     largest = max(pretrained, key=lambda e: e["size"])
     gain = largest["mean"] - scratch["mean"]
     spread = largest["std"] + scratch["std"]
-    return {"size": largest["size"], "pretrained": largest["mean"], "scratch": scratch["mean"], "gain": gain,
-            "spread": spread, "above_spread": gain > spread}  # fmt: skip
+    return {
+        "size": largest["size"],
+        "pretrained": largest["mean"],
+        "scratch": scratch["mean"],
+        "gain": gain,
+        "spread": spread,
+        "above_spread": gain > spread,
+    }
 
 
 def slope_per_decade(curve: Curve) -> float | None:
@@ -61,9 +67,11 @@ def crossover(vit: Curve, bit: Curve) -> dict[str, Any]:
     sizes = sorted(set(vit_at) & set(bit_at))
     gaps = {size: vit_at[size] - bit_at[size] for size in sizes}
     caught = next((b for a, b in itertools.pairwise(sizes) if gaps[a] < 0 <= gaps[b]), None)
-    answer: dict[str, Any] = {"vit_minus_bit": {str(size): gap for size, gap in gaps.items()},
-                              "vit_ahead_at_every_size": bool(sizes) and all(g > 0 for g in gaps.values()),
-                              "crossover_at": caught}  # fmt: skip
+    answer: dict[str, Any] = {
+        "vit_minus_bit": {str(size): gap for size, gap in gaps.items()},
+        "vit_ahead_at_every_size": bool(sizes) and all(g > 0 for g in gaps.values()),
+        "crossover_at": caught,
+    }
     if caught is None and len(sizes) >= 2 and not answer["vit_ahead_at_every_size"]:
         x = np.log10(sizes)
         a_vit, b_vit = np.polyfit(x, [vit_at[s] for s in sizes], 1)
@@ -134,20 +142,23 @@ def main() -> None:
     run = json.loads((args.run / "run.json").read_text())
     found = answer(study["curves"])
     revision = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
-    path = save("scaling_study", {
-        "what": "jobs/scaling.yaml run once end to end (vitpipe run): transfer against pretraining data, "
-                "ViT vs BiT; the answer computed from the curves (benchmarks/study_results.py)",
-        "command": f"vitpipe run jobs/scaling.yaml --run-dir {args.run}",
-        "code": revision.stdout.strip(),
-        "wall_seconds": run.get("seconds"),
-        "steps": run.get("steps"),
-        "study": study.get("study"),
-        "points": study["points"],
-        "curves": study["curves"],
-        "answer": found,
-        "answer_lines": sentences(found),
-        "note": args.note,
-    })  # fmt: skip
+    path = save(
+        "scaling_study",
+        {
+            "what": "jobs/scaling.yaml run once end to end (vitpipe run): transfer against pretraining data, "
+            "ViT vs BiT; the answer computed from the curves (benchmarks/study_results.py)",
+            "command": f"vitpipe run jobs/scaling.yaml --run-dir {args.run}",
+            "code": revision.stdout.strip(),
+            "wall_seconds": run.get("seconds"),
+            "steps": run.get("steps"),
+            "study": study.get("study"),
+            "points": study["points"],
+            "curves": study["curves"],
+            "answer": found,
+            "answer_lines": sentences(found),
+            "note": args.note,
+        },
+    )
     shutil.copyfile(args.run / "report" / FIGURE, RESULTS / "scaling_study.png")
     print("\n".join(sentences(found)))
     print(f"wrote {path} and {RESULTS / 'scaling_study.png'}; wall {math.floor(run.get('seconds') or 0)} s")

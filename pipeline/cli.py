@@ -1,9 +1,9 @@
 """The `vitpipe` command line: the parser and a dispatch table. Every command validates its settings
 through pipeline.config first, so a bad option fails before any Ray work starts.
 
-Each command imports its stage when it runs, not here: Ray reads its authentication mode once, when it
-is imported (`submit`/`jobs` set it from the token first), and `--help` or `validate` need neither Ray
-nor torch."""
+A command whose stage imports Ray or torch at its top imports it when it runs, not here: Ray reads its
+authentication mode once, when it is imported (`submit`/`jobs` set it from the token first), and `--help`,
+`validate` or a refusal need neither Ray nor torch."""
 
 from __future__ import annotations
 
@@ -26,7 +26,18 @@ from pipeline.config import (
     validate,
 )
 from pipeline.console import console, say
-from pipeline.runner.plan import STAGES, Overrides, RunOptions, StageOptions, load_plan
+from pipeline.datasets.build import build_dataset
+from pipeline.info import report
+from pipeline.preprocess.summary import describe, write_grid
+from pipeline.pretrain.control import TrainingStopped
+from pipeline.runner.layout import job_and_run_folder
+from pipeline.runner.lock import writer_lock
+from pipeline.runner.plan import STAGES, Overrides, RunOptions, StageOptions
+from pipeline.runner.preflight import validated
+from pipeline.runner.status import run_status, submitted_status
+from pipeline.runner.submit import follow_to_end, jobs_action, submit, use_token_if_present
+from pipeline.storage import check_location
+from pipeline.transfer.report import results_excerpt
 
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -73,9 +84,10 @@ def _add_run_commands(commands: Any) -> None:
     )
     check.add_argument("config", type=Path)
     check.add_argument(
-        "--skip-inputs", action="store_true",
+        "--skip-inputs",
+        action="store_true",
         help="skip the checks of inputs from outside the run (a job whose storage only the cluster sees)",
-    )  # fmt: skip
+    )
 
     status = commands.add_parser(
         "status", help="where a run stands: its steps, the pretraining step, loss, images/s, ETA, errors"
@@ -168,14 +180,18 @@ def _add_stage_commands(commands: Any) -> None:
         "--storage", help="where runs live, a path or URL (default: storage_path, else ./runs)"
     )
     train.add_argument(
-        "--force", nargs="?", const="pretrain", choices=["pretrain"],
+        "--force",
+        nargs="?",
+        const="pretrain",
+        choices=["pretrain"],
         help="start the run afresh, discarding its checkpoints (says how many); also `--force pretrain`",
-    )  # fmt: skip
+    )
     train.add_argument(
-        "--data-only", action="store_true",
+        "--data-only",
+        action="store_true",
         help="run the data path alone (each worker's rows, epochs, copy to the device), no training: "
         "records images/s and data wait per step in RUN/pretrain/data-only/metrics.jsonl",
-    )  # fmt: skip
+    )
     train.add_argument(
         "--steps", type=int, help="with --data-only: steps to read (default: the run's budget)"
     )
@@ -207,13 +223,17 @@ def _add_stage_commands(commands: Any) -> None:
     for sub in (tune, score):
         sub.add_argument("config", type=Path, help="a job YAML with a finetune: (and evaluate:) section")
         sub.add_argument(
-            "--weights", help="pretrained weights, vitpipe or HF folder (default: finetune.weights, "
+            "--weights",
+            help="pretrained weights, vitpipe or HF folder (default: finetune.weights, "
             "else the export of the job's pretraining run)",
-        )  # fmt: skip
+        )
         sub.add_argument(
-            "--target", action="append", default=[], metavar="NAME=DIR",
+            "--target",
+            action="append",
+            default=[],
+            metavar="NAME=DIR",
             help="a target's preprocessed directory (repeatable); adds to or replaces the config's targets",
-        )  # fmt: skip
+        )
         sub.add_argument("--out", help="results folder, a path or URL (default: RUN/transfer, RUN/evaluate)")
         _add_address(sub)
 
@@ -256,9 +276,11 @@ def _add_address(parser: argparse.ArgumentParser) -> None:
 
 def _add_verbose(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "-v", "--verbose", action="store_true",
+        "-v",
+        "--verbose",
+        action="store_true",
         help="also print what Ray, Ray Train and DeepSpeed print (always in the run's logs/ files)",
-    )  # fmt: skip
+    )
 
 
 DATASET_MODELS: dict[str, type[Section]] = {
@@ -333,8 +355,24 @@ def run_command(args: argparse.Namespace) -> int:
 
 def stage_command(args: argparse.Namespace) -> int:
     """`vitpipe pretrain|finetune|evaluate JOB`: that step of the job's run, alone."""
+    stage = _stage_options(args)  # a wrong option is refused before Ray
     from pipeline.runner.execute import probe_pretrain_data, run_job
 
+    if getattr(args, "data_only", False):
+        out = probe_pretrain_data(args.config, stage=stage, steps=args.steps, address=args.address)
+        say(f"data path read; records in {out}/metrics.jsonl")
+        return 0
+    options = RunOptions(force=(args.command,) if getattr(args, "force", None) else ())
+    summary = run_job(args.config, only=args.command, stage=stage, options=options, address=args.address)
+    ran = [step for step in summary.plan.steps if step.stage == args.command]
+    if ran and args.command in ("finetune", "evaluate") and not summary.failed:
+        _say_results(ran[0].output)
+    say("\n" + summary.summary())
+    return EXIT_FAILED if summary.failed else 0
+
+
+def _stage_options(args: argparse.Namespace) -> StageOptions:
+    """A single-stage command's options, checked: --target NAME=DIR, --name, --steps with --data-only."""
     given: dict[str, str] = {}
     for option in getattr(args, "target", []):
         name, separator, directory = option.partition("=")
@@ -348,39 +386,29 @@ def stage_command(args: argparse.Namespace) -> int:
         given[name] = directory
     if getattr(args, "name", None) is not None:
         check_name(args.name, f"vitpipe {args.command}: --name")
-    stage = StageOptions(
+    if getattr(args, "data_only", False):
+        if args.force:
+            raise ConfigError("vitpipe pretrain: --data-only trains nothing; drop --force")
+        if args.steps is not None and args.steps < 1:
+            raise ConfigError(f"vitpipe pretrain: --steps must be at least 1 (got {args.steps})")
+    elif getattr(args, "steps", None) is not None:
+        raise ConfigError(
+            "vitpipe pretrain: --steps goes with --data-only; the run's budget is pretrain.steps"
+        )
+    return StageOptions(
         data=getattr(args, "data", None),
         weights=getattr(args, "weights", None),
         storage=getattr(args, "storage", None),
         name=getattr(args, "name", None),
         overrides=Overrides(targets=given, out=getattr(args, "out", None)),
     )
-    if getattr(args, "data_only", False):
-        if args.force:
-            raise ConfigError("vitpipe pretrain: --data-only trains nothing; drop --force")
-        if args.steps is not None and args.steps < 1:
-            raise ConfigError(f"vitpipe pretrain: --steps must be at least 1 (got {args.steps})")
-        out = probe_pretrain_data(args.config, stage=stage, steps=args.steps, address=args.address)
-        say(f"data path read; records in {out}/metrics.jsonl")
-        return 0
-    if getattr(args, "steps", None) is not None:
-        raise ConfigError(
-            "vitpipe pretrain: --steps goes with --data-only; the run's budget is pretrain.steps"
-        )
-    options = RunOptions(force=(args.command,) if getattr(args, "force", None) else ())
-    summary = run_job(args.config, only=args.command, stage=stage, options=options, address=args.address)
-    ran = [step for step in summary.plan.steps if step.stage == args.command]
-    if ran and args.command in ("finetune", "evaluate") and not summary.failed:
-        _say_results(ran[0].output)
-    say("\n" + summary.summary())
-    return EXIT_FAILED if summary.failed else 0
 
 
 def analyze_command(args: argparse.Namespace) -> int:
     """`vitpipe analyze RUN|JOB`: the analysis step of a run whose training steps are done."""
     from pipeline.runner.execute import run_job
 
-    job, run_dir = run_of(args.run)
+    job, run_dir = job_and_run_folder(args.run)
     options = RunOptions(force=("analyze",) if args.force else ())
     summary = run_job(job, run_dir=run_dir, only="analyze", options=options, address=args.address)
     say("\n" + summary.summary())
@@ -389,34 +417,14 @@ def analyze_command(args: argparse.Namespace) -> int:
     return EXIT_FAILED if summary.failed else 0
 
 
-def run_of(target: str) -> tuple[Path, str | None]:
-    """(job file, run folder) of a command's RUN|JOB argument: a run folder's own job.yaml, or a job file
-    whose run folder is its own."""
-    path = Path(target).expanduser()
-    if path.is_dir():
-        if not (path / "job.yaml").is_file():
-            raise ConfigError(
-                f"{target}: not a vitpipe run folder (no job.yaml); give the run folder or its job"
-            )
-        return path / "job.yaml", str(path)
-    if not path.is_file():
-        raise ConfigError(f"{target}: no such run folder or job file")
-    return path, None
-
-
 def _say_results(folder: str, blocks: int | None = None) -> None:
-    """The transfer results table of `folder` (a local one), its first `blocks` paragraphs or all."""
-    from pipeline.transfer.report import RESULTS_MD
-
-    results = Path(folder) / RESULTS_MD
-    if "://" not in folder and results.is_file():
-        say("\n" + "\n\n".join(results.read_text().strip().split("\n\n")[:blocks]))
+    excerpt = results_excerpt(folder, blocks)
+    if excerpt is not None:
+        say("\n" + excerpt)
 
 
 def submit_command(args: argparse.Namespace) -> int:
     """`vitpipe submit`: validate here, submit, and with --wait follow the logs to the job's end."""
-    from pipeline.runner.submit import connect, follow, submit
-
     env: dict[str, str] = {}
     for option in args.env:
         key, separator, value = option.partition("=")
@@ -425,90 +433,50 @@ def submit_command(args: argparse.Namespace) -> int:
         env[key] = value
     options = RunOptions(args.from_stage, tuple(args.force), args.until, tuple(args.point))
     submission = submit(
-        args.config, address=args.address, run_dir=args.run_dir, name=args.name, options=options, env=env,
+        args.config,
+        address=args.address,
+        run_dir=args.run_dir,
+        name=args.name,
+        options=options,
+        env=env,
         verbose=args.verbose,
-    )  # fmt: skip
-    say(f"submitted {submission.submission_id} to {submission.address}: {submission.entrypoint}")
-    say(f"  run folder: {submission.run_dir}")
+    )
+    say(submission.describe(waiting=args.wait))
     if not args.wait:
-        follow_it = f"vitpipe jobs logs {submission.submission_id} --follow --address {submission.address}"
-        say(f"  follow it: {follow_it}")
         return 0
-    client = connect(submission.address)
-    try:
-        status = follow(client, submission.submission_id)
-    except KeyboardInterrupt:
-        say(f"\nstopped following; the job goes on (vitpipe jobs stop {submission.submission_id})")
-        return 130
-    say(f"job {submission.submission_id}: {status}")
+    status = follow_to_end(submission)
+    if status is None:  # the user stopped following; the job goes on
+        return EXIT_INTERRUPTED
     return 0 if status == "SUCCEEDED" else EXIT_FAILED
 
 
 def jobs_command(args: argparse.Namespace) -> int:
     """`vitpipe jobs list|status|logs|stop`."""
-    from pipeline.runner.submit import (
-        call_api,
-        connect,
-        describe_job,
-        follow,
-        job_details,
-        jobs_table,
-        wait_for_end,
-    )  # fmt: skip
-
-    client = connect(args.address)
-    address = client.get_address()
-    if args.action == "list":
-        say(jobs_table(call_api(client.list_jobs, address)))
-        return 0
-    job = job_details(client, args.submission_id)  # an unknown id fails here, naming it
-    if args.action == "status":
-        say(describe_job(job))
-    elif args.action == "logs":
-        if args.follow:
-            return 0 if follow(client, args.submission_id) == "SUCCEEDED" else EXIT_FAILED
-        print(call_api(lambda: client.get_job_logs(args.submission_id), address), end="")
-    elif args.action == "stop":
-        if not call_api(lambda: client.stop_job(args.submission_id), address):
-            say(f"{args.submission_id}: already {job.status}")
-            return 0
-        say(f"{args.submission_id}: {wait_for_end(client, args.submission_id, timeout_s=60)}")
-    return 0
+    submission_id = getattr(args, "submission_id", "")  # `list` names none
+    ended_well = jobs_action(
+        args.action, args.address, submission_id, follow_logs=getattr(args, "follow", False)
+    )
+    return 0 if ended_well else EXIT_FAILED
 
 
 def status_command(args: argparse.Namespace) -> int:
     """`vitpipe status RUN_DIR|JOB` (or a submission id with --address)."""
-    if args.address is None:
-        from pipeline.runner.status import run_status
-
-        status = run_status(args.run)
-        say(status.text())
-        return EXIT_FAILED if status.unreadable else 0
-    from pipeline.runner.status import remote_status
-    from pipeline.runner.submit import connect
-
-    client = connect(args.address)
-    say(remote_status(client, args.run, client.get_address()))
-    return 0
+    if args.address is not None:
+        say(submitted_status(args.address, args.run))
+        return 0
+    status = run_status(args.run)
+    say(status.text())
+    return EXIT_FAILED if status.unreadable else 0
 
 
 def info_command(args: argparse.Namespace) -> int:
-    from pipeline.info import report
-
     say(report(args.address))
     return 0
 
 
 def validate_command(args: argparse.Namespace) -> int:
     """`vitpipe validate JOB`: everything `vitpipe run` checks before it starts, and the resolved job."""
-    from pipeline.runner.preflight import check_before_run
-
-    plan = load_plan(args.config)
-    if not args.skip_inputs:
-        check_before_run(plan, plan.steps, pretrain_redone=False)
-    steps = ", ".join(step.id for step in plan.steps)
-    say(f"{args.config}: valid (config hash {plan.job.digest()}); steps: {steps}")
-    say(plan.job.model_dump_json(indent=2))
+    say(validated(args.config, check_inputs=not args.skip_inputs))
     return 0
 
 
@@ -527,7 +495,6 @@ def preprocess_command(args: argparse.Namespace) -> int:
 
 def export_command(args: argparse.Namespace) -> int:
     from pipeline.pretrain.export import export_checkpoint
-    from pipeline.runner.lock import writer_lock
 
     with writer_lock(args.out, args.run):  # never beside a running command writing the same run
         exported = export_checkpoint(args.run, args.checkpoint, args.out)
@@ -537,20 +504,14 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def inspect_command(args: argparse.Namespace) -> int:
-    from pipeline.preprocess.summary import describe, write_grid
-
     say(describe(args.directory))
     say(f"  samples: {write_grid(args.directory, args.out, args.samples, split=args.split)}")
     return 0
 
 
 def datasets_command(args: argparse.Namespace) -> int:
-    from pipeline.datasets.build import build_dataset
-    from pipeline.ray_session import connect_ray
-
     config = dataset_config(args)  # validate before Ray starts
-    connect_ray(args.address)
-    say(build_dataset(config, args.out, args.overwrite, args.preview))
+    say(build_dataset(config, args.out, args.overwrite, args.preview, address=args.address))
     return 0
 
 
@@ -582,8 +543,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command in ("submit", "jobs", "status"):
-        from pipeline.runner.submit import use_token_if_present
-
         use_token_if_present()
     if args.command not in QUIET_COMMANDS:
         return _dispatch(args, argv)
@@ -605,8 +564,6 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt as error:  # a clean stop (TrainingStopped) says where it stopped
         say(f"vitpipe: {error or 'interrupted'}", err=True)
-        from pipeline.pretrain.control import TrainingStopped  # stdlib only: no Ray, no torch
-
         if isinstance(error, TrainingStopped):
             say(f"  continue with: vitpipe {shlex.join(argv)}", err=True)
         return EXIT_INTERRUPTED
@@ -623,8 +580,6 @@ LOCATION_OPTIONS = ("input", "output", "directory", "out", "data", "storage", "r
 def _check_locations(args: argparse.Namespace) -> None:
     """Every URL a command was given, its options and its endpoint, checked before the command starts
     anything: one line naming the URL, not a traceback from the middle of a run."""
-    from pipeline.storage import check_location
-
     values = [getattr(args, name, None) for name in LOCATION_OPTIONS]
     values += [target.partition("=")[2] for target in getattr(args, "target", None) or []]
     for value in values:

@@ -89,6 +89,26 @@ def progress(text: str, done: int, total: int) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+class LinePacing:
+    """When reports of a piece of work's progress become lines, where no live bar shows them: when the work
+    is done, when it passed another tenth of the way and its last line is `every_s` old, or when that line
+    is QUIET_S old. Short work shows its last line only."""
+
+    def __init__(self, every_s: float = PROGRESS_EVERY_S) -> None:
+        self.every_s = every_s
+        self._last_line: dict[str, tuple[float, int]] = {}  # label: when, and the tenth it showed
+
+    def due(self, label: str, done: int, total: int) -> bool:
+        """Whether this report of `label`'s work (`done` of `total`) is a line; if so, it counts as shown."""
+        now = time.monotonic()
+        last, shown_tenth = self._last_line.setdefault(label, (now, 0))
+        tenth = int(10 * done / total) if total > 0 else 0
+        if done >= total or (tenth > shown_tenth and now - last >= self.every_s) or now - last >= QUIET_S:
+            self._last_line[label] = (now, tenth)
+            return True
+        return False
+
+
 def _in_ray_worker() -> bool:
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
@@ -108,13 +128,13 @@ class Console:
     active: Console | None = None
 
     def __init__(self, *, verbose: bool = False, every_s: float = PROGRESS_EVERY_S) -> None:
-        self.verbose, self.every_s = verbose, every_s
+        self.verbose = verbose
+        self._pacing = LinePacing(every_s)
         self._lock = threading.RLock()
         self._log: IO[str] | None = None
         self._held: list[str] = []  # what was printed before any log file was named
         self._held_foreign = False  # whether that holds lines other than vitpipe's own
         self._bar: str = ""
-        self._last_line: dict[str, tuple[float, int]] = {}  # label: when, and the tenth it showed
         self._in_alert = False
         self.hidden = 0  # lines kept out of the console (they are in the log)
         self.fallback: Path | None = None
@@ -200,12 +220,7 @@ class Console:
                 self.err.write("\r\x1b[K" + self._bar[: self._width() - 1])
                 self.err.flush()
                 return
-            label = text.split(":", 1)[0]
-            now = time.monotonic()
-            last, shown_tenth = self._last_line.setdefault(label, (now, 0))  # short work: its last line only
-            tenth = int(10 * done / total) if total > 0 else 0
-            if done >= total or (tenth > shown_tenth and now - last >= self.every_s) or now - last >= QUIET_S:
-                self._last_line[label] = (now, tenth)
+            if self._pacing.due(text.split(":", 1)[0], done, total):
                 self._show(text, self.err)
 
     # ---------------------------------------------------------------- everything else

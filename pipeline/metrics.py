@@ -114,13 +114,13 @@ class Progress:
     def __init__(
         self, label: str, total: int, unit: str = "shards", every_s: float = 5.0, stream: TextIO | None = None
     ) -> None:
-        self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
+        self.label, self.total, self.unit = label, total, unit
         self.stream = stream or sys.stderr
         self.done = 0
         self.items = 0
         self.nodes = 0  # the machines the work ran on, when the caller knows
         self.started = time.perf_counter()
-        self._last_print = -float("inf")
+        self._pacing = console.LinePacing(every_s)  # a line now and then, as the console paces them
 
     def update(self, done: int = 1, items: int = 0) -> None:
         """Count `done` finished units holding `items` samples; print if a line is due."""
@@ -129,9 +129,7 @@ class Progress:
         if console.Console.active is not None:  # it draws the bar and spaces the lines itself
             console.progress(self.line(), self.done, self.total)
             return
-        now = time.perf_counter()
-        if now - self._last_print >= self.every_s or self.done == self.total:
-            self._last_print = now
+        if self._pacing.due(self.label, self.done, self.total):
             print(self.line(), file=self.stream, flush=True)
 
     @property
@@ -191,8 +189,10 @@ def resizes(records: list[dict[str, Any]]) -> str:
     changes = [r for r in records if r.get("event") == "resized"]
     if not changes:
         return ""
-    parts = [f"{r['from_workers']} -> {r['workers']}{' worker(s)' if i == 0 else ''} at step {r['step']:,}"
-             for i, r in enumerate(changes)]  # fmt: skip
+    parts = [
+        f"{r['from_workers']} -> {r['workers']}{' worker(s)' if i == 0 else ''} at step {r['step']:,}"
+        for i, r in enumerate(changes)
+    ]
     return "resized " + ", ".join(parts)
 
 

@@ -8,7 +8,7 @@ import socket
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import ray
+import ray  # noqa: TID253 (getting Ray is this module's work; torch stays lazy)
 
 from pipeline.console import say
 
@@ -119,8 +119,9 @@ def check_resources(needs: dict[str, float], what: str, remedy: str, *, per_node
     else:
         have = {key: ray.cluster_resources().get(key, 0.0) for key in needs}
         where = "the cluster has"
-    short = [f"{need:g} {key} needed, {where} {have[key]:g}"
-             for key, need in needs.items() if have[key] < need]  # fmt: skip
+    short = [
+        f"{need:g} {key} needed, {where} {have[key]:g}" for key, need in needs.items() if have[key] < need
+    ]
     if short:
         raise ValueError(f"{what} cannot be placed ({'; '.join(short)}); {remedy}")
 

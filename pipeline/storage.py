@@ -20,6 +20,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+try:
+    import fsspec  # the URL forms pyarrow does not know; optional
+except ImportError:
+    fsspec = None
+
 PARTIAL_SUFFIX = ".partial"
 CONNECT_TIMEOUT_S = 5.0  # how long check_location waits for an endpoint to accept a connection
 
@@ -28,12 +33,19 @@ CONNECT_TIMEOUT_S = 5.0  # how long check_location waits for an endpoint to acce
 # against the installed pyarrow); any other key is refused here, naming these, before anything connects.
 URL_OPTIONS = {
     "s3": (
-        "region", "scheme", "endpoint_override", "allow_bucket_creation", "allow_bucket_deletion",
-        "tls_ca_file_path", "tls_ca_dir_path", "tls_verify_certificates", "allow_delayed_open",
+        "region",
+        "scheme",
+        "endpoint_override",
+        "allow_bucket_creation",
+        "allow_bucket_deletion",
+        "tls_ca_file_path",
+        "tls_ca_dir_path",
+        "tls_verify_certificates",
+        "allow_delayed_open",
         "smart_defaults",
     ),
     "gs": ("scheme", "endpoint_override", "retry_limit_seconds", "project_id"),
-}  # fmt: skip
+}
 URL_OPTIONS["gcs"] = URL_OPTIONS["gs"]
 
 
@@ -60,10 +72,8 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
 
 
 def _fsspec_filesystem(location: str, pyarrow_error: Exception) -> tuple[pafs.FileSystem, str]:
-    try:
-        import fsspec
-    except ImportError:
-        raise ValueError(f"{location}: pyarrow cannot open it ({pyarrow_error})") from None
+    if fsspec is None:
+        raise ValueError(f"{location}: pyarrow cannot open it ({pyarrow_error})")
     try:
         filesystem, path = fsspec.core.url_to_fs(location)
     except (ValueError, ImportError) as error:

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import flatten
 from pipeline.console import say
 
 KEY_TAG = "vitpipe.key"
@@ -37,6 +36,17 @@ MLFLOW_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEO
 # A step record's fields that are not its metrics: the step itself and the wall time it was written at
 # (trackers keep their own).
 NOT_METRICS = frozenset({"step", "time"})
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: settings as one level of dotted keys (lists stay whole)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 @dataclass(frozen=True)
@@ -60,8 +70,11 @@ _failed: set[str] = set()  # trackers that failed in this process: off from then
 def _warn(tracker: str, doing: str, error: BaseException) -> None:
     if tracker not in _failed:
         _failed.add(tracker)
-        say(f"vitpipe: warning: tracking ({tracker}) {doing} failed, so it is off from here: "
-            f"{type(error).__name__}: {error}", err=True)  # fmt: skip
+        say(
+            f"vitpipe: warning: tracking ({tracker}) {doing} failed, so it is off from here: "
+            f"{type(error).__name__}: {error}",
+            err=True,
+        )
 
 
 # ---------------------------------------------------------------- the vitpipe run's tracking run
@@ -80,8 +93,14 @@ def open_run(section: Any, root: str, name: str, params: dict[str, Any]) -> Trac
         group = f"{name}-{_short(root)}"
         directory = section.wandb.dir or str(Path(root) / "tracking")
         Path(directory).mkdir(parents=True, exist_ok=True)
-        wandb = {"project": section.wandb.project, "mode": section.wandb.mode, "entity": section.wandb.entity,
-                 "group": group, "dir": directory, "config": flatten(params)}  # fmt: skip
+        wandb = {
+            "project": section.wandb.project,
+            "mode": section.wandb.mode,
+            "entity": section.wandb.entity,
+            "group": group,
+            "dir": directory,
+            "config": flatten(params),
+        }
         target = replace(target, wandb=wandb)
     return target
 
@@ -189,8 +208,11 @@ class StepLogger:
 
     def log(self, record: dict[str, Any]) -> None:
         step = int(record["step"])
-        numbers = {k: float(v) for k, v in record.items()
-                   if k not in NOT_METRICS and isinstance(v, int | float) and math.isfinite(v)}  # fmt: skip
+        numbers = {
+            k: float(v)
+            for k, v in record.items()
+            if k not in NOT_METRICS and isinstance(v, int | float) and math.isfinite(v)
+        }
         if not numbers:
             return
         if self.target.mlflow_run is not None and "mlflow" not in _failed:
@@ -247,12 +269,17 @@ def _check_reachable(uri: str) -> None:
         check_reachable(f"{parsed.hostname}:{parsed.port or (443 if parsed.scheme == 'https' else 80)}")
 
 
-def _find_or_create(client: Any, experiment_id: str, key: str, parent: str | None, name: str,
-                    tags: dict[str, str]) -> str:  # fmt: skip
+def _find_or_create(
+    client: Any, experiment_id: str, key: str, parent: str | None, name: str, tags: dict[str, str]
+) -> str:
     """The run tagged with `key` (set running again), else a new one."""
     quoted = key.replace("'", "\\'")
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{quoted}'",
-                               max_results=1, order_by=["attributes.start_time DESC"])  # fmt: skip
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{KEY_TAG}` = '{quoted}'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
@@ -269,11 +296,15 @@ def _log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
     logged = client.get_run(run_id).data.params
     flat = {key: str(value)[:MAX_PARAM_LENGTH] for key, value in flatten(params).items()}
     new = [Param(key, value) for key, value in flat.items() if key not in logged]
-    changed = [RunTag(f"vitpipe.changed.{key}", value) for key, value in flat.items()
-               if key in logged and logged[key] != value]  # fmt: skip
+    changed = [
+        RunTag(f"vitpipe.changed.{key}", value)
+        for key, value in flat.items()
+        if key in logged and logged[key] != value
+    ]
     for start in range(0, max(len(new), len(changed)), PARAMS_PER_CALL):
-        client.log_batch(run_id, params=new[start : start + PARAMS_PER_CALL],
-                         tags=changed[start : start + PARAMS_PER_CALL])  # fmt: skip
+        client.log_batch(
+            run_id, params=new[start : start + PARAMS_PER_CALL], tags=changed[start : start + PARAMS_PER_CALL]
+        )
 
 
 def _wandb_init(target: TrackingTarget) -> Any:

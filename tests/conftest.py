@@ -9,13 +9,21 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import ray
+import torch.distributed as dist
 import yaml
+from ray.cluster_utils import Cluster
 
-from pipeline.config import DigitsConfig, FractalsConfig
+from pipeline import ray_session
+from pipeline.cli import main
+from pipeline.config import DigitsConfig, FractalsConfig, PreprocessConfig
+from pipeline.datasets.digits import build_digits
+from pipeline.datasets.fractals import build_fractals
+from pipeline.preprocess.run import preprocess
 from pipeline.ray_session import init_ray
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,8 +62,6 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def digits_dir(ray_local, tmp_path_factory) -> Path:
-    from pipeline.datasets.digits import build_digits
-
     out = tmp_path_factory.mktemp("datasets") / "digits"
     build_digits(DigitsConfig(shard_size=400), out)
     return out
@@ -66,8 +72,6 @@ FRACTALS = FractalsConfig(classes=10, per_class=30, size=32, shard_size=64, seed
 
 @pytest.fixture(scope="session")
 def fractals_dir(ray_local, tmp_path_factory) -> Path:
-    from pipeline.datasets.fractals import build_fractals
-
     out = tmp_path_factory.mktemp("datasets") / "fractals"
     build_fractals(FRACTALS, out)
     return out
@@ -75,9 +79,6 @@ def fractals_dir(ray_local, tmp_path_factory) -> Path:
 
 def preprocess_to(source: Path, out: Path, **settings) -> str:
     """Preprocess a dataset's shards with the given PreprocessConfig settings; returns the output folder."""
-    from pipeline.config import PreprocessConfig
-    from pipeline.preprocess.run import preprocess
-
     preprocess(str(source), str(out), PreprocessConfig(**settings))
     return str(out)
 
@@ -93,8 +94,6 @@ def digits_patches(digits_dir, tmp_path_factory) -> str:
 @contextlib.contextmanager
 def two_node_cluster(cpus_per_node: int):
     """A head and a worker node on this machine (`ray.cluster_utils.Cluster`); this process does not join."""
-    from ray.cluster_utils import Cluster
-
     cluster = Cluster(
         initialize_head=True, head_node_args={"num_cpus": cpus_per_node, "include_dashboard": False}
     )
@@ -129,8 +128,6 @@ def cli_before_ray(monkeypatch, capsys):
     `connect_ray`/`init_ray` is replaced by one that notes the call and fails it, and the test fails if
     one was called (in this process the session's Ray may be up: a command joining it would print
     nothing). Returns run(*args) -> (exit code, stderr)."""
-    from pipeline import ray_session
-
     calls: list[str] = []
 
     def reached(*args, **kwargs):
@@ -144,8 +141,6 @@ def cli_before_ray(monkeypatch, capsys):
                 monkeypatch.setattr(module, name, reached)
 
     def run(*args: str) -> tuple[int, str]:
-        from pipeline.cli import main
-
         code = main(list(args))
         stderr = capsys.readouterr().err
         assert not calls, f"vitpipe {' '.join(args)} started or joined Ray before refusing: {stderr[-2000:]}"
@@ -200,8 +195,6 @@ def one_rank_group():
     """A one-process gloo group with the variables Ray Train sets, for DeepSpeed engines in this process
     (on DeepSpeed's CPU accelerator, as in the Ray Train workers here). One per session: DeepSpeed
     caches the group it first sees, so a destroyed and re-created group would break later engines."""
-    import torch.distributed as dist
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -260,15 +253,25 @@ def mlflow_server(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     mlflow = str(Path(sys.executable).parent / "mlflow")
-    command = [mlflow, "server", "--host", "127.0.0.1", "--port", str(port),
-               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-               "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]  # fmt: skip
+    command = [
+        mlflow,
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--workers",
+        "1",
+    ]
     log = (root / "server.log").open("w")
     # Without MLflow's job runner (a dozen worker processes for its GenAI jobs, which vitpipe never uses).
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     uri = f"http://127.0.0.1:{port}"
-    import urllib.request
 
     for _ in range(240):
         with contextlib.suppress(OSError):

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.analysis.launch import BY_DATA, _by_data, analyze
+from pipeline.analysis.launch import BY_DATA, _by_data, _plot_by_data, analyze
 from pipeline.analysis.subjects import FINETUNED, PRETRAINED, Subject, study_subjects
 from pipeline.analysis.task import PICTURES, ImageSource
 from pipeline.config import AnalyzeConfig
@@ -22,8 +22,10 @@ from vit.weights import load_pretrained, save_pretrained
 def test_every_model_gets_its_pictures_and_numbers_a_bit_is_skipped_and_a_broken_one_named(
     ray_local, pretrained_export, digits_patches, tmp_path
 ):
-    bit = save_pretrained(build_model(BiTConfig(image_size=16, patch_size=4, depth=26, base_width=8, groups=8,
-                                                num_classes=3)), tmp_path / "bit")  # fmt: skip
+    bit = save_pretrained(
+        build_model(BiTConfig(image_size=16, patch_size=4, depth=26, base_width=8, groups=8, num_classes=3)),
+        tmp_path / "bit",
+    )
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
@@ -90,8 +92,6 @@ def test_a_study_has_distance_by_depth_per_pretraining_size_averaged_over_seeds(
     assert entry["per_layer_and_head"][2] == [[5.0, 2.0], [7.0, 6.0]]
     assert entry["lowest_layer_mean"] == [1.0, 3.0, 3.5]
 
-    from pipeline.analysis.launch import _plot_by_data
-
     _plot_by_data(by_data, tmp_path / BY_DATA)
     assert (tmp_path / BY_DATA).stat().st_size > 10_000
 
@@ -100,14 +100,29 @@ def test_study_subjects_are_every_finished_vit_points_models(tmp_path):
     def point(name: str, size: int, model: str, weights: str | None) -> tuple[str, str]:
         folder = tmp_path / name
         folder.mkdir()
-        summary = {"point": name, "size": size, "model": model, "seed": 0, "weights": weights,
-                   "results": [{"target": "digits", "mode": "pretrained" if size else "scratch",
-                                "weights": f"/w/{name}/digits"}]}  # fmt: skip
+        summary = {
+            "point": name,
+            "size": size,
+            "model": model,
+            "seed": 0,
+            "weights": weights,
+            "results": [
+                {
+                    "target": "digits",
+                    "mode": "pretrained" if size else "scratch",
+                    "weights": f"/w/{name}/digits",
+                }
+            ],
+        }
         (folder / "point.json").write_text(json.dumps(summary))
         return name, str(folder)
 
-    points = [point("n400-vit", 400, "vit", "/w/n400"), point("n400-bit", 400, "bit", "/w/bit"),
-              point("scratch-vit", 0, "vit", None), ("unfinished", str(tmp_path / "unfinished"))]  # fmt: skip
+    points = [
+        point("n400-vit", 400, "vit", "/w/n400"),
+        point("n400-bit", 400, "bit", "/w/bit"),
+        point("scratch-vit", 0, "vit", None),
+        ("unfinished", str(tmp_path / "unfinished")),
+    ]
     subjects = study_subjects(points, {"vit"})
     assert [(s.name, s.weights, s.role) for s in subjects] == [
         ("n400-vit/pretrained", "/w/n400", PRETRAINED),

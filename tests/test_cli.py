@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
 from pipeline.cli import main
 from pipeline.datasets.card import read_card
+from pipeline.preprocess.manifest import read_manifest
 from pipeline.storage import URL_OPTIONS
 from tests.conftest import GOOD_JOB, REPO, run_vitpipe
 
@@ -100,8 +102,6 @@ def test_info_reports_versions_and_accelerator():
 
 
 def test_the_quickstart_data_stages_build_and_preprocess_both_datasets(tmp_path, ray_local, capsys):
-    from pipeline.preprocess.manifest import read_manifest
-
     run = tmp_path / "quickstart"
     assert (
         main(["run", str(REPO / "jobs" / "quickstart.yaml"), "--run-dir", str(run), "--until", "preprocess"])
@@ -148,6 +148,15 @@ def test_data_only_flags_that_do_not_fit_are_refused_saying_why(capsys):
     assert "--steps must be at least 1 (got 0)" in capsys.readouterr().err
     assert main(["pretrain", job, "--steps", "5"]) == 2
     assert "--steps goes with --data-only" in capsys.readouterr().err
+
+
+def test_the_guard_fails_a_command_that_reaches_ray(cli_before_ray, tmp_path):
+    """cli_before_ray itself: `vitpipe datasets` joins Ray once its options are valid, through a
+    `connect_ray` it imports as it runs (after the guard replaced the function), and the test fails, though
+    the command turns the guard's error into an exit code of its own."""
+    with pytest.raises(AssertionError, match="started or joined Ray"):
+        cli_before_ray("datasets", "digits", str(tmp_path / "digits"))
+    assert not (tmp_path / "digits").exists()
 
 
 def test_every_command_taking_a_url_refuses_a_wrong_or_unreachable_one_in_one_line(cli_before_ray, tmp_path):

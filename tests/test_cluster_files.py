@@ -63,8 +63,10 @@ def test_launcher_config_pins_the_image_shares_storage_and_turns_on_token_auth(p
     for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
         assert any("RAY_AUTH_MODE=token ray start" in command for command in commands)
     # no token in the repo; the spot-notice handler, started after `ray start` on every worker
-    assert config["file_mounts"] == {"/home/ray/.ray/auth_token": "~/.ray/auth_token",
-                                     "/home/ray/spot-notice.sh": "./cluster/spot-notice.sh"}  # fmt: skip
+    assert config["file_mounts"] == {
+        "/home/ray/.ray/auth_token": "~/.ray/auth_token",
+        "/home/ray/spot-notice.sh": "./cluster/spot-notice.sh",
+    }
     assert any("spot-notice.sh" in command for command in config["worker_start_ray_commands"])
 
 
@@ -185,8 +187,10 @@ GCE = {
     "a3-megagpu-8g": Machine(208, 1872, gpus=8, fabric=8),  # GPUDirect-TCPXO
 }
 # Each GCP A3 type's plugin: GCP's image repository and where its installer puts the plugin on the host.
-GCP_PLUGIN = {"a3-highgpu-8g": ("gpudirect-tcpx", "/var/lib/tcpx/lib64"),
-              "a3-megagpu-8g": ("gpudirect-tcpxo", "/var/lib/tcpxo/lib64")}  # fmt: skip
+GCP_PLUGIN = {
+    "a3-highgpu-8g": ("gpudirect-tcpx", "/var/lib/tcpx/lib64"),
+    "a3-megagpu-8g": ("gpudirect-tcpxo", "/var/lib/tcpxo/lib64"),
+}
 # A pod gets at most this share of its machine's cpu and memory: the rest is the kubelet's, the system's and
 # the DaemonSets' (device plugins, CNI, logging).
 POD_SHARE = 0.9

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli import main
 from pipeline.config import (
     ConfigError,
+    FinetuneConfig,
     FractalsConfig,
     ImageFolderConfig,
     ModelConfig,
@@ -17,7 +19,9 @@ from pipeline.config import (
     load_config,
     validate,
 )
+from pipeline.transfer.plan import finetune_recipe
 from tests.conftest import GOOD_JOB, run_vitpipe
+from vit.config import BiTConfig, ViTConfig
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -185,8 +189,6 @@ def test_model_section_builds_the_vit_it_describes():
 
 
 def test_a_model_section_names_its_family_and_job_files_without_one_mean_a_vit():
-    from vit.config import BiTConfig, ViTConfig
-
     for job in sorted((Path(__file__).parents[1] / "jobs").glob("*.yaml")):
         config = load_config(job)
         if config.pretrain is not None and config.study is None:
@@ -207,9 +209,6 @@ def test_a_model_section_names_its_family_and_job_files_without_one_mean_a_vit()
 
 
 def test_finetune_defaults_are_the_papers_recipe_and_accumulation_splits_the_batch():
-    from pipeline.config import FinetuneConfig
-    from pipeline.transfer.plan import finetune_recipe
-
     config = FinetuneConfig(targets=["d"], batch_size=512, micro_batch_size=128)
     assert config.lr_sweep == (0.001, 0.003, 0.01, 0.03)  # the paper's sweep, chosen on validation
     recipe = finetune_recipe(config.at_rate(0.01))
@@ -274,8 +273,6 @@ def test_a_sweep_that_cannot_be_chosen_from_is_refused(tmp_path, finetune, messa
     ],
 )
 def test_the_patch_size_is_written_once_and_a_model_by_dimensions_is_complete(job, message):
-    from pipeline.config import ConfigError, PipelineConfig, validate
-
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate({"name": "once", **job}, PipelineConfig, source="job.yaml")
 
@@ -284,8 +281,6 @@ TINY_MODEL = {"patch_size": 4, "width": 32, "depth": 1, "heads": 2, "mlp_dim": 6
 
 
 def test_a_preprocess_entry_takes_the_patch_size_of_the_model_that_reads_it():
-    from pipeline.config import PipelineConfig, validate
-
     job = validate(
         {
             "name": "once",
@@ -301,8 +296,6 @@ def test_a_preprocess_entry_takes_the_patch_size_of_the_model_that_reads_it():
 
 
 def test_validate_refuses_a_job_that_run_would_refuse(tmp_path, capsys):
-    from pipeline.cli import main
-
     path = tmp_path / "job.yaml"
     path.write_text("name: x\ndatasets:\n  digits: {kind: digits}\nfinetune:\n  targets: [digits]\n")
     assert main(["validate", str(path)]) == 2
@@ -340,8 +333,12 @@ def test_numbers_and_flags_are_strict_finite_and_bounded(tmp_path, old, new, exp
 
 
 def test_a_quoted_number_or_flag_that_was_once_accepted_is_told_what_to_write(tmp_path):
-    message = errors_of(tmp_path, GOOD_JOB.replace("lr: 1e-3", 'lr: "3e-3"').replace(
-        "zero_stage: 2", 'zero_stage: 2\n  use_gpu: "yes"'))  # fmt: skip
+    message = errors_of(
+        tmp_path,
+        GOOD_JOB.replace("lr: 1e-3", 'lr: "3e-3"').replace(
+            "zero_stage: 2", 'zero_stage: 2\n  use_gpu: "yes"'
+        ),
+    )
     assert (
         "pretrain.optimizer.lr: Input should be a valid number (got '3e-3'); write the number without quotes"
         in message

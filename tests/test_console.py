@@ -59,8 +59,13 @@ def test_worker_lines_are_shown_and_everything_else_is_kept_in_the_log(ray_local
     assert "work: 3/3 items, done" in err  # a finished bar's last line
     assert "UserWarning: the user's data is odd" in err  # a warning in full, with its source line
     assert "[vitpipe" not in shown
-    for hidden in ("internal worker line", "all_gather_into_tensor", "return func", "driver-side noise",
-                   "fd-level noise"):  # fmt: skip
+    for hidden in (
+        "internal worker line",
+        "all_gather_into_tensor",
+        "return func",
+        "driver-side noise",
+        "fd-level noise",
+    ):
         assert hidden not in shown
         assert hidden in log.read_text()  # nothing is lost: it is in the stage's log
     assert "hello from a task" in log.read_text()

@@ -5,6 +5,7 @@ worker each (`ray.cluster_utils.Cluster`), drained (a spot notice), removed for 
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -12,12 +13,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import ray
 import yaml
+from ray.cluster_utils import Cluster
 
 from pipeline.config import PretrainConfig
 from pipeline.metrics import read_records
+from pipeline.pretrain import elastic
 from pipeline.pretrain.checkpoints import list_checkpoints
-from pipeline.pretrain.plan import pretrain_recipe
+from pipeline.pretrain.control import ABORT_WAIT_S, RunControl, start_control
+from pipeline.pretrain.launch import START_TIMEOUT_VARIABLE, _elastic_start_timeout
+from pipeline.pretrain.plan import WorkerGroup, placeable, pretrain_recipe
 from tests.conftest import run_vitpipe
 from tests.test_pretrain import _launch, assert_learned, events, steps, write_config
 from vit.recipe import BatchSplit
@@ -29,8 +35,6 @@ ELASTIC = {"num_workers": [1, 2], "steps": 300, "checkpoint_every": 100, "log_ev
 def one_worker_nodes(count: int) -> Iterator:
     """A head and `count - 1` more nodes of one CPU each: one pretraining worker per node. Started after the
     session's own local Ray (see conftest's `two_nodes`)."""
-    from ray.cluster_utils import Cluster
-
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     for _ in range(count - 1):
         cluster.add_node(num_cpus=1)
@@ -63,11 +67,26 @@ def _last_checkpoint_written(run_dir: Path, records: list[dict]) -> bool:
 def drain(cluster, node, deadline_s: int) -> None:
     """What a spot node's reclaim notice (or a pod's preStop hook) does: Ray's drain with a deadline."""
     result = subprocess.run(
-        [sys.executable, "-m", "ray.scripts.scripts", "drain-node", "--address", cluster.address,
-         "--node-id", node.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
-         "--reason-message", "spot instance reclaim", "--deadline-remaining-seconds", str(deadline_s)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "drain-node",
+            "--address",
+            cluster.address,
+            "--node-id",
+            node.node_id,
+            "--reason",
+            "DRAIN_NODE_REASON_PREEMPTION",
+            "--reason-message",
+            "spot instance reclaim",
+            "--deadline-remaining-seconds",
+            str(deadline_s),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
 
@@ -83,8 +102,9 @@ def test_a_node_lost_for_good_after_its_spot_notice_leaves_one_worker_to_finish_
     monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")  # Ray Train looks for drains each second
     with one_worker_nodes(2) as cluster:
         second = cluster.list_all_nodes()[1]
-        config = write_config(tmp_path / "spot.yaml", fractal_patches, **{**ELASTIC, "steps": 1000,
-                              "checkpoint_every": 1000})  # fmt: skip
+        config = write_config(
+            tmp_path / "spot.yaml", fractal_patches, **{**ELASTIC, "steps": 1000, "checkpoint_every": 1000}
+        )
         run_dir = tmp_path / "spot"
         command = ["pretrain", str(config), "--storage", str(tmp_path), "--address", cluster.address]
         with _launch(command) as run:
@@ -168,8 +188,14 @@ def test_a_cluster_below_the_minimum_is_waited_for_then_refused_naming_min_and_w
 ):
     """Five workers at least, on a cluster of four CPUs: Ray Train would wait for ever; vitpipe waits
     `elastic_wait_s`, then fails naming the minimum and the resources it saw, and keeps nothing."""
-    config = write_config(tmp_path / "small.yaml", fractal_patches, num_workers=[5, 6], global_batch_size=240,
-                          micro_batch_size=8, elastic_wait_s=3.0)  # fmt: skip
+    config = write_config(
+        tmp_path / "small.yaml",
+        fractal_patches,
+        num_workers=[5, 6],
+        global_batch_size=240,
+        micro_batch_size=8,
+        elastic_wait_s=3.0,
+    )
     started = time.monotonic()
     result = run_vitpipe("pretrain", str(config), "--storage", str(tmp_path), "--address", two_nodes.address)
     assert result.returncode != 0
@@ -187,8 +213,6 @@ def test_a_cluster_below_the_minimum_is_waited_for_then_refused_naming_min_and_w
 
 def test_workers_are_placed_node_by_node_not_from_the_cluster_s_sum():
     """Three nodes with 1.5 free CPUs each hold three 1-CPU workers, not four; a GPU worker needs both."""
-    from pipeline.pretrain.plan import WorkerGroup, placeable
-
     cpu = WorkerGroup(1, 4, {"CPU": 1.0})
     assert placeable(cpu, [{"CPU": 1.5}] * 3) == 3
     gpu = WorkerGroup(1, 4, {"CPU": 8.0, "GPU": 1.0})
@@ -198,8 +222,6 @@ def test_workers_are_placed_node_by_node_not_from_the_cluster_s_sum():
 def test_a_regroup_is_tried_once_per_set_of_live_nodes():
     """Room a regroup could not use (another job's CPUs) does not restart the group again and again; a
     changed cluster may be tried."""
-    from pipeline.pretrain.control import RunControl
-
     control = RunControl()
     assert control.try_regroup(["b", "a"])
     assert not control.try_regroup(["a", "b"])
@@ -209,8 +231,6 @@ def test_a_regroup_is_tried_once_per_set_of_live_nodes():
 def test_the_driver_waits_for_the_minimum_then_aborts_the_group_naming_what_it_saw(ray_local, monkeypatch):
     """Below min: one line when the wait starts, the fit's controller aborted and a clear error after
     `elastic_wait_s`; a cluster that can place min again resets the wait (on the session's 2-CPU Ray)."""
-    from pipeline.pretrain import elastic
-    from pipeline.pretrain.plan import WorkerGroup
 
     class Control:  # the run's RunControl actor, as the watch calls it
         aborted = 0
@@ -220,8 +240,6 @@ def test_the_driver_waits_for_the_minimum_then_aborts_the_group_naming_what_it_s
             def remote():
                 Control.aborted += 1
                 return ray_ref
-
-    import ray
 
     ray_ref = ray.put(None)
     monkeypatch.setattr(elastic, "CLUSTER_POLL_SECONDS", 0.0)
@@ -248,10 +266,6 @@ def test_the_driver_waits_for_the_minimum_then_aborts_the_group_naming_what_it_s
 def test_an_elastic_launch_waits_less_for_a_group_ray_cannot_place_unless_the_user_says_otherwise(
     monkeypatch,
 ):
-    import os
-
-    from pipeline.pretrain.launch import START_TIMEOUT_VARIABLE, _elastic_start_timeout
-
     monkeypatch.delenv(START_TIMEOUT_VARIABLE, raising=False)
     with _elastic_start_timeout(elastic=True):
         assert os.environ[START_TIMEOUT_VARIABLE] == "10"
@@ -267,9 +281,6 @@ def test_an_elastic_launch_waits_less_for_a_group_ray_cannot_place_unless_the_us
 def test_a_controller_that_never_answers_the_abort_does_not_hang_the_driver(ray_local):
     """Ray Train's controller, stuck waiting for placement, may never answer `abort`: the driver giving up
     on the group waits ABORT_WAIT_S for it at most, then goes on to fail with its message."""
-    import ray
-
-    from pipeline.pretrain.control import ABORT_WAIT_S, start_control
 
     @ray.remote(num_cpus=0)
     class StuckController:

@@ -26,8 +26,15 @@ def test_cpu_mode_measures_every_section_and_names_what_the_deadline_skipped(tmp
     """One run (activation checkpointing on), the compiled one skipped by the deadline (planned at 150 s, with
     less than that left), the others not selected: every section in the JSON, the run's numbers in it."""
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
-    command = ["bash", str(REPO / "benchmarks/gpu/check.sh"), "--cpu",
-               "--configs", "tiny-eager-ac,tiny-compiled", "--deadline-s", "140"]  # fmt: skip
+    command = [
+        "bash",
+        str(REPO / "benchmarks/gpu/check.sh"),
+        "--cpu",
+        "--configs",
+        "tiny-eager-ac,tiny-compiled",
+        "--deadline-s",
+        "140",
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400, check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = json.loads((tmp_path / "gpu_check_cpu.json").read_text())
@@ -36,8 +43,11 @@ def test_cpu_mode_measures_every_section_and_names_what_the_deadline_skipped(tmp
     assert {name: s["status"] for name, s in report["sections"].items()} == dict.fromkeys(SECTIONS, "done")
     (row,) = report["pretrain"]["rows"]
     assert (row["name"], row["status"], row["activation_checkpointing"], row["workers"]) == (
-        "tiny-eager-ac", "done", True, 2,
-    )  # fmt: skip
+        "tiny-eager-ac",
+        "done",
+        True,
+        2,
+    )
     assert row["steps_done"] == 4
     assert row["steps_timed"] == 3
     assert row["images_per_s"] > 0
@@ -86,17 +96,32 @@ def test_every_gpu_configuration_is_a_valid_job(configuration):
     assert config.global_batch_size % config.micro_batch_size == 0
     assert config.log_every == 1
     assert [c.name for c in GPU.configurations][:5] == [
-        "b16-eager", "b16-compiled", "b16-compiled-ac", "l16-compiled", "l16-compiled-ac",
-    ]  # fmt: skip
+        "b16-eager",
+        "b16-compiled",
+        "b16-compiled-ac",
+        "l16-compiled",
+        "l16-compiled-ac",
+    ]
 
 
 def test_a_gpu_runs_records_become_its_row():
     """The numbers a GPU run's metrics.jsonl gives (peak memory is CUDA's alone), as `measured` reads them:
     medians over the steps after the warmup, MFU of one device against each peak."""
     configuration = GPU.configurations[0]
-    steps = [{"step": step, "images_per_s": 1000.0 * step, "step_s": 256 / (1000.0 * step),
-              "data_wait_s": 0.01, "mfu": 0.1, "loss": 6.9, "grad_norm": 1.0, "peak_memory_gb": 10.0 + step,
-              "skipped_steps": 0} for step in range(1, configuration.steps + 1)]  # fmt: skip
+    steps = [
+        {
+            "step": step,
+            "images_per_s": 1000.0 * step,
+            "step_s": 256 / (1000.0 * step),
+            "data_wait_s": 0.01,
+            "mfu": 0.1,
+            "loss": 6.9,
+            "grad_norm": 1.0,
+            "peak_memory_gb": 10.0 + step,
+            "skipped_steps": 0,
+        }
+        for step in range(1, configuration.steps + 1)
+    ]
     records = [{"event": "started", "time": 100.0}, *steps, {"event": "finished", "time": 130.0}]
     row = measured(records, configuration, 1e9, 1, {"datasheet": 1e15, "measured_matmul": 5e14})
     timed = steps[configuration.warmup :]

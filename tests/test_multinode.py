@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
 
+from pipeline.config import PreprocessConfig
 from pipeline.datasets.card import read_card
+from pipeline.preprocess.run import preprocess
 from tests.conftest import run_vitpipe, two_node_cluster
 
 
@@ -57,19 +60,21 @@ def test_unreachable_address_is_a_clear_error(tmp_path):
 
 
 def _env() -> dict[str, str]:
-    import os
-
     return dict(os.environ)
 
 
 def test_preprocess_across_nodes_matches_a_local_run(two_nodes, digits_dir, tmp_path):
-    from pipeline.config import PreprocessConfig
-    from pipeline.preprocess.run import preprocess
-
     remote = run_vitpipe(
-        "preprocess", str(digits_dir), str(tmp_path / "cluster"), "--image-size", "16", "--patch-size", "4",
-        "--address", two_nodes.address,
-    )  # fmt: skip
+        "preprocess",
+        str(digits_dir),
+        str(tmp_path / "cluster"),
+        "--image-size",
+        "16",
+        "--patch-size",
+        "4",
+        "--address",
+        two_nodes.address,
+    )
     assert remote.returncode == 0, remote.stderr
     assert "2 node(s), 2 CPU" in remote.stderr
     assert "preprocessed 5 shard(s): 5 now" in remote.stdout

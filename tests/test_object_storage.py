@@ -14,9 +14,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import boto3
 import pyarrow.fs as pafs
 import pytest
 import yaml
+from moto.server import ThreadedMotoServer
 
 from pipeline.datasets.shards import write_shard
 from pipeline.preprocess.manifest import read_manifest
@@ -33,9 +35,6 @@ BUCKET = "vitpipe"
 def s3() -> Iterator[tuple[Callable[[str], str], str]]:
     """A moto S3 server on a free port with one bucket: (url(key) with the endpoint in its query, the
     endpoint as AWS_ENDPOINT_URL takes it). Credentials are conftest's dummy ones."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -74,8 +73,17 @@ def test_preprocess_killed_on_object_storage_resumes_by_query_url_and_by_aws_end
             corpus / f"c-{shard:06d}.tar", [(f"s{shard}_{i}", {"jpg": photo, "cls": b"0"}) for i in range(10)]
         )
     upload(corpus, url("corpus"))
-    args = ["preprocess", url("corpus"), url("patches"), "--image-size", "64", "--patch-size", "16",
-            "--workers", "1"]  # fmt: skip
+    args = [
+        "preprocess",
+        url("corpus"),
+        url("patches"),
+        "--image-size",
+        "64",
+        "--patch-size",
+        "16",
+        "--workers",
+        "1",
+    ]
     env = {**os.environ, "RAY_ADDRESS": ""}
     process = subprocess.Popen([*VITPIPE, *args], env=env, cwd=REPO)
     deadline = time.monotonic() + 240
@@ -97,9 +105,13 @@ def test_preprocess_killed_on_object_storage_resumes_by_query_url_and_by_aws_end
     # The same bucket without the query: the endpoint from AWS_ENDPOINT_URL, as the AWS tools read it.
     plain = [f"s3://{BUCKET}/corpus", f"s3://{BUCKET}/patches"]
     rerun = subprocess.run(
-        [*VITPIPE, "preprocess", *plain, *args[3:]], env={**env, "AWS_ENDPOINT_URL": endpoint}, cwd=REPO,
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [*VITPIPE, "preprocess", *plain, *args[3:]],
+        env={**env, "AWS_ENDPOINT_URL": endpoint},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"{16 - done} now" in rerun.stdout
     manifest = read_manifest(url("patches"))
@@ -118,11 +130,22 @@ def test_a_job_pretrains_exports_and_fine_tunes_on_object_storage(
     job = {
         "name": "s3job",
         "run_dir": str(tmp_path / "run"),
-        "pretrain": {**TINY_RUN, "data": url("fractals16"), "steps": 10, "checkpoint_every": 5,
-                     "storage_path": url("runs")},
-        "finetune": {"targets": [url("digits32")], "modes": ["pretrained"], "steps": 5, "batch_size": 32,
-                     "schedule": {"warmup_steps": 1}, "cpus_per_task": 1.0},
-    }  # fmt: skip
+        "pretrain": {
+            **TINY_RUN,
+            "data": url("fractals16"),
+            "steps": 10,
+            "checkpoint_every": 5,
+            "storage_path": url("runs"),
+        },
+        "finetune": {
+            "targets": [url("digits32")],
+            "modes": ["pretrained"],
+            "steps": 5,
+            "batch_size": 32,
+            "schedule": {"warmup_steps": 1},
+            "cpus_per_task": 1.0,
+        },
+    }
     path = tmp_path / "s3job.yaml"
     path.write_text(yaml.safe_dump(job))
     result = run_vitpipe("run", str(path), "--address", two_nodes.address, timeout=600)

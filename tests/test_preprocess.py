@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -25,6 +26,7 @@ from pipeline.config import PreprocessConfig
 from pipeline.datasets.card import CARD_FORMAT, read_card, shard_paths
 from pipeline.datasets.shards import write_shard
 from pipeline.patchfile import PatchGeometry, patches_array
+from pipeline.preprocess import shard as shard_module
 from pipeline.preprocess.manifest import patch_files, read_manifest
 from pipeline.preprocess.run import class_names, preprocess
 from pipeline.preprocess.sources import list_shards
@@ -359,8 +361,18 @@ def test_killed_run_resumes_to_the_same_bytes(ray_local, tmp_path):
             corpus / f"c-{shard:06d}.tar", [(f"s{shard}_{i}", {"jpg": photo, "cls": b"0"}) for i in range(10)]
         )
     address = ray.get_runtime_context().gcs_address
-    args = ["preprocess", str(corpus), "--image-size", "64", "--patch-size", "16", "--workers", "1",
-            "--address", address]  # fmt: skip
+    args = [
+        "preprocess",
+        str(corpus),
+        "--image-size",
+        "64",
+        "--patch-size",
+        "16",
+        "--workers",
+        "1",
+        "--address",
+        address,
+    ]
     killed = tmp_path / "killed"
     env = {**os.environ, "RAY_ADDRESS": ""}
     process = subprocess.Popen([*VITPIPE, *args[:2], str(killed), *args[2:]], env=env, cwd=tmp_path)
@@ -389,11 +401,6 @@ def test_killed_run_resumes_to_the_same_bytes(ray_local, tmp_path):
 
 def test_an_unexpected_decoder_exception_is_recorded_not_raised(tmp_path, monkeypatch):
     """The shard task itself (no Ray): a bug-like exception on one sample costs that sample only."""
-    import pyarrow.fs as pafs
-
-    from pipeline.preprocess import shard as shard_module
-    from pipeline.preprocess.sources import list_shards
-
     write_shard(
         tmp_path / "in" / "s.tar", [(k, {"png": good_png(i), "cls": b"0"}) for i, k in enumerate("abc")]
     )

@@ -8,7 +8,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 from sklearn.datasets import load_sample_image
 
 from pipeline.config import PreprocessConfig
@@ -171,8 +171,6 @@ def test_pixel_limit_is_the_configured_one():
 
 
 def test_large_jpegs_are_decoded_at_reduced_dct_scale(monkeypatch):
-    from PIL import JpegImagePlugin
-
     scales = []
     original = JpegImagePlugin.JpegImageFile.draft
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import tarfile
 
@@ -82,8 +83,6 @@ def test_bytes_that_are_not_a_tar_are_an_unreadable_shard(data):
 
 
 def test_gzipped_tar_is_read():
-    import gzip
-
     items = read(gzip.compress(tar_bytes([("a.jpg", b"1")])))
     assert items == [Sample("a", {"jpg": b"1"})]
 

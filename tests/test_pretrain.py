@@ -17,14 +17,19 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import transformers
 import yaml
+from ray._private import ray_constants
 
 from pipeline.metrics import read_records
 from pipeline.pretrain.export import choose_checkpoint, export_checkpoint
 from tests.conftest import REPO, TINY_RUN, VITPIPE, run_vitpipe
+from tests.test_vit_hf import assert_same_logits, images_for
 from vit.config import ViTConfig
+from vit.engine import build_engine, load_checkpoint, to_universal
 from vit.model import VisionTransformer
 from vit.patches import patchify
+from vit.recipe import BatchSplit, Optimizer, Recipe, Schedule, Zero
 from vit.weights import load_pretrained
 
 pytestmark = pytest.mark.slow
@@ -67,8 +72,10 @@ def test_zero2_pretrains_across_two_nodes(zero2_run):
     assert last["lr"] < 3.0e-3 * 0.01  # cosine decayed to ~0 at the last step
     # keep_checkpoints defaults to 3: of 20, 40, 60, 80 the oldest is gone
     assert sorted(p.name for p in zero2_run.glob("checkpoint_0*")) == [
-        "checkpoint_00000040", "checkpoint_00000060", "checkpoint_00000080",
-    ]  # fmt: skip
+        "checkpoint_00000040",
+        "checkpoint_00000060",
+        "checkpoint_00000080",
+    ]
     assert (zero2_run / "loss.png").stat().st_size > 10_000
     assert list((zero2_run / "tensorboard").glob("events.out.tfevents.*"))
     assert (zero2_run / "export" / "vitpipe" / "model.safetensors").is_file()
@@ -97,8 +104,16 @@ def test_sigint_checkpoints_the_step_and_a_relaunch_on_other_settings_continues_
     assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == [f"checkpoint_{stopped:08d}"]
     assert not (run_dir / "export").exists()  # nothing exported from an unfinished run
 
-    write_config(config, fractal_patches, num_workers=1, micro_batch_size=8, cpus_per_worker=0.5,
-                 checkpoint_every=500, log_every=1, steps=stopped + 4)  # fmt: skip
+    write_config(
+        config,
+        fractal_patches,
+        num_workers=1,
+        micro_batch_size=8,
+        cpus_per_worker=0.5,
+        checkpoint_every=500,
+        log_every=1,
+        steps=stopped + 4,
+    )
     result = run_vitpipe(*command, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_records(str(run_dir))
@@ -138,9 +153,6 @@ def test_workers_the_cluster_cannot_place_are_refused(two_nodes, fractal_patches
 def test_exported_weights_give_the_deepspeed_engines_logits(zero2_run, tmp_path, one_rank_group):
     """The newest checkpoint, exported by `vitpipe export`, against the same checkpoint loaded into a
     one-rank DeepSpeed engine (gloo, this process): vit and HF transformers give the engine's logits."""
-    transformers = pytest.importorskip("transformers")
-    from tests.test_vit_hf import assert_same_logits, images_for
-
     info = choose_checkpoint(str(zero2_run), "80")  # the two-rank run's last, whatever ran before this test
     assert info.meta["world_size"] == 2
     result = run_vitpipe(
@@ -163,9 +175,6 @@ def test_exported_weights_give_the_deepspeed_engines_logits(zero2_run, tmp_path,
 
 def _deepspeed_engine_logits(info, patches: torch.Tensor, scratch: Path) -> torch.Tensor:
     """Logits of a DeepSpeed ZeRO engine restored from checkpoint `info` on one rank."""
-    from vit.engine import build_engine, load_checkpoint, to_universal
-    from vit.recipe import BatchSplit, Optimizer, Recipe, Schedule, Zero
-
     folder = to_universal(Path(info.path), info.tag, scratch / "universal")  # two ranks' shards for one
     model = VisionTransformer(ViTConfig.from_dict(info.meta["vit"]))
     recipe = Recipe(Optimizer(), Schedule(), total_steps=info.step, batch=BatchSplit(16, 16))
@@ -213,8 +222,6 @@ def _workers_of(cluster, since: float) -> list[psutil.Process]:
     """The Ray Train worker processes of a run launched at `since` on `cluster`: started by one of its
     raylets (RAY_RAYLET_PID, which Ray sets in every worker) after the launch. Ray starts a job's workers
     for that job alone, so an idle worker left by an earlier run, or one of another Ray, is never picked."""
-    from ray._private import ray_constants
-
     raylets = {
         str(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
         for node in cluster.list_all_nodes()
@@ -268,8 +275,10 @@ def test_export_writes_only_its_own_files_and_an_older_checkpoint_beside_the_run
         in result.stderr
     )
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*")) == [
-        Path("out/hf"), Path("out/hf/other-model"), Path("out/hf/other-model/config.json"),
-    ]  # fmt: skip
+        Path("out/hf"),
+        Path("out/hf/other-model"),
+        Path("out/hf/other-model/config.json"),
+    ]
 
     beside = tmp_path / "beside"
     beside.mkdir()

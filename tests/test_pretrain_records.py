@@ -17,10 +17,15 @@ from pipeline.pretrain.checkpoints import (
     META_FILE,
     checkpoint_dir_name,
     file_sizes,
+    is_run_output,
     latest_checkpoint,
     list_checkpoints,
 )
+from pipeline.pretrain.control import TrainingStopped
 from pipeline.pretrain.export import choose_checkpoint
+from pipeline.pretrain.launch import _refuse_unfinished
+from pipeline.storage import remove_entries
+from vit.loop import LoopEnd
 
 
 def step_record(step: int, loss: float) -> dict:
@@ -159,10 +164,6 @@ def test_a_damaged_newest_checkpoint_is_skipped_naming_the_file_and_the_previous
 def test_a_diverged_or_stopped_launch_ends_before_export_naming_the_step_and_the_last_good_checkpoint(
     tmp_path,
 ):
-    from pipeline.pretrain.control import TrainingStopped
-    from pipeline.pretrain.launch import _refuse_unfinished
-    from vit.loop import LoopEnd
-
     make_checkpoint(tmp_path, 200)
     _refuse_unfinished(LoopEnd(300, "finished"), str(tmp_path))  # a finished launch goes on to export
     with pytest.raises(
@@ -177,9 +178,6 @@ def test_a_diverged_or_stopped_launch_ends_before_export_naming_the_step_and_the
 
 
 def test_a_forced_redo_removes_the_run_s_outputs_and_nothing_else(tmp_path):
-    from pipeline.pretrain.checkpoints import is_run_output
-    from pipeline.storage import remove_entries
-
     make_checkpoint(tmp_path, 200)
     for name in ("metrics.jsonl", "loss.png", "checkpoint_manager_snapshot.json", "job.yaml", "notes.txt"):
         (tmp_path / name).write_text("x")

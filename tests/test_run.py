@@ -11,14 +11,20 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
+import transformers
 import yaml
+from mlflow.tracking import MlflowClient
+from safetensors.numpy import load_file
+from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
 from pipeline.cli import main
 from pipeline.metrics import read_records
 from pipeline.runner.status import run_status
 from tests.conftest import REPO, VITPIPE
+from vit.weights import load_pretrained
 
 SMOKE = yaml.safe_load((REPO / "jobs" / "smoke.yaml").read_text())
 
@@ -46,8 +52,11 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_a_rerun_skips_every_stage(
     MLflow (a real server) and W&B (offline): the relaunch continues the same tracking runs; `vitpipe
     status` follows the first launch as it runs; the console shows no Ray internals."""
     job = {**SMOKE, "run_dir": str(tmp_path / "run")}
-    job["tracking"] = {"mlflow": mlflow_server, "experiment": "killed-run",
-                       "wandb": {"project": "vitpipe-e2e", "mode": "offline"}}  # fmt: skip
+    job["tracking"] = {
+        "mlflow": mlflow_server,
+        "experiment": "killed-run",
+        "wandb": {"project": "vitpipe-e2e", "mode": "offline"},
+    }
     job["preprocess"] = {name: {**entry, "image_size": 20} for name, entry in SMOKE["preprocess"].items()}
     job["pretrain"] = {**SMOKE["pretrain"], "steps": 80, "checkpoint_every": 10, "image_size": 16, "crop": {}}
     job["finetune"] = {**SMOKE["finetune"], "image_size": 16, "crop": {"area": [0.5, 1.0]}}
@@ -87,10 +96,15 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_a_rerun_skips_every_stage(
     assert_tensorboard_events(run / "pretrain")
     assert "[run] pretrain: resuming" in second.stdout
     assert statuses(run) == {
-        "datasets:fractals": "cached", "datasets:digits": "cached", "preprocess:fractals": "cached",
-        "preprocess:digits": "cached", "pretrain": "resumed", "finetune": "ran", "analyze": "ran",
+        "datasets:fractals": "cached",
+        "datasets:digits": "cached",
+        "preprocess:fractals": "cached",
+        "preprocess:digits": "cached",
+        "pretrain": "resumed",
+        "finetune": "ran",
+        "analyze": "ran",
         "report": "ran",
-    }  # fmt: skip
+    }
     resumed = [r for r in read_records(str(run / "pretrain")) if r.get("event") == "resumed"]
     assert resumed
     assert resumed[-1]["step"] >= killed_at  # it went on from the newest finished checkpoint, not step 0
@@ -116,9 +130,22 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_a_rerun_skips_every_stage(
     assert_the_analyses_are_of_the_stored_weights(run, results)
 
     trained = read_records(str(run / "pretrain"))
-    probe = subprocess.run([*VITPIPE, "pretrain", str(path), "--data-only", "--steps", "12", "--address",
-                            ray.get_runtime_context().gcs_address], cwd=REPO, capture_output=True, text=True,
-                           timeout=300)  # fmt: skip
+    probe = subprocess.run(
+        [
+            *VITPIPE,
+            "pretrain",
+            str(path),
+            "--data-only",
+            "--steps",
+            "12",
+            "--address",
+            ray.get_runtime_context().gcs_address,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert probe.returncode == 0, probe.stderr[-3000:]
     read = [r for r in read_records(str(run / "pretrain" / "data-only")) if "images_per_s" in r]
     assert [r["step"] for r in read] == list(range(1, 13))
@@ -162,8 +189,6 @@ def assert_a_quiet_console(console: str, run: Path) -> None:
 def assert_tracked(uri: str, run: Path, killed_at: int) -> None:
     """One MLflow run for the vitpipe run, a child per step and per fine-tune task; the pretraining child
     is the same run across the kill, holding every logged step of both launches."""
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("killed-run").experiment_id
     runs = client.search_runs([experiment], max_results=100)
@@ -176,8 +201,16 @@ def assert_tracked(uri: str, run: Path, killed_at: int) -> None:
     children = {
         r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
     }
-    steps = {"datasets:fractals", "datasets:digits", "preprocess:fractals", "preprocess:digits", "pretrain",
-             "finetune", "analyze", "report"}  # fmt: skip
+    steps = {
+        "datasets:fractals",
+        "datasets:digits",
+        "preprocess:fractals",
+        "preprocess:digits",
+        "pretrain",
+        "finetune",
+        "analyze",
+        "report",
+    }
     assert set(children) == steps
     pretrain = children["pretrain"]
     assert pretrain.info.status == "FINISHED"
@@ -207,8 +240,10 @@ def assert_tracked(uri: str, run: Path, killed_at: int) -> None:
     assert "report.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     analysis = {a.path for a in client.list_artifacts(children["analyze"].info.run_id)}
     assert analysis == {"analysis.json", "attention_distance_by_model.png"}
-    offline = [re.match(r"offline-run-\d+_\d+-(\w+)", folder.name).group(1)
-               for folder in (run / "tracking" / "wandb").glob("offline-run-*")]  # fmt: skip
+    offline = [
+        re.match(r"offline-run-\d+_\d+-(\w+)", folder.name).group(1)
+        for folder in (run / "tracking" / "wandb").glob("offline-run-*")
+    ]
     # W&B: a run per child that logged something (pretrain, finetune, its two (target, mode) runs with
     # their chosen rate, the one rate's task under each, analyze, report), and the pretraining's one id
     # for both launches and its artifacts
@@ -219,9 +254,6 @@ def assert_tracked(uri: str, run: Path, killed_at: int) -> None:
 def assert_the_analyses_are_of_the_stored_weights(run: Path, results: dict) -> None:
     """The report shows the four analyses of the pretrained model, and each model's numbers are of the
     weights the run stored: its position embeddings' similarity, its filters, its attention on B's images."""
-    import numpy as np
-    from safetensors.numpy import load_file
-
     index = json.loads((run / "analysis" / "analysis.json").read_text())
     chosen = {f"{r['target']}-{r['mode']}": r["weights"] for r in results["results"]}
     export = str(run / "pretrain" / "export" / "vitpipe")
@@ -252,10 +284,6 @@ def assert_the_analyses_are_of_the_stored_weights(run: Path, results: dict) -> N
 def assert_model_cards(export: Path) -> None:
     """Each export folder has a README.md model card in HF's layout, with the transfer results written in
     after fine-tuning, and both folders still load."""
-    import transformers
-
-    from vit.weights import load_pretrained
-
     for folder, library in (("vitpipe", "vitpipe"), ("hf", "transformers")):
         text = (export / folder / "README.md").read_text()
         front = yaml.safe_load(text.split("---\n")[1])
@@ -273,8 +301,6 @@ def assert_model_cards(export: Path) -> None:
 
 def assert_tensorboard_events(pretrain: Path) -> None:
     """TensorBoard's own reader finds every logged step's loss in the run's event files."""
-    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
-
     board = EventMultiplexer().AddRunsFromDirectory(str(pretrain / "tensorboard")).Reload()
     logged = {r["step"]: r["loss"] for r in read_records(str(pretrain)) if "loss" in r}
     events = {}
@@ -317,11 +343,15 @@ def test_a_changed_setting_or_a_forced_stage_redoes_only_what_depends_on_it(ray_
 
     # rebuilding the dataset writes the same bytes: what reads it stays cached
     assert run_with(bigger, "--force", "datasets") == {
-        "datasets:digits": "ran", "preprocess:digits": "cached", "report": "cached",
-    }  # fmt: skip
+        "datasets:digits": "ran",
+        "preprocess:digits": "cached",
+        "report": "cached",
+    }
     assert run_with(bigger, "--from", "preprocess") == {
-        "datasets:digits": "cached", "preprocess:digits": "ran", "report": "ran",
-    }  # fmt: skip
+        "datasets:digits": "cached",
+        "preprocess:digits": "ran",
+        "report": "ran",
+    }
     assert record(run, "preprocess:digits")["fingerprint"] != manifest  # 24 px now, not 16
 
     # outputs deleted by hand are noticed and made again
@@ -363,11 +393,17 @@ STAGED = {
     "name": "staged",
     "preprocess": {"digits": {"image_size": 16}},  # the patch size is the model's
     "pretrain": {
-        "data": "digits", "model": {"patch_size": 4, "width": 32, "depth": 1, "heads": 2, "mlp_dim": 64},
-        "num_workers": 1, "cpus_per_worker": 0.5, "global_batch_size": 32, "micro_batch_size": 32, "steps": 6,
-        "checkpoint_every": 3, "log_every": 3,
+        "data": "digits",
+        "model": {"patch_size": 4, "width": 32, "depth": 1, "heads": 2, "mlp_dim": 64},
+        "num_workers": 1,
+        "cpus_per_worker": 0.5,
+        "global_batch_size": 32,
+        "micro_batch_size": 32,
+        "steps": 6,
+        "checkpoint_every": 3,
+        "log_every": 3,
     },
-}  # fmt: skip
+}
 
 
 @pytest.mark.slow

@@ -46,8 +46,11 @@ def test_status_of_a_run_another_process_is_writing(tmp_path, writer, capsys):
     root = tmp_path / "run"
     root.mkdir()
     write_run(root, "running", ["datasets:digits"])
-    write_record(str(root / "stages"), "datasets:digits", {"key": "k", "status": "done", "seconds": 3.2,
-                                                           "finished": "2026-12-02T10:00:00"})  # fmt: skip
+    write_record(
+        str(root / "stages"),
+        "datasets:digits",
+        {"key": "k", "status": "done", "seconds": 3.2, "finished": "2026-12-02T10:00:00"},
+    )
     write_record(
         str(root / "stages"), "pretrain", {"key": "k", "status": "running", "started": "2026-12-02T10:00:01"}
     )

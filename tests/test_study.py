@@ -15,14 +15,18 @@ import pytest
 import ray
 import torch
 import yaml
+from mlflow.tracking import MlflowClient
+from transformers import BitForImageClassification
 
+from benchmarks.study_results import answer, sentences
 from pipeline.cli import main
 from pipeline.config import ConfigError
 from pipeline.metrics import read_records
 from pipeline.preprocess.manifest import patch_files
 from pipeline.runner.execute import point_steps
 from pipeline.runner.plan import RunOptions, load_plan
-from pipeline.study.plan import SCRATCH, Point
+from pipeline.study.launch import PointSettings, _pretrain
+from pipeline.study.plan import SCRATCH, Point, point_finetune, point_model, point_pretrain, study_job
 from pipeline.study.report import write_study_results
 from pipeline.study.subsets import draw_subsets, read_subset
 from tests.conftest import REPO, VITPIPE
@@ -63,8 +67,13 @@ def test_subsets_are_nested_and_count_the_classes_drawn(fractal_patches, tmp_pat
 def test_a_study_is_planned_as_concurrent_points_reading_nested_subsets(tmp_path):
     plan = load_plan(SMOKE, str(tmp_path / "run"))
     ids = [step.id for step in plan.steps]
-    assert ids[:5] == ["datasets:fractals", "datasets:digits", "preprocess:fractals", "preprocess:digits",
-                       "study:subsets"]  # fmt: skip
+    assert ids[:5] == [
+        "datasets:fractals",
+        "datasets:digits",
+        "preprocess:fractals",
+        "preprocess:digits",
+        "study:subsets",
+    ]
     assert ids[-1] == "report"
     points = [step for step in plan.steps if step.concurrent]
     expected = [Point(size, model, 0) for size in (400, 100) for model in ("vit", "bit")]
@@ -85,9 +94,13 @@ def test_one_point_runs_alone_with_the_steps_it_reads_and_no_report(tmp_path):
     plan = load_plan(SMOKE, str(tmp_path / "run"))
     steps = point_steps(plan, ("n0000000100-bit-seed0",))
     assert [step.id for step in steps] == [
-        "datasets:fractals", "datasets:digits", "preprocess:fractals", "preprocess:digits", "study:subsets",
+        "datasets:fractals",
+        "datasets:digits",
+        "preprocess:fractals",
+        "preprocess:digits",
+        "study:subsets",
         "study:n0000000100-bit-seed0",
-    ]  # fmt: skip
+    ]
     scratch = point_steps(plan, ("scratch-vit-seed0", "scratch-bit-seed0"))
     assert [step.id for step in scratch][-2:] == ["study:scratch-vit-seed0", "study:scratch-bit-seed0"]
     assert "study:subsets" not in [step.id for step in scratch]  # a scratch point reads no subset
@@ -106,10 +119,26 @@ def test_the_curves_are_each_sizes_mean_and_spread_over_seeds_of_the_points_own_
         for seed in (0, 1, 2):
             top1, five = rng.uniform(0.3, 0.9, 2)
             result = {"target": "digits", "top1": top1, "lr": 0.01, "fewshot": {"5": {"mean": five}}}
-            points.append({"point": f"{size}-{seed}", "size": size, "model": "vit", "seed": seed,
-                           "status": "done", "results": [result]})  # fmt: skip
-    points.append({"point": "failed", "size": 100, "model": "vit", "seed": 3, "status": "failed",
-                   "results": [{"target": "digits", "top1": 0.0}]})  # fmt: skip
+            points.append(
+                {
+                    "point": f"{size}-{seed}",
+                    "size": size,
+                    "model": "vit",
+                    "seed": seed,
+                    "status": "done",
+                    "results": [result],
+                }
+            )
+    points.append(
+        {
+            "point": "failed",
+            "size": 100,
+            "model": "vit",
+            "seed": 3,
+            "status": "failed",
+            "results": [{"target": "digits", "top1": 0.0}],
+        }
+    )
     document = write_study_results(points, tmp_path, {})
     drawn = json.loads((tmp_path / "transfer_vs_data.json").read_text())
     readers = {"finetune top-1": lambda r: r["top1"], "5-shot linear": lambda r: r["fewshot"]["5"]["mean"]}
@@ -120,7 +149,10 @@ def test_the_curves_are_each_sizes_mean_and_spread_over_seeds_of_the_points_own_
                 read(p["results"][0]) for p in points if p["size"] == entry["size"] and p["status"] == "done"
             ]
             assert (entry["mean"], entry["std"], entry["seeds"]) == (
-                pytest.approx(np.mean(values)), pytest.approx(np.std(values)), 3)  # fmt: skip
+                pytest.approx(np.mean(values)),
+                pytest.approx(np.std(values)),
+                3,
+            )
         panel = drawn[f"digits: {metric}"]
         assert panel["vit"]["y"] == pytest.approx([100 * e["mean"] for e in curve[1:]])
         assert panel["vit"]["yerr"] == pytest.approx([100 * e["std"] for e in curve[1:]])
@@ -216,9 +248,6 @@ def test_a_forced_point_discards_its_own_pretraining_run_first_and_nothing_else(
     """`--force study` reaches a pretrained point's task as `clear`: its pretraining run's outputs go before
     anything else is read (here the subset, which is missing: the task stops there), files of others stay;
     without `clear` the run is kept to be resumed."""
-    from pipeline.study.launch import PointSettings, _pretrain
-    from pipeline.study.plan import point_finetune, point_model, point_pretrain, study_job
-
     plan = load_plan(SMOKE, str(tmp_path / "run"))
     study, point = study_job(plan.job, plan.source), Point(100, "bit", 0)
     storage = tmp_path / "point"
@@ -226,11 +255,18 @@ def test_a_forced_point_discards_its_own_pretraining_run_first_and_nothing_else(
         (storage / "pretrain" / "checkpoint_00000016").mkdir(parents=True, exist_ok=True)
         (storage / "pretrain" / "notes.txt").write_text("mine")
         settings = PointSettings(
-            point=point, model=point_model(study, point), pretrain=point_pretrain(study, point),
-            corpus=str(tmp_path / "corpus"), subset=str(tmp_path / "missing.json"), storage=str(storage),
-            finetune=point_finetune(study, point), evaluate=None, targets={}, out=str(tmp_path / "out"),
+            point=point,
+            model=point_model(study, point),
+            pretrain=point_pretrain(study, point),
+            corpus=str(tmp_path / "corpus"),
+            subset=str(tmp_path / "missing.json"),
+            storage=str(storage),
+            finetune=point_finetune(study, point),
+            evaluate=None,
+            targets={},
+            out=str(tmp_path / "out"),
             clear=clear,
-        )  # fmt: skip
+        )
         with pytest.raises(ValueError, match=r"missing\.json: not a readable subset manifest"):
             _pretrain(settings)
         assert (storage / "pretrain" / "checkpoint_00000016").is_dir() != clear
@@ -238,8 +274,6 @@ def test_a_forced_point_discards_its_own_pretraining_run_first_and_nothing_else(
 
 
 def assert_hf_bit_export_agrees(vitpipe_folder: Path, hf_folder: Path) -> None:
-    from transformers import BitForImageClassification
-
     ours = load_pretrained(vitpipe_folder).eval()
     theirs, info = BitForImageClassification.from_pretrained(hf_folder, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys
@@ -250,8 +284,9 @@ def assert_hf_bit_export_agrees(vitpipe_folder: Path, hf_folder: Path) -> None:
     pixels = (images.float() / 255 - torch.tensor(config.mean)) / torch.tensor(config.std)
     with torch.no_grad():
         logits = ours(patchify(images, config.patch_size))
-        torch.testing.assert_close(logits, theirs.eval()(pixel_values=pixels.permute(0, 3, 1, 2)).logits,
-                                   atol=1e-4, rtol=0)  # fmt: skip
+        torch.testing.assert_close(
+            logits, theirs.eval()(pixel_values=pixels.permute(0, 3, 1, 2)).logits, atol=1e-4, rtol=0
+        )
 
 
 def run_smoke(run: Path, job: Path = SMOKE, *options: str) -> subprocess.CompletedProcess[str]:
@@ -303,7 +338,9 @@ def assert_fine_tuning_started_from_the_engines_final_weights(point: dict) -> No
     """The pretrained point's fine-tuning started from its pretraining engine's last weights: DeepSpeed's
     own zero_to_fp32 of the last checkpoint, tensor by tensor, against the model whose digest the task
     recorded as its start (the export read by vitpipe's loader, adapted to digits with a new head)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    # DeepSpeed picks its accelerator when first imported: not at collection, before one_rank_group's
+    # DS_ACCELERATOR=cpu
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
 
     last = sorted(Path(point["run"]).glob("checkpoint_0*"))[-1]
     tag = json.loads((last / "vitpipe.json").read_text())["tag"]
@@ -319,8 +356,11 @@ def assert_fine_tuning_started_from_the_engines_final_weights(point: dict) -> No
 
 def tracked_job(tmp_path: Path) -> Path:
     job = yaml.safe_load(SMOKE.read_text())
-    job["tracking"] = {"mlflow": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "study-smoke",
-                       "wandb": {"project": "vitpipe-study", "mode": "offline"}}  # fmt: skip
+    job["tracking"] = {
+        "mlflow": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "experiment": "study-smoke",
+        "wandb": {"project": "vitpipe-study", "mode": "offline"},
+    }
     path = tmp_path / "scaling_smoke.yaml"
     path.write_text(yaml.safe_dump(job))
     return path
@@ -329,8 +369,6 @@ def tracked_job(tmp_path: Path) -> Path:
 def assert_point_tracked(uri: str, point: str) -> None:
     """The point's MLflow child of the run holds its fine-tuning's (target, mode) run, the chosen rate's
     score, with a run per rate under it (and a pretrained point's pretraining steps)."""
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("study-smoke").experiment_id], max_results=200)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -431,8 +469,14 @@ def test_scaling_smoke_runs_every_point_keeps_a_failed_one_apart_and_reruns_only
     status = statuses(run)
     assert status["study:n0000000100-vit-seed0"] == "resumed"  # its record: failed, with this key
     cached = {step for step, state in status.items() if state == "cached"}
-    others = ["n0000000400-vit-seed0", "n0000000400-bit-seed0", "n0000000100-bit-seed0", "scratch-vit-seed0",
-              "scratch-bit-seed0", "subsets"]  # fmt: skip
+    others = [
+        "n0000000400-vit-seed0",
+        "n0000000400-bit-seed0",
+        "n0000000100-bit-seed0",
+        "scratch-vit-seed0",
+        "scratch-bit-seed0",
+        "subsets",
+    ]
     assert cached >= {f"study:{name}" for name in others}
     # Its pretraining had finished: the rerun resumed it at its last step, with the weights it had there
     # (the hash of what the engine loaded against DeepSpeed's own consolidation of that checkpoint).
@@ -444,10 +488,12 @@ def test_scaling_smoke_runs_every_point_keeps_a_failed_one_apart_and_reruns_only
     # With every point done, the study's report shows how attention distance by depth moves with data.
     analysis = json.loads((run / "analysis" / "analysis.json").read_text())
     assert [model["name"] for model in analysis["models"]] == [
-        "n0000000400-vit-seed0/pretrained", "n0000000400-vit-seed0/digits-pretrained",
-        "n0000000100-vit-seed0/pretrained", "n0000000100-vit-seed0/digits-pretrained",
+        "n0000000400-vit-seed0/pretrained",
+        "n0000000400-vit-seed0/digits-pretrained",
+        "n0000000100-vit-seed0/pretrained",
+        "n0000000100-vit-seed0/digits-pretrained",
         "scratch-vit-seed0/digits-scratch",
-    ]  # fmt: skip
+    ]
     assert analysis["by_data"]["vit"]["sizes"] == [0, 100, 400]
     resumed_analysis = json.loads(
         (run / "analysis" / "n0000000100-vit-seed0" / "pretrained" / "analysis.json").read_text()
@@ -472,8 +518,11 @@ def test_scaling_smoke_runs_every_point_keeps_a_failed_one_apart_and_reruns_only
     before = point_file.stat().st_mtime_ns
     alone = run_smoke(run, job, "--point", alone_name, "--force", "study")
     assert alone.returncode == 0, alone.stderr[-3000:]
-    assert statuses(run) == {"datasets:digits": "cached", "preprocess:digits": "cached",
-                             f"study:{alone_name}": "ran"}  # fmt: skip
+    assert statuses(run) == {
+        "datasets:digits": "cached",
+        "preprocess:digits": "cached",
+        f"study:{alone_name}": "ran",
+    }
     assert {path: path.stat().st_mtime_ns for path in kept} == kept
     assert point_file.stat().st_mtime_ns > before  # done again, not taken from the cache
     assert_point_tracked(f"sqlite:///{tmp_path / 'mlflow.db'}", alone_name)
@@ -481,8 +530,6 @@ def test_scaling_smoke_runs_every_point_keeps_a_failed_one_apart_and_reruns_only
 
 
 def test_the_studys_answer_is_computed_from_its_curves():
-    from benchmarks.study_results import answer, sentences
-
     def curve(scratch: float, means: list[float], std: float = 0.01) -> list[dict]:
         sizes = [1000, 10000, 100000]
         return [{"size": 0, "mean": scratch, "std": std}] + [

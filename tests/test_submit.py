@@ -53,8 +53,11 @@ def token_cluster() -> Iterator[TokenCluster]:
 def _stop_and_check(script: list[str], env: dict[str, str], state: Path) -> None:
     """`cluster/local.sh stop` ends every process of both nodes' groups, in seconds, also after a job ran
     (Ray's default 30 s drain on SIGTERM held the head past local.sh's 20 s grace then)."""
-    groups = [int((state / f"{node}.pid").read_text()) for node in ("head", "worker")
-              if (state / f"{node}.pid").is_file()]  # fmt: skip
+    groups = [
+        int((state / f"{node}.pid").read_text())
+        for node in ("head", "worker")
+        if (state / f"{node}.pid").is_file()
+    ]
     started = time.monotonic()
     stopped = subprocess.run([*script, "stop"], env=env, capture_output=True, text=True, timeout=120)
     took = time.monotonic() - started
@@ -177,7 +180,10 @@ def test_an_unknown_job_is_named(token_cluster):
 def test_a_run_folder_other_nodes_cannot_see_is_refused_before_contacting_a_cluster():
     result = subprocess.run(
         [*VITPIPE, "submit", "jobs/smoke.yaml", "--address", "http://127.0.0.1:1"],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "a job on a cluster needs a run folder every node sees" in result.stderr

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
+from wandb.proto import wandb_internal_pb2
 
 from pipeline import tracking
 from pipeline.config import TrackingConfig
@@ -45,8 +47,6 @@ def trackers_on():
 
 
 def client(uri: str):
-    from mlflow.tracking import MlflowClient
-
     return MlflowClient(tracking_uri=uri)
 
 
@@ -130,8 +130,9 @@ def test_a_server_lost_mid_run_warns_once_and_logging_goes_on(mlflow_server, tmp
     section = TrackingConfig(mlflow=mlflow_server, experiment="vitpipe-test-c")
     parent = tracking.open_run(section, str(tmp_path / "run"), "tracked", {})
     child = tracking.open_child(parent, "pretrain", "pretrain", {})
-    gone = tracking.TrackingTarget(key=child.key, mlflow_uri=f"http://127.0.0.1:{free_port()}",
-                                   mlflow_run=child.mlflow_run)  # fmt: skip
+    gone = tracking.TrackingTarget(
+        key=child.key, mlflow_uri=f"http://127.0.0.1:{free_port()}", mlflow_run=child.mlflow_run
+    )
     log_steps(gone, tmp_path / "pretrain", range(1, 6))
     log_steps(gone, tmp_path / "pretrain", range(6, 11))
     assert capsys.readouterr().err.count("tracking (mlflow) logging metrics failed") == 1
@@ -144,8 +145,6 @@ def test_a_server_lost_mid_run_warns_once_and_logging_goes_on(mlflow_server, tmp
 def wandb_records(path: Path) -> list:
     """The records of a `.wandb` file: W&B's LevelDB-log framing (32 KiB blocks of 7-byte-headed
     chunks) around protobuf `Record`s."""
-    from wandb.proto import wandb_internal_pb2
-
     data = path.read_bytes()
     assert data[:4] == b":W&B"
     records, pending, offset, block = [], b"", 7, 32768
@@ -186,9 +185,14 @@ def test_wandb_offline_runs_are_read_back_from_their_files(tmp_path):
     configs = [{item.key: json.loads(item.value_json) for item in run.config.update} for run in runs]
     assert all(config["step.optimizer.lr"] == 0.003 for config in configs)  # the child's settings, flattened
     assert all(config["pretrain.optimizer.betas"] == [0.9, 0.999] for config in configs)  # and the job's
-    history = [(r.history.step.num, {"/".join(item.nested_key) or item.key: json.loads(item.value_json)
-                                     for item in r.history.item})
-               for r in records if r.WhichOneof("record_type") == "history"]  # fmt: skip
+    history = [
+        (
+            r.history.step.num,
+            {"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in r.history.item},
+        )
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
     assert [step for step, _ in history] == list(range(1, 11))
     assert [round(row["loss"], 6) for _, row in history][:2] == [1.0, 0.5]
     assert all("grad_norm" not in row for _, row in history)

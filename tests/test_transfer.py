@@ -17,6 +17,7 @@ import pytest
 import ray
 import torch
 import yaml
+from transformers import ViTForImageClassification
 
 from pipeline.metrics import read_records
 from pipeline.transfer.data import SplitReader
@@ -63,9 +64,16 @@ def write_job(path: Path, **finetune) -> Path:
 def digits_run(pretrained, digits_patches, address, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("transfer")
     result = run_vitpipe(
-        "finetune", str(write_job(root / "job.yaml")), "--weights", str(pretrained),
-        f"--target=digits={digits_patches}", "--out", str(root / "out"), "--address", address,
-    )  # fmt: skip
+        "finetune",
+        str(write_job(root / "job.yaml")),
+        "--weights",
+        str(pretrained),
+        f"--target=digits={digits_patches}",
+        "--out",
+        str(root / "out"),
+        "--address",
+        address,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| digits | pretrained |" in result.stdout
     return root / "out"
@@ -161,7 +169,6 @@ def test_exported_weights_are_the_evaluated_model_at_the_new_resolution(
         model, SplitReader(digits_patches, "test").batches(128), 10, torch.device("cpu")
     )
     assert test.top1 == pytest.approx(result["top1"])
-    from transformers import ViTForImageClassification
 
     hf = ViTForImageClassification.from_pretrained(Path(result["weights"]).parent / "hf").eval()
     patches, _ = next(SplitReader(digits_patches, "test").batches(8))
@@ -177,9 +184,16 @@ def test_evaluate_scores_exported_weights_as_the_fine_tuning_run_did(
 ):
     fine_tuned = json.loads((digits_run / "digits" / "pretrained" / "result.json").read_text())
     result = run_vitpipe(
-        "evaluate", str(write_job(tmp_path / "job.yaml")), "--weights", fine_tuned["weights"],
-        f"--target=digits={digits_patches}", "--out", str(tmp_path / "eval"), "--address", address,
-    )  # fmt: skip
+        "evaluate",
+        str(write_job(tmp_path / "job.yaml")),
+        "--weights",
+        fine_tuned["weights"],
+        f"--target=digits={digits_patches}",
+        "--out",
+        str(tmp_path / "eval"),
+        "--address",
+        address,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())["results"][0]
     assert evaluated["top1"] == pytest.approx(fine_tuned["top1"])
@@ -191,9 +205,16 @@ def test_evaluate_of_pretrained_weights_gives_few_shot_only(
     digits_run, pretrained, digits_patches, address, tmp_path
 ):
     result = run_vitpipe(
-        "evaluate", str(write_job(tmp_path / "job.yaml")), "--weights", str(pretrained),
-        f"--target=digits={digits_patches}", "--out", str(tmp_path / "eval"), "--address", address,
-    )  # fmt: skip
+        "evaluate",
+        str(write_job(tmp_path / "job.yaml")),
+        "--weights",
+        str(pretrained),
+        f"--target=digits={digits_patches}",
+        "--out",
+        str(tmp_path / "eval"),
+        "--address",
+        address,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())["results"][0]
     assert "top1" not in evaluated  # ten fractal classes are not the ten digits, though as many
@@ -215,9 +236,18 @@ def test_two_targets_run_in_parallel_and_a_killed_task_does_not_lose_the_other(
         max_retries=1,
     )
     command = [
-        *VITPIPE, "finetune", str(job), "--weights", str(pretrained), f"--target=digits32={digits_patches}",
-        f"--target=digits24={digits24}", "--out", str(tmp_path / "out"), "--address", address,
-    ]  # fmt: skip
+        *VITPIPE,
+        "finetune",
+        str(job),
+        "--weights",
+        str(pretrained),
+        f"--target=digits32={digits_patches}",
+        f"--target=digits24={digits24}",
+        "--out",
+        str(tmp_path / "out"),
+        "--address",
+        address,
+    ]
     with subprocess.Popen(
         command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as run:

@@ -14,15 +14,22 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+import transformers
 import yaml
 
 from pipeline.preprocess.manifest import MANIFEST_FILE, read_manifest
 from pipeline.ray_session import ray_task_device, task_device
+from pipeline.runner.plan import Overrides, StageOptions, load_plan
+from pipeline.runner.stages import pretrained_weights
+from pipeline.transfer.launch import _refuse_foreign
 from pipeline.transfer.plan import TargetError, check_fits, plan_target
+from pipeline.transfer.task import _head_mismatch
 from tests.conftest import REPO, preprocess_to, run_vitpipe
-from vit.config import ViTConfig
+from vit.config import BiTConfig, ViTConfig
+from vit.hf import export_hf
+from vit.hf_bit import hf_bit_config_dict
 from vit.model import VisionTransformer
-from vit.weights import save_pretrained
+from vit.weights import load_pretrained, save_pretrained, state_digest
 
 TINY = ViTConfig(
     image_size=16, patch_size=4, channels=3, num_classes=10, width=32, depth=1, heads=2, mlp_dim=64
@@ -30,11 +37,16 @@ TINY = ViTConfig(
 JOB = {
     "name": "checks",
     "finetune": {
-        "targets": ["digits"], "modes": ["pretrained"], "steps": 4, "batch_size": 32,
-        "val_fraction": 0.0, "flip": False, "optimizer": {"name": "sgd", "lr": 0.03},  # one rate: no hold-out
+        "targets": ["digits"],
+        "modes": ["pretrained"],
+        "steps": 4,
+        "batch_size": 32,
+        "val_fraction": 0.0,
+        "flip": False,
+        "optimizer": {"name": "sgd", "lr": 0.03},  # one rate: no hold-out
     },
     "evaluate": {"shots": [1, 5], "seeds": 1},
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +57,6 @@ def weights(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def hf_weights(tmp_path_factory) -> Path:
     """The same kind of model as an HF transformers folder: what fine-tuning from a Hub checkpoint reads."""
-    from vit.hf import export_hf
-
     return export_hf(VisionTransformer(TINY), tmp_path_factory.mktemp("weights") / "hf")
 
 
@@ -130,9 +140,17 @@ def test_bad_targets_are_reported_and_the_good_one_still_finishes(
     (stale.parent / "metrics.jsonl").write_text("")  # which writes its metrics first
     digits_patches = os.path.relpath(digits_patches, REPO)  # tasks get it absolute
     result = run_vitpipe(
-        "finetune", job, "--weights", str(hf_weights), f"--target=digits={digits_patches}", *options,
-        "--out", str(tmp_path / "out"), "--address", address,
-    )  # fmt: skip
+        "finetune",
+        job,
+        "--weights",
+        str(hf_weights),
+        f"--target=digits={digits_patches}",
+        *options,
+        "--out",
+        str(tmp_path / "out"),
+        "--address",
+        address,
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     document = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [(r["target"], r["mode"]) for r in document["results"]] == [("digits", "pretrained")]
@@ -263,9 +281,6 @@ def test_a_job_whose_pretraining_has_not_run_says_so(tmp_path, digits_patches, r
 def test_targets_weights_and_output_resolve_from_the_job_and_options(tmp_path, weights):
     """A single-stage command's options become its step: targets given as NAME=DIR join the section's,
     the job's pretraining export is the default weights, the run folder the default output."""
-    from pipeline.runner.plan import Overrides, StageOptions, load_plan
-    from pipeline.runner.stages import pretrained_weights
-
     job = {
         **JOB,
         "pretrain": {"data": "x", "storage_path": str(tmp_path / "runs")},
@@ -298,8 +313,6 @@ def test_targets_weights_and_output_resolve_from_the_job_and_options(tmp_path, w
 
 
 def test_a_head_is_scored_on_a_target_only_with_the_same_classes(tmp_path):
-    from pipeline.transfer.task import _head_mismatch
-
     digits = [str(d) for d in range(10)]
     named = save_pretrained(VisionTransformer(TINY), tmp_path / "named", labels=digits)
     unnamed = save_pretrained(VisionTransformer(TINY), tmp_path / "unnamed")
@@ -310,8 +323,6 @@ def test_a_head_is_scored_on_a_target_only_with_the_same_classes(tmp_path):
 
 
 def test_a_results_folder_holding_others_files_is_refused_and_a_task_s_is_replaced(tmp_path):
-    from pipeline.transfer.launch import _refuse_foreign
-
     _refuse_foreign(str(tmp_path / "absent"))
     (tmp_path / "ours").mkdir()
     (tmp_path / "ours" / "metrics.jsonl").write_text("")  # what a task writes first
@@ -339,11 +350,6 @@ def test_an_hf_bit_folder_fine_tunes_as_pretrained_weights_and_exports_back_to_h
 ):
     """A `BitForImageClassification` folder as transformers saves it is `--weights` like a vitpipe one:
     fine-tuning starts from its backbone (adapted to 32 px and a 10-class head) and exports HF BiT."""
-    transformers = pytest.importorskip("transformers")
-    from vit.config import BiTConfig
-    from vit.hf_bit import hf_bit_config_dict
-    from vit.weights import load_pretrained, state_digest
-
     config = BiTConfig(image_size=32, patch_size=4, num_classes=5, depth=26, base_width=8, groups=8)
     fields = {k: v for k, v in hf_bit_config_dict(config).items() if k != "architectures"}
     transformers.BitForImageClassification(transformers.BitConfig(**fields)).save_pretrained(
@@ -351,9 +357,16 @@ def test_an_hf_bit_folder_fine_tunes_as_pretrained_weights_and_exports_back_to_h
     )
     address = ray.get_runtime_context().gcs_address
     result = run_vitpipe(
-        "finetune", str(write_job(tmp_path)), "--weights", str(tmp_path / "hf-bit"),
-        f"--target=digits={digits_patches}", "--out", str(tmp_path / "out"), "--address", address,
-    )  # fmt: skip
+        "finetune",
+        str(write_job(tmp_path)),
+        "--weights",
+        str(tmp_path / "hf-bit"),
+        f"--target=digits={digits_patches}",
+        "--out",
+        str(tmp_path / "out"),
+        "--address",
+        address,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     fine_tuned = json.loads((tmp_path / "out" / "results.json").read_text())["results"][0]
     started = load_pretrained(tmp_path / "hf-bit", image_size=32, patch_size=4, num_classes=10)
@@ -377,9 +390,16 @@ def test_a_file_of_someone_elses_in_a_rates_folder_is_kept_and_named(
     notes.write_text("mine")
     address = ray.get_runtime_context().gcs_address
     result = run_vitpipe(
-        "finetune", str(write_job(tmp_path)), "--weights", str(weights), f"--target=digits={digits_patches}",
-        "--out", str(tmp_path / "out"), "--address", address,
-    )  # fmt: skip
+        "finetune",
+        str(write_job(tmp_path)),
+        "--weights",
+        str(weights),
+        f"--target=digits={digits_patches}",
+        "--out",
+        str(tmp_path / "out"),
+        "--address",
+        address,
+    )
     assert result.returncode != 0
     assert "lr-0.03: holds files a vitpipe fine-tuning task did not write (notes.txt)" in result.stderr
     assert notes.read_text() == "mine"

@@ -198,8 +198,9 @@ def test_fit_images_resizes_whole_images_to_the_models_geometry():
 
 
 def small_vit(pool: str = "cls") -> VisionTransformer:
-    config = ViTConfig(image_size=16, patch_size=4, width=32, depth=3, heads=4, mlp_dim=64, num_classes=5,
-                       pool=pool)  # fmt: skip
+    config = ViTConfig(
+        image_size=16, patch_size=4, width=32, depth=3, heads=4, mlp_dim=64, num_classes=5, pool=pool
+    )
     model = VisionTransformer(config).eval()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # random everywhere, so that attention is far from uniform
@@ -266,8 +267,16 @@ def test_analyze_vit_averages_distances_over_exactly_the_images_it_reads():
 
 
 def test_attention_probabilities_are_refused_while_attention_dropout_is_on():
-    config = ViTConfig(image_size=16, patch_size=4, width=32, depth=1, heads=4, mlp_dim=64, num_classes=5,
-                       attention_dropout=0.1)  # fmt: skip
+    config = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        width=32,
+        depth=1,
+        heads=4,
+        mlp_dim=64,
+        num_classes=5,
+        attention_dropout=0.1,
+    )
     model = VisionTransformer(config).train()
     with pytest.raises(ValueError, match="eval mode"):
         model.encode_with_attention(images(1))

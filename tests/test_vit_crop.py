@@ -12,7 +12,10 @@ import torch
 from PIL import Image
 
 from vit.augment import center_crop, hflip_patches, inception_boxes, resized_crop, stored_geometry
-from vit.objective import training_view
+from vit.build import build_model
+from vit.config import BiTConfig, ViTConfig
+from vit.model import VisionTransformer
+from vit.objective import training_loss, training_view
 from vit.patches import PatchGeometry, patchify, unpatchify
 from vit.recipe import BatchSplit, Crop, Optimizer, Recipe, Schedule
 
@@ -120,10 +123,6 @@ def test_the_flip_folded_into_the_crop_mirrors_the_cropped_image():
 
 @pytest.mark.parametrize("family", ["vit", "bit"])
 def test_a_training_step_on_images_stored_larger_than_the_model_trains_on_its_crops(family):
-    from vit.build import build_model
-    from vit.config import BiTConfig, ViTConfig
-    from vit.objective import training_loss
-
     if family == "vit":
         config = ViTConfig(image_size=16, patch_size=4, num_classes=3, width=16, depth=1, heads=1, mlp_dim=32)
     else:
@@ -141,9 +140,6 @@ def test_a_training_step_on_images_stored_larger_than_the_model_trains_on_its_cr
 
 
 def test_normalising_uint8_or_float_pixels_gives_the_same_values_and_leaves_the_input_alone():
-    from vit.config import ViTConfig
-    from vit.model import VisionTransformer
-
     config = ViTConfig(image_size=16, patch_size=4, num_classes=3, width=16, depth=1, heads=1, mlp_dim=32)
     model = VisionTransformer(config)
     pixels = torch.from_numpy(patchify(photo(16)[None], 4))

@@ -4,15 +4,26 @@ batches from memory, checkpoints in a temporary folder."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
+from tests.conftest import free_port
 from vit.bit import ResNetV2
 from vit.config import BiTConfig, ViTConfig
-from vit.engine import build_engine, consolidated_state, load_checkpoint, save_checkpoint, train_micro_batch
+from vit.engine import (
+    build_engine,
+    consolidated_state,
+    load_checkpoint,
+    save_checkpoint,
+    to_universal,
+    train_micro_batch,
+)
 from vit.loop import DataExhaustedError, Hooks, LoopEnd, Throughput, pretrain_loop
 from vit.model import VisionTransformer
 from vit.recipe import BatchSplit, Cadence, Optimizer, Recipe, Schedule, Zero
@@ -29,8 +40,9 @@ def test_bf16_deepspeed_engine_trains_on_uint8_patches(stage, offload, one_rank_
     ZeRO stage and offload asked for, and it learns a batch. ZeRO >= 1 keeps bf16 weights (fp32 master
     partitions in its optimizer); ZeRO-0 keeps fp32 weights under bf16 autocast, its only master copy."""
     torch.manual_seed(0)
-    recipe = Recipe(Optimizer(lr=3e-3), Schedule(warmup_steps=0), total_steps=30, batch=BatchSplit(8, 8),
-                    bf16=True)  # fmt: skip
+    recipe = Recipe(
+        Optimizer(lr=3e-3), Schedule(warmup_steps=0), total_steps=30, batch=BatchSplit(8, 8), bf16=True
+    )
     zero = Zero(stage, offload_optimizer=offload)
     engine = build_engine(VisionTransformer(TINY), recipe, zero, world_size=1)
     assert engine.zero_optimization_stage() == stage
@@ -58,8 +70,9 @@ def test_bit_trains_in_bf16_in_the_deepspeed_engine_and_its_checkpoint_consolida
     benchmarks/results/bf16.json.)"""
     torch.manual_seed(0)
     config = BiTConfig(image_size=16, patch_size=4, num_classes=5, depth=26, base_width=8, groups=8)
-    recipe = Recipe(Optimizer(lr=3e-3), Schedule(warmup_steps=0), total_steps=20, batch=BatchSplit(8, 8),
-                    bf16=True)  # fmt: skip
+    recipe = Recipe(
+        Optimizer(lr=3e-3), Schedule(warmup_steps=0), total_steps=20, batch=BatchSplit(8, 8), bf16=True
+    )
     initial = ResNetV2(config)
     untrained = state_digest(initial)
     engine = build_engine(initial, recipe, Zero(stage), world_size=1)
@@ -99,12 +112,14 @@ def test_bf16_training_tracks_fp32_from_the_same_seed(family, one_rank_group):
     for bf16 in (False, True):
         torch.manual_seed(0)
         model = ResNetV2(config) if family == "bit" else VisionTransformer(config)
-        recipe = Recipe(Optimizer(lr=3e-3), Schedule(warmup_steps=0), total_steps=30, batch=BatchSplit(8, 8),
-                        bf16=bf16)  # fmt: skip
+        recipe = Recipe(
+            Optimizer(lr=3e-3), Schedule(warmup_steps=0), total_steps=30, batch=BatchSplit(8, 8), bf16=bf16
+        )
         engine = build_engine(model, recipe, Zero(2), world_size=1)
         rng = np.random.default_rng(0)
-        curves[bf16] = [float(train_micro_batch(engine, patches, labels, recipe, rng).loss.detach())
-                        for _ in range(30)]  # fmt: skip
+        curves[bf16] = [
+            float(train_micro_batch(engine, patches, labels, recipe, rng).loss.detach()) for _ in range(30)
+        ]
         assert engine.skipped_steps == 0, bf16
     fp32, bf16 = np.mean(curves[False][-5:]), np.mean(curves[True][-5:])
     assert fp32 < curves[False][0] / 3, curves[False]  # there is a curve to track
@@ -116,9 +131,12 @@ def test_bf16_training_tracks_fp32_from_the_same_seed(family, one_rank_group):
 DATA_ROWS, MICRO, ACCUM = 64, 8, 2
 STEPS_PER_EPOCH = DATA_ROWS // (MICRO * ACCUM)
 RECIPE = Recipe(
-    Optimizer(lr=1e-2, weight_decay=0.05), Schedule(warmup_steps=4), total_steps=24,
-    batch=BatchSplit(MICRO * ACCUM, MICRO), flip=False,
-)  # fmt: skip
+    Optimizer(lr=1e-2, weight_decay=0.05),
+    Schedule(warmup_steps=4),
+    total_steps=24,
+    batch=BatchSplit(MICRO * ACCUM, MICRO),
+    flip=False,
+)
 ZERO = Zero(2)
 
 
@@ -160,9 +178,15 @@ def run(
     hooks_of.engine = engine
     throughput = Throughput(images_per_step=MICRO * ACCUM, flops_per_step=1e6, peak_flops=None, seq_len=17)
     return pretrain_loop(
-        engine, recipe, hooks_of.hooks(stop_after), start_step=start_step, steps_per_epoch=STEPS_PER_EPOCH,
-        cadence=Cadence(log_every=1, checkpoint_every=10), throughput=throughput, seed=0,
-    )  # fmt: skip
+        engine,
+        recipe,
+        hooks_of.hooks(stop_after),
+        start_step=start_step,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        cadence=Cadence(log_every=1, checkpoint_every=10),
+        throughput=throughput,
+        seed=0,
+    )
 
 
 def test_pretraining_loop_trains_without_ray_and_resumes_with_the_weights_it_saved(one_rank_group, tmp_path):
@@ -205,9 +229,10 @@ def test_a_rank_whose_data_runs_out_stops_with_a_clear_error(one_rank_group, tmp
 
 def test_a_non_finite_loss_stops_the_loop_at_that_step_and_saves_nothing(one_rank_group, tmp_path):
     exploding = dataclasses.replace(
-        RECIPE, optimizer=Optimizer(name="sgd", lr=1e30, weight_decay=0.0, grad_clip=None),
+        RECIPE,
+        optimizer=Optimizer(name="sgd", lr=1e30, weight_decay=0.0, grad_clip=None),
         schedule=Schedule(warmup_steps=0, decay="constant"),
-    )  # fmt: skip
+    )
     memory = Memory(tmp_path)
     end = run(memory, build_engine(VisionTransformer(TINY), exploding, ZERO, world_size=1), 0, exploding)
     assert end.reason == "diverged"
@@ -259,22 +284,29 @@ def _reshard_phase(
     the universal checkpoint `load` (or fresh) trains `steps` (global step numbers: the same 16 images for
     a step on any number of ranks), saving `save` before the last of them. Rank 0 writes the full fp32
     weights, gathered by DeepSpeed, after the load and the save and at the end."""
-    import os
+    # DeepSpeed picks its accelerator when first imported: not as pytest collects this module, before
+    # one_rank_group's DS_ACCELERATOR=cpu
+    from deepspeed.utils import safe_get_full_fp32_param  # noqa: PLC0415
 
-    import torch.distributed as dist
-    from deepspeed.utils import safe_get_full_fp32_param
-    from safetensors.torch import save_file
-
-    os.environ.update({"DS_ACCELERATOR": "cpu", "LOCAL_RANK": str(rank), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)})  # fmt: skip
+    os.environ.update(
+        {
+            "DS_ACCELERATOR": "cpu",
+            "LOCAL_RANK": str(rank),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     patches, labels = dataset()
     recipe = dataclasses.replace(RECIPE, batch=BatchSplit(16, MICRO, world), optimizer=Optimizer(lr=1e-2))
 
     def dump(engine, name: str) -> None:
-        weights = {n: safe_get_full_fp32_param(p).detach().cpu().contiguous()
-                   for n, p in engine.module.named_parameters()}  # fmt: skip
+        weights = {
+            n: safe_get_full_fp32_param(p).detach().cpu().contiguous()
+            for n, p in engine.module.named_parameters()
+        }
         if rank == 0:
             save_file(weights, Path(folder) / f"state-{name}.safetensors")
 
@@ -304,8 +336,6 @@ def _reshard_phase(
 
 
 def _spawn_group(world: int, *args) -> None:
-    from tests.conftest import free_port
-
     torch.multiprocessing.spawn(_reshard_phase, args=(world, free_port(), *args), nprocs=world, join=True)
 
 
@@ -316,9 +346,6 @@ def test_zero_state_is_resharded_exactly_across_a_two_one_two_cycle(tmp_path):
     conversion of the save and saves again; two ranks load the conversion of that and train the 4th step.
     The weights are the saved ones after each load, and the 4th step lands exactly where the unbroken run's
     did: Adam's moments and step count came through both reshards (lost moments change the update)."""
-    from safetensors.torch import load_file
-
-    from vit.engine import to_universal
 
     def state(name: str) -> dict[str, torch.Tensor]:
         return load_file(tmp_path / f"state-{name}.safetensors")
@@ -333,9 +360,11 @@ def test_zero_state_is_resharded_exactly_across_a_two_one_two_cycle(tmp_path):
     for stage in RESHARD_STAGES:
         saved, unbroken = state(f"{stage}-saved-two"), state(f"{stage}-end-fresh")
         assert not torch.equal(saved["head.weight"], unbroken["head.weight"])  # the 4th step moved them
-        pairs = {"2->1 weights": (state(f"{stage}-loaded-two"), saved),
-                 "1->2 weights": (state(f"{stage}-loaded-one"), saved),
-                 "2->1->2 then a step": (state(f"{stage}-end-one"), unbroken)}  # fmt: skip
+        pairs = {
+            "2->1 weights": (state(f"{stage}-loaded-two"), saved),
+            "1->2 weights": (state(f"{stage}-loaded-one"), saved),
+            "2->1->2 then a step": (state(f"{stage}-end-one"), unbroken),
+        }
         for what, (got, expected) in pairs.items():
             assert got.keys() == expected.keys()
             for name, tensor in expected.items():

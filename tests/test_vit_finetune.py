@@ -121,8 +121,7 @@ def test_the_loop_reads_values_back_from_the_device_only_at_record_steps(monkeyp
     recorded every 2 steps: three records, one read each."""
     net = model()
     counts = count_host_reads(monkeypatch)
-    outcome = finetune(net, batches(4), paper_spec(batch=BatchSplit(4 * 2, 4)), device=CPU,
-                       log_every=2)  # fmt: skip
+    outcome = finetune(net, batches(4), paper_spec(batch=BatchSplit(4 * 2, 4)), device=CPU, log_every=2)
     reads = dict(counts)
     assert len(outcome.records) == 3
     assert reads == {"tolist": 3}

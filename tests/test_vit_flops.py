@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -71,7 +72,6 @@ def test_bit_r50x1_costs_the_published_4_1_gmac():
 
 
 def test_analytic_flops_equal_flops_counted_on_hf_vit():
-    transformers = pytest.importorskip("transformers")
     config = CONFIGS["Ti/16@224"]
     fields = {k: v for k, v in hf_config_dict(config).items() if k != "architectures"}
     hf_config = transformers.ViTConfig(**fields)

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+import transformers
 
 from vit.config import Architecture, ViTConfig
 from vit.hf import config_from_hf, export_hf, from_hf_state_dict, hf_config_dict, to_hf_state_dict
@@ -14,17 +15,23 @@ from vit.model import VisionTransformer
 from vit.patches import patchify
 from vit.weights import load_pretrained, read_checkpoint
 
-transformers = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 CONFIGS = {
     "Ti/16@224": ViTConfig.from_variant("Ti/16", image_size=224, num_classes=10, layer_norm_eps=1e-12),
     "S/8@32 1ch": ViTConfig.from_variant("S/8", image_size=32, channels=1, num_classes=7),
     "w48 d3 p12@48": ViTConfig(
-        image_size=48, patch_size=12, num_classes=3, width=48, depth=3, mlp_dim=96, heads=4,
-        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        image_size=48,
+        patch_size=12,
+        num_classes=3,
+        width=48,
+        depth=3,
+        mlp_dim=96,
+        heads=4,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
     ),
-}  # fmt: skip
+}
 
 
 def hf_model(config: ViTConfig, **extra) -> torch.nn.Module:

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+import transformers
 
 from tests.test_vit_hf import assert_same_logits, images_for
 from vit.bit import ResNetV2
@@ -20,19 +21,26 @@ from vit.hf_bit import (
 from vit.patches import patchify
 from vit.weights import export_hf_folder, load_pretrained, read_checkpoint
 
-transformers = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 CONFIGS = {
     "R26 stem8 @32": BiTConfig(image_size=32, patch_size=4, num_classes=10, depth=26, base_width=8, groups=8),
     "R50 stem16 (8x2) @48 1ch": BiTConfig(
-        image_size=48, patch_size=8, channels=1, num_classes=7, depth=50, base_width=8, width_factor=2,
-        groups=4, mean=(0.45,), std=(0.27,),
+        image_size=48,
+        patch_size=8,
+        channels=1,
+        num_classes=7,
+        depth=50,
+        base_width=8,
+        width_factor=2,
+        groups=4,
+        mean=(0.45,),
+        std=(0.27,),
     ),
     "R26 stem24 @16": BiTConfig(
         image_size=16, patch_size=4, num_classes=5, depth=26, base_width=24, groups=8
     ),
-}  # fmt: skip
+}
 
 
 def hf_model(config: BiTConfig, **extra) -> torch.nn.Module:
@@ -63,8 +71,11 @@ def test_hf_bit_weights_converted_into_vitpipe_give_the_same_logits(name):
     config = CONFIGS[name]
     theirs = perturb(hf_model(config))
     converted = bit_config_from_hf(theirs.config.to_dict(), theirs.state_dict(), None, "hf")
-    assert (converted.depth, converted.stem_width, converted.groups) == (config.depth, config.stem_width,
-                                                                          config.groups)  # fmt: skip
+    assert (converted.depth, converted.stem_width, converted.groups) == (
+        config.depth,
+        config.stem_width,
+        config.groups,
+    )
     ours = ResNetV2(config).eval()
     ours.load_state_dict(from_hf_bit_state_dict(theirs.state_dict(), converted), strict=True)
     assert_same_logits(*logits_of_both(config, ours, theirs))

@@ -23,29 +23,49 @@ from vit.engine import (
     place_optimizer_state,
     train_micro_batch,
 )
-from vit.loop import LoopEnd, Throughput, pretrain_loop
+from vit.loop import LoopEnd, Throughput, peak_memory_gb, pretrain_loop
 from vit.model import VisionTransformer
 from vit.objective import step_randomness, training_view
 from vit.recipe import BatchSplit, Cadence, Crop, Optimizer, Recipe, Schedule, Zero
 
 # Every source of randomness on: dropout, drop-path, the random crop, flips, mixup.
 NOISY = ViTConfig(
-    image_size=16, patch_size=4, channels=3, num_classes=5, width=32, depth=2, heads=2, mlp_dim=64,
-    dropout=0.1, drop_path=0.2,
-)  # fmt: skip
+    image_size=16,
+    patch_size=4,
+    channels=3,
+    num_classes=5,
+    width=32,
+    depth=2,
+    heads=2,
+    mlp_dim=64,
+    dropout=0.1,
+    drop_path=0.2,
+)
 NOISY_RECIPE = dataclasses.replace(RECIPE, flip=True, mixup_alpha=0.4, crop=Crop(), total_steps=6)
 THROUGHPUT = Throughput(images_per_step=MICRO * ACCUM, flops_per_step=1e6, peak_flops=None, seq_len=17)
 
 
 def train(
-    memory: Memory, engine, start: int, recipe: Recipe, *, log_every: int = 1, checkpoint_every: int = 3,
+    memory: Memory,
+    engine,
+    start: int,
+    recipe: Recipe,
+    *,
+    log_every: int = 1,
+    checkpoint_every: int = 3,
     stop_after: int | None = None,
-) -> LoopEnd:  # fmt: skip
+) -> LoopEnd:
     memory.engine = engine
     return pretrain_loop(
-        engine, recipe, memory.hooks(stop_after), start_step=start, steps_per_epoch=STEPS_PER_EPOCH,
-        cadence=Cadence(log_every, checkpoint_every), throughput=THROUGHPUT, seed=11,
-    )  # fmt: skip
+        engine,
+        recipe,
+        memory.hooks(stop_after),
+        start_step=start,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        cadence=Cadence(log_every, checkpoint_every),
+        throughput=THROUGHPUT,
+        seed=11,
+    )
 
 
 def fresh_engine(recipe: Recipe = NOISY_RECIPE, zero: Zero | None = None):
@@ -159,8 +179,14 @@ def test_the_loop_reads_the_device_only_at_log_steps(one_rank_group, tmp_path, m
             yield batch
 
     memory.batches = marked
-    end = train(memory, fresh_engine(), 0, dataclasses.replace(NOISY_RECIPE, total_steps=6), log_every=3,
-                checkpoint_every=100)  # fmt: skip
+    end = train(
+        memory,
+        fresh_engine(),
+        0,
+        dataclasses.replace(NOISY_RECIPE, total_steps=6),
+        log_every=3,
+        checkpoint_every=100,
+    )
     monkeypatch.undo()
     assert end == LoopEnd(6, "finished")
     marks.append(len(reads))  # after the last step
@@ -185,8 +211,11 @@ def test_optimizer_state_is_placed_on_its_parameters_device_in_its_dtype(fused):
     optimizer.param_groups[0]["fused"] = fused
     shared_step = torch.tensor(7, dtype=torch.int64)
     for parameter in parameters:
-        optimizer.state[parameter] = {"step": shared_step, "exp_avg": torch.zeros(3, dtype=torch.float64),
-                                      "exp_avg_sq": torch.zeros(3, dtype=torch.float64)}  # fmt: skip
+        optimizer.state[parameter] = {
+            "step": shared_step,
+            "exp_avg": torch.zeros(3, dtype=torch.float64),
+            "exp_avg_sq": torch.zeros(3, dtype=torch.float64),
+        }
     place_optimizer_state(optimizer)
     steps = [optimizer.state[p]["step"] for p in parameters]
     for parameter, step in zip(parameters, steps, strict=True):
@@ -240,7 +269,9 @@ def test_a_bf16_checkpoint_consolidates_into_the_fp32_master_weights(stage, one_
     """Under bf16 with fp32 accumulation ZeRO-1 is DeepSpeed's BF16_Optimizer, whose files zero_to_fp32
     does not read (an export of such a run failed after all its training); every stage's checkpoint gives
     the fp32 master weights the engine holds, bit for bit."""
-    from deepspeed.utils import safe_get_full_fp32_param
+    # DeepSpeed picks its accelerator when first imported: not at collection, before one_rank_group's
+    # DS_ACCELERATOR=cpu
+    from deepspeed.utils import safe_get_full_fp32_param  # noqa: PLC0415
 
     bf16 = dataclasses.replace(NOISY_RECIPE, bf16=True, total_steps=3)
     engine = fresh_engine(bf16, Zero(stage))
@@ -256,7 +287,7 @@ def test_deepspeed_does_not_synchronise_the_device_at_each_micro_batch(one_rank_
     """DeepSpeed's throughput timer (on by default) synchronises the accelerator as each micro-batch
     starts and steps: two host-device syncs a micro-batch on a GPU. Counted through the accelerator, which
     the timer calls on CPUs too."""
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator  # noqa: PLC0415 (as above)
 
     accelerator = get_accelerator()
     calls = []
@@ -346,8 +377,6 @@ def test_a_compiled_engine_trains_within_a_tolerance_of_eager(one_rank_group):
 def test_peak_memory_is_read_from_cuda_s_allocator_and_is_none_elsewhere(monkeypatch):
     """The record's `peak_memory_gb`: CUDA's allocator statistic in GiB (a host-side number, no device
     read), None on a CPU."""
-    from vit.loop import peak_memory_gb
-
     assert peak_memory_gb(torch.device("cpu")) is None
     asked = []
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: asked.append(device) or 3 * 2**30)
@@ -359,16 +388,24 @@ def test_a_non_finite_step_between_log_steps_is_not_checkpointed_by_a_notice(one
     """The loop reads the device only at log steps; a preemption notice at a step between them must still
     find a non-finite step before it saves: the run ends 'diverged' and nothing is saved."""
     exploding = dataclasses.replace(
-        RECIPE, optimizer=Optimizer(name="sgd", lr=1e30, weight_decay=0.0, grad_clip=None),
-        schedule=Schedule(warmup_steps=0, decay="constant"), total_steps=20,
-    )  # fmt: skip
+        RECIPE,
+        optimizer=Optimizer(name="sgd", lr=1e30, weight_decay=0.0, grad_clip=None),
+        schedule=Schedule(warmup_steps=0, decay="constant"),
+        total_steps=20,
+    )
     memory = Memory(tmp_path)
     hooks = dataclasses.replace(memory.hooks(), notice=lambda step: "checkpoint" if step == 5 else "")
     memory.engine = engine = fresh_engine(exploding)
     end = pretrain_loop(
-        engine, exploding, hooks, start_step=0, steps_per_epoch=STEPS_PER_EPOCH,
-        cadence=Cadence(log_every=100, checkpoint_every=100), throughput=THROUGHPUT, seed=0,
-    )  # fmt: skip
+        engine,
+        exploding,
+        hooks,
+        start_step=0,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        cadence=Cadence(log_every=100, checkpoint_every=100),
+        throughput=THROUGHPUT,
+        seed=0,
+    )
     assert end.reason == "diverged"
     assert end.step == 5
     assert memory.saved == []

@@ -121,21 +121,32 @@ def test_label_smoothing_and_mixup_keep_targets_distributions():
 
 
 def test_deepspeed_config_splits_the_batch_and_merges_extra_keys():
-    recipe = Recipe(Optimizer(grad_clip=1.0), Schedule(), total_steps=10, batch=BatchSplit(64, 8, 2),
-                    bf16=True)  # fmt: skip
+    recipe = Recipe(
+        Optimizer(grad_clip=1.0), Schedule(), total_steps=10, batch=BatchSplit(64, 8, 2), bf16=True
+    )
     extra = {"zero_optimization": {"sub_group_size": 10**8}, "comms_logger": {"enabled": False}}
-    zero = Zero(3, offload_optimizer=True, extra=extra, overlap_comm=False, reduce_bucket_size=2**20,
-                allgather_bucket_size=2**18)  # fmt: skip
+    zero = Zero(
+        3,
+        offload_optimizer=True,
+        extra=extra,
+        overlap_comm=False,
+        reduce_bucket_size=2**20,
+        allgather_bucket_size=2**18,
+    )
     config = deepspeed_config(recipe, zero, world_size=2)
     assert config["train_batch_size"] == 64
     assert config["gradient_accumulation_steps"] == 4
     assert config["train_micro_batch_size_per_gpu"] == 8
     assert config["gradient_clipping"] == 1.0
     assert config["zero_optimization"] == {
-        "stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False}, "overlap_comm": False,
-        "reduce_bucket_size": 2**20, "stage3_prefetch_bucket_size": 2**18, "contiguous_gradients": True,
+        "stage": 3,
+        "offload_optimizer": {"device": "cpu", "pin_memory": False},
+        "overlap_comm": False,
+        "reduce_bucket_size": 2**20,
+        "stage3_prefetch_bucket_size": 2**18,
+        "contiguous_gradients": True,
         "sub_group_size": 10**8,
-    }  # fmt: skip
+    }
     # No all-gather size of vitpipe's own by default: DeepSpeed's (5e8 at stages 1-2, 5e7 at stage 3).
     assert "stage3_prefetch_bucket_size" not in deepspeed_config(recipe, Zero(3), 2)["zero_optimization"]
     with pytest.raises(ValueError, match="the recipe's batch is split for 2 rank"):
@@ -177,8 +188,9 @@ def test_the_training_step_flips_smooths_and_mixes_as_the_recipe_says():
     torch.nn.init.normal_(model.head.weight, std=0.5)  # a zero head would give every input the same logits
     patches = torch.randint(0, 256, (6, *TINY.geometry.shape), dtype=torch.uint8)
     labels = torch.arange(6) % TINY.num_classes
-    plain = Recipe(Optimizer(), Schedule(), total_steps=1, batch=BatchSplit(6, 6), flip=False,
-                   label_smoothing=0.1)  # fmt: skip
+    plain = Recipe(
+        Optimizer(), Schedule(), total_steps=1, batch=BatchSplit(6, 6), flip=False, label_smoothing=0.1
+    )
 
     def loss(recipe: Recipe) -> float:
         return training_loss(model, patches, labels, recipe, np.random.default_rng(0)).loss.item()

@@ -45,9 +45,13 @@ def mixup(images: torch.Tensor, targets: torch.Tensor, weight: float) -> tuple[t
 
 
 def inception_boxes(
-    batch: int, size: int, crop: Crop, device: torch.device, generator: torch.Generator | None = None,
+    batch: int,
+    size: int,
+    crop: Crop,
+    device: torch.device,
+    generator: torch.Generator | None = None,
     tries: int = 10,
-) -> Boxes:  # fmt: skip
+) -> Boxes:
     """A random box per image of a `size`-pixel square: area a fraction in `crop.area`, aspect ratio
     log-uniform in `crop.aspect`, whole pixels, inside the image (as Szegedy et al. and torchvision's
     RandomResizedCrop draw it); after `tries` draws that do not fit, the whole image."""
@@ -85,9 +89,12 @@ def resize_weights(start: torch.Tensor, length: torch.Tensor, size: int, out: in
 
 
 def resized_crop(
-    patches: torch.Tensor, stored: PatchGeometry, target: PatchGeometry, boxes: Boxes,
+    patches: torch.Tensor,
+    stored: PatchGeometry,
+    target: PatchGeometry,
+    boxes: Boxes,
     flip: torch.Tensor | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Each image's box resized to the target's size, on the patch layout: uint8 or float patches of the
     stored geometry in, float pixel patches (0-255) of the target geometry out. Two batched matmuls
     (rows then columns), so the cost is small next to the model's; `flip` [B] mirrors those images."""

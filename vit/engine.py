@@ -4,8 +4,9 @@ conversion, consolidated weights.
 No Ray here: whoever starts the processes (Ray Train in vitpipe, a test's one-rank gloo group) sets up
 torch.distributed first, then calls `build_engine` in every rank. The same code runs on GPUs (NCCL) and
 on CPUs (gloo, DeepSpeed's CPU accelerator, chosen by DS_ACCELERATOR=cpu in the worker's environment).
-DeepSpeed itself is imported on first use: the config schema declares `Zero` from here, and importing
-DeepSpeed starts its accelerator detection (and its log line) in every command.
+DeepSpeed itself is imported on first use (`noqa: PLC0415` below): the pretraining driver imports this
+module (through the export), and importing DeepSpeed (2.5 s) starts its accelerator detection (and its
+log line) in every process that imports this one, the driver included.
 """
 
 from __future__ import annotations
@@ -84,8 +85,11 @@ def zero_section(zero: Zero) -> dict[str, Any]:
     them), and the optimizer's offload."""
     section: dict[str, Any] = {"stage": zero.stage}
     if zero.stage > 0:
-        section |= {"overlap_comm": zero.overlap_comm, "reduce_bucket_size": zero.reduce_bucket_size,
-                    "contiguous_gradients": True}  # fmt: skip
+        section |= {
+            "overlap_comm": zero.overlap_comm,
+            "reduce_bucket_size": zero.reduce_bucket_size,
+            "contiguous_gradients": True,
+        }
         if zero.allgather_bucket_size is not None:
             bucket = "stage3_prefetch_bucket_size" if zero.stage == 3 else "allgather_bucket_size"
             section[bucket] = zero.allgather_bucket_size
@@ -105,14 +109,19 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_engine(
-    model: nn.Module, recipe: Recipe, zero: Zero, world_size: int, *, load_universal: bool = False,
+    model: nn.Module,
+    recipe: Recipe,
+    zero: Zero,
+    world_size: int,
+    *,
+    load_universal: bool = False,
     compile_model: bool = False,
-) -> Any:  # fmt: skip
+) -> Any:
     """`deepspeed.initialize` on an already set-up process group, the model compiled in place when asked
     (`engine.compile`: the module keeps its parameter names, so checkpoints do not change). The learning
     rate is not a DeepSpeed scheduler's state: the loop sets `recipe.lr_at(step)` before each optimizer
     step (`set_step_lr`)."""
-    import deepspeed
+    import deepspeed  # noqa: PLC0415
 
     optimizer = make_optimizer(model, recipe.optimizer)
     config = deepspeed_config(recipe, zero, world_size, load_universal=load_universal)
@@ -135,7 +144,7 @@ def set_step_lr(engine: Any, recipe: Recipe, step: int) -> float:
 @contextlib.contextmanager
 def quiet_deepspeed() -> Iterator[None]:
     """DeepSpeed logs its whole config at INFO on every rank; keep warnings, drop the rest."""
-    from deepspeed.utils import logger as deepspeed_logger
+    from deepspeed.utils import logger as deepspeed_logger  # noqa: PLC0415
 
     level = deepspeed_logger.level
     deepspeed_logger.setLevel("WARNING")
@@ -173,8 +182,10 @@ def load_checkpoint(engine: Any, directory: str | Path, tag: str) -> dict[str, A
     2 -> 1 -> 2 test: the optimizer's group settings stay the recipe's (every group got the first group's,
     so biases, norms and position embeddings were decayed), and each group counts its own Adam steps (the
     groups shared one step tensor, so the second group's bias correction ran a step ahead per step)."""
-    recipe_groups = [{key: value for key, value in group.items() if key != "params"}
-                     for group in engine.optimizer.param_groups]  # fmt: skip
+    recipe_groups = [
+        {key: value for key, value in group.items() if key != "params"}
+        for group in engine.optimizer.param_groups
+    ]
     with quiet_deepspeed():
         path, client_state = engine.load_checkpoint(str(directory), tag=tag, load_lr_scheduler_states=False)
     if path is None:
@@ -211,7 +222,7 @@ def to_universal(directory: str | Path, tag: str, out: str | Path) -> Path:
 
     Runs in this process (one extract and one merge worker), so it needs no launcher.
     """
-    from deepspeed.checkpoint import ds_to_universal
+    from deepspeed.checkpoint import ds_to_universal  # noqa: PLC0415
 
     out = Path(out)
     args = argparse.Namespace(
@@ -248,7 +259,7 @@ def consolidated_state(directory: str | Path, tag: str) -> dict[str, torch.Tenso
 
     DeepSpeed checkpoints are pickles; vitpipe loads them only from a run's own storage.
     """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
 
     folder = Path(directory) / tag
     if not folder.is_dir():
@@ -279,8 +290,9 @@ def _universal_fp32_state(directory: str | Path, tag: str) -> dict[str, torch.Te
     with its BF16_Optimizer and whose files zero_to_fp32 does not read: from its universal form, which
     holds each parameter's fp32 weights (`zero/NAME/fp32.pt`, some flattened), in the shapes of the bf16
     module saved beside them."""
-    saved = torch.load(Path(directory) / tag / "mp_rank_00_model_states.pt", map_location="cpu",
-                       weights_only=False)  # fmt: skip
+    saved = torch.load(
+        Path(directory) / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )
     shapes = {name: tensor.shape for name, tensor in saved["module"].items()}
     state = {}
     with tempfile.TemporaryDirectory(prefix="vitpipe-universal-") as scratch:

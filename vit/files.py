@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vit.config import CONFIG_FILE, Architecture
+from vit.jsonfile import read_json
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -51,17 +52,6 @@ def read_config_json(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {CONFIG_FILE}; not a saved vitpipe or HF ViT model")
     return read_json(path)
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from a file; anything else is a ValueError naming the file."""
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -7,6 +7,8 @@ conventions do; it is well under 1% of the total for the standard variants.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from vit.config import Architecture, BiTConfig
@@ -96,8 +98,6 @@ def measured_matmul_flops(
 ) -> float:
     """FLOP/s of square matmuls on this CPU with this process's threads: the peak MFU is quoted against
     on a CPU, where no datasheet number fits the threads a worker was given."""
-    import time
-
     a = torch.randn(size, size, dtype=dtype)
     b = torch.randn(size, size, dtype=dtype)
     torch.mm(a, b)  # warm up the kernels and thread pool

@@ -18,10 +18,10 @@ from vit.files import (
     WEIGHTS_FILE,
     Checkpoint,
     read_config_json,
-    read_json,
     read_safetensors,
     write_model_folder,
 )
+from vit.jsonfile import read_json
 from vit.model import VisionTransformer
 
 HF_DIR = "hf"  # where an export puts its HF transformers folder, beside vitpipe's own
@@ -234,8 +234,10 @@ def to_hf_state_dict(
 def label_fields(labels: list[str] | None, num_classes: int) -> dict[str, dict]:
     """An HF config's `id2label` and `label2id` (HF's LABEL_i placeholders when the classes have no names)."""
     labels = labels or [f"LABEL_{i}" for i in range(num_classes)]
-    return {"id2label": {str(i): name for i, name in enumerate(labels)},
-            "label2id": {name: i for i, name in enumerate(labels)}}  # fmt: skip
+    return {
+        "id2label": {str(i): name for i, name in enumerate(labels)},
+        "label2id": {name: i for i, name in enumerate(labels)},
+    }
 
 
 def hf_config_dict(config: ViTConfig, labels: list[str] | None = None) -> dict[str, Any]:

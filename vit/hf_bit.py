@@ -28,8 +28,17 @@ from vit.hf import (
 )
 from vit.variants import BIT_DEPTHS
 
-_UNIT_PARTS = ("norm1.weight", "norm1.bias", "conv1.weight", "norm2.weight", "norm2.bias", "conv2.weight",
-               "norm3.weight", "norm3.bias", "conv3.weight")  # fmt: skip
+_UNIT_PARTS = (
+    "norm1.weight",
+    "norm1.bias",
+    "conv1.weight",
+    "norm2.weight",
+    "norm2.bias",
+    "conv2.weight",
+    "norm3.weight",
+    "norm3.bias",
+    "conv3.weight",
+)
 _FIXED = {  # HF config fields whose other values build another network than vit/bit.py's
     "layer_type": "preactivation",
     "hidden_act": "relu",
@@ -47,8 +56,11 @@ def _units(config: BiTConfig) -> list[tuple[int, int]]:
 
 def _name_pairs(config: BiTConfig) -> list[tuple[str, str]]:
     """(vitpipe name, HF name without `bit.`) of every backbone tensor."""
-    pairs = [("stem.weight", "embedder.convolution.weight"), ("norm.weight", "norm.weight"),
-             ("norm.bias", "norm.bias")]  # fmt: skip
+    pairs = [
+        ("stem.weight", "embedder.convolution.weight"),
+        ("norm.weight", "norm.weight"),
+        ("norm.bias", "norm.bias"),
+    ]
     for index, (stage, unit) in enumerate(_units(config)):
         hf_unit = f"encoder.stages.{stage}.layers.{unit}."
         pairs += [(f"body.{index}.{part}", hf_unit + part) for part in _UNIT_PARTS]
@@ -126,10 +138,16 @@ def bit_config_from_hf(
     if "classifier.1.weight" in state:
         num_classes = int(state["classifier.1.weight"].shape[0])
     return BiTConfig(
-        image_size=image_size, patch_size=_patch_size(image_size), channels=channels, num_classes=num_classes,
-        depth=_bit_depth(list(hf_config.get("depths", (3, 4, 6, 3))), source), base_width=stem,
-        groups=int(hf_config.get("num_groups", 32)), mean=mean, std=std,
-    )  # fmt: skip
+        image_size=image_size,
+        patch_size=_patch_size(image_size),
+        channels=channels,
+        num_classes=num_classes,
+        depth=_bit_depth(list(hf_config.get("depths", (3, 4, 6, 3))), source),
+        base_width=stem,
+        groups=int(hf_config.get("num_groups", 32)),
+        mean=mean,
+        std=std,
+    )
 
 
 def _patch_size(image_size: int) -> int:

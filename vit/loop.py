@@ -134,8 +134,11 @@ def pretrain_loop(
 
 def non_finite(record: dict[str, Any]) -> str:
     """'' when the step's loss and gradient norm are finite; else what was not (`loss nan`)."""
-    bad = [f"{name} {record[name]}" for name in ("loss", "grad_norm")
-           if record.get(name) is not None and not math.isfinite(record[name])]  # fmt: skip
+    bad = [
+        f"{name} {record[name]}"
+        for name in ("loss", "grad_norm")
+        if record.get(name) is not None and not math.isfinite(record[name])
+    ]
     return ", ".join(bad)
 
 
@@ -220,17 +223,35 @@ class Window:
         loss_sum, correct, images = self.totals.tolist()
         grad_norm = float(self.grad_norm) if self.grad_norm is not None else None
         steps, seconds = step - self.first_step, time.perf_counter() - self.started
-        record = step_record(step, epoch, loss_sum / images, correct / images, lr, grad_norm, engine,
-                             seconds / steps, self.waited / steps, throughput)  # fmt: skip
+        record = step_record(
+            step,
+            epoch,
+            loss_sum / images,
+            correct / images,
+            lr,
+            grad_norm,
+            engine,
+            seconds / steps,
+            self.waited / steps,
+            throughput,
+        )
         bad = non_finite(record) or self.non_finite()
         self.restart(step)
         return record, bad
 
 
 def step_record(
-    step: int, epoch: int, loss: float, accuracy: float, lr: float, grad_norm: float | None, engine: Any,
-    step_seconds: float, waited: float, throughput: Throughput,
-) -> dict[str, Any]:  # fmt: skip
+    step: int,
+    epoch: int,
+    loss: float,
+    accuracy: float,
+    lr: float,
+    grad_norm: float | None,
+    engine: Any,
+    step_seconds: float,
+    waited: float,
+    throughput: Throughput,
+) -> dict[str, Any]:
     """The metrics of a finished step (1-based), as metrics.jsonl and TensorBoard keep them: the step's
     loss, accuracy and gradient norm, and rates averaged over the steps since the previous record."""
     images_per_s = throughput.images_per_step / step_seconds

@@ -154,8 +154,11 @@ def load_state(
     missing = sorted(set(expected) - set(state) - fresh)
     if missing:
         problems.append(f"missing key(s) {missing}")
-    not_finite = sorted(key for key, tensor in state.items()
-                        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()))  # fmt: skip
+    not_finite = sorted(
+        key
+        for key, tensor in state.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    )
     if not_finite:
         problems.append(f"NaN or infinite values in {not_finite} (weights of a run that diverged?)")
     if problems:

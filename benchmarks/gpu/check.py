@@ -51,8 +51,14 @@ from benchmarks.bench_pretrain import cuda_seconds, measured_bf16_peak
 from benchmarks.machine import machine
 from pipeline.config import PreprocessConfig, PretrainConfig
 from pipeline.info import package_versions
+from pipeline.metrics import read_records
 from pipeline.patchfile import PatchShardWriter
 from pipeline.preprocess.manifest import build_manifest, write_manifest
+from pipeline.preprocess.shard import ShardReport
+from pipeline.pretrain.control import TrainingStopped
+from pipeline.pretrain.launch import pretrain
+from pipeline.pretrain.plan import plan_pretrain
+from pipeline.ray_session import init_ray
 from pipeline.storage import resolve
 from vit.config import ViTConfig
 from vit.flops import gpu_peak_flops, measured_matmul_flops, train_flops
@@ -107,10 +113,15 @@ def _configurations(
 ) -> tuple[Configuration, ...]:
     """`plan`: (name, the sizes it takes, "eager"/"compiled" [+ "+ac"], the seconds planned for it)."""
     return tuple(
-        Configuration(name, **sizes[model], compile=mode.startswith("compiled"),
-                      activation_checkpointing=mode.endswith("+ac"), estimate_s=estimate)
+        Configuration(
+            name,
+            **sizes[model],
+            compile=mode.startswith("compiled"),
+            activation_checkpointing=mode.endswith("+ac"),
+            estimate_s=estimate,
+        )
         for name, model, mode, estimate in plan
-    )  # fmt: skip
+    )
 
 
 GPU_SIZES = {
@@ -130,9 +141,14 @@ GPU_PLAN = [
     ("l16-eager-ac", "L/16", "eager+ac", 70),
 ]
 CPU_SIZES = {  # 2 ranks x 2 micro-batches of 8 a step
-    "tiny": {"model": {"patch_size": 8, "width": 32, "depth": 2, "heads": 2, "mlp_dim": 64},
-             "global_batch": 32, "micro_batch": 8, "steps": 4, "warmup": 1},
-}  # fmt: skip
+    "tiny": {
+        "model": {"patch_size": 8, "width": 32, "depth": 2, "heads": 2, "mlp_dim": 64},
+        "global_batch": 32,
+        "micro_batch": 8,
+        "steps": 4,
+        "warmup": 1,
+    },
+}
 # Inductor's first compilation of even this model takes over a minute on 2 cores: planned so, the compiled
 # runs happen only when a generous --deadline-s leaves the time.
 CPU_PLAN = [
@@ -142,12 +158,34 @@ CPU_PLAN = [
     ("tiny-compiled-ac", "tiny", "compiled+ac", 150),
 ]
 
-GPU = Profile("cuda", stored_size=256, image_size=224, patch_size=16, classes=1000, images=4096,
-              images_per_file=512, workers=1, cpus_per_worker=8, data_threads=4, deadline_s=240,
-              configurations=_configurations(GPU_SIZES, GPU_PLAN))  # fmt: skip
-CPU = Profile("cpu", stored_size=40, image_size=32, patch_size=8, classes=10, images=256, images_per_file=128,
-              workers=2, cpus_per_worker=0.5, data_threads=1, deadline_s=100,
-              configurations=_configurations(CPU_SIZES, CPU_PLAN))  # fmt: skip
+GPU = Profile(
+    "cuda",
+    stored_size=256,
+    image_size=224,
+    patch_size=16,
+    classes=1000,
+    images=4096,
+    images_per_file=512,
+    workers=1,
+    cpus_per_worker=8,
+    data_threads=4,
+    deadline_s=240,
+    configurations=_configurations(GPU_SIZES, GPU_PLAN),
+)
+CPU = Profile(
+    "cpu",
+    stored_size=40,
+    image_size=32,
+    patch_size=8,
+    classes=10,
+    images=256,
+    images_per_file=128,
+    workers=2,
+    cpus_per_worker=0.5,
+    data_threads=1,
+    deadline_s=100,
+    configurations=_configurations(CPU_SIZES, CPU_PLAN),
+)
 
 
 # ---------------------------------------------------------------- the results file and the deadline
@@ -264,8 +302,10 @@ def host_to_device(device: torch.device, shape: tuple[int, ...], repeats: int = 
         for _ in range(3):
             copy()
         seconds = seconds_per_call(copy, repeats, device)
-        out["pinned" if pinned else "pageable"] = {"gb_per_s": batch.numel() / seconds / 1e9,
-                                                   "images_per_s": shape[0] / seconds}  # fmt: skip
+        out["pinned" if pinned else "pageable"] = {
+            "gb_per_s": batch.numel() / seconds / 1e9,
+            "images_per_s": shape[0] / seconds,
+        }
     return out
 
 
@@ -306,8 +346,6 @@ def augmentation_cost(
 def write_corpus(profile: Profile, directory: Path) -> dict[str, Any]:
     """`profile.images` labelled images as `vitpipe preprocess` writes them (Parquet patch shards through
     PatchShardWriter, footers, _manifest.json), made of a pool of random images shifted by their labels."""
-    from pipeline.preprocess.shard import ShardReport  # imports the decoder stack (PIL, webdataset)
-
     started = time.perf_counter()
     config = PreprocessConfig(image_size=profile.stored_size, patch_size=profile.patch_size, channels=3)
     geometry = config.geometry()
@@ -333,9 +371,16 @@ def write_corpus(profile: Profile, directory: Path) -> dict[str, Any]:
     classes = [f"class_{label:04d}" for label in range(profile.classes)]
     write_manifest(filesystem, root, build_manifest(config, "synthetic", classes, reports))
     size = sum(path.stat().st_size for path in directory.glob("*.parquet"))
-    return {"directory": str(directory), "images": profile.images, "files": len(reports),
-            "stored_size": profile.stored_size, "patch_size": profile.patch_size, "classes": profile.classes,
-            "bytes": size, "seconds": time.perf_counter() - started}  # fmt: skip
+    return {
+        "directory": str(directory),
+        "images": profile.images,
+        "files": len(reports),
+        "stored_size": profile.stored_size,
+        "patch_size": profile.patch_size,
+        "classes": profile.classes,
+        "bytes": size,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 # ---------------------------------------------------------------- pretraining runs
@@ -345,26 +390,40 @@ def job_config(profile: Profile, configuration: Configuration, data: str) -> Pre
     """The job's `pretrain:` section of one configuration: ZeRO-2, bf16, the paper jobs' recipe (AdamW at
     1e-3, crop, flip), a record every step, one checkpoint (at the end) and no restarts."""
     return PretrainConfig(
-        data=data, model=configuration.model, num_workers=profile.workers, use_gpu=profile.device == "cuda",
-        cpus_per_worker=profile.cpus_per_worker, data_threads=profile.data_threads,
-        image_size=profile.image_size, crop=CROP, global_batch_size=configuration.global_batch,
-        micro_batch_size=configuration.micro_batch, steps=configuration.steps, zero_stage=2, bf16=True,
-        compile=configuration.compile, activation_checkpointing=configuration.activation_checkpointing,
+        data=data,
+        model=configuration.model,
+        num_workers=profile.workers,
+        use_gpu=profile.device == "cuda",
+        cpus_per_worker=profile.cpus_per_worker,
+        data_threads=profile.data_threads,
+        image_size=profile.image_size,
+        crop=CROP,
+        global_batch_size=configuration.global_batch,
+        micro_batch_size=configuration.micro_batch,
+        steps=configuration.steps,
+        zero_stage=2,
+        bf16=True,
+        compile=configuration.compile,
+        activation_checkpointing=configuration.activation_checkpointing,
         optimizer={"name": "adamw", "lr": 1e-3, "weight_decay": 0.03, "grad_clip": 1.0},
-        schedule={"warmup_steps": 4, "decay": "linear"}, checkpoint_every=configuration.steps,
-        keep_checkpoints=1, max_failures=0, log_every=1,
-    )  # fmt: skip
+        schedule={"warmup_steps": 4, "decay": "linear"},
+        checkpoint_every=configuration.steps,
+        keep_checkpoints=1,
+        max_failures=0,
+        log_every=1,
+    )
 
 
-def run_configuration(profile: Profile, configuration: Configuration, data: str, runs: Path,
-                      peaks: dict[str, float | None], deadline: Deadline) -> dict[str, Any]:  # fmt: skip
+def run_configuration(
+    profile: Profile,
+    configuration: Configuration,
+    data: str,
+    runs: Path,
+    peaks: dict[str, float | None],
+    deadline: Deadline,
+) -> dict[str, Any]:
     """`vitpipe pretrain` of one configuration in this process; its row from the run's records. A run that
     fails (out of memory, say) is a row with its error; the next configuration still runs."""
-    from pipeline.metrics import read_records
-    from pipeline.pretrain.control import TrainingStopped
-    from pipeline.pretrain.launch import pretrain
-    from pipeline.pretrain.plan import plan_pretrain
-
     row: dict[str, Any] = {**asdict(configuration), "workers": profile.workers, "status": "done"}
     flops_per_image = None
     started = time.perf_counter()
@@ -389,8 +448,13 @@ def run_configuration(profile: Profile, configuration: Configuration, data: str,
     return row | measured(records, configuration, flops_per_image, profile.workers, peaks)
 
 
-def measured(records: list[dict[str, Any]], configuration: Configuration, flops_per_image: float | None,
-             workers: int, peaks: dict[str, float | None]) -> dict[str, Any]:  # fmt: skip
+def measured(
+    records: list[dict[str, Any]],
+    configuration: Configuration,
+    flops_per_image: float | None,
+    workers: int,
+    peaks: dict[str, float | None],
+) -> dict[str, Any]:
     """A run's numbers from its metrics.jsonl: medians over the steps after the warmup (all but the first
     when the run stopped sooner), MFU of the group against `peaks` (one device's FLOP/s) x workers."""
     steps = [r for r in records if "images_per_s" in r]
@@ -417,13 +481,15 @@ def measured(records: list[dict[str, Any]], configuration: Configuration, flops_
         "images_per_s": rate,
         "step_s": statistics.median(r["step_s"] for r in timed),
         "first_step_s": steps[0]["step_s"],
-        **{f"mfu_{name}": rate * flops_per_image / (peak * workers) if peak and flops_per_image else None
-           for name, peak in peaks.items()},
+        **{
+            f"mfu_{name}": rate * flops_per_image / (peak * workers) if peak and flops_per_image else None
+            for name, peak in peaks.items()
+        },
         "mfu_recorded": statistics.median(recorded_mfu) if recorded_mfu else None,
         "peak_memory_gib": max(memory) if memory else None,
         "data_wait_s": statistics.median(r["data_wait_s"] for r in timed),
         "data_wait_share": sum(r["data_wait_s"] for r in timed) / step_s if step_s else None,
-    }  # fmt: skip
+    }
 
 
 def _finite(value: float | None) -> bool:
@@ -431,14 +497,17 @@ def _finite(value: float | None) -> bool:
 
 
 def run_all(
-    profile: Profile, selected: set[str] | None, scratch: Path, peaks: dict[str, float | None],
-    deadline: Deadline, report: Report, results: dict[str, Any],
-) -> None:  # fmt: skip
+    profile: Profile,
+    selected: set[str] | None,
+    scratch: Path,
+    peaks: dict[str, float | None],
+    deadline: Deadline,
+    report: Report,
+    results: dict[str, Any],
+) -> None:
     """Every configuration in priority order on the corpus in `scratch`, or its reason for being skipped; the
     report written after each. A run's time is planned from the last timed run of the same model and compile
     setting."""
-    from pipeline.ray_session import init_ray
-
     results |= {"ray": init_ray(), "rows": [], "skipped": []}
     timed: dict[tuple[str, bool], float] = {}
     for configuration in profile.configurations:
@@ -454,8 +523,9 @@ def run_all(
         print(
             f"check: {configuration.name}: about {estimate:.0f} s, {deadline.left():.0f} s left", flush=True
         )
-        row = run_configuration(profile, configuration, str(scratch / "patches"), scratch / "runs", peaks,
-                                deadline)  # fmt: skip
+        row = run_configuration(
+            profile, configuration, str(scratch / "patches"), scratch / "runs", peaks, deadline
+        )
         if row["status"] == "done":
             timed[configuration.kind] = row["wall_s"]
         results["rows"].append(row)
@@ -474,26 +544,39 @@ def nan_check(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "steps": sum(row["steps_done"] for row in trained),
         "all_finite": all(row["finite"] for row in trained) if trained else None,
         "skipped_steps": sum(row.get("skipped_steps") or 0 for row in trained),
-        "per_run": {row["name"]: {"first_loss": row["losses"][0], "last_loss": row["losses"][-1],
-                                  "max_grad_norm": max((g for g in row["grad_norms"] if g is not None),
-                                                       default=None), "finite": row["finite"]}
-                    for row in trained},
-    }  # fmt: skip
+        "per_run": {
+            row["name"]: {
+                "first_loss": row["losses"][0],
+                "last_loss": row["losses"][-1],
+                "max_grad_norm": max((g for g in row["grad_norms"] if g is not None), default=None),
+                "finite": row["finite"],
+            }
+            for row in trained
+        },
+    }
 
 
 def summary(rows: list[dict[str, Any]], skipped: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     """How the runs ended, each model's fastest configuration, and ViT-B/16's best MFU against the goal."""
     ended = {status: sum(row["status"] == status for row in rows) for status in ("done", "stopped", "error")}
     timed = sorted((row for row in rows if row.get("images_per_s")), key=lambda row: row["images_per_s"])
-    fastest = {row["model"]: {key: row.get(key) for key in ("name", "images_per_s", "mfu_datasheet")}
-               for row in timed}  # fmt: skip
-    b16 = [row["mfu_datasheet"] for row in timed
-           if row["name"].startswith("b16") and row.get("mfu_datasheet") is not None]  # fmt: skip
+    fastest = {
+        row["model"]: {key: row.get(key) for key in ("name", "images_per_s", "mfu_datasheet")}
+        for row in timed
+    }
+    b16 = [
+        row["mfu_datasheet"]
+        for row in timed
+        if row["name"].startswith("b16") and row.get("mfu_datasheet") is not None
+    ]
     return {
-        "runs": ended | {"skipped": len(skipped)}, "fastest_per_model": fastest,
-        "b16_best_mfu_datasheet": max(b16, default=None), "goal_mfu": GOAL_MFU,
-        "meets_goal": max(b16) >= GOAL_MFU if b16 else None, "seconds": seconds,
-    }  # fmt: skip
+        "runs": ended | {"skipped": len(skipped)},
+        "fastest_per_model": fastest,
+        "b16_best_mfu_datasheet": max(b16, default=None),
+        "goal_mfu": GOAL_MFU,
+        "meets_goal": max(b16) >= GOAL_MFU if b16 else None,
+        "seconds": seconds,
+    }
 
 
 def table(rows: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> str:
@@ -527,10 +610,11 @@ def main() -> None:
         "--out", type=Path, help="the JSON (default: benchmarks/results/gpu_check[_cpu].json)"
     )
     parser.add_argument(
-        "--deadline-s", type=float,
+        "--deadline-s",
+        type=float,
         help="seconds from the start: no run starts that would end later, one still going stops then "
         "(default: 240, --cpu 100)",
-    )  # fmt: skip
+    )
     parser.add_argument("--configs", help="comma-separated configuration names to run (default: all)")
     parser.add_argument(
         "--scratch", type=Path, help="where the data and runs go (default: a temporary folder)"
@@ -543,17 +627,24 @@ def main() -> None:
     selected = set(args.configs.split(",")) if args.configs else None
     unknown = (selected or set()) - {c.name for c in profile.configurations}
     if unknown:
-        raise SystemExit(f"unknown configuration(s) {sorted(unknown)}; known: "
-                         f"{', '.join(c.name for c in profile.configurations)}")  # fmt: skip
+        raise SystemExit(
+            f"unknown configuration(s) {sorted(unknown)}; known: "
+            f"{', '.join(c.name for c in profile.configurations)}"
+        )
     device = torch.device(profile.device)
     out = (
         args.out
         or Path(__file__).resolve().parents[1] / "results" / f"gpu_check{'_cpu' if args.cpu else ''}.json"
     )
-    report = Report(out, {
-        "benchmark": "gpu_check", "mode": profile.device,
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "deadline_s": deadline.seconds,
-    })  # fmt: skip
+    report = Report(
+        out,
+        {
+            "benchmark": "gpu_check",
+            "mode": profile.device,
+            "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "deadline_s": deadline.seconds,
+        },
+    )
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="vitpipe-gpu-check-"))
     peaks: dict[str, float | None] = {"datasheet": None, "measured_matmul": None}
     try:

@@ -128,8 +128,9 @@ def plot_components(components: np.ndarray, explained: np.ndarray, title: str, o
     count = len(components)
     columns = min(count, 7)
     rows = math.ceil(count / columns)
-    with saved_figure(out, figsize=(1.2 * columns, 1.3 * rows + 0.4), nrows=rows, ncols=columns,
-                      squeeze=False) as (figure, axes):  # fmt: skip
+    with saved_figure(
+        out, figsize=(1.2 * columns, 1.3 * rows + 0.4), nrows=rows, ncols=columns, squeeze=False
+    ) as (figure, axes):
         for index, axis in enumerate(axes.flat):
             axis.axis("off")
             if index >= count:

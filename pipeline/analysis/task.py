@@ -61,8 +61,9 @@ def analysis_task(subject: Subject, images: ImageSource, config: AnalyzeConfig, 
             fit_images(torch.from_numpy(patches), reader.geometry, architecture.geometry)
             for patches, _ in reader.take(rows, config.batch_size)
         )
-        found = analyze_vit(model, batches, rollout_images=config.images, max_images=len(rows),
-                            components=config.components)  # fmt: skip
+        found = analyze_vit(
+            model, batches, rollout_images=config.images, max_images=len(rows), components=config.components
+        )
         staged = Path(scratch) / "staged"
         document = _document(subject, architecture, images, reader, rows, found)
         _draw(found, architecture, subject.label, staged)
@@ -89,9 +90,13 @@ def _draw(found: Analysis, architecture: ViTConfig, label: str, staged: Path) ->
 
 
 def _document(
-    subject: Subject, architecture: ViTConfig, images: ImageSource, reader: SplitReader, rows: np.ndarray,
+    subject: Subject,
+    architecture: ViTConfig,
+    images: ImageSource,
+    reader: SplitReader,
+    rows: np.ndarray,
     found: Analysis,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """analysis.json: every number the pictures show, with what it was computed from."""
     geometry = architecture.geometry
     distances = found.distances.numpy()

@@ -3,7 +3,7 @@ validates through; a config that fails here fails before any Ray work starts, wi
 path named. Derived values (the recipe, the batch split, the worker group) belong to each stage's plan.
 """
 
-from pipeline.config.base import DEFAULT_PATCH_SIZE, DEFAULT_RUNS, ConfigError, Section, digest, flatten
+from pipeline.config.base import DEFAULT_PATCH_SIZE, DEFAULT_RUNS, ConfigError, Section, digest
 from pipeline.config.data import (
     OUTPUT_NEUTRAL,
     DatasetConfig,
@@ -24,5 +24,5 @@ __all__ = [
     "AnalyzeConfig", "AnyModel", "BiTModelConfig", "ConfigError", "DatasetConfig", "DigitsConfig",
     "EvaluateConfig", "FinetuneConfig", "FractalsConfig", "ImageFolderConfig", "ModelConfig",
     "PipelineConfig", "PreprocessConfig", "PretrainConfig", "Section", "StudyConfig", "TrackingConfig",
-    "WandbConfig", "check_name", "digest", "flatten", "load_config", "load_yaml", "validate",
+    "WandbConfig", "check_name", "digest", "load_config", "load_yaml", "validate",
 ]  # fmt: skip

@@ -139,14 +139,3 @@ def dataclass_section(cls: type) -> Any:
 OptimizerSection = dataclass_section(Optimizer)
 ScheduleSection = dataclass_section(Schedule)
 CropSection = dataclass_section(Crop)
-
-
-def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}: settings as one level of dotted keys (lists stay whole)."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict) and value:
-            flat |= flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

@@ -7,16 +7,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import Section
+from pipeline.datasets.card import summarize
 
 
-def build_dataset(config: Section, out: Path, overwrite: bool, preview: bool) -> str:
-    """Build the dataset `config` describes into `out` (and draw a preview); returns its summary."""
-    from pipeline.datasets.card import summarize
+def build_dataset(
+    config: Section, out: Path, overwrite: bool, preview: bool, address: str | None = None
+) -> str:
+    """Build the dataset `config` describes into `out` (and draw a preview) on Ray, joined at `address` (or
+    started) unless this process is in it already; returns its summary."""
     from pipeline.datasets.digits import build_digits
     from pipeline.datasets.fractals import build_fractals
     from pipeline.datasets.imagefolder import build_imagefolder
     from pipeline.datasets.preview import write_preview
+    from pipeline.ray_session import connect_ray
 
+    connect_ray(address)
     builders: dict[str, Callable[..., Path]] = {
         "digits": build_digits,
         "fractals": build_fractals,

@@ -41,24 +41,41 @@ def model_card(facts: dict[str, Any], *, library: str, results: list[dict[str, A
     data = facts.get("data") or {}
     dataset = data.get("name") or "unnamed"
     tags = ["image-classification", "vision", facts["family"], "vitpipe"]
-    front: dict[str, Any] = {"library_name": library, "pipeline_tag": "image-classification", "tags": tags,
-                             "datasets": [dataset], "metrics": ["accuracy"]}  # fmt: skip
+    front: dict[str, Any] = {
+        "library_name": library,
+        "pipeline_tag": "image-classification",
+        "tags": tags,
+        "datasets": [dataset],
+        "metrics": ["accuracy"],
+    }
     scored = [r for r in results or [] if r.get("top1") is not None]
     if scored:
-        front["model-index"] = [{"name": f"{facts['architecture']} pretrained on {dataset}", "results": [
-            {"task": {"type": "image-classification"}, "dataset": {"name": r["target"], "type": r["target"]},
-             "metrics": [{"type": "accuracy", "value": round(float(r["top1"]), 4),
-                          "name": f"{'fine-tuned' if r.get('steps') else 'evaluated'} top-1 ({r['mode']})"}]}
-            for r in scored]}]  # fmt: skip
+        entries = [
+            {
+                "task": {"type": "image-classification"},
+                "dataset": {"name": r["target"], "type": r["target"]},
+                "metrics": [{"type": "accuracy", "value": round(float(r["top1"]), 4), "name": _top1_name(r)}],
+            }
+            for r in scored
+        ]
+        front["model-index"] = [
+            {"name": f"{facts['architecture']} pretrained on {dataset}", "results": entries}
+        ]
     lines = [
-        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-        f"# {facts['architecture']}, pretrained with vitpipe", "",
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {facts['architecture']}, pretrained with vitpipe",
+        "",
         f"- architecture: {facts['architecture']}, {facts['params']:,} parameters, {facts['image_size']} px "
         f"input, patch {facts['patch_size']}, {facts['channels']} channel(s), {facts['classes']}-class head",
         f"- pretraining data: {_data_line(data)}",
         f"- pretraining: {facts['step']:,} steps on {facts['workers']} worker(s), DeepSpeed ZeRO stage "
-        f"{facts['zero_stage']}" if facts.get("step") is not None else "- pretraining: unknown",
-    ]  # fmt: skip
+        f"{facts['zero_stage']}"
+        if facts.get("step") is not None
+        else "- pretraining: unknown",
+    ]
     if facts.get("recipe"):
         lines.append(
             "- recipe: " + ", ".join(f"{key} {value}" for key, value in sorted(facts["recipe"].items()))
@@ -66,12 +83,18 @@ def model_card(facts: dict[str, Any], *, library: str, results: list[dict[str, A
     lines += ["", "## Transfer", ""]
     if scored:
         lines += ["| target | mode | test top-1 (%) | top-5 (%) |", "| --- | --- | --- | --- |"]
-        lines += [f"| {r['target']} | {r['mode']} | {100 * r['top1']:.1f} | {100 * (r.get('top5') or 0):.1f} |"  # noqa: E501
-                  for r in scored]  # fmt: skip
+        lines += [
+            f"| {r['target']} | {r['mode']} | {100 * r['top1']:.1f} | {100 * (r.get('top5') or 0):.1f} |"
+            for r in scored
+        ]
     else:
         lines.append("Not yet fine-tuned or evaluated: vitpipe writes the results here once it has.")
     lines += ["", "## Use", "", _usage(library), ""]
     return "\n".join(lines)
+
+
+def _top1_name(result: dict[str, Any]) -> str:
+    return f"{'fine-tuned' if result.get('steps') else 'evaluated'} top-1 ({result['mode']})"
 
 
 def write_cards(

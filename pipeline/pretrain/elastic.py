@@ -81,8 +81,13 @@ class Notices:
         self.poll_gap = 0.0  # measured afresh from here: the next poll's gap holds this checkpoint
         if self.log is not None:
             left = self.deadline - time.time() if self.deadline is not None else None
-            self.log.event("preemption", step=step, nodes=info.preempted_node_ids, ranks=info.preempted_ranks,
-                           deadline_s=round(left, 1) if left is not None else None)  # fmt: skip
+            self.log.event(
+                "preemption",
+                step=step,
+                nodes=info.preempted_node_ids,
+                ranks=info.preempted_ranks,
+                deadline_s=round(left, 1) if left is not None else None,
+            )
             say(
                 f"pretrain: preemption notice for rank(s) {info.preempted_ranks}"
                 + (f", {left:,.0f} s before the node goes" if left is not None else "")

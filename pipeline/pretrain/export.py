@@ -93,8 +93,13 @@ def export_checkpoint(
         write_cards(staged, facts)
         written = sorted(str(path.relative_to(staged)) for path in staged.rglob("*") if path.is_file())
         refuse_foreign_files(out, written)
-        record = {"format": EXPORT_FORMAT, "checkpoint": info.path, "step": info.step, "files": written,
-                  "card": facts}  # fmt: skip
+        record = {
+            "format": EXPORT_FORMAT,
+            "checkpoint": info.path,
+            "step": info.step,
+            "files": written,
+            "card": facts,
+        }
         (staged / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         publish_folder(staged, out)
     return Export(info.step, info.path, join(out, VITPIPE_DIR), join(out, HF_DIR))
@@ -165,7 +170,9 @@ def _files_under(filesystem: pafs.FileSystem, root: str, names: tuple[str, ...])
         if info.type == pafs.FileType.File:
             found.append(name)
         elif info.type == pafs.FileType.Directory:
-            found += [posixpath.relpath(entry.path, root)
-                      for entry in filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
-                      if entry.type == pafs.FileType.File]  # fmt: skip
+            found += [
+                posixpath.relpath(entry.path, root)
+                for entry in filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+                if entry.type == pafs.FileType.File
+            ]
     return sorted(found)

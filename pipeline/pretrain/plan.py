@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from pipeline.config import PRETRAIN_BUDGET, PRETRAIN_OPERATIONAL, PretrainConfig, digest, flatten
+from pipeline.config import PRETRAIN_BUDGET, PRETRAIN_OPERATIONAL, PretrainConfig, digest
 from pipeline.preprocess.manifest import (
     ROOT_SPLIT,
     manifest_classes,
@@ -22,7 +22,7 @@ from pipeline.preprocess.manifest import (
 from pipeline.pretrain.checkpoints import architecture_of, latest_checkpoint
 from pipeline.pretrain.feed_plan import Corpus, FeedPlan
 from pipeline.storage import basename
-from pipeline.tracking import OFF, TrackingTarget
+from pipeline.tracking import OFF, TrackingTarget, flatten
 from vit.config import Architecture
 from vit.patches import PatchGeometry, misfits
 from vit.recipe import BatchSplit, Cadence, Recipe, Speed, Zero

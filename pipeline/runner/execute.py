@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ray
+import ray  # noqa: TID253 (steps run as Ray tasks; the stages stay lazy)
 import yaml
 
 from pipeline.config import ConfigError
@@ -166,9 +166,14 @@ def _pretrain_lock(plan: JobPlan, steps: list[Step]) -> contextlib.AbstractConte
 
 
 def _run_steps(
-    context: RunContext, steps: list[Step], options: RunOptions, fingerprints: dict[str, str],
-    externals: dict[str, dict[str, str]], summary: RunSummary, started: float,
-) -> None:  # fmt: skip
+    context: RunContext,
+    steps: list[Step],
+    options: RunOptions,
+    fingerprints: dict[str, str],
+    externals: dict[str, dict[str, str]],
+    summary: RunSummary,
+    started: float,
+) -> None:
     """Each step in order (concurrent ones next to each other together), run.json updated after each;
     after a failure only the analyses and the report still run, on what the finished steps wrote."""
     index = 0
@@ -360,10 +365,19 @@ def _finish(
     write_record(
         context.plan.layout.stages,
         step.id,
-        {"key": started.key, "status": status, "started": started.stamp, "finished": _now(),
-         "seconds": seconds, "fingerprint": outcome.fingerprint, "upstream": started.upstream,
-         "external": started.external, "outputs": outcome.outputs, "error": outcome.error},
-    )  # fmt: skip
+        {
+            "key": started.key,
+            "status": status,
+            "started": started.stamp,
+            "finished": _now(),
+            "seconds": seconds,
+            "fingerprint": outcome.fingerprint,
+            "upstream": started.upstream,
+            "external": started.external,
+            "outputs": outcome.outputs,
+            "error": outcome.error,
+        },
+    )
     fingerprints[step.id] = outcome.fingerprint  # what follows may still read a partly failed step
     end_tracking(context.children.pop(step.id, OFF), "FAILED" if outcome.error else "FINISHED")
     if outcome.error:
@@ -374,9 +388,13 @@ def _finish(
 
 
 def _run_concurrently(
-    context: RunContext, group: list[Step], options: RunOptions, fingerprints: dict[str, str],
-    externals: dict[str, dict[str, str]], summary: RunSummary,
-) -> list[StepReport]:  # fmt: skip
+    context: RunContext,
+    group: list[Step],
+    options: RunOptions,
+    fingerprints: dict[str, str],
+    externals: dict[str, dict[str, str]],
+    summary: RunSummary,
+) -> list[StepReport]:
     """Steps that may run beside each other (a study's points): the cached ones skipped, the others all
     started at once, for Ray to place on the cluster's resources, and each recorded as it ends. A failed
     one is kept apart: the others go on, and the report still runs (reading it as failed)."""

@@ -25,6 +25,7 @@ from pipeline.config import DEFAULT_RUNS, ConfigError, PipelineConfig
 from pipeline.storage import join
 
 PRETRAIN_DIR = "pretrain"
+JOB_FILE = "job.yaml"  # the job a run folder was run with, kept in it
 
 
 @dataclass(frozen=True)
@@ -105,3 +106,18 @@ def run_layout(job: PipelineConfig, run_dir: str | None = None) -> RunLayout:
     if "://" not in storage:
         storage = str(Path(storage).expanduser().absolute())
     return RunLayout(root, job.name, storage, job.name)
+
+
+def job_and_run_folder(target: str) -> tuple[Path, str | None]:
+    """(job file, run folder) of a command's RUN|JOB argument: a run folder's own job file, or a job file
+    whose run folder is its own (None)."""
+    path = Path(target).expanduser()
+    if path.is_dir():
+        if not (path / JOB_FILE).is_file():
+            raise ConfigError(
+                f"{target}: not a vitpipe run folder (no {JOB_FILE}); give the run folder or its job"
+            )
+        return path / JOB_FILE, str(path)
+    if not path.is_file():
+        raise ConfigError(f"{target}: no such run folder or job file")
+    return path, None

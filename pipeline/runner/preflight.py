@@ -7,12 +7,16 @@ No Ray and no torch here: a refused job is refused in about a second.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.config import ConfigError
+from pipeline.datasets.build import planned_split_sizes
 from pipeline.preprocess.manifest import MANIFEST_FILE, read_manifest
 from pipeline.pretrain.plan import check_run_matches, plan_pretrain, training_split
-from pipeline.runner.plan import JobPlan, Step
+from pipeline.runner.plan import JobPlan, Step, load_plan
 from pipeline.runner.records import external_fingerprints
 from pipeline.storage import check_location, check_not_a_file, join, resolve
+from pipeline.study.plan import Point, point_pretrain, study_job
 
 
 def check_before_run(
@@ -38,6 +42,17 @@ def check_before_run(
     return externals
 
 
+def validated(job: Path, *, check_inputs: bool = True) -> str:
+    """`vitpipe validate JOB`: everything `vitpipe run` checks before it starts (the inputs from outside
+    the run too, unless not `check_inputs`); the verdict and the job resolved, as text."""
+    plan = load_plan(job)
+    if check_inputs:
+        check_before_run(plan, plan.steps, pretrain_redone=False)
+    steps = ", ".join(step.id for step in plan.steps)
+    verdict = f"{job}: valid (config hash {plan.job.digest()}); steps: {steps}"
+    return f"{verdict}\n{plan.job.model_dump_json(indent=2)}"
+
+
 def check_pretrain_run(plan: JobPlan) -> None:
     """The run folder's checkpoints against the job's pretrain section: its defining settings always, and
     the model and the data's size too when the data is already preprocessed."""
@@ -57,8 +72,6 @@ def check_study_sizes(plan: JobPlan) -> None:
     """study.sizes against the images of the corpus's training split, where that is known before
     anything runs (a generated dataset's settings, else a patch directory's manifest): one error naming
     every size too large and the corpus size. Otherwise the subsets step checks when it draws."""
-    from pipeline.study.plan import study_job
-
     study = study_job(plan.job, plan.source)
     known = _corpus_images(plan, study.corpus, study.pretrain.split)
     if known is None:
@@ -74,8 +87,6 @@ def check_study_sizes(plan: JobPlan) -> None:
 
 def _corpus_images(plan: JobPlan, corpus: str, split: str) -> tuple[int, str, str] | None:
     """(images, split, where that was read) of a preprocess entry's training split, or None."""
-    from pipeline.datasets.build import planned_split_sizes
-
     entry = plan.job.preprocess.get(corpus)
     source = entry.input if entry is not None and entry.input else corpus
     dataset = plan.job.datasets.get(source) if entry is not None else None
@@ -93,8 +104,6 @@ def _corpus_images(plan: JobPlan, corpus: str, split: str) -> tuple[int, str, st
 def check_study_point_run(plan: JobPlan, step: Step) -> None:
     """A study point's pretraining run folder against the point's settings, as for a pretrain step: a
     relaunch with another budget resumes it, one that changes what defines it is refused."""
-    from pipeline.study.plan import Point, point_pretrain, study_job
-
     point = Point(**step.settings["point"])
     config = point_pretrain(study_job(plan.job, plan.source), point)
     run_dir = join(plan.layout.study_storage(point.name), "pretrain")

@@ -27,6 +27,9 @@ def git_revision(root: Path = PROJECT_ROOT) -> dict[str, Any] | None:
 def _git(root: Path, *args: str) -> str:
     result = subprocess.run(  # noqa: S603 (fixed git arguments)
         ["git", "-C", str(root), *args],  # noqa: S607 (git from PATH, as a user runs it)
-        capture_output=True, text=True, check=True, timeout=30,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
     return result.stdout.strip()

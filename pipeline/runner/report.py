@@ -13,11 +13,19 @@ from typing import Any
 from pipeline.analysis.figures import PICTURES as MODEL_PICTURES
 from pipeline.analysis.subjects import ANALYSIS_FILE, PRETRAINED
 from pipeline.config import PretrainConfig
+from pipeline.datasets.card import read_card
+from pipeline.metrics import plot_loss, read_records, resizes
+from pipeline.preprocess.manifest import read_manifest
 from pipeline.pretrain.plan import worker_group
 from pipeline.runner.plan import JobPlan
 from pipeline.runner.provenance import git_revision
 from pipeline.runner.records import read_record
 from pipeline.storage import write_atomic
+from pipeline.study.report import FIGURE, write_study_results
+from pipeline.study.report import markdown_table as study_table
+from pipeline.transfer.report import RESULTS_JSON, plot_results
+from pipeline.transfer.report import markdown_table as transfer_table
+from vit.jsonfile import read_json
 
 PICTURES = "report"
 CAPTIONS = {  # a model's analysis pictures (pipeline.analysis.figures.PICTURES) as the report names them
@@ -57,14 +65,11 @@ def write_report(plan: JobPlan) -> str:
 
 
 def _transfer_section(plan: JobPlan, pictures: Path) -> str:
-    from pipeline.transfer.report import RESULTS_JSON, markdown_table, plot_results
-    from vit.files import read_json  # a damaged file: a ValueError naming it
-
     path = Path(plan.layout.transfer) / RESULTS_JSON
     if not path.is_file():
         return "## Transfer\n\nNo results: the finetune step has not finished."
-    document = read_json(path)
-    text = "## Transfer to the target datasets\n\n" + markdown_table(document).strip()
+    document = read_json(path)  # a damaged file: a ValueError naming it
+    text = "## Transfer to the target datasets\n\n" + transfer_table(document).strip()
     if document["results"]:
         plot_results(document, pictures / "transfer.png")
         text += f"\n\n![transfer results]({PICTURES}/transfer.png)"
@@ -74,7 +79,6 @@ def _transfer_section(plan: JobPlan, pictures: Path) -> str:
 def study_points_status(plan: JobPlan) -> list[dict[str, Any]]:
     """Every study point: its summary (point.json) when done, else its state and error from its record."""
     from pipeline.study.launch import POINT_FILE
-    from vit.files import read_json
 
     points = []
     for step in plan.steps:
@@ -92,8 +96,6 @@ def study_points_status(plan: JobPlan) -> list[dict[str, Any]]:
 
 
 def _study_section(plan: JobPlan, pictures: Path) -> str:
-    from pipeline.study.report import FIGURE, markdown_table, write_study_results
-
     study = plan.job.study
     points = study_points_status(plan)
     settings = study.model_dump(mode="json") if study is not None else {}
@@ -104,32 +106,36 @@ def _study_section(plan: JobPlan, pictures: Path) -> str:
         "",
         f"{done} of {len(points)} points finished. Accuracy (%) of each, fine-tuned and few-shot linear:",
         "",
-        markdown_table(points),
+        study_table(points),
     ]
     figure = Path(plan.layout.study) / FIGURE
     if document["curves"] and figure.is_file():
         shutil.copyfile(figure, pictures / FIGURE)
         text += ["", f"![transfer against pretraining images]({PICTURES}/{FIGURE})"]
-    text += ["", f"Per point: pretraining run, transfer results and point.json under `{plan.layout.study}`; "
-             "every point and curve in `study/results.json`."]  # fmt: skip
+    text += [
+        "",
+        f"Per point: pretraining run, transfer results and point.json under `{plan.layout.study}`; "
+        "every point and curve in `study/results.json`.",
+    ]
     return "\n".join(text)
 
 
 def _analysis_section(plan: JobPlan, pictures: Path) -> str:
     """The paper's looks inside the models: one model's four pictures (the pretrained one, a study's
     largest), a table of every model's numbers, and the figures that compare them."""
-    from vit.files import read_json
-
     folder = Path(plan.layout.analysis)
     if not (folder / ANALYSIS_FILE).is_file():
         return "## What the model sees\n\nNo analyses: the analyze step has not finished."
     index = read_json(folder / ANALYSIS_FILE)
     models = index["models"]
     images = index["images"]
-    text = ["## What the model sees", "",
-            f"The paper's analyses (section 4.5) of every ViT the run trained, from its stored weights, on "
-            f"up to {index['settings']['distance_images']} `{images['split']}` images of `{images['name']}`; "
-            f"numbers in `{folder / ANALYSIS_FILE}`."]  # fmt: skip
+    text = [
+        "## What the model sees",
+        "",
+        f"The paper's analyses (section 4.5) of every ViT the run trained, from its stored weights, on "
+        f"up to {index['settings']['distance_images']} `{images['split']}` images of `{images['name']}`; "
+        f"numbers in `{folder / ANALYSIS_FILE}`.",
+    ]
     shown = next((m for m in models if m["role"] == PRETRAINED), models[0] if models else None)
     if shown is not None:
         text += ["", f"**{shown['label']}** ({shown['architecture']}):", ""]
@@ -137,8 +143,10 @@ def _analysis_section(plan: JobPlan, pictures: Path) -> str:
             name = f"analysis-{key}.png"
             shutil.copyfile(folder / shown["folder"] / MODEL_PICTURES[key], pictures / name)
             text.append(f"![{caption}]({PICTURES}/{name})")
-    for key, caption in (("by_data", "attention distance by pretraining images"),
-                         ("by_model", "attention distance, every model")):  # fmt: skip
+    for key, caption in (
+        ("by_data", "attention distance by pretraining images"),
+        ("by_model", "attention distance, every model"),
+    ):
         if key in index["figures"]:
             shutil.copyfile(folder / index["figures"][key], pictures / index["figures"][key])
             text += ["", f"![{caption}]({PICTURES}/{index['figures'][key]})"]
@@ -175,8 +183,6 @@ def _analysis_table(models: list[dict[str, Any]]) -> list[str]:
 
 
 def _pretrain_section(plan: JobPlan, config: PretrainConfig, pictures: Path) -> str:
-    from pipeline.metrics import plot_loss, read_records, resizes
-
     records = read_records(plan.layout.pretrain)
     steps = [r for r in records if "loss" in r]
     if not steps:
@@ -206,9 +212,6 @@ def _pretrain_section(plan: JobPlan, config: PretrainConfig, pictures: Path) -> 
 
 
 def _data_section(plan: JobPlan, pictures: Path) -> str:
-    from pipeline.datasets.card import read_card
-    from pipeline.preprocess.manifest import read_manifest
-
     lines = ["## Data", ""]
     rows = ["| dataset | classes | samples per split |", "| --- | --- | --- |"]
     for name in plan.job.datasets:

@@ -13,20 +13,24 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
-import ray
+import ray  # noqa: TID253 (steps run on Ray; the stages' launches stay lazy)
 
-from pipeline.analysis.subjects import ANALYSIS_FILE
+from pipeline.analysis.subjects import ANALYSIS_FILE, run_subjects, study_subjects
 from pipeline.config import EvaluateConfig, digest
 from pipeline.console import detail, say
+from pipeline.datasets.build import build_dataset
 from pipeline.datasets.card import CARD_FILE, read_card
 from pipeline.preprocess.manifest import MANIFEST_FILE
+from pipeline.preprocess.summary import write_grid
 from pipeline.pretrain.checkpoints import EXPORT_DIR, VITPIPE_DIR, is_run_output, latest_checkpoint
 from pipeline.pretrain.plan import check_pretrain, training_split
-from pipeline.ray_session import connect_ray
+from pipeline.ray_session import connect_ray  # noqa: TID253
 from pipeline.runner.plan import JobPlan, Step
 from pipeline.runner.records import file_fingerprint, fresh_fingerprint
 from pipeline.runner.report import write_report
 from pipeline.storage import join, remove_entries, remove_folder, resolve
+from pipeline.study.plan import Point, point_finetune, point_model, point_pretrain, study_job
+from pipeline.study.subsets import draw_subsets, subset_file
 from pipeline.tracking import OFF, TrackingTarget, log_artifacts
 from pipeline.transfer.report import RESULTS_JSON, RESULTS_MD, RESULTS_PLOT
 from vit.config import CONFIG_FILE
@@ -77,8 +81,6 @@ def pretrained_weights(plan: JobPlan) -> str | None:
 
 def run_datasets(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     """Build the dataset (always from scratch: the builders are quick and write the same bytes)."""
-    from pipeline.datasets.build import build_dataset
-
     context.ensure_ray()
     detail(build_dataset(context.plan.job.datasets[step.item or ""], Path(step.output), overwrite=True,
                          preview=True))  # fmt: skip
@@ -94,7 +96,6 @@ def run_preprocess(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     reads = config.input or name
     source = context.plan.layout.dataset(reads) if reads in job.datasets else reads
     from pipeline.preprocess.run import preprocess
-    from pipeline.preprocess.summary import write_grid
 
     if clear:
         remove_folder(step.output)
@@ -187,9 +188,6 @@ def _card_results(export: str, results: list[dict[str, Any]]) -> None:
 
 def run_study_subsets(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     """Draw the study's nested subsets of the corpus (manifests over its patch files)."""
-    from pipeline.study.plan import study_job
-    from pipeline.study.subsets import draw_subsets
-
     study = study_job(context.plan.job, context.plan.source)
     corpus = context.plan.patch_dir(study.corpus)
     split = training_split(corpus, study.pretrain.split)
@@ -203,8 +201,6 @@ def run_study_subsets(context: RunContext, step: Step, clear: bool) -> StepOutco
 def submit_study_point(context: RunContext, step: Step, clear: bool) -> ray.ObjectRef:
     """Start one study point's task (pipeline.study.launch); `collect_study_point` takes its outcome."""
     from pipeline.study.launch import PointSettings, submit_point
-    from pipeline.study.plan import Point, point_finetune, point_model, point_pretrain, study_job
-    from pipeline.study.subsets import subset_file
 
     context.ensure_ray()
     plan = context.plan
@@ -242,7 +238,6 @@ def run_analyze(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     """The paper's analyses of every ViT the run trained (pipeline.analysis), each model's folder
     replaced whole; a model whose analysis fails is named and the others are kept."""
     from pipeline.analysis.launch import analyze
-    from pipeline.analysis.subjects import run_subjects, study_subjects
     from pipeline.analysis.task import ImageSource
     from pipeline.transfer.launch import absolute
     from pipeline.transfer.plan import TEST_SPLIT
@@ -302,7 +297,6 @@ def outputs_present(step: Step) -> bool:
     """Whether what a finished step wrote is still there (someone may have deleted it since)."""
     if step.stage == "study":
         from pipeline.study.launch import POINT_FILE
-        from pipeline.study.subsets import subset_file
 
         largest = max(step.settings.get("sizes") or [0])
         marker = subset_file("", largest) if step.item == "subsets" else POINT_FILE

@@ -15,9 +15,10 @@ from typing import Any
 
 from pipeline.config import ConfigError, load_config
 from pipeline.metrics import format_seconds, read_records, resizes
-from pipeline.runner.layout import RunLayout, run_layout
+from pipeline.runner.layout import JOB_FILE, RunLayout, run_layout
 from pipeline.runner.lock import LOCK_FILE, RUN_FILE, lock_holder
 from pipeline.runner.records import record_path_name
+from pipeline.runner.submit import call_api, connect, job_details
 
 
 @dataclass
@@ -32,8 +33,10 @@ class RunStatus:
     unreadable: list[str] = field(default_factory=list)  # "PATH: why", for each record that could not be read
 
     def text(self) -> str:
-        lines = [f"run {self.name!r}: {self.state}" + (f" ({self.holder})" if self.holder else ""),
-                 f"  folder: {self.root}"]  # fmt: skip
+        lines = [
+            f"run {self.name!r}: {self.state}" + (f" ({self.holder})" if self.holder else ""),
+            f"  folder: {self.root}",
+        ]
         width = max((len(step) for step, _, _ in self.steps), default=0)
         lines += [f"  {step:<{width}}  {state:<8} {detail}".rstrip() for step, state, detail in self.steps]
         if self.training:
@@ -103,8 +106,6 @@ def training_line(run_dir: str) -> str | None:
 def remote_status(client: Any, submission_id: str, address: str) -> str:
     """A submitted job: its Ray status, then its run folder's status when visible from here, else the
     last step line, progress line and error its console printed."""
-    from pipeline.runner.submit import call_api, job_details
-
     job = job_details(client, submission_id)
     lines = [f"job {submission_id}: {job.status}" + (f" ({job.message})" if job.message else "")]
     run_dir = (job.metadata or {}).get("vitpipe.run_dir")
@@ -119,6 +120,12 @@ def remote_status(client: Any, submission_id: str, address: str) -> str:
     return "\n".join(lines)
 
 
+def submitted_status(address: str, submission_id: str) -> str:
+    """`remote_status` of a job submitted to the cluster whose Jobs API is at `address`."""
+    client = connect(address)
+    return remote_status(client, submission_id, client.get_address())
+
+
 def _layout(target: str, unreadable: list[str]) -> RunLayout:
     """The run's layout, from its job.yaml (where its pretraining went); a job.yaml that cannot be read
     is added to `unreadable`, and the folder's default layout used."""
@@ -126,7 +133,7 @@ def _layout(target: str, unreadable: list[str]) -> RunLayout:
     if path.is_dir():
         if not (path / RUN_FILE).is_file() and not (path / "stages").is_dir():
             raise ConfigError(f"{target}: not a vitpipe run folder (no {RUN_FILE} or stages/)")
-        job = path / "job.yaml"
+        job = path / JOB_FILE
         if job.is_file():
             try:
                 return _plan_layout(job, str(path))

@@ -28,9 +28,20 @@ if TYPE_CHECKING:
 
 # Never uploaded: environments, datasets and run outputs (on the cluster they live on shared storage).
 EXCLUDES = [
-    ".git", ".venv", "venv", "data", "runs", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache",
-    ".ruff_cache", ".mypy_cache", "build", "dist",
-]  # fmt: skip
+    ".git",
+    ".venv",
+    "venv",
+    "data",
+    "runs",
+    "__pycache__",
+    "*.pyc",
+    "*.egg-info",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".mypy_cache",
+    "build",
+    "dist",
+]
 TOKEN_FILE = Path("~/.ray/auth_token").expanduser()
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 T = TypeVar("T")
@@ -59,13 +70,13 @@ def use_token_if_present() -> None:
 
 def connect(address: str | None) -> JobSubmissionClient:
     """A Jobs API client for the dashboard at `address` (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS)."""
+    where = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not where:
+        raise ConfigError("no cluster: pass --address http://HEAD:8265 (the dashboard) or set RAY_ADDRESS")
     from ray.job_submission import JobSubmissionClient
 
     from pipeline.ray_session import check_reachable
 
-    where = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
-    if not where:
-        raise ConfigError("no cluster: pass --address http://HEAD:8265 (the dashboard) or set RAY_ADDRESS")
     if "://" not in where and where != "auto":
         # Without a scheme Ray takes HOST:PORT for a GCS and spends ~40 s failing to find the dashboard
         # through it; the Jobs API is the dashboard, so HOST:PORT means http://HOST:PORT.
@@ -111,6 +122,17 @@ class Submission:
     run_dir: str
     address: str
 
+    def describe(self, *, waiting: bool) -> str:
+        """What `vitpipe submit` says of it, and how to follow it unless the command follows it itself."""
+        lines = [
+            f"submitted {self.submission_id} to {self.address}: {self.entrypoint}",
+            f"  run folder: {self.run_dir}",
+        ]
+        if not waiting:
+            follow_it = f"vitpipe jobs logs {self.submission_id} --follow --address {self.address}"
+            lines.append(f"  follow it: {follow_it}")
+        return "\n".join(lines)
+
 
 def submit(
     job_path: Path,
@@ -147,8 +169,12 @@ def submit(
         "excludes": EXCLUDES,
         "env_vars": {REVISION_ENV: revision, "PYTHONUNBUFFERED": "1", **(env or {})},
     }
-    metadata = {"vitpipe.job": plan.job.name, "vitpipe.job_file": relative, "vitpipe.run_dir": location,
-                "git.revision": revision}  # fmt: skip
+    metadata = {
+        "vitpipe.job": plan.job.name,
+        "vitpipe.job_file": relative,
+        "vitpipe.run_dir": location,
+        "git.revision": revision,
+    }
     call_api(
         lambda: client.submit_job(
             entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env, metadata=metadata
@@ -209,6 +235,19 @@ def follow(client: JobSubmissionClient, submission_id: str, out: Any = None) -> 
     return wait_for_end(client, submission_id)
 
 
+def follow_to_end(submission: Submission) -> str | None:
+    """`vitpipe submit --wait`: the job's logs until it ends, then its final status; None when the user
+    stops following (Ctrl-C), which leaves the job running."""
+    client = connect(submission.address)
+    try:
+        status = follow(client, submission.submission_id)
+    except KeyboardInterrupt:
+        say(f"\nstopped following; the job goes on (vitpipe jobs stop {submission.submission_id})")
+        return None
+    say(f"job {submission.submission_id}: {status}")
+    return status
+
+
 def wait_for_end(client: JobSubmissionClient, submission_id: str, timeout_s: float = 120.0) -> str:
     """The job's status once terminal (the log stream can close a moment before the status is set)."""
     address = client.get_address()
@@ -257,6 +296,31 @@ def jobs_table(jobs: list[Any]) -> str:
             f"{metadata.get('vitpipe.run_dir', '—')} | {_when(job.start_time)} | {_when(job.end_time)} |"
         )
     return "\n".join(rows)
+
+
+def jobs_action(
+    action: str, address: str | None, submission_id: str = "", *, follow_logs: bool = False
+) -> bool:
+    """`vitpipe jobs list|status|logs|stop`; False only when followed logs end in a job that did not
+    succeed."""
+    client = connect(address)
+    where = client.get_address()
+    if action == "list":
+        say(jobs_table(call_api(client.list_jobs, where)))
+        return True
+    job = job_details(client, submission_id)  # an unknown id fails here, naming it
+    if action == "status":
+        say(describe_job(job))
+    elif action == "logs":
+        if follow_logs:
+            return follow(client, submission_id) == "SUCCEEDED"
+        print(call_api(lambda: client.get_job_logs(submission_id), where), end="")
+    elif action == "stop":
+        if call_api(lambda: client.stop_job(submission_id), where):
+            say(f"{submission_id}: {wait_for_end(client, submission_id, timeout_s=60)}")
+        else:
+            say(f"{submission_id}: already {job.status}")
+    return True
 
 
 def _when(milliseconds: int | None) -> str:

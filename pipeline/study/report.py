@@ -78,11 +78,21 @@ def chosen_rates(summary: dict[str, Any]) -> dict[str, float]:
 def markdown_table(points: list[dict[str, Any]]) -> str:
     """Every point: size, model, seed, params, pretraining FLOPs and steps, its accuracies (%) and the
     fine-tuning rate chosen on each target's validation split."""
-    metrics = sorted({(t, m) for p in points for t, values in point_metrics(p).items() for m in values},
-                     key=lambda tm: (tm[0], metric_order(tm[1])))  # fmt: skip
+    metrics = sorted(
+        {(t, m) for p in points for t, values in point_metrics(p).items() for m in values},
+        key=lambda tm: (tm[0], metric_order(tm[1])),
+    )
     targets = sorted({t for p in points for t in chosen_rates(p)})
-    header = ["size", "model", "seed", "params", "pretrain FLOPs", "steps", *(f"{t} {m}" for t, m in metrics),
-              *(f"{t} lr (val)" for t in targets)]  # fmt: skip
+    header = [
+        "size",
+        "model",
+        "seed",
+        "params",
+        "pretrain FLOPs",
+        "steps",
+        *(f"{t} {m}" for t, m in metrics),
+        *(f"{t} lr (val)" for t in targets),
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for point in sorted(points, key=lambda p: (p["size"], p["model"], p["seed"])):
         values = point_metrics(point)
@@ -135,8 +145,9 @@ def plot_curves(document_curves: dict[str, dict[str, dict[str, list[dict[str, An
     return path
 
 
-def _draw_panel(axis: Any, lines: dict[str, list[dict[str, Any]]], models: list[str], colours: list[str],
-                title: str) -> None:  # fmt: skip
+def _draw_panel(
+    axis: Any, lines: dict[str, list[dict[str, Any]]], models: list[str], colours: list[str], title: str
+) -> None:
     """One (target, metric): each model's pretrained sizes with their spread, its scratch level dashed."""
     for index, model in enumerate(models):
         entries = lines.get(model, [])
@@ -148,8 +159,13 @@ def _draw_panel(axis: Any, lines: dict[str, list[dict[str, Any]]], models: list[
             stds = [100 * e["std"] for e in pretrained]
             axis.errorbar(sizes, means, yerr=stds, marker="o", capsize=3, color=colour, label=model)
         for scratch in (e for e in entries if e["size"] == 0):
-            axis.axhline(100 * scratch["mean"], color=colour, linestyle="--", linewidth=1,
-                         label=f"{model} from scratch")  # fmt: skip
+            axis.axhline(
+                100 * scratch["mean"],
+                color=colour,
+                linestyle="--",
+                linewidth=1,
+                label=f"{model} from scratch",
+            )
     axis.set_xscale("log")
     axis.set_xlabel("pretraining images")
     axis.set_ylabel("accuracy (%)")
@@ -165,8 +181,11 @@ def _plotted(axis: Any) -> dict[str, dict[str, list[float]]]:
     for container in axis.containers:
         line, _, (bars,) = container.lines
         half = [float(abs(segment[1][1] - segment[0][1]) / 2) for segment in bars.get_segments()]
-        series[container.get_label()] = {"x": [float(v) for v in line.get_xdata()],
-                                         "y": [float(v) for v in line.get_ydata()], "yerr": half}  # fmt: skip
+        series[container.get_label()] = {
+            "x": [float(v) for v in line.get_xdata()],
+            "y": [float(v) for v in line.get_ydata()],
+            "yerr": half,
+        }
     for line in axis.get_lines():
         if line.get_linestyle() == "--":
             series[line.get_label()] = {"y": [float(line.get_ydata()[0])]}

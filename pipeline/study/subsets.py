@@ -65,9 +65,14 @@ def draw_subsets(corpus: str, split: str, sizes: tuple[int, ...], seed: int, fol
             for index in sorted(set(owner[chosen].tolist()))
         }
         document = {
-            "format": SUBSET_FORMAT, "corpus": corpus, "split": split, "seed": seed, "size": size,
-            "per_class": {classes[label]: counts[label] for label in sorted(counts)}, "rows": rows,
-        }  # fmt: skip
+            "format": SUBSET_FORMAT,
+            "corpus": corpus,
+            "split": split,
+            "seed": seed,
+            "size": size,
+            "per_class": {classes[label]: counts[label] for label in sorted(counts)},
+            "rows": rows,
+        }
         written[size] = subset_file(folder, size)
         write_atomic(written[size], json.dumps(document) + "\n")
     return written

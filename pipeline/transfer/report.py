@@ -18,6 +18,15 @@ FORMAT = "vitpipe.transfer/1"
 HEADLINE_SHOTS = 10  # the paper's headline few-shot number
 
 
+def results_excerpt(folder: str, blocks: int | None = None) -> str | None:
+    """The first `blocks` paragraphs (or all) of the results table in `folder`, a local one; None when
+    there is none (nothing finished, or the folder is remote)."""
+    results = Path(folder) / RESULTS_MD
+    if "://" in folder or not results.is_file():
+        return None
+    return "\n\n".join(results.read_text().strip().split("\n\n")[:blocks])
+
+
 def headline_shots(shots: list[int]) -> int:
     """The few-shot count the summary table shows: 10 when evaluated, else the largest."""
     return HEADLINE_SHOTS if HEADLINE_SHOTS in shots else max(shots)

@@ -33,11 +33,23 @@ def choose(members: list[dict[str, Any]]) -> dict[str, Any]:
     ordered = sorted(members, key=lambda r: r["lr"])
     chosen = max(ordered, key=lambda r: -1.0 if r.get("val_top1") is None else r["val_top1"])
     fewshot = next((r["fewshot"] for r in ordered if r.get("fewshot") is not None), None)
-    sweep = [{"lr": r["lr"], "val_top1": r.get("val_top1"), "best_step": r.get("best_step"),
-              "seconds": r.get("seconds")} for r in ordered]  # fmt: skip
+    sweep = [
+        {
+            "lr": r["lr"],
+            "val_top1": r.get("val_top1"),
+            "best_step": r.get("best_step"),
+            "seconds": r.get("seconds"),
+        }
+        for r in ordered
+    ]
     chosen_by = "val_top1" if len(ordered) > 1 else "the only rate"
-    return {**chosen, "fewshot": fewshot, "lr_sweep": sweep, "lr_chosen_by": chosen_by,
-            "seconds": sum(r.get("seconds") or 0.0 for r in ordered)}  # fmt: skip
+    return {
+        **chosen,
+        "fewshot": fewshot,
+        "lr_sweep": sweep,
+        "lr_chosen_by": chosen_by,
+        "seconds": sum(r.get("seconds") or 0.0 for r in ordered),
+    }
 
 
 def write_group_result(group: str, result: dict[str, Any]) -> None:

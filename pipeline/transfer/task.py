@@ -109,8 +109,13 @@ def _run(settings: TaskSettings) -> dict[str, Any]:
         )
         detail(f"{label}: few-shot linear " + _describe_fewshot(fewshot))
 
-    result: dict[str, Any] = {"target": target.name, "mode": mode, "device": str(device), "bf16": bf16,
-                              "tf32": tf32}  # fmt: skip
+    result: dict[str, Any] = {
+        "target": target.name,
+        "mode": mode,
+        "device": str(device),
+        "bf16": bf16,
+        "tf32": tf32,
+    }
     model = probe_model
     if settings.train:
         del probe_model
@@ -257,8 +262,9 @@ def _finetune(
     labels = reader.labels()
     max_rows = VALIDATION_BYTES // reader.geometry.sample_bytes
     held_out = holdout(labels, config.val_fraction, config.seed, max_rows)
-    validate = _validation(reader, held_out, len(settings.target.classes), settings.eval_batch_size, device,
-                           bf16)  # fmt: skip
+    validate = _validation(
+        reader, held_out, len(settings.target.classes), settings.eval_batch_size, device, bf16
+    )
     compiled = Speed(compile=config.compile).compiles(device.type)
     progress = ProgressLine(recipe.total_steps, 0, label=label)
 
@@ -268,9 +274,17 @@ def _finetune(
 
     batches = reader.training_batches(recipe.batch.micro_batch, config.seed, exclude=held_out)
     outcome = finetune(
-        model, batches, recipe, device=device, validate=validate, validate_every=config.validate_every,
-        log_every=config.log_every, on_record=on_record, seed=config.seed, compile_forward=compiled,
-    )  # fmt: skip
+        model,
+        batches,
+        recipe,
+        device=device,
+        validate=validate,
+        validate_every=config.validate_every,
+        log_every=config.log_every,
+        on_record=on_record,
+        seed=config.seed,
+        compile_forward=compiled,
+    )
     metrics.sync()
     model.load_state_dict(outcome.best_state)
     images_per_s = [r["images_per_s"] for r in outcome.records if r.get("images_per_s")]
