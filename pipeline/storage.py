@@ -49,6 +49,11 @@ URL_OPTIONS = {
 URL_OPTIONS["gcs"] = URL_OPTIONS["gs"]
 
 
+def absolute(location: str) -> str:
+    """A URL as it is; a local path made absolute."""
+    return location if "://" in location else str(Path(location).expanduser().absolute())
+
+
 def resolve(location: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem and path of a local path, a `file://` URL or any URL pyarrow or fsspec knows. A URL
     whose options are wrong, or whose endpoint does not answer pyarrow's region lookup, is a ValueError

@@ -1,7 +1,8 @@
 """The rules of the house that hold today, read from the source (benchmarks/house.py's static numbers): vit
-never imports pipeline, no import cycles. (No back-up arrows, no module over 600 lines and every
-function-level import heavy are measured by the script and not yet true: see its results.) The last test
-runs the checker on a small made-up tree, so that the others cannot pass by finding nothing."""
+never imports pipeline, no import cycles, no module over 600 lines, every function-level import heavy (a
+module of pyproject.toml's banned-module-level-imports, or a project module that loads one at its top). (No
+back-up arrows is measured by the script and not yet true: see its results.) The last tests run the checker
+on small made-up trees, so that the others cannot pass by finding nothing."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from benchmarks.house import (
+    DESIGN_HEAVY,
     MAX_LINES,
     Module,
     backup_arrows,
     function_imports,
+    heavy_list,
     import_cycles,
     scan_tree,
     size_numbers,
@@ -48,6 +51,16 @@ def test_no_import_cycles(house):
     assert not found, "\n".join(found)
 
 
+def test_no_module_of_pipeline_or_vit_is_over_600_lines(house):
+    found = [f"{module['path']} ({module['lines']})" for module in size_numbers(house)["over_600"]]
+    assert not found, "\n".join(found)
+
+
+def test_every_function_level_import_is_heavy(house):
+    found = [f"{i['at']} {i['import']}" for i in function_imports(house)["light"]]
+    assert not found, "\n".join(found)
+
+
 TOY_TREE = {
     "vit/__init__.py": "",
     "vit/model.py": "import torch\n",
@@ -72,11 +85,15 @@ TOY_TREE = {
 }
 
 
+def write_tree(root: Path, files: dict[str, str]) -> dict[str, Module]:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return scan_tree(root)
+
+
 def test_the_checker_finds_a_cycle_a_back_up_arrow_and_a_light_function_level_import(tmp_path):
-    for name, text in TOY_TREE.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    modules = scan_tree(tmp_path)
+    modules = write_tree(tmp_path, TOY_TREE)
     assert vit_imports_of_pipeline(modules) == ["vit/leak.py:1 from pipeline.console import say"]
     assert [c["modules"] for c in import_cycles(modules)] == [["pipeline.loop_a", "pipeline.loop_b"]]
     arrows = {a["arrow"]: a["why"] for a in backup_arrows(modules)}
@@ -85,10 +102,40 @@ def test_the_checker_finds_a_cycle_a_back_up_arrow_and_a_light_function_level_im
         "pipeline.typed -> pipeline.cli": "layer 1 -> 5 (type-only)",
         "pipeline.pretrain.launch -> pipeline.config": "launch gets config",
     }
-    imports = function_imports(modules)
+    heavy = heavy_list(tmp_path)  # no pyproject.toml: DESIGN's list
+    assert (heavy.source, heavy.modules) == ("DESIGN", frozenset(DESIGN_HEAVY))
+    imports = function_imports(modules, heavy)
     assert [i["at"] for i in imports["light"]] == ["pipeline/console.py:2", "pipeline/loop_b.py:2"]
     assert {i["at"]: i["why"] for i in imports["heavy"]} == {
         "pipeline/cli.py:2": "pipeline.runner.execute -> pipeline.pretrain.launch -> ray",
         "pipeline/cli.py:4": "vit.model -> torch",
     }
     assert size_numbers(modules)["over_600"] == [{"path": "pipeline/cli.py", "lines": MAX_LINES + 1}]
+
+
+def test_the_heavy_list_is_read_from_the_trees_pyproject(tmp_path):
+    modules = write_tree(
+        tmp_path,
+        {
+            "pyproject.toml": (
+                "[tool.ruff.lint.flake8-tidy-imports]\n"
+                'banned-module-level-imports = ["safetensors.torch", "pipeline.slow"]\n'
+            ),
+            "pipeline/__init__.py": "",
+            "pipeline/slow.py": "X = 1\n",  # listed, though it imports nothing heavy
+            "pipeline/a.py": (
+                "def f():\n    import torch\n"  # light here: torch is not on this list
+                "def g():\n    from safetensors.torch import save_file\n"  # listed
+                "def h():\n    import safetensors\n"  # its parent is not
+                "def i():\n    from pipeline.slow import X\n"  # a listed project module
+            ),
+        },
+    )
+    heavy = heavy_list(tmp_path)
+    assert heavy.source == "pyproject.toml"
+    imports = function_imports(modules, heavy)
+    assert [i["at"] for i in imports["light"]] == ["pipeline/a.py:2", "pipeline/a.py:6"]
+    assert {i["at"]: i["why"] for i in imports["heavy"]} == {
+        "pipeline/a.py:4": "safetensors.torch",
+        "pipeline/a.py:8": "pipeline.slow (listed)",
+    }

@@ -103,9 +103,12 @@ def geometry_problems(image_size: int, patch_size: int, channels: int) -> list[s
 
 
 def misfits(
-    data: PatchGeometry, *, patch_size: int | None = None, channels: int | None = None,
+    data: PatchGeometry,
+    *,
+    patch_size: int | None = None,
+    channels: int | None = None,
     image_size: int | None = None,
-) -> list[str]:  # fmt: skip
+) -> list[str]:
     """The one check that a model fits stored patches: each way a model with this patch size and channel
     count (None: it takes the data's), seeing this resolution (a crop of the stored images), cannot read
     patches stored as `data`; empty when it can. Callers add where the data is and the way on."""

@@ -12,7 +12,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
@@ -20,10 +20,12 @@ import ray
 from pipeline.analysis.figures import plot_distance_by_data, plot_distance_comparison
 from pipeline.analysis.subjects import ANALYSIS_FILE, FINETUNED, PRETRAINED, Subject
 from pipeline.analysis.task import ImageSource, analysis_task
-from pipeline.config import AnalyzeConfig
 from pipeline.console import detail, say
 from pipeline.ray_session import check_resources, connect_ray, task_error
 from pipeline.storage import join, publish_folder, write_atomic
+
+if TYPE_CHECKING:  # the analysis settings arrive as a value; nothing here loads or checks a config
+    from pipeline.config import AnalyzeConfig
 
 INDEX_FORMAT = "vitpipe.analysis-index/1"
 BY_MODEL = "attention_distance_by_model.png"

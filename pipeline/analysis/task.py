@@ -9,7 +9,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,13 +22,15 @@ from pipeline.analysis.figures import (
     plot_rollout,
 )
 from pipeline.analysis.subjects import ANALYSIS_FILE, Subject
-from pipeline.config import AnalyzeConfig
 from pipeline.ray_session import ray_task_device
 from pipeline.storage import local_folder, publish_folder
 from pipeline.transfer.data import SplitReader
 from vit.analysis import Analysis, analyze_vit, fit_images
 from vit.config import ViTConfig
 from vit.weights import load_pretrained, read_checkpoint
+
+if TYPE_CHECKING:  # the analysis settings arrive as a value; nothing here loads or checks a config
+    from pipeline.config import AnalyzeConfig
 
 ANALYSIS_FORMAT = "vitpipe.analysis/1"
 MAX_MATRIX_PATCHES = 256  # the full position-similarity matrix goes into the JSON up to this many patches

@@ -60,9 +60,10 @@ def _worker_count(value: Any) -> int | tuple[int, int]:
 
 # Ray Train workers: a number, or [min, max] for an elastic run.
 WorkerCount = Annotated[
-    int | tuple[int, int], PlainValidator(_worker_count),
+    int | tuple[int, int],
+    PlainValidator(_worker_count),
     PlainSerializer(lambda workers: list(workers) if isinstance(workers, tuple) else workers),
-]  # fmt: skip
+]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=100)]
 Extension = Annotated[str, Field(pattern=r"^[a-z0-9_]+(\.[a-z0-9_]+)*$")]  # a tar member's suffix, lower case

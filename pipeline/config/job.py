@@ -94,8 +94,10 @@ class PipelineConfig(Section):
         if self.study is None:
             return self
         if self.pretrain is None or self.finetune is None:
-            raise ValueError("a study needs a pretrain section (its points' recipe) and a finetune section "
-                             "(the targets each point is evaluated on)")  # fmt: skip
+            raise ValueError(
+                "a study needs a pretrain section (its points' recipe) and a finetune section "
+                "(the targets each point is evaluated on)"
+            )
         if "model" in self.pretrain.model_fields_set:
             raise ValueError("pretrain.model is not used by a study: its points train study.models; drop it")
         corpus = self.study.corpus or self.pretrain.data

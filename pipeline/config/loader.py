@@ -34,9 +34,11 @@ class _JobLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice (first on line {seen[key].line + 1})",
+                    None,
+                    None,
+                    f"key {key!r} is given twice (first on line {seen[key].line + 1})",
                     key_node.start_mark,
-                )  # fmt: skip
+                )
             seen[key] = key_node.start_mark
         return super().construct_mapping(node, deep=deep)
 

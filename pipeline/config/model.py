@@ -179,6 +179,7 @@ def _model_family(value: Any) -> str:
 # A model section: a ViT unless `family: bit` says otherwise (job files before BiT mean a ViT).
 AnyModel = Annotated[
     Annotated[ModelConfig, Tag("vit")] | Annotated[BiTModelConfig, Tag("bit")],
-    Discriminator(_model_family, custom_error_type="model_family",
-                  custom_error_message="family must be 'vit' or 'bit'"),
-]  # fmt: skip
+    Discriminator(
+        _model_family, custom_error_type="model_family", custom_error_message="family must be 'vit' or 'bit'"
+    ),
+]

@@ -157,8 +157,15 @@ class PretrainConfig(Section):
         return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
 
     def zero(self) -> Zero:
-        return Zero(self.zero_stage, self.offload_optimizer, dict(self.deepspeed), self.grad_reduce_dtype,
-                    self.overlap_comm, self.reduce_bucket_size, self.allgather_bucket_size)  # fmt: skip
+        return Zero(
+            self.zero_stage,
+            self.offload_optimizer,
+            dict(self.deepspeed),
+            self.grad_reduce_dtype,
+            self.overlap_comm,
+            self.reduce_bucket_size,
+            self.allgather_bucket_size,
+        )
 
     def speed(self) -> Speed:
         return Speed(self.compile, self.activation_checkpointing, self.tf32)

@@ -110,8 +110,13 @@ def _refuse_unfinished(end: LoopEnd | None, run_dir: str) -> None:
 def _card_data(plan: PretrainPlan) -> dict[str, Any]:
     """The pretraining data as the model card describes it."""
     data = plan.data
-    return {"name": posixpath.basename(data.directory.rstrip("/")), "directory": data.directory,
-            "split": data.split, "images": data.samples, "classes": len(data.classes)}  # fmt: skip
+    return {
+        "name": posixpath.basename(data.directory.rstrip("/")),
+        "directory": data.directory,
+        "split": data.split,
+        "images": data.samples,
+        "classes": len(data.classes),
+    }
 
 
 def _check_placeable(group: WorkerGroup) -> None:

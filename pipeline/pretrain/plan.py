@@ -81,12 +81,16 @@ class WorkerGroup:
 def worker_group(config: PretrainConfig) -> WorkerGroup:
     """The worker group of the config: its sizes, one worker's CPUs (it reads its own data) and GPU."""
     return WorkerGroup(
-        config.min_workers, config.max_workers,
+        config.min_workers,
+        config.max_workers,
         {"CPU": config.cpus_per_worker, **({"GPU": 1.0} if config.use_gpu else {})},
-        elastic=config.elastic, placement=config.placement, use_gpu=config.use_gpu,
-        max_failures=config.max_failures, keep_checkpoints=config.keep_checkpoints,
+        elastic=config.elastic,
+        placement=config.placement,
+        use_gpu=config.use_gpu,
+        max_failures=config.max_failures,
+        keep_checkpoints=config.keep_checkpoints,
         elastic_wait_s=config.elastic_wait_s,
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True)
@@ -197,9 +201,11 @@ def plan_pretrain(config: PretrainConfig, directory: str, rows: Rows | None = No
             "data's (model.patch_size, model.channels; pretrain.image_size is a crop of the stored images)"
         )
     architecture = model.architecture(
-        image_size=image_size, channels=geometry.channels, num_classes=len(data.classes),
+        image_size=image_size,
+        channels=geometry.channels,
+        num_classes=len(data.classes),
         patch_size=geometry.patch_size,
-    )  # fmt: skip
+    )
     # Whole global batches: every rank reads its equal share of each (pipeline.pretrain.order), so none
     # waits on another at the end of an epoch, whatever the number of ranks.
     steps_per_epoch = data.samples // config.global_batch_size
@@ -212,28 +218,47 @@ def plan_pretrain(config: PretrainConfig, directory: str, rows: Rows | None = No
     group = worker_group(config)
     batch = BatchSplit(config.global_batch_size, config.micro_batch_size, group.max_workers)
     return PretrainPlan(
-        data=data, architecture=architecture, group=group, batch=batch, steps_per_epoch=steps_per_epoch,
-        total_steps=total, recipe=pretrain_recipe(config, total, batch, data.geometry.image_size),
-        zero=config.zero(), speed=config.speed(), bf16=config.bf16,
-        feed=feed_plan(config, data, steps_per_epoch, batch), cadence=Cadence(config.log_every,
-        config.checkpoint_every), seed=config.seed, identity=run_identity(config, data),
-    )  # fmt: skip
+        data=data,
+        architecture=architecture,
+        group=group,
+        batch=batch,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        recipe=pretrain_recipe(config, total, batch, data.geometry.image_size),
+        zero=config.zero(),
+        speed=config.speed(),
+        bf16=config.bf16,
+        feed=feed_plan(config, data, steps_per_epoch, batch),
+        cadence=Cadence(config.log_every, config.checkpoint_every),
+        seed=config.seed,
+        identity=run_identity(config, data),
+    )
 
 
 def pretrain_recipe(config: PretrainConfig, total_steps: int, batch: BatchSplit, input_size: int) -> Recipe:
     """The recipe the workers train with on images stored at `input_size`; `bf16: auto` stays off here
     and is decided on the worker, which sees the device."""
     return Recipe(
-        optimizer=config.optimizer, schedule=config.schedule, total_steps=total_steps, batch=batch,
-        label_smoothing=config.label_smoothing, flip=config.flip, mixup_alpha=config.mixup_alpha,
-        bf16=config.bf16 is True, crop=config.crop, input_size=input_size,
-    )  # fmt: skip
+        optimizer=config.optimizer,
+        schedule=config.schedule,
+        total_steps=total_steps,
+        batch=batch,
+        label_smoothing=config.label_smoothing,
+        flip=config.flip,
+        mixup_alpha=config.mixup_alpha,
+        bf16=config.bf16 is True,
+        crop=config.crop,
+        input_size=input_size,
+    )
 
 
 def check_pretrain(
-    config: PretrainConfig, directory: str, run_dir: str, rows: Rows | None = None,
+    config: PretrainConfig,
+    directory: str,
+    run_dir: str,
+    rows: Rows | None = None,
     redo: str = "--force pretrain",
-) -> PretrainPlan:  # fmt: skip
+) -> PretrainPlan:
     """The plan of run `run_dir` on `directory` (or on `rows` of it), after every check that needs no
     worker: the data, the model for it, and the run folder's checkpoints (a run defined otherwise is
     refused)."""
@@ -263,10 +288,16 @@ def changed_definition(
     Checkpoints of vitpipe before this record have the model only."""
     saved = architecture_of(meta, checkpoint)
     # Without the data planned, the model section is resolved for the checkpoint's own data.
-    wanted = plan.architecture if plan is not None else config.model.architecture(
-        image_size=saved.image_size, channels=saved.channels, num_classes=saved.num_classes,
-        patch_size=saved.patch_size,
-    )  # fmt: skip
+    wanted = (
+        plan.architecture
+        if plan is not None
+        else config.model.architecture(
+            image_size=saved.image_size,
+            channels=saved.channels,
+            num_classes=saved.num_classes,
+            patch_size=saved.patch_size,
+        )
+    )
     if wanted.family != saved.family:
         changes = [f"model {saved.describe()} -> {wanted.describe()}"]
     else:
@@ -343,10 +374,21 @@ def worker_settings(
 ) -> WorkerSettings:
     """What the workers of `plan`'s run in `run_dir` receive: the plan's own values, nothing recomputed."""
     return WorkerSettings(
-        architecture=plan.architecture, classes=plan.data.classes, recipe=plan.recipe, zero=plan.zero,
-        speed=plan.speed, bf16=plan.bf16, feed=plan.feed, cadence=plan.cadence, seed=plan.seed,
-        run_dir=run_dir, defines=plan.identity, control=control, group=plan.group, tracking=tracking,
-    )  # fmt: skip
+        architecture=plan.architecture,
+        classes=plan.data.classes,
+        recipe=plan.recipe,
+        zero=plan.zero,
+        speed=plan.speed,
+        bf16=plan.bf16,
+        feed=plan.feed,
+        cadence=plan.cadence,
+        seed=plan.seed,
+        run_dir=run_dir,
+        defines=plan.identity,
+        control=control,
+        group=plan.group,
+        tracking=tracking,
+    )
 
 
 def feed_plan(config: PretrainConfig, data: DataPlan, steps_per_epoch: int, batch: BatchSplit) -> FeedPlan:

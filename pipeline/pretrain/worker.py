@@ -99,9 +99,15 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
             seq_len=getattr(settings.architecture, "seq_len", None),
         )
         end = pretrain_loop(
-            engine, recipe, hooks, start_step=step, steps_per_epoch=settings.feed.steps_per_epoch,
-            cadence=settings.cadence, throughput=throughput, seed=settings.seed,
-        )  # fmt: skip
+            engine,
+            recipe,
+            hooks,
+            start_step=step,
+            steps_per_epoch=settings.feed.steps_per_epoch,
+            cadence=settings.cadence,
+            throughput=throughput,
+            seed=settings.seed,
+        )
         if log is not None:  # every rank ends alike; rank 0 tells the driver how
             log.event(end.reason, step=end.step, **({"detail": end.detail} if end.detail else {}))
             ray.get(settings.control.ended.remote(end))
@@ -111,9 +117,13 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
 
 
 def _engine(
-    model: torch.nn.Module, recipe: Recipe, settings: WorkerSettings, world: int, scratch: Path,
+    model: torch.nn.Module,
+    recipe: Recipe,
+    settings: WorkerSettings,
+    world: int,
+    scratch: Path,
     cleanup: ExitStack,
-) -> tuple[Any, int, dict[str, Any] | None]:  # fmt: skip
+) -> tuple[Any, int, dict[str, Any] | None]:
     """The engine, restored from the newest checkpoint when there is one: (engine, step, its meta)."""
     newest = newest_checkpoint(settings.run_dir) if ray.train.get_context().get_world_rank() == 0 else None
     newest = ray.train.collective.broadcast_from_rank_zero(newest)  # every rank loads the same one
@@ -166,8 +176,13 @@ def _announce(
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     if log is None:
         return
-    fields = {"step": step, "workers": world, "nodes": len(set(nodes)), "total_steps": recipe.total_steps,
-              "threads": torch.get_num_threads()}  # fmt: skip
+    fields = {
+        "step": step,
+        "workers": world,
+        "nodes": len(set(nodes)),
+        "total_steps": recipe.total_steps,
+        "threads": torch.get_num_threads(),
+    }
     if resumed is None:
         log.event("started", **fields)
     else:
@@ -191,9 +206,13 @@ def _announce(
 
 
 def _feed(
-    settings: WorkerSettings, rank: int, world: int, step: int, resumed: dict[str, Any] | None,
+    settings: WorkerSettings,
+    rank: int,
+    world: int,
+    step: int,
+    resumed: dict[str, Any] | None,
     device: torch.device,
-) -> Feed:  # fmt: skip
+) -> Feed:
     """This rank's data from `step`: where the checkpoint says the epoch's ranks stood, or a fresh epoch."""
     saved = (resumed or {}).get("data") or {}
     epoch, position = divmod(step, settings.feed.steps_per_epoch)
@@ -216,14 +235,25 @@ def position_record(feed: Feed, step: int) -> dict[str, Any]:
     starts from (`pipeline.pretrain.order`)."""
     epoch, position = divmod(step, feed.plan.steps_per_epoch)
     lineage: Lineage = feed.lineage if epoch == feed.epoch else [(0, feed.world)]
-    return {"format": ORDER_FORMAT, "epoch": epoch, "position": position,
-            "lineage": [list(entry) for entry in lineage] if position else []}  # fmt: skip
+    return {
+        "format": ORDER_FORMAT,
+        "epoch": epoch,
+        "position": position,
+        "lineage": [list(entry) for entry in lineage] if position else [],
+    }
 
 
 def _save(
-    engine: Any, settings: WorkerSettings, recipe: Recipe, world: int, scratch: Path, log: MetricsLog | None,
-    feed: Feed, step: int, epoch: int,
-) -> None:  # fmt: skip
+    engine: Any,
+    settings: WorkerSettings,
+    recipe: Recipe,
+    world: int,
+    scratch: Path,
+    log: MetricsLog | None,
+    feed: Feed,
+    step: int,
+    epoch: int,
+) -> None:
     """Every rank writes its shards to a local folder; `ray.train.report` uploads them all into one
     `checkpoint_NNNNNNNN` folder of the run's storage and keeps the newest `keep_checkpoints`."""
     folder = scratch / checkpoint_dir_name(step)
@@ -233,11 +263,18 @@ def _save(
     dist.all_gather_object(every_rank, file_sizes(folder))  # what the finished checkpoint must hold
     if log is not None:
         meta = {
-            "step": step, "epoch": epoch, "tag": tag, "world_size": world, "zero_stage": settings.zero.stage,
-            "bf16": recipe.bf16, **architecture_record(settings.architecture), "classes": settings.classes,
-            "defines": settings.defines, "data": position_record(feed, step),
+            "step": step,
+            "epoch": epoch,
+            "tag": tag,
+            "world_size": world,
+            "zero_stage": settings.zero.stage,
+            "bf16": recipe.bf16,
+            **architecture_record(settings.architecture),
+            "classes": settings.classes,
+            "defines": settings.defines,
+            "data": position_record(feed, step),
             "files": {name: size for sizes in every_rank for name, size in (sizes or {}).items()},
-        }  # fmt: skip
+        }
         (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         log.event("checkpoint", step=step)
         log.sync()
@@ -302,16 +339,19 @@ def data_loop(config: dict[str, WorkerSettings]) -> None:
 
 def data_record(
     step: int, epoch: int, seconds: float, waited: float, global_batch: int, world: int, patches: torch.Tensor
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """A --data-only step's record: the same names as training's (`images_per_s`, `data_wait_s`), per
     worker too, and the bytes that reached the device."""
     per_image = patches[0].numel() * patches.element_size()
     return {
-        "step": step, "epoch": epoch, "images_per_s": global_batch / seconds,
+        "step": step,
+        "epoch": epoch,
+        "images_per_s": global_batch / seconds,
         "worker_images_per_s": global_batch / world / seconds,
         "worker_mb_per_s": global_batch / world * per_image / seconds / 1e6,
-        "step_s": seconds, "data_wait_s": waited,
-    }  # fmt: skip
+        "step_s": seconds,
+        "data_wait_s": waited,
+    }
 
 
 def data_line(record: dict[str, Any], total: int, elapsed: float) -> str:

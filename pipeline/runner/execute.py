@@ -26,7 +26,7 @@ from pipeline.config import ConfigError
 from pipeline.console import log_to, say, session
 from pipeline.metrics import format_seconds
 from pipeline.pretrain.plan import plan_pretrain
-from pipeline.runner.layout import run_layout
+from pipeline.runner.layout import JOB_FILE, run_layout
 from pipeline.runner.lock import RUN_FILE, run_lock
 from pipeline.runner.plan import EVALUATE, JobPlan, RunOptions, StageOptions, Step, load_plan
 from pipeline.runner.preflight import check_before_run
@@ -276,13 +276,13 @@ def _take_cached_inputs(plan: JobPlan, steps: list[Step], fingerprints: dict[str
 
 def _keep_job_file(plan: JobPlan, job_path: str | Path, root: Path) -> None:
     """RUN/job.yaml: the job file, or for a one-stage pretrain file the job it became."""
-    if Path(job_path).resolve() == (root / "job.yaml").resolve():
+    if Path(job_path).resolve() == (root / JOB_FILE).resolve():
         return
     if plan.job.datasets or plan.job.preprocess or plan.job.finetune or plan.job.run_dir:
-        shutil.copyfile(job_path, root / "job.yaml")
+        shutil.copyfile(job_path, root / JOB_FILE)
     else:
         job = {"name": plan.job.name, **plan.job.model_dump(mode="json", exclude_defaults=True)}
-        write_atomic(str(root / "job.yaml"), yaml.safe_dump(job, sort_keys=False))
+        write_atomic(str(root / JOB_FILE), yaml.safe_dump(job, sort_keys=False))
 
 
 @dataclass

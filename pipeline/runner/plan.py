@@ -26,6 +26,7 @@ from pipeline.config import (
 )
 from pipeline.runner.layout import RunLayout, run_layout
 from pipeline.storage import basename
+from pipeline.study.plan import point_settings, study_job, study_points
 from vit.patches import misfits
 
 # What `vitpipe run` runs, in order; a job with a study runs its points in place of pretrain and finetune.
@@ -125,9 +126,12 @@ class RunOptions:
 
 
 def load_plan(
-    job_path: str | Path, run_dir: str | None = None, stage: StageOptions = StageOptions(), *,
+    job_path: str | Path,
+    run_dir: str | None = None,
+    stage: StageOptions = StageOptions(),
+    *,
     evaluate: bool = False,
-) -> JobPlan:  # fmt: skip
+) -> JobPlan:
     """The job file validated and planned: every config error surfaces here, before any work. A file
     holding a `pretrain:` section's settings alone is a one-stage job whose run folder is STORAGE/NAME
     (NAME: the file's stem), as `vitpipe pretrain` has always put it."""
@@ -183,9 +187,13 @@ def stage_index(stage: str, option: str) -> int:
 
 
 def plan_job(
-    job: PipelineConfig, source: str, layout: RunLayout, overrides: Overrides = Overrides(), *,
+    job: PipelineConfig,
+    source: str,
+    layout: RunLayout,
+    overrides: Overrides = Overrides(),
+    *,
     evaluate: bool = False,
-) -> JobPlan:  # fmt: skip
+) -> JobPlan:
     """Every step of `job` in run order, after checking how its sections refer to each other; with
     `evaluate`, also the evaluate step (which `vitpipe run` does not run)."""
     steps: list[Step] = []
@@ -253,9 +261,13 @@ def _pretrain_step(pretrain: PretrainConfig, job: PipelineConfig, source: str, l
 
 
 def _transfer_step(
-    stage: str, finetune: FinetuneConfig, job: PipelineConfig, source: str, layout: RunLayout,
+    stage: str,
+    finetune: FinetuneConfig,
+    job: PipelineConfig,
+    source: str,
+    layout: RunLayout,
     overrides: Overrides,
-) -> Step:  # fmt: skip
+) -> Step:
     """The finetune (or evaluate) step: every target resolved to a folder (a preprocess entry's in the run,
     or one outside it), the weights it starts from, and what its key covers."""
     depends: list[str] = []
@@ -358,8 +370,6 @@ def _check_target_patches(target: str, finetune: FinetuneConfig, job: PipelineCo
 def _study_steps(job: PipelineConfig, source: str, layout: RunLayout, overrides: Overrides) -> list[Step]:
     """The study's subsets (drawn once from the corpus), then one concurrent step per point, each reading
     the subsets (if pretrained) and the targets."""
-    from pipeline.study.plan import point_settings, study_job, study_points
-
     study = study_job(job, source)
     if study.finetune.weights is not None:
         raise ConfigError(f"{source}: finetune.weights is not used by a study (its points pretrain); drop it")
@@ -376,14 +386,28 @@ def _study_steps(job: PipelineConfig, source: str, layout: RunLayout, overrides:
                 f"{wrong} have {job.preprocess[wrong[0]].channels}; drop the model's channels (the data's)"
             )
     drawn = {"sizes": list(study.study.sizes), "seed": study.study.subset_seed, "split": study.pretrain.split}
-    subsets = Step("study", "subsets", drawn, (f"preprocess:{study.corpus}",),
-                   output=posixpath.join(layout.study, "subsets"))  # fmt: skip
+    subsets = Step(
+        "study",
+        "subsets",
+        drawn,
+        (f"preprocess:{study.corpus}",),
+        output=posixpath.join(layout.study, "subsets"),
+    )
     steps = [subsets]
     for point in study_points(study.study):
         settings = point_settings(study, point) | {"targets": targets.settings["targets"]}
         depends = (subsets.id, *target_depends) if point.pretrained else target_depends
-        steps.append(Step("study", point.name, settings, depends, targets.external,
-                          output=layout.study_point(point.name), concurrent=True))  # fmt: skip
+        steps.append(
+            Step(
+                "study",
+                point.name,
+                settings,
+                depends,
+                targets.external,
+                output=layout.study_point(point.name),
+                concurrent=True,
+            )
+        )
     return steps
 
 

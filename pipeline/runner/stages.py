@@ -28,7 +28,7 @@ from pipeline.ray_session import connect_ray  # noqa: TID253
 from pipeline.runner.plan import JobPlan, Step
 from pipeline.runner.records import file_fingerprint, fresh_fingerprint
 from pipeline.runner.report import write_report
-from pipeline.storage import join, remove_entries, remove_folder, resolve
+from pipeline.storage import absolute, join, remove_entries, remove_folder, resolve
 from pipeline.study.plan import Point, point_finetune, point_model, point_pretrain, study_job
 from pipeline.study.subsets import draw_subsets, subset_file
 from pipeline.tracking import OFF, TrackingTarget, log_artifacts
@@ -82,8 +82,11 @@ def pretrained_weights(plan: JobPlan) -> str | None:
 def run_datasets(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     """Build the dataset (always from scratch: the builders are quick and write the same bytes)."""
     context.ensure_ray()
-    detail(build_dataset(context.plan.job.datasets[step.item or ""], Path(step.output), overwrite=True,
-                         preview=True))  # fmt: skip
+    detail(
+        build_dataset(
+            context.plan.job.datasets[step.item or ""], Path(step.output), overwrite=True, preview=True
+        )
+    )
     card = read_card(step.output)
     card.pop("seconds", None)  # how long the build took is the one thing that differs between rebuilds
     return StepOutcome(digest(card), {"folder": step.output})
@@ -106,8 +109,11 @@ def run_preprocess(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     totals = result.manifest["totals"]
     if totals["failed"] or totals["unreadable_shards"]:
         failed, unreadable = totals["failed"], totals["unreadable_shards"]
-        say(f"vitpipe: warning: {step.id}: {failed:,} sample(s) failed, {unreadable} shard(s) unreadable "
-            f"({result.failure_rate:.2%}); details in {step.output}/{MANIFEST_FILE}", err=True)  # fmt: skip
+        say(
+            f"vitpipe: warning: {step.id}: {failed:,} sample(s) failed, {unreadable} shard(s) unreadable "
+            f"({result.failure_rate:.2%}); details in {step.output}/{MANIFEST_FILE}",
+            err=True,
+        )
     fingerprint = file_fingerprint(posixpath.join(step.output, MANIFEST_FILE))
     error = "more samples failed than max_failure_rate allows" if result.exceeded else None
     return StepOutcome(fingerprint, {"folder": step.output, "samples": grid}, error)
@@ -131,12 +137,21 @@ def run_pretrain(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     from pipeline.pretrain.launch import pretrain
 
     tracking = context.tracked(step)
-    result = pretrain(plan, storage=layout.pretrain_storage, name=layout.pretrain_name,
-                      address=context.address, tracking=tracking)  # fmt: skip
+    result = pretrain(
+        plan,
+        storage=layout.pretrain_storage,
+        name=layout.pretrain_name,
+        address=context.address,
+        tracking=tracking,
+    )
     say(result.summary())
     log_artifacts(tracking, [result.loss_plot, *result.export.described_files()])
-    outputs = {"run": result.run_dir, "steps": result.steps, "weights": result.export.vitpipe,
-               "hf": result.export.hf}  # fmt: skip
+    outputs = {
+        "run": result.run_dir,
+        "steps": result.steps,
+        "weights": result.export.vitpipe,
+        "hf": result.export.hf,
+    }
     return StepOutcome(fresh_fingerprint(), outputs)
 
 
@@ -148,9 +163,10 @@ def run_transfer(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     if finetune is None:
         raise ValueError("the job has no finetune section")
     from pipeline.transfer.launch import transfer
+    from pipeline.transfer.plan import plan_transfer
 
     train = step.stage == "finetune"
-    result = transfer(
+    planned = plan_transfer(
         finetune,
         plan.job.evaluate if plan.job.evaluate is not None or train else EvaluateConfig(),
         dict(step.settings["targets"]),
@@ -158,10 +174,8 @@ def run_transfer(context: RunContext, step: Step, clear: bool) -> StepOutcome:
         weights=pretrained_weights(plan),
         model=plan.job.pretrain.model if plan.job.pretrain else None,
         train=train,
-        name=plan.job.name,
-        address=context.address,
-        tracking=context.tracked(step),
     )
+    result = transfer(planned, name=plan.job.name, address=context.address, tracking=context.tracked(step))
     say(result.summary().split("\n\n", 1)[0])  # the table comes once, at the end of the run
     if "://" not in result.out:
         log_artifacts(context.tracked(step), [Path(result.out) / RESULTS_MD, Path(result.out) / RESULTS_PLOT])
@@ -194,8 +208,10 @@ def run_study_subsets(context: RunContext, step: Step, clear: bool) -> StepOutco
     written = draw_subsets(corpus, split, study.study.sizes, study.study.subset_seed, step.output)
     sizes = ", ".join(f"{size:,}" for size in written)
     say(f"study: nested subsets of {corpus} ({split!r}) of {sizes} images in {step.output}")
-    return StepOutcome(digest({size: file_fingerprint(path) for size, path in written.items()}),
-                       {"subsets": {str(size): path for size, path in written.items()}})  # fmt: skip
+    return StepOutcome(
+        digest({size: file_fingerprint(path) for size, path in written.items()}),
+        {"subsets": {str(size): path for size, path in written.items()}},
+    )
 
 
 def submit_study_point(context: RunContext, step: Step, clear: bool) -> ray.ObjectRef:
@@ -239,7 +255,6 @@ def run_analyze(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     replaced whole; a model whose analysis fails is named and the others are kept."""
     from pipeline.analysis.launch import analyze
     from pipeline.analysis.task import ImageSource
-    from pipeline.transfer.launch import absolute
     from pipeline.transfer.plan import TEST_SPLIT
 
     plan = context.plan

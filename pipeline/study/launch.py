@@ -28,6 +28,7 @@ from pipeline.study.plan import Point
 from pipeline.study.subsets import read_subset
 from pipeline.tracking import OFF, TrackingTarget
 from pipeline.transfer.launch import transfer
+from pipeline.transfer.plan import plan_transfer
 
 POINT_FILE = "point.json"  # a finished point's summary: what the study's report reads
 
@@ -110,10 +111,11 @@ def run_point(settings: PointSettings, slots: Any = None) -> dict[str, Any]:
             ray.get(slots.release.remote())
         weights = summary["weights"]
 
-    result = transfer(
+    planned = plan_transfer(
         settings.finetune, settings.evaluate, settings.targets, out=join(settings.out, "transfer"),
-        weights=weights, model=settings.model, name=point.name, tracking=settings.tracking,
+        weights=weights, model=settings.model,
     )  # fmt: skip
+    result = transfer(planned, name=point.name, tracking=settings.tracking)
     summary["results"] = result.document["results"]
     summary["failures"] = result.failures
     summary["params"] = summary.get("params") or _scratch_params(result.document["results"])

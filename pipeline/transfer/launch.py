@@ -13,17 +13,15 @@ from typing import Any
 import pyarrow.fs as pafs
 import ray
 
-from pipeline.config import AnyModel, EvaluateConfig, FinetuneConfig
 from pipeline.console import detail, say
 from pipeline.metrics import METRICS_FILE
 from pipeline.ray_session import check_resources, connect_ray, task_error
-from pipeline.storage import join, local_folder, publish_folder, remove_folder, resolve
+from pipeline.storage import join, publish_folder, remove_folder, resolve
 from pipeline.tracking import OFF, StepLogger, TrackingTarget, end, open_child
-from pipeline.transfer.plan import TargetError, TargetPlan, check_fits, plan_target, target_architecture
+from pipeline.transfer.plan import TransferPlan, TransferTask
 from pipeline.transfer.report import RESULTS_MD, write_results
 from pipeline.transfer.sweep import choose, is_member_folder, member_folder, write_group_result
 from pipeline.transfer.task import RESULT_FILE, TaskSettings, transfer_task
-from vit.config import Architecture
 
 
 @dataclass(frozen=True)
@@ -42,60 +40,6 @@ class TransferResult:
             f"{finished} run(s) finished, {len(self.failures)} failed; results in {self.out} "
             f"({RESULTS_MD}, results.json, results.png)\n\n{self.table}"
         )
-
-
-def read_architecture(weights: str) -> Architecture:
-    """The architecture of a vitpipe or HF weights folder (path or URL); errors name the folder."""
-    from vit.weights import read_checkpoint
-
-    with tempfile.TemporaryDirectory(prefix="vitpipe-weights-") as scratch:
-        return read_checkpoint(local_folder(weights, Path(scratch) / "weights")).config
-
-
-def plan_runs(
-    targets: dict[str, str],
-    *,
-    weights: str | None,
-    architecture: Architecture | None,
-    model: AnyModel | None,
-    modes: tuple[str, ...],
-    image_size: int | None = None,
-) -> tuple[list[tuple[TargetPlan, str, Architecture]], list[dict[str, Any]]]:
-    """(target, mode, architecture) of every run that can start, and a failure for each that cannot.
-
-    The architecture is the weights' (`architecture`), else the one `model` describes for the target.
-    """
-    runs, failures = [], []
-    for name, directory in targets.items():
-        try:
-            target = plan_target(name, directory, image_size)
-            fitted = architecture if architecture is not None else _model_for(model, target)
-            check_fits(target, fitted, weights or "the model config")
-        except TargetError as error:
-            failures.extend({"target": name, "mode": mode, "error": str(error)} for mode in modes)
-            say(f"transfer: skipping {error}", err=True)
-            continue
-        detail(f"transfer: {target.describe()}")
-        for mode in modes:
-            if mode == "pretrained":
-                runs.append((target, mode, fitted))  # the checkpoint's own, adapted in the task
-            else:
-                runs.append((target, mode, target_architecture(fitted, target)))
-    return runs, failures
-
-
-def _model_for(model: AnyModel | None, target: TargetPlan) -> Architecture:
-    if model is None:
-        raise TargetError(f"target {target.name!r}: no weights and no model config to build a model from")
-    try:
-        return model.architecture(
-            image_size=target.model_geometry.image_size,
-            channels=model.channels or target.geometry.channels,
-            num_classes=len(target.classes),
-            patch_size=target.geometry.patch_size,
-        )
-    except ValueError as error:
-        raise TargetError(f"target {target.name!r}: the model config does not fit it: {error}") from None
 
 
 def _refuse_foreign(folder: str) -> None:
@@ -118,110 +62,53 @@ def _refuse_foreign(folder: str) -> None:
         _refuse_foreign(join(folder, member))
 
 
-def absolute(location: str) -> str:
-    """A URL as it is; a local path made absolute."""
-    return location if "://" in location else str(Path(location).expanduser().absolute())
-
-
-def _inside(path: str, folder: str) -> bool:
-    """Whether `path` is `folder` or below it (local paths resolved; URLs compared as written)."""
-
-    def scheme(location: str) -> str:
-        return location.split("://", 1)[0] if "://" in location else ""
-
-    inner, outer = resolve(path)[1].rstrip("/") + "/", resolve(folder)[1].rstrip("/") + "/"
-    return scheme(path) == scheme(folder) and inner.startswith(outer)
-
-
 def transfer(
-    finetune: FinetuneConfig,
-    evaluate: EvaluateConfig | None,
-    targets: dict[str, str],
-    *,
-    out: str,
-    weights: str | None = None,
-    model: AnyModel | None = None,
-    train: bool = True,
-    name: str = "",
-    address: str | None = None,
-    tracking: TrackingTarget = OFF,
+    plan: TransferPlan, *, name: str = "", address: str | None = None, tracking: TrackingTarget = OFF
 ) -> TransferResult:
-    """Fine-tune (or, with `train=False`, only evaluate) every target in every mode; write the results.
-
-    `weights` are the pretrained weights (needed by mode `pretrained`); `model` describes the model that
-    mode `scratch` builds when there are no weights to take the architecture from. Each task is a child
-    run of `tracking`.
-    """
-    # Tasks may run on other machines, in other directories: local paths go to them absolute.
-    out, weights = absolute(out), absolute(weights) if weights is not None else None
-    targets = {name: absolute(directory) for name, directory in targets.items()}
-    modes = finetune.modes if train else ("pretrained",)
-    if "pretrained" in modes and weights is None:
-        raise ValueError("transfer: mode 'pretrained' needs weights (finetune.weights or --weights)")
-    if weights is not None and _inside(weights, out):
-        raise ValueError(
-            f"transfer: the weights {weights} lie inside the output folder {out}; choose another --out"
-        )
-    architecture = read_architecture(weights) if weights is not None else None
-    if architecture is None and model is None:
-        raise ValueError("transfer: no weights and no model config to build the scratch model from")
-    runs, failures = plan_runs(
-        targets, weights=weights, architecture=architecture, model=model, modes=modes,
-        image_size=finetune.image_size,
-    )  # fmt: skip
-    settings = {
-        "name": name,
-        "weights": weights,
-        "train": train,
-        "finetune": finetune.model_dump(mode="json"),
-        "evaluate": evaluate.model_dump(mode="json") if evaluate else None,
-        "targets": dict(targets),
-    }
+    """Run every task of `plan` (from `plan_transfer`: fine-tune, or only evaluate, every target in every
+    mode) and write the results into `plan.out`; each (target, mode) is a child run of `tracking`."""
     results: list[dict[str, Any]] = []
-    if runs:
+    failures = list(plan.failures)
+    if plan.tasks:
         connect_ray(address)
-        needs = {"CPU": finetune.cpus_per_task, "GPU": finetune.gpus_per_task}
         remedy = "lower cpus_per_task or gpus_per_task, or add bigger nodes"
-        check_resources(needs, "finetune: a task", remedy, per_node=True)
-        results, task_failures = _run_tasks(
-            finetune, evaluate, runs, weights=weights, out=out, train=train, tracking=tracking
-        )
+        check_resources(plan.needs(), "finetune: a task", remedy, per_node=True)
+        results, task_failures = _run_tasks(plan, tracking)
         failures += task_failures
     with tempfile.TemporaryDirectory(prefix="vitpipe-results-") as scratch:
-        document = write_results(Path(scratch) / "results", results, failures, settings)
+        document = write_results(Path(scratch) / "results", results, failures, plan.settings(name))
         table = (Path(scratch) / "results" / RESULTS_MD).read_text()
-        publish_folder(Path(scratch) / "results", out)
-    return TransferResult(out, document, table)
+        publish_folder(Path(scratch) / "results", plan.out)
+    return TransferResult(plan.out, document, table)
 
 
 def _run_tasks(
-    finetune: FinetuneConfig,
-    evaluate: EvaluateConfig | None,
-    runs: list[tuple[TargetPlan, str, Architecture]],
-    *,
-    weights: str | None,
-    out: str,
-    train: bool,
-    tracking: TrackingTarget = OFF,
+    plan: TransferPlan, tracking: TrackingTarget = OFF
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Submit every (target, mode, rate), collect each as it finishes, then each (target, mode)'s result:
-    its member of best validation top-1 (`sweep.choose`). A failed task becomes a failure entry; a
-    (target, mode) is reported from the members that finished."""
-    groups = [join(out, target.name, mode) for target, mode, _ in runs]
-    for group in groups:
+    """Submit every task, collect each as it finishes, then each (target, mode)'s result: its member of
+    best validation top-1 (`sweep.choose`). A failed task becomes a failure entry; a (target, mode) is
+    reported from the members that finished."""
+    parents: dict[tuple[str, str], TrackingTarget] = {}
+    for target, mode in plan.groups():
+        group = join(plan.out, target.name, mode)
         _refuse_foreign(group)
     pending: dict[Any, tuple[str, str, float | None, TrackingTarget]] = {}
-    parents: dict[tuple[str, str], TrackingTarget] = {}
-    for (target, mode, architecture), group in zip(runs, groups, strict=True):
+    for target, mode in plan.groups():
+        group = join(plan.out, target.name, mode)
         remove_folder(group)  # a new command starts afresh; a retried task appends to its log
-        params = {"target": target.name, "mode": mode, "weights": weights, "train": train,
-                  "finetune": finetune.model_dump(mode="json")}  # fmt: skip
-        parent = open_child(tracking, f"{target.name}/{mode}", f"{target.name}/{mode}", params)
-        parents[target.name, mode] = parent
-        for index, lr in enumerate(finetune.lr_sweep if train else (None,)):
-            member = _member_settings(finetune, evaluate, (target, mode, architecture), weights, train, group,
-                                      parent, lr, probe=index == 0)  # fmt: skip
-            pending[_submit(member, finetune)] = (target.name, mode, lr, member.tracking)
+        params = {
+            "target": target.name,
+            "mode": mode,
+            "weights": plan.weights,
+            "train": plan.train,
+            "finetune": plan.finetune.model_dump(mode="json"),
+        }
+        parents[target.name, mode] = open_child(
+            tracking, f"{target.name}/{mode}", f"{target.name}/{mode}", params
+        )
+    for task in plan.tasks:
+        member = _member_settings(plan, task, parents[task.target.name, task.mode])
+        pending[_submit(member, plan)] = (task.target.name, task.mode, task.lr, member.tracking)
     detail(f"transfer: {len(pending)} task(s) submitted")
     members, failures = _gather(pending)
     results = []
@@ -230,42 +117,40 @@ def _run_tasks(
         if not finished:
             end(parent, "FAILED")
             continue
-        result = choose(finished) if train else finished[0]
-        if train:
-            write_group_result(join(out, target, mode), result)
+        result = choose(finished) if plan.train else finished[0]
+        if plan.train:
+            write_group_result(join(plan.out, target, mode), result)
             _track_choice(parent, result)
         results.append(result)
     return results, failures
 
 
-def _member_settings(
-    finetune: FinetuneConfig,
-    evaluate: EvaluateConfig | None,
-    run: tuple[TargetPlan, str, Architecture],
-    weights: str | None,
-    train: bool,
-    group: str,
-    parent: TrackingTarget,
-    lr: float | None,
-    *,
-    probe: bool,
-) -> TaskSettings:
-    """One task's settings: the sweep's member at `lr` in its own folder and tracking run (evaluating
-    alone, `lr` None: the group's folder and run)."""
-    target, mode, architecture = run
-    if lr is None:
-        return TaskSettings(target, mode, weights, architecture, train, finetune, evaluate, group, parent)
-    tracking = open_child(parent, f"lr={lr:g}", f"{target.name}/{mode}/lr={lr:g}", {"lr": lr})
-    folder = member_folder(group, lr)
-    return TaskSettings(target, mode, weights, architecture, train, finetune.at_rate(lr), evaluate, folder,
-                        tracking, probe)  # fmt: skip
+def _member_settings(plan: TransferPlan, task: TransferTask, parent: TrackingTarget) -> TaskSettings:
+    """One task's settings: the sweep's member at its rate in its own folder and tracking run (evaluating
+    alone, rate None: the group's folder and run)."""
+    group = join(plan.out, task.target.name, task.mode)
+    common = (
+        task.target,
+        task.mode,
+        plan.weights,
+        task.architecture,
+        plan.train,
+        task.finetune,
+        task.recipe,
+        plan.evaluate,
+    )
+    if task.lr is None:
+        return TaskSettings(*common, group, parent)
+    lr = task.lr
+    tracking = open_child(parent, f"lr={lr:g}", f"{task.target.name}/{task.mode}/lr={lr:g}", {"lr": lr})
+    return TaskSettings(*common, member_folder(group, lr), tracking, task.probe)
 
 
-def _submit(settings: TaskSettings, finetune: FinetuneConfig) -> Any:
+def _submit(settings: TaskSettings, plan: TransferPlan) -> Any:
     options = {
-        "num_cpus": finetune.cpus_per_task,
-        "num_gpus": finetune.gpus_per_task,
-        "max_retries": finetune.max_retries,
+        "num_cpus": plan.finetune.cpus_per_task,
+        "num_gpus": plan.finetune.gpus_per_task,
+        "max_retries": plan.finetune.max_retries,
         "retry_exceptions": False,  # a bad target fails the same way again; only a lost worker is retried
     }
     name = f"transfer:{settings.label.replace(' lr ', '/lr=')}"

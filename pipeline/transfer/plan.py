@@ -7,16 +7,22 @@ patch geometry the checkpoint cannot take) gets an error naming it and is left o
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from pipeline.config import FinetuneConfig
+from pipeline.config import AnyModel, EvaluateConfig, FinetuneConfig
+from pipeline.console import detail, say
 from pipeline.preprocess.manifest import manifest_classes, manifest_geometry, read_manifest
+from pipeline.storage import absolute, local_folder, resolve
 from pipeline.transfer.data import SplitReader
 from vit.config import Architecture
 from vit.patches import PatchGeometry, misfits
 from vit.recipe import BatchSplit, Recipe
+from vit.weights import read_checkpoint
 
 TRAIN_SPLIT, TEST_SPLIT = "train", "test"
 
@@ -40,9 +46,11 @@ class TargetPlan:
     @property
     def model_geometry(self) -> PatchGeometry:
         """The geometry the model sees: the stored one, or its centre/random crop at `image_size`."""
-        return self.geometry if self.image_size is None else PatchGeometry(
-            self.image_size, self.geometry.patch_size, self.geometry.channels
-        )  # fmt: skip
+        return (
+            self.geometry
+            if self.image_size is None
+            else PatchGeometry(self.image_size, self.geometry.patch_size, self.geometry.channels)
+        )
 
     def describe(self) -> str:
         return (
@@ -134,7 +142,188 @@ def finetune_recipe(config: FinetuneConfig, input_size: int | None = None) -> Re
     the sweep: `FinetuneConfig.at_rate`); `bf16: auto` is decided in the task, which sees the device."""
     batch = BatchSplit(config.batch_size, config.micro_batch_size or config.batch_size)
     return Recipe(
-        optimizer=config.optimizer, schedule=config.schedule, total_steps=config.steps, batch=batch,
-        label_smoothing=config.label_smoothing, flip=config.flip, bf16=config.bf16 is True, crop=config.crop,
+        optimizer=config.optimizer,
+        schedule=config.schedule,
+        total_steps=config.steps,
+        batch=batch,
+        label_smoothing=config.label_smoothing,
+        flip=config.flip,
+        bf16=config.bf16 is True,
+        crop=config.crop,
         input_size=input_size,
-    )  # fmt: skip
+    )
+
+
+# --- the command's plan: every task, worked out before Ray -------------------------------------------
+
+
+@dataclass(frozen=True)
+class TransferTask:
+    """One task: a (target, mode) at one learning rate of the sweep (None: evaluating alone), with the
+    section at that rate and the recipe it trains by."""
+
+    target: TargetPlan
+    mode: str
+    architecture: Architecture
+    lr: float | None
+    finetune: FinetuneConfig
+    recipe: Recipe
+    probe: bool = True  # the first member of a sweep also probes the starting weights few-shot
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    """A fine-tune (or, `train` false, evaluation) command worked out before any task starts: the tasks of
+    the targets that can run, a failure for each that cannot, and what the results record."""
+
+    tasks: list[TransferTask]
+    failures: list[dict[str, Any]]
+    finetune: FinetuneConfig
+    evaluate: EvaluateConfig | None
+    targets: dict[str, str]
+    out: str
+    weights: str | None
+    train: bool
+
+    def groups(self) -> list[tuple[TargetPlan, str]]:
+        """Each (target, mode) once, in task order: a folder and a chosen result each."""
+        seen: dict[tuple[str, str], tuple[TargetPlan, str]] = {}
+        for task in self.tasks:
+            seen.setdefault((task.target.name, task.mode), (task.target, task.mode))
+        return list(seen.values())
+
+    def needs(self) -> dict[str, float]:
+        """What one task takes of a node."""
+        return {"CPU": self.finetune.cpus_per_task, "GPU": self.finetune.gpus_per_task}
+
+    def settings(self, name: str) -> dict[str, Any]:
+        """The command's settings as results.json records them."""
+        evaluate = self.evaluate.model_dump(mode="json") if self.evaluate else None
+        return {
+            "name": name,
+            "weights": self.weights,
+            "train": self.train,
+            "finetune": self.finetune.model_dump(mode="json"),
+            "evaluate": evaluate,
+            "targets": dict(self.targets),
+        }
+
+
+def plan_transfer(
+    finetune: FinetuneConfig,
+    evaluate: EvaluateConfig | None,
+    targets: dict[str, str],
+    *,
+    out: str,
+    weights: str | None = None,
+    model: AnyModel | None = None,
+    train: bool = True,
+) -> TransferPlan:
+    """Every task of fine-tuning (or only evaluating) every target in every mode, into `out`.
+
+    `weights` are the pretrained weights (needed by mode `pretrained`); `model` describes the model that
+    mode `scratch` builds when there are no weights to take the architecture from."""
+    # Tasks may run on other machines, in other directories: local paths go to them absolute.
+    out, weights = absolute(out), absolute(weights) if weights is not None else None
+    targets = {name: absolute(directory) for name, directory in targets.items()}
+    modes = finetune.modes if train else ("pretrained",)
+    if "pretrained" in modes and weights is None:
+        raise ValueError("transfer: mode 'pretrained' needs weights (finetune.weights or --weights)")
+    if weights is not None and _inside(weights, out):
+        raise ValueError(
+            f"transfer: the weights {weights} lie inside the output folder {out}; choose another --out"
+        )
+    architecture = read_architecture(weights) if weights is not None else None
+    if architecture is None and model is None:
+        raise ValueError("transfer: no weights and no model config to build the scratch model from")
+    runs, failures = plan_runs(
+        targets,
+        weights=weights,
+        architecture=architecture,
+        model=model,
+        modes=modes,
+        image_size=finetune.image_size,
+    )
+    rates = finetune.lr_sweep if train else (None,)
+    tasks = [
+        _task(target, mode, fitted, finetune, lr, probe=index == 0)
+        for target, mode, fitted in runs
+        for index, lr in enumerate(rates)
+    ]
+    return TransferPlan(tasks, failures, finetune, evaluate, targets, out, weights, train)
+
+
+def _task(
+    target: TargetPlan,
+    mode: str,
+    architecture: Architecture,
+    finetune: FinetuneConfig,
+    lr: float | None,
+    *,
+    probe: bool,
+) -> TransferTask:
+    section = finetune.at_rate(lr) if lr is not None else finetune
+    recipe = finetune_recipe(section, target.geometry.image_size)
+    return TransferTask(target, mode, architecture, lr, section, recipe, probe)
+
+
+def read_architecture(weights: str) -> Architecture:
+    """The architecture of a vitpipe or HF weights folder (path or URL); errors name the folder."""
+    with tempfile.TemporaryDirectory(prefix="vitpipe-weights-") as scratch:
+        return read_checkpoint(local_folder(weights, Path(scratch) / "weights")).config
+
+
+def plan_runs(
+    targets: dict[str, str],
+    *,
+    weights: str | None,
+    architecture: Architecture | None,
+    model: AnyModel | None,
+    modes: tuple[str, ...],
+    image_size: int | None = None,
+) -> tuple[list[tuple[TargetPlan, str, Architecture]], list[dict[str, Any]]]:
+    """(target, mode, architecture) of every run that can start, and a failure for each that cannot.
+
+    The architecture is the weights' (`architecture`), else the one `model` describes for the target.
+    """
+    runs, failures = [], []
+    for name, directory in targets.items():
+        try:
+            target = plan_target(name, directory, image_size)
+            fitted = architecture if architecture is not None else _model_for(model, target)
+            check_fits(target, fitted, weights or "the model config")
+        except TargetError as error:
+            failures.extend({"target": name, "mode": mode, "error": str(error)} for mode in modes)
+            say(f"transfer: skipping {error}", err=True)
+            continue
+        detail(f"transfer: {target.describe()}")
+        for mode in modes:
+            if mode == "pretrained":
+                runs.append((target, mode, fitted))  # the checkpoint's own, adapted in the task
+            else:
+                runs.append((target, mode, target_architecture(fitted, target)))
+    return runs, failures
+
+
+def _model_for(model: AnyModel | None, target: TargetPlan) -> Architecture:
+    if model is None:
+        raise TargetError(f"target {target.name!r}: no weights and no model config to build a model from")
+    try:
+        return model.architecture(
+            image_size=target.model_geometry.image_size,
+            channels=model.channels or target.geometry.channels,
+            num_classes=len(target.classes),
+            patch_size=target.geometry.patch_size,
+        )
+    except ValueError as error:
+        raise TargetError(f"target {target.name!r}: the model config does not fit it: {error}") from None
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or below it (local paths resolved; URLs compared as written)."""
+
+    def scheme(location: str) -> str:
+        return location.split("://", 1)[0] if "://" in location else ""
+
+    inner, outer = resolve(path)[1].rstrip("/") + "/", resolve(folder)[1].rstrip("/") + "/"
+    return scheme(path) == scheme(folder) and inner.startswith(outer)

@@ -17,19 +17,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from pipeline.config import EvaluateConfig, FinetuneConfig
 from pipeline.console import detail
 from pipeline.metrics import MetricsLog, ProgressLine
 from pipeline.ray_session import ray_task_device
 from pipeline.storage import local_folder, publish_folder
 from pipeline.tracking import OFF, StepLogger, TrackingTarget, end, log_artifacts
 from pipeline.transfer.data import SplitReader, holdout
-from pipeline.transfer.plan import TEST_SPLIT, TRAIN_SPLIT, TargetPlan, finetune_recipe, target_architecture
+from pipeline.transfer.plan import TEST_SPLIT, TRAIN_SPLIT, TargetPlan, target_architecture
 from pipeline.transfer.report import plot_confusion
 from vit.build import build_model
 from vit.config import Architecture
@@ -39,8 +38,11 @@ from vit.fewshot import fewshot_accuracy, sample_shots
 from vit.finetune import finetune, freeze_backbone
 from vit.hf import HF_DIR
 from vit.objective import use_bf16
-from vit.recipe import Speed
+from vit.recipe import Recipe, Speed
 from vit.weights import export_hf_folder, load_pretrained, read_checkpoint, save_pretrained, state_digest
+
+if TYPE_CHECKING:  # the task receives these sections as values; it never loads or checks a config
+    from pipeline.config import EvaluateConfig, FinetuneConfig
 
 RESULT_FILE = "result.json"
 CONFUSION_PLOT = "confusion.png"
@@ -50,14 +52,16 @@ VALIDATION_BYTES = 1024**3  # the validation hold-out is held in memory, at most
 
 @dataclass(frozen=True)
 class TaskSettings:
-    """What one (target, mode) task receives: the job's sections as they are, and where to write."""
+    """What one task receives from the transfer plan: the target, the model, the finetune section at the
+    task's rate and the recipe it trains by, the evaluation settings, and where to write."""
 
     target: TargetPlan
     mode: str  # "pretrained" or "scratch"
     weights: str | None
     architecture: Architecture  # of the scratch model, or the weights' own
     train: bool  # fine-tune, or only evaluate the weights as they are
-    finetune: FinetuneConfig
+    finetune: FinetuneConfig  # at the task's rate: the options besides the recipe (seed, validation, ...)
+    recipe: Recipe
     evaluate: EvaluateConfig | None
     out: str
     tracking: TrackingTarget = OFF  # this task's tracking run
@@ -66,12 +70,12 @@ class TaskSettings:
     @property
     def label(self) -> str:
         """`digits/pretrained lr 0.003`: how progress lines and logs name the task."""
-        rate = f" lr {self.finetune.optimizer.lr:g}" if self.train else ""
+        rate = f" lr {self.recipe.optimizer.lr:g}" if self.train else ""
         return f"{self.target.name}/{self.mode}{rate}"
 
     @property
     def eval_batch_size(self) -> int:
-        return self.evaluate.batch_size if self.evaluate else finetune_recipe(self.finetune).batch.micro_batch
+        return self.evaluate.batch_size if self.evaluate else self.recipe.batch.micro_batch
 
 
 def transfer_task(settings: TaskSettings) -> dict[str, Any]:
@@ -257,7 +261,7 @@ def _finetune(
 ) -> dict[str, Any]:
     """Fine-tune in place and load the best weights back; returns what the result records of it."""
     config = settings.finetune
-    recipe = dataclasses.replace(finetune_recipe(config, reader.geometry.image_size), bf16=bf16)
+    recipe = dataclasses.replace(settings.recipe, bf16=bf16)
     trainable = freeze_backbone(model) if config.freeze_backbone else None
     labels = reader.labels()
     max_rows = VALIDATION_BYTES // reader.geometry.sample_bytes
