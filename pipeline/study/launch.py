@@ -29,6 +29,8 @@ from pipeline.study.subsets import read_subset
 from pipeline.tracking import OFF, TrackingTarget
 from pipeline.transfer.launch import transfer
 from pipeline.transfer.plan import plan_transfer
+from vit.build import build_model
+from vit.flops import train_flops
 
 POINT_FILE = "point.json"  # a finished point's summary: what the study's report reads
 
@@ -126,9 +128,6 @@ def run_point(settings: PointSettings, slots: Any = None) -> dict[str, Any]:
 
 
 def _pretrain(settings: PointSettings) -> dict[str, Any]:
-    from vit.build import build_model
-    from vit.flops import train_flops
-
     config = settings.pretrain
     if config is None or settings.subset is None:
         raise ValueError(f"study point {settings.point.name}: pretrained, but no pretrain config or subset")
