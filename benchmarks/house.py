@@ -10,13 +10,19 @@ a package's __init__.py is the package):
 1. Size: the count of modules, their lines (newlines, as `wc -l`), the largest module, and every module
    over 600 lines (target: none).
 2. Function-level imports: every `import`/`from ... import` statement inside a function or method body
-   (AST). It is heavy when every module it names is heavy: a third-party package in HEAVY_PACKAGES (torch,
-   deepspeed, ray, matplotlib, mlflow, wandb, transformers, safetensors), or a project module that loads one
-   when imported. Ray counts whole: DESIGN names "ray train/data", but every `ray.*` import loads `ray`
-   itself first (0.6 s here, half of torch's 1.3 s), so no ray import is light. "Loads when imported" is
-   the import graph's closure over top-level imports (module body and class bodies, not functions, not
-   `if TYPE_CHECKING:`), where importing `a.b.c` also runs `a` and `a.b`: `pipeline.runner.execute`
-   imports ray at its top, so a function importing it makes a heavy import. Target: no light one.
+   (AST). It is heavy when every module it names is heavy: a module of the heavy list or a submodule of one
+   (`torch.nn` of `torch`; `safetensors.torch`, listed, but not `safetensors`), or a project module that
+   loads one when imported. The heavy list is the measured tree's own: its pyproject.toml's
+   `[tool.ruff.lint.flake8-tidy-imports] banned-module-level-imports`, the modules ruff keeps off a
+   module's top (TID253) and so the only ones a function may import (PLC0415). A tree whose pyproject.toml
+   has none (a revision before that rule) gets DESIGN's list instead (DESIGN_HEAVY: torch, deepspeed, ray,
+   matplotlib, mlflow, wandb, transformers, safetensors), and the table says which list a tree got. Ray
+   counts whole: DESIGN names "ray train/data", but every `ray.*` import loads `ray` itself first (0.6 s
+   here, half of torch's 1.3 s), so no ray import is light. "Loads when imported" is the import graph's
+   closure over top-level imports (module body and class bodies, not functions, not `if TYPE_CHECKING:`),
+   where importing `a.b.c` also runs `a` and `a.b`: `pipeline.runner.execute` imports ray at its top, so a
+   function importing it makes a heavy import. A project module the list names is heavy even when no
+   chain shows it (its why then ends in "(listed)"). Target: no light one.
 3. Import cycles: strongly connected components (Tarjan) of the module graph of every import that runs
    (top-level and function-level; `if TYPE_CHECKING:` imports never run and are left out), with
    `from pkg import name` resolved to the submodule `pkg.name` when that is a module. Target 0.
@@ -51,6 +57,10 @@ a package's __init__.py is the package):
    earlier name too (vit.models for vit.build, vit.step for vit.objective) and pass a function only the
    arguments its signature names (`call_with`); a measurement that still cannot run on a tree is
    "n/a (why)". The JSON holds both trees' numbers ("here", "at").
+
+Only imports of the measured tree stay in this script's functions (pipeline, vit, and benchmarks.machine,
+which imports pipeline.info): under `--at` they must come from the other revision's tree, where a module may
+be missing or differ. Every other import is at the top.
 """
 
 from __future__ import annotations
@@ -76,12 +86,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow.fs as pafs
+import tomllib
+import torch
+import torch.distributed as dist
+from PIL import Image
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "vit")
 MAX_LINES = 600
-HEAVY_PACKAGES = frozenset(
-    {"torch", "deepspeed", "ray", "matplotlib", "mlflow", "wandb", "transformers", "safetensors"}
-)
+DESIGN_HEAVY = ("torch", "deepspeed", "ray", "matplotlib", "mlflow", "wandb", "transformers", "safetensors")
 STAGES = frozenset({"datasets", "preprocess", "pretrain", "transfer", "study", "analysis"})
 RAY_SIDE = frozenset({"launch.py", "worker.py", "task.py", "feed.py"})  # a stage's modules Ray runs
 SENTINEL_LR = 0.000123457
@@ -233,44 +248,87 @@ def size_numbers(modules: dict[str, Module]) -> dict[str, Any]:
 # ---------------------------------------------------------------- 2. function-level imports
 
 
-def heavy_modules(modules: dict[str, Module]) -> dict[str, list[str]]:
-    """Each project module that loads a heavy package when imported, with the chain that does it
-    (`pipeline.runner.execute` -> `ray`): a fixed point over top-level imports and parent packages."""
-    heavy: dict[str, list[str]] = {}
+@dataclass(frozen=True)
+class HeavyList:
+    """The heavy modules of a tree (a function may import them, nothing else), and where the list is from."""
+
+    modules: frozenset[str]
+    source: str  # "pyproject.toml" or "DESIGN"
+    why: str = ""  # why DESIGN's: what the tree's pyproject.toml lacks
+
+    def names(self, module: str) -> bool:
+        """Whether `module` is on the list, or a submodule of one that is (`torch.nn` of `torch`)."""
+        return module in self.modules or any(parent in self.modules for parent in ancestors(module))
+
+
+def heavy_list(root: Path) -> HeavyList:
+    """The tree's `[tool.ruff.lint.flake8-tidy-imports] banned-module-level-imports` (the older
+    `[tool.ruff.flake8-tidy-imports]` too), or DESIGN's list, saying why, when its pyproject.toml has none."""
+    path = root / "pyproject.toml"
+    if not path.is_file():
+        return HeavyList(frozenset(DESIGN_HEAVY), "DESIGN", "no pyproject.toml")
+    try:
+        ruff = tomllib.loads(path.read_text(encoding="utf-8")).get("tool", {}).get("ruff", {})
+    except tomllib.TOMLDecodeError as error:
+        return HeavyList(frozenset(DESIGN_HEAVY), "DESIGN", f"pyproject.toml unreadable: {error}")
+    for table in (ruff.get("lint", {}), ruff):
+        listed = table.get("flake8-tidy-imports", {}).get("banned-module-level-imports")
+        if listed:
+            return HeavyList(frozenset(listed), "pyproject.toml")
+    return HeavyList(frozenset(DESIGN_HEAVY), "DESIGN", "pyproject.toml has no banned-module-level-imports")
+
+
+def heavy_modules(modules: dict[str, Module], heavy: HeavyList) -> dict[str, list[str]]:
+    """Each project module that loads a heavy module when imported, with the chain that does it
+    (`pipeline.runner.execute` -> `ray`): a fixed point over top-level imports and parent packages. Then a
+    project module the list names is heavy too where no chain showed it (`... (listed)`)."""
+    chains: dict[str, list[str]] = {}
+    _spread(modules, heavy, chains)
+    listed = {name: [f"{name} (listed)"] for name in modules if heavy.names(name) and name not in chains}
+    if listed:
+        chains.update(listed)
+        _spread(modules, heavy, chains)
+    return chains
+
+
+def _spread(modules: dict[str, Module], heavy: HeavyList, chains: dict[str, list[str]]) -> None:
+    """Add to `chains` every module whose top-level imports or parent packages reach a heavy one, until
+    none is added."""
     changed = True
     while changed:
         changed = False
         for name, module in modules.items():
-            if name in heavy:
+            if name in chains:
                 continue
             loads = [t for i in module.imports if i.kind == "top" for t in i.targets] + ancestors(name)
-            chain = next((c for c in map(lambda t: _heavy_chain(t, heavy), loads) if c), None)
+            chain = next((c for c in (_heavy_chain(t, heavy, chains) for t in loads) if c), None)
             if chain is not None:
-                heavy[name] = [name, *chain] if chain[0] != name else chain
+                chains[name] = [name, *chain] if chain[0] != name else chain
                 changed = True
-    return heavy
 
 
-def _heavy_chain(target: str, heavy: dict[str, list[str]]) -> list[str] | None:
-    """Why importing `target` is heavy (a chain ending in a heavy package), or None when it is not (yet)."""
+def _heavy_chain(target: str, heavy: HeavyList, chains: dict[str, list[str]]) -> list[str] | None:
+    """Why importing `target` is heavy (a chain ending in a heavy module), or None when it is not (yet)."""
     if not is_project(target):
-        return [target] if target.split(".")[0] in HEAVY_PACKAGES else None
+        return [target] if heavy.names(target) else None
     for name in [*ancestors(target), target]:
-        if name in heavy:
-            return heavy[name]
+        if name in chains:
+            return chains[name]
     return None
 
 
-def function_imports(modules: dict[str, Module]) -> dict[str, Any]:
-    """Every import statement in a function body, heavy (with why) or light (with file:line)."""
-    heavy = heavy_modules(modules)
+def function_imports(modules: dict[str, Module], heavy: HeavyList | None = None) -> dict[str, Any]:
+    """Every import statement in a function body, heavy (with why) or light (with file:line). `heavy`: the
+    tree's heavy list (by default this checkout's)."""
+    heavy = heavy_list(REPO) if heavy is None else heavy
+    chains = heavy_modules(modules, heavy)
     found: dict[str, list[dict[str, Any]]] = {"heavy": [], "light": []}
     for module in modules.values():
         for statement in (i for i in module.imports if i.kind == "function"):
-            chains = [_heavy_chain(t, heavy) for t in statement.targets]
+            why = [_heavy_chain(t, heavy, chains) for t in statement.targets]
             entry = {"at": f"{module.path}:{statement.line}", "import": statement.text}
-            if all(chains):
-                found["heavy"].append({**entry, "why": " -> ".join(chains[0] or [])})
+            if all(why):
+                found["heavy"].append({**entry, "why": " -> ".join(why[0] or [])})
             else:
                 found["light"].append(entry)
     return {"count": len(found["heavy"]) + len(found["light"]), **found}
@@ -382,10 +440,11 @@ def backup_arrows(modules: dict[str, Module]) -> list[dict[str, Any]]:
 
 def static_metrics(root: Path) -> dict[str, Any]:
     """Numbers 1-4 of the tree at `root`, read from its source alone."""
-    modules = scan_tree(root)
+    modules, heavy = scan_tree(root), heavy_list(root)
     return {
         "size": size_numbers(modules),
-        "function_imports": function_imports(modules),
+        "heavy_list": {"source": heavy.source, "why": heavy.why, "modules": sorted(heavy.modules)},
+        "function_imports": function_imports(modules, heavy),
         "cycles": import_cycles(modules),
         "backup_arrows": backup_arrows(modules),
     }
@@ -422,8 +481,6 @@ def batch_split(global_batch: int, micro_batch: int) -> Any:
 
 def preprocess_entry(shard_dir: Path, out_dir: Path) -> tuple[Callable[[], Any], Any]:
     """The Ray task's body on the one shard (pipeline.preprocess.shard.preprocess_shard), and its config."""
-    import pyarrow.fs as pafs
-
     from pipeline.config import PreprocessConfig
     from pipeline.preprocess.shard import preprocess_shard
     from pipeline.preprocess.sources import list_shards
@@ -458,8 +515,6 @@ def feed_entry(patch_file: str, samples: int, geometry: Any, micro: int) -> Call
 
 def loss_entry(patches: Any, labels: Any, num_classes: int) -> Callable[[], Any]:
     """The training objective's loss on the micro-batch (vit.objective.training_loss) with a tiny ViT."""
-    import numpy as np
-
     from vit.config import ViTConfig
     from vit.recipe import Optimizer, Recipe, Schedule
 
@@ -519,9 +574,6 @@ def _importing(frame: Any) -> bool:
 
 def write_tiny_shard(folder: Path, count: int = 8, classes: int = 3, size: int = 16) -> Path:
     """A WebDataset tar of `count` random PNGs labelled in `.cls` members, written with tarfile and Pillow."""
-    import numpy as np
-    from PIL import Image
-
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     with tarfile.open(folder / "part-000000.tar", "w") as tar:
@@ -593,8 +645,6 @@ def worker_optimizer_entry(settings: Any) -> Any:
     """What a Ray Train worker does with the settings' recipe to build its optimizer, on one CPU rank
     (pipeline.pretrain.worker: train_loop and _engine); the job's one worker makes the recipe's batch split
     already the rank's own."""
-    import torch
-
     from vit.engine import build_engine
 
     use_bf16 = project_function(("vit.objective", "vit.step"), "use_bf16")
@@ -637,8 +687,6 @@ def _children(value: Any) -> list[Any]:
 @contextlib.contextmanager
 def one_rank_group() -> Iterator[None]:
     """A one-process gloo group with the variables Ray Train sets, for a DeepSpeed engine in this process."""
-    import torch.distributed as dist
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -681,8 +729,6 @@ def lr_files(root: Path) -> dict[str, Any]:
 
 def _patch_folder(folder: Path) -> str:
     """A preprocessed folder (one patch file and its manifest) made without Ray and without recording."""
-    import pyarrow.fs as pafs
-
     from pipeline.preprocess.manifest import build_manifest, write_manifest
 
     out = folder / "patches"
@@ -763,7 +809,7 @@ def measure_revision(revision: str) -> dict[str, Any]:
 
 def summary_row(numbers: dict[str, Any]) -> dict[str, str]:
     """The numbers of one tree, each as the table shows it."""
-    size, imports = numbers["size"], numbers["function_imports"]
+    size, imports, heavy = numbers["size"], numbers["function_imports"], numbers["heavy_list"]
 
     def dynamic(key: str) -> str:
         """A measured count, or n/a and why."""
@@ -778,6 +824,7 @@ def summary_row(numbers: dict[str, Any]) -> dict[str, str]:
         "function-level imports": str(imports["count"]),
         "  heavy": str(len(imports["heavy"])),
         "  light": str(len(imports["light"])),
+        "  heavy list from": f"{heavy['source']} ({len(heavy['modules'])})",
         "import cycles": str(len(numbers["cycles"])),
         "back-up arrows": str(len(numbers["backup_arrows"])),
         "files: tar -> loss": dynamic("tar_to_loss"),
@@ -802,6 +849,8 @@ def table(columns: dict[str, dict[str, Any]]) -> str:
 def details(name: str, numbers: dict[str, Any]) -> str:
     """The lists behind one tree's numbers."""
     lines = [f"\n== {name}"]
+    if numbers["heavy_list"]["why"]:
+        lines.append(f"  heavy list: DESIGN's, as {numbers['heavy_list']['why']}")
     lines += [f"  over 600 lines: {m['path']} ({m['lines']})" for m in numbers["size"]["over_600"]]
     lines += [f"  light import: {i['at']}  {i['import']}" for i in numbers["function_imports"]["light"]]
     for cycle in numbers["cycles"]:
@@ -828,7 +877,6 @@ def house_numbers(revision: str | None) -> tuple[dict[str, dict[str, Any]], dict
         "what": "the house in numbers (how each is measured: benchmarks/house.py's docstring)",
         "commit": here["commit"],
         "dirty": dirty,
-        "heavy_packages": sorted(HEAVY_PACKAGES),
         "targets": {label.strip(): target for label, target in TARGETS.items()},
         "here": here,
     }
@@ -859,7 +907,7 @@ def main(argv: list[str] | None = None) -> None:
         print(details(name, numbers))
     if str(REPO) not in sys.path:  # run as a script: benchmarks.machine is found from the checkout
         sys.path.append(str(REPO))
-    from benchmarks.machine import save
+    from benchmarks.machine import save  # it imports pipeline.info: never in the subprocess of --at
 
     print(f"\nwritten: {save('house', results)}")
 
