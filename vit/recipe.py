@@ -1,9 +1,10 @@
 """The training recipe, declared once: optimizer, learning-rate schedule, batch split, regularisation,
 and the ZeRO sharding it runs under.
 
-The config schema (`pipeline.config`) validates a job's sections into these dataclasses, and workers
-receive them as they are. Plain Python (no torch), so that validating a config stays quick; the step
-that runs a recipe is `vit.objective`, the engine `vit.engine`.
+The config schema (`pipeline.config`) validates a job's sections into these dataclasses; each stage's
+plan builds the `Recipe` from them (with its `BatchSplit`), and workers receive it as it is. Plain
+Python (no torch), so that validating a config stays quick; the loss and optimizer that run a recipe are
+`vit.objective`, the engine `vit.engine`.
 """
 
 from __future__ import annotations
@@ -133,11 +134,6 @@ class BatchSplit:
     def accumulation(self) -> int:
         """Micro-batches each rank trains per optimizer step."""
         return self.global_batch // (self.micro_batch * self.world)
-
-    @property
-    def per_rank(self) -> int:
-        """Images each rank trains per optimizer step."""
-        return self.global_batch // self.world
 
     def on(self, world: int) -> BatchSplit:
         """The same global batch and micro-batch on `world` ranks (an elastic group's other size)."""

@@ -113,8 +113,8 @@ class PretrainConfig(Section):
     def _no_retired_keys(cls, data: Any) -> Any:
         retired = [key for key in PRETRAIN_RETIRED if isinstance(data, dict) and key in data]
         if retired:
-            key = retired[0]
-            raise ValueError(f"{key} is retired: {PRETRAIN_RETIRED[key]}; drop {key} from the job")
+            told = "; ".join(f"{key} is retired: {PRETRAIN_RETIRED[key]}" for key in retired)
+            raise ValueError(f"{told}; drop {' and '.join(retired)} from the job")
         return data
 
     @model_validator(mode="after")

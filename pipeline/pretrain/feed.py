@@ -26,7 +26,8 @@ class Feed:
     """A rank's micro-batches from `step` on, epoch after epoch, read `plan.depth` reads ahead.
 
     `lineage` is the current epoch's (pipeline.pretrain.order); the loop asks for each epoch's batches in
-    turn (`batches(epoch, skip)`), and the next epoch's first reads are done by the time it does."""
+    turn (`batches(epoch, position)`, position in optimizer steps), and the next epoch's first reads are
+    done by the time it does."""
 
     def __init__(self, plan: FeedPlan, rank: int, world: int, step: int, lineage: Lineage, pin: bool) -> None:
         self.plan, self.rank, self.world, self.lineage, self.pin = plan, rank, world, lineage, pin
@@ -66,7 +67,7 @@ class Feed:
         n, shape = len(piece), self.plan.corpus.geometry.shape
         patches = torch.empty((n, *shape), dtype=torch.uint8, pin_memory=self.pin)
         labels = torch.empty(n, dtype=torch.int64)
-        self.reader.read(piece.files, piece.rows, patches.numpy().reshape(n, -1), labels.numpy())
+        self.reader.read(piece.files, piece.rows, patches.view(n, -1).numpy(), labels.numpy())
         return patches, labels
 
     def _next_read(self) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -78,11 +79,9 @@ class Feed:
     def batches(self, epoch: int, position: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The epoch's micro-batches from its optimizer step `position` on (the loop's `Hooks.batches`): the
         feed reads from where it was started, so `position` must be where it stands."""
-        first = epoch == self.epoch
-        if position != (self.position if first else 0):
-            raise RuntimeError(
-                f"the feed stands at step {self.position} of epoch {self.epoch}, not {position}"
-            )
+        stands = self.position if epoch == self.epoch else 0
+        if position != stands:
+            raise RuntimeError(f"the feed stands at step {stands} of epoch {epoch}, not {position}")
         left = sum(stop - start for start, stop in self.spans(epoch))
         return self._epoch_batches(epoch, left)
 

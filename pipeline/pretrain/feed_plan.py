@@ -31,7 +31,7 @@ class FeedPlan:
     seed: int
     window: int  # rows shuffled together (shuffle_buffer); 0 keeps the files' own row order
     steps_per_epoch: int
-    batch: BatchSplit  # split for the largest group; each rank re-splits it for its own
+    batch: BatchSplit  # split for the largest group (the worker re-splits its recipe's for its group)
     threads: int = 2
     depth: int = 4  # reads in flight ahead of the trainer
 

@@ -195,10 +195,12 @@ def plan_pretrain(config: PretrainConfig, directory: str, rows: Rows | None = No
         geometry, patch_size=model.reads_patch_size, channels=model.channels, image_size=image_size
     )
     if problems:
+        ways = "preprocess again to the model's geometry, or set the model's to the data's"
+        if not (model.reads_patch_size not in (None, geometry.patch_size) or model.channels):
+            ways = "choose a pretrain.image_size the stored images hold (the model sees a crop of them)"
         raise ValueError(
             f"{directory}: does not fit the model ({model.describe()} at pretrain.image_size {image_size}): "
-            f"{'; '.join(problems)}. Preprocess again to the model's geometry, or set the model's to the "
-            "data's (model.patch_size, model.channels; pretrain.image_size is a crop of the stored images)"
+            f"{'; '.join(problems)}; {ways}"
         )
     architecture = model.architecture(
         image_size=image_size,

@@ -244,12 +244,20 @@ def _pretrain_step(pretrain: PretrainConfig, job: PipelineConfig, source: str, l
     settings = pretrain.model_dump(mode="json", exclude=PRETRAIN_OPERATIONAL)
     if pretrain.data in job.preprocess:
         model, entry = pretrain.model, job.preprocess[pretrain.data]
-        problems = misfits(entry.geometry(), patch_size=model.reads_patch_size, channels=model.channels)
+        geometry = entry.geometry()
+        ways = {
+            "patch_size": f"drop preprocess.{pretrain.data}.patch_size to take the model's",
+            "channels": f"set preprocess.{pretrain.data}.channels: {model.channels} or drop model.channels",
+        }
+        problems = [
+            f"{problem} ({ways[field]})"
+            for field, value in (("patch_size", model.reads_patch_size), ("channels", model.channels))
+            for problem in misfits(geometry, **{field: value})
+        ]
         if problems:
             raise ConfigError(
                 f"{source}: pretrain.model ({model.describe()}) does not fit preprocess.{pretrain.data}: "
-                f"{'; '.join(problems)}; drop preprocess.{pretrain.data}.patch_size and .channels to take "
-                "the model's"
+                + "; ".join(problems)
             )
         return Step("pretrain", None, settings, (f"preprocess:{pretrain.data}",), output=layout.pretrain)
     if pretrain.data in job.datasets:

@@ -21,6 +21,7 @@ from pipeline.runner.plan import JobPlan
 from pipeline.runner.provenance import git_revision
 from pipeline.runner.records import read_record
 from pipeline.storage import write_atomic
+from pipeline.study.plan import POINT_FILE
 from pipeline.study.report import FIGURE, write_study_results
 from pipeline.study.report import markdown_table as study_table
 from pipeline.transfer.report import RESULTS_JSON, plot_results
@@ -78,7 +79,6 @@ def _transfer_section(plan: JobPlan, pictures: Path) -> str:
 
 def study_points_status(plan: JobPlan) -> list[dict[str, Any]]:
     """Every study point: its summary (point.json) when done, else its state and error from its record."""
-    from pipeline.study.launch import POINT_FILE
 
     points = []
     for step in plan.steps:

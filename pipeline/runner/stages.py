@@ -29,7 +29,7 @@ from pipeline.runner.plan import JobPlan, Step
 from pipeline.runner.records import file_fingerprint, fresh_fingerprint
 from pipeline.runner.report import write_report
 from pipeline.storage import absolute, join, remove_entries, remove_folder, resolve
-from pipeline.study.plan import Point, point_finetune, point_model, point_pretrain, study_job
+from pipeline.study.plan import POINT_FILE, Point, point_finetune, point_model, point_pretrain, study_job
 from pipeline.study.subsets import draw_subsets, subset_file
 from pipeline.tracking import OFF, TrackingTarget, log_artifacts
 from pipeline.transfer.report import RESULTS_JSON, RESULTS_MD, RESULTS_PLOT
@@ -311,8 +311,6 @@ CONCURRENT_RUNNERS: dict[
 def outputs_present(step: Step) -> bool:
     """Whether what a finished step wrote is still there (someone may have deleted it since)."""
     if step.stage == "study":
-        from pipeline.study.launch import POINT_FILE
-
         largest = max(step.settings.get("sizes") or [0])
         marker = subset_file("", largest) if step.item == "subsets" else POINT_FILE
         filesystem, path = resolve(join(step.output, marker))

@@ -9,7 +9,6 @@ holds one of the run's pretraining slots, as many as the cluster holds whole run
 
 from __future__ import annotations
 
-import asyncio
 import json
 import posixpath
 import time
@@ -18,21 +17,20 @@ from typing import Any
 
 import ray
 
-from pipeline.config import AnyModel, EvaluateConfig, FinetuneConfig, PretrainConfig, digest
+from pipeline.config import AnyModel, EvaluateConfig, FinetuneConfig, PretrainConfig
 from pipeline.console import say
 from pipeline.pretrain.checkpoints import is_run_output
 from pipeline.pretrain.launch import pretrain
-from pipeline.pretrain.plan import WorkerGroup, check_pretrain, worker_group
+from pipeline.pretrain.plan import check_pretrain, worker_group
 from pipeline.storage import join, remove_entries, write_atomic
-from pipeline.study.plan import Point
+from pipeline.study.plan import POINT_FILE, Point
+from pipeline.study.slots import pretrain_slots
 from pipeline.study.subsets import read_subset
 from pipeline.tracking import OFF, TrackingTarget
 from pipeline.transfer.launch import transfer
 from pipeline.transfer.plan import plan_transfer
 from vit.build import build_model
 from vit.flops import train_flops
-
-POINT_FILE = "point.json"  # a finished point's summary: what the study's report reads
 
 
 @dataclass(frozen=True)
@@ -51,37 +49,6 @@ class PointSettings:
     out: str  # the point's folder
     clear: bool  # redo: discard its pretraining run first
     tracking: TrackingTarget = OFF  # the point's tracking run: its pretraining steps, its tasks as children
-
-
-@ray.remote(num_cpus=0)
-class PretrainSlots:
-    """A semaphore of pretraining slots shared by one run's points (a named actor)."""
-
-    def __init__(self, slots: int) -> None:
-        self.semaphore = asyncio.Semaphore(slots)
-
-    async def acquire(self) -> None:
-        await self.semaphore.acquire()
-
-    async def release(self) -> None:
-        self.semaphore.release()
-
-
-def pretrain_slots(group: WorkerGroup, run: str) -> Any:
-    """The run's slots actor, created by the first point submitted with as many slots as the cluster
-    holds whole pretraining runs of `group` (at least one: check_resources refuses a run that never fits)."""
-    needs = group.needs()
-    have = ray.cluster_resources()
-    slots = max(1, int(min(have.get(key, 0.0) // need for key, need in needs.items())))
-    key = f"{ray.get_runtime_context().get_job_id()}-{digest(run)}"
-    if key not in _SLOTS:  # the driver holds the handle for its lifetime: Ray ends an actor nobody holds
-        _SLOTS[key] = PretrainSlots.options(name=f"vitpipe-study-slots-{key}").remote(slots)
-        wants = ", ".join(f"{need:g} {name}" for name, need in needs.items())
-        say(f"study: {slots} point(s) pretrain at once on this cluster (each {wants})", err=True)
-    return _SLOTS[key]
-
-
-_SLOTS: dict[str, Any] = {}
 
 
 def submit_point(settings: PointSettings, run: str) -> ray.ObjectRef:

@@ -25,6 +25,8 @@ from pipeline.config import (
 
 SCRATCH = 0  # the size of a point trained from scratch on the targets
 
+POINT_FILE = "point.json"  # a finished point's summary: what the study's report reads
+
 
 @dataclass(frozen=True)
 class Point:
