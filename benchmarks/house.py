@@ -26,12 +26,14 @@ a package's __init__.py is the package):
 3. Import cycles: strongly connected components (Tarjan) of the module graph of every import that runs
    (top-level and function-level; `if TYPE_CHECKING:` imports never run and are left out), with
    `from pkg import name` resolved to the submodule `pkg.name` when that is a module. Target 0.
-4. Back-up arrows: imports (type-only ones too: a dependency all the same) from a module to one of a higher
+4. Back-up arrows: imports that run (top-level or in a function) from a module to one of a higher
    layer: 0 vit; 1 pipeline's shared base (the `pipeline` package and every module directly in pipeline/
    but cli.py); 2 pipeline.config (module or package, alike); 3 the stages pipeline.{datasets, preprocess,
    pretrain, transfer, study, analysis} (a stage importing another is sideways); 4 pipeline.runner;
    5 pipeline.cli. Also an arrow: a stage's Ray side (launch.py, worker.py, task.py, feed.py) importing
-   pipeline.config ("a launch receives a plan, not the config"). Target 0.
+   pipeline.config ("a launch receives a plan, not the config"). Target 0. Type-only imports (`if
+   TYPE_CHECKING:`: a section handed down as a value, named in an annotation) never run; they are counted
+   apart, as "type-only", and listed.
 5. Files a sample crosses from tar to loss: a WebDataset tar of a few PNGs with .cls labels is written
    (tarfile, Pillow: no project code), then three calls run under `sys.settrace` (and `threading.settrace`,
    for the feed's reader threads): the Ray-free core that preprocesses one shard into a patch file; the
@@ -433,6 +435,7 @@ def backup_arrows(modules: dict[str, Module]) -> list[dict[str, Any]]:
                             "at": f"{module.path}:{statement.line}",
                             "arrow": f"{module.name} -> {target}",
                             "why": why + (" (type-only)" if statement.kind == "type" else ""),
+                            "type_only": statement.kind == "type",
                         }
                     )
     return arrows
@@ -826,7 +829,8 @@ def summary_row(numbers: dict[str, Any]) -> dict[str, str]:
         "  light": str(len(imports["light"])),
         "  heavy list from": f"{heavy['source']} ({len(heavy['modules'])})",
         "import cycles": str(len(numbers["cycles"])),
-        "back-up arrows": str(len(numbers["backup_arrows"])),
+        "back-up arrows": str(sum(not a["type_only"] for a in numbers["backup_arrows"])),
+        "  type-only (annotations)": str(sum(a["type_only"] for a in numbers["backup_arrows"])),
         "files: tar -> loss": dynamic("tar_to_loss"),
         "files: lr YAML -> optimizer": dynamic("lr"),
     }

@@ -13,11 +13,10 @@ import json
 import posixpath
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
-from pipeline.config import AnyModel, EvaluateConfig, FinetuneConfig, PretrainConfig
 from pipeline.console import say
 from pipeline.pretrain.checkpoints import is_run_output
 from pipeline.pretrain.launch import pretrain
@@ -31,6 +30,9 @@ from pipeline.transfer.launch import transfer
 from pipeline.transfer.plan import plan_transfer
 from vit.build import build_model
 from vit.flops import train_flops
+
+if TYPE_CHECKING:  # a point receives its sections as values; nothing here loads or checks a config
+    from pipeline.config import AnyModel, EvaluateConfig, FinetuneConfig, PretrainConfig
 
 
 @dataclass(frozen=True)
