@@ -501,9 +501,18 @@ def feed_entry(patch_file: str, samples: int, geometry: Any, micro: int) -> Call
     where = ("pipeline.pretrain.feed_plan", "pipeline.pretrain.order")
     files, counts = (patch_file,), (samples,)
     corpus = call_with(project_function(where, "Corpus"), files=files, counts=counts, geometry=geometry)
-    plan = call_with(project_function(where, "FeedPlan"), corpus=corpus, seed=0, window=samples,
-                     steps_per_epoch=samples // micro, global_batch=micro, micro_batch=micro,
-                     batch=batch_split(micro, micro), threads=1, depth=1)  # fmt: skip
+    plan = call_with(
+        project_function(where, "FeedPlan"),
+        corpus=corpus,
+        seed=0,
+        window=samples,
+        steps_per_epoch=samples // micro,
+        global_batch=micro,
+        micro_batch=micro,
+        batch=batch_split(micro, micro),
+        threads=1,
+        depth=1,
+    )
 
     def first_micro_batch() -> Any:
         """The feed made, its first batch of epoch 0 read, its reader threads let go."""
@@ -523,13 +532,27 @@ def loss_entry(patches: Any, labels: Any, num_classes: int) -> Callable[[], Any]
 
     build_model = project_function(("vit.build", "vit.models"), "build_model")
     training_loss = project_function(("vit.objective", "vit.step"), "training_loss")
-    config = ViTConfig(image_size=16, patch_size=4, channels=3, num_classes=num_classes, width=32, depth=1,
-                       heads=2, mlp_dim=64)  # fmt: skip
+    config = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        channels=3,
+        num_classes=num_classes,
+        width=32,
+        depth=1,
+        heads=2,
+        mlp_dim=64,
+    )
     model = build_model(config)
     n = len(labels)
     earlier = {"micro_batch_size": n}  # Recipe's parameter before BatchSplit (31aa73b)
-    recipe = call_with(Recipe, optimizer=Optimizer(), schedule=Schedule(warmup_steps=0), total_steps=1,
-                       batch=batch_split(n, n), **earlier)  # fmt: skip
+    recipe = call_with(
+        Recipe,
+        optimizer=Optimizer(),
+        schedule=Schedule(warmup_steps=0),
+        total_steps=1,
+        batch=batch_split(n, n),
+        **earlier,
+    )
     rng = np.random.default_rng(0)
     return lambda: training_loss(model, patches, labels, recipe, rng)
 
@@ -800,8 +823,12 @@ def measure_revision(revision: str) -> dict[str, Any]:
         env = {**os.environ, "PYTHONPATH": tree}
         done = subprocess.run(
             [sys.executable, __file__, "--root", tree, "--numbers-to", str(result)],
-            cwd=tree, env=env, capture_output=True, text=True, timeout=900,
-        )  # fmt: skip
+            cwd=tree,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"measuring {revision} failed: {done.stderr[-2000:]}")
         return {"revision": revision, "commit": commit, **json.loads(result.read_text())}

@@ -93,11 +93,15 @@ def _run_tasks(
     """Submit one task per subject and collect each as it ends: (analysed, skipped, failed)."""
     remote = ray.remote(analysis_task)
     pending = {
-        remote.options(name=f"analyze:{subject.name}", num_cpus=config.cpus_per_task,
-                       num_gpus=config.gpus_per_task, max_retries=1, retry_exceptions=False)
-        .remote(subject, images, config, join(out, subject.name)): subject
+        remote.options(
+            name=f"analyze:{subject.name}",
+            num_cpus=config.cpus_per_task,
+            num_gpus=config.gpus_per_task,
+            max_retries=1,
+            retry_exceptions=False,
+        ).remote(subject, images, config, join(out, subject.name)): subject
         for subject in subjects
-    }  # fmt: skip
+    }
     detail(f"analyze: {len(pending)} model(s) submitted, on {images.name} ({images.split})")
     started = time.perf_counter()
     models, skipped, failures = [], [], []

@@ -83,9 +83,13 @@ def run_point(settings: PointSettings, slots: Any = None) -> dict[str, Any]:
         weights = summary["weights"]
 
     planned = plan_transfer(
-        settings.finetune, settings.evaluate, settings.targets, out=join(settings.out, "transfer"),
-        weights=weights, model=settings.model,
-    )  # fmt: skip
+        settings.finetune,
+        settings.evaluate,
+        settings.targets,
+        out=join(settings.out, "transfer"),
+        weights=weights,
+        model=settings.model,
+    )
     result = transfer(planned, name=point.name, tracking=settings.tracking)
     summary["results"] = result.document["results"]
     summary["failures"] = result.failures
