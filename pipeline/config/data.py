@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import (
-    ByteSize,
-    Field,
-    Strict,
-    model_validator,
-)
+from pydantic import ByteSize, Field, Strict, model_validator
 
 from pipeline.config.base import (
     PIL_DEFAULT_MAX_PIXELS,

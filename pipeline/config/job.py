@@ -5,11 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import (
-    Field,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.config.base import Flag, Name, NonNegativeInt, PositiveInt, Section, StepBudget
 from pipeline.config.data import DatasetConfig, PreprocessConfig

@@ -12,10 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ValidationError,
-)
+from pydantic import BaseModel, ValidationError
 
 from pipeline.config.base import NAME_PATTERN, ConfigError
 from pipeline.config.job import PipelineConfig

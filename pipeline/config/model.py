@@ -5,12 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import (
-    Discriminator,
-    Tag,
-    field_validator,
-    model_validator,
-)
+from pydantic import Discriminator, Tag, field_validator, model_validator
 
 from pipeline.config.base import PositiveInt, Section, UnitFraction
 from vit.config import BiTConfig, ViTConfig
