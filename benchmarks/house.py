@@ -48,10 +48,11 @@ a package's __init__.py is the package):
    vit.objective.make_optimizer). Under `sys.settrace`, a project file counts when a function of it is
    called with the lr in its arguments, or in their attributes down to depth 3 (dataclass fields, pydantic
    fields, dict values); the optimizer's groups must end with the lr. pipeline/pretrain/worker.py, which is
-   not run, counts when its source hands `settings.recipe` on. Not run either (they need Ray): the runner's
-   step and the stage's launch, between the plan and worker_settings in a real run; where they receive the
-   config, the lr crosses them uncounted (a lower bound). In 5 and 6 each file of a package counts: a
-   module split in four (pipeline/config/) counts as many times as the sample or the lr crosses its parts.
+   not run, counts when its source hands `settings.plan.recipe` (earlier `settings.recipe`) on. Not run
+   either (they need Ray): the runner's step and the stage's launch, between the plan and worker_settings
+   in a real run; where they receive the config, the lr crosses them uncounted (a lower bound). In 5 and 6
+   each file of a package counts: a module split in four (pipeline/config/) counts as many times as the
+   sample or the lr crosses its parts.
    Target <= 5.
 7. `--at REV`: REV's tree (`git archive REV | tar -x`) measured by this same script in a subprocess (cwd and
    PYTHONPATH the extracted tree, this venv's Python, the editable install's finder dropped so that nothing
@@ -676,9 +677,10 @@ def worker_optimizer_entry(settings: Any) -> Any:
     use_bf16 = project_function(("vit.objective", "vit.step"), "use_bf16")
     build_model = project_function(("vit.build", "vit.models"), "build_model")
     device = torch.device("cpu")
-    recipe = dataclasses.replace(settings.recipe, bf16=use_bf16(settings.bf16, device))
-    model = build_model(settings.architecture, device=device)
-    return build_engine(model, recipe, settings.zero, 1, compile_model=False).optimizer
+    plan = getattr(settings, "plan", settings)  # the settings hold the plan (earlier: its fields)
+    recipe = dataclasses.replace(plan.recipe, bf16=use_bf16(plan.bf16, device))
+    model = build_model(plan.architecture, device=device)
+    return build_engine(model, recipe, plan.zero, 1, compile_model=False).optimizer
 
 
 # ---------------------------------------------------------------- 6. recording
@@ -747,7 +749,7 @@ def lr_files(root: Path) -> dict[str, Any]:
             optimizer = worker_optimizer_entry(settings)
     arrived = all(group["lr"] == SENTINEL_LR for group in optimizer.param_groups)
     worker = root / "pipeline" / "pretrain" / "worker.py"
-    by_source = worker.exists() and re.search(r"settings\.recipe\b", worker.read_text()) is not None
+    by_source = worker.exists() and re.search(r"settings\.(plan\.)?recipe\b", worker.read_text()) is not None
     if by_source:
         files.add("pipeline/pretrain/worker.py")
     return {"count": len(files), "files": sorted(files), "arrived": arrived, "worker_by_source": by_source}
@@ -892,7 +894,9 @@ def details(name: str, numbers: dict[str, Any]) -> str:
         entry = numbers[key]
         lines += [f"  {title}: {path}" for path in entry.get("files", [])]
         if entry.get("worker_by_source"):
-            lines.append("    (pipeline/pretrain/worker.py by its source: it hands settings.recipe to vit)")
+            lines.append(
+                "    (pipeline/pretrain/worker.py by its source: it hands the settings' recipe to vit)"
+            )
         if entry.get("arrived") is False:
             lines.append("    (the optimizer's lr is not the job's: the path was not followed to the end)")
     return "\n".join(lines)

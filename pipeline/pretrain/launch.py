@@ -179,7 +179,7 @@ def _trainer(
 ) -> TorchTrainer:
     """Ray Train's trainer of `loop` on the run's workers, its own state in `storage/name`."""
     storage_fs, storage_path = resolve(storage) if "://" in storage else (None, storage)
-    group = settings.group
+    group = settings.plan.group
     return TorchTrainer(
         loop,
         train_loop_config={SETTINGS: settings},

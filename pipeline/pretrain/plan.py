@@ -353,44 +353,21 @@ def placeable(bounds: WorkerGroup, nodes: list[dict[str, float]]) -> int:
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """What every Ray Train worker receives (Ray serialises it as it is)."""
+    """What every Ray Train worker receives (Ray serialises it as it is): the run's plan, where the run
+    lives, the launch's RunControl actor (pipeline.pretrain.control: stop requests, how it ended), and the
+    tracking run rank 0 logs every step into."""
 
-    architecture: Architecture
-    classes: list[str]
-    recipe: Recipe
-    zero: Zero
-    speed: Speed
-    bf16: Literal["auto"] | bool  # the recipe's bf16 is decided on the worker, which sees the device
-    feed: FeedPlan
-    cadence: Cadence
-    seed: int
+    plan: PretrainPlan
     run_dir: str
-    defines: dict[str, Any]  # run_identity: what each checkpoint records it was trained as
-    control: Any  # the launch's RunControl actor (pipeline.pretrain.control): stop requests, how it ended
-    group: WorkerGroup  # the sizes the worker group may take (elastic: min < max) and one worker's needs
-    tracking: TrackingTarget = OFF  # the tracking run rank 0 logs every step into
+    control: Any
+    tracking: TrackingTarget = OFF
 
 
 def worker_settings(
     plan: PretrainPlan, run_dir: str, control: Any, tracking: TrackingTarget = OFF
 ) -> WorkerSettings:
-    """What the workers of `plan`'s run in `run_dir` receive: the plan's own values, nothing recomputed."""
-    return WorkerSettings(
-        architecture=plan.architecture,
-        classes=plan.data.classes,
-        recipe=plan.recipe,
-        zero=plan.zero,
-        speed=plan.speed,
-        bf16=plan.bf16,
-        feed=plan.feed,
-        cadence=plan.cadence,
-        seed=plan.seed,
-        run_dir=run_dir,
-        defines=plan.identity,
-        control=control,
-        group=plan.group,
-        tracking=tracking,
-    )
+    """What the workers of `plan`'s run in `run_dir` receive."""
+    return WorkerSettings(plan, run_dir, control, tracking)
 
 
 def feed_plan(config: PretrainConfig, data: DataPlan, steps_per_epoch: int, batch: BatchSplit) -> FeedPlan:

@@ -61,17 +61,18 @@ SETTINGS = "settings"  # the one key of the train_loop_config
 def train_loop(config: dict[str, WorkerSettings]) -> None:
     """Ray Train's `train_loop_per_worker`."""
     settings = config[SETTINGS]
+    plan = settings.plan
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     # The global batch is the run's whatever the group's size: each rank's accumulation follows the size.
-    batch = settings.recipe.batch.on(world)
-    recipe = dataclasses.replace(settings.recipe, bf16=use_bf16(settings.bf16, device), batch=batch)
-    if settings.speed.tf32:
+    batch = plan.recipe.batch.on(world)
+    recipe = dataclasses.replace(plan.recipe, bf16=use_bf16(plan.bf16, device), batch=batch)
+    if plan.speed.tf32:
         enable_tf32(device)
-    torch.manual_seed(settings.seed)  # identical initial weights on every rank; steps reseed per rank
-    model = build_model(settings.architecture, device=device)
-    model.set_activation_checkpointing(settings.speed.activation_checkpointing)
+    torch.manual_seed(plan.seed)  # identical initial weights on every rank; steps reseed per rank
+    model = build_model(plan.architecture, device=device)
+    model.set_activation_checkpointing(plan.speed.activation_checkpointing)
     with ExitStack() as cleanup:
         scratch = Path(tempfile.mkdtemp(prefix="vitpipe-worker-"))
         cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
@@ -88,25 +89,25 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
             save=partial(_save, engine, settings, recipe, world, scratch, log, feed),
             record=partial(_record, log, ProgressLine(recipe.total_steps, step), world),
             stop_requested=StopPoll(settings.control) if rank == 0 else (lambda: False),
-            notice=Notices(settings.cadence.log_every, rank, world, settings.group, settings.control, log),
+            notice=Notices(plan.cadence.log_every, rank, world, plan.group, settings.control, log),
         )
         images_per_step = batch.global_batch
         peak = peak_flops(device, recipe.bf16)
         throughput = Throughput(
             images_per_step=images_per_step,
-            flops_per_step=train_flops(settings.architecture) * images_per_step,
+            flops_per_step=train_flops(plan.architecture) * images_per_step,
             peak_flops=peak * world if peak else None,
-            seq_len=getattr(settings.architecture, "seq_len", None),
+            seq_len=getattr(plan.architecture, "seq_len", None),
         )
         end = pretrain_loop(
             engine,
             recipe,
             hooks,
             start_step=step,
-            steps_per_epoch=settings.feed.steps_per_epoch,
-            cadence=settings.cadence,
+            steps_per_epoch=plan.feed.steps_per_epoch,
+            cadence=plan.cadence,
             throughput=throughput,
-            seed=settings.seed,
+            seed=plan.seed,
         )
         if log is not None:  # every rank ends alike; rank 0 tells the driver how
             log.event(end.reason, step=end.step, **({"detail": end.detail} if end.detail else {}))
@@ -127,14 +128,14 @@ def _engine(
     """The engine, restored from the newest checkpoint when there is one: (engine, step, its meta)."""
     newest = newest_checkpoint(settings.run_dir) if ray.train.get_context().get_world_rank() == 0 else None
     newest = ray.train.collective.broadcast_from_rank_zero(newest)  # every rank loads the same one
-    compiled = settings.speed.compiles(ray.train.torch.get_device().type)
+    compiled = settings.plan.speed.compiles(ray.train.torch.get_device().type)
     if newest is None:
-        return build_engine(model, recipe, settings.zero, world, compile_model=compiled), 0, None
+        return build_engine(model, recipe, settings.plan.zero, world, compile_model=compiled), 0, None
     filesystem, path = resolve(newest)  # a URL's query holds its filesystem's settings
     resume = ray.train.Checkpoint(path, filesystem=filesystem)
     folder = Path(cleanup.enter_context(resume.as_directory()))
     meta = json.loads((folder / META_FILE).read_text())
-    saved, wanted = architecture_of(meta, str(folder)), settings.architecture
+    saved, wanted = architecture_of(meta, str(folder)), settings.plan.architecture
     if saved != wanted:
         changed = sorted(k for k, v in wanted.to_dict().items() if saved.to_dict().get(k) != v)
         raise ValueError(
@@ -144,7 +145,7 @@ def _engine(
     if universal:  # written by another number of ranks: DeepSpeed's universal format reshards it
         folder = to_universal(folder, meta["tag"], scratch / "universal")
     engine = build_engine(
-        model, recipe, settings.zero, world, load_universal=universal, compile_model=compiled
+        model, recipe, settings.plan.zero, world, load_universal=universal, compile_model=compiled
     )
     try:
         load_checkpoint(engine, folder, meta["tag"])
@@ -215,13 +216,13 @@ def _feed(
 ) -> Feed:
     """This rank's data from `step`: where the checkpoint says the epoch's ranks stood, or a fresh epoch."""
     saved = (resumed or {}).get("data") or {}
-    epoch, position = divmod(step, settings.feed.steps_per_epoch)
+    epoch, position = divmod(step, settings.plan.feed.steps_per_epoch)
     same_epoch = saved.get("format") == ORDER_FORMAT and saved.get("epoch") == epoch
     lineage = extend_lineage(saved.get("lineage") if same_epoch else None, position, world)
     if resumed is not None and position and not same_epoch:  # written before positions were recorded
         before = int(resumed["world_size"])
         lineage = [(0, before), *([(position, world)] if before != world else [])]
-    return Feed(settings.feed, rank, world, step, lineage, pin=device.type == "cuda")
+    return Feed(settings.plan.feed, rank, world, step, lineage, pin=device.type == "cuda")
 
 
 def _on_device(feed: Feed, device: torch.device, epoch: int, position: int) -> Iterator[Batch]:
@@ -267,11 +268,11 @@ def _save(
             "epoch": epoch,
             "tag": tag,
             "world_size": world,
-            "zero_stage": settings.zero.stage,
+            "zero_stage": settings.plan.zero.stage,
             "bf16": recipe.bf16,
-            **architecture_record(settings.architecture),
-            "classes": settings.classes,
-            "defines": settings.defines,
+            **architecture_record(settings.plan.architecture),
+            "classes": settings.plan.data.classes,
+            "defines": settings.plan.identity,
             "data": position_record(feed, step),
             "files": {name: size for sizes in every_rank for name, size in (sizes or {}).items()},
         }
@@ -305,7 +306,7 @@ def data_loop(config: dict[str, WorkerSettings]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    plan, recipe = settings.feed, settings.recipe
+    plan, recipe = settings.plan.feed, settings.plan.recipe
     batch = recipe.batch.on(world)
     with ExitStack() as cleanup:
         feed = cleanup.enter_context(closing(Feed(plan, rank, world, 0, [(0, world)], device.type == "cuda")))
@@ -330,7 +331,7 @@ def data_loop(config: dict[str, WorkerSettings]) -> None:
             record = data_record(step + 1, epoch, seconds, waited, batch.global_batch, world, patches)
             if log is not None:
                 log.write(record)
-                if (step + 1) % settings.cadence.log_every == 0 or step + 1 == recipe.total_steps:
+                if (step + 1) % settings.plan.cadence.log_every == 0 or step + 1 == recipe.total_steps:
                     line = data_line(record, recipe.total_steps, time.perf_counter() - started)
                     show_progress(line, step + 1, recipe.total_steps)
         if log is not None:
