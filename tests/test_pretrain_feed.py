@@ -140,6 +140,20 @@ def test_rank_spans_split_the_rest_of_an_epoch_equally():
         rank_spans(12, [(0, 5)], 0, 1, 4)
 
 
+def test_the_feed_refuses_a_position_other_than_where_it_stands(tmp_path):
+    """The loop asks for an epoch's batches from an optimizer step on; the feed reads from where it was
+    started (step 2 of epoch 0), and from 0 in every later epoch: another position is a bug, named."""
+    plan = plan_of(write_corpus(tmp_path, [10, 10]), window=4, global_batch=4, micro=2)
+    feed = Feed(plan, 0, 1, 2, [(0, 1)], pin=False)
+    with pytest.raises(RuntimeError, match="the feed stands at step 2 of epoch 0, not 0"):
+        feed.batches(0, 0)
+    with pytest.raises(RuntimeError, match="the feed stands at step 0 of epoch 1, not 2"):
+        feed.batches(1, 2)
+    patches, labels = next(iter(feed.batches(0, 2)))
+    assert (patches.shape[0], labels.shape[0]) == (2, 2)
+    feed.close()
+
+
 def test_a_damaged_or_shortened_patch_file_is_named_when_read(tmp_path):
     corpus = write_corpus(tmp_path, [10, 10])
     plan = plan_of(corpus, window=4, global_batch=4, micro=2)

@@ -116,6 +116,11 @@ PRETRAIN = JOB["pretrain"]
             "pretrain.model (Ti/8) does not fit preprocess.digits: patch_size 4 in the data, 8 in the model",
         ),
         (
+            changed(pretrain={**PRETRAIN, "model": {**PRETRAIN["model"], "channels": 1}}),
+            "channels 3 in the data, 1 in the model "
+            "(set preprocess.shapes.channels: 1 or drop model.channels)",
+        ),
+        (
             changed(preprocess={"digits": PATCHES}),
             "pretrain.data 'shapes' is a dataset, not preprocessed patches; add preprocess.shapes",
         ),
