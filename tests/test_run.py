@@ -166,10 +166,17 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_a_rerun_skips_every_stage(
     analysis = run / "analysis" / "pretrained" / "analysis.json"
     written = analysis.stat().st_mtime_ns
     assert main(["analyze", str(run)]) == 0
-    assert statuses(run) == {"analyze": "cached"}
+    assert statuses(run) == {**dict.fromkeys(keys, "cached")}  # its own step updated, the others kept
     assert main(["analyze", str(run), "--force"]) == 0
-    assert statuses(run) == {"analyze": "ran"}
+    assert statuses(run) == {**dict.fromkeys(keys, "cached"), "analyze": "ran"}
     assert analysis.stat().st_mtime_ns > written
+
+    # a run folder moved elsewhere keeps its finished steps: analysing it finds them all done
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    run.rename(moved)
+    assert main(["analyze", str(moved)]) == 0
+    assert statuses(moved)["analyze"] == "cached"
 
 
 def assert_a_quiet_console(console: str, run: Path) -> None:
@@ -361,6 +368,30 @@ def test_a_changed_setting_or_a_forced_stage_redoes_only_what_depends_on_it(ray_
     )  # its finished shards kept, the manifest rewritten
     assert (run / "patches" / "digits" / "_manifest.json").is_file()
     assert run_with(bigger, "--until", "datasets") == {"datasets:digits": "cached"}
+
+    # --force of a stage the job lacks, or one the command does not reach, is refused, not "cached"
+    for options, refusal in (
+        (("--force", "pretrain"), f"--force pretrain: {path} has no pretrain step"),
+        (
+            ("--force", "report", "--until", "preprocess"),
+            "the report step is not among those --until preprocess",
+        ),
+    ):
+        assert main(["run", str(path), *options]) == 2
+        assert refusal in capsys.readouterr().err
+    assert statuses(run) == {"datasets:digits": "cached"}
+
+    # a side command (other weights on a target) that fails is recorded apart: the run's state stays
+    bogus = tmp_path / "bogus"
+    bogus.mkdir()
+    (bogus / "config.json").write_text("{}")
+    target = f"digits={run / 'patches' / 'digits'}"
+    assert main(["finetune", str(path), "--target", target, "--weights", str(bogus)]) == 1
+    assert "neither a vitpipe model" in capsys.readouterr().err
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    assert statuses(run) == {"datasets:digits": "cached"}
+    (side,) = [name for name in os.listdir(run / "stages") if name.startswith("finetune.out-")]
+    assert json.loads((run / "stages" / side).read_text())["status"] == "failed"
 
 
 def test_a_failed_step_stops_the_run_and_is_retried_by_the_next(ray_local, tmp_path, capsys):

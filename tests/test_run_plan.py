@@ -6,22 +6,25 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from pipeline.analysis.subjects import ANALYSIS_FILE
 from pipeline.cli import main
-from pipeline.config import load_config
+from pipeline.config import digest, load_config
 from pipeline.pretrain.checkpoints import step_of
 from pipeline.runner import lock as lock_module
+from pipeline.runner import records as records_module
 from pipeline.runner.execute import _pretrain_lock, run_job
 from pipeline.runner.layout import run_layout
 from pipeline.runner.lock import LOCK_FILE, run_lock
 from pipeline.runner.plan import Overrides, RunOptions, StageOptions, load_plan, plan_job, target_name
-from pipeline.runner.records import read_record, tree_fingerprint, write_record
+from pipeline.runner.records import key_matches, read_record, step_key, tree_fingerprint, write_record
 from pipeline.runner.report import _transfer_section
-from pipeline.runner.stages import RUNNERS
+from pipeline.runner.stages import RUNNERS, outputs_present
 from pipeline.storage import join, resolve_all, url_of
 from tests.conftest import REPO
 
@@ -365,3 +368,47 @@ def test_a_lock_appears_with_its_holder_inside_also_where_hard_links_fail(tmp_pa
         with pytest.raises(RuntimeError, match="in use by another vitpipe command"), run_lock(tmp_path):
             pass  # (this process holds it: a live holder)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no lock and no partial left behind
+
+
+def test_step_keys_do_not_depend_on_where_the_run_folder_lives(tmp_path):
+    """A run folder moved elsewhere (`mv runs/x ../x`) keeps every key, and so every finished step; a
+    record written before keys were folder-free still matches where the folder has not moved."""
+    path = write_job(tmp_path, JOB)
+    here, moved = load_plan(path), load_plan(path, str(tmp_path / "elsewhere" / "run"))
+    upstream = {"preprocess:digits": "f"}
+    differ = {step.id for step in here.steps if step.settings != moved.step(step.id).settings}
+    assert {"finetune", "analyze"} <= differ  # their settings name folders of the run
+    for step in here.steps:
+        assert step_key(step.settings, upstream, {}, here.layout.root) == step_key(
+            moved.step(step.id).settings, upstream, {}, moved.layout.root
+        ), step.id
+    finetune = here.step("finetune")
+    assert "RUN/patches/digits" in json.dumps(records_module._in_run(finetune.settings, here.layout.root))
+    legacy = {"key": digest({"settings": finetune.settings, "upstream": upstream, "external": {}})}
+    assert key_matches(legacy, finetune.settings, upstream, {}, here.layout.root)
+    assert not key_matches(legacy, moved.step("finetune").settings, upstream, {}, moved.layout.root)
+    assert not key_matches({"key": "other"}, finetune.settings, upstream, {}, here.layout.root)
+
+
+def test_a_damaged_output_record_is_not_trusted_and_its_step_runs_again(tmp_path, capsys):
+    analyze = load_plan(write_job(tmp_path, JOB)).step("analyze")
+    marker = Path(analyze.output) / ANALYSIS_FILE
+    marker.parent.mkdir(parents=True)
+    for damaged in ('{"models": [', "[1, 2]", "\xff\xfe"):
+        marker.write_bytes(damaged.encode("latin-1"))
+        assert not outputs_present(analyze)
+        assert f"[run] {marker}: damaged" in capsys.readouterr().err
+    marker.write_text('{"models": []}')
+    assert outputs_present(analyze)
+
+
+def test_a_lock_being_written_is_not_taken_for_a_stale_one(tmp_path):
+    """On a mount without hard links the lock is created empty, then filled: a command that reads it in
+    between waits its turn; an empty lock left long ago (its writer died) is taken over."""
+    (tmp_path / LOCK_FILE).write_text("")
+    with pytest.raises(RuntimeError, match="in use by another vitpipe command"), run_lock(tmp_path):
+        pass
+    long_ago = time.time() - 3600
+    os.utime(tmp_path / LOCK_FILE, (long_ago, long_ago))
+    with run_lock(tmp_path):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()

@@ -69,7 +69,29 @@ def test_status_of_a_run_another_process_is_writing(tmp_path, writer, capsys):
     writer.kill()
     writer.wait()  # the writer is gone without ending its run: said so, not "running"
     assert main(["status", str(root)]) == 0
-    assert "run 'demo': stopped (its process is gone)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "run 'demo': stopped (its process is gone)" in out
+    assert "  pretrain         stopped  started 2026-12-02T10:00:01; `vitpipe run` resumes it" in out
+    assert "pretraining: step 120/600 (20%), loss 0.8000, 1,234 img/s\n" in out + "\n"  # no ETA: none trains
+    assert "ETA" not in out and " running " not in out
+
+
+def test_a_side_command_s_steps_are_listed_apart_and_leave_the_run_s_state(tmp_path, capsys):
+    root = tmp_path / "run"
+    root.mkdir()
+    write_run(root, "finished", ["pretrain", "finetune"])
+    for step in ("pretrain", "finetune"):
+        write_record(
+            str(root / "stages"), step, {"key": "k", "status": "done", "seconds": 1.0, "fingerprint": "f"}
+        )
+    refused = {"key": "k", "status": "failed", "seconds": 2.0, "error": "ValueError: weights do not fit"}
+    write_record(str(root / "stages"), "finetune:out-1a2b3c4d", refused)
+    assert main(["status", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "run 'demo': finished" in out
+    assert "last error" not in out
+    assert "  side commands (other weights or targets; not the job's steps):" in out
+    assert "    finetune:out-1a2b3c4d  failed   after 2.0s: ValueError: weights do not fit" in out
 
 
 def test_status_names_the_last_error_and_its_log(tmp_path, capsys):

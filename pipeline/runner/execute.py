@@ -31,7 +31,14 @@ from pipeline.runner.lock import RUN_FILE, run_lock
 from pipeline.runner.plan import EVALUATE, JobPlan, RunOptions, StageOptions, Step, load_plan
 from pipeline.runner.preflight import check_before_run
 from pipeline.runner.provenance import git_revision
-from pipeline.runner.records import external_fingerprints, read_record, step_key, write_record
+from pipeline.runner.records import (
+    external_fingerprints,
+    is_side,
+    key_matches,
+    read_record,
+    step_key,
+    write_record,
+)
 from pipeline.runner.stages import (
     CONCURRENT_RUNNERS,
     RESUMED_ON_CHANGE,
@@ -63,6 +70,7 @@ class RunSummary:
     plan: JobPlan
     steps: list[StepReport] = field(default_factory=list)
     seconds: float = 0.0
+    single: bool = False  # a single-stage command: its step updates run.json's list, the others kept
 
     @property
     def failed(self) -> list[StepReport]:
@@ -110,7 +118,7 @@ def run_job(
     plan = load_plan(job_path, run_dir, stage or StageOptions(), evaluate=only == EVALUATE)
     root = Path(plan.layout.root)
     started = time.perf_counter()
-    summary = RunSummary(plan)
+    summary = RunSummary(plan, single=only is not None)
     context = RunContext(plan, address)
     fingerprints: dict[str, str] = {}
     steps = [s for s in plan.steps if not options.beyond(s.stage)]
@@ -120,6 +128,7 @@ def run_job(
         *inputs, last = _steps_of(plan, only)
         _take_cached_inputs(plan, inputs, fingerprints)
         steps = [last]
+    _check_forced(plan, steps, options)
     externals = check_before_run(
         plan, steps, pretrain_redone=options.redo("pretrain"), study_redone=options.redo("study")
     )  # or fail now
@@ -149,6 +158,31 @@ def run_job(
         end_tracking(context.tracking, "FAILED" if summary.failed else "FINISHED")
         context.close()  # a Ray this run started ends here, its workers' last lines before the summary
     return summary
+
+
+def _check_forced(plan: JobPlan, steps: list[Step], options: RunOptions) -> None:
+    """`--force STAGE` of a stage this command does not run is refused: it would redo nothing, and say
+    "cached" with exit 0 as if it had been redone."""
+    running = {step.stage for step in steps}
+    for stage in options.force:
+        if stage in running:
+            continue
+        stages = ", ".join(dict.fromkeys(step.stage for step in plan.steps))
+        if not any(step.stage == stage for step in plan.steps):
+            inside = (
+                " (a study pretrains and fine-tunes in its points: --force study)" if plan.job.study else ""
+            )
+            raise ConfigError(
+                f"--force {stage}: {plan.source} has no {stage} step{inside}; its stages: {stages}"
+            )
+        limits = [f"--from {options.from_stage}"] if options.from_stage else []
+        limits += [f"--until {options.until}"] if options.until else []
+        limits += [f"--point {name}" for name in options.points]
+        chosen = " ".join(limits) or "this command"
+        raise ConfigError(
+            f"--force {stage}: the {stage} step is not among those {chosen} runs; drop --force {stage} or "
+            "run the steps that include it"
+        )
 
 
 def _pretrain_lock(plan: JobPlan, steps: list[Step]) -> contextlib.AbstractContextManager[None]:
@@ -261,7 +295,8 @@ def _take_cached_inputs(plan: JobPlan, steps: list[Step], fingerprints: dict[str
         done = record is not None and record.get("status") == "done" and outputs_present(step)
         if done:
             upstream = {dep: fingerprints[dep] for dep in step.depends}
-            done = record.get("key") == step_key(step.settings, upstream, external_fingerprints(plan, step))
+            external = external_fingerprints(plan, step)
+            done = key_matches(record, step.settings, upstream, external, plan.layout.root)
         if not done:
             state = "has not run" if record is None else "is not done with these settings"
             # a run folder given on the command line (not the job's own) goes into the command to run
@@ -321,9 +356,9 @@ def _start(
     """A cached step's report, or the step recorded as running (with whether to clear its outputs)."""
     layout = context.plan.layout
     upstream = {dep: fingerprints[dep] for dep in step.depends}
-    key = step_key(step.settings, upstream, external)
+    key = step_key(step.settings, upstream, external, layout.root)
     record = read_record(layout.stages, step.id)
-    same = record is not None and record.get("key") == key
+    same = record is not None and key_matches(record, step.settings, upstream, external, layout.root)
     if same and not redo and record.get("status") == "done" and outputs_present(step):
         fingerprints[step.id] = record["fingerprint"]
         say(f"[run] {step.id}: cached (done {record.get('finished', '?')}, key {key})")
@@ -432,6 +467,17 @@ def _now() -> str:
 
 
 def _write_run_file(plan: JobPlan, summary: RunSummary, status: str) -> None:
+    """RUN/run.json: the job's steps as they stand. A single-stage command updates its own step in it and
+    keeps the others; a side command's steps (other weights or targets) are never the job's, and leave
+    it as it was."""
+    path = Path(plan.layout.root) / RUN_FILE
+    steps = [vars(step) for step in summary.steps if not is_side(step.step)]
+    if summary.single:
+        if not steps:
+            return
+        mine = {step["step"] for step in steps}
+        steps = [step for step in _listed_steps(path) if step["step"] not in mine] + steps
+        status = "running" if status == "running" else _merged_status(steps, status)
     document: dict[str, Any] = {
         "format": "vitpipe.run/1",
         "name": plan.job.name,
@@ -441,6 +487,24 @@ def _write_run_file(plan: JobPlan, summary: RunSummary, status: str) -> None:
         "status": status,
         "updated": _now(),
         "seconds": round(summary.seconds, 1),
-        "steps": [vars(step) for step in summary.steps],
+        "steps": steps,
     }
-    write_atomic(str(Path(plan.layout.root) / RUN_FILE), json.dumps(document, indent=2) + "\n")
+    write_atomic(str(path), json.dumps(document, indent=2) + "\n")
+
+
+def _listed_steps(path: Path) -> list[dict[str, Any]]:
+    """The steps an earlier command wrote into run.json (none when it is missing or unreadable)."""
+    try:
+        steps = json.loads(path.read_text()).get("steps", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [
+        s for s in steps if isinstance(s, dict) and isinstance(s.get("step"), str) and not is_side(s["step"])
+    ]
+
+
+def _merged_status(steps: list[dict[str, Any]], status: str) -> str:
+    """The run's status once a single-stage command ended: failed while any listed step is."""
+    if status == "interrupted":
+        return status
+    return "failed" if any(step.get("status") == "failed" for step in steps) else "finished"

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,11 +67,17 @@ def _create(lock: Path) -> bool:
     return True
 
 
+# How long a lock without its holder in it is taken for one being written: on a mount without hard links
+# (gcsfuse, s3fs) it is created empty and then filled, and a command reading it between must not take it over.
+FILLING_S = 30.0
+
+
 def lock_holder(lock: Path) -> dict[str, Any] | None:
-    """Who holds the lock, or None when it was left by a process on this host that no longer runs."""
+    """Who holds the lock, or None when it was left by a process on this host that no longer runs (or is
+    an empty lock older than FILLING_S: its writer died before filling it)."""
     holder = _json_object(lock)
     if "pid" not in holder:
-        return None
+        return {"pid": "?", "host": "? (the lock is being written)"} if _age(lock) < FILLING_S else None
     if holder.get("host") != socket.gethostname():
         return holder  # another machine's process: cannot tell whether it still runs
     try:
@@ -79,6 +87,14 @@ def lock_holder(lock: Path) -> dict[str, Any] | None:
     except PermissionError:
         return holder
     return holder
+
+
+def _age(path: Path) -> float:
+    """Seconds since `path` was last written (infinite when it is gone)."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return math.inf
 
 
 def writer_lock(folder: str | None, run_dir: str) -> contextlib.AbstractContextManager[None]:

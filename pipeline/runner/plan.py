@@ -25,6 +25,7 @@ from pipeline.config import (
     validate,
 )
 from pipeline.runner.layout import RunLayout, run_layout
+from pipeline.runner.records import side_item
 from pipeline.storage import basename
 from pipeline.study.plan import point_settings, study_job, study_points
 from vit.patches import misfits
@@ -331,7 +332,7 @@ def _transfer_step(
         return Step(stage, None, settings, tuple(depends), tuple(external), output=output)
     # Results somewhere else are another step's: their own key and record, the run's left as they are.
     settings["out"] = overrides.out
-    item = f"out-{digest(overrides.out)[:8]}"
+    item = side_item(overrides.out)
     return Step(stage, item, settings, tuple(depends), tuple(external), output=overrides.out)
 
 

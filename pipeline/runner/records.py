@@ -31,8 +31,50 @@ if TYPE_CHECKING:
 FORMAT = "vitpipe.step/1"
 
 
-def step_key(settings: dict[str, Any], upstream: dict[str, str], external: dict[str, str]) -> str:
-    return digest({"settings": settings, "upstream": upstream, "external": external})
+SIDE_PREFIX = "out-"  # the item of a side step: results of other weights or targets, beside the run's own
+
+
+def side_item(out: str) -> str:
+    """The item of the side step writing to `out` (its own key and record, never one of the job's steps)."""
+    return SIDE_PREFIX + digest(out)[:8]
+
+
+def is_side(step_id: str) -> bool:
+    """Whether a step (`finetune:out-1a2b3c4d`) is a side command's, not one of the job's own."""
+    return step_id.partition(":")[2].startswith(SIDE_PREFIX)
+
+
+def step_key(settings: dict[str, Any], upstream: dict[str, str], external: dict[str, str], root: str) -> str:
+    """The step's cache key, with every path inside the run folder `root` written relative to it: a run
+    folder moved or copied elsewhere keeps its keys, and so every step it finished."""
+    document = {"settings": settings, "upstream": upstream, "external": external}
+    return digest(_in_run(document, root.rstrip("/")))
+
+
+def key_matches(
+    record: dict[str, Any],
+    settings: dict[str, Any],
+    upstream: dict[str, str],
+    external: dict[str, str],
+    root: str,
+) -> bool:
+    """Whether a record was made with these settings: its key is this one, or (a record written before
+    keys were made folder-free) the key of the same settings with absolute paths."""
+    legacy = digest({"settings": settings, "upstream": upstream, "external": external})
+    return record.get("key") in (step_key(settings, upstream, external, root), legacy)
+
+
+def _in_run(value: Any, root: str) -> Any:
+    """`value` with each string that is `root` or a path below it (in values and keys) as RUN or RUN/..."""
+    if isinstance(value, dict):
+        return {_in_run(key, root): _in_run(item, root) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_in_run(item, root) for item in value]
+    if isinstance(value, str):
+        head, separator, tail = value.partition(root)
+        if separator and (not tail or tail.startswith("/")) and (not head or head.endswith(":")):
+            return f"{head}RUN{tail}"  # a path (`/r/x`) or a key naming one (`patches:/r/x`)
+    return value
 
 
 def fresh_fingerprint() -> str:

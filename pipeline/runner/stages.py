@@ -6,6 +6,7 @@ cached step or a job refused by its checks never needs."""
 
 from __future__ import annotations
 
+import json
 import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -313,8 +314,7 @@ def outputs_present(step: Step) -> bool:
     if step.stage == "study":
         largest = max(step.settings.get("sizes") or [0])
         marker = subset_file("", largest) if step.item == "subsets" else POINT_FILE
-        filesystem, path = resolve(join(step.output, marker))
-        return filesystem.get_file_info(path).type == pafs.FileType.File
+        return _intact(join(step.output, marker))
     marker = {
         "datasets": CARD_FILE,
         "preprocess": MANIFEST_FILE,
@@ -324,5 +324,24 @@ def outputs_present(step: Step) -> bool:
         "analyze": ANALYSIS_FILE,
         "report": "",
     }[step.stage]
-    filesystem, path = resolve(join(step.output, marker) if marker else step.output)
-    return filesystem.get_file_info(path).type == pafs.FileType.File
+    return _intact(join(step.output, marker) if marker else step.output)
+
+
+def _intact(location: str) -> bool:
+    """Whether a step's marker file is there and, for a JSON one, a JSON object: a damaged one (torn,
+    hand-edited, truncated by a full disk) is named, and the step runs again rather than being trusted."""
+    filesystem, path = resolve(location)
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        return False
+    if not path.endswith(".json"):
+        return True
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            document = json.loads(stream.read())
+    except (ValueError, OSError) as error:  # not JSON, not UTF-8, unreadable
+        say(f"[run] {location}: damaged ({type(error).__name__}: {error}); its step runs again", err=True)
+        return False
+    if not isinstance(document, dict):
+        say(f"[run] {location}: damaged (not a JSON object); its step runs again", err=True)
+        return False
+    return True

@@ -17,7 +17,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.metrics import format_seconds, read_records, resizes
 from pipeline.runner.layout import JOB_FILE, RunLayout, run_layout
 from pipeline.runner.lock import LOCK_FILE, RUN_FILE, lock_holder
-from pipeline.runner.records import record_path_name
+from pipeline.runner.records import is_side, record_path_name
 from pipeline.runner.submit import call_api, connect, job_details
 
 
@@ -28,6 +28,7 @@ class RunStatus:
     state: str  # run.json's status, or "running" while a live process holds the lock
     holder: str | None = None
     steps: list[tuple[str, str, str]] = field(default_factory=list)  # (step, state, detail)
+    side: list[tuple[str, str, str]] = field(default_factory=list)  # side commands' steps, apart
     training: str | None = None
     error: str | None = None
     unreadable: list[str] = field(default_factory=list)  # "PATH: why", for each record that could not be read
@@ -39,6 +40,9 @@ class RunStatus:
         ]
         width = max((len(step) for step, _, _ in self.steps), default=0)
         lines += [f"  {step:<{width}}  {state:<8} {detail}".rstrip() for step, state, detail in self.steps]
+        if self.side:
+            lines.append("  side commands (other weights or targets; not the job's steps):")
+            lines += [f"    {step}  {state:<8} {detail}".rstrip() for step, state, detail in self.side]
         if self.training:
             lines.append(f"  {self.training}")
         if self.error:
@@ -69,17 +73,24 @@ def run_status(target: str) -> RunStatus:
         failures = len(unreadable)
         record = _read_json(path, unreadable, _check_record) or {}  # as written, unjudged
         step_state = "unreadable" if len(unreadable) > failures else record.get("status", "pending")
+        if step_state == "running" and not holder:  # its process stopped (or was killed) inside it
+            step_state, record = "stopped", {**record, "status": "stopped"}
+        if is_side(step_id):
+            error = f": {record.get('error')}" if record.get("status") == "failed" else ""
+            status.side.append((step_id, step_state, (_step_detail(record) if record else "") + error))
+            continue
         status.steps.append((step_id, step_state, _step_detail(record) if record else ""))
         if record.get("status") == "failed":
             stage = step_id.split(":", 1)[0]
             status.error = f"{step_id}: {record.get('error')} (log: {Path(layout.logs) / f'{stage}.log'})"
-    status.training = training_line(layout.pretrain)
+    status.training = training_line(layout.pretrain, live=holder is not None)
     status.unreadable = unreadable
     return status
 
 
-def training_line(run_dir: str) -> str | None:
-    """`pretraining: step 120/600 (20%), loss 1.234, 512 img/s, ETA 3m10s` from a run's metrics."""
+def training_line(run_dir: str, live: bool = True) -> str | None:
+    """`pretraining: step 120/600 (20%), loss 1.234, 512 img/s, ETA 3m10s` from a run's metrics; no ETA
+    when no process is training it (`live` false: the run stopped)."""
     records = read_records(run_dir)
     steps = [r for r in records if "loss" in r and "step" in r]
     if not steps:
@@ -97,7 +108,7 @@ def training_line(run_dir: str) -> str | None:
     if "workers" in last:
         text += f", {last['workers']} worker(s)"
     recent = [r["step_s"] for r in steps[-5:] if r.get("step_s")]
-    if total and recent and not finished and last["step"] < total:
+    if live and total and recent and not finished and last["step"] < total:
         text += f", ETA {format_seconds(statistics.mean(recent) * (total - last['step']))}"
     resized = resizes(records)
     return text + (f"; {resized}" if resized else "")
@@ -164,6 +175,8 @@ def _step_detail(record: dict[str, Any]) -> str:
         return f"since {record.get('started', '?')}"
     if record.get("status") == "failed":
         return f"after {format_seconds(record.get('seconds', 0))}"
+    if record.get("status") == "stopped":
+        return f"started {record.get('started', '?')}; `vitpipe run` resumes it"
     return ""
 
 
