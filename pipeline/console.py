@@ -170,13 +170,14 @@ class Console:
         self._restore_fds()
         with self._lock:
             if self._bar and self.tty:
-                self.err.write("\n")
+                self._write(self.err, "\n")
             self._bar = ""
-            self.err.flush()
-            self.out.flush()
+            self._write(self.err, "")
+            self._write(self.out, "")
             for ours, theirs in zip((self.out, self.err), self._saved, strict=True):
-                if ours is not theirs:  # a copy of a file descriptor, made by start()
-                    ours.close()
+                if ours is not theirs:  # a copy of a file descriptor made by start(), or the null device
+                    with contextlib.suppress(BrokenPipeError):
+                        ours.close()
             if self._log is None and self._held_foreign:  # no log named: keep what others printed anyway
                 stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
                 self.fallback = Path(tempfile.gettempdir()) / "vitpipe-logs" / stamp
@@ -217,8 +218,7 @@ class Console:
             self._record(text + "\n")
             if self.tty:
                 self._bar = f"{_bar(done, total)} {text}"
-                self.err.write("\r\x1b[K" + self._bar[: self._width() - 1])
-                self.err.flush()
+                self._write(self.err, "\r\x1b[K" + self._bar[: self._width() - 1])
                 return
             if self._pacing.due(text.split(":", 1)[0], done, total):
                 self._show(text, self.err)
@@ -264,12 +264,23 @@ class Console:
         if stream.closed:  # a late line from a handler that kept this console's stream: the log has it
             return
         if self._bar and self.tty:
-            self.err.write("\r\x1b[K")
-        stream.write(text + "\n")
-        stream.flush()
+            self._write(self.err, "\r\x1b[K")
+        self._write(self.out if stream is self.out else self.err, text + "\n")
         if self._bar and self.tty:
-            self.err.write(self._bar[: self._width() - 1])
-            self.err.flush()
+            self._write(self.err, self._bar[: self._width() - 1])
+
+    def _write(self, stream: IO[str], text: str) -> None:
+        """Write to the terminal side. When its reader is gone (`vitpipe run JOB | head`), that side goes
+        nowhere from then on and the command carries on: the log keeps every line."""
+        try:
+            stream.write(text)
+            stream.flush()
+        except BrokenPipeError:
+            nowhere = open(os.devnull, "w")  # noqa: SIM115 (closed by stop(), as the stream it replaces)
+            self.out, self.err = (nowhere if ours is stream else ours for ours in (self.out, self.err))
+            if stream not in self._saved:  # our copy of the file descriptor: closed now, its reader gone
+                with contextlib.suppress(OSError):
+                    stream.close()
 
     def _width(self) -> int:
         try:

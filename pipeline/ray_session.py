@@ -36,14 +36,28 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
         options |= {"num_cpus": num_cpus or os.cpu_count() or 1, "include_dashboard": True}
     try:
         check_reachable(address)
-        ray.init(address=address, **options)
     except ConnectionError as error:
         raise ConnectionError(
-            f"cannot reach the Ray cluster at {address!r}: {error}. Check the address, that the head node "
-            "is up, and, if the cluster uses token authentication, that RAY_AUTH_MODE=token is set here "
-            "too and RAY_AUTH_TOKEN or ~/.ray/auth_token holds the cluster's token."
+            f"cannot reach the Ray cluster at {address!r}: {error}. Check the address and that the head "
+            "node is up"
+        ) from error
+    try:
+        ray.init(address=address, **options)
+    except ConnectionError as error:  # Ray's own message names the head's internal address: left out
+        raise ConnectionError(
+            f"the Ray cluster at {address!r} answers but did not let this process join: {_auth_hint()}"
         ) from error
     return _describe()
+
+
+def _auth_hint() -> str:
+    """What to check when a cluster that answers refuses to be joined: most often its token."""
+    if os.environ.get("RAY_AUTH_MODE") != "token":
+        return (
+            "if it uses token authentication (cluster/ starts it so), set RAY_AUTH_MODE=token here and "
+            "RAY_AUTH_TOKEN (or ~/.ray/auth_token) to its token; else check its Ray version is this one's"
+        )
+    return "check that RAY_AUTH_TOKEN (or ~/.ray/auth_token) holds the cluster's token"
 
 
 def connect_ray(address: str | None = None) -> None:

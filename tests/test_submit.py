@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -187,3 +188,21 @@ def test_a_run_folder_other_nodes_cannot_see_is_refused_before_contacting_a_clus
     )
     assert result.returncode == 2
     assert "a job on a cluster needs a run folder every node sees" in result.stderr
+
+
+def test_info_joins_a_token_cluster_with_the_token_at_hand_and_names_only_the_address_given(
+    token_cluster, tmp_path
+):
+    """`vitpipe info --address HEAD:PORT`: with a token at hand (RAY_AUTH_TOKEN, no RAY_AUTH_MODE) it
+    joins; without one it says what to set, naming no address but the one typed."""
+    gcs = f"127.0.0.1:{token_cluster.env['RAY_PORT']}"
+    joined = vitpipe(token_cluster, "info", "--address", gcs)
+    assert joined.returncode == 0, joined.stderr
+    assert "resources: CPU=" in joined.stdout
+
+    bare = {k: v for k, v in token_cluster.env.items() if k != "RAY_AUTH_TOKEN"} | {"HOME": str(tmp_path)}
+    refused = vitpipe(token_cluster, "info", "--address", gcs, env=bare)
+    line = next(line for line in refused.stdout.splitlines() if line.startswith("ray cluster"))
+    assert f"the Ray cluster at '{gcs}' answers but did not let this process join" in line
+    assert "set RAY_AUTH_MODE=token here and RAY_AUTH_TOKEN" in line
+    assert re.findall(r"\d+\.\d+\.\d+\.\d+:\d+", line) == [gcs]
