@@ -208,20 +208,28 @@ def plot_loss(records: list[dict[str, Any]], out: Path) -> Path:
         "sharex": True,
         "gridspec_kw": {"height_ratios": [3, 1]},
     }
-    with saved_figure(out, **layout) as (_, (loss_axis, lr_axis)):
-        loss_axis.plot(steps, [latest[s]["loss"] for s in steps], color="tab:blue", label="loss")
+    with saved_figure(out, **layout) as (figure, (loss_axis, lr_axis)):
+        loss_axis.plot(steps, [latest[s]["loss"] for s in steps], color="tab:blue", label="training loss")
         loss_axis.set_ylabel("training loss")
         accuracy_axis = loss_axis.twinx()
-        accuracy_axis.plot(
-            steps, [latest[s]["accuracy"] for s in steps], color="tab:orange", label="accuracy"
-        )
+        accuracy = [latest[s]["accuracy"] for s in steps]
+        accuracy_axis.plot(steps, accuracy, color="tab:orange", label="training accuracy")
         accuracy_axis.set_ylabel("training accuracy")
         accuracy_axis.set_ylim(0, 1)
-        resumes = [r["step"] for r in records if r.get("event") == "resumed"]
-        for step in resumes:
-            loss_axis.axvline(step, color="grey", linestyle=":", linewidth=1)
-        lr_axis.plot(steps, [latest[s]["lr"] for s in steps], color="tab:green")
+        lr_axis.plot(steps, [latest[s]["lr"] for s in steps], color="tab:green", label="learning rate")
         lr_axis.set_ylabel("lr")
         lr_axis.set_xlabel("step")
-        loss_axis.set_title("pretraining" + (" (dotted: resumed from a checkpoint)" if resumes else ""))
+        resumes = [r["step"] for r in records if r.get("event") == "resumed"]
+        for step in resumes:
+            loss_axis.axvline(
+                step, color="grey", linestyle=":", linewidth=1, label="resumed from a checkpoint"
+            )
+        figure.suptitle("pretraining")
+        # Above the plots, under the title: inside, a legend covers the curve it names. Every line named,
+        # the first resume for them all.
+        loss, *resumed = loss_axis.get_lines()
+        lines = [loss, *accuracy_axis.get_lines(), *lr_axis.get_lines(), *resumed[:1]]
+        loss_axis.legend(
+            handles=lines, loc="lower center", bbox_to_anchor=(0.5, 1.02), ncols=len(lines), fontsize="small"
+        )
     return out

@@ -6,12 +6,18 @@ from __future__ import annotations
 import json
 import struct
 import uuid
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.transforms import Bbox
 from tensorboardX.proto.event_pb2 import Event
 
+import pipeline.metrics
 from pipeline.metrics import MetricsLog, ProgressLine, format_seconds, plot_loss, read_records
 from pipeline.pretrain.checkpoints import (
     META_FILE,
@@ -102,6 +108,58 @@ def test_loss_plot_is_a_png(tmp_path):
     out = plot_loss(records, tmp_path / "loss.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out.stat().st_size > 10_000
+
+
+def kept_figures(monkeypatch: pytest.MonkeyPatch, module: ModuleType) -> list[Figure]:
+    """The figures `module`'s plots draw through the real `saved_figure`, laid out and saved as it leaves
+    them (closing them detaches their canvas: `legend_boxes` gives them another)."""
+    figures: list[Figure] = []
+    real = module.saved_figure
+
+    @contextmanager
+    def keeping(out: Path, **subplots) -> Iterator[tuple[Figure, object]]:
+        with real(out, **subplots) as (figure, axes):
+            figures.append(figure)
+            yield figure, axes
+
+    monkeypatch.setattr(module, "saved_figure", keeping)
+    return figures
+
+
+def legend_boxes(figure: Figure) -> list[tuple[list[str], Bbox]]:
+    """Each legend's entries and its box on the page, and the check that no legend covers any axes'
+    data area or runs off the page."""
+    FigureCanvasAgg(figure).draw()
+    renderer = figure.canvas.get_renderer()
+    legends = [axis.get_legend() for axis in figure.axes if axis.get_legend()] + figure.legends
+    boxes = [
+        ([t.get_text() for t in legend.get_texts()], legend.get_window_extent(renderer)) for legend in legends
+    ]
+    page = figure.get_window_extent(renderer)
+    for names, box in boxes:
+        assert Bbox.intersection(box, page).bounds == box.bounds, f"legend {names} runs off the page"
+        for axis in figure.axes:
+            overlap = Bbox.intersection(box, axis.get_window_extent(renderer))
+            assert overlap is None or overlap.width * overlap.height == 0, f"legend {names} covers {axis}"
+    return boxes
+
+
+def test_loss_plot_names_every_line_in_a_legend_off_the_data(tmp_path, monkeypatch):
+    figures = kept_figures(monkeypatch, pipeline.metrics)
+    records = [step_record(s, 3.0 / s) for s in range(1, 40)]
+    for resume in (12, 20):
+        records.append({"event": "resumed", "step": resume})
+    plot_loss(records, tmp_path / "loss.png")
+    (figure,) = figures
+    drawn = [line for axis in figure.axes for line in axis.get_lines()]
+    assert len(drawn) == 5  # loss, accuracy, learning rate and the two resumes
+    ((names, _),) = legend_boxes(figure)
+    assert names == ["training loss", "training accuracy", "learning rate", "resumed from a checkpoint"]
+    assert {line.get_label() for line in drawn} == set(names)  # one entry names both resumes
+
+    figures.clear()
+    plot_loss(records[:-2], tmp_path / "loss.png")  # no resume, no entry for one
+    assert [names for names, _ in legend_boxes(figures[0])] == [names[:3]]
 
 
 def make_checkpoint(run: Path, step: int, *, finished: bool = True) -> Path:

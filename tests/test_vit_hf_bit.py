@@ -1,5 +1,6 @@
 """Equivalence with HF transformers' BiT (`BitForImageClassification`, pre-activation), the third-party
-reference of vit/bit.py: weights both ways at two depths and two widths, folders both ways."""
+reference of vit/bit.py: weights both ways at two depths, two widths and four filter scales, folders both
+ways."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 import transformers
 
 from tests.test_vit_hf import assert_same_logits, images_for
-from vit.bit import ResNetV2
+from vit.bit import ResNetV2, StdConv2d
 from vit.config import BiTConfig
 from vit.hf_bit import (
     bit_config_from_hf,
@@ -88,6 +89,64 @@ def test_vitpipe_bit_weights_converted_into_hf_give_the_same_logits(name):
     theirs = hf_model(config)
     theirs.load_state_dict(to_hf_bit_state_dict(ours), strict=True)
     assert_same_logits(*logits_of_both(config, ours, theirs))
+
+
+FILTER_SCALES = (1.0, 1e-1, 1e-2, 1e-3)  # times the default init: trained filters can be this small
+
+
+@torch.no_grad()
+def with_filters_scaled(model: torch.nn.Module, factor: float) -> torch.nn.Module:
+    """`perturb`'s random norms and head, and every convolution filter at the model's own default init times
+    `factor`: the smaller the filters' variance, the more the standardisation's epsilon weighs."""
+    filters = {name: param.clone() for name, param in model.named_parameters() if param.ndim == 4}
+    perturb(model)
+    for name, param in model.named_parameters():
+        if name in filters:
+            param.copy_(filters[name] * factor)
+    return model
+
+
+def assert_equal_logits(config: BiTConfig, ours: ResNetV2, theirs: torch.nn.Module) -> None:
+    """Both models on the same normalised pixels (not uint8 normalised twice, 1e-7 apart): the same function
+    gives the same logits to fp32's last bits, not merely within the 1e-4 of `assert_same_logits`."""
+    _, pixels = images_for(config)
+    with torch.no_grad():
+        expected = theirs(pixel_values=pixels).logits
+        logits = ours(patchify(pixels.permute(0, 2, 3, 1).contiguous(), config.patch_size), normalized=True)
+    assert expected.abs().max() > 0.1, "logits too small for the comparison to mean anything"
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("factor", FILTER_SCALES)
+def test_hf_bit_filters_of_any_scale_give_hf_logits_in_vitpipe(factor):
+    config = CONFIGS["R26 stem8 @32"]
+    theirs = with_filters_scaled(hf_model(config), factor)
+    ours = ResNetV2(config).eval()
+    ours.load_state_dict(from_hf_bit_state_dict(theirs.state_dict(), config), strict=True)
+    assert_equal_logits(config, ours, theirs)
+
+
+@pytest.mark.parametrize("factor", FILTER_SCALES)
+def test_vitpipe_bit_filters_of_any_scale_give_vitpipe_logits_in_hf(factor):
+    config = CONFIGS["R26 stem8 @32"]
+    ours = with_filters_scaled(ResNetV2(config).eval(), factor)
+    theirs = hf_model(config)
+    theirs.load_state_dict(to_hf_bit_state_dict(ours), strict=True)
+    assert_equal_logits(config, ours, theirs)
+
+
+@pytest.mark.parametrize("factor", FILTER_SCALES)
+def test_vitpipe_and_hf_standardise_the_same_filters_to_the_same_weights(factor):
+    """Each side's standardisation on the other's convolution: HF's default-init filters through
+    vitpipe's `standardize_weight`, vitpipe's through HF's `WeightStandardizedConv2d`."""
+    hf_conv = hf_model(CONFIGS["R26 stem8 @32"]).bit.encoder.stages[0].layers[0].conv2
+    ours = StdConv2d(hf_conv.in_channels, hf_conv.out_channels, 3, padding=1)
+    x = torch.randn(2, hf_conv.in_channels, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for source, target in ((hf_conv, ours), (ours, hf_conv)):
+            source.weight.mul_(factor)
+            target.weight.copy_(source.weight)
+            torch.testing.assert_close(ours(x), hf_conv(x), rtol=1e-6, atol=1e-7)
 
 
 def test_the_pooled_features_are_hf_bit_models_pooler_output():

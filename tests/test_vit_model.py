@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vit.build import build_model
-from vit.config import ViTConfig
+from vit.config import BiTConfig, ViTConfig
 from vit.model import VisionTransformer, drop_path_rates
 from vit.patches import patchify
 from vit.variants import VARIANTS
@@ -237,6 +237,29 @@ def test_every_variant_builds_on_the_meta_device_without_memory(name):
     assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMETERS[name]
     model.reset_parameters()  # initialising on meta reads no values either (build_model(config, "meta"))
     assert model.blocks[-1].drop_path.rate == 0.1
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        tiny(pool="gap", channels=1, representation_size=16, drop_path=0.1, mean=(0.2,), std=(0.3,)),
+        ViTConfig.from_variant("B/16", num_classes=10),
+        BiTConfig(image_size=32, patch_size=4, num_classes=10, depth=26, base_width=8, groups=8),
+        BiTConfig.from_variant("R50x1", num_classes=10),
+    ],
+    ids=["tiny-vit-every-option", "B/16", "tiny-bit", "R50x1"],
+)
+def test_build_model_under_a_meta_device_context_builds_every_family_with_the_cpu_builds_parameters(config):
+    cpu = build_model(config)
+    with torch.device("meta"):
+        in_context = build_model(config)
+    built_for_meta = build_model(config, device="meta")
+    for model in (in_context, built_for_meta):
+        assert all(t.is_meta for t in (*model.parameters(), *model.buffers()))
+        assert {n: p.shape for n, p in model.named_parameters()} == {
+            n: p.shape for n, p in cpu.named_parameters()
+        }
+        assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in cpu.parameters())
 
 
 def eager_and_materialised(config) -> tuple[torch.nn.Module, torch.nn.Module]:

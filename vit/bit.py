@@ -18,15 +18,20 @@ from vit.config import BiTConfig
 from vit.model import BlockCheckpointing, Materialisable, PatchInput
 from vit.patches import unpatchify
 
-WS_EPSILON = 1e-10  # the BiT reference's: inside the square root of the variance
+# HF transformers' and timm's BiT epsilon, not the BiT reference's 1e-10: one standardisation for every
+# BiT vitpipe builds, trains, loads from HF or exports to it (HF's config has no field for it, so a second
+# value could not travel with the weights). The two differ only for filters whose variance nears 1e-8,
+# which trained checkpoints do have; there HF's value is the one their logits were computed with.
+WS_EPSILON = 1e-8
 
 
 def standardize_weight(weight: torch.Tensor) -> torch.Tensor:
-    """Weight standardisation (Qiao et al. 2019): each output filter to zero mean and unit variance over
-    its inputs and kernel, computed in fp32 whatever the weights' dtype."""
-    w = weight.float()
-    variance, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
-    return ((w - mean) / torch.sqrt(variance + WS_EPSILON)).to(weight.dtype)
+    """Weight standardisation (Qiao et al. 2019): each output filter to zero mean and unit (biased) variance
+    over its inputs and kernel, in fp32 whatever the weights' dtype. HF's formula op for op (a batch norm
+    over each filter, epsilon inside the square root), so HF's weights give HF's logits at any scale."""
+    flat = weight.float().reshape(1, weight.shape[0], -1)
+    standardized = F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=WS_EPSILON)
+    return standardized.reshape_as(weight).to(weight.dtype)
 
 
 class StdConv2d(nn.Conv2d):

@@ -3,8 +3,9 @@
 
 The two are the same function: a weight-standardised 7x7/2 stem, a zero-padded 3x3/2 max pool, pre-activation
 bottlenecks with the projection shortcut on the first unit of each stage, a final GroupNorm + ReLU, global
-average pooling. The standardisation's epsilon differs (HF 1e-8, the BiT reference's 1e-10), a difference
-far below fp32's resolution of a trained filter's variance.
+average pooling. The weight standardisation is HF's own (a batch norm over each filter, epsilon 1e-8, not
+the BiT reference's 1e-10): with small filters, which trained checkpoints have, any other epsilon changes
+the logits.
 """
 
 from __future__ import annotations
