@@ -25,7 +25,7 @@ from pipeline.config import (
     check_name,
     validate,
 )
-from pipeline.console import console, say
+from pipeline.console import console, output_reader_gone, say
 from pipeline.datasets.build import build_dataset
 from pipeline.info import report
 from pipeline.preprocess.summary import describe, write_grid
@@ -40,6 +40,7 @@ from pipeline.storage import check_location
 from pipeline.transfer.report import results_excerpt
 
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+EXIT_READER_GONE = 141  # 128 + SIGPIPE: what a shell tool whose reader went away (`| head`) exits with
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,9 +127,10 @@ def _add_dataset_commands(commands: Any) -> None:
     fractals.add_argument("--jpeg-quality", type=int)
 
     folder = kinds.add_parser("imagefolder", help="a class_name/image.ext tree of your own images")
-    folder.add_argument("src", type=Path)
+    folder.add_argument("src", type=Path, help="CLASS/image.ext folders; with --splits: SPLIT/CLASS/...")
     folder.add_argument("out", type=Path)
-    folder.add_argument("--split")
+    folder.add_argument("--split", help="the one split SRC becomes (default: train)")
+    folder.add_argument("--splits", help="SRC's split folders, e.g. train,test: built with one class list")
     folder.add_argument("--shard-samples", help="samples per shard ('none': no limit)")
     folder.add_argument("--shard-bytes", help="bytes per shard, e.g. 256MB ('none')")
     folder.add_argument("--max-pixels", type=int, help="larger images are skipped (decompression bombs)")
@@ -542,8 +544,8 @@ QUIET_COMMANDS = frozenset(
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args.command in ("submit", "jobs", "status"):
-        use_token_if_present()
+    if args.command in ("submit", "jobs", "status") or getattr(args, "address", None):
+        use_token_if_present()  # a cluster named: Ray sends the token at hand only in token mode
     if args.command not in QUIET_COMMANDS:
         return _dispatch(args, argv)
 
@@ -562,6 +564,11 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     except ConfigError as error:
         say(f"vitpipe: {error}", err=True)
         return EXIT_USAGE
+    except BrokenPipeError as error:  # the reader of its output went away (`vitpipe jobs | head -1`)?
+        if output_reader_gone():
+            return EXIT_READER_GONE
+        say(f"vitpipe: error: {error}", err=True)  # no: a connection's (Ray's, storage's)
+        return EXIT_FAILED
     except KeyboardInterrupt as error:  # a clean stop (TrainingStopped) says where it stopped
         say(f"vitpipe: {error or 'interrupted'}", err=True)
         if isinstance(error, TrainingStopped):

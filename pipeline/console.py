@@ -416,6 +416,17 @@ def log_to(path: str | Path, header: str) -> Iterator[None]:
         yield
 
 
+def output_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (`vitpipe jobs | head -1`); if so it
+    now points at the null device, so that Python's own last flush does not fail again as it exits."""
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), select.POLLOUT)
+    gone = any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    if gone:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return gone
+
+
 def _terminal(stream: Any, fd: int) -> IO[str]:
     """Where the console writes: a copy of the real file descriptor when `stream` is one (it is about
     to point at the pipe), else the stream itself (a test's captured stream)."""

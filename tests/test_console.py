@@ -4,8 +4,10 @@ shown without Ray's prefixes, warnings shown in full, what Ray and the libraries
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import subprocess
 import sys
 import time
 import warnings
@@ -15,6 +17,7 @@ import pytest
 import ray
 
 from pipeline.console import Console, console, log_to, progress, say
+from tests.conftest import REPO
 
 
 @ray.remote(num_cpus=0)
@@ -124,3 +127,31 @@ def test_a_terminal_gets_one_live_bar_that_messages_print_above(monkeypatch):
 def test_only_one_console_at_a_time(capsys):
     with console(), pytest.raises(RuntimeError, match="already active"):
         Console().start()
+
+
+def test_a_reader_gone_from_the_console_leaves_the_command_running_and_the_log_whole(tmp_path, monkeypatch):
+    """`vitpipe run JOB | head -1`: once `head` has gone, lines go nowhere, the run carries on, the log
+    keeps every line, and nothing says "Broken pipe"."""
+    read, write = os.pipe()
+    os.close(read)
+    gone = os.fdopen(write, "w")
+    monkeypatch.setattr(sys, "stdout", gone)
+    log = tmp_path / "stage.log"
+    with console(), log_to(log, "stage"):
+        for index in range(3):
+            say(f"line {index}")
+        say("on stderr", err=True)
+    monkeypatch.undo()
+    assert [f"line {index}" in log.read_text() for index in range(3)] == [True] * 3
+    assert gone.closed is False  # the caller's own stream is left to the caller
+    with contextlib.suppress(BrokenPipeError):
+        gone.close()
+
+
+def test_a_command_whose_reader_went_away_exits_quietly():
+    """`vitpipe validate JOB | head -1`: exit 141 (as a shell tool killed by SIGPIPE), no traceback."""
+    command = [sys.executable, "-m", "pipeline.cli", "validate", str(REPO / "jobs" / "quickstart.yaml")]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    error = process.stderr.read().decode()
+    assert (process.wait(timeout=60), error) == (141, "")

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+import yaml
 from PIL import Image
 
 from pipeline.config import ImageFolderConfig
 from pipeline.datasets.card import read_card, shard_paths
-from pipeline.datasets.imagefolder import build_imagefolder, scan_image_folder
+from pipeline.datasets.imagefolder import build_imagefolder, check_imagefolder, scan_image_folder
 
 
 def image_bytes(mode: str, size: tuple[int, int], fmt: str, seed: int = 0) -> bytes:
@@ -194,3 +195,118 @@ def test_links_are_followed_but_each_real_file_is_read_once_and_loops_are_skippe
     assert reasons["self/"].startswith("a link to a folder already walked or above the input")
     assert reasons["cat/again/"].startswith("a link to a folder already walked or above the input")
     assert reasons["dog/z-link.png"] == "the same file as dog/b.png (a link)"
+
+
+def split_tree(root: Path, layout: dict[str, list[str]]) -> Path:
+    """`SRC/<split>/<class>/<n>.png` with two small images per class; returns SRC."""
+    for split, classes in layout.items():
+        for index, name in enumerate(classes):
+            for n in range(2):
+                path = root / split / name / f"{n}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(image_bytes("RGB", (8, 8), "PNG", seed=10 * index + n))
+    return root
+
+
+def test_split_folders_become_one_dataset_with_one_class_list_and_the_same_labels(tmp_path, ray_local):
+    src = split_tree(tmp_path / "src", {"train": ["cat", "dog", "eel"], "test": ["cat", "dog", "eel"]})
+    (src / "notes.txt").write_text("not a split")
+    out = tmp_path / "out"
+    build_imagefolder(ImageFolderConfig(src=str(src), splits=("train", "test"), shard_samples=4), out)
+    card = read_card(out)
+    assert card["classes"] == ["cat", "dog", "eel"]
+    assert list(card["splits"]) == ["train", "test"]
+    assert {split: entry["per_class"] for split, entry in card["splits"].items()} == {
+        "train": {"0": 2, "1": 2, "2": 2},
+        "test": {"0": 2, "1": 2, "2": 2},
+    }
+    assert card["splits"]["test"]["pattern"] == "test/images-{000000..000001}.tar"
+    for split in ("train", "test"):
+        urls = [str(p) for p in shard_paths(out, split)]
+        for label, source in wds.WebDataset(urls, shardshuffle=False).decode().to_tuple("cls", "json"):
+            folder, name, _ = source["path"].split("/")
+            assert (folder, card["classes"][int(label)]) == (split, name)
+    assert {"path": "notes.txt", "reason": "not inside a split folder"} in card["skipped"]
+
+
+def test_splits_whose_classes_differ_are_refused_naming_the_classes(tmp_path):
+    """Each split's own class list would label test's `fox` as train's `eel`; refused, before any file is
+    written, naming what each split lacks."""
+    src = split_tree(tmp_path / "src", {"train": ["cat", "dog", "eel"], "test": ["cat", "dog", "fox"]})
+    config = ImageFolderConfig(src=str(src), splits=("train", "test"))
+    differ = "the splits' class folders differ: train has no images of fox; test has no images of eel"
+    with pytest.raises(ValueError, match=differ):
+        build_imagefolder(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    (src / "test" / "eel").mkdir()  # a class folder without images is no class of the split
+    with pytest.raises(ValueError, match="test has no images of eel"):
+        build_imagefolder(config, tmp_path / "out")
+
+
+def test_a_file_linked_into_two_splits_is_read_once(tmp_path):
+    """An image in both train and test would be tested on what was trained on: the second is skipped."""
+    src = split_tree(tmp_path / "src", {"train": ["cat", "dog"], "test": ["cat", "dog"]})
+    (src / "test" / "cat" / "leak.png").symlink_to(src / "train" / "cat" / "0.png")
+    scan = scan_image_folder(src, ("png",), splits=("train", "test"))
+    reasons = {item["path"]: item["reason"] for item in scan.skipped}
+    assert reasons["test/cat/leak.png"] == "the same file as train/cat/0.png (a link)"
+    assert sorted(c.path for c in scan.splits["test"]) == [
+        f"test/{c}/{n}.png" for c in ("cat", "dog") for n in (0, 1)
+    ]
+
+
+def test_split_settings_are_checked_and_the_one_split_form_keeps_its_digest():
+    with pytest.raises(ValueError, match=r"set split .* or splits .*, not both"):
+        ImageFolderConfig(src="x", split="val", splits=("train", "test"))
+    with pytest.raises(ValueError, match=r"splits listed twice: \['train'\]"):
+        ImageFolderConfig(src="x", splits=("train", "train"))
+    one = ImageFolderConfig(src="x")
+    assert "splits" not in one.model_dump()  # a job's existing dataset keeps its cache key
+    both = ImageFolderConfig(src="x", splits=["train", "test"]).model_dump()
+    assert (both["splits"], "split" in both) == (("train", "test"), False)  # shown as it is read
+    assert ImageFolderConfig(**both) == ImageFolderConfig(src="x", splits=["train", "test"])
+
+
+def test_every_imagefolder_refusal_comes_before_ray(cli_before_ray, tmp_path):
+    src = split_tree(tmp_path / "src", {"train": ["cat", "dog"], "test": ["cat", "fox"]})
+    out = tmp_path / "out"
+    cases = [
+        ([str(tmp_path / "nothing"), str(out)], 1, "nothing: image folder does not exist"),
+        ([str(src / "train" / "cat"), str(out)], 1, "cat: no class folder holds an image file"),
+        (
+            [str(src), str(out), "--splits", "train,test"],
+            1,
+            "train has no images of fox; test has no images of",
+        ),
+        ([str(src), str(out), "--splits", "train,val"], 1, "no split folder val; it holds test, train"),
+        (
+            [str(src), str(out), "--split", "train,test"],
+            2,
+            "--split: is the one split src becomes; for src/train, src/test ... set splits: train,test",
+        ),
+    ]
+    for args, code, message in cases:
+        got, stderr = cli_before_ray("datasets", "imagefolder", *args)
+        assert (got, message in stderr) == (code, True), stderr
+    good = split_tree(tmp_path / "good", {"train": ["cat"], "test": ["cat"]})
+    out.mkdir()
+    (out / "mine.txt").write_text("kept")
+    got, stderr = cli_before_ray("datasets", "imagefolder", str(good), str(out), "--splits", "train,test")
+    assert (got, "already exists and is not empty; pass --overwrite" in stderr) == (1, True), stderr
+    assert (out / "mine.txt").read_text() == "kept"
+
+    # the same refusal in a job's datasets step
+    job = {"name": "mine", "run_dir": str(tmp_path / "run")}
+    job["datasets"] = {"mine": {"kind": "imagefolder", "src": str(src), "splits": ["train", "test"]}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    got, stderr = cli_before_ray("run", str(tmp_path / "job.yaml"))
+    assert (got, "train has no images of fox; test has no images of" in stderr) == (1, True), stderr
+
+
+def test_split_folders_taken_as_classes_are_warned_of(tmp_path, capsys):
+    src = split_tree(tmp_path / "src", {"train": ["cat", "dog"], "test": ["cat", "dog"]})
+    scan = check_imagefolder(ImageFolderConfig(src=str(src)), tmp_path / "out", overwrite=False)
+    assert scan.classes == ["test", "train"]
+    warned = capsys.readouterr().err
+    assert "its folders test, train look like splits, each holding class folders" in warned
+    assert "--splits test,train" in warned

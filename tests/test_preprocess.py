@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import bz2
 import io
 import json
+import lzma
 import os
 import shutil
 import signal
@@ -421,3 +423,60 @@ def test_an_unexpected_decoder_exception_is_recorded_not_raised(tmp_path, monkey
     assert report.failures == [
         {"shard": "s.tar", "key": "b", "reason": "unexpected error: RuntimeError: decoder crashed"}
     ]
+
+
+def raw_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A tar of exactly these member names (write_shard refuses dotted keys, as it should)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def test_dotted_member_names_fail_once_per_image_naming_the_member_and_the_key_rule(tmp_path):
+    """`cat.0.png`, `cat.1.png` are one webdataset sample (key `cat`): each image is a failure, and the
+    reason names the shard's member, the rule and the names to use; it is not one vague failure."""
+    cats = [("cat.0.png", good_png(1)), ("cat.0.cls", b"0"), ("cat.1.png", good_png(2)), ("cat.1.cls", b"0")]
+    raw_tar(tmp_path / "in" / "s.tar", [*cats, ("ok.png", good_png(3)), ("ok.cls", b"1")])
+    (source,) = list_shards(str(tmp_path / "in")).shards
+    local = pafs.LocalFileSystem()
+    report = shard_module.preprocess_shard(
+        local, local, str(tmp_path / "out"), PreprocessConfig(image_size=8, patch_size=4), None, source
+    )
+    assert (report.samples, report.failed) == (1, 2)
+    (failure,) = report.failures
+    assert (failure["shard"], failure["key"]) == ("s.tar", "cat")
+    assert failure["reason"].startswith("dots in member names: cat.0.png, cat.1.png are one sample")
+    assert "the name up to the first dot" in failure["reason"]
+    assert "cat_0.png or cat/0.png" in failure["reason"]
+
+
+def test_compressed_and_upper_case_shards_in_a_folder_are_preprocessed(tmp_path):
+    shard = tmp_path / "plain.tar"
+    write_shard(shard, [(k, {"png": good_png(i), "cls": b"0"}) for i, k in enumerate("ab")])
+    data = shard.read_bytes()
+    shard.unlink()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "A.TAR").write_bytes(data)
+    (tmp_path / "in" / "b.tar.xz").write_bytes(lzma.compress(data))
+    (tmp_path / "in" / "c.tar.bz2").write_bytes(bz2.compress(data))
+    config = PreprocessConfig(image_size=8, patch_size=4)
+    result = preprocess(str(tmp_path / "in"), str(tmp_path / "out"), config)
+    assert [(s["source"], s["file"], s["samples"]) for s in result.manifest["shards"]] == [
+        ("A.TAR", "A.parquet", 2),
+        ("b.tar.xz", "b.parquet", 2),
+        ("c.tar.bz2", "c.parquet", 2),
+    ]
+
+
+def test_samples_without_labels_name_the_way_on(tmp_path, capsys):
+    write_shard(tmp_path / "in" / "s.tar", [(k, {"png": good_png(i)}) for i, k in enumerate("ab")])
+    out = tmp_path / "out"
+    assert main(["preprocess", str(tmp_path / "in"), str(out), "--image-size", "8", "--patch-size", "4"]) == 1
+    printed = capsys.readouterr().out
+    assert "failures: missing label 2" in printed
+    assert "no .cls member: an unlabelled corpus takes --label-key none (in a job: label_key: none" in printed
+    job_config = PreprocessConfig(image_size=8, patch_size=4, label_key="none")  # as a job file writes it
+    assert job_config.label_key is None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
+import lzma
 import tarfile
 
 import pytest
@@ -14,6 +16,7 @@ from pipeline.preprocess.samples import (
     LabelError,
     Sample,
     UnreadableShardError,
+    dotted_images,
     parse_label,
     read_samples,
 )
@@ -82,9 +85,20 @@ def test_bytes_that_are_not_a_tar_are_an_unreadable_shard(data):
         read(data)
 
 
-def test_gzipped_tar_is_read():
-    items = read(gzip.compress(tar_bytes([("a.jpg", b"1")])))
+@pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress], ids=["gz", "bz2", "xz"])
+def test_compressed_tars_are_read_as_webdataset_reads_them(compress):
+    items = read(compress(tar_bytes([("a.jpg", b"1")])))
     assert items == [Sample("a", {"jpg": b"1"})]
+
+
+def test_images_named_with_a_second_dot_are_found_under_webdataset_key_rule():
+    """webdataset's key is the name up to the first dot: `cat.0.png` is key `cat`, extension `0.png`."""
+    members = [("cat.0.png", b"A"), ("cat.0.cls", b"1"), ("cat.1.png", b"B"), ("dog.jpg", b"C")]
+    items = read(tar_bytes(members))
+    assert [item.key for item in items] == ["cat", "dog"]
+    assert dotted_images(items[0].members, ("jpg", "png")) == ["0.png", "1.png"]
+    assert dotted_images(items[1].members, ("jpg", "png")) == []
+    assert dotted_images({"jpg": b"", "seg.png": b""}, ("jpg",)) == []  # an image is found: extras are fine
 
 
 @pytest.mark.parametrize(

@@ -63,7 +63,8 @@ def test_inputs_that_name_no_shard_are_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file or directory"):
         list_shards(str(tmp_path / "absent"))
     touch(tmp_path / "readme.txt")
-    with pytest.raises(FileNotFoundError, match=r"no shards found \(looking for .tar, .tar.gz, .tgz files\)"):
+    looking = r"no shards found \(looking for .tar, .tar.gz, .tgz, .tar.bz2, .tbz2, .tar.xz, .txz files, in"
+    with pytest.raises(FileNotFoundError, match=looking):
         list_shards(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no shards found"):
         list_shards(str(tmp_path / "*.tar"))
@@ -126,3 +127,31 @@ def test_symlink_loops_are_walked_once_and_each_named(tmp_path):
         "train/a-000000.tar",
         "train/a-000001.tar",
     ]
+
+
+def test_a_folder_lists_tars_in_any_case_and_every_compression_the_reader_opens(tmp_path):
+    names = ["A.TAR", "b.tar.xz", "c.tar.bz2", "d.TGZ", "e.Tar.Gz", "f.tbz2", "g.txz"]
+    for name in [*names, "notes.TXT"]:
+        touch(tmp_path / name)
+    listing = list_shards(str(tmp_path))
+    assert [s.name for s in listing.shards] == names
+    assert [s.output_name for s in listing.shards] == [f"{name[0]}.parquet" for name in names]
+
+
+def test_a_tar_compressed_as_the_reader_cannot_open_is_named_not_skipped(tmp_path):
+    touch(tmp_path / "train" / "a-000000.tar")
+    touch(tmp_path / "train" / "a-000001.tar.zst")
+    touch(tmp_path / "train" / "a-000000.tar.md5")  # not a tar: not a shard, and no reason to refuse
+    refused = r"train/a-000001.tar.zst: a tar compressed as .zst, which .*decompress it"
+    with pytest.raises(ValueError, match=refused):
+        list_shards(str(tmp_path))
+    with pytest.raises(ValueError, match=r"a-000001.tar.zst: a tar compressed as .zst"):
+        list_shards(str(tmp_path / "train" / "a-000001.tar.zst"))  # named by path: refused up front too
+    globbed = list_shards(str(tmp_path / "train" / "*.tar"))  # a pattern naming the readable ones: the way on
+    assert [s.name for s in globbed.shards] == ["a-000000.tar"]
+    (tmp_path / "train" / "a-000000.tar").unlink()
+    with pytest.raises(ValueError, match=r"a-000001.tar.zst: a tar compressed as .zst"):
+        list_shards(str(tmp_path))  # alone, it is named too, not "no shards found"
+    (tmp_path / "train" / "a-000001.tar.zst").rename(tmp_path / "train" / "a-000001.TLZ4")
+    with pytest.raises(ValueError, match=r"a-000001.TLZ4: a tar compressed as .lz4"):
+        list_shards(str(tmp_path))

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ByteSize, Field, Strict, model_validator
+from pydantic import (
+    ByteSize,
+    Field,
+    SerializerFunctionWrapHandler,
+    Strict,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from pipeline.config.base import (
     PIL_DEFAULT_MAX_PIXELS,
@@ -56,17 +64,33 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "gif", "t
 
 
 class ImageFolderConfig(Section):
-    """A `class_name/image.ext` tree (ImageNet's layout) the user brings, sharded as one split."""
+    """A `class_name/image.ext` tree (ImageNet's layout) the user brings, sharded as one split; or, with
+    `splits`, one such tree per split below `src` (`src/train/CLASS/...`), sharded with one class list."""
 
     kind: Literal["imagefolder"] = "imagefolder"
     name: Name = "images"
     src: str
-    split: Name = "train"
+    split: Name = "train"  # the one split `src` becomes
+    # Subfolders of `src`, each a split with the same class folders: one label per class in all of them.
+    splits: tuple[Name, ...] | None = Field(None, min_length=1)
     shard_samples: PositiveInt | None = 1000
     shard_bytes: ByteSize | None = ByteSize(256 * 1024**2)
     seed: NonNegativeInt = 0
     max_pixels: PositiveInt = PIL_DEFAULT_MAX_PIXELS
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+
+    @field_validator("split", mode="before")
+    @classmethod
+    def _one_split(cls, value: object) -> object:
+        if isinstance(value, str) and "," in value:
+            raise ValueError(f"is the one split src becomes; for src/train, src/test ... set splits: {value}")
+        return value
+
+    @field_validator("splits", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        """`train,test` (the command line's form) is the list [train, test]."""
+        return [name.strip() for name in value.split(",")] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _some_shard_limit(self) -> ImageFolderConfig:
@@ -74,7 +98,24 @@ class ImageFolderConfig(Section):
             raise ValueError("set shard_samples, shard_bytes or both: a shard needs a size limit")
         if self.shard_bytes is not None and self.shard_bytes <= 0:
             raise ValueError("shard_bytes must be positive")
+        if self.splits is not None and "split" in self.model_fields_set:
+            raise ValueError(
+                f"set split (src is that one split) or splits (src's subfolders {list(self.splits)} are the "
+                "splits), not both"
+            )
+        names = self.splits or ()
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"splits listed twice: {repeated}")
         return self
+
+    @model_serializer(mode="wrap")
+    def _one_split_as_before(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Without `splits`, the settings dump (and so a job's cache key) is what it was before it existed;
+        with it, `split` (which it replaces) is left out."""
+        settings = handler(self)
+        settings.pop("splits" if settings.get("splits") is None else "split", None)
+        return settings
 
 
 DatasetConfig = Annotated[DigitsConfig | FractalsConfig | ImageFolderConfig, Field(discriminator="kind")]
@@ -107,6 +148,12 @@ class PreprocessConfig(Section):
     # Photos' patches compress little (lz4: -10% for +0.14 ms/image, bench_preprocess); synthetic ones do.
     compression: Literal["none", "lz4", "zstd", "snappy"] = "none"
     max_failure_rate: Annotated[Float, Field(ge=0, le=1)] = 0.01
+
+    @field_validator("label_key", mode="before")
+    @classmethod
+    def _none_is_unlabelled(cls, value: object) -> object:
+        """`label_key: none` in a job means what `--label-key none` means: no labels, not a `.none` member."""
+        return None if isinstance(value, str) and value.lower() == "none" else value
 
     @model_validator(mode="after")
     def _grid_divides(self) -> PreprocessConfig:

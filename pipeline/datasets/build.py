@@ -4,34 +4,44 @@ runner share."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
-from pipeline.config import Section
-from pipeline.datasets.card import summarize
+from pipeline.config import DigitsConfig, ImageFolderConfig, Section
+from pipeline.datasets.card import check_output_dir, summarize
 
 
 def build_dataset(
     config: Section, out: Path, overwrite: bool, preview: bool, address: str | None = None
 ) -> str:
     """Build the dataset `config` describes into `out` (and draw a preview) on Ray, joined at `address` (or
-    started) unless this process is in it already; returns its summary."""
-    from pipeline.datasets.digits import build_digits
-    from pipeline.datasets.fractals import build_fractals
-    from pipeline.datasets.imagefolder import build_imagefolder
+    started) unless this process is in it already, once every check that can refuse it has passed;
+    returns its summary."""
     from pipeline.datasets.preview import write_preview
     from pipeline.ray_session import connect_ray
 
+    build = checked_build(config, out, overwrite)
     connect_ray(address)
-    builders: dict[str, Callable[..., Path]] = {
-        "digits": build_digits,
-        "fractals": build_fractals,
-        "imagefolder": build_imagefolder,
-    }
-    builders[config.kind](config, out, overwrite=overwrite)  # type: ignore[attr-defined]
+    build()
     text = summarize(out)
     if preview:
         text += f"\n  preview: {write_preview(out)}"
     return text
+
+
+def checked_build(config: Section, out: Path, overwrite: bool) -> Callable[[], Path]:
+    """The build of `config` into `out`, returned once everything that can refuse it is checked (the
+    source, the output folder), so that a refusal never waits for Ray to start."""
+    from pipeline.datasets.digits import build_digits
+    from pipeline.datasets.fractals import build_fractals
+    from pipeline.datasets.imagefolder import build_imagefolder, check_imagefolder
+
+    if isinstance(config, ImageFolderConfig):
+        scan = check_imagefolder(config, out, overwrite)
+        return partial(build_imagefolder, config, out, overwrite=overwrite, scan=scan)
+    check_output_dir(out, overwrite)
+    builder = build_digits if isinstance(config, DigitsConfig) else build_fractals
+    return partial(builder, config, out, overwrite=overwrite)
 
 
 def planned_split_sizes(config: Section) -> dict[str, int] | None:

@@ -18,28 +18,38 @@ CARD_FORMAT = "vitpipe.webdataset/1"
 PREVIEW_FILE = "preview.png"
 
 
+def check_output_dir(out: Path, overwrite: bool) -> set[str]:
+    """Refuse an `out` that is a file, or not empty unless `overwrite` and it is a dataset; return that
+    dataset's own entries (its card, preview and split folders), which a build replaces, if any."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; the output must be a folder")
+    if not (out.exists() and any(out.iterdir())):
+        return set()
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    if not (out / CARD_FILE).is_file():
+        raise FileExistsError(
+            f"{out} is not empty and holds no {CARD_FILE}: not a vitpipe dataset, so --overwrite "
+            "will not delete it; choose another output directory"
+        )
+    try:
+        return {
+            CARD_FILE,
+            PREVIEW_FILE,
+            *parse_card((out / CARD_FILE).read_bytes(), str(out / CARD_FILE))["splits"],
+        }
+    except (ValueError, KeyError, TypeError) as error:
+        raise FileExistsError(
+            f"{error}; --overwrite will not guess which files are the dataset's: choose another output "
+            "directory, or remove it yourself"
+        ) from None
+
+
 def prepare_output_dir(out: Path, overwrite: bool) -> None:
-    """Create `out`; refuse to touch an existing non-empty one unless `overwrite` and it is a dataset,
-    whose own entries (its card, preview and split folders) are then removed, and nothing else."""
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
-        if not (out / CARD_FILE).is_file():
-            raise FileExistsError(
-                f"{out} is not empty and holds no {CARD_FILE}: not a vitpipe dataset, so --overwrite "
-                "will not delete it; choose another output directory"
-            )
-        try:
-            ours = {
-                CARD_FILE,
-                PREVIEW_FILE,
-                *parse_card((out / CARD_FILE).read_bytes(), str(out / CARD_FILE))["splits"],
-            }
-        except (ValueError, KeyError, TypeError) as error:
-            raise FileExistsError(
-                f"{error}; --overwrite will not guess which files are the dataset's: choose another output "
-                "directory, or remove it yourself"
-            ) from None
+    """Create `out`, after check_output_dir; an earlier dataset there loses its own entries, and nothing
+    else."""
+    ours = check_output_dir(out, overwrite)
+    if ours:
         kept = remove_entries(str(out), lambda name: name in ours)
         if kept:
             say(f"{out}: kept {', '.join(kept)} (not the dataset's)")

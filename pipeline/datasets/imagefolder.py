@@ -1,8 +1,10 @@
 """A `class_name/image.ext` tree (ImageNet's layout) into WebDataset shards, so users bring their data.
 
-Classes are the top-level folders, sorted; images are found at any depth below them. Anything that
-is not a decodable image within the pixel limit is skipped, counted and listed with its reason in
-dataset.json; the run fails only when no image is left at all.
+Classes are the top-level folders, sorted; images are found at any depth below them. With `splits`,
+each named subfolder (`SRC/train`, `SRC/test`) is such a tree, and all must hold the same classes, so
+one class list labels every split alike. Anything that is not a decodable image within the pixel limit
+is skipped, counted and listed with its reason in dataset.json; the run fails only when a split is
+left without any image.
 """
 
 from __future__ import annotations
@@ -21,12 +23,16 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import ImageFolderConfig
-from pipeline.datasets.card import prepare_output_dir, split_entry, write_card
+from pipeline.console import say
+from pipeline.datasets.card import check_output_dir, prepare_output_dir, split_entry, write_card
 from pipeline.datasets.shards import ShardResult, shard_name, write_shard
 from pipeline.ray_tasks import run_shard_tasks
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they are; others become PNG
 JUNK_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
+
+
+ClassFolders = dict[str, list[tuple[str, int]]]  # class name -> its images (path under SRC, size)
 
 
 @dataclass(frozen=True)
@@ -40,40 +46,108 @@ class Candidate:
 
 @dataclass
 class FolderScan:
+    """The images of every split, labelled by one class list, and every file skipped with why."""
+
     classes: list[str]
-    candidates: list[Candidate]
+    splits: dict[str, list[Candidate]]
     skipped: list[dict[str, str]]
     empty_classes: list[str]
 
+    @property
+    def candidates(self) -> list[Candidate]:
+        return [candidate for members in self.splits.values() for candidate in members]
 
-def scan_image_folder(src: Path, extensions: tuple[str, ...]) -> FolderScan:
-    """Walk the tree: class folders, candidate images, and every other file with why it is skipped."""
+
+# Folder names that mean a split: SRC holding only these (each with class folders) is warned of.
+SPLIT_NAMES = {"train", "training", "test", "testing", "val", "valid", "validation", "dev", "eval"}
+
+
+def scan_image_folder(
+    src: Path, extensions: tuple[str, ...], splits: tuple[str, ...] | None = None, split: str = "train"
+) -> FolderScan:
+    """Walk the tree: SRC's class folders (the one split `split`), or those of each SRC/<split> in `splits`,
+    their candidate images, and every other file with why it is skipped. Splits must hold the same classes."""
     if not src.exists():
         raise FileNotFoundError(f"{src}: image folder does not exist")
     if not src.is_dir():
         raise NotADirectoryError(f"{src}: is not a folder of class folders")
     allowed = {e.lower().lstrip(".") for e in extensions}
-    skipped: list[dict[str, str]] = []
-    per_class: dict[str, list[tuple[str, int]]] = {}
-    walk = _Walk(src, allowed, skipped)
-    for entry in sorted(os.scandir(src), key=lambda e: e.name):
+    walk = _Walk(src, allowed, [])  # one walk for all splits: a file linked into two of them is read once
+    per_split = {split: _class_folders(walk, src)} if splits is None else _split_folders(walk, src, splits)
+    classes = _one_class_list(src, per_split, sorted(allowed))
+    label = {name: index for index, name in enumerate(classes)}
+    candidates = {
+        name: [Candidate(path, label[cls], size) for cls in classes for path, size in folders[cls]]
+        for name, folders in per_split.items()
+    }
+    empty = sorted({name for folders in per_split.values() for name, files in folders.items() if not files})
+    return FolderScan(classes, candidates, walk.skipped, empty)
+
+
+def _class_folders(walk: _Walk, folder: Path) -> ClassFolders:
+    """Each class folder of `folder` with its images; other entries and empty class folders are skipped."""
+    per_class: ClassFolders = {}
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if _is_junk(entry.name):
-            skipped.append({"path": entry.name, "reason": "hidden or system file"})
+            walk.skip(entry.path, "hidden or system file")
         elif entry.is_dir():
             if walk.enter(Path(entry.path)):
                 per_class[entry.name] = walk.images_below(Path(entry.path))
         else:
-            skipped.append({"path": entry.name, "reason": "not inside a class folder"})
-    empty = [name for name, files in per_class.items() if not files]
-    for name in empty:
-        skipped.append({"path": name + "/", "reason": "empty class folder: no image files"})
-    classes = [name for name, files in per_class.items() if files]
+            walk.skip(entry.path, "not inside a class folder")
+    for name in [name for name, files in per_class.items() if not files]:
+        walk.skip(os.path.join(folder, name, ""), "empty class folder: no image files")
+    return per_class
+
+
+def _split_folders(walk: _Walk, src: Path, splits: tuple[str, ...]) -> dict[str, ClassFolders]:
+    """The class folders of each SRC/<split>; a missing split folder is an error, other entries skipped."""
+    entries = sorted(os.scandir(src), key=lambda e: e.name)
+    folders = [e.name for e in entries if e.is_dir() and not _is_junk(e.name)]
+    missing = [name for name in splits if name not in folders]
+    if missing:
+        raise FileNotFoundError(
+            f"{src}: no split folder {', '.join(missing)}; it holds {', '.join(folders) or 'no folder'}"
+        )
+    for entry in (e for e in entries if e.name not in splits):
+        if _is_junk(entry.name):
+            walk.skip(entry.path, "hidden or system file")
+        elif entry.is_dir():
+            walk.skip(os.path.join(entry.path, ""), f"not one of the splits ({', '.join(splits)})")
+        else:
+            walk.skip(entry.path, "not inside a split folder")
+    per_split = {}
+    for name in splits:
+        if not walk.enter(src / name, record=False):
+            raise ValueError(
+                f"{src / name}: a link to a folder already read or above it; each split needs its own folder"
+            )
+        per_split[name] = _class_folders(walk, src / name)
+    return per_split
+
+
+def _one_class_list(src: Path, per_split: dict[str, ClassFolders], allowed: list[str]) -> list[str]:
+    """The classes, sorted: those with images, which must be the same in every split (a label is one class
+    in all of them; each split's own list would label one split's `fox` as another's `eel`)."""
+    having = {
+        split: {name for name, files in folders.items() if files} for split, folders in per_split.items()
+    }
+    classes = sorted(set().union(*having.values()))
     if not classes:
-        raise ValueError(f"{src}: no class folder holds an image file ({', '.join(sorted(allowed))})")
-    candidates = [
-        Candidate(path, label, size) for label, name in enumerate(classes) for path, size in per_class[name]
-    ]
-    return FolderScan(classes, candidates, skipped, empty)
+        raise ValueError(f"{src}: no class folder holds an image file ({', '.join(allowed)})")
+    lacking = {split: [name for name in classes if name not in held] for split, held in having.items()}
+    if any(lacking.values()):
+        parts = [f"{split} has no images of {_listed(names)}" for split, names in lacking.items() if names]
+        raise ValueError(
+            f"{src}: the splits' class folders differ: {'; '.join(parts)}. Every split needs images of every "
+            "class, so that a label means one class in all of them: add those images, or remove the class "
+            "folders"
+        )
+    return classes
+
+
+def _listed(names: list[str], shown: int = 10) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _is_junk(name: str) -> bool:
@@ -90,26 +164,28 @@ class _Walk:
         self.folders: set[str] = {self.top}
         self.files: dict[str, str] = {}  # real path -> the relative path it was first found under
 
-    def enter(self, folder: Path) -> bool:
+    def enter(self, folder: Path, record: bool = True) -> bool:
         """Whether to walk `folder`; a loop or a second way into one folder is recorded as skipped."""
         real = os.path.realpath(folder)
         if real in self.folders or self.top.startswith(real + os.sep):
-            reason = "a link to a folder already walked or above the input (a loop)"
-            self.skipped.append({"path": str(folder.relative_to(self.src)) + "/", "reason": reason})
+            if record:
+                self.skip(
+                    os.path.join(folder, ""), "a link to a folder already walked or above the input (a loop)"
+                )
             return False
         self.folders.add(real)
         return True
+
+    def skip(self, path: str | Path, reason: str) -> None:
+        """Record a file or folder (a path ending in `/`) of the tree as skipped, relative to the input."""
+        relative = os.path.relpath(path, self.src) + ("/" if str(path).endswith(os.sep) else "")
+        self.skipped.append({"path": relative, "reason": reason})
 
     def images_below(self, folder: Path) -> list[tuple[str, int]]:
         found = []
         for root, dirs, files in os.walk(folder, followlinks=True):
             for name in [d for d in dirs if _is_junk(d)]:
-                self.skipped.append(
-                    {
-                        "path": str(Path(root, name).relative_to(self.src)) + "/",
-                        "reason": "hidden or system folder",
-                    }
-                )
+                self.skip(os.path.join(root, name, ""), "hidden or system folder")
             dirs[:] = sorted(d for d in dirs if not _is_junk(d) and self.enter(Path(root, d)))
             for name in sorted(files):
                 candidate = self._candidate(Path(root, name))
@@ -173,11 +249,11 @@ def checked_image_bytes(payload: bytes, max_pixels: int) -> tuple[str, bytes]:
 
 
 def write_folder_shard(
-    config: ImageFolderConfig, out: str, index: int, start: int, members: list[Candidate]
+    config: ImageFolderConfig, out: str, split: str, index: int, start: int, members: list[Candidate]
 ) -> ShardResult:
-    """Ray task body: check and write one shard; keys number samples in the seeded global order."""
+    """Ray task body: check and write one shard of `split`; keys number its samples in its seeded order."""
     Image.MAX_IMAGE_PIXELS = max(config.max_pixels, Image.MAX_IMAGE_PIXELS or 0)
-    relative = f"{config.split}/{shard_name(config.name, index)}"
+    relative = f"{split}/{shard_name(config.name, index)}"
     skipped: list[dict[str, str]] = []
     labels: Counter[int] = Counter()
 
@@ -233,31 +309,62 @@ def _refuse_nested(src: Path, out: Path) -> None:
         )
 
 
-def build_imagefolder(config: ImageFolderConfig, out: Path, overwrite: bool = False) -> Path:
-    """Shard the image tree at `config.src` into `out/{split}/`; return the dataset.json path."""
+def check_imagefolder(config: ImageFolderConfig, out: Path, overwrite: bool) -> FolderScan:
+    """Every refusal of the build, before Ray starts or a file is written: a source missing or without
+    classes, splits whose classes differ, an OUT inside it or around it, an OUT taken; returns the scan."""
     src = Path(config.src)
-    scan = scan_image_folder(src, config.extensions)  # fails on a missing/empty source before writing
+    scan = scan_image_folder(src, config.extensions, config.splits, config.split)
+    if config.splits is None:
+        _warn_if_splits(src, scan.classes)
     _refuse_nested(src, out)
+    check_output_dir(out, overwrite)
+    return scan
+
+
+def _warn_if_splits(src: Path, classes: list[str]) -> None:
+    """SRC/train/CLASS/... read as one split has the classes `test` and `train`: said, with the way on."""
+    if len(classes) < 2 or any(name.lower() not in SPLIT_NAMES for name in classes):
+        return
+    if all(any(entry.is_dir() for entry in os.scandir(src / name)) for name in classes):
+        say(
+            f"vitpipe: warning: {src}: its folders {', '.join(classes)} look like splits, each holding class "
+            f"folders, but are taken as {len(classes)} classes of one split; to build them as splits with "
+            f"one class list, pass --splits {','.join(classes)} (in a job: splits: [{', '.join(classes)}])",
+            err=True,
+        )
+
+
+def build_imagefolder(
+    config: ImageFolderConfig, out: Path, overwrite: bool = False, scan: FolderScan | None = None
+) -> Path:
+    """Shard the image tree at `config.src` (or one per split below it) into `out/{split}/`; return the
+    dataset.json path. `scan`: check_imagefolder's, where the caller checked before starting Ray."""
+    src = Path(config.src)
+    scan = scan or check_imagefolder(config, out, overwrite)
     prepare_output_dir(out, overwrite)
     started = time.perf_counter()
     config = config.model_copy(update={"src": str(src.resolve())})
     shards = [
-        (str(out), i, start, members)
-        for i, (start, members) in enumerate(plan_shards(scan.candidates, config))
+        (str(out), split, i, start, members)
+        for split, candidates in scan.splits.items()
+        for i, (start, members) in enumerate(plan_shards(candidates, config))
     ]
-    results = run_shard_tasks(
-        write_folder_shard, shards, label=f"{config.name}/{config.split}", shared=(config,)
-    )
+    label = f"{config.name}/{'+'.join(scan.splits)}"
+    results = run_shard_tasks(write_folder_shard, shards, label=label, shared=(config,))
+    by_split: dict[str, list[ShardResult]] = {split: [] for split in scan.splits}
+    for shard, result in zip(shards, results, strict=True):
+        by_split[shard[1]].append(result)
+    for split, written in by_split.items():
+        if not sum(r.samples for r in written):
+            files = f"{len(scan.splits[split])} image files" + (f" of split {split}" if config.splits else "")
+            raise ValueError(f"{src}: none of {files} could be decoded; see {out}")
     skipped = scan.skipped + [item for result in results for item in result.skipped]
-    kept = sum(r.samples for r in results)
-    if kept == 0:
-        raise ValueError(f"{src}: none of {len(scan.candidates)} image files could be decoded; see {out}")
     card: dict[str, Any] = {
         "name": config.name,
         "kind": "imagefolder",
         "classes": scan.classes,
         "image": None,
-        "splits": {config.split: split_entry(config.split, config.name, results)},
+        "splits": {split: split_entry(split, config.name, written) for split, written in by_split.items()},
         "config": config.model_dump(mode="json"),
         "config_hash": config.digest(),
         "source": str(src.resolve()),

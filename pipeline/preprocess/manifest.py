@@ -67,6 +67,22 @@ def failure_kinds(failures: list[dict[str, Any]]) -> str:
     return ", ".join(f"{kind} {count}" for kind, count in kinds.most_common())
 
 
+def failure_advice(failures: list[dict[str, Any]], examples: bool = True) -> list[str]:
+    """The way on for the failures whose cause is the settings or the names, not the pixels: unlabelled
+    samples read with a label key, and (with `examples`, the first in full) images a second dot joined."""
+    lines = []
+    unlabelled = next((f for f in failures if f["reason"].startswith("missing label:")), None)
+    if unlabelled is not None:
+        lines.append(
+            f"{unlabelled['reason']}: an unlabelled corpus takes --label-key none (in a job: label_key: none "
+            "in its preprocess entry); labels kept elsewhere: --label-key EXT or json:FIELD"
+        )
+    dotted = next((f for f in failures if f["reason"].startswith("dots in member names:")), None)
+    if dotted is not None and examples:
+        lines.append(f"{dotted['shard']}: {dotted['reason']}")
+    return lines
+
+
 def split_of(file: str) -> str:
     """`train/x-000001.parquet` is in split `train`; a file at the top level is in split `.`."""
     return posixpath.dirname(file) or ROOT_SPLIT

@@ -20,7 +20,13 @@ from pipeline.config import OUTPUT_NEUTRAL, PreprocessConfig
 from pipeline.console import say
 from pipeline.datasets.card import CARD_FILE, CARD_FORMAT
 from pipeline.patchfile import read_shard_metadata
-from pipeline.preprocess.manifest import MANIFEST_FILE, build_manifest, failure_kinds, write_manifest
+from pipeline.preprocess.manifest import (
+    MANIFEST_FILE,
+    build_manifest,
+    failure_advice,
+    failure_kinds,
+    write_manifest,
+)
 from pipeline.preprocess.shard import ShardReport, preprocess_shard
 from pipeline.preprocess.sources import ShardListing, ShardSource, list_shards
 from pipeline.ray_session import connect_ray
@@ -67,6 +73,7 @@ class PreprocessResult:
             lines.append(f"  unreadable shards: {totals['unreadable_shards']} (rerun to retry them)")
         if manifest["failures"]:
             lines.append(f"  failures: {failure_kinds(manifest['failures'])}")
+            lines += [f"  {line}" for line in failure_advice(manifest["failures"])]
         lines.append(
             f"  patches: {geometry['num_patches']} x {geometry['patch_dim']} uint8 per image "
             f"({geometry['image_size']}px, patch {geometry['patch_size']}, {geometry['channels']} channel(s))"

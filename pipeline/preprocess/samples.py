@@ -104,6 +104,32 @@ def _is_meta(name: str) -> bool:
     return leaf.startswith("__") and leaf.split(".")[0].endswith("__")
 
 
+# Suffixes of image files: a member `KEY.N.png` holds an image whatever the image keys say.
+IMAGE_SUFFIXES = frozenset({"jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "gif", "tif", "tiff"})
+
+
+def dotted_images(members: dict[str, bytes], image_keys: tuple[str, ...]) -> list[str]:
+    """The images of a sample that has none of `image_keys` but images behind a second dot (`0.png` of
+    `cat.0.png`): members webdataset's key rule joined into one sample. Empty when an image is found."""
+    if any(key in members for key in image_keys):
+        return []
+    images = IMAGE_SUFFIXES | {key.rsplit(".", 1)[-1] for key in image_keys}
+    return sorted(ext for ext in members if "." in ext and ext.rsplit(".", 1)[1] in images)
+
+
+def dotted_reason(key: str, extensions: list[str]) -> str:
+    """Why images named `cat.0.png`, `cat.1.png` are lost, and what to name them instead."""
+    named = ", ".join(f"{key}.{ext}" for ext in extensions[:3]) + (" ..." if len(extensions) > 3 else "")
+    first = f"{key}.{extensions[0]}"
+    stem, _, suffix = extensions[0].rpartition(".")
+    one_dot = f"{stem.replace('.', '_')}.{suffix}"
+    return (
+        f"dots in member names: {named} are one sample ({len(extensions)} image(s) lost): webdataset's key "
+        f"is the name up to the first dot, so {first} has key {key!r} and extension {extensions[0]!r}; name "
+        f"members KEY.EXT with one dot, e.g. {key}_{one_dot} or {key}/{one_dot}"
+    )
+
+
 class LabelError(SampleError):
     """A sample's label is missing or not a class index."""
 

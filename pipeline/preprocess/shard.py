@@ -19,7 +19,15 @@ import torch
 from pipeline.config import PreprocessConfig
 from pipeline.patchfile import PatchShardWriter
 from pipeline.preprocess.decode import decode_image
-from pipeline.preprocess.samples import Failure, SampleError, UnreadableShardError, parse_label, read_samples
+from pipeline.preprocess.samples import (
+    Failure,
+    SampleError,
+    UnreadableShardError,
+    dotted_images,
+    dotted_reason,
+    parse_label,
+    read_samples,
+)
 from pipeline.preprocess.sources import ShardSource
 from pipeline.storage import partial_name
 from vit.patches import patchify
@@ -84,6 +92,9 @@ def preprocess_shard(
                 if isinstance(item, Failure):
                     _record(report, item.key, item.reason)
                     continue
+                if dotted := dotted_images(item.members, config.image_keys):
+                    _record(report, item.key, dotted_reason(item.key, dotted), count=len(dotted))
+                    continue
                 try:
                     label = _label(item.members, config, num_classes)
                     image = _image_bytes(item.members, config)
@@ -131,8 +142,9 @@ def _image_bytes(members: dict[str, bytes], config: PreprocessConfig) -> bytes:
     raise SampleError(f"no image: the sample has {present}, none of {wanted}")
 
 
-def _record(report: ShardReport, key: str | None, reason: str) -> None:
-    report.failed += 1
+def _record(report: ShardReport, key: str | None, reason: str, count: int = 1) -> None:
+    """One failure listed; `count` samples lost by it (images that webdataset's key rule joined)."""
+    report.failed += count
     report.failures.append({"shard": report.source, "key": key, "reason": reason})
 
 

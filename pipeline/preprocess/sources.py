@@ -16,7 +16,10 @@ import pyarrow.fs as pafs
 
 from pipeline.storage import resolve, walk_files
 
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# The tars Python's streaming reader opens (`r|*` detects gzip, bzip2 and xz), matched in any case; a
+# folder's other files are not shards (`x.tar.md5`), but a tar compressed otherwise is refused by name.
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+_OTHER_COMPRESSION = re.compile(r"\.tar(\.(zst|zstd|lz4|lz|lzma|lzo|br|z|sz|7z))$|\.t(zst|lz4|lz)$")
 _BRACE = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -32,7 +35,8 @@ class ShardSource:
     @property
     def output_name(self) -> str:
         """`train/x-000001.tar` -> `train/x-000001.parquet`."""
-        stem = next((self.name[: -len(s)] for s in SHARD_SUFFIXES if self.name.endswith(s)), self.name)
+        lower = self.name.lower()
+        stem = next((self.name[: -len(s)] for s in SHARD_SUFFIXES if lower.endswith(s)), self.name)
         return stem + ".parquet"
 
 
@@ -72,10 +76,11 @@ def list_shards(location: str) -> ShardListing:
         else:
             root = path
             files, skipped = _walk(filesystem, root)
-            shards = [_source(i.path, root, i.size) for i in files if _is_shard(i.path)]
+            shards = [_source(i.path, root, i.size) for i in files if _is_shard(i.path) or _other(i.path)]
+    _refuse_other_compressions(shards)
     if not shards:
         raise FileNotFoundError(
-            f"{location}: no shards found (looking for {', '.join(SHARD_SUFFIXES)} files)"
+            f"{location}: no shards found (looking for {', '.join(SHARD_SUFFIXES)} files, in any case)"
         )
     shards.sort(key=lambda shard: shard.name)
     outputs = [shard.output_name for shard in shards]
@@ -99,7 +104,29 @@ def _hidden(relative: str) -> bool:
 
 
 def _is_shard(path: str) -> bool:
-    return path.endswith(SHARD_SUFFIXES)
+    return path.lower().endswith(SHARD_SUFFIXES)
+
+
+def _other(path: str) -> str | None:
+    """The compression suffix of a tar the reader cannot open (`.tar.zst` -> `.zst`), else None."""
+    if _is_shard(path):
+        return None
+    found = _OTHER_COMPRESSION.search(posixpath.basename(path).lower())
+    if found is None:
+        return None
+    return found.group(1) or f".{found.group(3)}"  # `.tzst` is a `.tar.zst`
+
+
+def _refuse_other_compressions(shards: list[ShardSource]) -> None:
+    """A tar compressed as the reader cannot read is named, never skipped: skipping it loses its samples."""
+    other = [shard for shard in shards if _other(shard.path)]
+    if other:
+        more = f" (and {len(other) - 1} more)" if len(other) > 1 else ""
+        raise ValueError(
+            f"{other[0].path}: a tar compressed as {_other(other[0].path)}, which the tar reader cannot open"
+            f"{more}; it reads {', '.join(SHARD_SUFFIXES)}: decompress it to .tar, or name the shards to "
+            "read with a glob or brace pattern"
+        )
 
 
 def _source(path: str, root: str, size: int | None) -> ShardSource:

@@ -15,7 +15,13 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from pipeline.patchfile import geometry_of, patches_array
-from pipeline.preprocess.manifest import MANIFEST_FILE, failure_kinds, patch_files, read_manifest
+from pipeline.preprocess.manifest import (
+    MANIFEST_FILE,
+    failure_advice,
+    failure_kinds,
+    patch_files,
+    read_manifest,
+)
 from pipeline.storage import resolve
 from vit.patches import unpatchify
 
@@ -43,6 +49,7 @@ def describe(directory: str, max_failures: int = 5) -> str:
     failures = manifest["failures"]
     if failures:
         lines.append(f"  failures: {failure_kinds(failures)}")
+        lines += [f"  {line}" for line in failure_advice(failures, examples=False)]  # listed below
         for failure in failures[:max_failures]:
             lines.append(f"    {failure['shard']} {failure['key']}: {failure['reason']}")
         if len(failures) > max_failures:
