@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.cli import main
 from pipeline.config import (
@@ -19,6 +21,7 @@ from pipeline.config import (
     load_config,
     validate,
 )
+from pipeline.runner.preflight import validated
 from pipeline.transfer.plan import finetune_recipe
 from tests.conftest import GOOD_JOB, run_vitpipe
 from vit.config import BiTConfig, ViTConfig
@@ -237,6 +240,22 @@ def test_finetune_defaults_are_the_papers_recipe_and_accumulation_splits_the_bat
 def test_the_finetune_rates_are_the_sweep_or_the_jobs_one_rate(tmp_path, finetune, expected):
     job = f"name: x\nfinetune: {finetune}\n"
     assert load_config(write(tmp_path, job)).finetune.lr_sweep == expected
+
+
+@pytest.mark.parametrize(
+    ("sweep", "lr"),
+    [("[0.01]", 0.01), ("[0.001, 0.003]", 0.003), ("[0.001, 0.003, 0.01, 0.03]", 0.03)],
+)
+def test_the_job_validate_prints_loads_back_and_runs_the_rates_it_shows(tmp_path, sweep, lr):
+    """`lr_sweep` set alone makes optimizer.lr its largest rate (the fine-tuning defaults kept), so the
+    resolved job `vitpipe validate` prints is one vitpipe accepts, with the same rates."""
+    job = write(tmp_path, GOOD_JOB.replace("targets: [digits]", f"targets: [digits]\n  lr_sweep: {sweep}"))
+    printed = json.loads(validated(job, check_inputs=False).split("\n", 1)[1])
+    optimizer = printed["finetune"]["optimizer"]
+    assert (optimizer["name"], optimizer["lr"], optimizer["weight_decay"]) == ("sgd", lr, 0.0)
+    (tmp_path / "again").mkdir()
+    again = write(tmp_path / "again", yaml.safe_dump(printed))
+    assert load_config(again).finetune == load_config(job).finetune
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -17,12 +18,15 @@ import torch
 import transformers
 import yaml
 
+from pipeline.config import FinetuneConfig
 from pipeline.preprocess.manifest import MANIFEST_FILE, read_manifest
 from pipeline.ray_session import ray_task_device, task_device
 from pipeline.runner.plan import Overrides, StageOptions, load_plan
 from pipeline.runner.stages import pretrained_weights
 from pipeline.transfer.launch import _refuse_foreign
-from pipeline.transfer.plan import TargetError, check_fits, plan_target
+from pipeline.transfer.plan import TargetError, check_fits, plan_target, plan_transfer
+from pipeline.transfer.report import markdown_table, results_document
+from pipeline.transfer.sweep import choose
 from pipeline.transfer.task import _head_mismatch
 from tests.conftest import REPO, preprocess_to, run_vitpipe
 from vit.config import BiTConfig, ViTConfig
@@ -422,3 +426,117 @@ def test_a_ray_task_without_a_gpu_is_assigned_none_and_computes_on_the_cpu(ray_l
     gpu_ids, device = ray.get(ray.remote(device_of_task).options(num_cpus=1, num_gpus=0).remote())
     assert gpu_ids == []
     assert device == "cpu"
+
+
+def _keep_train(source: str, out: Path, count: Callable[[int], int]) -> str:
+    """A copy of a patch directory whose train split keeps the first `count(label)` images of each class."""
+    shutil.copytree(source, out)
+    manifest = read_manifest(str(out))
+    seen: dict[int, int] = {}
+    kept = 0
+    for name in manifest["splits"]["train"]["files"]:
+        table = pq.read_table(out / name)
+        keep = []
+        for label in table.column("label").to_pylist():
+            seen[label] = seen.get(label, 0) + 1
+            keep.append(seen[label] <= count(label))
+        table = table.filter(keep)
+        pq.write_table(table, out / name)
+        kept += table.num_rows
+    manifest["splits"]["train"]["samples"] = kept
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return str(out)
+
+
+SWEEP = FinetuneConfig(targets=["t"], modes=("pretrained",), lr_sweep=(0.01, 0.03))
+
+
+def test_a_sweep_without_a_validation_split_is_refused_before_any_task(digits_patches, weights, tmp_path):
+    one_each = _keep_train(digits_patches, tmp_path / "one-each", lambda label: 1)
+    plan = plan_transfer(SWEEP, None, {"one-each": one_each}, out=str(tmp_path / "out"), weights=str(weights))
+    assert plan.tasks == []
+    [failure] = plan.failures
+    assert failure["error"].startswith(
+        "target 'one-each': lr_sweep [0.01, 0.03] is chosen on a validation split held out of train, and its "
+        "10 training images (at most 1 of a class) leave none at val_fraction 0.1"
+    )
+    assert "Give each class two or more training images, or fine-tune at one rate" in failure["error"]
+    one_rate = FinetuneConfig(targets=["t"], modes=("pretrained",), optimizer={"name": "sgd", "lr": 0.01})
+    plan = plan_transfer(
+        one_rate, None, {"one-each": one_each}, out=str(tmp_path / "out"), weights=str(weights)
+    )
+    assert ([task.lr for task in plan.tasks], plan.failures) == ([0.01], [])  # one rate needs no choosing
+
+
+def test_a_validation_split_of_one_class_is_warned_of_before_any_task(
+    digits_patches, weights, tmp_path, capsys
+):
+    lopsided = _keep_train(digits_patches, tmp_path / "lopsided", lambda label: 3 if label == 0 else 1)
+    plan = plan_transfer(SWEEP, None, {"lopsided": lopsided}, out=str(tmp_path / "out"), weights=str(weights))
+    assert [task.lr for task in plan.tasks] == [0.01, 0.03]
+    assert (
+        "transfer: warning: target 'lopsided': the validation split lr_sweep [0.01, 0.03] is chosen on holds "
+        "1 image(s) of 1 class(es) (val_fraction 0.1 of 12 training images (at most 3 of a class)), too few "
+        "to tell the rates apart"
+    ) in capsys.readouterr().err
+
+
+def _member(lr: float, val_top1: float | None, images: int = 20, classes: int = 10) -> dict:
+    """A sweep member's result, as a task returns it (the fields the choice reads)."""
+    return {
+        "target": "t",
+        "mode": "pretrained",
+        "lr": lr,
+        "val_top1": val_top1,
+        "val_samples": images,
+        "val_classes": classes,
+        "per_class": {str(label): 0.5 for label in range(10)},
+        "top1": 0.5,
+        "best_step": 4,
+        "steps": 4,
+        "seconds": 1.0,
+        "fewshot": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("members", "lr", "chosen_by", "warning"),
+    [
+        ([_member(0.01, 0.5), _member(0.03, 0.7)], 0.03, "val_top1", None),
+        (
+            [_member(0.001, 0.4), _member(0.01, 0.7), _member(0.03, 0.7)],
+            0.01,
+            "tie: val_top1 70.0% at lr 0.01, 0.03; the lowest of them",
+            None,
+        ),
+        (
+            [_member(0.01, 0.5), _member(0.03, 0.5)],
+            0.01,
+            "tie: val_top1 50.0% at every rate; the lowest rate",
+            "every rate scored the same on the validation split (20 image(s) of 10 class(es))",
+        ),
+        (
+            [_member(0.01, 1.0, 1, 1), _member(0.03, 1.0, 1, 1)],
+            0.01,
+            "tie: val_top1 100.0% at every rate; the lowest rate",
+            "the validation split holds 1 image(s) of 1 class(es), too few to tell the rates apart",
+        ),
+        (
+            [_member(0.01, None, 0, 0), _member(0.03, None, 0, 0)],
+            0.01,
+            "no validation score: the lowest rate",
+            "the validation split holds 0 image(s) of 0 class(es), too few to tell the rates apart",
+        ),
+    ],
+)
+def test_the_chosen_rate_says_how_it_was_chosen_and_warns_when_validation_could_not_tell(
+    members, lr, chosen_by, warning
+):
+    result = choose(members)
+    assert (result["lr"], result["lr_chosen_by"]) == (lr, chosen_by)
+    assert (warning is None) == (result["lr_choice_warning"] is None)
+    if warning is not None:
+        assert warning in result["lr_choice_warning"]
+        table = markdown_table(results_document([result], [], {"name": "x", "evaluate": None}))
+        assert "**—**" not in table  # no score is never shown as the best one
+        assert f"- t / pretrained: warning: {warning}" in table

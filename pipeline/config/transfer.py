@@ -4,6 +4,7 @@ evaluation and the analyses."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -46,7 +47,8 @@ class FinetuneConfig(Section):
     optimizer: OptimizerSection = Optimizer(name="sgd", lr=0.03, weight_decay=0.0)
     # The learning rates fine-tuned at, each its own task; the one of best validation top-1 is reported
     # (its test accuracy, never the test split's best). Default: the paper's sweep, or the one rate of
-    # `optimizer.lr` when the job sets it.
+    # `optimizer.lr` when the job sets it. Each task trains at its own rate, whatever `optimizer.lr` says
+    # (set alone, `lr_sweep` makes it its largest rate).
     lr_sweep: tuple[PositiveFloat, ...] = Field(PAPER_FINETUNE_LRS, min_length=1)
     schedule: ScheduleSection = Schedule(warmup_steps=50)
     label_smoothing: UnitFraction = 0.0
@@ -72,14 +74,15 @@ class FinetuneConfig(Section):
     @classmethod
     def _one_lr_or_a_sweep(cls, data: Any) -> Any:
         """`optimizer.lr` alone is a sweep of that one rate. Beside `lr_sweep` it must be one of its rates
-        (a saved config holds both); any other is a contradiction."""
+        (a saved config holds both); any other is a contradiction. `lr_sweep` alone sets `optimizer.lr`
+        to its largest rate, so the resolved section (`vitpipe validate`, results.json) loads back."""
         if not isinstance(data, dict):
             return data
         optimizer = data.get("optimizer")
         lr = optimizer.get("lr") if isinstance(optimizer, dict) else getattr(optimizer, "lr", None)
         sweep = data.get("lr_sweep")
         if lr is None:
-            return data
+            return _with_sweep_lr(data, optimizer, sweep)
         if sweep is None:
             return {**data, "lr_sweep": [lr]}
         if isinstance(sweep, (list, tuple)) and lr not in sweep:
@@ -127,6 +130,22 @@ class FinetuneConfig(Section):
         """This section for one member of the sweep: fine-tuning at `lr` alone."""
         optimizer = dataclasses.replace(self.optimizer, lr=lr)
         return self.model_copy(update={"optimizer": optimizer, "lr_sweep": (lr,)})
+
+
+def _with_sweep_lr(data: dict[str, Any], optimizer: Any, sweep: Any) -> dict[str, Any]:
+    """`data` with `optimizer.lr` the largest rate of `sweep` (the section's default optimizer otherwise
+    kept); unchanged when there is no sweep or it is not a list of positive numbers (the field says so)."""
+    numbers = isinstance(sweep, list | tuple) and all(
+        isinstance(rate, int | float) and not isinstance(rate, bool) and math.isfinite(rate) and rate > 0
+        for rate in sweep
+    )
+    if not numbers or not sweep:
+        return data
+    if "optimizer" not in data:
+        optimizer = dataclasses.asdict(FinetuneConfig.model_fields["optimizer"].default)
+    if not isinstance(optimizer, dict):
+        return data
+    return {**data, "optimizer": {**optimizer, "lr": float(max(sweep))}}
 
 
 class EvaluateConfig(Section):

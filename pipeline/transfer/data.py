@@ -18,6 +18,7 @@ from pipeline.storage import resolve
 from vit.evaluate import Batch
 
 SHUFFLE_WINDOW_BYTES = 256 * 1024**2
+VALIDATION_BYTES = 1024**3  # the validation hold-out is held in memory, at most this much of it
 
 
 class SplitReader:
@@ -126,17 +127,28 @@ class SplitReader:
             epoch += 1
 
 
+def holdout_sizes(counts: np.ndarray, fraction: float, max_rows: int | None = None) -> np.ndarray:
+    """How many rows of each class (`counts`: its rows) a validation hold-out takes: `fraction` of them,
+    at least one of a class with two or more rows and none of a class with one; `fraction` is lowered so
+    that about `max_rows` are taken in all."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if fraction <= 0:
+        return np.zeros(len(counts), np.int64)
+    if max_rows is not None:
+        fraction = min(fraction, max_rows / max(1, int(counts.sum())))
+    return np.array([max(0, min(n - 1, max(1, round(fraction * n)))) for n in counts], np.int64)
+
+
 def holdout(labels: np.ndarray, fraction: float, seed: int, max_rows: int | None = None) -> np.ndarray:
-    """Row numbers of a validation hold-out: `fraction` of every class (at least one of a class with two
-    or more rows; at most `max_rows` in all), so the best weights are chosen without the test split."""
+    """Row numbers of a validation hold-out of `holdout_sizes` rows of every class, drawn with `seed`, so
+    the best weights are chosen without the test split."""
     if fraction <= 0:
         return np.empty(0, np.int64)
-    if max_rows is not None:
-        fraction = min(fraction, max_rows / max(1, len(labels)))
+    classes, counts = np.unique(labels, return_counts=True)
+    sizes = holdout_sizes(counts, fraction, max_rows)
     rng = np.random.default_rng(seed)
-    chosen = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        count = min(len(members) - 1, max(1, round(fraction * len(members))))
-        chosen.append(rng.permutation(members)[:count])
+    chosen = [
+        rng.permutation(np.flatnonzero(labels == label))[:size]
+        for label, size in zip(classes, sizes, strict=True)
+    ]
     return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, np.int64)

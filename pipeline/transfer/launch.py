@@ -4,6 +4,7 @@ results gathered as they finish. A target that fails is reported beside the othe
 
 from __future__ import annotations
 
+import posixpath
 import tempfile
 import time
 from dataclasses import dataclass
@@ -16,10 +17,11 @@ import ray
 from pipeline.console import detail, say
 from pipeline.metrics import METRICS_FILE
 from pipeline.ray_session import check_resources, connect_ray, task_error
-from pipeline.storage import join, publish_folder, remove_folder, resolve
+from pipeline.storage import join, publish_folder, remove_entries, remove_folder, resolve
 from pipeline.tracking import OFF, StepLogger, TrackingTarget, end, open_child
 from pipeline.transfer.plan import TransferPlan, TransferTask
 from pipeline.transfer.report import RESULTS_MD, write_results
+from pipeline.transfer.reuse import reusable, run_keys
 from pipeline.transfer.sweep import choose, is_member_folder, member_folder, write_group_result
 from pipeline.transfer.task import RESULT_FILE, TaskSettings, transfer_task
 
@@ -63,17 +65,21 @@ def _refuse_foreign(folder: str) -> None:
 
 
 def transfer(
-    plan: TransferPlan, *, name: str = "", address: str | None = None, tracking: TrackingTarget = OFF
+    plan: TransferPlan,
+    *,
+    name: str = "",
+    address: str | None = None,
+    tracking: TrackingTarget = OFF,
+    reuse: bool = False,
 ) -> TransferResult:
     """Run every task of `plan` (from `plan_transfer`: fine-tune, or only evaluate, every target in every
-    mode) and write the results into `plan.out`; each (target, mode) is a child run of `tracking`."""
+    mode) and write the results into `plan.out`; each (target, mode) is a child run of `tracking`. With
+    `reuse` (not a forced redo), a member of a sweep finished earlier with its same settings (`reuse.py`)
+    is taken as it is, not trained again."""
     results: list[dict[str, Any]] = []
     failures = list(plan.failures)
     if plan.tasks:
-        connect_ray(address)
-        remedy = "lower cpus_per_task or gpus_per_task, or add bigger nodes"
-        check_resources(plan.needs(), "finetune: a task", remedy, per_node=True)
-        results, task_failures = _run_tasks(plan, tracking)
+        results, task_failures = _run_tasks(plan, address, tracking, reuse)
         failures += task_failures
     with tempfile.TemporaryDirectory(prefix="vitpipe-results-") as scratch:
         document = write_results(Path(scratch) / "results", results, failures, plan.settings(name))
@@ -82,20 +88,56 @@ def transfer(
     return TransferResult(plan.out, document, table)
 
 
+Member = tuple[str, str, float | None]  # (target, mode, rate) of a task
+
+
 def _run_tasks(
-    plan: TransferPlan, tracking: TrackingTarget = OFF
+    plan: TransferPlan, address: str | None, tracking: TrackingTarget, reuse: bool
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Submit every task, collect each as it finishes, then each (target, mode)'s result: its member of
-    best validation top-1 (`sweep.choose`). A failed task becomes a failure entry; a (target, mode) is
-    reported from the members that finished."""
+    """Submit every task not kept from an earlier command, collect each as it finishes, then each
+    (target, mode)'s result: its member of best validation top-1 (`sweep.choose`). A failed task becomes
+    a failure entry; a (target, mode) is reported from the members that finished."""
+    for target, mode in plan.groups():
+        _refuse_foreign(join(plan.out, target.name, mode))
+    keys = run_keys(plan)
+    kept = reusable(plan, keys) if reuse else {}
+    parents = _open_groups(plan, tracking, kept)
+    todo = [task for task in plan.tasks if (task.target.name, task.mode, task.lr) not in kept]
+    if kept:
+        say(
+            f"transfer: {len(kept)} of {len(plan.tasks)} run(s) kept from an earlier command with the same "
+            f"settings; {len(todo)} to run"
+        )
+    members, failures = list(kept.values()), []
+    if todo:
+        connect_ray(address)
+        remedy = "lower cpus_per_task or gpus_per_task, or add bigger nodes"
+        check_resources(plan.needs(), "finetune: a task", remedy, per_node=True)
+        pending: dict[Any, tuple[str, str, float | None, TrackingTarget]] = {}
+        for task in todo:
+            key = keys.get((task.target.name, task.mode, task.lr))
+            member = _member_settings(plan, task, parents[task.target.name, task.mode], key)
+            pending[_submit(member, plan)] = (task.target.name, task.mode, task.lr, member.tracking)
+        detail(f"transfer: {len(pending)} task(s) submitted")
+        finished, failures = _gather(pending)
+        members += finished
+    return _group_results(plan, parents, members, set(kept)), failures
+
+
+def _open_groups(
+    plan: TransferPlan, tracking: TrackingTarget, kept: dict[Member, dict[str, Any]]
+) -> dict[tuple[str, str], TrackingTarget]:
+    """Each (target, mode)'s folder started afresh but for the member folders kept, and its tracking run."""
     parents: dict[tuple[str, str], TrackingTarget] = {}
     for target, mode in plan.groups():
         group = join(plan.out, target.name, mode)
-        _refuse_foreign(group)
-    pending: dict[Any, tuple[str, str, float | None, TrackingTarget]] = {}
-    for target, mode in plan.groups():
-        group = join(plan.out, target.name, mode)
-        remove_folder(group)  # a new command starts afresh; a retried task appends to its log
+        keep = {
+            posixpath.basename(member_folder(group, lr)) for t, m, lr in kept if (t, m) == (target.name, mode)
+        }
+        if keep:
+            remove_entries(group, lambda entry, keep=keep: entry not in keep)
+        else:
+            remove_folder(group)  # a retried task appends to its log
         params = {
             "target": target.name,
             "mode": mode,
@@ -106,28 +148,40 @@ def _run_tasks(
         parents[target.name, mode] = open_child(
             tracking, f"{target.name}/{mode}", f"{target.name}/{mode}", params
         )
-    for task in plan.tasks:
-        member = _member_settings(plan, task, parents[task.target.name, task.mode])
-        pending[_submit(member, plan)] = (task.target.name, task.mode, task.lr, member.tracking)
-    detail(f"transfer: {len(pending)} task(s) submitted")
-    members, failures = _gather(pending)
+    return parents
+
+
+def _group_results(
+    plan: TransferPlan,
+    parents: dict[tuple[str, str], TrackingTarget],
+    members: list[dict[str, Any]],
+    kept: set[Member],
+) -> list[dict[str, Any]]:
+    """Each (target, mode)'s result from its finished members (the chosen rate of a sweep), written beside
+    them; a warning for a choice its validation split could not make."""
     results = []
     for (target, mode), parent in parents.items():
         finished = [r for r in members if (r["target"], r["mode"]) == (target, mode)]
         if not finished:
             end(parent, "FAILED")
             continue
-        result = choose(finished) if plan.train else finished[0]
-        if plan.train:
-            write_group_result(join(plan.out, target, mode), result)
-            _track_choice(parent, result)
+        if not plan.train:
+            results.append(finished[0])
+            continue
+        result = choose(finished, reused={lr for t, m, lr in kept if (t, m) == (target, mode)})
+        if result.get("lr_choice_warning"):
+            say(f"transfer: warning: {target}/{mode}: {result['lr_choice_warning']}", err=True)
+        write_group_result(join(plan.out, target, mode), result)
+        _track_choice(parent, result)
         results.append(result)
-    return results, failures
+    return results
 
 
-def _member_settings(plan: TransferPlan, task: TransferTask, parent: TrackingTarget) -> TaskSettings:
-    """One task's settings: the sweep's member at its rate in its own folder and tracking run (evaluating
-    alone, rate None: the group's folder and run)."""
+def _member_settings(
+    plan: TransferPlan, task: TransferTask, parent: TrackingTarget, run_key: str | None = None
+) -> TaskSettings:
+    """One task's settings: the sweep's member at its rate in its own folder and tracking run, with its
+    run key (evaluating alone, rate None: the group's folder and run)."""
     group = join(plan.out, task.target.name, task.mode)
     common = (
         task.target,
@@ -143,7 +197,7 @@ def _member_settings(plan: TransferPlan, task: TransferTask, parent: TrackingTar
         return TaskSettings(*common, group, parent)
     lr = task.lr
     tracking = open_child(parent, f"lr={lr:g}", f"{task.target.name}/{task.mode}/lr={lr:g}", {"lr": lr})
-    return TaskSettings(*common, member_folder(group, lr), tracking, task.probe)
+    return TaskSettings(*common, member_folder(group, lr), tracking, task.probe, run_key)
 
 
 def _submit(settings: TaskSettings, plan: TransferPlan) -> Any:

@@ -18,7 +18,7 @@ from pipeline.config import AnyModel, EvaluateConfig, FinetuneConfig
 from pipeline.console import detail, say
 from pipeline.preprocess.manifest import manifest_classes, manifest_geometry, read_manifest
 from pipeline.storage import absolute, local_folder, resolve
-from pipeline.transfer.data import SplitReader
+from pipeline.transfer.data import VALIDATION_BYTES, SplitReader, holdout_sizes
 from vit.config import Architecture
 from vit.patches import PatchGeometry, misfits
 from vit.recipe import BatchSplit, Recipe
@@ -42,6 +42,7 @@ class TargetPlan:
     train_samples: int
     test_samples: int
     image_size: int | None = None  # what the model fine-tunes at (finetune.image_size); None: as stored
+    class_counts: tuple[int, ...] = ()  # training images of each class
 
     @property
     def model_geometry(self) -> PatchGeometry:
@@ -104,6 +105,7 @@ def _plan(name: str, directory: str) -> TargetPlan:
         classes=classes,
         train_samples=len(train_labels),
         test_samples=len(test_labels),
+        class_counts=tuple(np.bincount(train_labels, minlength=len(classes)).tolist()),
     )
 
 
@@ -127,6 +129,35 @@ def check_fits(target: TargetPlan, architecture: Architecture, source: str) -> N
             + "; ".join(problems)
             + f". Preprocess it with {wanted}"
         )
+
+
+def check_validation(target: TargetPlan, finetune: FinetuneConfig) -> str | None:
+    """The validation split a sweep's rate is chosen on (`holdout_sizes` of the training images), before
+    any task: none at all is a TargetError; one too small to tell rates apart (one image, or one class of
+    several) is a warning, returned. A single rate needs none."""
+    rates, fraction = list(finetune.lr_sweep), finetune.val_fraction
+    if len(rates) < 2:
+        return None
+    max_rows = VALIDATION_BYTES // target.geometry.sample_bytes
+    sizes = holdout_sizes(np.array(target.class_counts, np.int64), fraction, max_rows)
+    images, classes = int(sizes.sum()), int(np.count_nonzero(sizes))
+    most = max(target.class_counts, default=0)
+    train = f"{target.train_samples:,} training images (at most {most} of a class)"
+    if images == 0:
+        raise TargetError(
+            f"target {target.name!r}: lr_sweep {rates} is chosen on a validation split held out of train, "
+            f"and its {train} leave none at val_fraction {fraction:g} (a class gives one only when it has "
+            "two or more). Give each class two or more training images, or fine-tune at one rate "
+            "(optimizer.lr without lr_sweep)"
+        )
+    if images < 2 or (classes < 2 and len(target.classes) > 1):
+        return (
+            f"target {target.name!r}: the validation split lr_sweep {rates} is chosen on holds {images} "
+            f"image(s) of {classes} class(es) (val_fraction {fraction:g} of {train}), too few to tell the "
+            "rates apart (a tie goes to the lowest rate). Give each class two or more training images, "
+            "or fine-tune at one rate"
+        )
+    return None
 
 
 def target_architecture(architecture: Architecture, target: TargetPlan) -> Architecture:
@@ -243,6 +274,7 @@ def plan_transfer(
         model=model,
         modes=modes,
         image_size=finetune.image_size,
+        sweep=finetune if train else None,
     )
     rates = finetune.lr_sweep if train else (None,)
     tasks = [
@@ -281,10 +313,12 @@ def plan_runs(
     model: AnyModel | None,
     modes: tuple[str, ...],
     image_size: int | None = None,
+    sweep: FinetuneConfig | None = None,
 ) -> tuple[list[tuple[TargetPlan, str, Architecture]], list[dict[str, Any]]]:
     """(target, mode, architecture) of every run that can start, and a failure for each that cannot.
 
-    The architecture is the weights' (`architecture`), else the one `model` describes for the target.
+    The architecture is the weights' (`architecture`), else the one `model` describes for the target;
+    `sweep`, when fine-tuning, the section whose rates are chosen on each target's validation split.
     """
     runs, failures = [], []
     for name, directory in targets.items():
@@ -292,11 +326,14 @@ def plan_runs(
             target = plan_target(name, directory, image_size)
             fitted = architecture if architecture is not None else _model_for(model, target)
             check_fits(target, fitted, weights or "the model config")
+            warning = check_validation(target, sweep) if sweep is not None else None
         except TargetError as error:
             failures.extend({"target": name, "mode": mode, "error": str(error)} for mode in modes)
             say(f"transfer: skipping {error}", err=True)
             continue
         detail(f"transfer: {target.describe()}")
+        if warning:
+            say(f"transfer: warning: {warning}", err=True)
         for mode in modes:
             if mode == "pretrained":
                 runs.append((target, mode, fitted))  # the checkpoint's own, adapted in the task

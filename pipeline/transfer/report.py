@@ -128,9 +128,17 @@ def _sweep_table(results: list[dict[str, Any]]) -> str:
     for r in results:
         scores = {entry["lr"]: entry.get("val_top1") for entry in r["lr_sweep"]}
         cells = [_percent(scores.get(lr)) if lr in scores else "" for lr in rates]
-        cells = [f"**{cell}**" if lr == r["lr"] else cell for lr, cell in zip(rates, cells, strict=True)]
+        cells = [
+            f"**{cell}**" if lr == r["lr"] and scores.get(lr) is not None else cell
+            for lr, cell in zip(rates, cells, strict=True)
+        ]
         lines.append(f"| {r['target']} | {r['mode']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    notes = [
+        f"- {r['target']} / {r['mode']}: warning: {r['lr_choice_warning']}"
+        for r in results
+        if r.get("lr_choice_warning")
+    ]
+    return "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "")
 
 
 def _fewshot_table(results: list[dict[str, Any]], shots: list[int], seeds: int) -> str:
@@ -197,7 +205,8 @@ def plot_results(document: dict[str, Any], out: Path) -> Path:
             axis.set_ylim(0, 1.05)
             axis.set_title(name)
             axis.set_ylabel("accuracy")
-        axes[0][0].legend(loc="lower right")
+        # Right of the last panel, outside every axes: inside one, the legend sits on bars (they reach 1.0).
+        axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), title="mode")
     return out
 
 

@@ -27,7 +27,7 @@ from pipeline.metrics import MetricsLog, ProgressLine
 from pipeline.ray_session import ray_task_device
 from pipeline.storage import local_folder, publish_folder
 from pipeline.tracking import OFF, StepLogger, TrackingTarget, end, log_artifacts
-from pipeline.transfer.data import SplitReader, holdout
+from pipeline.transfer.data import VALIDATION_BYTES, SplitReader, holdout
 from pipeline.transfer.plan import TEST_SPLIT, TRAIN_SPLIT, TargetPlan, target_architecture
 from pipeline.transfer.report import plot_confusion
 from vit.build import build_model
@@ -45,9 +45,9 @@ if TYPE_CHECKING:  # the task receives these sections as values; it never loads 
     from pipeline.config import EvaluateConfig, FinetuneConfig
 
 RESULT_FILE = "result.json"
+RUN_KEY = "run_key"  # in a member's result.json: the key of the settings it was trained with
 CONFUSION_PLOT = "confusion.png"
 MODEL_DIR = "model"
-VALIDATION_BYTES = 1024**3  # the validation hold-out is held in memory, at most this much of it
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ class TaskSettings:
     out: str
     tracking: TrackingTarget = OFF  # this task's tracking run
     probe: bool = True  # run the few-shot probe of the starting weights (one task of a sweep does)
+    run_key: str | None = None  # what defines this one run (`reuse.run_key`), kept in its result.json
 
     @property
     def label(self) -> str:
@@ -120,6 +121,8 @@ def _run(settings: TaskSettings) -> dict[str, Any]:
         "bf16": bf16,
         "tf32": tf32,
     }
+    if settings.run_key is not None:
+        result[RUN_KEY] = settings.run_key
     model = probe_model
     if settings.train:
         del probe_model
@@ -299,6 +302,7 @@ def _finetune(
         "best_step": outcome.best_step,
         "val_top1": outcome.best_score,
         "val_samples": len(held_out),
+        "val_classes": len(np.unique(labels[held_out])),
         "train_samples": len(labels) - len(held_out),
         "trainable_parameters": trainable or sum(p.numel() for p in model.parameters() if p.requires_grad),
         "finetune_seconds": outcome.seconds,
