@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -129,6 +130,24 @@ def test_sigint_checkpoints_the_step_and_a_relaunch_on_other_settings_continues_
         after[0],
     )
     assert json.loads((run_dir / "export" / "export.json").read_text())["step"] == stopped + 4
+
+
+def test_a_driver_started_with_sigint_ignored_takes_sigint_once_it_honours_interrupts():
+    """`vitpipe run JOB &` from a script starts vitpipe with SIGINT ignored (the shell's rule for background
+    jobs): honour_interrupts gives it Python's KeyboardInterrupt back, which a plain process lacks."""
+    body = "os.kill(os.getpid(), signal.SIGINT); time.sleep(0.5); print('trained on')"
+    imports = "import os, signal, time; from pipeline.pretrain.control import honour_interrupts; "
+    for call, interrupted in (("", False), ("honour_interrupts(); ", True)):
+        result = subprocess.run(
+            [sys.executable, "-c", imports + call + body],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        )
+        assert ("KeyboardInterrupt" in result.stderr) == interrupted, result.stderr
+        assert ("trained on" in result.stdout) != interrupted
 
 
 def test_a_run_directory_of_another_model_is_refused(zero2_run, fractal_patches):

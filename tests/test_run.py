@@ -22,6 +22,9 @@ from tensorboard.backend.event_processing.event_multiplexer import EventMultiple
 
 from pipeline.cli import main
 from pipeline.metrics import read_records
+from pipeline.runner.execute import _failed, _Started
+from pipeline.runner.plan import load_plan
+from pipeline.runner.stages import RunContext
 from pipeline.runner.status import run_status
 from tests.conftest import REPO, VITPIPE
 from vit.weights import load_pretrained
@@ -392,6 +395,30 @@ def test_a_changed_setting_or_a_forced_stage_redoes_only_what_depends_on_it(ray_
     assert statuses(run) == {"datasets:digits": "cached"}
     (side,) = [name for name in os.listdir(run / "stages") if name.startswith("finetune.out-")]
     assert json.loads((run / "stages" / side).read_text())["status"] == "failed"
+
+
+def test_a_failed_steps_error_is_one_line_without_colour_codes_in_its_record_and_on_the_console(
+    tmp_path, capsys
+):
+    """An error that carries a Ray task's coloured traceback: the record (which report.md's tables read)
+    and the console get one line without escape codes; the stage's log keeps the traceback."""
+    plan = load_plan(REPO / "jobs" / "smoke.yaml", str(tmp_path / "run"))
+    step = plan.steps[0]
+    for folder in (plan.layout.stages, plan.layout.logs):
+        Path(folder).mkdir(parents=True)
+    raised = RuntimeError(
+        '\x1b[36mray::point()\x1b[39m (pid=7, ip=10.0.0.1)\n  File "launch.py", line 9, in run_point\n'
+        "    raise\nValueError: /runs/x: has trained 32 steps"
+    )
+    report = _failed(RunContext(plan, None), _Started(step, "k", {}, {}, False, False), raised)
+    expected = "RuntimeError: ray::point() (pid=7, ip=10.0.0.1) ValueError: /runs/x: has trained 32 steps"
+    assert report.note == expected
+    assert record(tmp_path / "run", step.id)["error"] == expected
+    said = capsys.readouterr().err
+    assert re.search(rf"\[run\] {step.id}: FAILED after \S+: {re.escape(expected)} \(traceback in ", said)
+    log = (Path(plan.layout.logs) / f"{step.stage}.log").read_text()
+    assert 'File "launch.py", line 9' in log
+    assert "\x1b" not in log
 
 
 def test_a_failed_step_stops_the_run_and_is_retried_by_the_next(ray_local, tmp_path, capsys):

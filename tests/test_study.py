@@ -5,8 +5,11 @@ apart from the others, a rerun redoing only what is missing, then fully cached).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +26,16 @@ from pipeline.cli import main
 from pipeline.config import ConfigError
 from pipeline.metrics import read_records
 from pipeline.preprocess.manifest import patch_files
+from pipeline.pretrain.control import start_control, stop_on_signals
+from pipeline.pretrain.plan import plan_pretrain
 from pipeline.runner.execute import point_steps
 from pipeline.runner.plan import RunOptions, load_plan
-from pipeline.study.launch import PointSettings, _pretrain
+from pipeline.runner.records import write_record
+from pipeline.runner.stages import collect_study_point, finished_points
+from pipeline.study.launch import PointSettings, _pretrain, run_point
 from pipeline.study.plan import SCRATCH, Point, point_finetune, point_model, point_pretrain, study_job
 from pipeline.study.report import write_study_results
+from pipeline.study.slots import PretrainSlots
 from pipeline.study.subsets import draw_subsets, read_subset
 from tests.conftest import REPO, VITPIPE
 from vit.flops import train_flops
@@ -271,6 +279,108 @@ def test_a_forced_point_discards_its_own_pretraining_run_first_and_nothing_else(
             _pretrain(settings)
         assert (storage / "pretrain" / "checkpoint_00000016").is_dir() != clear
         assert (storage / "pretrain" / "notes.txt").read_text() == "mine"
+
+
+def point_settings_for(tmp_path: Path, point: Point, corpus: str, subset: str, **changes) -> PointSettings:
+    """The settings a point's task receives, for a smoke study run in `tmp_path/run`."""
+    study = study_job(load_plan(SMOKE, str(tmp_path / "run")).job, str(SMOKE))
+    settings = {
+        "point": point,
+        "model": point_model(study, point),
+        "pretrain": point_pretrain(study, point) if point.pretrained else None,
+        "corpus": corpus,
+        "subset": subset if point.pretrained else None,
+        "storage": str(tmp_path / "point"),
+        "finetune": point_finetune(study, point),
+        "evaluate": None,
+        "targets": {},
+        "out": str(tmp_path / "out" / point.name),
+        "clear": False,
+    }
+    return PointSettings(**(settings | changes))
+
+
+def test_the_first_stop_signal_asks_every_started_points_control_to_stop_and_a_second_stops_at_once(
+    ray_local, capsys
+):
+    """What the driver of a study holds while its points run (their Ray tasks receive no signal): the first
+    SIGTERM (or SIGINT) asks the RunControl of every point started so far, one started after the context
+    was entered included, to stop, and says so in one line; the second interrupts at once."""
+    controls = {"first": start_control()}
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals(controls.values(), "study", "each point checkpoints its step") as received:
+        controls["second"] = start_control()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert received == [signal.SIGTERM]
+        assert ray.get([control.stop_requested.remote() for control in controls.values()]) == [True, True]
+        with pytest.raises(KeyboardInterrupt, match="stopped at once by a second SIGINT"):
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs as the call returns
+    assert signal.getsignal(signal.SIGTERM) == before
+    said = capsys.readouterr().err
+    assert "study: SIGTERM: each point checkpoints its step (SIGTERM again to stop at once" in said
+
+
+def test_a_point_asked_to_stop_starts_no_more_work_and_says_where_it_stopped(ray_local, tmp_path):
+    """A point asked to stop as it waited for its pretraining slot returns before it reads anything (its
+    subset here does not exist), releasing the slot; a scratch point before it fine-tunes."""
+    control, slots = start_control(), PretrainSlots.remote(1)
+    ray.get(control.request_stop.remote())
+    missing = str(tmp_path / "missing.json")
+    pretrained = point_settings_for(tmp_path, Point(100, "vit", 0), "corpus", missing, control=control)
+    assert run_point(pretrained, slots) == {
+        "point": "n0000000100-vit-seed0",
+        "stopped": "stopped on request before pretraining",
+    }
+    ray.get(slots.acquire.remote(), timeout=10)  # released
+    scratch = point_settings_for(tmp_path, Point(SCRATCH, "bit", 0), "corpus", missing, control=control)
+    assert run_point(scratch)["stopped"] == "stopped on request before fine-tuning"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_point_is_what_its_task_raised_in_one_line_not_rays_coloured_traceback(ray_local):
+    refusal = "/runs/s/study/p/pretrain: has trained 32 steps, beyond the budget of 16; raise ..."
+
+    @ray.remote
+    def point() -> None:
+        raise ValueError(refusal)
+
+    with pytest.raises(ValueError, match="beyond the budget") as caught:
+        collect_study_point(point.remote())
+    assert str(caught.value) == refusal  # Ray's own: "\x1b[36mray::point()\x1b[39m (pid=...)\n  File ..."
+    assert "ray::point()" in str(caught.value.__cause__)  # the traceback, for the stage's log
+
+
+def test_a_point_trained_beyond_the_studys_budget_is_refused_with_advice_for_that_point(
+    fractal_patches, tmp_path
+):
+    """A point's run resumed on a smaller study budget than it reached (the study's steps raised, then set
+    back): the advice is the study's (its budget, or the point redone), not `vitpipe export` of a run."""
+    point = Point(100, "vit", 0)
+    subset = draw_subsets(fractal_patches, "train", (100,), 0, str(tmp_path / "subsets"))[100]
+    settings = point_settings_for(tmp_path, point, fractal_patches, subset)
+    plan = plan_pretrain(settings.pretrain, fractal_patches, read_subset(subset).rows)
+    checkpoint = tmp_path / "point" / "pretrain" / "checkpoint_00000024"
+    checkpoint.mkdir(parents=True)
+    meta = {"step": 24, "tag": "step00000024", "vit": plan.architecture.to_dict(), "defines": plan.identity}
+    (checkpoint / "vitpipe.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="beyond the budget") as refused:
+        _pretrain(settings)
+    message = str(refused.value)
+    assert "has trained 24 steps, beyond the budget of 16; raise the study's steps (or epochs)" in message
+    assert message.endswith("or redo the point with --force study --point n0000000100-vit-seed0")
+    assert "vitpipe export" not in message
+
+
+def test_the_analyses_read_only_points_whose_record_says_done(tmp_path):
+    """A point that fails after an earlier run finished it keeps that run's point.json: its record, not
+    the file, says whether this run's analyses take its models."""
+    plan = load_plan(SMOKE, str(tmp_path / "run"))
+    points = [step for step in plan.steps if step.stage == "study" and step.concurrent]
+    for step, status in zip(points[:3], ("done", "failed", "running"), strict=True):
+        Path(step.output).mkdir(parents=True)
+        (Path(step.output) / "point.json").write_text("{}")
+        write_record(plan.layout.stages, step.id, {"key": "k", "status": status, "fingerprint": "f"})
+    assert finished_points(plan) == [(points[0].item, points[0].output)]
 
 
 def assert_hf_bit_export_agrees(vitpipe_folder: Path, hf_folder: Path) -> None:
@@ -549,3 +659,65 @@ def test_the_studys_answer_is_computed_from_its_curves():
     assert top1["vit_vs_bit"]["crossover_at"] is None
     assert "extrapolated_crossover_images" not in top1["vit_vs_bit"]  # the ViT's line is not steeper
     assert "ViT catches BiT at 100,000 images" in sentences(found)[0]
+
+
+@pytest.mark.slow
+def test_a_signalled_study_point_checkpoints_its_step_says_how_to_go_on_and_resumes_there(
+    ray_local, tmp_path
+):
+    """SIGINT to `vitpipe run JOB --point P` as the point pretrains: its workers checkpoint the step they
+    reached and the run exits 130 saying so and how to continue; the point's record is not "failed", and
+    the relaunch resumes at that step. Set back to the smoke's 16 steps, the point (now past them) is refused
+    in one line without colour codes, advising the study's ways, not `vitpipe export`."""
+    name = "n0000000100-vit-seed0"
+    job = yaml.safe_load(SMOKE.read_text())
+    job["study"]["steps"] = 5000
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(job))
+    run, pretraining = tmp_path / "run", tmp_path / "run" / "study" / name / "pretrain"
+    address = ray.get_runtime_context().gcs_address
+    command = [*VITPIPE, "run", str(path), "--run-dir", str(run), "--address", address, "--point", name]
+    with (tmp_path / "stderr.txt").open("w+") as stderr:
+        first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + 600
+        while not list(pretraining.glob("checkpoint_0*/vitpipe.json")) and time.monotonic() < deadline:
+            assert first.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+            time.sleep(0.5)
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=300) == 130, (tmp_path / "stderr.txt").read_text()[-3000:]
+        said = (tmp_path / "stderr.txt").read_text()
+    stopped = next(r["step"] for r in read_records(str(pretraining)) if r.get("event") == "stopped")
+    assert f"[run] study:{name}: stopped: pretraining stopped at step {stopped} and checkpointed it" in said
+    assert "vitpipe: study: stopped on request; 1 step(s) stopped where the next run resumes them" in said
+    assert f"continue with: vitpipe {' '.join(command[3:])}" in said
+    assert "Traceback" not in said
+    assert (pretraining / f"checkpoint_{stopped:08d}" / "vitpipe.json").is_file()
+    point_record = json.loads((run / "stages" / f"study.{name}.json").read_text())
+    assert point_record["status"] == "running"  # not failed: the next run resumes it
+    assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+
+    job["study"]["steps"] = stopped + 4
+    path.write_text(yaml.safe_dump(job))
+    again = run_smoke(run, path, "--point", name)
+    assert again.returncode == 0, again.stderr[-3000:]
+    records = read_records(str(pretraining))
+    resumed = [r for r in records if r.get("event") == "resumed"]
+    assert [r["step"] for r in resumed] == [stopped]
+    after = [r["step"] for r in records[records.index(resumed[0]) :] if "loss" in r]
+    assert after[0] > stopped  # none redone
+    assert after[-1] == stopped + 4
+    assert json.loads((run / "study" / name / "point.json").read_text())["steps"] == stopped + 4
+
+    refused = run_smoke(run, SMOKE, "--point", name)
+    assert refused.returncode == 1
+    failed = json.loads((run / "stages" / f"study.{name}.json").read_text())["error"]
+    assert failed == (
+        f"ValueError: {pretraining}: has trained {stopped + 4} steps, beyond the budget of 16; raise the "
+        f"study's steps (or epochs) to go on from there, or redo the point with --force study --point {name}"
+    )
+    assert f"[run] study:{name}: FAILED after" in refused.stderr
+    assert failed in refused.stderr
+    for text in (refused.stdout, refused.stderr):
+        assert "\x1b" not in text
+        assert "Traceback" not in text
+        assert "vitpipe export" not in text

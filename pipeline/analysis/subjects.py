@@ -39,8 +39,9 @@ def run_subjects(pretrain_export: str | None, transfer_out: str | None) -> list[
 
 
 def study_subjects(points: list[tuple[str, str]], vit_models: set[str]) -> list[Subject]:
-    """Every finished point's models, `(point name, folder)` with point.json, those of `vit_models` only (a
-    BiT ResNet has no attention to look at)."""
+    """The models of `points`, `(point name, folder)`, those of `vit_models` only (a BiT ResNet has no
+    attention to look at). The caller gives finished points (their records say done): a point.json that
+    an earlier run left is no proof that this run's point finished."""
     subjects = []
     for name, folder in points:
         summary = _read_json(join(folder, "point.json"))

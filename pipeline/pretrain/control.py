@@ -2,7 +2,8 @@
 a spot notice) asks the workers, through a small Ray actor, to train on to the next log step (where they
 read the device and agree on a stop), checkpoint it and return; a second signal stops at once. The same
 actor carries back how the workers' loop ended (finished, stopped, diverged), which the driver turns into
-its exit and message.
+its exit and message. A study's driver makes one actor per point and asks every running point's (signals
+reach the driver only, never a point's Ray task).
 
 Ray Train's own SIGINT handler aborts the run without a checkpoint; it is installed only when `fit()`
 runs on the main thread, so `fit()` runs on another one here and the main thread keeps the signals.
@@ -14,7 +15,7 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pipeline.console import say
@@ -108,9 +109,12 @@ class StopPoll:
         return self.requested
 
 
-def fit_stoppably(fit: Callable[[], Any], control: Any, watch: Callable[[], None] | None = None) -> Any:
+def fit_stoppably(
+    fit: Callable[[], Any], control: Any, watch: Callable[[], None] | None = None, signals: bool = True
+) -> Any:
     """`fit()` on a thread of its own while this (main) thread turns the first SIGINT/SIGTERM into a stop
-    request and the second into KeyboardInterrupt, and calls `watch` (which may raise to give up on the
+    request and the second into KeyboardInterrupt (unless `signals` is False: a study point's task, whose
+    driver holds the signals and asks its control), and calls `watch` (which may raise to give up on the
     fit) as it waits; returns what `fit` returns, raises what it raises."""
     outcome: dict[str, Any] = {}
 
@@ -121,7 +125,8 @@ def fit_stoppably(fit: Callable[[], Any], control: Any, watch: Callable[[], None
             outcome["error"] = error
 
     thread = threading.Thread(target=run, name="vitpipe-fit", daemon=True)
-    with _stop_on_signals(control):
+    stopping = stop_on_signals([control], "pretrain", WORKERS_STOP) if signals else contextlib.nullcontext()
+    with stopping:
         thread.start()
         while thread.is_alive():
             thread.join(0.2)
@@ -132,21 +137,28 @@ def fit_stoppably(fit: Callable[[], Any], control: Any, watch: Callable[[], None
     return outcome["result"]
 
 
+WORKERS_STOP = "the workers finish this step, checkpoint it and stop"
+
+
 @contextlib.contextmanager
-def _stop_on_signals(control: Any) -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signals reach the main thread only: whoever runs us there handles them
-        return
+def stop_on_signals(controls: Iterable[Any], who: str, what: str) -> Iterator[list[int]]:
+    """While inside, on the main thread: the first SIGINT/SIGTERM asks every RunControl in `controls` (read
+    as the signal comes: a live view of a launch's controls) to stop, and says `what` happens then; the
+    second raises KeyboardInterrupt. Yields the signals received so far (empty until a stop is asked)."""
     received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received  # signals reach the main thread only: whoever runs us there handles them
+        return
 
     def handler(signum: int, _frame: Any) -> None:
         received.append(signum)
         name = signal.Signals(signum).name
         if len(received) == 1:
-            control.request_stop.remote()
+            for control in list(controls):
+                control.request_stop.remote()
             say(
-                f"\npretrain: {name}: the workers finish this step, checkpoint it and stop "
-                f"({name} again to stop at once, losing the steps since the last checkpoint)",
+                f"\n{who}: {name}: {what} ({name} again to stop at once, losing the steps since the last "
+                "checkpoint)",
                 err=True,
             )
             return
@@ -154,7 +166,15 @@ def _stop_on_signals(control: Any) -> Iterator[None]:
 
     previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
-        yield
+        yield received
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def honour_interrupts() -> None:
+    """A process started with SIGINT ignored (`vitpipe run JOB &` from a script: the shell ignores it for
+    background jobs) takes SIGINT as any other: Python's KeyboardInterrupt replaces the inherited SIG_IGN.
+    Call it on the main thread."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -60,18 +60,26 @@ class PretrainResult:
 
 
 def pretrain(
-    plan: PretrainPlan, *, storage: str, name: str, address: str | None = None, tracking: TrackingTarget = OFF
+    plan: PretrainPlan,
+    *,
+    storage: str,
+    name: str,
+    address: str | None = None,
+    tracking: TrackingTarget = OFF,
+    control: Any = None,
 ) -> PretrainResult:
     """Pretrain (or resume) run `storage/name` as `plan` (from `check_pretrain`, which the caller runs
-    first so that a refused run never imports Ray Train or torch) says; rank 0 logs to `tracking`."""
+    first so that a refused run never imports Ray Train or torch) says; rank 0 logs to `tracking`. With
+    `control` (a study point's RunControl), whoever made it takes the signals and asks it to stop."""
     run_dir = join(storage, name)
     say(plan.describe(), err=True)
     say(f"pretrain: TensorBoard: tensorboard --logdir {join(run_dir, TENSORBOARD_DIR)}", err=True)
     connect_ray(address)
     _check_placeable(plan.group)
-    control = start_control()
+    signals = control is None
+    control = start_control() if control is None else control
     while True:  # one fit per worker group: an elastic group that regroups to grow is fitted again
-        result = _fit(plan, name, storage, run_dir, control, tracking)
+        result = _fit(plan, name, storage, run_dir, control, tracking, signals)
         if result.error is not None:
             raise RuntimeError(f"pretrain run {run_dir} failed: {result.error}") from result.error
         end = ray.get(control.end.remote())
@@ -130,13 +138,21 @@ def _check_placeable(group: WorkerGroup) -> None:
         )
 
 
-def _fit(plan: PretrainPlan, name: str, storage: str, run_dir: str, control: Any, tracking: TrackingTarget):
+def _fit(
+    plan: PretrainPlan,
+    name: str,
+    storage: str,
+    run_dir: str,
+    control: Any,
+    tracking: TrackingTarget,
+    signals: bool = True,
+):
     settings = worker_settings(plan, run_dir, control, tracking)
     trainer = _trainer(train_loop, settings, storage, name, control)
     group = plan.group
     watch = MinimumWatch(group, group.elastic_wait_s, control) if group.elastic else None
     with _elastic_start_timeout(group.elastic):
-        return fit_stoppably(trainer.fit, control, watch)
+        return fit_stoppably(trainer.fit, control, watch, signals)
 
 
 # Ray Train waits this long for a group it decided to start before it counts the cluster again; after a

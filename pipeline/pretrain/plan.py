@@ -260,12 +260,13 @@ def check_pretrain(
     run_dir: str,
     rows: Rows | None = None,
     redo: str = "--force pretrain",
+    beyond_budget: str | None = None,
 ) -> PretrainPlan:
     """The plan of run `run_dir` on `directory` (or on `rows` of it), after every check that needs no
     worker: the data, the model for it, and the run folder's checkpoints (a run defined otherwise is
-    refused)."""
+    refused; the refusals advise `redo`, and `beyond_budget` for a run past its budget)."""
     plan = plan_pretrain(config, directory, rows)
-    check_run_matches(run_dir, config, plan, redo)
+    check_run_matches(run_dir, config, plan, redo, beyond_budget)
     return plan
 
 
@@ -316,11 +317,23 @@ def changed_definition(
     return changes
 
 
+# What a plain run trained past its budget may do; a study point's caller says what it may (its budget is the
+# study's, and its transfer reads its own export: an earlier checkpoint exported elsewhere changes nothing).
+BEYOND_BUDGET = (
+    "raise steps (or epochs) to go on, or export an earlier checkpoint (vitpipe export RUN --checkpoint N)"
+)
+
+
 def check_run_matches(
-    run_dir: str, config: PretrainConfig, plan: PretrainPlan | None = None, redo: str = "--force pretrain"
+    run_dir: str,
+    config: PretrainConfig,
+    plan: PretrainPlan | None = None,
+    redo: str = "--force pretrain",
+    beyond_budget: str | None = None,
 ) -> None:
     """A run folder whose checkpoints were trained with other defining settings is refused (resuming
-    would mix two runs), naming each change and the two ways on; so is a budget below the step reached."""
+    would mix two runs), naming each change and the two ways on; so is a budget below the step reached
+    (advising `beyond_budget`, by default BEYOND_BUDGET)."""
     latest = latest_checkpoint(run_dir)
     if latest is None:
         return
@@ -334,8 +347,8 @@ def check_run_matches(
         )
     if plan is not None and plan.total_steps < latest.step:
         raise ValueError(
-            f"{run_dir}: has trained {latest.step:,} steps, beyond the budget of {plan.total_steps:,}; raise "
-            "steps (or epochs) to go on, or export an earlier checkpoint (vitpipe export RUN --checkpoint N)"
+            f"{run_dir}: has trained {latest.step:,} steps, beyond the budget of {plan.total_steps:,}; "
+            + (beyond_budget or BEYOND_BUDGET)
         )
 
 

@@ -23,8 +23,9 @@ import ray  # noqa: TID253 (steps run as Ray tasks; the stages stay lazy)
 import yaml
 
 from pipeline.config import ConfigError
-from pipeline.console import log_to, say, session
+from pipeline.console import ANSI, log_to, say, session
 from pipeline.metrics import format_seconds
+from pipeline.pretrain.control import TrainingStopped, stop_on_signals
 from pipeline.pretrain.plan import plan_pretrain
 from pipeline.runner.layout import JOB_FILE, run_layout
 from pipeline.runner.lock import RUN_FILE, run_lock
@@ -152,6 +153,8 @@ def run_job(
             _write_run_file(plan, summary, stopped)
             for child in [*context.children.values(), context.tracking]:
                 end_tracking(child, "KILLED" if stopped == "interrupted" else "FAILED")
+            if isinstance(error, TrainingStopped):  # Ray ends inside the console: its last lines to the log
+                context.close()
             raise
         summary.seconds = time.perf_counter() - started
         _write_run_file(plan, summary, "failed" if summary.failed else "finished")
@@ -377,17 +380,27 @@ def _failed(context: RunContext, started: _Started, error: BaseException) -> Ste
     """Record a step whose runner raised; the console gets one line, the stage's log the traceback."""
     layout, step = context.plan.layout, started.step
     seconds = time.perf_counter() - started.began
-    message = f"{type(error).__name__}: {error}"
+    message = one_line(f"{type(error).__name__}: {error}")
     ended = {"finished": _now(), "seconds": seconds, "error": message}
     write_record(
         layout.stages, step.id, {"key": started.key, "status": "failed", "started": started.stamp, **ended}
     )
     log = Path(layout.logs) / f"{step.stage}.log"
     with log.open("a") as stream:  # the whole traceback for whoever debugs it
-        stream.write(f"{step.id}: " + "".join(traceback.format_exception(error)))
+        stream.write(f"{step.id}: " + ANSI.sub("", "".join(traceback.format_exception(error))))
     say(f"[run] {step.id}: FAILED after {format_seconds(seconds)}: {message} (traceback in {log})", err=True)
     end_tracking(context.children.pop(step.id, OFF), "FAILED")
     return StepReport(step.id, "failed", seconds, message)
+
+
+def one_line(text: str) -> str:
+    """An error as one line without colour codes, for the console, its record and the report: a traceback
+    it carries (a Ray task's, a worker's) is cut to its last line; the stage's log keeps it whole."""
+    lines = [line.strip() for line in ANSI.sub("", text).splitlines() if line.strip()]
+    frames = next((i for i, line in enumerate(lines) if line.startswith(("Traceback (", 'File "'))), None)
+    if frames is not None:
+        lines = [*lines[:frames], lines[-1]]
+    return " ".join(lines)
 
 
 def _finish(
@@ -432,13 +445,19 @@ def _run_concurrently(
 ) -> list[StepReport]:
     """Steps that may run beside each other (a study's points): the cached ones skipped, the others all
     started at once, for Ray to place on the cluster's resources, and each recorded as it ends. A failed
-    one is kept apart: the others go on, and the report still runs (reading it as failed)."""
+    one is kept apart: the others go on, and the report still runs (reading it as failed). The first
+    SIGINT/SIGTERM asks each started one to stop where it can resume (its RunControl: their tasks get no
+    signal); once all have ended, the run stops (TrainingStopped), their records left for the next run."""
     reports: list[StepReport] = []
     pending: dict[Any, _Started] = {}
-    layout = context.plan.layout
-    with log_to(Path(layout.logs) / f"{group[0].stage}.log", f"{len(group)} {group[0].stage} steps {_now()}"):
+    controls: dict[Any, Any] = {}  # each started step's RunControl, read by the signal handler as it comes
+    stage, layout = group[0].stage, context.plan.layout
+    with (
+        log_to(Path(layout.logs) / f"{stage}.log", f"{len(group)} {stage} steps {_now()}"),
+        stop_on_signals(controls.values(), stage, POINTS_STOP) as received,
+    ):
         for step in group:
-            if summary.failed or any(dep not in fingerprints for dep in step.depends):
+            if received or summary.failed or any(dep not in fingerprints for dep in step.depends):
                 reports.append(StepReport(step.id, "not run"))
                 continue
             started = _start(context, step, fingerprints, externals[step.id], options.redo(step.stage))
@@ -446,17 +465,46 @@ def _run_concurrently(
                 reports.append(started)
                 continue
             submit, _ = CONCURRENT_RUNNERS[step.stage]
-            pending[submit(context, step, started.clear)] = started
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            started = pending.pop(ready[0])
-            _, collect = CONCURRENT_RUNNERS[started.step.stage]
-            try:
-                reports.append(_finish(context, started, collect(ready[0]), fingerprints))
-            except Exception as error:
-                reports.append(_failed(context, started, error))
-                fingerprints[started.step.id] = FAILED_FINGERPRINT
+            ref, control = submit(context, step, started.clear)
+            pending[ref], controls[ref] = started, control
+        stopped = _collect_concurrently(context, pending, reports, fingerprints)
+    if received or stopped:
+        done = sum(1 for report in reports if report.status in ("ran", "resumed"))
+        raise TrainingStopped(
+            f"{stage}: stopped on request; {len(stopped)} step(s) stopped where the next run resumes them "
+            f"(each said where above), {done} finished"
+        )
     return reports
+
+
+# What the first SIGINT/SIGTERM does to a study's points (pipeline.study.launch.run_point).
+POINTS_STOP = (
+    "each point pretraining checkpoints its step and stops, a point fine-tuning finishes first (fine-tuning "
+    "keeps no checkpoint), and none starts more work"
+)
+
+
+def _collect_concurrently(
+    context: RunContext, pending: dict[Any, _Started], reports: list[StepReport], fingerprints: dict[str, str]
+) -> list[str]:
+    """Record each started step as it ends (a failed one kept apart); returns those that stopped on
+    request, whose records stay "running": the next run resumes them (a checkpointed pretraining)."""
+    stopped = []
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)  # signals are handled between waits
+        if not ready:
+            continue
+        started = pending.pop(ready[0])
+        _, collect = CONCURRENT_RUNNERS[started.step.stage]
+        try:
+            reports.append(_finish(context, started, collect(ready[0]), fingerprints))
+        except TrainingStopped as stop:
+            say(f"[run] {started.step.id}: stopped: {stop}", err=True)
+            stopped.append(started.step.id)
+        except Exception as error:
+            reports.append(_failed(context, started, error))
+            fingerprints[started.step.id] = FAILED_FINGERPRINT
+    return stopped
 
 
 FAILED_FINGERPRINT = "failed"  # what the report reads of a concurrent step that failed

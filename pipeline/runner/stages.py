@@ -21,13 +21,14 @@ from pipeline.config import EvaluateConfig, digest
 from pipeline.console import detail, say
 from pipeline.datasets.build import build_dataset
 from pipeline.datasets.card import CARD_FILE, read_card
-from pipeline.preprocess.manifest import MANIFEST_FILE
+from pipeline.preprocess.manifest import MANIFEST_FILE, failure_advice
 from pipeline.preprocess.summary import write_grid
 from pipeline.pretrain.checkpoints import EXPORT_DIR, VITPIPE_DIR, is_run_output, latest_checkpoint
+from pipeline.pretrain.control import TrainingStopped, start_control
 from pipeline.pretrain.plan import check_pretrain, training_split
-from pipeline.ray_session import connect_ray  # noqa: TID253
+from pipeline.ray_session import connect_ray, task_error  # noqa: TID253
 from pipeline.runner.plan import JobPlan, Step
-from pipeline.runner.records import file_fingerprint, fresh_fingerprint
+from pipeline.runner.records import file_fingerprint, fresh_fingerprint, read_record
 from pipeline.runner.report import write_report
 from pipeline.storage import absolute, join, remove_entries, remove_folder, resolve
 from pipeline.study.plan import POINT_FILE, Point, point_finetune, point_model, point_pretrain, study_job
@@ -37,8 +38,10 @@ from pipeline.transfer.report import RESULTS_JSON, RESULTS_MD, RESULTS_PLOT
 from vit.config import CONFIG_FILE
 
 # Steps whose outputs a changed key does not clear: a pretraining run's (or a study point's) checkpoints
-# are resumed (check_pretrain refuses checkpoints of another model); only --force / --from start afresh.
-RESUMED_ON_CHANGE = frozenset({"pretrain", "study"})
+# are resumed (check_pretrain refuses checkpoints of another model); a finetune step keeps each run whose
+# own key (pipeline.transfer.reuse: weights, target, recipe at its rate) still matches, so a rate added to
+# the sweep trains that rate alone. Only --force / --from start afresh.
+RESUMED_ON_CHANGE = frozenset({"pretrain", "study", "finetune"})
 
 
 @dataclass
@@ -81,13 +84,10 @@ def pretrained_weights(plan: JobPlan) -> str | None:
 
 
 def run_datasets(context: RunContext, step: Step, clear: bool) -> StepOutcome:
-    """Build the dataset (always from scratch: the builders are quick and write the same bytes)."""
-    context.ensure_ray()
-    detail(
-        build_dataset(
-            context.plan.job.datasets[step.item or ""], Path(step.output), overwrite=True, preview=True
-        )
-    )
+    """Build the dataset (always from scratch: the builders are quick and write the same bytes); Ray is
+    joined once its checks passed (classes that differ between splits are refused before it starts)."""
+    config = context.plan.job.datasets[step.item or ""]
+    detail(build_dataset(config, Path(step.output), overwrite=True, preview=True, address=context.address))
     card = read_card(step.output)
     card.pop("seconds", None)  # how long the build took is the one thing that differs between rebuilds
     return StepOutcome(digest(card), {"folder": step.output})
@@ -110,9 +110,10 @@ def run_preprocess(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     totals = result.manifest["totals"]
     if totals["failed"] or totals["unreadable_shards"]:
         failed, unreadable = totals["failed"], totals["unreadable_shards"]
+        advice = "".join(f"\n  {line}" for line in failure_advice(result.manifest["failures"]))
         say(
             f"vitpipe: warning: {step.id}: {failed:,} sample(s) failed, {unreadable} shard(s) unreadable "
-            f"({result.failure_rate:.2%}); details in {step.output}/{MANIFEST_FILE}",
+            f"({result.failure_rate:.2%}); details in {step.output}/{MANIFEST_FILE}{advice}",
             err=True,
         )
     fingerprint = file_fingerprint(posixpath.join(step.output, MANIFEST_FILE))
@@ -158,7 +159,8 @@ def run_pretrain(context: RunContext, step: Step, clear: bool) -> StepOutcome:
 
 def run_transfer(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     """Fine-tune and evaluate every target (finetune), or evaluate the weights as they are (evaluate);
-    transfer() replaces each (target, mode) folder it runs."""
+    transfer() replaces each (target, mode) folder it runs, keeping (unless `clear`) the runs of it whose
+    own key still matches."""
     plan = context.plan
     finetune = plan.job.finetune
     if finetune is None:
@@ -176,7 +178,8 @@ def run_transfer(context: RunContext, step: Step, clear: bool) -> StepOutcome:
         model=plan.job.pretrain.model if plan.job.pretrain else None,
         train=train,
     )
-    result = transfer(planned, name=plan.job.name, address=context.address, tracking=context.tracked(step))
+    tracked = context.tracked(step)
+    result = transfer(planned, name=plan.job.name, address=context.address, tracking=tracked, reuse=not clear)
     say(result.summary().split("\n\n", 1)[0])  # the table comes once, at the end of the run
     if "://" not in result.out:
         log_artifacts(context.tracked(step), [Path(result.out) / RESULTS_MD, Path(result.out) / RESULTS_PLOT])
@@ -215,8 +218,9 @@ def run_study_subsets(context: RunContext, step: Step, clear: bool) -> StepOutco
     )
 
 
-def submit_study_point(context: RunContext, step: Step, clear: bool) -> ray.ObjectRef:
-    """Start one study point's task (pipeline.study.launch); `collect_study_point` takes its outcome."""
+def submit_study_point(context: RunContext, step: Step, clear: bool) -> tuple[ray.ObjectRef, Any]:
+    """Start one study point's task (pipeline.study.launch): its ref, which `collect_study_point` takes, and
+    its RunControl, made here on the driver's node, which the driver asks to stop on a signal."""
     from pipeline.study.launch import PointSettings, submit_point
 
     context.ensure_ray()
@@ -237,13 +241,21 @@ def submit_study_point(context: RunContext, step: Step, clear: bool) -> ray.Obje
         out=step.output,
         clear=clear,
         tracking=context.tracked(step),
+        control=start_control(),
     )
-    return submit_point(settings, plan.layout.root)
+    return submit_point(settings, plan.layout.root), settings.control
 
 
 def collect_study_point(ref: ray.ObjectRef) -> StepOutcome:
-    """A finished point's outcome; a point whose task failed raises (its error names the point)."""
-    summary = ray.get(ref)
+    """A finished point's outcome; a point whose task failed raises what the task raised (a one-line
+    error, not Ray's coloured traceback: the log keeps that), one stopped on request TrainingStopped."""
+    try:
+        summary = ray.get(ref)
+    except ray.exceptions.RayTaskError as error:
+        cause = error.cause
+        raise (cause if isinstance(cause, Exception) else RuntimeError(task_error(error))) from error
+    if "stopped" in summary:
+        raise TrainingStopped(summary["stopped"])
     failed = [f"{f['target']}: {f['error']}" for f in summary["failures"]]
     error = f"{len(failed)} transfer run(s) failed: {'; '.join(failed)}" if failed else None
     return StepOutcome(
@@ -260,9 +272,8 @@ def run_analyze(context: RunContext, step: Step, clear: bool) -> StepOutcome:
 
     plan = context.plan
     if plan.job.study is not None:
-        points = [(s.item or "", s.output) for s in plan.steps if s.stage == "study" and s.concurrent]
         vits = {name for name, model in plan.job.study.models.items() if model.family == "vit"}
-        subjects = study_subjects(points, vits)
+        subjects = study_subjects(finished_points(plan), vits)
     else:
         export = (
             join(plan.layout.pretrain, EXPORT_DIR, VITPIPE_DIR) if plan.job.pretrain is not None else None
@@ -280,6 +291,14 @@ def run_analyze(context: RunContext, step: Step, clear: bool) -> StepOutcome:
     failed = [failure["model"] for failure in result.failures]
     error = f"{len(failed)} model(s) could not be analysed: {', '.join(failed)}" if failed else None
     return StepOutcome(fresh_fingerprint(), {"folder": step.output}, error)
+
+
+def finished_points(plan: JobPlan) -> list[tuple[str, str]]:
+    """The study's points whose record says done, `(name, folder)`: a point that failed or stopped since
+    an earlier run wrote its point.json is no subject of this run's analyses."""
+    points = [step for step in plan.steps if step.stage == "study" and step.concurrent]
+    records = {step.id: read_record(plan.layout.stages, step.id) or {} for step in points}
+    return [(step.item or "", step.output) for step in points if records[step.id].get("status") == "done"]
 
 
 def run_report(context: RunContext, step: Step, clear: bool) -> StepOutcome:

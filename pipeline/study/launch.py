@@ -19,6 +19,7 @@ import ray
 
 from pipeline.console import say
 from pipeline.pretrain.checkpoints import is_run_output
+from pipeline.pretrain.control import TrainingStopped
 from pipeline.pretrain.launch import pretrain
 from pipeline.pretrain.plan import check_pretrain, worker_group
 from pipeline.storage import join, remove_entries, write_atomic
@@ -51,6 +52,7 @@ class PointSettings:
     out: str  # the point's folder
     clear: bool  # redo: discard its pretraining run first
     tracking: TrackingTarget = OFF  # the point's tracking run: its pretraining steps, its tasks as children
+    control: Any = None  # its RunControl (pipeline.pretrain.control), which the driver asks to stop
 
 
 def submit_point(settings: PointSettings, run: str) -> ray.ObjectRef:
@@ -62,7 +64,9 @@ def submit_point(settings: PointSettings, run: str) -> ray.ObjectRef:
 
 
 def run_point(settings: PointSettings, slots: Any = None) -> dict[str, Any]:
-    """The task's body: pretraining (unless a scratch point) in a slot, transfer, then OUT/point.json."""
+    """The task's body: pretraining (unless a scratch point) in a slot, transfer, then OUT/point.json. A
+    point asked to stop returns {point, stopped: why} where it stands: pretraining checkpoints its step,
+    and no more work starts (a transfer under way finishes: fine-tuning keeps no checkpoint to resume)."""
     started = time.perf_counter()
     point = settings.point
     say(f"study: {point.name}: started", err=True)
@@ -72,22 +76,20 @@ def run_point(settings: PointSettings, slots: Any = None) -> dict[str, Any]:
         "model": point.model,
         "seed": point.seed,
     }
-    weights = None
-    if point.pretrained:
-        say(f"study: {point.name}: waiting for a pretraining slot", err=True)
-        ray.get(slots.acquire.remote())
-        try:
-            summary |= _pretrain(settings)
-        finally:
-            ray.get(slots.release.remote())
-        weights = summary["weights"]
+    try:
+        if point.pretrained:
+            summary |= _pretrain_in_slot(settings, slots)
+        done = "pretrained and exported; " if point.pretrained else ""
+        _stop_if_asked(settings, f"{done}stopped on request before fine-tuning")
+    except TrainingStopped as stop:  # the driver says it, with every other point's
+        return {"point": point.name, "stopped": str(stop)}
 
     planned = plan_transfer(
         settings.finetune,
         settings.evaluate,
         settings.targets,
         out=join(settings.out, "transfer"),
-        weights=weights,
+        weights=summary.get("weights"),
         model=settings.model,
     )
     result = transfer(planned, name=point.name, tracking=settings.tracking)
@@ -100,6 +102,23 @@ def run_point(settings: PointSettings, slots: Any = None) -> dict[str, Any]:
     return summary
 
 
+def _pretrain_in_slot(settings: PointSettings, slots: Any) -> dict[str, Any]:
+    """The point's pretraining once it holds one of the run's slots (unless asked to stop as it waited)."""
+    say(f"study: {settings.point.name}: waiting for a pretraining slot", err=True)
+    ray.get(slots.acquire.remote())
+    try:
+        _stop_if_asked(settings, "stopped on request before pretraining")
+        return _pretrain(settings)
+    finally:
+        ray.get(slots.release.remote())
+
+
+def _stop_if_asked(settings: PointSettings, where: str) -> None:
+    """TrainingStopped (saying `where`) when the driver asked the point to stop (its RunControl says so)."""
+    if settings.control is not None and ray.get(settings.control.stop_requested.remote()):
+        raise TrainingStopped(where)
+
+
 def _pretrain(settings: PointSettings) -> dict[str, Any]:
     config = settings.pretrain
     if config is None or settings.subset is None:
@@ -108,8 +127,12 @@ def _pretrain(settings: PointSettings) -> dict[str, Any]:
     if settings.clear:
         remove_entries(run_dir, is_run_output)
     subset = read_subset(settings.subset)
-    plan = check_pretrain(config, settings.corpus, run_dir, subset.rows, redo="--force study")
-    result = pretrain(plan, storage=settings.storage, name="pretrain", tracking=settings.tracking)
+    redo = f"--force study --point {settings.point.name}"
+    beyond = f"raise the study's steps (or epochs) to go on from there, or redo the point with {redo}"
+    plan = check_pretrain(config, settings.corpus, run_dir, subset.rows, redo=redo, beyond_budget=beyond)
+    result = pretrain(
+        plan, storage=settings.storage, name="pretrain", tracking=settings.tracking, control=settings.control
+    )
     images = result.steps * config.global_batch_size
     model = build_model(plan.architecture)
     return {
