@@ -14,25 +14,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import (
-    DEFAULT_PATCH_SIZE,
-    ConfigError,
-    DigitsConfig,
-    FractalsConfig,
-    ImageFolderConfig,
-    PreprocessConfig,
-    Section,
-    check_name,
-    validate,
-)
+from pipeline.config import ConfigError
 from pipeline.console import console, output_reader_gone, say
 from pipeline.datasets.build import build_dataset
 from pipeline.info import report
 from pipeline.preprocess.summary import describe, write_grid
-from pipeline.pretrain.control import TrainingStopped
+from pipeline.pretrain.control import TrainingStopped, honour_interrupts
 from pipeline.runner.layout import job_and_run_folder
 from pipeline.runner.lock import writer_lock
-from pipeline.runner.plan import STAGES, Overrides, RunOptions, StageOptions
+from pipeline.runner.options import dataset_config, going_on, preprocess_config, stage_options
+from pipeline.runner.plan import STAGES, RunOptions
 from pipeline.runner.preflight import validated
 from pipeline.runner.status import run_status, submitted_status
 from pipeline.runner.submit import follow_to_end, jobs_action, submit, use_token_if_present
@@ -285,62 +276,6 @@ def _add_verbose(parser: argparse.ArgumentParser) -> None:
     )
 
 
-DATASET_MODELS: dict[str, type[Section]] = {
-    "digits": DigitsConfig,
-    "fractals": FractalsConfig,
-    "imagefolder": ImageFolderConfig,
-}
-NOT_SETTINGS = {"command", "kind", "out", "overwrite", "preview", "address", "verbose"}
-
-
-def dataset_config(args: argparse.Namespace) -> Section:
-    """The validated dataset config from the options given (unset options keep the schema's defaults)."""
-    values: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS and v is not None}
-    if "src" in values:
-        values["src"] = str(values["src"])
-    for key in ("shard_samples", "shard_bytes"):
-        if key in values and str(values[key]).lower() == "none":
-            values[key] = None  # 'none' lifts that limit
-    if values.get("shard_samples") is not None:
-        option = f"vitpipe datasets {args.kind}: --shard-samples"
-        values["shard_samples"] = _as_int(values["shard_samples"], option)
-    return validate(
-        values, DATASET_MODELS[args.kind], source=f"vitpipe datasets {args.kind}", key_style="cli"
-    )
-
-
-PREPROCESS_OPTIONS = (
-    "image_size",
-    "patch_size",
-    "channels",
-    "resize",
-    "resample",
-    "image_keys",
-    "label_key",
-    "max_pixels",
-    "compression",
-    "max_failure_rate",
-)
-
-
-def preprocess_config(args: argparse.Namespace) -> PreprocessConfig:
-    """The validated preprocessing config from the options given."""
-    values: dict[str, Any] = {k: getattr(args, k) for k in PREPROCESS_OPTIONS if getattr(args, k) is not None}
-    if "image_keys" in values:
-        values["image_keys"] = tuple(key.strip().lstrip(".") for key in values["image_keys"].split(","))
-    if str(values.get("label_key", "")).lower() == "none":
-        values["label_key"] = None
-    values.setdefault("patch_size", DEFAULT_PATCH_SIZE)
-    return validate(values, PreprocessConfig, source="vitpipe preprocess", key_style="cli")
-
-
-def _as_int(text: str, option: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(f"{option}: expected a whole number or 'none', got {text!r}") from None
-
-
 def run_command(args: argparse.Namespace) -> int:
     """`vitpipe run`: the job's steps, then the steps table and the transfer results."""
     from pipeline.runner.execute import run_job
@@ -357,7 +292,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def stage_command(args: argparse.Namespace) -> int:
     """`vitpipe pretrain|finetune|evaluate JOB`: that step of the job's run, alone."""
-    stage = _stage_options(args)  # a wrong option is refused before Ray
+    stage = stage_options(args)  # a wrong option is refused before Ray
     from pipeline.runner.execute import probe_pretrain_data, run_job
 
     if getattr(args, "data_only", False):
@@ -371,39 +306,6 @@ def stage_command(args: argparse.Namespace) -> int:
         _say_results(ran[0].output)
     say("\n" + summary.summary())
     return EXIT_FAILED if summary.failed else 0
-
-
-def _stage_options(args: argparse.Namespace) -> StageOptions:
-    """A single-stage command's options, checked: --target NAME=DIR, --name, --steps with --data-only."""
-    given: dict[str, str] = {}
-    for option in getattr(args, "target", []):
-        name, separator, directory = option.partition("=")
-        if not separator or not name or not directory:
-            raise ConfigError(f"vitpipe {args.command}: --target expects NAME=DIR, got {option!r}")
-        check_name(name, f"vitpipe {args.command}: --target {option!r}")
-        if name in given:
-            raise ConfigError(
-                f"vitpipe {args.command}: --target {name} is given twice ({given[name]}, {directory})"
-            )
-        given[name] = directory
-    if getattr(args, "name", None) is not None:
-        check_name(args.name, f"vitpipe {args.command}: --name")
-    if getattr(args, "data_only", False):
-        if args.force:
-            raise ConfigError("vitpipe pretrain: --data-only trains nothing; drop --force")
-        if args.steps is not None and args.steps < 1:
-            raise ConfigError(f"vitpipe pretrain: --steps must be at least 1 (got {args.steps})")
-    elif getattr(args, "steps", None) is not None:
-        raise ConfigError(
-            "vitpipe pretrain: --steps goes with --data-only; the run's budget is pretrain.steps"
-        )
-    return StageOptions(
-        data=getattr(args, "data", None),
-        weights=getattr(args, "weights", None),
-        storage=getattr(args, "storage", None),
-        name=getattr(args, "name", None),
-        overrides=Overrides(targets=given, out=getattr(args, "out", None)),
-    )
 
 
 def analyze_command(args: argparse.Namespace) -> int:
@@ -542,6 +444,7 @@ QUIET_COMMANDS = frozenset(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    honour_interrupts()  # a driver started with SIGINT ignored (`vitpipe run JOB &` in a script) stops on it
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command in ("submit", "jobs", "status") or getattr(args, "address", None):
@@ -570,9 +473,9 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         say(f"vitpipe: error: {error}", err=True)  # no: a connection's (Ray's, storage's)
         return EXIT_FAILED
     except KeyboardInterrupt as error:  # a clean stop (TrainingStopped) says where it stopped
-        say(f"vitpipe: {error or 'interrupted'}", err=True)
+        say(f"vitpipe: {str(error) or 'interrupted'}", err=True)
         if isinstance(error, TrainingStopped):
-            say(f"  continue with: vitpipe {shlex.join(argv)}", err=True)
+            say(f"  continue with: vitpipe {shlex.join(going_on(argv))}", err=True)
         return EXIT_INTERRUPTED
     except (ValueError, OSError, RuntimeError) as error:  # OSError: files, storage, connections
         say(f"vitpipe: error: {error}", err=True)

@@ -21,7 +21,16 @@ from pipeline.runner import records as records_module
 from pipeline.runner.execute import _pretrain_lock, run_job
 from pipeline.runner.layout import run_layout
 from pipeline.runner.lock import LOCK_FILE, run_lock
-from pipeline.runner.plan import Overrides, RunOptions, StageOptions, load_plan, plan_job, target_name
+from pipeline.runner.options import going_on
+from pipeline.runner.plan import (
+    Overrides,
+    RunOptions,
+    StageOptions,
+    afresh_advice,
+    load_plan,
+    plan_job,
+    target_name,
+)
 from pipeline.runner.records import key_matches, read_record, step_key, tree_fingerprint, write_record
 from pipeline.runner.report import _transfer_section
 from pipeline.runner.stages import RUNNERS, outputs_present
@@ -412,3 +421,46 @@ def test_a_lock_being_written_is_not_taken_for_a_stale_one(tmp_path):
     os.utime(tmp_path / LOCK_FILE, (long_ago, long_ago))
     with run_lock(tmp_path):
         assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+def test_continue_with_leaves_out_the_options_that_would_redo_the_stopped_work():
+    assert going_on(["run", "j.yaml", "--force", "study", "--point", "p1"]) == [
+        "run",
+        "j.yaml",
+        "--point",
+        "p1",
+    ]
+    assert going_on(["run", "j.yaml", "--force=study", "--from", "pretrain", "--until", "report"]) == [
+        "run",
+        "j.yaml",
+        "--until",
+        "report",
+    ]
+    assert going_on(["pretrain", "j.yaml", "--force", "--address", "x"]) == [
+        "pretrain",
+        "j.yaml",
+        "--address",
+        "x",
+    ]
+
+
+def test_an_interrupt_without_a_message_says_interrupted(tmp_path, monkeypatch, capsys):
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(RUNNERS, "datasets", interrupted)
+    assert main(["run", str(write_job(tmp_path, JOB))]) == 130
+    assert "vitpipe: interrupted" in capsys.readouterr().err
+
+
+def test_the_advice_to_start_afresh_changes_what_decides_the_run_folder(tmp_path):
+    """A refused run is advised what would put a new one beside it: with run_dir set, another name
+    changes nothing."""
+    path = write_job(tmp_path, JOB)  # run_dir set
+    assert afresh_advice(load_plan(path)) == "set the job's run_dir to another folder"
+    assert afresh_advice(load_plan(path, str(tmp_path / "other"))) == "run it with another --run-dir"
+    (tmp_path / "named.yaml").write_text(yaml.safe_dump(JOB))  # no run_dir: runs/NAME
+    assert "give the job another name" in afresh_advice(load_plan(tmp_path / "named.yaml"))
+    stored = changed(pretrain={**JOB["pretrain"], "storage_path": str(tmp_path / "store")})
+    (tmp_path / "stored.yaml").write_text(yaml.safe_dump(stored))
+    assert "pretrain.storage_path/NAME" in afresh_advice(load_plan(tmp_path / "stored.yaml"))

@@ -73,7 +73,8 @@ def test_status_of_a_run_another_process_is_writing(tmp_path, writer, capsys):
     assert "run 'demo': stopped (its process is gone)" in out
     assert "  pretrain         stopped  started 2026-12-02T10:00:01; `vitpipe run` resumes it" in out
     assert "pretraining: step 120/600 (20%), loss 0.8000, 1,234 img/s\n" in out + "\n"  # no ETA: none trains
-    assert "ETA" not in out and " running " not in out
+    assert "ETA" not in out
+    assert " running " not in out
 
 
 def test_a_side_command_s_steps_are_listed_apart_and_leave_the_run_s_state(tmp_path, capsys):

@@ -324,16 +324,22 @@ BEYOND_BUDGET = (
 )
 
 
+# How a new run goes beside a refused one, where the caller cannot tell what decides the run's folder
+# (the runner can: pipeline.runner.plan.afresh_advice).
+AFRESH = "give the job another name or run_dir"
+
+
 def check_run_matches(
     run_dir: str,
     config: PretrainConfig,
     plan: PretrainPlan | None = None,
     redo: str = "--force pretrain",
     beyond_budget: str | None = None,
+    afresh: str = AFRESH,
 ) -> None:
     """A run folder whose checkpoints were trained with other defining settings is refused (resuming
-    would mix two runs), naming each change and the two ways on; so is a budget below the step reached
-    (advising `beyond_budget`, by default BEYOND_BUDGET)."""
+    would mix two runs), naming each change and the two ways on (`afresh`: what puts a new run beside it;
+    `redo`); so is a budget below the step reached (advising `beyond_budget`, by default BEYOND_BUDGET)."""
     latest = latest_checkpoint(run_dir)
     if latest is None:
         return
@@ -341,7 +347,7 @@ def check_run_matches(
     if changes:
         raise ValueError(
             f"{run_dir}: holds a run trained with other settings that define it ({', '.join(changes)}); "
-            f"resuming would mix two runs. Give the job another name to start afresh beside it, or redo "
+            f"resuming would mix two runs. To start afresh beside it, {afresh}; or redo "
             f"it with {redo}, which discards its {latest.step:,} steps. Workers, CPUs, "
             "micro-batch, cadences and the step budget may change on a relaunch"
         )

@@ -424,3 +424,16 @@ def target_name(location: str) -> str:
     """The name a target given as a folder goes by: its last path component (`data/c10-384/` -> c10-384,
     a URL's query left out)."""
     return basename(location) or location
+
+
+def afresh_advice(plan: JobPlan) -> str:
+    """How to start the job's pretraining afresh beside a run its folder already holds: by changing what
+    decides that folder (the name under a storage_path, a run_dir given, else the name or a run_dir)."""
+    job = plan.job
+    if job.pretrain is not None and job.pretrain.storage_path:
+        return "give the job another name (its run is pretrain.storage_path/NAME)"
+    if run_layout(job).root != plan.layout.root:
+        return "run it with another --run-dir"
+    if job.run_dir:
+        return "set the job's run_dir to another folder"
+    return "give the job another name (its run folder is runs/NAME) or set run_dir"

@@ -13,7 +13,7 @@ from pipeline.config import ConfigError
 from pipeline.datasets.build import planned_split_sizes
 from pipeline.preprocess.manifest import MANIFEST_FILE, read_manifest
 from pipeline.pretrain.plan import check_run_matches, plan_pretrain, training_split
-from pipeline.runner.plan import JobPlan, Step, load_plan
+from pipeline.runner.plan import JobPlan, Step, afresh_advice, load_plan
 from pipeline.runner.records import external_fingerprints
 from pipeline.storage import check_location, check_not_a_file, join, resolve
 from pipeline.study.plan import Point, point_pretrain, study_job
@@ -63,7 +63,7 @@ def check_pretrain_run(plan: JobPlan) -> None:
     filesystem, manifest = resolve(join(data, MANIFEST_FILE))
     try:
         planned = plan_pretrain(config, data) if filesystem.get_file_info(manifest).is_file else None
-        check_run_matches(plan.layout.pretrain, config, planned)
+        check_run_matches(plan.layout.pretrain, config, planned, afresh=afresh_advice(plan))
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"{plan.source}: pretrain: {error}") from None
 
@@ -108,6 +108,7 @@ def check_study_point_run(plan: JobPlan, step: Step) -> None:
     config = point_pretrain(study_job(plan.job, plan.source), point)
     run_dir = join(plan.layout.study_storage(point.name), "pretrain")
     try:
-        check_run_matches(run_dir, config, redo="--force study")
+        redo = f"--force study --point {point.name}"
+        check_run_matches(run_dir, config, redo=redo, afresh=afresh_advice(plan))
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"{plan.source}: {step.id}: {error}") from None
