@@ -92,7 +92,7 @@ def run_point(settings: PointSettings, slots: Any = None) -> dict[str, Any]:
         weights=summary.get("weights"),
         model=settings.model,
     )
-    result = transfer(planned, name=point.name, tracking=settings.tracking)
+    result = transfer(planned, name=point.name, tracking=settings.tracking, reuse=not settings.clear)
     summary["results"] = result.document["results"]
     summary["failures"] = result.failures
     summary["params"] = summary.get("params") or _scratch_params(result.document["results"])
