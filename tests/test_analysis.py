@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.analysis.launch import BY_DATA, _by_data, _plot_by_data, analyze
-from pipeline.analysis.subjects import FINETUNED, PRETRAINED, Subject, study_subjects
+from pipeline.analysis.subjects import FINETUNED, PRETRAINED, Subject, run_subjects, study_subjects
 from pipeline.analysis.task import PICTURES, ImageSource
 from pipeline.config import AnalyzeConfig
 from vit.analysis import position_similarity
@@ -136,3 +136,39 @@ def test_study_subjects_are_every_finished_vit_points_models(tmp_path):
 def test_an_analyze_setting_below_one_is_refused(field):
     with pytest.raises(ValueError, match=field):
         AnalyzeConfig(**{field: 0})
+
+
+def test_the_subjects_of_a_moved_run_folder_are_found_where_it_is_now(tmp_path):
+    """`mv runs/x elsewhere`: results.json and point.json still name the old folder; the models are read
+    where they are now."""
+    old, now = "/gone/runs/x", tmp_path / "x"
+    model = now / "transfer" / "digits" / "pretrained" / "lr-0.03" / "model"
+    model.mkdir(parents=True)
+    results = [
+        {
+            "target": "digits",
+            "mode": "pretrained",
+            "weights": f"{old}/transfer/digits/pretrained/lr-0.03/model",
+        }
+    ]
+    (now / "transfer" / "results.json").write_text(json.dumps({"results": results}))
+    (subject,) = run_subjects(None, str(now / "transfer"))
+    assert subject.weights == str(model)
+
+    point = now / "study" / "n100-vit-seed0"
+    (point / "pretrain" / "export" / "vitpipe").mkdir(parents=True)
+    (point / "transfer" / "digits" / "pretrained" / "lr-0.03" / "model").mkdir(parents=True)
+    old_point = f"{old}/study/n100-vit-seed0"
+    summary = {
+        "size": 100,
+        "model": "vit",
+        "seed": 0,
+        "weights": f"{old_point}/pretrain/export/vitpipe",
+        "results": [{**results[0], "weights": f"{old_point}/transfer/digits/pretrained/lr-0.03/model"}],
+    }
+    (point / "point.json").write_text(json.dumps(summary))
+    subjects = study_subjects([("n100-vit-seed0", str(point))], {"vit"})
+    assert [s.weights for s in subjects] == [
+        str(point / "pretrain" / "export" / "vitpipe"),
+        str(point / "transfer" / "digits" / "pretrained" / "lr-0.03" / "model"),
+    ]

@@ -180,6 +180,8 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_a_rerun_skips_every_stage(
     run.rename(moved)
     assert main(["analyze", str(moved)]) == 0
     assert statuses(moved)["analyze"] == "cached"
+    assert main(["analyze", str(moved), "--force"]) == 0  # its models read where they are now
+    assert statuses(moved)["analyze"] == "ran"
 
 
 def assert_a_quiet_console(console: str, run: Path) -> None:

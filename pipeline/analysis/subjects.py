@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import posixpath
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pipeline.storage import join, resolve
@@ -34,7 +35,8 @@ def run_subjects(pretrain_export: str | None, transfer_out: str | None) -> list[
     if pretrain_export is not None:
         subjects.append(Subject(PRETRAINED, "pretrained", pretrain_export, PRETRAINED))
     if transfer_out is not None:
-        subjects += _finetuned(_read_json(join(transfer_out, "results.json")).get("results", []), "")
+        results = _read_json(join(transfer_out, "results.json")).get("results", [])
+        subjects += _finetuned(results, "", transfer_out)
     return subjects
 
 
@@ -49,14 +51,14 @@ def study_subjects(points: list[tuple[str, str]], vit_models: set[str]) -> list[
             continue
         point = {key: summary[key] for key in ("size", "model", "seed")}
         if summary.get("weights"):
-            label = f"{name} pretrained"
-            subjects.append(Subject(f"{name}/{PRETRAINED}", label, summary["weights"], PRETRAINED, point))
-        subjects += _finetuned(summary.get("results", []), name, point)
+            label, weights = f"{name} pretrained", moved(summary["weights"], f"/{name}/", folder)
+            subjects.append(Subject(f"{name}/{PRETRAINED}", label, weights, PRETRAINED, point))
+        subjects += _finetuned(summary.get("results", []), name, join(folder, "transfer"), point)
     return subjects
 
 
 def _finetuned(
-    results: list[dict[str, Any]], prefix: str, point: dict[str, Any] | None = None
+    results: list[dict[str, Any]], prefix: str, transfer_out: str, point: dict[str, Any] | None = None
 ) -> list[Subject]:
     subjects = []
     for result in results:
@@ -66,8 +68,19 @@ def _finetuned(
         folder = f"{target}-{mode}"
         name = posixpath.join(prefix, folder) if prefix else folder
         label = f"{prefix + ' ' if prefix else ''}{target} fine-tuned ({mode})"
-        subjects.append(Subject(name, label, result["weights"], FINETUNED, point or {}))
+        weights = moved(result["weights"], f"/{target}/{mode}/", join(transfer_out, target, mode))
+        subjects.append(Subject(name, label, weights, FINETUNED, point or {}))
     return subjects
+
+
+def moved(recorded: str, marker: str, now: str) -> str:
+    """A local path an earlier command recorded (`OLD/.../digits/pretrained/lr-0.03/model`), found where its
+    folder (the one `marker` ends) is `now` when the run folder has moved since; else as recorded."""
+    _, found, tail = recorded.rpartition(marker)
+    if "://" in recorded or not found or Path(recorded).exists():
+        return recorded
+    here = join(now, tail)
+    return here if Path(here).exists() else recorded
 
 
 def _read_json(location: str) -> dict[str, Any]:
