@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -462,12 +463,17 @@ def test_compressed_and_upper_case_shards_in_a_folder_are_preprocessed(tmp_path)
     (tmp_path / "in" / "A.TAR").write_bytes(data)
     (tmp_path / "in" / "b.tar.xz").write_bytes(lzma.compress(data))
     (tmp_path / "in" / "c.tar.bz2").write_bytes(bz2.compress(data))
+    for name, codec in (("d.TAR.ZST", "zstd"), ("e.tar.lz4", "lz4")):  # pyarrow's codecs, any case
+        with pa.CompressedOutputStream(str(tmp_path / "in" / name), codec) as stream:
+            stream.write(data)
     config = PreprocessConfig(image_size=8, patch_size=4)
     result = preprocess(str(tmp_path / "in"), str(tmp_path / "out"), config)
     assert [(s["source"], s["file"], s["samples"]) for s in result.manifest["shards"]] == [
         ("A.TAR", "A.parquet", 2),
         ("b.tar.xz", "b.parquet", 2),
         ("c.tar.bz2", "c.parquet", 2),
+        ("d.TAR.ZST", "d.parquet", 2),
+        ("e.tar.lz4", "e.parquet", 2),
     ]
 
 

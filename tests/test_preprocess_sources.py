@@ -130,28 +130,30 @@ def test_symlink_loops_are_walked_once_and_each_named(tmp_path):
 
 
 def test_a_folder_lists_tars_in_any_case_and_every_compression_the_reader_opens(tmp_path):
-    names = ["A.TAR", "b.tar.xz", "c.tar.bz2", "d.TGZ", "e.Tar.Gz", "f.tbz2", "g.txz"]
+    names = ["A.TAR", "b.tar.xz", "c.tar.bz2", "d.TGZ", "e.Tar.Gz", "f.tbz2", "g.txz", "h.TAR.ZST", "i.tzst"]
+    names += ["j.tar.lz4"]
     for name in [*names, "notes.TXT"]:
         touch(tmp_path / name)
     listing = list_shards(str(tmp_path))
     assert [s.name for s in listing.shards] == names
     assert [s.output_name for s in listing.shards] == [f"{name[0]}.parquet" for name in names]
+    assert [s.compression for s in listing.shards] == [None] * 7 + ["zstd", "zstd", "lz4"]
 
 
 def test_a_tar_compressed_as_the_reader_cannot_open_is_named_not_skipped(tmp_path):
     touch(tmp_path / "train" / "a-000000.tar")
-    touch(tmp_path / "train" / "a-000001.tar.zst")
+    touch(tmp_path / "train" / "a-000001.tar.lzma")
     touch(tmp_path / "train" / "a-000000.tar.md5")  # not a tar: not a shard, and no reason to refuse
-    refused = r"train/a-000001.tar.zst: a tar compressed as .zst, which .*decompress it"
+    refused = r"train/a-000001.tar.lzma: a tar compressed as .lzma, which .*decompress it"
     with pytest.raises(ValueError, match=refused):
         list_shards(str(tmp_path))
-    with pytest.raises(ValueError, match=r"a-000001.tar.zst: a tar compressed as .zst"):
-        list_shards(str(tmp_path / "train" / "a-000001.tar.zst"))  # named by path: refused up front too
+    with pytest.raises(ValueError, match=r"a-000001.tar.lzma: a tar compressed as .lzma"):
+        list_shards(str(tmp_path / "train" / "a-000001.tar.lzma"))  # named by path: refused up front too
     globbed = list_shards(str(tmp_path / "train" / "*.tar"))  # a pattern naming the readable ones: the way on
     assert [s.name for s in globbed.shards] == ["a-000000.tar"]
     (tmp_path / "train" / "a-000000.tar").unlink()
-    with pytest.raises(ValueError, match=r"a-000001.tar.zst: a tar compressed as .zst"):
+    with pytest.raises(ValueError, match=r"a-000001.tar.lzma: a tar compressed as .lzma"):
         list_shards(str(tmp_path))  # alone, it is named too, not "no shards found"
-    (tmp_path / "train" / "a-000001.tar.zst").rename(tmp_path / "train" / "a-000001.TLZ4")
-    with pytest.raises(ValueError, match=r"a-000001.TLZ4: a tar compressed as .lz4"):
+    (tmp_path / "train" / "a-000001.tar.lzma").rename(tmp_path / "train" / "a-000001.TAR.BR")
+    with pytest.raises(ValueError, match=r"a-000001.TAR.BR: a tar compressed as .br"):
         list_shards(str(tmp_path))

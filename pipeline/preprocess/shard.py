@@ -80,7 +80,7 @@ def preprocess_shard(
     final = posixpath.join(out_root, source.output_name)
     partial = partial_name(final)
     try:
-        stream = in_fs.open_input_stream(source.path)
+        stream = in_fs.open_input_stream(source.path, compression=source.compression)
     except (OSError, ValueError) as error:
         return _unreadable(report, f"unreadable shard: cannot open {source.path} ({error})", started)
     per_class: Counter[int] = Counter()

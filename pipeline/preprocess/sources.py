@@ -16,10 +16,14 @@ import pyarrow.fs as pafs
 
 from pipeline.storage import resolve, walk_files
 
-# The tars Python's streaming reader opens (`r|*` detects gzip, bzip2 and xz), matched in any case; a
-# folder's other files are not shards (`x.tar.md5`), but a tar compressed otherwise is refused by name.
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
-_OTHER_COMPRESSION = re.compile(r"\.tar(\.(zst|zstd|lz4|lz|lzma|lzo|br|z|sz|7z))$|\.t(zst|lz4|lz)$")
+# The tars the reader opens, matched in any case: Python's streaming tar reader (`r|*`) detects gzip, bzip2
+# and xz itself; zstd and lz4 pyarrow decompresses on the way (ShardSource.compression). A folder's other
+# files are not shards (`x.tar.md5`), but a tar compressed otherwise (`.tar.lzma`, `.tar.br`) is refused.
+SHARD_SUFFIXES = (
+    ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".tzst", ".tar.lz4",
+)  # fmt: skip
+_CODECS = {".tar.zst": "zstd", ".tzst": "zstd", ".tar.lz4": "lz4"}  # what pyarrow decompresses
+_OTHER_COMPRESSION = re.compile(r"\.tar(\.(zstd|lz|lzma|lzo|br|z|sz|7z))$|\.t(lz)$")
 _BRACE = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -31,6 +35,13 @@ class ShardSource:
     path: str
     name: str
     size: int | None  # None when it does not exist (an unreadable shard, found out by the worker)
+
+    @property
+    def compression(self) -> str | None:
+        """The codec pyarrow reads the shard through (zstd, lz4), by its name in any case; None: the tar
+        reader takes its bytes as they are (and detects gzip, bzip2 and xz itself)."""
+        lower = self.name.lower()
+        return next((codec for suffix, codec in _CODECS.items() if lower.endswith(suffix)), None)
 
     @property
     def output_name(self) -> str:
