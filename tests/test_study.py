@@ -26,6 +26,7 @@ from pipeline.cli import main
 from pipeline.config import ConfigError
 from pipeline.metrics import read_records
 from pipeline.preprocess.manifest import patch_files
+from pipeline.pretrain.checkpoints import step_of
 from pipeline.pretrain.control import start_control, stop_on_signals
 from pipeline.pretrain.plan import plan_pretrain
 from pipeline.runner.execute import point_steps
@@ -662,31 +663,25 @@ def test_the_studys_answer_is_computed_from_its_curves():
 
 
 @pytest.mark.slow
-def test_a_signalled_study_point_checkpoints_its_step_says_how_to_go_on_and_resumes_there(
-    ray_local, tmp_path
-):
-    """SIGINT to `vitpipe run JOB --point P` as the point pretrains: its workers checkpoint the step they
-    reached and the run exits 130 saying so and how to continue; the point's record is not "failed", and
-    the relaunch resumes at that step. Set back to the smoke's 16 steps, the point (now past them) is refused
-    in one line without colour codes, advising the study's ways, not `vitpipe export`."""
-    name = "n0000000100-vit-seed0"
-    job = yaml.safe_load(SMOKE.read_text())
-    job["study"]["steps"] = 5000
-    path = tmp_path / "long.yaml"
-    path.write_text(yaml.safe_dump(job))
-    run, pretraining = tmp_path / "run", tmp_path / "run" / "study" / name / "pretrain"
-    address = ray.get_runtime_context().gcs_address
-    command = [*VITPIPE, "run", str(path), "--run-dir", str(run), "--address", address, "--point", name]
-    with (tmp_path / "stderr.txt").open("w+") as stderr:
-        first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+def _stop_and_check(
+    command: list[str], pretraining: Path, run: Path, name: str, stop_signal: int, log: Path
+) -> int:
+    """Start the point, send `stop_signal` once it has a checkpoint beyond any before, check the clean
+    stop; returns the step it stopped at."""
+    before = [r["step"] for r in read_records(str(pretraining)) if r.get("event") == "stopped"]
+    newest = max(before, default=0)
+    with log.open("w+") as stderr:
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = time.monotonic() + 600
-        while not list(pretraining.glob("checkpoint_0*/vitpipe.json")) and time.monotonic() < deadline:
-            assert first.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+        while time.monotonic() < deadline and not [
+            c for c in pretraining.glob("checkpoint_0*/vitpipe.json") if step_of(str(c.parent)) > newest
+        ]:
+            assert process.poll() is None, log.read_text()[-3000:]
             time.sleep(0.5)
-        first.send_signal(signal.SIGINT)
-        assert first.wait(timeout=300) == 130, (tmp_path / "stderr.txt").read_text()[-3000:]
-        said = (tmp_path / "stderr.txt").read_text()
-    stopped = next(r["step"] for r in read_records(str(pretraining)) if r.get("event") == "stopped")
+        process.send_signal(stop_signal)
+        assert process.wait(timeout=300) == 130, log.read_text()[-3000:]
+    said = log.read_text()
+    stopped = [r["step"] for r in read_records(str(pretraining)) if r.get("event") == "stopped"][len(before)]
     assert f"[run] study:{name}: stopped: pretraining stopped at step {stopped} and checkpointed it" in said
     assert "vitpipe: study: stopped on request; 1 step(s) stopped where the next run resumes them" in said
     assert f"continue with: vitpipe {' '.join(command[3:])}" in said
@@ -695,6 +690,32 @@ def test_a_signalled_study_point_checkpoints_its_step_says_how_to_go_on_and_resu
     point_record = json.loads((run / "stages" / f"study.{name}.json").read_text())
     assert point_record["status"] == "running"  # not failed: the next run resumes it
     assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+    return stopped
+
+
+def test_a_signalled_study_point_checkpoints_its_step_says_how_to_go_on_and_resumes_there(
+    ray_local, tmp_path
+):
+    """SIGINT, then SIGTERM to the relaunch, to `vitpipe run JOB --point P` as the point pretrains: its
+    workers checkpoint the step they reached and the run exits 130 saying so and how to continue; the
+    point's record is not "failed", and the relaunch resumes at that step. Set back to the smoke's 16
+    steps, the point (now past them) is refused in one line without colour codes, advising the study's
+    ways, not `vitpipe export`."""
+    name = "n0000000100-vit-seed0"
+    job = yaml.safe_load(SMOKE.read_text())
+    job["study"]["steps"] = 5000
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(job))
+    run, pretraining = tmp_path / "run", tmp_path / "run" / "study" / name / "pretrain"
+    address = ray.get_runtime_context().gcs_address
+    command = [*VITPIPE, "run", str(path), "--run-dir", str(run), "--address", address, "--point", name]
+    # SIGINT as it pretrains; then SIGTERM to the relaunch, whose steps before the point are cached (Ray
+    # is joined just before the point starts, and must not take the SIGTERM handler over)
+    stops = [
+        _stop_and_check(command, pretraining, run, name, stop_signal, tmp_path / f"stderr{number}.txt")
+        for number, stop_signal in enumerate((signal.SIGINT, signal.SIGTERM))
+    ]
+    stopped = stops[-1]
 
     job["study"]["steps"] = stopped + 4
     path.write_text(yaml.safe_dump(job))
@@ -702,8 +723,8 @@ def test_a_signalled_study_point_checkpoints_its_step_says_how_to_go_on_and_resu
     assert again.returncode == 0, again.stderr[-3000:]
     records = read_records(str(pretraining))
     resumed = [r for r in records if r.get("event") == "resumed"]
-    assert [r["step"] for r in resumed] == [stopped]
-    after = [r["step"] for r in records[records.index(resumed[0]) :] if "loss" in r]
+    assert [r["step"] for r in resumed] == stops  # each launch went on where the one before stopped
+    after = [r["step"] for r in records[records.index(resumed[-1]) :] if "loss" in r]
     assert after[0] > stopped  # none redone
     assert after[-1] == stopped + 4
     assert json.loads((run / "study" / name / "point.json").read_text())["steps"] == stopped + 4

@@ -451,23 +451,29 @@ def _run_concurrently(
     reports: list[StepReport] = []
     pending: dict[Any, _Started] = {}
     controls: dict[Any, Any] = {}  # each started step's RunControl, read by the signal handler as it comes
+    startable: list[_Started] = []  # past their cache check: submitted once Ray is up and signals held
     stage, layout = group[0].stage, context.plan.layout
-    with (
-        log_to(Path(layout.logs) / f"{stage}.log", f"{len(group)} {stage} steps {_now()}"),
-        stop_on_signals(controls.values(), stage, POINTS_STOP) as received,
-    ):
+    with log_to(Path(layout.logs) / f"{stage}.log", f"{len(group)} {stage} steps {_now()}"):
         for step in group:
-            if received or summary.failed or any(dep not in fingerprints for dep in step.depends):
+            if summary.failed or any(dep not in fingerprints for dep in step.depends):
                 reports.append(StepReport(step.id, "not run"))
                 continue
             started = _start(context, step, fingerprints, externals[step.id], options.redo(step.stage))
             if isinstance(started, StepReport):
                 reports.append(started)
-                continue
-            submit, _ = CONCURRENT_RUNNERS[step.stage]
-            ref, control = submit(context, step, started.clear)
-            pending[ref], controls[ref] = started, control
-        stopped = _collect_concurrently(context, pending, reports, fingerprints)
+            else:
+                startable.append(started)
+        if startable:  # Ray first: ray.init puts a SIGTERM handler of its own over whatever was there
+            context.ensure_ray()
+        with stop_on_signals(controls.values(), stage, POINTS_STOP) as received:
+            for started in startable:
+                if received:  # stopped before it was submitted: its "running" record resumes it next time
+                    reports.append(StepReport(started.step.id, "not run"))
+                    continue
+                submit, _ = CONCURRENT_RUNNERS[started.step.stage]
+                ref, control = submit(context, started.step, started.clear)
+                pending[ref], controls[ref] = started, control
+            stopped = _collect_concurrently(context, pending, reports, fingerprints)
     if received or stopped:
         done = sum(1 for report in reports if report.status in ("ran", "resumed"))
         raise TrainingStopped(
