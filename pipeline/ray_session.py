@@ -71,6 +71,11 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
     Ray itself retries an unreachable GCS for well over a minute before giving up.
     """
+    if address.startswith(("http://", "https://")):
+        raise ConnectionError(
+            f"{address} is a dashboard's address (the Jobs API of submit, jobs and status); this command "
+            "joins the cluster itself: HEAD:6379, or ray://HEAD:10001 from outside it"
+        )
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         return  # "auto", "local" and other forms Ray resolves itself

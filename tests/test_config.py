@@ -282,6 +282,11 @@ def test_a_sweep_that_cannot_be_chosen_from_is_refused(tmp_path, finetune, messa
             "preprocess.corpus.patch_size is not set and no model of this job reads 'corpus'",
         ),
         (
+            {"preprocess": {"ok": {"image_size": 32}}, "finetune": {"targets": ["ok"], "weights": "/w"}},
+            "preprocess.ok.patch_size is not set, and the job has no pretrain model to take it from "
+            "(finetune.weights are read only when it runs); set it to the weights' patch size",
+        ),
+        (
             {"pretrain": {"data": "x", "model": {"variant": "Ti/16", "patch_size": 8}}},
             "variant 'Ti/16' and patch_size 8 disagree: set one",
         ),

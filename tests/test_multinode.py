@@ -56,6 +56,8 @@ def test_unreachable_address_is_a_clear_error(tmp_path):
     result = run_vitpipe("datasets", "digits", str(out), "--address", "127.0.0.1:1", timeout=120)
     assert result.returncode == 1
     assert "cannot reach the Ray cluster at '127.0.0.1:1'" in result.stderr
+    dashboard = run_vitpipe("info", "--address", "http://127.0.0.1:1", timeout=120)
+    assert "http://127.0.0.1:1 is a dashboard's address" in dashboard.stdout  # not a name lookup's error
     assert not out.exists()
 
 

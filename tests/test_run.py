@@ -392,7 +392,9 @@ def test_a_changed_setting_or_a_forced_stage_redoes_only_what_depends_on_it(ray_
     (bogus / "config.json").write_text("{}")
     target = f"digits={run / 'patches' / 'digits'}"
     assert main(["finetune", str(path), "--target", target, "--weights", str(bogus)]) == 1
-    assert "neither a vitpipe model" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "neither a vitpipe model" in said.err
+    assert "(a side command of run 'data-only') FAILED in" in said.out
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
     assert statuses(run) == {"datasets:digits": "cached"}
     (side,) = [name for name in os.listdir(run / "stages") if name.startswith("finetune.out-")]

@@ -459,8 +459,22 @@ def test_the_advice_to_start_afresh_changes_what_decides_the_run_folder(tmp_path
     path = write_job(tmp_path, JOB)  # run_dir set
     assert afresh_advice(load_plan(path)) == "set the job's run_dir to another folder"
     assert afresh_advice(load_plan(path, str(tmp_path / "other"))) == "run it with another --run-dir"
+    assert afresh_advice(load_plan(path, str(tmp_path / "run"))) == "run it with another --run-dir"  # its own
     (tmp_path / "named.yaml").write_text(yaml.safe_dump(JOB))  # no run_dir: runs/NAME
     assert "give the job another name" in afresh_advice(load_plan(tmp_path / "named.yaml"))
     stored = changed(pretrain={**JOB["pretrain"], "storage_path": str(tmp_path / "store")})
     (tmp_path / "stored.yaml").write_text(yaml.safe_dump(stored))
     assert "pretrain.storage_path/NAME" in afresh_advice(load_plan(tmp_path / "stored.yaml"))
+
+
+def test_a_job_file_kept_in_a_run_folder_acts_on_that_folder_wherever_it_moved(tmp_path):
+    """`vitpipe finetune MOVED/job.yaml`: the run folder is the one the job file is kept in, not the
+    run_dir the job names (where the folder was before it moved)."""
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "job.yaml").write_text(yaml.safe_dump({**JOB, "run_dir": str(tmp_path / "run")}))
+    assert load_plan(moved / "job.yaml").layout.root == str(tmp_path / "run")  # no run.json: the job's own
+    (moved / "run.json").write_text("{}")
+    plan = load_plan(moved / "job.yaml")
+    assert (plan.layout.root, plan.run_dir_given) == (str(moved), True)
+    assert plan.step("finetune").output == str(moved / "transfer")

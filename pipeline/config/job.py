@@ -127,6 +127,12 @@ class PipelineConfig(Section):
                 continue
             readers = self.models_reading(name)
             sizes = [model.reads_patch_size for model in readers if model.reads_patch_size is not None]
+            targets = self.finetune.targets if self.finetune is not None else []
+            if not sizes and self.pretrain is None and name in targets:
+                raise ValueError(
+                    f"preprocess.{name}.patch_size is not set, and the job has no pretrain model to take it "
+                    "from (finetune.weights are read only when it runs); set it to the weights' patch size"
+                )
             if not sizes:
                 why = "only a BiT, which reads any patch size," if readers else "no model of this job"
                 raise ValueError(

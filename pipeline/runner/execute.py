@@ -27,7 +27,7 @@ from pipeline.console import ANSI, log_to, say, session
 from pipeline.metrics import format_seconds
 from pipeline.pretrain.control import TrainingStopped, stop_on_signals
 from pipeline.pretrain.plan import plan_pretrain
-from pipeline.runner.layout import JOB_FILE, run_layout
+from pipeline.runner.layout import JOB_FILE
 from pipeline.runner.lock import RUN_FILE, run_lock
 from pipeline.runner.plan import EVALUATE, JobPlan, RunOptions, StageOptions, Step, load_plan
 from pipeline.runner.preflight import check_before_run
@@ -87,9 +87,10 @@ class RunSummary:
     def summary(self) -> str:
         layout = self.plan.layout
         verdict = "FAILED" if self.failed else "finished"
-        lines = [
-            f"run {self.plan.job.name!r} {verdict} in {format_seconds(self.seconds)}; folder {layout.root}"
-        ]
+        side = [step.step for step in self.steps if is_side(step.step)]
+        what = f"{', '.join(side)} (a side command of run {self.plan.job.name!r})" if side else "run"
+        name = "" if side else f" {self.plan.job.name!r}"
+        lines = [f"{what}{name} {verdict} in {format_seconds(self.seconds)}; folder {layout.root}"]
         counts = {s: sum(1 for r in self.steps if r.status == s) for s in STATUSES}
         lines.append("  steps: " + ", ".join(f"{n} {status}" for status, n in counts.items() if n))
         if Path(layout.report).is_file():
@@ -302,9 +303,8 @@ def _take_cached_inputs(plan: JobPlan, steps: list[Step], fingerprints: dict[str
             done = key_matches(record, step.settings, upstream, external, plan.layout.root)
         if not done:
             state = "has not run" if record is None else "is not done with these settings"
-            # a run folder given on the command line (not the job's own) goes into the command to run
-            own = run_layout(plan.job).root == plan.layout.root
-            folder = "" if own else f" --run-dir {shlex.quote(plan.layout.root)}"
+            # a run folder given to the command (not the job's own) goes into the command to run
+            folder = f" --run-dir {shlex.quote(plan.layout.root)}" if plan.run_dir_given else ""
             raise ConfigError(
                 f"{plan.source}: {step.id} {state} in {plan.layout.root}; run "
                 f"`vitpipe run {plan.source}{folder} --until {step.stage}` first"

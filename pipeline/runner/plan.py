@@ -24,7 +24,8 @@ from pipeline.config import (
     load_yaml,
     validate,
 )
-from pipeline.runner.layout import RunLayout, run_layout
+from pipeline.runner.layout import JOB_FILE, RunLayout, run_layout
+from pipeline.runner.lock import RUN_FILE
 from pipeline.runner.records import side_item
 from pipeline.storage import basename
 from pipeline.study.plan import point_settings, study_job, study_points
@@ -68,6 +69,7 @@ class JobPlan:
     source: str  # the job file, for messages
     layout: RunLayout
     steps: list[Step] = field(default_factory=list)
+    run_dir_given: bool = False  # the run folder is the command's (--run-dir, RUN/job.yaml), not the job's
 
     def step(self, step_id: str) -> Step:
         return next(step for step in self.steps if step.id == step_id)
@@ -138,6 +140,8 @@ def load_plan(
     (NAME: the file's stem), as `vitpipe pretrain` has always put it."""
     source = str(job_path)
     data = load_yaml(job_path)
+    run_dir = run_dir or _run_folder_holding(job_path)
+    given = run_dir is not None
     if isinstance(data, dict) and "pretrain" not in data and "data" in data:
         pretrain = validate(data, PretrainConfig, source)
         name = stage.name or Path(job_path).stem
@@ -149,7 +153,15 @@ def load_plan(
     else:
         job = _with_stage_options(validate(data, PipelineConfig, source), stage)
     layout = run_layout(job, run_dir)
-    return plan_job(job, source, layout, _variant_output(stage, layout, evaluate), evaluate=evaluate)
+    plan = plan_job(job, source, layout, _variant_output(stage, layout, evaluate), evaluate=evaluate)
+    return replace(plan, run_dir_given=given)
+
+
+def _run_folder_holding(job_path: str | Path) -> str | None:
+    """The run folder a job file is kept in (RUN/job.yaml beside RUN/run.json): a command given it acts on
+    that folder, wherever it has moved since; None for a job file anywhere else."""
+    path = Path(job_path)
+    return str(path.parent) if path.name == JOB_FILE and (path.parent / RUN_FILE).is_file() else None
 
 
 def _variant_output(stage: StageOptions, layout: RunLayout, evaluate: bool) -> Overrides:
@@ -432,7 +444,7 @@ def afresh_advice(plan: JobPlan) -> str:
     job = plan.job
     if job.pretrain is not None and job.pretrain.storage_path:
         return "give the job another name (its run is pretrain.storage_path/NAME)"
-    if run_layout(job).root != plan.layout.root:
+    if plan.run_dir_given:
         return "run it with another --run-dir"
     if job.run_dir:
         return "set the job's run_dir to another folder"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,7 +64,10 @@ def token_source() -> str | None:
 
 def use_token_if_present() -> None:
     """Turn Ray's token mode on for this process when a token is at hand (Ray sends it only in token
-    mode). Ray reads the mode once, when it is first imported: call this before anything imports ray."""
+    mode). Ray reads the mode once, when it is first imported: once it is, setting it would only reach the
+    processes started from here (a local Ray's servers), at odds with this one."""
+    if "ray" in sys.modules:
+        return
     if os.environ.get("RAY_AUTH_MODE") is None and token_source() is not None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
