@@ -63,7 +63,7 @@ def test_inputs_that_name_no_shard_are_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file or directory"):
         list_shards(str(tmp_path / "absent"))
     touch(tmp_path / "readme.txt")
-    looking = r"no shards found \(looking for .tar, .tar.gz, .tgz, .tar.bz2, .tbz2, .tar.xz, .txz files, in"
+    looking = r"no shards found \(looking for .tar, .tar.gz, .tgz, .tar.bz2, .tbz2, .tar.xz, .txz, .tar.zst"
     with pytest.raises(FileNotFoundError, match=looking):
         list_shards(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no shards found"):
