@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -43,11 +45,24 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
         ) from error
     try:
         ray.init(address=address, **options)
+        interrupt_on_sigterm()
     except ConnectionError as error:  # Ray's own message names the head's internal address: left out
         raise ConnectionError(
             f"the Ray cluster at {address!r} answers but did not let this process join: {_auth_hint()}"
         ) from error
     return _describe()
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM stops this driver as Ctrl-C does (KeyboardInterrupt: a run is recorded "interrupted", its
+    tracking KILLED, with a word on the console), in place of the handler ray.init installs, which exits
+    at once (a run then stayed "failed" and silent). Pretraining's clean stop installs its own over it."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupted)
+
+
+def _interrupted(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
 
 
 def _auth_hint() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from pipeline.analysis.subjects import ANALYSIS_FILE
 from pipeline.cli import main
 from pipeline.config import digest, load_config
 from pipeline.pretrain.checkpoints import step_of
+from pipeline.ray_session import interrupt_on_sigterm
 from pipeline.runner import lock as lock_module
 from pipeline.runner import records as records_module
 from pipeline.runner.execute import _pretrain_lock, run_job
@@ -31,7 +33,14 @@ from pipeline.runner.plan import (
     plan_job,
     target_name,
 )
-from pipeline.runner.records import key_matches, read_record, step_key, tree_fingerprint, write_record
+from pipeline.runner.records import (
+    is_side,
+    key_matches,
+    read_record,
+    step_key,
+    tree_fingerprint,
+    write_record,
+)
 from pipeline.runner.report import _transfer_section
 from pipeline.runner.stages import RUNNERS, outputs_present
 from pipeline.storage import join, resolve_all, url_of
@@ -424,6 +433,8 @@ def test_a_lock_being_written_is_not_taken_for_a_stale_one(tmp_path):
 
 
 def test_continue_with_leaves_out_the_options_that_would_redo_the_stopped_work():
+    assert going_on(["pretrain", "j.yaml", "--force", "pretrain"]) == ["pretrain", "j.yaml"]
+    assert going_on(["pretrain", "j.yaml", "--force", "--name", "n"]) == ["pretrain", "j.yaml", "--name", "n"]
     assert going_on(["run", "j.yaml", "--force", "study", "--point", "p1"]) == [
         "run",
         "j.yaml",
@@ -478,3 +489,30 @@ def test_a_job_file_kept_in_a_run_folder_acts_on_that_folder_wherever_it_moved(t
     plan = load_plan(moved / "job.yaml")
     assert (plan.layout.root, plan.run_dir_given) == (str(moved), True)
     assert plan.step("finetune").output == str(moved / "transfer")
+
+
+def test_sigterm_once_ray_is_joined_stops_a_run_as_interrupted(tmp_path, monkeypatch, capsys):
+    """ray.init's own SIGTERM handler exits at once (the run stayed "failed", without a word); vitpipe's,
+    installed after it, stops the run as Ctrl-C does."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def terminated(*_):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises in this thread before this ends
+        raise AssertionError("SIGTERM did not interrupt the step")
+
+    monkeypatch.setitem(RUNNERS, "datasets", terminated)
+    try:
+        interrupt_on_sigterm()
+        assert main(["run", str(write_job(tmp_path, JOB))]) == 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert "vitpipe: stopped by SIGTERM" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "interrupted"
+
+
+def test_only_a_finetune_or_evaluate_item_is_a_side_command():
+    assert is_side("finetune:out-1a2b3c4d")
+    assert is_side("evaluate:out-1a2b3c4d")
+    assert not is_side("preprocess:out-cifar")  # a name the job chose
+    assert not is_side("finetune")

@@ -33,7 +33,7 @@ from pipeline.runner.execute import point_steps
 from pipeline.runner.plan import RunOptions, load_plan
 from pipeline.runner.records import write_record
 from pipeline.runner.stages import collect_study_point, finished_points
-from pipeline.study.launch import PointSettings, _pretrain, run_point
+from pipeline.study.launch import PointSettings, _pretrain, run_point, submit_point
 from pipeline.study.plan import SCRATCH, Point, point_finetune, point_model, point_pretrain, study_job
 from pipeline.study.report import write_study_results
 from pipeline.study.slots import PretrainSlots
@@ -253,16 +253,17 @@ def test_study_sizes_beyond_the_corpus_are_refused_before_anything_runs_naming_i
         assert err.splitlines()[1:] == [f"  study.sizes[0]: Input should be {why}"]  # one error, not two
 
 
-def test_a_forced_point_discards_its_own_pretraining_run_first_and_nothing_else(tmp_path):
-    """`--force study` reaches a pretrained point's task as `clear`: its pretraining run's outputs go before
-    anything else is read (here the subset, which is missing: the task stops there), files of others stay;
-    without `clear` the run is kept to be resumed."""
+def test_a_forced_point_is_cleared_before_its_task_starts_and_nothing_else(ray_local, tmp_path):
+    """`--force study` clears a point on the driver as it is submitted: its pretraining run's outputs and
+    its fine-tuning results go before its task starts (a stop before the task got that far leaves nothing
+    old for the next run, which resumes), files of others stay; without `clear` all is kept to resume."""
     plan = load_plan(SMOKE, str(tmp_path / "run"))
     study, point = study_job(plan.job, plan.source), Point(100, "bit", 0)
-    storage = tmp_path / "point"
+    storage, out = tmp_path / "point", tmp_path / "out"
     for clear in (False, True):
         (storage / "pretrain" / "checkpoint_00000016").mkdir(parents=True, exist_ok=True)
         (storage / "pretrain" / "notes.txt").write_text("mine")
+        (out / "transfer" / "digits" / "pretrained").mkdir(parents=True, exist_ok=True)
         settings = PointSettings(
             point=point,
             model=point_model(study, point),
@@ -273,13 +274,15 @@ def test_a_forced_point_discards_its_own_pretraining_run_first_and_nothing_else(
             finetune=point_finetune(study, point),
             evaluate=None,
             targets={},
-            out=str(tmp_path / "out"),
+            out=str(out),
             clear=clear,
         )
-        with pytest.raises(ValueError, match=r"missing\.json: not a readable subset manifest"):
-            _pretrain(settings)
-        assert (storage / "pretrain" / "checkpoint_00000016").is_dir() != clear
+        ref = submit_point(settings, str(tmp_path / "run"))
+        assert (storage / "pretrain" / "checkpoint_00000016").is_dir() != clear  # before the task ran
+        assert (out / "transfer").is_dir() != clear
         assert (storage / "pretrain" / "notes.txt").read_text() == "mine"
+        with pytest.raises(ValueError, match=r"missing\.json: not a readable subset manifest"):
+            ray.get(ref)
 
 
 def point_settings_for(tmp_path: Path, point: Point, corpus: str, subset: str, **changes) -> PointSettings:

@@ -74,13 +74,14 @@ def _finetuned(
 
 
 def moved(recorded: str, marker: str, now: str) -> str:
-    """A local path an earlier command recorded (`OLD/.../digits/pretrained/lr-0.03/model`), found where its
-    folder (the one `marker` ends) is `now` when the run folder has moved since; else as recorded."""
+    """A local path an earlier command recorded (`OLD/.../digits/pretrained/lr-0.03/model`), read where its
+    folder (the one `marker` ends) is `now` when it is there (the run folder moved or was copied since);
+    else as recorded."""
     _, found, tail = recorded.rpartition(marker)
-    if "://" in recorded or not found or Path(recorded).exists():
+    if "://" in recorded or not found:
         return recorded
     here = join(now, tail)
-    return here if Path(here).exists() else recorded
+    return here if Path(here).exists() else recorded  # a copy's own models, not those of its original
 
 
 def _read_json(location: str) -> dict[str, Any]:

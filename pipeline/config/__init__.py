@@ -5,6 +5,7 @@ path named. Derived values (the recipe, the batch split, the worker group) belon
 
 from pipeline.config.base import DEFAULT_PATCH_SIZE, DEFAULT_RUNS, ConfigError, Section, digest
 from pipeline.config.data import (
+    IMAGE_EXTENSIONS,
     OUTPUT_NEUTRAL,
     DatasetConfig,
     DigitsConfig,
@@ -22,6 +23,7 @@ __all__ = [
     "DEFAULT_PATCH_SIZE",
     "DEFAULT_RUNS",
     "FINETUNE_OPERATIONAL",
+    "IMAGE_EXTENSIONS",
     "OUTPUT_NEUTRAL",
     "PRETRAIN_BUDGET",
     "PRETRAIN_OPERATIONAL",

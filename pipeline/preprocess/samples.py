@@ -15,6 +15,8 @@ from typing import BinaryIO
 
 from webdataset.tariterators import base_plus_ext
 
+from pipeline.config import IMAGE_EXTENSIONS
+
 _TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
 
 
@@ -104,16 +106,12 @@ def _is_meta(name: str) -> bool:
     return leaf.startswith("__") and leaf.split(".")[0].endswith("__")
 
 
-# Suffixes of image files: a member `KEY.N.png` holds an image whatever the image keys say.
-IMAGE_SUFFIXES = frozenset({"jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "gif", "tif", "tiff"})
-
-
 def dotted_images(members: dict[str, bytes], image_keys: tuple[str, ...]) -> list[str]:
     """The images of a sample that has none of `image_keys` but images behind a second dot (`0.png` of
     `cat.0.png`): members webdataset's key rule joined into one sample. Empty when an image is found."""
     if any(key in members for key in image_keys):
         return []
-    images = IMAGE_SUFFIXES | {key.rsplit(".", 1)[-1] for key in image_keys}
+    images = {*IMAGE_EXTENSIONS, *(key.rsplit(".", 1)[-1] for key in image_keys)}  # `KEY.N.png` is an image
     return sorted(ext for ext in members if "." in ext and ext.rsplit(".", 1)[1] in images)
 
 

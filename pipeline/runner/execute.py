@@ -473,9 +473,12 @@ def _run_concurrently(
                 submit, _ = CONCURRENT_RUNNERS[started.step.stage]
                 ref, control = submit(context, started.step, started.clear)
                 pending[ref], controls[ref] = started, control
+                if received:  # the signal came while it was being submitted, before the handler saw it
+                    control.request_stop.remote()
             stopped = _collect_concurrently(context, pending, reports, fingerprints)
     if received or stopped:
         done = sum(1 for report in reports if report.status in ("ran", "resumed"))
+        summary.steps += reports  # run.json lists what the group did before it stopped
         raise TrainingStopped(
             f"{stage}: stopped on request; {len(stopped)} step(s) stopped where the next run resumes them "
             f"(each said where above), {done} finished"

@@ -115,14 +115,16 @@ def stage_options(args: argparse.Namespace) -> StageOptions:
 def going_on(argv: list[str]) -> list[str]:
     """A stopped command's arguments less those that redo work (--from STAGE, --force), which would throw
     away the checkpoint it stopped at: following "continue with" resumes."""
-    takes_stage = argv[:1] in (["run"], ["submit"])  # `run --force STAGE`; elsewhere --force is a flag
+    command = argv[0] if argv else ""
+    takes_stage = command in ("run", "submit")  # `run --force STAGE`; `pretrain --force [pretrain]`
     kept, drop_next = [], False
     for arg in argv:
         name, equals, _ = arg.partition("=")
-        if drop_next:
+        if drop_next and (takes_stage or arg == command):
             drop_next = False
         elif name in ("--from", "--force"):
-            drop_next = not equals and (name == "--from" or takes_stage)
+            drop_next = not equals
         else:
+            drop_next = False
             kept.append(arg)
     return kept

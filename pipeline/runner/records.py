@@ -40,8 +40,10 @@ def side_item(out: str) -> str:
 
 
 def is_side(step_id: str) -> bool:
-    """Whether a step (`finetune:out-1a2b3c4d`) is a side command's, not one of the job's own."""
-    return step_id.partition(":")[2].startswith(SIDE_PREFIX)
+    """Whether a step (`finetune:out-1a2b3c4d`) is a side command's, not one of the job's own (whose finetune
+    and evaluate steps have no item: an item of another stage is a name the job chose, `out-` or not)."""
+    stage, _, item = step_id.partition(":")
+    return stage in ("finetune", "evaluate") and item.startswith(SIDE_PREFIX)
 
 
 def step_key(settings: dict[str, Any], upstream: dict[str, str], external: dict[str, str], root: str) -> str:

@@ -22,7 +22,7 @@ from pipeline.pretrain.checkpoints import is_run_output
 from pipeline.pretrain.control import TrainingStopped
 from pipeline.pretrain.launch import pretrain
 from pipeline.pretrain.plan import check_pretrain, worker_group
-from pipeline.storage import join, remove_entries, write_atomic
+from pipeline.storage import join, remove_entries, remove_folder, write_atomic
 from pipeline.study.plan import POINT_FILE, Point
 from pipeline.study.slots import pretrain_slots
 from pipeline.study.subsets import read_subset
@@ -50,7 +50,7 @@ class PointSettings:
     evaluate: EvaluateConfig | None
     targets: dict[str, str]
     out: str  # the point's folder
-    clear: bool  # redo: discard its pretraining run first
+    clear: bool  # redo: its old work is discarded (clear_point, on the driver) and none of it reused
     tracking: TrackingTarget = OFF  # the point's tracking run: its pretraining steps, its tasks as children
     control: Any = None  # its RunControl (pipeline.pretrain.control), which the driver asks to stop
 
@@ -58,9 +58,19 @@ class PointSettings:
 def submit_point(settings: PointSettings, run: str) -> ray.ObjectRef:
     """Start the point's task. It holds no CPU itself: what it runs (the Ray Train workers, the data
     readers, the fine-tuning tasks) asks Ray for its own resources and waits for them."""
+    if settings.clear:
+        clear_point(settings)
     slots = pretrain_slots(worker_group(settings.pretrain), run) if settings.pretrain is not None else None
     remote = ray.remote(run_point).options(num_cpus=0, name=f"study:{settings.point.name}", max_retries=0)
     return remote.remote(settings, slots)
+
+
+def clear_point(settings: PointSettings) -> None:
+    """A point redone (--force study, --from) starts from nothing: its pretraining run's outputs and its
+    fine-tuning results go, here on the driver before its task starts, so that a stop before the task got
+    that far leaves nothing old for the next run (which resumes: its "continue with" has no --force)."""
+    remove_entries(join(settings.storage, "pretrain"), is_run_output)
+    remove_folder(join(settings.out, "transfer"))
 
 
 def run_point(settings: PointSettings, slots: Any = None) -> dict[str, Any]:
@@ -124,8 +134,6 @@ def _pretrain(settings: PointSettings) -> dict[str, Any]:
     if config is None or settings.subset is None:
         raise ValueError(f"study point {settings.point.name}: pretrained, but no pretrain config or subset")
     run_dir = join(settings.storage, "pretrain")
-    if settings.clear:
-        remove_entries(run_dir, is_run_output)
     subset = read_subset(settings.subset)
     redo = f"--force study --point {settings.point.name}"
     beyond = f"raise the study's steps (or epochs) to go on from there, or redo the point with {redo}"
