@@ -532,8 +532,8 @@ def _write_run_file(plan: JobPlan, summary: RunSummary, status: str) -> None:
     if summary.single:
         if not steps:
             return
-        mine = {step["step"] for step in steps}
-        steps = [step for step in _listed_steps(path) if step["step"] not in mine] + steps
+        mine = {step["step"]: step for step in steps}  # in its place in the list, or added at its end
+        steps = [mine.pop(step["step"], step) for step in _listed_steps(path)] + list(mine.values())
         status = "running" if status == "running" else _merged_status(steps, status)
     document: dict[str, Any] = {
         "format": "vitpipe.run/1",
