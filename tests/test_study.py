@@ -279,10 +279,18 @@ def test_a_forced_point_is_cleared_before_its_task_starts_and_nothing_else(ray_l
         )
         ref = submit_point(settings, str(tmp_path / "run"))
         assert (storage / "pretrain" / "checkpoint_00000016").is_dir() != clear  # before the task ran
-        assert (out / "transfer").is_dir() != clear
+        assert (out / "transfer" / "digits" / "pretrained").is_dir() != clear
         assert (storage / "pretrain" / "notes.txt").read_text() == "mine"
         with pytest.raises(ValueError, match=r"missing\.json: not a readable subset manifest"):
             ray.get(ref)
+    # a (target, mode) folder holding a file vitpipe did not write refuses the redo; nothing goes
+    (storage / "pretrain" / "checkpoint_00000016").mkdir(parents=True)
+    (out / "transfer" / "digits" / "scratch").mkdir(parents=True)
+    (out / "transfer" / "digits" / "scratch" / "mine.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"scratch: holds files a vitpipe fine-tuning task did not"):
+        submit_point(settings, str(tmp_path / "run"))
+    assert (out / "transfer" / "digits" / "scratch" / "mine.txt").read_text() == "mine"
+    assert (storage / "pretrain" / "checkpoint_00000016").is_dir()
 
 
 def point_settings_for(tmp_path: Path, point: Point, corpus: str, subset: str, **changes) -> PointSettings:

@@ -22,12 +22,12 @@ from pipeline.pretrain.checkpoints import is_run_output
 from pipeline.pretrain.control import TrainingStopped
 from pipeline.pretrain.launch import pretrain
 from pipeline.pretrain.plan import check_pretrain, worker_group
-from pipeline.storage import join, remove_entries, remove_folder, write_atomic
+from pipeline.storage import join, remove_entries, write_atomic
 from pipeline.study.plan import POINT_FILE, Point
 from pipeline.study.slots import pretrain_slots
 from pipeline.study.subsets import read_subset
 from pipeline.tracking import OFF, TrackingTarget
-from pipeline.transfer.launch import transfer
+from pipeline.transfer.launch import clear_groups, transfer
 from pipeline.transfer.plan import plan_transfer
 from vit.build import build_model
 from vit.flops import train_flops
@@ -69,8 +69,8 @@ def clear_point(settings: PointSettings) -> None:
     """A point redone (--force study, --from) starts from nothing: its pretraining run's outputs and its
     fine-tuning results go, here on the driver before its task starts, so that a stop before the task got
     that far leaves nothing old for the next run (which resumes: its "continue with" has no --force)."""
+    clear_groups(join(settings.out, "transfer"))  # first: files of others there refuse the redo
     remove_entries(join(settings.storage, "pretrain"), is_run_output)
-    remove_folder(join(settings.out, "transfer"))
 
 
 def run_point(settings: PointSettings, slots: Any = None) -> dict[str, Any]:

@@ -44,6 +44,24 @@ class TransferResult:
         )
 
 
+def clear_groups(out: str) -> None:
+    """Remove every (target, mode) folder of the transfer folder `out`, what a redo must not reuse; one
+    holding files vitpipe did not write is refused (`_refuse_foreign`) before any folder goes."""
+    filesystem, root = resolve(out)
+    targets = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    groups = [
+        join(out, target.base_name, mode.base_name)
+        for target in targets
+        if target.type == pafs.FileType.Directory
+        for mode in filesystem.get_file_info(pafs.FileSelector(target.path))
+        if mode.type == pafs.FileType.Directory
+    ]
+    for group in groups:
+        _refuse_foreign(group)
+    for group in groups:
+        remove_folder(group)
+
+
 def _refuse_foreign(folder: str) -> None:
     """A (target, mode) folder is replaced only when it is vitpipe's: empty, holding the metrics a task
     writes first or the result.json written last, or the sweep's member folders, each of them a task's by
