@@ -27,6 +27,8 @@ from pipeline.tracking import NOT_METRICS, StepLogger, TrackingTarget
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 LOSS_PLOT = "loss.png"
+PROBES_PLOT = "probes.png"
+FEWSHOT_PREFIX = "fewshot/"  # a probe record's scores: fewshot/TARGET/Kshot (and ..._std)
 
 
 class MetricsLog:
@@ -45,15 +47,24 @@ class MetricsLog:
         self._board = SummaryWriter(str(self.local / TENSORBOARD_DIR), flush_secs=30)
         self._tracker = StepLogger(tracking) if tracking is not None and tracking.enabled else None
 
-    def write(self, record: dict[str, Any]) -> None:
-        """One step's metrics; every finite number also becomes a TensorBoard scalar at that step."""
+    def write(self, record: dict[str, Any], section: str = "train") -> None:
+        """One step's metrics; every finite number also becomes a TensorBoard scalar at that step, named
+        `SECTION/NAME`, and a tracked metric (named so outside the training section: `probe_raw/score`)."""
         self._jsonl.write(json.dumps(record) + "\n")
         step = record["step"]
         for name, value in record.items():
             if name not in NOT_METRICS and isinstance(value, int | float) and math.isfinite(value):
-                self._board.add_scalar(f"train/{name}", value, step)
+                self._board.add_scalar(f"{section}/{name}", value, step)
         if self._tracker is not None:
-            self._tracker.log(record)
+            named = (
+                record
+                if section == "train"
+                else {
+                    name if name in NOT_METRICS else f"{section}/{name}": value
+                    for name, value in record.items()
+                }
+            )
+            self._tracker.log(named)
 
     def event(self, name: str, **fields: Any) -> None:
         """A line that is not a step: start, resume, checkpoint, end."""
@@ -233,3 +244,79 @@ def plot_loss(records: list[dict[str, Any]], out: Path) -> Path:
             handles=lines, loc="lower center", bbox_to_anchor=(0.5, 1.02), ncols=len(lines), fontsize="small"
         )
     return out
+
+
+def probe_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The probes' records, the last written for each (kind, step) (a resumed run probes a step again)."""
+    latest = {(r["probe"], r["step"]): r for r in records if "probe" in r and "step" in r}
+    return [latest[key] for key in sorted(latest, key=lambda key: (key[1], key[0]))]
+
+
+def probe_series(record: dict[str, Any]) -> dict[tuple[str, int], float]:
+    """{(target, shots): validation top-1} of one probe record."""
+    series = {}
+    for name, value in record.items():
+        if name.startswith(FEWSHOT_PREFIX) and name.endswith("shot"):
+            target, shots = name[len(FEWSHOT_PREFIX) :].rsplit("/", 1)
+            series[target, int(shots[: -len("shot")])] = value
+    return series
+
+
+def probe_line(record: dict[str, Any]) -> str:
+    """`probe raw @ step 400: score 0.812, best 0.830 @ step 300 (digits 5-shot 0.701, 10-shot 0.812)`:
+    the console's and `vitpipe status`'s line of one probe."""
+    series = probe_series(record)
+    shown = ", ".join(
+        f"{target} {shots}-shot {value:.3f}" for (target, shots), value in sorted(series.items())
+    )
+    text = f"probe {record['probe']} @ step {record['step']:,}: score {record.get('score', float('nan')):.3f}"
+    if record.get("best_step") is not None:
+        text += f", best {record.get('best_score', float('nan')):.3f} @ step {record['best_step']:,}"
+    return text + (f" ({shown})" if shown else "")
+
+
+def plot_probes(records: list[dict[str, Any]], out: Path) -> Path | None:
+    """Few-shot validation top-1 against pretraining step (images seen on the top axis), one panel per
+    target, one colour per shot count, raw weights solid and EMA dashed; the best step of each kind is
+    marked. None when the run has no probe records."""
+    probes = probe_records(records)
+    if not probes:
+        return None
+    targets = sorted({target for record in probes for target, _ in probe_series(record)})
+    shots = sorted({count for record in probes for _, count in probe_series(record)})
+    colours = {count: f"C{index}" for index, count in enumerate(shots)}
+    layout = {"nrows": 1, "ncols": len(targets), "figsize": (4.5 * len(targets) + 1.5, 3.8), "squeeze": False}
+    with saved_figure(out, **layout) as (figure, axes):
+        for axis, target in zip(axes[0], targets, strict=True):
+            _probe_panel(axis, probes, target, shots, colours)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        axes[0][-1].legend(handles, labels, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small")
+        figure.suptitle("few-shot linear probes on validation splits while pretraining")
+    return out
+
+
+def _probe_panel(
+    axis: Any, probes: list[dict[str, Any]], target: str, shots: list[int], colours: dict[int, str]
+) -> None:
+    for kind, style in (("raw", "-"), ("ema", "--")):
+        mine = [r for r in probes if r["probe"] == kind]
+        for count in shots:
+            points = [(r["step"], probe_series(r).get((target, count))) for r in mine]
+            points = [(step, value) for step, value in points if value is not None]
+            if points:
+                steps, values = zip(*points, strict=True)
+                label = f"{count}-shot" + (" EMA" if kind == "ema" else "")
+                axis.plot(steps, values, style, marker=".", color=colours[count], label=label)
+        best = [r for r in mine if r.get("best_step") is not None]
+        if best:
+            axis.axvline(
+                best[-1]["best_step"], color="grey", linestyle=style, linewidth=1, label=f"best step ({kind})"
+            )
+    axis.set_title(target)
+    axis.set_xlabel("pretraining step")
+    axis.set_ylabel("validation top-1")
+    axis.set_ylim(0, 1)
+    per_step = next((r["images_seen"] / r["step"] for r in probes if r.get("images_seen") and r["step"]), 0)
+    if per_step:
+        top = axis.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda i: i / per_step))
+        top.set_xlabel("images seen")

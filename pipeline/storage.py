@@ -7,6 +7,7 @@ A location is a local path, a `file://` URL, or any URL pyarrow (s3://, gs://, h
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import posixpath
 import shutil
@@ -16,6 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -303,6 +305,22 @@ def write_atomic(location: str, content: str | bytes) -> None:
     data = content.encode() if isinstance(content, str) else content
     with atomic_file(location) as (filesystem, partial), filesystem.open_output_stream(partial) as stream:
         stream.write(data)
+
+
+def read_json(location: str) -> dict[str, Any] | None:
+    """The JSON object in a file (path or URL); None when there is no such file. A file that is not a
+    JSON object is an error naming it (a damaged record is not taken for a missing one)."""
+    filesystem, path = resolve(location)
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            value = json.loads(stream.read())
+    except FileNotFoundError:
+        return None
+    except ValueError as error:  # not JSON, or not UTF-8
+        raise ValueError(f"{location}: damaged, not valid JSON ({error})") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{location}: damaged, not a JSON object")
+    return value
 
 
 def local_folder(location: str, scratch: Path) -> Path:

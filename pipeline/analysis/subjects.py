@@ -4,13 +4,12 @@ weights, its folder under RUN/analysis and how the report names it."""
 
 from __future__ import annotations
 
-import json
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.storage import join, resolve
+from pipeline.storage import join, read_json
 
 PRETRAINED, FINETUNED = "pretrained", "fine-tuned"
 ANALYSIS_FILE = "analysis.json"  # a model's numbers in its folder; the index of them all in RUN/analysis
@@ -86,9 +85,4 @@ def moved(recorded: str, marker: str, now: str) -> str:
 
 def _read_json(location: str) -> dict[str, Any]:
     """A JSON file's content, or {} when there is none (a step that wrote nothing yet)."""
-    filesystem, path = resolve(location)
-    try:
-        with filesystem.open_input_stream(path) as stream:
-            return json.loads(stream.read())
-    except FileNotFoundError:
-        return {}
+    return read_json(location) or {}

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.config.base import Flag, Name, NonNegativeInt, PositiveInt, Section, StepBudget
 from pipeline.config.data import DatasetConfig, PreprocessConfig
 from pipeline.config.model import AnyModel
-from pipeline.config.pretrain import PretrainConfig
+from pipeline.config.pretrain import PretrainConfig, ProbeSection
 from pipeline.config.transfer import AnalyzeConfig, EvaluateConfig, FinetuneConfig
 
 
@@ -107,12 +107,47 @@ class PipelineConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _probes_have_targets(self) -> PipelineConfig:
+        probes = self.pretrain.eval if self.pretrain is not None else None
+        if probes is not None and probes.targets is None and self.finetune is None:
+            raise ValueError(
+                "pretrain.eval probes target datasets: set pretrain.eval.targets (preprocess entries or "
+                "patch folders) or add a finetune section, whose targets it probes"
+            )
+        resolved = self.probes()
+        if resolved is not None and resolved.select_shots not in (None, *(resolved.shots or ())):
+            raise ValueError(
+                f"pretrain.eval.select_shots {resolved.select_shots} is not one of the shots probed "
+                f"{list(resolved.shots or ())} (evaluate.shots unless pretrain.eval.shots is set)"
+            )
+        return self
+
+    def probes(self) -> ProbeSection | None:
+        """pretrain.eval with what it leaves unset taken from the job: the finetune targets, and the evaluate
+        section's shots, seeds and regularisation (a job writes them once)."""
+        probes = self.pretrain.eval if self.pretrain is not None else None
+        if probes is None:
+            return None
+        evaluate = self.evaluate or EvaluateConfig()
+        targets = self.finetune.targets if self.finetune is not None else None
+        return probes.model_copy(
+            update={
+                "targets": probes.targets or targets,
+                "shots": probes.shots or evaluate.shots,
+                "seeds": probes.seeds or evaluate.seeds,
+                "l2_regularization": probes.l2_regularization or evaluate.l2_regularization,
+            }
+        )
+
     def models_reading(self, entry: str) -> list[AnyModel]:
         """The model sections that read a preprocess entry: the pretrain model (or a study's models) for
         the pretraining data, the corpus and every finetune target."""
         if self.pretrain is None:
             return []
         targets = self.finetune.targets if self.finetune is not None else []
+        probed = self.pretrain.eval.targets if self.pretrain.eval is not None else None
+        targets = [*targets, *(probed or [])]
         corpus = (self.study.corpus or self.pretrain.data) if self.study is not None else self.pretrain.data
         if entry != corpus and entry not in targets:
             return []

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.config.base import (
     BatchSize,
     CropSection,
     Flag,
+    Float,
     Name,
     NonNegativeFloat,
     NonNegativeInt,
@@ -32,8 +33,12 @@ PRETRAIN_OPERATIONAL = frozenset({
     "data", "storage_path", "num_workers", "use_gpu", "cpus_per_worker", "data_threads",
     "placement", "micro_batch_size", "checkpoint_every", "keep_checkpoints", "max_failures",
     "log_every", "elastic_wait_s", "compile", "activation_checkpointing", "tf32", "overlap_comm",
-    "reduce_bucket_size", "allgather_bucket_size", "grad_reduce_dtype",
+    "reduce_bucket_size", "allgather_bucket_size", "grad_reduce_dtype", "checkpoint_async", "eval", "ema",
+    "export",
 })  # fmt: skip
+# Operational keys that change what the pretrain step writes (its probes, EMA weights and export), though
+# not the run: in the step's cache key, so a change reruns the step, which resumes the run.
+PRETRAIN_OUTPUTS = frozenset({"eval", "ema", "export"})
 # Keys of the data path before each worker read its own rows (Ray Data): refused, saying what replaced them.
 PRETRAIN_RETIRED = {
     "data_cpus": "replaced by data_threads (each worker reads its own rows with that many threads, "
@@ -43,6 +48,55 @@ PRETRAIN_RETIRED = {
 }
 # The budget: a relaunch with another one resumes the run and trains to the new end.
 PRETRAIN_BUDGET = frozenset({"steps", "epochs"})
+
+
+class ProbeSection(Section):
+    """Few-shot linear probes of the weights while pretraining runs (`pretrain.eval`), big_vision's
+    few-shot evaluators: every `every` steps, the current weights (and the EMA weights, with `ema`) are
+    probed on each target by ridge regression on frozen features, scored on a validation split carved from
+    the target's training data (never its test split), as Ray work beside the training group."""
+
+    every: StepBudget  # steps between probes
+    # Preprocessed patch directories, or in a job the names of preprocess entries; default: finetune.targets.
+    targets: list[str] | None = Field(None, min_length=1)
+    shots: tuple[PositiveInt, ...] | None = None  # default: the evaluate section's shots
+    seeds: PositiveInt | None = None  # draws of each shot count; default: the evaluate section's
+    l2_regularization: PositiveFloat | None = None  # default: the evaluate section's
+    val_fraction: Annotated[Float, Field(gt=0, lt=1)] = 0.1  # of each target's train split, held out
+    # The shot count whose validation top-1, averaged over the targets, picks the best step; default: the
+    # largest of `shots`.
+    select_shots: PositiveInt | None = None
+    batch_size: BatchSize = 256  # images per forward pass of a probe
+    cpus: PositiveFloat = 1.0  # what the probing actor takes of the cluster, beside the training group
+    gpus: NonNegativeFloat = 0.0
+
+    @field_validator("shots")
+    @classmethod
+    def _sorted_shots(cls, shots: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        return None if shots is None else tuple(sorted(set(shots)))
+
+    @model_validator(mode="after")
+    def _selected_shots_are_probed(self) -> ProbeSection:
+        if self.select_shots is not None and self.shots is not None and self.select_shots not in self.shots:
+            raise ValueError(f"select_shots {self.select_shots} is not one of shots {list(self.shots)}")
+        return self
+
+
+class EmaSection(Section):
+    """An exponential moving average of the weights (timm's `--model-ema`), kept in fp32 beside the
+    optimizer: every rank averages its own part of the master weights after every step, under any ZeRO
+    stage; saved in each checkpoint, resharded with it, probed and exported beside the raw weights."""
+
+    decay: Annotated[Float, Field(gt=0, lt=1)] = 0.9999
+
+
+class ExportSection(Section):
+    """Which weights the run's export holds (what fine-tuning reads): the last step's or the step the
+    probes scored best (`select: best` needs `eval`), raw or EMA (`weights: ema` needs `ema`); with EMA on,
+    the other kind is exported beside them."""
+
+    select: Literal["last", "best"] = "last"
+    weights: Literal["raw", "ema"] = "raw"
 
 
 class PretrainConfig(Section):
@@ -88,6 +142,9 @@ class PretrainConfig(Section):
     # file's rows in their order.
     shuffle_buffer: NonNegativeInt = 2048
     checkpoint_every: PositiveInt = 1000
+    # A checkpoint is copied to host memory while training waits, then written and uploaded in the
+    # background (false: written and uploaded before the next step, as before).
+    checkpoint_async: Flag = True
     keep_checkpoints: PositiveInt = 3
     max_failures: NonNegativeInt = 3  # worker-group restarts from the latest checkpoint before giving up
     log_every: PositiveInt = 10
@@ -104,6 +161,9 @@ class PretrainConfig(Section):
     reduce_bucket_size: int = 500_000_000  # elements per gradient reduction
     allgather_bucket_size: int | None = None  # per weight gather (stage 3: prefetch); None: DeepSpeed's
     deepspeed: dict[str, Any] = Field(default_factory=dict)
+    eval: ProbeSection | None = None  # few-shot probes while training runs; off by default
+    ema: EmaSection | None = None  # EMA weights; off by default
+    export: ExportSection = ExportSection()
 
     @model_validator(mode="before")
     @classmethod
@@ -132,6 +192,10 @@ class PretrainConfig(Section):
         if self.epochs is not None and "steps" in self.model_fields_set:
             raise ValueError("set either steps or epochs, not both")
         self.zero()  # the ZeRO settings' own checks (bucket sizes, derived raw keys)
+        if self.export.select == "best" and self.eval is None:
+            raise ValueError("export.select: best is the step the probes scored best: set eval: {every: N}")
+        if self.export.weights == "ema" and self.ema is None:
+            raise ValueError("export.weights: ema exports the EMA weights: set ema: {decay: 0.9999}")
         return self
 
     def _splits_on(self, workers: int) -> bool:

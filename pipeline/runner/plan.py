@@ -16,6 +16,7 @@ from pipeline.config import (
     DEFAULT_RUNS,
     FINETUNE_OPERATIONAL,
     PRETRAIN_OPERATIONAL,
+    PRETRAIN_OUTPUTS,
     ConfigError,
     FinetuneConfig,
     PipelineConfig,
@@ -254,7 +255,10 @@ def plan_job(
 
 def _pretrain_step(pretrain: PretrainConfig, job: PipelineConfig, source: str, layout: RunLayout) -> Step:
     # The budget stays in the key: a longer `steps` is more training (the step resumes the run to it).
-    settings = pretrain.model_dump(mode="json", exclude=PRETRAIN_OPERATIONAL)
+    settings = pretrain.model_dump(mode="json", exclude=PRETRAIN_OPERATIONAL - PRETRAIN_OUTPUTS)
+    probed, probe_depends, probe_external = _probe_targets(job, layout)
+    if probed is not None:
+        settings["eval"] = {**settings["eval"], **job.probes().model_dump(mode="json"), "targets": probed}
     if pretrain.data in job.preprocess:
         model, entry = pretrain.model, job.preprocess[pretrain.data]
         geometry = entry.geometry()
@@ -272,13 +276,41 @@ def _pretrain_step(pretrain: PretrainConfig, job: PipelineConfig, source: str, l
                 f"{source}: pretrain.model ({model.describe()}) does not fit preprocess.{pretrain.data}: "
                 + "; ".join(problems)
             )
-        return Step("pretrain", None, settings, (f"preprocess:{pretrain.data}",), output=layout.pretrain)
+        depends = (f"preprocess:{pretrain.data}", *probe_depends)
+        return Step("pretrain", None, settings, depends, probe_external, output=layout.pretrain)
     if pretrain.data in job.datasets:
         raise ConfigError(
             f"{source}: pretrain.data {pretrain.data!r} is a dataset, not preprocessed patches; add "
             f"preprocess.{pretrain.data} and train on that"
         )
-    return Step("pretrain", None, settings, external=(("patches", pretrain.data),), output=layout.pretrain)
+    external = (("patches", pretrain.data), *probe_external)
+    return Step("pretrain", None, settings, probe_depends, external, output=layout.pretrain)
+
+
+def _probe_targets(
+    job: PipelineConfig, layout: RunLayout
+) -> tuple[dict[str, str] | None, tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """The targets pretrain.eval probes, by name, as folders (a preprocess entry's in the run, or a location
+    outside it), with the steps and external folders the pretrain step then reads."""
+    probes = job.probes()
+    if probes is None:
+        return None, (), ()
+    folders: dict[str, str] = {}
+    for entry in probes.targets or ():
+        if entry in job.datasets and entry not in job.preprocess:
+            raise ConfigError(
+                f"pretrain.eval target {entry!r} is a dataset, not preprocessed patches; add "
+                f"preprocess.{entry}"
+            )
+        name = entry if entry in job.preprocess else target_name(entry)
+        if name in folders:
+            raise ConfigError(
+                f"pretrain.eval targets {folders[name]!r} and {entry!r} both go by the name {name!r}"
+            )
+        folders[name] = patches_of(entry, job, layout)
+    depends = tuple(f"preprocess:{entry}" for entry in folders if entry in job.preprocess)
+    external = tuple(("patches", folder) for name, folder in folders.items() if name not in job.preprocess)
+    return folders, depends, external
 
 
 def _transfer_step(

@@ -14,7 +14,7 @@ from pipeline.analysis.figures import PICTURES as MODEL_PICTURES
 from pipeline.analysis.subjects import ANALYSIS_FILE, PRETRAINED
 from pipeline.config import PretrainConfig
 from pipeline.datasets.card import read_card
-from pipeline.metrics import plot_loss, read_records, resizes
+from pipeline.metrics import PROBES_PLOT, plot_loss, plot_probes, probe_records, read_records, resizes
 from pipeline.preprocess.manifest import read_manifest
 from pipeline.pretrain.plan import worker_group
 from pipeline.runner.plan import JobPlan
@@ -207,8 +207,34 @@ def _pretrain_section(plan: JobPlan, config: PretrainConfig, pictures: Path) -> 
         f"{', '.join(f'{s:,}' for s in resumes) or '—'} |",
     ]
     plot_loss(records, pictures / "loss.png")
-    lines += ["", f"![pretraining loss]({PICTURES}/loss.png)", "", f"Run folder: `{plan.layout.pretrain}`."]
+    lines += ["", f"![pretraining loss]({PICTURES}/loss.png)", *_probes_lines(records, pictures)]
+    lines += ["", f"Run folder: `{plan.layout.pretrain}`."]
     return "\n".join(lines)
+
+
+def _probes_lines(records: list[dict[str, Any]], pictures: Path) -> list[str]:
+    """The transfer measured while pretraining ran: each kind's best step and the figure against step."""
+    if plot_probes(records, pictures / PROBES_PLOT) is None:
+        return []
+    lines = [
+        "",
+        "### Transfer while pretraining (few-shot probes on validation splits)",
+        "",
+        "| weights | probes | last step probed | last score | best step | best score |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for kind in ("raw", "ema"):
+        mine = [r for r in probe_records(records) if r["probe"] == kind]
+        if mine:
+            last = mine[-1]
+            lines.append(
+                f"| {kind} | {len(mine)} | {last['step']:,} | {last.get('score', float('nan')):.3f} | "
+                f"{last.get('best_step') or 0:,} | {last.get('best_score') or float('nan'):.3f} |"
+            )
+    metric = next((r.get("metric") for r in reversed(records) if r.get("metric")), None)
+    if metric:
+        lines += ["", f"Score: {metric}."]
+    return [*lines, "", f"![few-shot probes against step]({PICTURES}/{PROBES_PLOT})"]
 
 
 def _data_section(plan: JobPlan, pictures: Path) -> str:

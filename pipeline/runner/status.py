@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, load_config
-from pipeline.metrics import format_seconds, read_records, resizes
+from pipeline.metrics import format_seconds, probe_line, probe_records, read_records, resizes
 from pipeline.runner.layout import JOB_FILE, RunLayout, run_layout
 from pipeline.runner.lock import LOCK_FILE, RUN_FILE, lock_holder
 from pipeline.runner.records import is_side, record_path_name
@@ -111,7 +111,13 @@ def training_line(run_dir: str, live: bool = True) -> str | None:
     if live and total and recent and not finished and last["step"] < total:
         text += f", ETA {format_seconds(statistics.mean(recent) * (total - last['step']))}"
     resized = resizes(records)
-    return text + (f"; {resized}" if resized else "")
+    probes = probe_records(records)
+    latest = [
+        next(r for r in reversed(probes) if r["probe"] == kind)
+        for kind in ("raw", "ema")
+        if any(r["probe"] == kind for r in probes)
+    ]
+    return text + (f"; {resized}" if resized else "") + "".join(f"\n  {probe_line(r)}" for r in latest)
 
 
 def remote_status(client: Any, submission_id: str, address: str) -> str:
