@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import free_port
 from vit.bit import ResNetV2
 from vit.config import BiTConfig, ViTConfig
+from vit.ema import Ema
 from vit.engine import (
     build_engine,
     consolidated_state,
@@ -23,6 +24,14 @@ from vit.engine import (
     save_checkpoint,
     to_universal,
     train_micro_batch,
+)
+from vit.fragments import (
+    assemble,
+    gather_full,
+    load_fragments,
+    local_fragments,
+    parameter_shapes,
+    save_fragments,
 )
 from vit.loop import DataExhaustedError, Hooks, LoopEnd, Throughput, pretrain_loop
 from vit.model import VisionTransformer
@@ -275,6 +284,7 @@ def test_a_regroup_notice_checkpoints_and_ends_the_loop_there(one_rank_group, tm
 # ---------------------------------------------------------------- ZeRO state across group sizes
 
 RESHARD_STAGES = (1, 2, 3)
+EMA_DECAY = 0.9
 
 
 def _reshard_phase(
@@ -282,8 +292,10 @@ def _reshard_phase(
 ) -> None:
     """One group of `world` gloo ranks (a spawned process each): for every ZeRO stage, an engine loaded from
     the universal checkpoint `load` (or fresh) trains `steps` (global step numbers: the same 16 images for
-    a step on any number of ranks), saving `save` before the last of them. Rank 0 writes the full fp32
-    weights, gathered by DeepSpeed, after the load and the save and at the end."""
+    a step on any number of ranks), saving `save` before the last of them. Each rank keeps an EMA of its
+    fragments, updated after every step, saved as its rank file beside the checkpoint and loaded from all
+    the previous group's files. Rank 0 writes the full fp32 weights, gathered by DeepSpeed, and the full
+    EMA (`gather_full`) after the load and the save and at the end."""
     # DeepSpeed picks its accelerator when first imported: not as pytest collects this module, before
     # one_rank_group's DS_ACCELERATOR=cpu
     from deepspeed.utils import safe_get_full_fp32_param  # noqa: PLC0415
@@ -299,40 +311,57 @@ def _reshard_phase(
         }
     )
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    patches, labels = dataset()
     recipe = dataclasses.replace(RECIPE, batch=BatchSplit(16, MICRO, world), optimizer=Optimizer(lr=1e-2))
 
-    def dump(engine, name: str) -> None:
+    def dump(engine, ema: Ema, name: str) -> None:
         weights = {
             n: safe_get_full_fp32_param(p).detach().cpu().contiguous()
             for n, p in engine.module.named_parameters()
         }
+        averaged = gather_full(ema.pieces(), parameter_shapes(engine))
         if rank == 0:
             save_file(weights, Path(folder) / f"state-{name}.safetensors")
+            save_file(averaged, Path(folder) / f"ema-{name}.safetensors")
 
     for stage in RESHARD_STAGES:
         torch.manual_seed(stage)
         universal = load is not None
+        checkpoints = Path(folder) / f"zero-{stage}"
         engine = build_engine(VisionTransformer(TINY), recipe, Zero(stage), world, load_universal=universal)
         if universal:
             load_checkpoint(engine, Path(folder) / f"universal-{stage}", load)
-            dump(engine, f"{stage}-loaded-{load}")
+        ema = Ema(local_fragments(engine), EMA_DECAY)  # the fragments of the loaded engine
+        if universal:
+            files = sorted((checkpoints / load / "ema").glob("rank-*.safetensors"))
+            ema.load(assemble(load_fragments(files), parameter_shapes(engine)))
+            dump(engine, ema, f"{stage}-loaded-{load}")
         for step in steps:
             if save is not None and step == steps[-1]:
-                save_checkpoint(engine, Path(folder) / f"zero-{stage}", save, {"step": step})
-                dump(engine, f"{stage}-saved-{save}")
-            accumulation = recipe.batch.accumulation
-            for micro in range(accumulation):  # each rank its own rows of the step's 16 images
-                start = (step * 16 + (rank * accumulation + micro) * MICRO) % DATA_ROWS
-                rng = np.random.default_rng(0)
-                train_micro_batch(
-                    engine, patches[start : start + MICRO], labels[start : start + MICRO], recipe, rng
-                )
+                _save_with_ema(engine, ema, checkpoints, save, step, rank)
+                dump(engine, ema, f"{stage}-saved-{save}")
+            _train_step(engine, recipe, step, rank)
+            ema.update()
         if save is not None and not steps:
-            save_checkpoint(engine, Path(folder) / f"zero-{stage}", save, {"step": 0})
-        dump(engine, f"{stage}-end-{load or 'fresh'}")
+            _save_with_ema(engine, ema, checkpoints, save, 0, rank)
+        dump(engine, ema, f"{stage}-end-{load or 'fresh'}")
         dist.barrier()
     dist.destroy_process_group()
+
+
+def _train_step(engine, recipe: Recipe, step: int, rank: int) -> None:
+    """Global step `step` on this rank: its own rows of the step's 16 images, whatever the group's size."""
+    patches, labels = dataset()
+    accumulation = recipe.batch.accumulation
+    for micro in range(accumulation):
+        start = (step * 16 + (rank * accumulation + micro) * MICRO) % DATA_ROWS
+        rng = np.random.default_rng(0)
+        train_micro_batch(engine, patches[start : start + MICRO], labels[start : start + MICRO], recipe, rng)
+
+
+def _save_with_ema(engine, ema: Ema, checkpoints: Path, tag: str, step: int, rank: int) -> None:
+    save_checkpoint(engine, checkpoints, tag, {"step": step})
+    if ema.pieces().writes(rank):
+        save_fragments(checkpoints / tag / "ema" / f"rank-{rank:05d}.safetensors", ema.pieces())
 
 
 def _spawn_group(world: int, *args) -> None:
@@ -345,10 +374,11 @@ def test_zero_state_is_resharded_exactly_across_a_two_one_two_cycle(tmp_path):
     ZeRO 1, 2 and 3: two ranks train 3 steps, save, and train a 4th; one rank loads DeepSpeed's universal
     conversion of the save and saves again; two ranks load the conversion of that and train the 4th step.
     The weights are the saved ones after each load, and the 4th step lands exactly where the unbroken run's
-    did: Adam's moments and step count came through both reshards (lost moments change the update)."""
+    did: Adam's moments and step count came through both reshards (lost moments change the update). The
+    EMA, saved per rank and loaded by a group of another size, comes through the same way, exactly."""
 
     def state(name: str) -> dict[str, torch.Tensor]:
-        return load_file(tmp_path / f"state-{name}.safetensors")
+        return load_file(tmp_path / f"{name}.safetensors")
 
     _spawn_group(2, str(tmp_path), None, "two", range(4))
     for stage in RESHARD_STAGES:
@@ -358,12 +388,18 @@ def test_zero_state_is_resharded_exactly_across_a_two_one_two_cycle(tmp_path):
         to_universal(tmp_path / f"zero-{stage}", "one", tmp_path / f"universal-{stage}")
     _spawn_group(2, str(tmp_path), "one", None, range(3, 4))
     for stage in RESHARD_STAGES:
-        saved, unbroken = state(f"{stage}-saved-two"), state(f"{stage}-end-fresh")
+        saved, unbroken = state(f"state-{stage}-saved-two"), state(f"state-{stage}-end-fresh")
         assert not torch.equal(saved["head.weight"], unbroken["head.weight"])  # the 4th step moved them
+        ema_saved, ema_unbroken = state(f"ema-{stage}-saved-two"), state(f"ema-{stage}-end-fresh")
+        assert not torch.equal(ema_saved["head.weight"], ema_unbroken["head.weight"])
+        assert not torch.equal(ema_unbroken["head.weight"], unbroken["head.weight"])  # an average, not a copy
         pairs = {
-            "2->1 weights": (state(f"{stage}-loaded-two"), saved),
-            "1->2 weights": (state(f"{stage}-loaded-one"), saved),
-            "2->1->2 then a step": (state(f"{stage}-end-one"), unbroken),
+            "2->1 weights": (state(f"state-{stage}-loaded-two"), saved),
+            "1->2 weights": (state(f"state-{stage}-loaded-one"), saved),
+            "2->1->2 then a step": (state(f"state-{stage}-end-one"), unbroken),
+            "2->1 EMA": (state(f"ema-{stage}-loaded-two"), ema_saved),
+            "1->2 EMA": (state(f"ema-{stage}-loaded-one"), ema_saved),
+            "2->1->2 EMA then a step": (state(f"ema-{stage}-end-one"), ema_unbroken),
         }
         for what, (got, expected) in pairs.items():
             assert got.keys() == expected.keys()
