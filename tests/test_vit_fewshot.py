@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.linear_model import Ridge, RidgeClassifier
 
-from vit.fewshot import STD_EPSILON, fewshot_accuracy, fit_ridge, ridge_targets, sample_shots
+from vit.fewshot import STD_EPSILON, fewshot_accuracy, fewshot_scores, fit_ridge, ridge_targets, sample_shots
 
 
 def clustered_features(samples: int, dims: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,3 +73,17 @@ def test_too_few_examples_of_a_class_is_an_error_naming_it():
     labels = np.array([0] * 10 + [1] * 3)
     with pytest.raises(ValueError, match="class 1 has 3 training example"):
         sample_shots(labels, 2, 5, seed=0)
+
+
+def test_a_few_shot_table_scores_each_draw_on_the_given_evaluation_rows_alone():
+    features, labels = clustered_features(300, 8, classes=3, seed=5)
+    train_x, train_y, eval_x, eval_y = features[:200], labels[:200], features[200:], labels[200:]
+    draws = {shots: [sample_shots(train_y.numpy(), 3, shots, seed) for seed in (0, 1)] for shots in (2, 10)}
+    table = fewshot_scores(train_x, train_y, draws, eval_x, eval_y, 3, 1.0)
+    expected = {
+        shots: [fewshot_accuracy(train_x[rows], train_y[rows], eval_x, eval_y, 3, 1.0) for rows in seeded]
+        for shots, seeded in draws.items()
+    }
+    assert table == expected
+    wrong = fewshot_scores(train_x, train_y, draws, eval_x, (eval_y + 1) % 3, 3, 1.0)
+    assert max(max(scores) for scores in wrong.values()) < min(table[10])  # scored on the rows given

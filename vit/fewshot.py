@@ -7,6 +7,7 @@ penalty (the data are centred), as scikit-learn's `Ridge(fit_intercept=True)` do
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,3 +88,30 @@ def fewshot_accuracy(
     """Top-1 on the test features of a ridge probe fitted on the few-shot training features."""
     probe = fit_ridge(train_features, train_labels, num_classes, l2)
     return float((probe.predict(test_features) == test_labels.long()).double().mean())
+
+
+def fewshot_scores(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    draws: Mapping[int, Sequence[np.ndarray]],
+    eval_features: torch.Tensor,
+    eval_labels: torch.Tensor,
+    num_classes: int,
+    l2: float,
+) -> dict[int, list[float]]:
+    """A few-shot table scored on given evaluation rows (a validation split, or a test split): for every
+    shot count, the top-1 of a ridge probe fitted on each of its draws (rows of `features`, one per seed)."""
+    return {
+        shots: [
+            fewshot_accuracy(
+                features[torch.as_tensor(rows)],
+                labels[torch.as_tensor(rows)],
+                eval_features,
+                eval_labels,
+                num_classes,
+                l2,
+            )
+            for rows in seeded
+        ]
+        for shots, seeded in draws.items()
+    }

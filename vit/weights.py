@@ -169,9 +169,17 @@ def load_state(
 def load_pretrained(directory: str | Path, **overrides: Any) -> nn.Module:
     """A model from a vitpipe or HF folder; `overrides` (image_size, num_classes, ...) adapt it."""
     checkpoint = read_checkpoint(directory)
-    _refuse_fixed_changes(checkpoint.config, overrides, checkpoint.source)
-    target = checkpoint.config.replace(**overrides)
-    state, notes = adapt_state_dict(checkpoint.state, checkpoint.config, target, checkpoint.source)
+    return adapted_model(checkpoint.state, checkpoint.config, checkpoint.source, **overrides)
+
+
+def adapted_model(
+    state: dict[str, torch.Tensor], config: Architecture, source: str, **overrides: Any
+) -> nn.Module:
+    """A model from weights in memory saved under `config` (`source` names them in errors), adapted by
+    `overrides` as `load_pretrained` adapts a folder's: what probing weights during pretraining needs."""
+    _refuse_fixed_changes(config, overrides, source)
+    target = config.replace(**overrides)
+    state, notes = adapt_state_dict(state, config, target, source)
     model = build_model(target)
     # The head and pre-logits layer may be absent (dropped above, or a headless HF ViTModel checkpoint):
     # they keep the model's own initialisation, a zero head.
@@ -179,9 +187,9 @@ def load_pretrained(directory: str | Path, **overrides: Any) -> nn.Module:
     fresh = frozenset(key for key in HEAD_KEYS + PRE_LOGITS_KEYS if key in own and key not in state)
     if fresh and not notes:
         notes.append(f"initialised afresh (absent from the checkpoint): {sorted(fresh)}")
-    load_state(model, state, checkpoint.source, fresh=fresh)
+    load_state(model, state, source, fresh=fresh)
     for note in notes:
-        log.info("%s: %s", checkpoint.source, note)
+        log.info("%s: %s", source, note)
     return model
 
 

@@ -1,0 +1,107 @@
+"""The workers' side of the probes (`pretrain.eval`): at a probe step every rank hands its part of the
+weights (raw, and EMA when kept) to rank 0, which submits the full fp32 state to the run's Prober actor
+(`pipeline.pretrain.probes`) and records each result as it comes back. Training waits for the hand-over
+only (a copy and a gather), never for a probe: results are collected at later steps without waiting, and
+once at the end of the launch, with waiting, so that none is lost.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import torch.distributed as dist
+
+from pipeline.console import say
+from pipeline.metrics import MetricsLog, probe_line
+from vit.fragments import Fragments, gather_full
+
+# Probes of one kind in flight at most: a probe step that finds them all still running is skipped (and
+# said), so that a prober slower than the probe cadence never holds more weights than this in memory.
+MAX_PENDING = 2
+
+
+@dataclass(frozen=True)
+class ProbeCadence:
+    """When to probe: every `every` steps and at the run's last step; `images_per_step` turns a step into
+    images seen (the global batch)."""
+
+    every: int
+    total_steps: int
+    images_per_step: int
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.total_steps
+
+
+class ProbeClient:
+    """Every rank makes one; rank 0's (`log` given) submits and records. `prober` is None when the run
+    has no probes (then every call does nothing)."""
+
+    def __init__(
+        self,
+        prober: Any,
+        cadence: ProbeCadence | None,
+        shapes: dict[str, Any],
+        log: MetricsLog | None,
+    ) -> None:
+        self.prober, self.cadence, self.shapes, self.log = prober, cadence, shapes, log
+        self.pending: deque[tuple[str, int, ray.ObjectRef]] = deque()
+
+    def after_step(self, step: int, weights: dict[str, Fragments]) -> None:
+        """At a probe step, hand each kind of weights (`{"raw": ..., "ema": ...}`) over (a collective:
+        every rank calls it at every step); then record whatever results have come back."""
+        if self.prober is None or self.cadence is None:
+            return
+        self.collect(wait=False)
+        if self.cadence.due(step):
+            busy = self._busy() if self.log is not None else False
+            if _agreed_on_rank_zero(busy):
+                say(
+                    f"pretrain: probe at step {step:,} skipped: {MAX_PENDING} earlier probes still run "
+                    "(raise pretrain.eval.every, or pretrain.eval.cpus/gpus)",
+                    err=True,
+                )
+            else:
+                for kind, fragments in weights.items():
+                    self._submit(step, kind, gather_full(fragments, self.shapes))
+
+    def _busy(self) -> bool:
+        kinds = [kind for kind, _, _ in self.pending]
+        return any(kinds.count(kind) >= MAX_PENDING for kind in set(kinds))
+
+    def _submit(self, step: int, kind: str, state: dict[str, Any] | None) -> None:
+        if self.log is None or state is None:
+            return
+        images = step * self.cadence.images_per_step if self.cadence else 0
+        self.pending.append((kind, step, self.prober.probe.remote(step, images, kind, state)))
+
+    def collect(self, *, wait: bool) -> None:
+        """Record the probes that have finished, in the order they were submitted; with `wait`, every one
+        (the end of a launch). A probe that failed is said and recorded as an event; training goes on."""
+        if self.log is None:
+            return
+        while self.pending:
+            kind, step, ref = self.pending[0]
+            ready, _ = ray.wait([ref], timeout=None if wait else 0)
+            if not ready:
+                return
+            self.pending.popleft()
+            try:
+                record = ray.get(ref)
+            except (ray.exceptions.RayError, ValueError, RuntimeError) as error:
+                reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+                self.log.event("probe_failed", step=step, probe=kind, error=reason)
+                say(f"pretrain: the {kind} probe of step {step:,} failed: {reason}", err=True)
+                continue
+            self.log.write(record, section=f"probe_{kind}")
+            say(f"pretrain: {probe_line(record)}")
+
+
+def _agreed_on_rank_zero(flag: bool) -> bool:
+    """Rank 0's answer on every rank (only rank 0 knows what is in flight)."""
+    holder = [flag]
+    dist.broadcast_object_list(holder, src=0)
+    return bool(holder[0])
