@@ -376,3 +376,14 @@ def test_a_quoted_number_or_flag_that_was_once_accepted_is_told_what_to_write(tm
 def test_an_unquoted_exponent_is_a_number(tmp_path):
     config = load_config(write(tmp_path, GOOD_JOB.replace("lr: 1e-3", "lr: 3E-4")))
     assert config.pretrain.optimizer.lr == pytest.approx(3e-4)
+
+
+def test_a_study_refuses_probes_its_points_would_not_run(tmp_path):
+    job = yaml.safe_load(GOOD_JOB)
+    job["pretrain"].pop("model")
+    job["pretrain"]["eval"] = {"every": 10}
+    job["study"] = {
+        "sizes": [100],
+        "models": {"ti": {"variant": "Ti/4", "width": 32, "depth": 1, "heads": 1}},
+    }
+    assert "a study's points do not probe while they pretrain" in errors_of(tmp_path, yaml.safe_dump(job))

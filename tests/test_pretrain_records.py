@@ -18,7 +18,16 @@ from matplotlib.transforms import Bbox
 from tensorboardX.proto.event_pb2 import Event
 
 import pipeline.metrics
-from pipeline.metrics import MetricsLog, ProgressLine, format_seconds, plot_loss, read_records
+from pipeline.metrics import (
+    MetricsLog,
+    ProgressLine,
+    format_seconds,
+    plot_loss,
+    plot_probes,
+    probe_line,
+    probe_records,
+    read_records,
+)
 from pipeline.pretrain.checkpoints import (
     META_FILE,
     checkpoint_dir_name,
@@ -60,6 +69,51 @@ def test_a_step_record_s_wall_time_is_kept_but_not_plotted(tmp_path):
     scalars = tensorboard_scalars(next((tmp_path / "tensorboard").glob("events.out.tfevents.*")))
     assert scalars["train/workers"] == [(1, 2.0)]
     assert "train/time" not in scalars
+
+
+def probe_record(kind: str, step: int, score: float, best_step: int) -> dict:
+    return {
+        "probe": kind,
+        "step": step,
+        "images_seen": step * 32,
+        "fewshot/digits/1shot": score / 2,
+        "fewshot/digits/1shot_std": 0.01,
+        "fewshot/digits/5shot": score,
+        "fewshot/digits/5shot_std": 0.02,
+        "score": score,
+        "best_step": best_step,
+        "best_score": score,
+    }
+
+
+def test_probe_records_are_their_own_section_in_tensorboard_and_a_figure_against_step(tmp_path):
+    """Probe results keep their kind apart from training's numbers (`probe_ema/score`, not `train/score`);
+    the figure draws each target's shot counts against step, and a step probed again after a resume is
+    drawn once, with its last value."""
+    with closing(MetricsLog(str(tmp_path))) as log:
+        log.write(step_record(10, 2.0))
+        for kind in ("raw", "ema"):
+            log.write(probe_record(kind, 10, 0.5, 10), section=f"probe_{kind}")
+            log.write(probe_record(kind, 20, 0.7, 20), section=f"probe_{kind}")
+        log.write(probe_record("raw", 20, 0.6, 10), section="probe_raw")  # a resumed run probed 20 again
+    scalars = tensorboard_scalars(next((tmp_path / "tensorboard").glob("events.out.tfevents.*")))
+    assert scalars["probe_ema/score"] == [(10, 0.5), (20, pytest.approx(0.7))]
+    assert scalars["probe_raw/fewshot/digits/5shot"][-1] == (20, pytest.approx(0.6))
+    assert "train/score" not in scalars
+    records = read_records(str(tmp_path))
+    assert [(r["probe"], r["step"], r["score"]) for r in probe_records(records)] == [
+        ("ema", 10, 0.5),
+        ("raw", 10, 0.5),
+        ("ema", 20, 0.7),
+        ("raw", 20, 0.6),
+    ]
+    assert probe_line(probe_records(records)[-1]) == (
+        "probe raw @ step 20: score 0.600, best 0.600 @ step 10 (digits 1-shot 0.300, digits 5-shot 0.600)"
+    )
+    out = plot_probes(records, tmp_path / "probes.png")
+    assert out is not None
+    assert out.stat().st_size > 10_000
+    assert plot_probes([step_record(10, 2.0)], tmp_path / "none.png") is None
 
 
 def tensorboard_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:

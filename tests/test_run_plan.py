@@ -17,6 +17,7 @@ from pipeline.analysis.subjects import ANALYSIS_FILE
 from pipeline.cli import main
 from pipeline.config import digest, load_config
 from pipeline.pretrain.checkpoints import step_of
+from pipeline.pretrain.plan import run_identity
 from pipeline.ray_session import interrupt_on_sigterm
 from pipeline.runner import lock as lock_module
 from pipeline.runner import records as records_module
@@ -516,3 +517,65 @@ def test_only_a_finetune_or_evaluate_item_is_a_side_command():
     assert is_side("evaluate:out-1a2b3c4d")
     assert not is_side("preprocess:out-cifar")  # a name the job chose
     assert not is_side("finetune")
+
+
+@pytest.mark.parametrize(
+    ("pretrain", "message"),
+    [
+        ({"export": {"select": "best"}}, "export.select: best is the step the probes scored best: set eval"),
+        ({"export": {"weights": "ema"}}, "export.weights: ema exports the EMA weights: set ema"),
+        ({"eval": {"every": 10, "select_shots": 3}}, "pretrain.eval.select_shots 3 is not one of the shots"),
+        ({"ema": {"decay": 1.0}}, "pretrain.ema.decay"),
+    ],
+)
+def test_probes_ema_and_export_settings_that_cannot_work_are_refused_before_anything_runs(
+    tmp_path, capsys, pretrain, message
+):
+    job = changed(pretrain={**JOB["pretrain"], **pretrain})
+    assert main(["run", str(write_job(tmp_path, job))]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_probes_of_a_dataset_not_preprocessed_are_refused_naming_it(tmp_path, capsys):
+    probed = {**JOB["pretrain"], "eval": {"every": 5, "targets": ["digits"]}}
+    job = changed(pretrain=probed, preprocess={"shapes": PATCHES})
+    assert main(["run", str(write_job(tmp_path, job))]) == 2
+    assert "pretrain.eval target 'digits' is a dataset, not preprocessed patches" in capsys.readouterr().err
+
+
+def test_probes_without_targets_need_a_finetune_section(tmp_path, capsys):
+    job = {
+        k: v
+        for k, v in changed(pretrain={**JOB["pretrain"], "eval": {"every": 5}}).items()
+        if k != "finetune"
+    }
+    assert main(["run", str(write_job(tmp_path, job))]) == 2
+    assert "pretrain.eval probes target datasets: set pretrain.eval.targets" in capsys.readouterr().err
+
+
+def test_probes_read_the_finetune_targets_with_the_evaluate_settings_and_rerun_the_pretrain_step_only_by_key(
+    tmp_path,
+):
+    """pretrain.eval takes what it leaves unset from the job (targets from finetune, shots and seeds from
+    evaluate); its targets' preprocessing comes first; probes, EMA and the export change the pretrain step's
+    key (the step reruns, resuming the run) but not what defines the run (its checkpoints resume)."""
+    probed = {**JOB["pretrain"], "eval": {"every": 5}}
+    plan = load_plan(
+        write_job(tmp_path, {**changed(pretrain=probed), "evaluate": {"shots": [1, 2], "seeds": 2}})
+    )
+    step = plan.step("pretrain")
+    assert step.depends == ("preprocess:shapes", "preprocess:digits")
+    assert step.settings["eval"]["targets"] == {"digits": str(tmp_path / "run" / "patches" / "digits")}
+    assert (step.settings["eval"]["shots"], step.settings["eval"]["seeds"]) == ([1, 2], 2)
+    plain = load_plan(write_job(tmp_path, JOB))
+    keys = {json.dumps(plain.step("pretrain").settings, sort_keys=True)}
+    for extra in (
+        {"eval": {"every": 5}},
+        {"ema": {"decay": 0.99}},
+        {"ema": {}, "export": {"weights": "ema"}},
+    ):
+        other = load_plan(write_job(tmp_path, changed(pretrain={**JOB["pretrain"], **extra})))
+        keys.add(json.dumps(other.step("pretrain").settings, sort_keys=True))
+        assert run_identity(other.job.pretrain, None) == run_identity(plain.job.pretrain, None)
+    assert len(keys) == 4

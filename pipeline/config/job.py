@@ -94,6 +94,11 @@ class PipelineConfig(Section):
                 "a study needs a pretrain section (its points' recipe) and a finetune section "
                 "(the targets each point is evaluated on)"
             )
+        if self.pretrain.eval is not None:
+            raise ValueError(
+                "pretrain.eval: a study's points do not probe while they pretrain (yet); drop it, or run the "
+                "job without its study section"
+            )
         if "model" in self.pretrain.model_fields_set:
             raise ValueError("pretrain.model is not used by a study: its points train study.models; drop it")
         corpus = self.study.corpus or self.pretrain.data
