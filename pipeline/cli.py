@@ -204,7 +204,18 @@ def _add_stage_commands(commands: Any) -> None:
     )
     export.add_argument("run", help="the run directory (STORAGE/NAME)")
     export.add_argument("--checkpoint", help="checkpoint folder name or step (default: the newest)")
-    export.add_argument("--out", help="output folder (default: RUN/export)")
+    export.add_argument(
+        "--select",
+        choices=("last", "best"),
+        default="last",
+        help="the last step, or the step the probes (pretrain.eval) scored best",
+    )
+    export.add_argument(
+        "--weights", choices=("raw", "ema"), default="raw", help="the raw weights or their EMA (pretrain.ema)"
+    )
+    export.add_argument(
+        "--out", help="output folder (default: RUN/export for the newest raw weights, else RUN/export-WHICH)"
+    )
 
     tune = commands.add_parser(
         "finetune",
@@ -398,10 +409,11 @@ def preprocess_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from pipeline.pretrain.export import export_checkpoint
+    from pipeline.pretrain.export import Selection, export_checkpoint
 
+    selection = Selection(args.select, args.weights)
     with writer_lock(args.out, args.run):  # never beside a running command writing the same run
-        exported = export_checkpoint(args.run, args.checkpoint, args.out)
+        exported = export_checkpoint(args.run, args.checkpoint, args.out, selection=selection)
     say(f"exported step {exported.step} of {exported.checkpoint}")
     say(f"  {exported.describe()}")
     return 0

@@ -293,7 +293,7 @@ def test_a_forced_redo_removes_the_run_s_outputs_and_nothing_else(tmp_path):
     make_checkpoint(tmp_path, 200)
     for name in ("metrics.jsonl", "loss.png", "checkpoint_manager_snapshot.json", "job.yaml", "notes.txt"):
         (tmp_path / name).write_text("x")
-    for folder in ("export", "export-00000100", "tensorboard", "stages", "logs"):
+    for folder in ("export", "export-00000100", "export-best-ema", "best", "tensorboard", "stages", "logs"):
         (tmp_path / folder).mkdir()
     left = remove_entries(str(tmp_path), is_run_output)
     assert left == ["job.yaml", "logs", "notes.txt", "stages"]

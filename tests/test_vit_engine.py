@@ -22,8 +22,11 @@ from vit.engine import (
     consolidated_state,
     load_checkpoint,
     save_checkpoint,
+    stage_checkpoint,
+    to_host,
     to_universal,
     train_micro_batch,
+    write_staged,
 )
 from vit.fragments import (
     assemble,
@@ -407,3 +410,69 @@ def test_zero_state_is_resharded_exactly_across_a_two_one_two_cycle(tmp_path):
                 torch.testing.assert_close(
                     got[name], tensor, rtol=0, atol=0, msg=f"ZeRO-{stage} {what}: {name} differs"
                 )
+
+
+# ---------------------------------------------------------------- staged checkpoints
+
+
+def assert_same_state(written, reference, where: str = "") -> None:
+    """Two loaded checkpoint files hold the same values: every tensor equal, bit for bit."""
+    if torch.is_tensor(reference):
+        assert torch.equal(written, reference), f"{where} differs"
+    elif isinstance(reference, dict):
+        assert written.keys() == reference.keys(), where
+        for key, value in reference.items():
+            assert_same_state(written[key], value, f"{where}/{key}")
+    elif isinstance(reference, list | tuple):
+        assert len(written) == len(reference), where
+        for index, value in enumerate(reference):
+            assert_same_state(written[index], value, f"{where}[{index}]")
+
+
+@pytest.mark.parametrize(("stage", "bf16"), [(0, False), (1, True), (2, False), (3, False)])
+def test_a_staged_checkpoint_holds_the_state_of_its_step_however_training_goes_on(
+    stage, bf16, one_rank_group, tmp_path
+):
+    """What a staged save writes is the engine's state when it was staged: the files written after a
+    further optimizer step equal, bit for bit, those of a save written at once at the staged step (model,
+    fp32 master and Adam's moments under every ZeRO stage), and they load, while the engine's weights have
+    moved on."""
+    torch.manual_seed(0)
+    recipe = dataclasses.replace(RECIPE, bf16=bf16, batch=BatchSplit(MICRO, MICRO))
+    engine = build_engine(VisionTransformer(TINY), recipe, Zero(stage), world_size=1)
+    patches, labels = dataset()
+    rng = np.random.default_rng(0)
+    for start in (0, MICRO):
+        train_micro_batch(engine, patches[start : start + MICRO], labels[start : start + MICRO], recipe, rng)
+    save_checkpoint(engine, tmp_path / "at-once", "step2", {"step": 2})
+    staged = stage_checkpoint(engine, tmp_path / "staged", "step2", {"step": 2})
+    train_micro_batch(engine, patches[:MICRO], labels[:MICRO], recipe, rng)  # step 3 changes every tensor
+    save_checkpoint(engine, tmp_path / "later", "step3", {"step": 3})
+    write_staged(staged)
+
+    names = sorted(path.name for path in (tmp_path / "at-once" / "step2").glob("*.pt"))
+    assert names == sorted(file.path.name for file in staged)
+    for name in names:
+        reference = torch.load(tmp_path / "at-once" / "step2" / name, weights_only=False)
+        assert_same_state(
+            torch.load(tmp_path / "staged" / "step2" / name, weights_only=False), reference, name
+        )
+    before = consolidated_state(tmp_path / "staged", "step2")
+    after = consolidated_state(tmp_path / "later", "step3")
+    assert all(not torch.equal(before[name], after[name]) for name in ("head.weight", "stem.proj.weight"))
+    resumed = build_engine(VisionTransformer(TINY), recipe, Zero(stage), world_size=1)
+    assert load_checkpoint(resumed, tmp_path / "staged", "step2")["step"] == 2
+    save_checkpoint(resumed, tmp_path / "resaved", "step2", {"step": 2})
+    for name, tensor in consolidated_state(tmp_path / "resaved", "step2").items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_to_host_copies_a_view_alone_and_keeps_it_apart_from_its_source():
+    """A view into a flat buffer (ZeRO's weights and partitions are) is copied as its own elements, not
+    with the whole buffer, and the copy does not follow later writes to the source."""
+    flat = torch.arange(1000, dtype=torch.float32)
+    view = flat[10:20]
+    copied = to_host(view)
+    flat.zero_()
+    assert copied.untyped_storage().nbytes() == 10 * 4
+    assert torch.equal(copied, torch.arange(10, 20, dtype=torch.float32))

@@ -409,3 +409,35 @@ def test_a_non_finite_step_between_log_steps_is_not_checkpointed_by_a_notice(one
     assert end.reason == "diverged"
     assert end.step == 5
     assert memory.saved == []
+
+
+def test_after_step_sees_each_optimizer_step_s_weights_before_its_checkpoint(one_rank_group, tmp_path):
+    """The EMA and the probes hang on `after_step`: called once per optimizer step with its 1-based number,
+    after the weights moved and before the step's checkpoint, so a checkpoint's EMA holds its own step."""
+    memory = Memory(tmp_path)
+    seen: list[tuple[int, int]] = []  # (step, checkpoints saved when it was called)
+    moved: list[bool] = []
+    previous = {}
+
+    def after_step(step: int) -> None:
+        now = weights(memory.engine)
+        moved.append(bool(previous) and not torch.equal(now["head.weight"], previous["head.weight"]))
+        previous.update(now)
+        seen.append((step, len(memory.saved)))
+
+    hooks = dataclasses.replace(memory.hooks(), after_step=after_step)
+    memory.engine = engine = fresh_engine()
+    previous.update(weights(engine))
+    end = pretrain_loop(
+        engine,
+        NOISY_RECIPE,
+        hooks,
+        start_step=0,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        cadence=Cadence(log_every=2, checkpoint_every=3),
+        throughput=THROUGHPUT,
+        seed=0,
+    )
+    assert end.reason == "finished"
+    assert seen == [(1, 0), (2, 0), (3, 0), (4, 1), (5, 1), (6, 1)]  # step 3's call came before its save
+    assert all(moved)  # the weights had moved by each call

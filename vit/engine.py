@@ -1,5 +1,5 @@
-"""The DeepSpeed side of pretraining: config, initialise, one micro-batch, save/load, universal
-conversion, consolidated weights.
+"""The DeepSpeed side of pretraining: config, initialise, one micro-batch, save/load (a save staged into
+host memory first, to be written while training goes on), universal conversion, consolidated weights.
 
 No Ray here: whoever starts the processes (Ray Train in vitpipe, a test's one-rank gloo group) sets up
 torch.distributed first, then calls `build_engine` in every rank. The same code runs on GPUs (NCCL) and
@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import io
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,8 +172,101 @@ def train_micro_batch(
 
 def save_checkpoint(engine: Any, directory: str | Path, tag: str, client_state: dict[str, Any]) -> None:
     """Every rank writes its DeepSpeed shard of model and optimizer under `directory/tag`."""
-    with quiet_deepspeed():
-        engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
+    write_staged(stage_checkpoint(engine, directory, tag, client_state))
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A file of a DeepSpeed checkpoint that is not written yet: where it goes, and host copies of its
+    state (training may change the engine's tensors meanwhile; these stay as they were)."""
+
+    path: Path
+    state: Any
+    zipfile_serialization: bool  # torch.save's format, as DeepSpeed's config asks
+
+
+def stage_checkpoint(
+    engine: Any, directory: str | Path, tag: str, client_state: dict[str, Any]
+) -> list[StagedFile]:
+    """Every rank's DeepSpeed checkpoint under `directory/tag`, held in host memory instead of written:
+    what `engine.save_checkpoint` would write, copied off the device while training waits. The small
+    files DeepSpeed writes itself (`latest`, the zero_to_fp32 scripts) are written at once; `write_staged`
+    writes the rest, from any thread, while training goes on."""
+    staging = _staging_engine_type()(engine._config)
+    writer, engine.checkpoint_engine = engine.checkpoint_engine, staging
+    try:
+        with quiet_deepspeed():
+            engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
+    finally:
+        engine.checkpoint_engine = writer
+    return staging.staged
+
+
+def write_staged(files: list[StagedFile]) -> None:
+    """Write staged checkpoint files as DeepSpeed's TorchCheckpointEngine would have."""
+    for file in files:
+        file.path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(file.state, file.path, _use_new_zipfile_serialization=file.zipfile_serialization)
+
+
+@functools.cache
+def _staging_engine_type() -> type:
+    """DeepSpeed's TorchCheckpointEngine that keeps each file's state as host copies rather than writing
+    it (a class made on first use: DeepSpeed is imported late, see the module's docstring). Loading is
+    the parent's."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (  # noqa: PLC0415
+        TorchCheckpointEngine,
+    )
+
+    class StagingCheckpointEngine(TorchCheckpointEngine):
+        def __init__(self, config_params: Any = None) -> None:
+            super().__init__(config_params)
+            self.staged: list[StagedFile] = []
+
+        def preserves_storage_sharing(self) -> bool:
+            # DeepSpeed clones views before saving when this is true; every tensor is copied here anyway.
+            return False
+
+        def save(self, state_dict: Any, path: str) -> None:
+            devices: set[torch.device] = set()
+            state = _host_copies(state_dict, devices)
+            for device in devices:
+                torch.cuda.synchronize(device)  # to_host's copies into pinned memory have landed
+            self.staged.append(StagedFile(Path(path), state, bool(self.zipfile_serialization)))
+
+    return StagingCheckpointEngine
+
+
+def _host_copies(value: Any, devices: set[torch.device]) -> Any:
+    """`value` with every tensor in it replaced by its host copy, and its containers rebuilt (a state
+    dict's lists and dicts, such as the optimizer's param_groups, change as training goes on); other
+    objects are kept as they are. The GPUs copied from are added to `devices`."""
+    if torch.is_tensor(value):
+        if value.device.type == "cuda":
+            devices.add(value.device)
+        return to_host(value)
+    if isinstance(value, dict):
+        copied = copy.copy(value)  # keeps the mapping's type (OrderedDict, defaultdict's factory)
+        for key, item in value.items():
+            copied[key] = _host_copies(item, devices)
+        return copied
+    if isinstance(value, list):
+        return [_host_copies(item, devices) for item in value]
+    if isinstance(value, tuple):
+        items = [_host_copies(item, devices) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy of `tensor` in storage of its own (a view does not drag its whole flat buffer along):
+    a clone on the CPU; from a GPU, an asynchronous copy into pinned memory that the caller waits for
+    with `torch.cuda.synchronize()`."""
+    tensor = tensor.detach()
+    if tensor.device.type == "cpu":
+        return tensor.clone(memory_format=torch.contiguous_format)
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
 
 
 def load_checkpoint(engine: Any, directory: str | Path, tag: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from vit.engine import to_host
 from vit.files import read_safetensors
 
 
@@ -155,6 +156,16 @@ def save_fragments(path: str | Path, pieces: Iterable[Fragment]) -> Path:
     state = {f"{piece.name}@{piece.offset}": piece.tensor.detach().to("cpu", copy=True) for piece in pieces}
     save_file(state, path)
     return path
+
+
+def stage_fragments(pieces: Iterable[Fragment]) -> list[Fragment]:
+    """Host copies of `pieces` (a checkpoint's, taken while training waits and written later): the live
+    tensors go on changing, these do not."""
+    pieces = list(pieces)
+    staged = [Fragment(piece.name, piece.offset, to_host(piece.tensor)) for piece in pieces]
+    for device in {piece.tensor.device for piece in pieces if piece.tensor.device.type == "cuda"}:
+        torch.cuda.synchronize(device)  # to_host's copies into pinned memory have landed
+    return staged
 
 
 def load_fragments(paths: Iterable[str | Path]) -> list[Fragment]:

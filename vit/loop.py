@@ -43,7 +43,9 @@ class Hooks:
     metrics (every rank calls it with the same all-reduced numbers; the caller decides who writes);
     `stop_requested()`, asked at log steps: whether to checkpoint and stop (any rank's yes stops all);
     `notice(step)`: after step `step`, "checkpoint" (save now, carry on), "regroup" (save now and end the
-    loop: the caller restarts it on another number of ranks) or "" (nothing); every rank must answer alike.
+    loop: the caller restarts it on another number of ranks) or "" (nothing); every rank must answer alike;
+    `after_step(step)`: every rank, after each optimizer step and before its record or checkpoint (EMA
+    weights, probes).
     """
 
     batches: Callable[[int, int], Iterator[Batch]]
@@ -51,6 +53,7 @@ class Hooks:
     record: Callable[[dict[str, Any]], None]
     stop_requested: Callable[[], bool] = lambda: False
     notice: Callable[[int], Notice] = lambda step: ""
+    after_step: Callable[[int], None] = lambda step: None
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ def pretrain_loop(
             rng = step_randomness(seed, rank, step)
             lr = _train_step(engine, recipe, micro_batches, rng, step, epoch, window)
             step += 1
+            hooks.after_step(step)
             logged = step % cadence.log_every == 0 or step == recipe.total_steps or step == start_step + 1
             saved = step % cadence.checkpoint_every == 0 or step == recipe.total_steps
             if logged or saved:

@@ -1,6 +1,8 @@
 """The checkpoints of a run in its storage: `checkpoint_NNNNNNNN/` folders holding one DeepSpeed tag
-folder (every rank's shards) and `vitpipe.json`, which says what the checkpoint is without unpickling it;
-and where the run's export goes (`export/vitpipe`, `export/hf`).
+folder (every rank's shards), `vitpipe.json`, which says what the checkpoint is without unpickling it,
+and one `vitpipe.rank-KKKKK.json` per rank, which lists the files that rank uploaded (it is uploaded
+after them: a rank killed before its upload ended leaves none); and where the run's export goes
+(`export/vitpipe`, `export/hf`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import posixpath
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow.fs as pafs
 
@@ -19,9 +21,31 @@ from pipeline.storage import basename, resolve, url_of
 from vit.config import FAMILIES, Architecture, architecture_from_record
 
 META_FILE = "vitpipe.json"
+RANK_RECORD = "vitpipe.rank-{rank:05d}.json"
 CHECKPOINT_PREFIX = "checkpoint_"
 EXPORT_DIR = "export"
 VITPIPE_DIR = "vitpipe"
+EMA_DIR = "ema"  # in a checkpoint folder: each rank's EMA weights (vit.fragments files)
+BEST_DIR = "best"  # in a run folder: best/KIND/, the weights the probes scored best, as a vitpipe model
+BEST_RECORD = "best.json"  # in best/KIND/: the step, its score and what was probed
+
+
+Kind = Literal["raw", "ema"]  # the weights a run keeps: as trained, or their EMA (pretrain.ema)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which weights of a run an export holds: the last step's or the best-probed step's, raw or EMA."""
+
+    select: Literal["last", "best"] = "last"
+    weights: Kind = "raw"
+
+    @property
+    def other(self) -> Kind:
+        return "ema" if self.weights == "raw" else "raw"
+
+
+LAST_RAW = Selection()  # what an export holds unless asked otherwise
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -30,6 +54,11 @@ def checkpoint_dir_name(step: int) -> str:
 
 def tag_of(step: int) -> str:
     return f"step{step:08d}"
+
+
+def rank_record(rank: int) -> str:
+    """The name of the record rank `rank` writes last into a checkpoint folder: its files and sizes."""
+    return RANK_RECORD.format(rank=rank)
 
 
 def step_of(path: str) -> int:
@@ -63,7 +92,8 @@ class Skipped:
 
 def scan_checkpoints(run_dir: str) -> tuple[list[CheckpointInfo], list[Skipped]]:
     """The run's complete checkpoints, oldest first, and the folders skipped: no `vitpipe.json` (an upload
-    that did not finish), a damaged one, or a file it lists missing or of another size (truncated)."""
+    that did not finish), a damaged one, a rank's record missing or damaged, or a file a record lists
+    missing or of another size (truncated)."""
     filesystem, root = resolve(run_dir)
     found, skipped = [], []
     for entry in filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
@@ -96,21 +126,53 @@ def _read_meta(filesystem: pafs.FileSystem, folder: str) -> tuple[dict[str, Any]
 
 
 def _missing_files(filesystem: pafs.FileSystem, folder: str, meta: dict[str, Any]) -> str:
-    """'' when every file the checkpoint lists is there at its recorded size (older checkpoints list
-    none), else the first that is not."""
-    listed: dict[str, int] = meta.get("files", {})
-    if not listed:
+    """'' when every file the checkpoint's records list is there at its recorded size, else the first
+    that is not. `parts` (written by ranks that each record their own files) asks for every rank's record;
+    checkpoints before it list all files in `files`, or none (the oldest)."""
+    if "parts" not in meta and not meta.get("files"):
         return ""
     sizes = {
         posixpath.relpath(info.path, folder): info.size
         for info in filesystem.get_file_info(pafs.FileSelector(folder, recursive=True))
         if info.type == pafs.FileType.File
     }
+    if "parts" not in meta:
+        return _unlike(meta["files"], sizes, META_FILE)
+    parts = meta["parts"]
+    if not isinstance(parts, int) or isinstance(parts, bool) or parts < 1:
+        return f"{META_FILE} is damaged (parts {parts!r} is no number of ranks)"
+    for rank in range(parts):
+        record = rank_record(rank)
+        if record not in sizes:
+            return f"rank {rank} did not finish its upload (no {record})"
+        listed, why = _read_record(filesystem, posixpath.join(folder, record))
+        why = why or _unlike(listed, sizes, record)
+        if why:
+            return why
+    return ""
+
+
+def _read_record(filesystem: pafs.FileSystem, path: str) -> tuple[dict[str, int], str]:
+    """A rank record's files and sizes, or why it cannot be read."""
+    name = posixpath.basename(path)
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            record = json.loads(stream.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return {}, f"{name} is damaged ({error})"
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict):
+        return {}, f"{name} is damaged (it lists no files)"
+    return files, ""
+
+
+def _unlike(listed: dict[str, int], sizes: dict[str, int], record: str) -> str:
+    """The first file of `listed` missing from `sizes` or of another size, said; '' when none is."""
     for name, size in sorted(listed.items()):
         if name not in sizes:
             return f"{name} is missing"
         if sizes[name] != size:
-            return f"{name} is {sizes[name]:,} bytes, {META_FILE} records {size:,} (truncated or replaced)"
+            return f"{name} is {sizes[name]:,} bytes, {record} records {size:,} (truncated or replaced)"
     return ""
 
 
@@ -148,7 +210,7 @@ def file_sizes(folder: Path) -> dict[str, int]:
 # What a pretraining run writes into its folder (vitpipe's workers and driver, and Ray Train itself):
 # `--force pretrain` deletes these and nothing else the folder may hold.
 RUN_OUTPUTS = re.compile(
-    rf"({CHECKPOINT_PREFIX}[0-9]+|{EXPORT_DIR}(-[0-9]+)?|metrics\.jsonl|tensorboard|loss\.png"
+    rf"({CHECKPOINT_PREFIX}[0-9]+|{EXPORT_DIR}(-[0-9]+|-best)?(-ema)?|{BEST_DIR}|metrics\.jsonl|tensorboard|loss\.png"
     r"|checkpoint_manager_snapshot\.json|\..*\.partial)"
 )
 

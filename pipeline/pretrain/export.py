@@ -1,51 +1,81 @@
-"""`vitpipe export RUN`: a checkpoint's consolidated fp32 weights as a vitpipe model folder (what
-fine-tuning reads) and, for a ViT, an HF transformers folder, from any number of ranks and any ZeRO stage."""
+"""`vitpipe export RUN`: a run's weights as a vitpipe model folder (what fine-tuning reads) and an HF
+transformers folder: a checkpoint's consolidated fp32 weights (any number of ranks, any ZeRO stage) or its
+EMA weights, of the last step or of the step the probes scored best; with EMA kept, the other kind is
+exported beside them (`OUT/ema/` or `OUT/raw/`), so fine-tuning can start from either."""
 
 from __future__ import annotations
 
 import json
 import posixpath
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
 from pipeline.pretrain.card import CARD_FILE, card_facts, write_cards
 from pipeline.pretrain.checkpoints import (
+    BEST_DIR,
+    BEST_RECORD,
+    EMA_DIR,
     EXPORT_DIR,
+    LAST_RAW,
     VITPIPE_DIR,
     CheckpointInfo,
+    Kind,
+    Selection,
     architecture_of,
     checkpoint_dir_name,
     newest,
     scan_checkpoints,
     step_of,
 )
-from pipeline.storage import join, local_folder, publish_folder, resolve, write_atomic
+from pipeline.storage import join, local_folder, publish_folder, read_json, resolve, write_atomic
 from vit.build import build_model
 from vit.config import CONFIG_FILE
 from vit.engine import consolidated_state
+from vit.fragments import assemble, load_fragments
 from vit.hf import HF_DIR
-from vit.weights import export_hf_folder, load_state, save_pretrained
+from vit.weights import export_hf_folder, load_state, read_checkpoint, save_pretrained
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
 class Export:
     step: int
-    checkpoint: str
+    checkpoint: str  # the checkpoint (or, for the best step, the folder) the weights came from
     vitpipe: str
     hf: str  # the HF transformers folder (ViTForImageClassification or BitForImageClassification)
+    selection: Selection = LAST_RAW
+    beside: dict[str, str] = field(default_factory=dict)  # the other kind's vitpipe folder, when exported
 
     def describe(self) -> str:
-        return f"weights: {self.vitpipe} (vitpipe), {self.hf} (HF transformers)"
+        which = f"{self.selection.weights} weights of step {self.step:,}"
+        if self.selection.select == "best":
+            which += " (the step the probes scored best)"
+        others = "".join(f"; {kind} weights: {folder}" for kind, folder in self.beside.items())
+        return f"weights: {self.vitpipe} (vitpipe), {self.hf} (HF transformers); {which}{others}"
 
     def described_files(self) -> list[str]:
         """The exported config and model card (what tracking keeps of an export); local folders only."""
         if "://" in self.vitpipe:
             return []
         return [posixpath.join(self.vitpipe, name) for name in (CONFIG_FILE, CARD_FILE)]
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One kind of weights chosen for an export: its step, where it came from, the full fp32 state, and
+    for the best step the probes' record of it."""
+
+    kind: Kind
+    step: int
+    source: str
+    state: dict[str, torch.Tensor]
+    probed: dict[str, Any] | None = None
 
 
 def choose_checkpoint(run_dir: str, name: str | None = None) -> CheckpointInfo:
@@ -68,41 +98,127 @@ def choose_checkpoint(run_dir: str, name: str | None = None) -> CheckpointInfo:
     raise FileNotFoundError(f"{run_dir}: no checkpoint {name!r}; steps with a complete one: {known}")
 
 
+def default_out(run_dir: str, info: CheckpointInfo, selection: Selection) -> str:
+    """RUN/export for the newest checkpoint's raw weights; a name saying what else was chosen otherwise
+    (`export-00000200`, `export-best`, `export-ema`), so a look at other weights never replaces the export
+    the run's fine-tuning reads (the pretrain stage names RUN/export for the job's own choice)."""
+    name = EXPORT_DIR
+    if selection.select == "best":
+        name += "-best"
+    elif info.step != scan_checkpoints(run_dir)[0][-1].step:
+        name += f"-{info.step:08d}"
+    if selection.weights == "ema":
+        name += "-ema"
+    return join(run_dir, name)
+
+
 def export_checkpoint(
-    run_dir: str, checkpoint: str | None = None, out: str | None = None, data: dict[str, Any] | None = None
+    run_dir: str,
+    checkpoint: str | None = None,
+    out: str | None = None,
+    data: dict[str, Any] | None = None,
+    selection: Selection = LAST_RAW,
 ) -> Export:
-    """Consolidate one checkpoint and write `OUT/vitpipe`, `OUT/hf` and `OUT/export.json`. OUT defaults to
-    RUN/export for the newest checkpoint (what the run's fine-tuning reads) and RUN/export-NNNNNNNN for an
-    older one. OUT may hold other files; files under those names that this export did not write are
-    refused, named, never replaced. Each folder gets a model card; `data` describes the pretraining data
-    for it (name, directory, split, images, classes)."""
+    """Write the selected weights as `OUT/vitpipe` and `OUT/hf`, the other kind (when the run kept it) as
+    `OUT/KIND/vitpipe` and `OUT/KIND/hf`, and `OUT/export.json`. OUT may hold other files; files under
+    those names that this export did not write are refused, named, never replaced. Each folder gets a
+    model card naming the step and how it was chosen; `data` describes the pretraining data for it."""
+    if checkpoint is not None and selection.select == "best":
+        raise ValueError("a checkpoint named and select best both choose the step: give one of them")
     info = choose_checkpoint(run_dir, checkpoint)
-    if out is None:
-        newest_step = scan_checkpoints(run_dir)[0][-1].step
-        name = EXPORT_DIR if info.step == newest_step else f"{EXPORT_DIR}-{info.step:08d}"
-        out = join(run_dir, name)
+    out = out or default_out(run_dir, info, selection)
     with tempfile.TemporaryDirectory(prefix="vitpipe-export-") as scratch:
-        folder = local_folder(info.path, Path(scratch) / "checkpoint")
-        model = build_model(architecture_of(info.meta, info.path))
-        load_state(model, consolidated_state(folder, info.tag), info.path)
         staged = Path(scratch) / "export"
-        save_pretrained(model, staged / VITPIPE_DIR, labels=info.meta.get("classes"))
-        export_hf_folder(model, staged / HF_DIR, labels=info.meta.get("classes"))
-        params = sum(parameter.numel() for parameter in model.parameters())
-        facts = card_facts(info.meta, model.config, params, data)
-        write_cards(staged, facts)
+        chosen = _weights(run_dir, info, selection.select, selection.weights, Path(scratch))
+        if chosen is None:
+            raise FileNotFoundError(_missing(run_dir, info, selection.select, selection.weights))
+        cards = {"": _stage(staged, chosen, info, data, selection.select)}
+        beside = _weights(run_dir, info, selection.select, selection.other, Path(scratch))
+        if beside is not None:
+            cards[beside.kind] = _stage(staged / beside.kind, beside, info, data, selection.select)
         written = sorted(str(path.relative_to(staged)) for path in staged.rglob("*") if path.is_file())
         refuse_foreign_files(out, written)
         record = {
             "format": EXPORT_FORMAT,
-            "checkpoint": info.path,
-            "step": info.step,
+            "checkpoint": chosen.source,
+            "step": chosen.step,
+            "select": selection.select,
+            "weights": selection.weights,
             "files": written,
-            "card": facts,
+            "card": cards[""],
+            "cards": {kind: facts for kind, facts in cards.items() if kind},
         }
         (staged / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         publish_folder(staged, out)
-    return Export(info.step, info.path, join(out, VITPIPE_DIR), join(out, HF_DIR))
+    folders = {kind: join(out, kind, VITPIPE_DIR) for kind in cards if kind}
+    return Export(chosen.step, chosen.source, join(out, VITPIPE_DIR), join(out, HF_DIR), selection, folders)
+
+
+def _weights(run_dir: str, info: CheckpointInfo, select: str, kind: Kind, scratch: Path) -> Weights | None:
+    """The weights of one kind for an export, or None when the run did not keep them."""
+    if select == "best":
+        return _best(run_dir, kind, scratch)
+    folder = local_folder(info.path, scratch / "checkpoint")
+    if kind == "raw":
+        return Weights(kind, info.step, info.path, consolidated_state(folder, info.tag))
+    files = sorted((folder / EMA_DIR).glob("*.safetensors"))
+    if not files:
+        return None
+    shapes = {
+        name: tuple(t.shape)
+        for name, t in build_model(architecture_of(info.meta, info.path)).named_parameters()
+    }
+    return Weights(kind, info.step, info.path, assemble(load_fragments(files), shapes))
+
+
+def _best(run_dir: str, kind: Kind, scratch: Path) -> Weights | None:
+    """The weights the probes scored best of this kind (RUN/best/KIND), or None when none were probed."""
+    location = join(run_dir, BEST_DIR, kind)
+    record = read_json(join(location, BEST_RECORD))
+    if record is None:
+        return None
+    folder = local_folder(location, scratch / f"best-{kind}")
+    return Weights(kind, int(record["step"]), location, read_checkpoint(folder).state, record)
+
+
+def _missing(run_dir: str, info: CheckpointInfo, select: str, kind: Kind) -> str:
+    if select == "best":
+        return (
+            f"{run_dir}: no {kind} weights were probed ({join(run_dir, BEST_DIR, kind, BEST_RECORD)} is "
+            "missing): probes run every pretrain.eval.every steps (set pretrain.eval"
+            + (" and pretrain.ema" if kind == "ema" else "")
+            + "), or export the last step"
+        )
+    return (
+        f"{info.path}: holds no EMA weights ({EMA_DIR}/ is missing): the run kept none at step "
+        f"{info.step:,}; set pretrain.ema and train on, or export the raw weights"
+    )
+
+
+def _stage(
+    staged: Path, weights: Weights, info: CheckpointInfo, data: dict[str, Any] | None, select: str
+) -> dict[str, Any]:
+    """Write one kind's vitpipe and HF folders and their cards under `staged`; returns the card's facts."""
+    model = build_model(architecture_of(info.meta, info.path))
+    load_state(model, weights.state, weights.source)
+    labels = info.meta.get("classes")
+    save_pretrained(model, staged / VITPIPE_DIR, labels=labels)
+    export_hf_folder(model, staged / HF_DIR, labels=labels)
+    params = sum(parameter.numel() for parameter in model.parameters())
+    facts = card_facts({**info.meta, "step": weights.step}, model.config, params, data)
+    facts["weights"] = _weights_facts(weights, info, select)
+    write_cards(staged, facts)
+    return facts
+
+
+def _weights_facts(weights: Weights, info: CheckpointInfo, select: str) -> dict[str, Any]:
+    """What the card says of which weights these are and why this step."""
+    facts: dict[str, Any] = {"kind": weights.kind, "select": select, "step": weights.step}
+    if weights.kind == "ema":
+        facts["decay"] = (info.meta.get("ema") or {}).get("decay")
+    if weights.probed is not None:
+        facts |= {key: weights.probed.get(key) for key in ("score", "metric")}
+    return facts
 
 
 EXPORT_RECORD = "export.json"  # what an export wrote: the proof that replacing it later touches only ours

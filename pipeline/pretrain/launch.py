@@ -15,7 +15,7 @@ import os
 import posixpath
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,11 +27,12 @@ from ray.train.v2._internal.execution.callback import ControllerCallback
 
 from pipeline.console import say
 from pipeline.metrics import LOSS_PLOT, TENSORBOARD_DIR, plot_loss, read_records
-from pipeline.pretrain.checkpoints import latest_checkpoint
+from pipeline.pretrain.checkpoints import EXPORT_DIR, latest_checkpoint
 from pipeline.pretrain.control import TrainingStopped, fit_stoppably, start_control
 from pipeline.pretrain.elastic import MinimumWatch
 from pipeline.pretrain.export import Export, export_checkpoint
-from pipeline.pretrain.plan import PretrainPlan, WorkerGroup, WorkerSettings, worker_settings
+from pipeline.pretrain.plan import PretrainPlan, WorkerSettings, worker_settings
+from pipeline.pretrain.probes import start_prober
 from pipeline.pretrain.worker import SETTINGS, data_loop, train_loop
 from pipeline.ray_session import check_resources, connect_ray, worker_env
 from pipeline.storage import join, resolve
@@ -75,11 +76,12 @@ def pretrain(
     say(plan.describe(), err=True)
     say(f"pretrain: TensorBoard: tensorboard --logdir {join(run_dir, TENSORBOARD_DIR)}", err=True)
     connect_ray(address)
-    _check_placeable(plan.group)
+    _check_placeable(plan)
     signals = control is None
     control = start_control() if control is None else control
+    prober = start_prober(plan.probes, run_dir) if plan.probes is not None else None
     while True:  # one fit per worker group: an elastic group that regroups to grow is fitted again
-        result = _fit(plan, name, storage, run_dir, control, tracking, signals)
+        result = _fit(plan, name, storage, run_dir, control, tracking, signals, prober)
         if result.error is not None:
             raise RuntimeError(f"pretrain run {run_dir} failed: {result.error}") from result.error
         end = ray.get(control.end.remote())
@@ -87,7 +89,9 @@ def pretrain(
             break
         say(f"pretrain: regrouping at step {end.step:,} (checkpointed) on what the cluster offers", err=True)
     _refuse_unfinished(end, run_dir)
-    exported = export_checkpoint(run_dir, data=_card_data(plan))
+    exported = export_checkpoint(
+        run_dir, out=join(run_dir, EXPORT_DIR), data=_card_data(plan), selection=plan.export
+    )
     plot = _plot(read_records(run_dir), run_dir)
     return PretrainResult(run_dir, plan, exported.step, exported, plot)
 
@@ -127,15 +131,24 @@ def _card_data(plan: PretrainPlan) -> dict[str, Any]:
     }
 
 
-def _check_placeable(group: WorkerGroup) -> None:
-    """A fixed-size group the cluster cannot place would wait forever: refused at once. An elastic one
-    waits for its minimum (MinimumWatch) as nodes may come."""
-    if not group.elastic:
-        check_resources(
-            group.needs(),
-            f"pretrain: {group.describe()}",
-            "lower num_workers or cpus_per_worker, or grow the cluster",
-        )
+def _check_placeable(plan: PretrainPlan) -> None:
+    """A fixed-size group (and the probing actor beside it) the cluster cannot place would wait forever:
+    refused at once. An elastic one waits for its minimum (MinimumWatch) as nodes may come."""
+    group, probes = plan.group, plan.probes
+    if group.elastic:
+        return
+    needs = dict(group.needs())
+    if probes is not None:
+        for key, value in probes.needs().items():
+            needs[key] = needs.get(key, 0.0) + value
+    beside = " and the probes' actor" if probes is not None else ""
+    check_resources(
+        needs,
+        f"pretrain: {group.describe()}{beside}",
+        "lower num_workers or cpus_per_worker"
+        + (", or pretrain.eval.cpus/gpus" if probes is not None else "")
+        + ", or grow the cluster",
+    )
 
 
 def _fit(
@@ -146,8 +159,9 @@ def _fit(
     control: Any,
     tracking: TrackingTarget,
     signals: bool = True,
+    prober: Any = None,
 ):
-    settings = worker_settings(plan, run_dir, control, tracking)
+    settings = worker_settings(plan, run_dir, control, tracking, prober)
     trainer = _trainer(train_loop, settings, storage, name, control)
     group = plan.group
     watch = MinimumWatch(group, group.elastic_wait_s, control) if group.elastic else None
@@ -228,7 +242,7 @@ def probe_data(plan: PretrainPlan, *, run_dir: str, steps: int | None, address: 
         plan = plan.with_steps(steps)
     say(plan.describe().replace("pretrain:", "pretrain --data-only:", 1), err=True)
     connect_ray(address)
-    _check_placeable(plan.group)
+    _check_placeable(replace(plan, probes=None))
     out = join(run_dir, DATA_ONLY_DIR)
     settings = worker_settings(plan, out, None)
     result = _trainer(data_loop, settings, run_dir, DATA_ONLY_DIR).fit()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.config import PRETRAIN_BUDGET, PRETRAIN_OPERATIONAL, PretrainConfig, digest
 from pipeline.preprocess.manifest import (
@@ -19,13 +19,16 @@ from pipeline.preprocess.manifest import (
     patch_files,
     read_manifest,
 )
-from pipeline.pretrain.checkpoints import architecture_of, latest_checkpoint
+from pipeline.pretrain.checkpoints import LAST_RAW, Selection, architecture_of, latest_checkpoint
 from pipeline.pretrain.feed_plan import Corpus, FeedPlan
 from pipeline.storage import basename
 from pipeline.tracking import OFF, TrackingTarget, flatten
 from vit.config import Architecture
 from vit.patches import PatchGeometry, misfits
 from vit.recipe import BatchSplit, Cadence, Recipe, Speed, Zero
+
+if TYPE_CHECKING:
+    from pipeline.pretrain.probes import ProbePlan
 
 Rows = dict[str, tuple[int, ...]]  # patch file (path or URL) -> the row numbers of it to read
 
@@ -112,6 +115,10 @@ class PretrainPlan:
     cadence: Cadence
     seed: int
     identity: dict[str, Any]  # run_identity: what each checkpoint records the run was trained as
+    checkpoint_async: bool = True  # staged while training waits, written and uploaded while it goes on
+    probes: ProbePlan | None = None  # few-shot probes while training runs (pretrain.eval)
+    ema_decay: float | None = None  # EMA weights kept beside the raw ones (pretrain.ema)
+    export: Selection = LAST_RAW  # which weights the run's export holds
 
     def with_steps(self, steps: int) -> PretrainPlan:
         """The same run with another step budget (`--data-only --steps N`)."""
@@ -186,8 +193,14 @@ def file_samples(manifest: dict[str, Any], directory: str, split: str) -> list[i
     return [by_name[name] for name in manifest["splits"][split]["files"]]
 
 
-def plan_pretrain(config: PretrainConfig, directory: str, rows: Rows | None = None) -> PretrainPlan:
-    """The data plan plus the model for it, the steps per epoch and the step budget."""
+def plan_pretrain(
+    config: PretrainConfig,
+    directory: str,
+    rows: Rows | None = None,
+    probe_targets: dict[str, str] | None = None,
+) -> PretrainPlan:
+    """The data plan plus the model for it, the steps per epoch and the step budget; with `pretrain.eval`,
+    the probes of `probe_targets` (name -> patch folder; default: its own `targets`, as folders)."""
     data = plan_data(config, directory, rows)
     model, geometry = config.model, data.geometry
     image_size = config.image_size or geometry.image_size
@@ -234,7 +247,26 @@ def plan_pretrain(config: PretrainConfig, directory: str, rows: Rows | None = No
         cadence=Cadence(config.log_every, config.checkpoint_every),
         seed=config.seed,
         identity=run_identity(config, data),
+        checkpoint_async=config.checkpoint_async,
+        probes=_probes(config, architecture, probe_targets),
+        ema_decay=config.ema.decay if config.ema is not None else None,
+        export=Selection(config.export.select, config.export.weights),
     )
+
+
+def _probes(
+    config: PretrainConfig, architecture: Architecture, targets: dict[str, str] | None
+) -> ProbePlan | None:
+    """The probes' plan (every check on their targets, before Ray), or None without `pretrain.eval`."""
+    if config.eval is None:
+        return None
+    from pipeline.pretrain.probes import plan_probes  # torch and Ray: only for a run that probes
+
+    if targets is None:
+        targets = {basename(location.rstrip("/")): location for location in config.eval.targets or ()}
+    if not targets:
+        raise ValueError("pretrain.eval.targets: no target to probe; name the patch folders to probe on")
+    return plan_probes(config.eval, targets, None, architecture, seed=config.seed)
 
 
 def pretrain_recipe(config: PretrainConfig, total_steps: int, batch: BatchSplit, input_size: int) -> Recipe:
@@ -261,11 +293,13 @@ def check_pretrain(
     rows: Rows | None = None,
     redo: str = "--force pretrain",
     beyond_budget: str | None = None,
+    probe_targets: dict[str, str] | None = None,
 ) -> PretrainPlan:
     """The plan of run `run_dir` on `directory` (or on `rows` of it), after every check that needs no
-    worker: the data, the model for it, and the run folder's checkpoints (a run defined otherwise is
-    refused; the refusals advise `redo`, and `beyond_budget` for a run past its budget)."""
-    plan = plan_pretrain(config, directory, rows)
+    worker: the data, the model for it, the probes' targets, and the run folder's checkpoints (a run
+    defined otherwise is refused; the refusals advise `redo`, and `beyond_budget` for a run past its
+    budget)."""
+    plan = plan_pretrain(config, directory, rows, probe_targets)
     check_run_matches(run_dir, config, plan, redo, beyond_budget)
     return plan
 
@@ -373,20 +407,21 @@ def placeable(bounds: WorkerGroup, nodes: list[dict[str, float]]) -> int:
 @dataclass(frozen=True)
 class WorkerSettings:
     """What every Ray Train worker receives (Ray serialises it as it is): the run's plan, where the run
-    lives, the launch's RunControl actor (pipeline.pretrain.control: stop requests, how it ended), and the
-    tracking run rank 0 logs every step into."""
+    lives, the launch's RunControl actor (pipeline.pretrain.control: stop requests, how it ended), the
+    tracking run rank 0 logs every step into, and the actor that probes the weights."""
 
     plan: PretrainPlan
     run_dir: str
     control: Any
     tracking: TrackingTarget = OFF
+    prober: Any = None  # the run's Prober actor (pipeline.pretrain.probes), when it probes
 
 
 def worker_settings(
-    plan: PretrainPlan, run_dir: str, control: Any, tracking: TrackingTarget = OFF
+    plan: PretrainPlan, run_dir: str, control: Any, tracking: TrackingTarget = OFF, prober: Any = None
 ) -> WorkerSettings:
     """What the workers of `plan`'s run in `run_dir` receive."""
-    return WorkerSettings(plan, run_dir, control, tracking)
+    return WorkerSettings(plan, run_dir, control, tracking, prober)
 
 
 def feed_plan(config: PretrainConfig, data: DataPlan, steps_per_epoch: int, batch: BatchSplit) -> FeedPlan:

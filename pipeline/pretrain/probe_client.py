@@ -16,7 +16,9 @@ import torch.distributed as dist
 
 from pipeline.console import say
 from pipeline.metrics import MetricsLog, probe_line
+from pipeline.pretrain.plan import PretrainPlan
 from vit.fragments import Fragments, gather_full
+from vit.recipe import BatchSplit
 
 # Probes of one kind in flight at most: a probe step that finds them all still running is skipped (and
 # said), so that a prober slower than the probe cadence never holds more weights than this in memory.
@@ -36,6 +38,13 @@ class ProbeCadence:
         return step % self.every == 0 or step == self.total_steps
 
 
+def probe_cadence(plan: PretrainPlan, batch: BatchSplit) -> ProbeCadence | None:
+    """When the run's probes fall (None without pretrain.eval)."""
+    if plan.probes is None:
+        return None
+    return ProbeCadence(plan.probes.every, plan.total_steps, batch.global_batch)
+
+
 class ProbeClient:
     """Every rank makes one; rank 0's (`log` given) submits and records. `prober` is None when the run
     has no probes (then every call does nothing)."""
@@ -50,23 +59,23 @@ class ProbeClient:
         self.prober, self.cadence, self.shapes, self.log = prober, cadence, shapes, log
         self.pending: deque[tuple[str, int, ray.ObjectRef]] = deque()
 
-    def after_step(self, step: int, weights: dict[str, Fragments]) -> None:
-        """At a probe step, hand each kind of weights (`{"raw": ..., "ema": ...}`) over (a collective:
-        every rank calls it at every step); then record whatever results have come back."""
-        if self.prober is None or self.cadence is None:
-            return
+    def due(self, step: int) -> bool:
+        """Whether `step` is a probe step (every rank answers alike)."""
+        return self.prober is not None and self.cadence is not None and self.cadence.due(step)
+
+    def submit(self, step: int, weights: dict[str, Fragments]) -> None:
+        """Hand each kind of weights (`{"raw": ..., "ema": ...}`) over to the prober (a collective: every
+        rank calls it at a probe step); skipped, and said, while earlier probes still run."""
         self.collect(wait=False)
-        if self.cadence.due(step):
-            busy = self._busy() if self.log is not None else False
-            if _agreed_on_rank_zero(busy):
-                say(
-                    f"pretrain: probe at step {step:,} skipped: {MAX_PENDING} earlier probes still run "
-                    "(raise pretrain.eval.every, or pretrain.eval.cpus/gpus)",
-                    err=True,
-                )
-            else:
-                for kind, fragments in weights.items():
-                    self._submit(step, kind, gather_full(fragments, self.shapes))
+        if _agreed_on_rank_zero(self._busy() if self.log is not None else False):
+            say(
+                f"pretrain: probe at step {step:,} skipped: {MAX_PENDING} earlier probes still run "
+                "(raise pretrain.eval.every, or pretrain.eval.cpus/gpus)",
+                err=True,
+            )
+            return
+        for kind, fragments in weights.items():
+            self._submit(step, kind, gather_full(fragments, self.shapes))
 
     def _busy(self) -> bool:
         kinds = [kind for kind, _, _ in self.pending]

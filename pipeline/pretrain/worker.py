@@ -32,10 +32,9 @@ from pipeline.console import detail, say
 from pipeline.console import progress as show_progress
 from pipeline.metrics import MetricsLog, ProgressLine
 from pipeline.pretrain.checkpoints import (
+    EMA_DIR,
     META_FILE,
     architecture_of,
-    checkpoint_dir_name,
-    file_sizes,
     list_checkpoints,
     tag_of,
 )
@@ -44,12 +43,16 @@ from pipeline.pretrain.elastic import Notices
 from pipeline.pretrain.feed import Feed
 from pipeline.pretrain.order import ORDER_FORMAT, Lineage, extend_lineage
 from pipeline.pretrain.plan import WorkerSettings
+from pipeline.pretrain.probe_client import ProbeClient, probe_cadence
+from pipeline.pretrain.saving import Saver
 from pipeline.storage import resolve
 from vit.build import build_model
 from vit.config import architecture_record
 from vit.device import enable_tf32, prefetch_to_device
-from vit.engine import build_engine, load_checkpoint, save_checkpoint, to_universal
+from vit.ema import Ema
+from vit.engine import build_engine, load_checkpoint, to_universal
 from vit.flops import peak_flops, train_flops
+from vit.fragments import assemble, load_fragments, local_fragments, parameter_shapes
 from vit.loop import Batch, Hooks, Throughput, pretrain_loop
 from vit.objective import use_bf16
 from vit.recipe import Recipe
@@ -76,7 +79,8 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
     with ExitStack() as cleanup:
         scratch = Path(tempfile.mkdtemp(prefix="vitpipe-worker-"))
         cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
-        engine, step, resumed = _engine(model, recipe, settings, world, scratch, cleanup)
+        engine, step, resumed, ema_files = _engine(model, recipe, settings, world, scratch, cleanup)
+        ema = _start_ema(engine, plan.ema_decay, ema_files, step, rank)
         log = (
             cleanup.enter_context(closing(MetricsLog(settings.run_dir, settings.tracking)))
             if rank == 0
@@ -84,12 +88,18 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
         )
         _announce(log, step, resumed, world, recipe, engine)
         feed = cleanup.enter_context(closing(_feed(settings, rank, world, step, resumed, device)))
+        saver = Saver(rank, scratch, log, asynchronous=plan.checkpoint_async)
+        cleanup.callback(saver.wait)  # a save in flight ends before its scratch folder goes, on errors too
+        probes = ProbeClient(settings.prober, probe_cadence(plan, batch), parameter_shapes(engine), log)
         hooks = Hooks(
             batches=partial(_on_device, feed, device),
-            save=partial(_save, engine, settings, recipe, world, scratch, log, feed),
+            save=partial(_save, saver, engine, settings, recipe, world, feed, ema),
             record=partial(_record, log, ProgressLine(recipe.total_steps, step), world),
             stop_requested=StopPoll(settings.control) if rank == 0 else (lambda: False),
-            notice=Notices(plan.cadence.log_every, rank, world, plan.group, settings.control, log),
+            notice=saver.heed(
+                Notices(plan.cadence.log_every, rank, world, plan.group, settings.control, log)
+            ),
+            after_step=partial(_after_step, ema, engine, probes),
         )
         images_per_step = batch.global_batch
         peak = peak_flops(device, recipe.bf16)
@@ -109,6 +119,8 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
             throughput=throughput,
             seed=plan.seed,
         )
+        saver.wait()  # a stop, a regroup and the end report a checkpoint that is in storage
+        probes.collect(wait=True)  # every probe handed over is recorded (and its best kept) before the end
         if log is not None:  # every rank ends alike; rank 0 tells the driver how
             log.event(end.reason, step=end.step, **({"detail": end.detail} if end.detail else {}))
             ray.get(settings.control.ended.remote(end))
@@ -124,17 +136,19 @@ def _engine(
     world: int,
     scratch: Path,
     cleanup: ExitStack,
-) -> tuple[Any, int, dict[str, Any] | None]:
-    """The engine, restored from the newest checkpoint when there is one: (engine, step, its meta)."""
+) -> tuple[Any, int, dict[str, Any] | None, list[Path]]:
+    """The engine, restored from the newest checkpoint when there is one: (engine, step, its meta, its
+    EMA files: every rank's that saved them)."""
     newest = newest_checkpoint(settings.run_dir) if ray.train.get_context().get_world_rank() == 0 else None
     newest = ray.train.collective.broadcast_from_rank_zero(newest)  # every rank loads the same one
     compiled = settings.plan.speed.compiles(ray.train.torch.get_device().type)
     if newest is None:
-        return build_engine(model, recipe, settings.plan.zero, world, compile_model=compiled), 0, None
+        return build_engine(model, recipe, settings.plan.zero, world, compile_model=compiled), 0, None, []
     filesystem, path = resolve(newest)  # a URL's query holds its filesystem's settings
     resume = ray.train.Checkpoint(path, filesystem=filesystem)
     folder = Path(cleanup.enter_context(resume.as_directory()))
     meta = json.loads((folder / META_FILE).read_text())
+    ema_files = sorted((folder / EMA_DIR).glob("*.safetensors"))
     saved, wanted = architecture_of(meta, str(folder)), settings.plan.architecture
     if saved != wanted:
         changed = sorted(k for k, v in wanted.to_dict().items() if saved.to_dict().get(k) != v)
@@ -153,7 +167,31 @@ def _engine(
         raise RuntimeError(
             f"{resume.path}: the checkpoint cannot be loaded: {type(error).__name__}: {error}"
         ) from error
-    return engine, int(meta["step"]), meta
+    return engine, int(meta["step"]), meta, ema_files
+
+
+def _start_ema(engine: Any, decay: float | None, files: list[Path], step: int, rank: int) -> Ema | None:
+    """The EMA of this rank's own part of the weights (pretrain.ema), resharded from the checkpoint's
+    rank files whatever group wrote them; a checkpoint without them starts it from its weights."""
+    if decay is None:
+        return None
+    ema = Ema(local_fragments(engine), decay)
+    if files:
+        ema.load(assemble(load_fragments(files), parameter_shapes(engine)))
+    elif step and rank == 0:
+        say(f"pretrain: EMA weights (decay {decay}) start from step {step:,}: its checkpoint holds none")
+    return ema
+
+
+def _after_step(ema: Ema | None, engine: Any, probes: ProbeClient, step: int) -> None:
+    """After each optimizer step: the EMA takes the new weights in, and at a probe step the weights (raw,
+    and EMA) are handed to the probes."""
+    if ema is not None:
+        ema.update()
+    if probes.due(step):
+        raw = ema.fragments if ema is not None else local_fragments(engine)
+        probes.submit(step, {"raw": raw, **({"ema": ema.pieces()} if ema is not None else {})})
+    probes.collect(wait=False)
 
 
 def newest_checkpoint(run_dir: str) -> str | None:
@@ -245,46 +283,36 @@ def position_record(feed: Feed, step: int) -> dict[str, Any]:
 
 
 def _save(
+    saver: Saver,
     engine: Any,
     settings: WorkerSettings,
     recipe: Recipe,
     world: int,
-    scratch: Path,
-    log: MetricsLog | None,
     feed: Feed,
+    ema: Ema | None,
     step: int,
     epoch: int,
 ) -> None:
-    """Every rank writes its shards to a local folder; `ray.train.report` uploads them all into one
-    `checkpoint_NNNNNNNN` folder of the run's storage and keeps the newest `keep_checkpoints`."""
-    folder = scratch / checkpoint_dir_name(step)
-    tag = tag_of(step)
-    save_checkpoint(engine, folder, tag, client_state={"step": step})
-    every_rank: list[dict[str, int] | None] = [None] * world
-    dist.all_gather_object(every_rank, file_sizes(folder))  # what the finished checkpoint must hold
-    if log is not None:
-        meta = {
-            "step": step,
-            "epoch": epoch,
-            "tag": tag,
-            "world_size": world,
-            "zero_stage": settings.plan.zero.stage,
-            "bf16": recipe.bf16,
-            **architecture_record(settings.plan.architecture),
-            "classes": settings.plan.data.classes,
-            "defines": settings.plan.identity,
-            "data": position_record(feed, step),
-            "files": {name: size for sizes in every_rank for name, size in (sizes or {}).items()},
-        }
-        (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        log.event("checkpoint", step=step)
-        log.sync()
-    ray.train.report(
-        {"step": step},
-        checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
-        checkpoint_dir_name=checkpoint_dir_name(step),
-    )
-    shutil.rmtree(folder, ignore_errors=True)
+    """Every rank's shards (and its EMA pieces) into one `checkpoint_NNNNNNNN` folder of the run's storage,
+    each rank's written and uploaded while training goes on (`pipeline.pretrain.saving`); rank 0 adds what
+    the checkpoint is (vitpipe.json, `parts`: the rank records that make it complete). Ray Train keeps the
+    newest `keep_checkpoints`."""
+    meta = {
+        "step": step,
+        "epoch": epoch,
+        "tag": tag_of(step),
+        "world_size": world,
+        "parts": world,
+        "zero_stage": settings.plan.zero.stage,
+        "bf16": recipe.bf16,
+        **architecture_record(settings.plan.architecture),
+        "classes": settings.plan.data.classes,
+        "defines": settings.plan.identity,
+        "data": position_record(feed, step),
+        **({"ema": {"decay": ema.decay}} if ema is not None else {}),
+    }
+    pieces = ema.pieces() if ema is not None and ema.pieces().writes(saver.rank) else None
+    saver.save(engine, step, meta if saver.rank == 0 else None, pieces)
 
 
 def _record(log: MetricsLog | None, progress: ProgressLine, world: int, record: dict[str, Any]) -> None:

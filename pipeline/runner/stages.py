@@ -134,7 +134,14 @@ def run_pretrain(context: RunContext, step: Step, clear: bool) -> StepOutcome:
         remove_entries(layout.pretrain, is_run_output)
     elif latest is not None:
         say(f"resuming pretraining from its checkpoint at step {latest.step:,}")
-    plan = check_pretrain(config, context.plan.patch_dir(config.data), layout.pretrain)
+    probes = context.plan.job.probes()
+    targets = step.settings["eval"]["targets"] if probes is not None else None  # by name, as folders
+    plan = check_pretrain(
+        config.model_copy(update={"eval": probes}),
+        context.plan.patch_dir(config.data),
+        layout.pretrain,
+        probe_targets=targets,
+    )
 
     from pipeline.pretrain.launch import pretrain
 
