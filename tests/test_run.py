@@ -21,7 +21,7 @@ from safetensors.numpy import load_file
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
 from pipeline.cli import main
-from pipeline.metrics import read_records
+from pipeline.metrics import probe_records, read_records
 from pipeline.runner.execute import _failed, _Started
 from pipeline.runner.plan import load_plan
 from pipeline.runner.stages import RunContext
@@ -115,7 +115,8 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_a_rerun_skips_every_stage(
     report = (run / "report.md").read_text()
     assert "| digits | pretrained |" in report
     assert "| digits | scratch |" in report
-    for picture in ("loss.png", "transfer.png", "samples-fractals.png", "samples-digits.png"):
+    assert_transfer_was_watched_while_pretraining(run, killed_at)
+    for picture in ("loss.png", "probes.png", "transfer.png", "samples-fractals.png", "samples-digits.png"):
         assert f"(report/{picture})" in report
         assert (run / "report" / picture).stat().st_size > 1000
     assert "pretrain: step 80/80" in (run / "logs" / "pretrain.log").read_text()
@@ -187,7 +188,8 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_a_rerun_skips_every_stage(
 def assert_a_quiet_console(console: str, run: Path) -> None:
     """vitpipe's lines only: none of Ray's, Ray Train's or DeepSpeed's, which are in the stage logs."""
     lines = console.splitlines()
-    assert len(lines) <= 40, console
+    probes = [line for line in lines if line.startswith("pretrain: probe ")]  # one per probe result, wanted
+    assert len(lines) - len(probes) <= 40, console
     ray_internals = re.compile(
         r"pid=\d+|TrainController|RayTrainWorker|\bINFO\b|DeepSpeed|core_worker|Warning"
     )
@@ -196,6 +198,47 @@ def assert_a_quiet_console(console: str, run: Path) -> None:
     assert "pretrain: TensorBoard: tensorboard --logdir " in console
     log = (run / "logs" / "pretrain.log").read_text()
     assert "(RayTrainWorker pid=" in log  # what Ray's workers printed was kept, where a person can look
+
+
+def assert_transfer_was_watched_while_pretraining(run: Path, killed_at: int) -> None:
+    """The smoke job probes digits every 10 steps (raw and EMA weights) and exports the best-probed step:
+    the probes of the killed launch are kept beside the relaunch's, the best is the best of them all (the
+    relaunch kept what the killed launch found), the export holds those weights and its card says so, and
+    each checkpoint holds every rank's EMA part."""
+    records = read_records(str(run / "pretrain"))
+    probes = probe_records(records)
+    skipped = {r["step"] for r in records if r.get("event") == "probe_skipped"}  # the prober was busy
+    for kind in ("raw", "ema"):
+        mine = [r for r in probes if r["probe"] == kind]
+        probed = {r["step"] for r in mine}
+        assert probed <= set(range(10, 81, 10))
+        assert 80 in probed  # the last step waits for a busy prober rather than skip its probe
+        assert min(probed) < killed_at  # the killed launch's probes are in the history
+        # From the relaunch on (it probes its first step again if the kill lost that probe), every probe
+        # step was probed or said to be skipped; before it, a probe running at the kill went with it.
+        assert set(range(killed_at, 81, 10)) <= probed | skipped  # killed_at: a checkpoint, every 10 steps
+        best = max(mine, key=lambda r: (r["score"], -r["step"]))
+        assert (mine[-1]["best_step"], mine[-1]["best_score"]) == (best["step"], best["score"])
+        kept = json.loads((run / "pretrain" / "best" / kind / "best.json").read_text())
+        assert (kept["step"], kept["score"]) == (best["step"], best["score"])
+    exported = json.loads((run / "pretrain" / "export" / "export.json").read_text())
+    best_raw = json.loads((run / "pretrain" / "best" / "raw" / "best.json").read_text())
+    assert (exported["select"], exported["weights"], exported["step"]) == ("best", "raw", best_raw["step"])
+    exported_weights = load_file(run / "pretrain" / "export" / "vitpipe" / "model.safetensors")
+    best_weights = load_file(run / "pretrain" / "best" / "raw" / "model.safetensors")
+    assert exported_weights.keys() == best_weights.keys()
+    assert all(np.array_equal(exported_weights[name], best_weights[name]) for name in best_weights)
+    card = (run / "pretrain" / "export" / "vitpipe" / "README.md").read_text()
+    assert f"raw weights of step {best_raw['step']}, the step the probes scored best" in card
+    assert (run / "pretrain" / "export" / "ema" / "vitpipe" / "model.safetensors").is_file()
+    for checkpoint in (run / "pretrain").glob("checkpoint_0*"):
+        assert sorted(p.name for p in (checkpoint / "ema").iterdir()) == [
+            "rank-00000.safetensors",
+            "rank-00001.safetensors",
+        ]
+    status = run_status(str(run)).text()
+    assert "probe raw @ step 80:" in status
+    assert "probe ema @ step 80:" in status
 
 
 def assert_tracked(uri: str, run: Path, killed_at: int) -> None:
@@ -228,6 +271,10 @@ def assert_tracked(uri: str, run: Path, killed_at: int) -> None:
     assert pretrain.info.status == "FINISHED"
     logged = sorted({m.step for m in client.get_metric_history(pretrain.info.run_id, "loss")})
     assert logged[0] < killed_at < logged[-1] == 80  # both launches in one tracking run
+    probed = {m.step for m in client.get_metric_history(pretrain.info.run_id, "probe_ema/score")}
+    recorded = {r["step"] for r in probe_records(read_records(str(run / "pretrain"))) if r["probe"] == "ema"}
+    # under its kind's name; the relaunch's every one (the killed launch's last, buffered, may be lost)
+    assert {step for step in recorded if step > killed_at} <= probed <= recorded
     assert {a.path for a in client.list_artifacts(pretrain.info.run_id)} >= {
         "loss.png",
         "config.json",

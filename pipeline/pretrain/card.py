@@ -119,7 +119,7 @@ def _weights_line(weights: dict[str, Any]) -> str:
         return f"{kind} of the last step, {weights['step']:,}"
     score = weights.get("score")
     shown = f"{score:.3f}" if isinstance(score, int | float) else "unknown"
-    probed = f"{weights.get('metric')} {shown}"
+    probed = f"{weights.get('metric')}: {shown}"
     return f"{kind} of step {weights['step']:,}, the step the probes scored best ({probed})"
 
 

@@ -205,7 +205,7 @@ def _stage(
     save_pretrained(model, staged / VITPIPE_DIR, labels=labels)
     export_hf_folder(model, staged / HF_DIR, labels=labels)
     params = sum(parameter.numel() for parameter in model.parameters())
-    facts = card_facts({**info.meta, "step": weights.step}, model.config, params, data)
+    facts = card_facts(info.meta, model.config, params, data)  # the run's steps; `weights`: which step
     facts["weights"] = _weights_facts(weights, info, select)
     write_cards(staged, facts)
     return facts

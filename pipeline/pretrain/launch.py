@@ -93,7 +93,8 @@ def pretrain(
         run_dir, out=join(run_dir, EXPORT_DIR), data=_card_data(plan), selection=plan.export
     )
     plot = _plot(read_records(run_dir), run_dir)
-    return PretrainResult(run_dir, plan, exported.step, exported, plot)
+    trained = latest_checkpoint(run_dir)
+    return PretrainResult(run_dir, plan, trained.step if trained else exported.step, exported, plot)
 
 
 def _refuse_unfinished(end: LoopEnd | None, run_dir: str) -> None:

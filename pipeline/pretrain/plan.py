@@ -193,14 +193,9 @@ def file_samples(manifest: dict[str, Any], directory: str, split: str) -> list[i
     return [by_name[name] for name in manifest["splits"][split]["files"]]
 
 
-def plan_pretrain(
-    config: PretrainConfig,
-    directory: str,
-    rows: Rows | None = None,
-    probe_targets: dict[str, str] | None = None,
-) -> PretrainPlan:
-    """The data plan plus the model for it, the steps per epoch and the step budget; with `pretrain.eval`,
-    the probes of `probe_targets` (name -> patch folder; default: its own `targets`, as folders)."""
+def plan_pretrain(config: PretrainConfig, directory: str, rows: Rows | None = None) -> PretrainPlan:
+    """The data plan plus the model for it, the steps per epoch and the step budget (the probes are
+    planned by `check_pretrain`, when the run is launched: their targets may not be preprocessed before)."""
     data = plan_data(config, directory, rows)
     model, geometry = config.model, data.geometry
     image_size = config.image_size or geometry.image_size
@@ -248,7 +243,6 @@ def plan_pretrain(
         seed=config.seed,
         identity=run_identity(config, data),
         checkpoint_async=config.checkpoint_async,
-        probes=_probes(config, architecture, probe_targets),
         ema_decay=config.ema.decay if config.ema is not None else None,
         export=Selection(config.export.select, config.export.weights),
     )
@@ -257,7 +251,9 @@ def plan_pretrain(
 def _probes(
     config: PretrainConfig, architecture: Architecture, targets: dict[str, str] | None
 ) -> ProbePlan | None:
-    """The probes' plan (every check on their targets, before Ray), or None without `pretrain.eval`."""
+    """The probes' plan (every check on their targets, before Ray), or None without `pretrain.eval`; the
+    targets are `targets` (name -> patch folder; a job's, resolved by the runner), else the section's own
+    folders."""
     if config.eval is None:
         return None
     from pipeline.pretrain.probes import plan_probes  # torch and Ray: only for a run that probes
@@ -296,10 +292,11 @@ def check_pretrain(
     probe_targets: dict[str, str] | None = None,
 ) -> PretrainPlan:
     """The plan of run `run_dir` on `directory` (or on `rows` of it), after every check that needs no
-    worker: the data, the model for it, the probes' targets, and the run folder's checkpoints (a run
+    worker: the data, the model for it, the probes of `probe_targets`, and the run folder's checkpoints (a run
     defined otherwise is refused; the refusals advise `redo`, and `beyond_budget` for a run past its
     budget)."""
-    plan = plan_pretrain(config, directory, rows, probe_targets)
+    plan = plan_pretrain(config, directory, rows)
+    plan = replace(plan, probes=_probes(config, plan.architecture, probe_targets))
     check_run_matches(run_dir, config, plan, redo, beyond_budget)
     return plan
 

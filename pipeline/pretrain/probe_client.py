@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 import torch.distributed as dist
 
 from pipeline.console import say
-from pipeline.metrics import MetricsLog, probe_line
+from pipeline.metrics import MetricsLog, probe_line, probe_records, read_records
 from pipeline.pretrain.plan import PretrainPlan
 from vit.fragments import Fragments, gather_full
 from vit.recipe import BatchSplit
@@ -23,6 +23,7 @@ from vit.recipe import BatchSplit
 # Probes of one kind in flight at most: a probe step that finds them all still running is skipped (and
 # said), so that a prober slower than the probe cadence never holds more weights than this in memory.
 MAX_PENDING = 2
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -65,17 +66,36 @@ class ProbeClient:
 
     def submit(self, step: int, weights: dict[str, Fragments]) -> None:
         """Hand each kind of weights (`{"raw": ..., "ema": ...}`) over to the prober (a collective: every
-        rank calls it at a probe step); skipped, and said, while earlier probes still run."""
+        rank calls it at a probe step); skipped, said and recorded while earlier probes still run, except
+        at the run's last step, which waits for them (training is over: nothing waits on it)."""
+        last = self.cadence is not None and step == self.cadence.total_steps
         self.collect(wait=False)
-        if _agreed_on_rank_zero(self._busy() if self.log is not None else False):
-            say(
-                f"pretrain: probe at step {step:,} skipped: {MAX_PENDING} earlier probes still run "
-                "(raise pretrain.eval.every, or pretrain.eval.cpus/gpus)",
-                err=True,
-            )
+        while last and self.log is not None and self._busy():
+            self._collect_one()
+        if _from_rank_zero(self._busy() if self.log is not None else False):
+            if self.log is not None:
+                self.log.event("probe_skipped", step=step, pending=len(self.pending))
+                say(
+                    f"pretrain: probe at step {step:,} skipped: {len(self.pending)} earlier probes still run "
+                    "(raise pretrain.eval.every, or pretrain.eval.cpus/gpus)",
+                    err=True,
+                )
             return
         for kind, fragments in weights.items():
             self._submit(step, kind, gather_full(fragments, self.shapes))
+
+    def resume(self, step: int, weights: dict[str, Fragments], run_dir: str) -> None:
+        """A relaunch that starts at a probe step probes each kind of weights the stopped launch left
+        unrecorded there (its probe was running when that launch ended): the history misses no probe step
+        (a collective: every rank calls it as the launch starts)."""
+        if step == 0 or not self.due(step):
+            return
+        recorded = set()
+        if self.log is not None:
+            recorded = {(r["probe"], r["step"]) for r in probe_records(read_records(run_dir))}
+        missing = _from_rank_zero([kind for kind in weights if (kind, step) not in recorded])
+        if missing:
+            self.submit(step, {kind: weights[kind] for kind in missing})
 
     def _busy(self) -> bool:
         kinds = [kind for kind, _, _ in self.pending]
@@ -93,24 +113,27 @@ class ProbeClient:
         if self.log is None:
             return
         while self.pending:
-            kind, step, ref = self.pending[0]
-            ready, _ = ray.wait([ref], timeout=None if wait else 0)
+            ready, _ = ray.wait([self.pending[0][2]], timeout=None if wait else 0)
             if not ready:
                 return
-            self.pending.popleft()
-            try:
-                record = ray.get(ref)
-            except (ray.exceptions.RayError, ValueError, RuntimeError) as error:
-                reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-                self.log.event("probe_failed", step=step, probe=kind, error=reason)
-                say(f"pretrain: the {kind} probe of step {step:,} failed: {reason}", err=True)
-                continue
-            self.log.write(record, section=f"probe_{kind}")
-            say(f"pretrain: {probe_line(record)}")
+            self._collect_one()
+
+    def _collect_one(self) -> None:
+        """Wait for the oldest probe in flight and record it."""
+        kind, step, ref = self.pending.popleft()
+        try:
+            record = ray.get(ref)
+        except (ray.exceptions.RayError, ValueError, RuntimeError) as error:
+            reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            self.log.event("probe_failed", step=step, probe=kind, error=reason)
+            say(f"pretrain: the {kind} probe of step {step:,} failed: {reason}", err=True)
+            return
+        self.log.write(record, section=f"probe_{kind}")
+        say(f"pretrain: {probe_line(record)}")
 
 
-def _agreed_on_rank_zero(flag: bool) -> bool:
-    """Rank 0's answer on every rank (only rank 0 knows what is in flight)."""
-    holder = [flag]
+def _from_rank_zero(value: T) -> T:
+    """Rank 0's answer on every rank (only rank 0 knows what is in flight, and what was recorded)."""
+    holder = [value]
     dist.broadcast_object_list(holder, src=0)
-    return bool(holder[0])
+    return holder[0]

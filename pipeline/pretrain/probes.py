@@ -306,7 +306,7 @@ class Prober:
         if skipped:
             record["skipped"] = skipped
         selected = [record[score_name(target.name, self.plan.select_shots)] for target in self.plan.targets]
-        record["score"] = float(np.mean(selected))
+        record |= {"score": float(np.mean(selected)), "metric": self.plan.metric}
         best = self._keep_best(kind, record, state, source)
         record |= {"best_step": best["step"], "best_score": best["score"]}
         if kind in self._notes:

@@ -52,7 +52,7 @@ from vit.device import enable_tf32, prefetch_to_device
 from vit.ema import Ema
 from vit.engine import build_engine, load_checkpoint, to_universal
 from vit.flops import peak_flops, train_flops
-from vit.fragments import assemble, load_fragments, local_fragments, parameter_shapes
+from vit.fragments import Fragments, assemble, load_fragments, local_fragments, parameter_shapes
 from vit.loop import Batch, Hooks, Throughput, pretrain_loop
 from vit.objective import use_bf16
 from vit.recipe import Recipe
@@ -91,6 +91,7 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
         saver = Saver(rank, scratch, log, asynchronous=plan.checkpoint_async)
         cleanup.callback(saver.wait)  # a save in flight ends before its scratch folder goes, on errors too
         probes = ProbeClient(settings.prober, probe_cadence(plan, batch), parameter_shapes(engine), log)
+        probes.resume(step, _probed(ema, engine), settings.run_dir)
         hooks = Hooks(
             batches=partial(_on_device, feed, device),
             save=partial(_save, saver, engine, settings, recipe, world, feed, ema),
@@ -189,9 +190,14 @@ def _after_step(ema: Ema | None, engine: Any, probes: ProbeClient, step: int) ->
     if ema is not None:
         ema.update()
     if probes.due(step):
-        raw = ema.fragments if ema is not None else local_fragments(engine)
-        probes.submit(step, {"raw": raw, **({"ema": ema.pieces()} if ema is not None else {})})
+        probes.submit(step, _probed(ema, engine))
     probes.collect(wait=False)
+
+
+def _probed(ema: Ema | None, engine: Any) -> dict[str, Fragments]:
+    """The weights the probes score: this rank's part of the raw ones, and of their EMA when kept."""
+    raw = ema.fragments if ema is not None else local_fragments(engine)
+    return {"raw": raw, **({"ema": ema.pieces()} if ema is not None else {})}
 
 
 def newest_checkpoint(run_dir: str) -> str | None:
