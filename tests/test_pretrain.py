@@ -22,12 +22,13 @@ import transformers
 import yaml
 from ray._private import ray_constants
 
-from pipeline.metrics import read_records
+from pipeline.metrics import probe_records, read_records
 from pipeline.pretrain.export import choose_checkpoint, export_checkpoint
 from tests.conftest import REPO, TINY_RUN, VITPIPE, run_vitpipe
 from tests.test_vit_hf import assert_same_logits, images_for
 from vit.config import ViTConfig
 from vit.engine import build_engine, load_checkpoint, to_universal
+from vit.fragments import assemble, load_fragments
 from vit.model import VisionTransformer
 from vit.patches import patchify
 from vit.recipe import BatchSplit, Optimizer, Recipe, Schedule, Zero
@@ -84,12 +85,19 @@ def test_zero2_pretrains_across_two_nodes(zero2_run):
 
 
 def test_sigint_checkpoints_the_step_and_a_relaunch_on_other_settings_continues_exactly_there(
-    two_nodes, fractal_patches, tmp_path
+    two_nodes, fractal_patches, digits_patches, tmp_path
 ):
     """Ctrl-C: the workers finish their step, checkpoint it, and the driver exits 130 naming the step and
     the command. The relaunch changes only operational settings (workers 2 -> 1, micro-batch, cadences,
-    CPUs, the budget) and resumes at exactly that step with the weights it had reached."""
-    config = write_config(tmp_path / "stopped.yaml", fractal_patches, steps=2000, checkpoint_every=1000)
+    CPUs, the budget) and resumes at exactly that step with the weights it had reached, its EMA (each
+    rank's part, resharded onto one) and its history of probes."""
+    watched = {
+        "ema": {"decay": 0.9},
+        "eval": {"every": 10, "targets": [digits_patches], "cpus": 0.25, "shots": [1, 5], "seeds": 1},
+    }
+    config = write_config(
+        tmp_path / "stopped.yaml", fractal_patches, steps=2000, checkpoint_every=1000, **watched
+    )
     run_dir = tmp_path / "stopped"
     command = ["pretrain", str(config), "--storage", str(tmp_path), "--address", two_nodes.address]
     with _launch(command) as run:
@@ -114,9 +122,11 @@ def test_sigint_checkpoints_the_step_and_a_relaunch_on_other_settings_continues_
         checkpoint_every=500,
         log_every=1,
         steps=stopped + 4,
+        **watched,
     )
     result = run_vitpipe(*command, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert_the_ema_and_the_probes_went_on(run_dir, stopped, result.stderr)
     records = read_records(str(run_dir))
     resumed = events(records, "resumed")[-1]
     assert (resumed["step"], resumed["workers"], resumed["from_workers"]) == (stopped, 1, 2)
@@ -130,6 +140,30 @@ def test_sigint_checkpoints_the_step_and_a_relaunch_on_other_settings_continues_
         after[0],
     )
     assert json.loads((run_dir / "export" / "export.json").read_text())["step"] == stopped + 4
+
+
+def assert_the_ema_and_the_probes_went_on(run_dir: Path, stopped: int, console: str) -> None:
+    """Two ranks saved their EMA parts at the stop; the one rank of the relaunch loaded both (no restart
+    from the raw weights) and saved its whole part; the probes of the first launch stay in the history and
+    the relaunch probed its last step; the EMA export is the checkpoint's EMA, assembled."""
+    ema_files = sorted(p.name for p in (run_dir / f"checkpoint_{stopped:08d}" / "ema").iterdir())
+    assert ema_files == ["rank-00000.safetensors", "rank-00001.safetensors"]
+    last = run_dir / f"checkpoint_{stopped + 4:08d}"
+    assert sorted(p.name for p in (last / "ema").iterdir()) == ["rank-00000.safetensors"]
+    assert "EMA weights (decay" not in console  # loaded, not started again from the resumed weights
+    probes = probe_records(read_records(str(run_dir)))
+    for kind in ("raw", "ema"):
+        probed = [r["step"] for r in probes if r["probe"] == kind]
+        assert probed[0] <= stopped < probed[-1] == stopped + 4, probed
+    out = run_dir.parent / "ema-export"
+    assert run_vitpipe("export", str(run_dir), "--weights", "ema", "--out", str(out)).returncode == 0
+    shapes = {name: tuple(t.shape) for name, t in load_pretrained(out / "vitpipe").named_parameters()}
+    expected = assemble(load_fragments(sorted((last / "ema").glob("*.safetensors"))), shapes)
+    exported = dict(load_pretrained(out / "vitpipe").named_parameters())
+    for name, tensor in expected.items():
+        torch.testing.assert_close(exported[name].detach(), tensor, rtol=0, atol=0)
+    assert "EMA (decay 0.9) of the last step" in (out / "vitpipe" / "README.md").read_text()
+    assert (out / "raw" / "vitpipe" / "model.safetensors").is_file()  # the raw weights beside them
 
 
 def test_a_driver_started_with_sigint_ignored_takes_sigint_once_it_honours_interrupts():
