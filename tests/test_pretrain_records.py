@@ -30,6 +30,7 @@ from pipeline.metrics import (
 )
 from pipeline.pretrain.checkpoints import (
     META_FILE,
+    Selection,
     checkpoint_dir_name,
     file_sizes,
     is_run_output,
@@ -37,7 +38,7 @@ from pipeline.pretrain.checkpoints import (
     list_checkpoints,
 )
 from pipeline.pretrain.control import TrainingStopped
-from pipeline.pretrain.export import choose_checkpoint
+from pipeline.pretrain.export import choose_checkpoint, export_checkpoint
 from pipeline.pretrain.launch import _refuse_unfinished
 from pipeline.storage import remove_entries
 from vit.loop import LoopEnd
@@ -298,3 +299,18 @@ def test_a_forced_redo_removes_the_run_s_outputs_and_nothing_else(tmp_path):
     left = remove_entries(str(tmp_path), is_run_output)
     assert left == ["job.yaml", "logs", "notes.txt", "stages"]
     assert sorted(p.name for p in tmp_path.iterdir()) == left
+
+
+def test_the_best_step_is_exported_only_as_the_run_s_probes_scored_it(tmp_path):
+    """`select: best` reads RUN/best/KIND: none there is said with the way on; one scored by other probes
+    (other targets or shots, and none of the run's probes since) is refused, not exported as the best."""
+    make_checkpoint(tmp_path, 200)
+    with pytest.raises(FileNotFoundError, match=r"no raw weights were probed .*or export the last step"):
+        export_checkpoint(str(tmp_path), selection=Selection("best"))
+    (tmp_path / "best" / "raw").mkdir(parents=True)
+    (tmp_path / "best" / "raw" / "best.json").write_text(json.dumps({"step": 100, "probe_key": "old"}))
+    with pytest.raises(ValueError, match=r"step 100 was the best of other probes .* train on"):
+        export_checkpoint(str(tmp_path), selection=Selection("best"), probe_key="new")
+    with pytest.raises(ValueError, match="a checkpoint named and select best both choose the step"):
+        export_checkpoint(str(tmp_path), "200", selection=Selection("best"))
+    assert not list(tmp_path.glob("export*"))  # nothing written

@@ -118,22 +118,24 @@ def export_checkpoint(
     out: str | None = None,
     data: dict[str, Any] | None = None,
     selection: Selection = LAST_RAW,
+    probe_key: str | None = None,
 ) -> Export:
     """Write the selected weights as `OUT/vitpipe` and `OUT/hf`, the other kind (when the run kept it) as
     `OUT/KIND/vitpipe` and `OUT/KIND/hf`, and `OUT/export.json`. OUT may hold other files; files under
     those names that this export did not write are refused, named, never replaced. Each folder gets a
-    model card naming the step and how it was chosen; `data` describes the pretraining data for it."""
+    model card naming the step and how it was chosen; `data` describes the pretraining data for it. With
+    `probe_key` (the run's probes), a best step scored by other probes is refused rather than exported."""
     if checkpoint is not None and selection.select == "best":
         raise ValueError("a checkpoint named and select best both choose the step: give one of them")
     info = choose_checkpoint(run_dir, checkpoint)
     out = out or default_out(run_dir, info, selection)
     with tempfile.TemporaryDirectory(prefix="vitpipe-export-") as scratch:
         staged = Path(scratch) / "export"
-        chosen = _weights(run_dir, info, selection.select, selection.weights, Path(scratch))
+        chosen = _weights(run_dir, info, selection.select, selection.weights, Path(scratch), probe_key)
         if chosen is None:
             raise FileNotFoundError(_missing(run_dir, info, selection.select, selection.weights))
         cards = {"": _stage(staged, chosen, info, data, selection.select)}
-        beside = _weights(run_dir, info, selection.select, selection.other, Path(scratch))
+        beside = _weights(run_dir, info, selection.select, selection.other, Path(scratch), probe_key)
         if beside is not None:
             cards[beside.kind] = _stage(staged / beside.kind, beside, info, data, selection.select)
         written = sorted(str(path.relative_to(staged)) for path in staged.rglob("*") if path.is_file())
@@ -154,10 +156,12 @@ def export_checkpoint(
     return Export(chosen.step, chosen.source, join(out, VITPIPE_DIR), join(out, HF_DIR), selection, folders)
 
 
-def _weights(run_dir: str, info: CheckpointInfo, select: str, kind: Kind, scratch: Path) -> Weights | None:
+def _weights(
+    run_dir: str, info: CheckpointInfo, select: str, kind: Kind, scratch: Path, probe_key: str | None
+) -> Weights | None:
     """The weights of one kind for an export, or None when the run did not keep them."""
     if select == "best":
-        return _best(run_dir, kind, scratch)
+        return _best(run_dir, kind, scratch, probe_key)
     folder = local_folder(info.path, scratch / "checkpoint")
     if kind == "raw":
         return Weights(kind, info.step, info.path, consolidated_state(folder, info.tag))
@@ -171,12 +175,19 @@ def _weights(run_dir: str, info: CheckpointInfo, select: str, kind: Kind, scratc
     return Weights(kind, info.step, info.path, assemble(load_fragments(files), shapes))
 
 
-def _best(run_dir: str, kind: Kind, scratch: Path) -> Weights | None:
-    """The weights the probes scored best of this kind (RUN/best/KIND), or None when none were probed."""
+def _best(run_dir: str, kind: Kind, scratch: Path, probe_key: str | None) -> Weights | None:
+    """The weights the probes scored best of this kind (RUN/best/KIND), or None when none were probed;
+    a best scored by probes other than `probe_key`'s (other targets or shots) is refused, said why."""
     location = join(run_dir, BEST_DIR, kind)
     record = read_json(join(location, BEST_RECORD))
     if record is None:
         return None
+    if probe_key is not None and record.get("probe_key") != probe_key:
+        raise ValueError(
+            f"{join(location, BEST_RECORD)}: step {record.get('step')} was the best of other probes (key "
+            f"{record.get('probe_key')}, the run's now {probe_key}: other targets, shots or seeds) and no "
+            "probe of these has run since; train on (raise steps) to probe it again, or export the last step"
+        )
     folder = local_folder(location, scratch / f"best-{kind}")
     return Weights(kind, int(record["step"]), location, read_checkpoint(folder).state, record)
 

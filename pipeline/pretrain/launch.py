@@ -74,6 +74,8 @@ def pretrain(
     `control` (a study point's RunControl), whoever made it takes the signals and asks it to stop."""
     run_dir = join(storage, name)
     say(plan.describe(), err=True)
+    for line in plan.probes.describe() if plan.probes is not None else []:
+        say(f"pretrain: {line}", err=True)
     say(f"pretrain: TensorBoard: tensorboard --logdir {join(run_dir, TENSORBOARD_DIR)}", err=True)
     connect_ray(address)
     _check_placeable(plan)
@@ -90,7 +92,11 @@ def pretrain(
         say(f"pretrain: regrouping at step {end.step:,} (checkpointed) on what the cluster offers", err=True)
     _refuse_unfinished(end, run_dir)
     exported = export_checkpoint(
-        run_dir, out=join(run_dir, EXPORT_DIR), data=_card_data(plan), selection=plan.export
+        run_dir,
+        out=join(run_dir, EXPORT_DIR),
+        data=_card_data(plan),
+        selection=plan.export,
+        probe_key=plan.probes.key if plan.probes is not None else None,
     )
     plot = _plot(read_records(run_dir), run_dir)
     trained = latest_checkpoint(run_dir)
