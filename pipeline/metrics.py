@@ -247,8 +247,11 @@ def plot_loss(records: list[dict[str, Any]], out: Path) -> Path:
 
 
 def probe_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The probes' records, the last written for each (kind, step) (a resumed run probes a step again)."""
-    latest = {(r["probe"], r["step"]): r for r in records if "probe" in r and "step" in r}
+    """The probes' results, the last written for each (kind, step) (a resumed run probes a step again);
+    events about probes (a failure, a skip) are not results."""
+    latest = {
+        (r["probe"], r["step"]): r for r in records if "probe" in r and "step" in r and "event" not in r
+    }
     return [latest[key] for key in sorted(latest, key=lambda key: (key[1], key[0]))]
 
 

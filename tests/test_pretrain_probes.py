@@ -244,10 +244,13 @@ def probe(prober, step: int, state: dict[str, torch.Tensor], kind: str = "raw") 
 
 
 def assert_best_weights(run: Path, state: dict[str, torch.Tensor], step: int) -> None:
-    loaded = load_pretrained(run / "best" / "raw").state_dict()
+    """best.json names the step and the folder of its weights, the only step folder left."""
+    record = json.loads((run / "best" / "raw" / "best.json").read_text())
+    assert (record["step"], record["folder"]) == (step, f"step-{step:08d}")
+    assert sorted(p.name for p in (run / "best" / "raw").glob("step-*")) == [record["folder"]]
+    loaded = load_pretrained(run / "best" / "raw" / record["folder"]).state_dict()
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[name], state[name]) for name in state)
-    assert json.loads((run / "best" / "raw" / "best.json").read_text())["step"] == step
 
 
 def test_the_best_step_s_weights_are_kept_and_a_resumed_run_keeps_them(plan, targets, tmp_path):

@@ -90,13 +90,14 @@ def probe_record(kind: str, step: int, score: float, best_step: int) -> dict:
 def test_probe_records_are_their_own_section_in_tensorboard_and_a_figure_against_step(tmp_path):
     """Probe results keep their kind apart from training's numbers (`probe_ema/score`, not `train/score`);
     the figure draws each target's shot counts against step, and a step probed again after a resume is
-    drawn once, with its last value."""
+    drawn once, with its last value; a failed probe's event is no result."""
     with closing(MetricsLog(str(tmp_path))) as log:
         log.write(step_record(10, 2.0))
         for kind in ("raw", "ema"):
             log.write(probe_record(kind, 10, 0.5, 10), section=f"probe_{kind}")
             log.write(probe_record(kind, 20, 0.7, 20), section=f"probe_{kind}")
         log.write(probe_record("raw", 20, 0.6, 10), section="probe_raw")  # a resumed run probed 20 again
+        log.event("probe_failed", step=20, probe="raw", error="ValueError: NaN in head.weight")
     scalars = tensorboard_scalars(next((tmp_path / "tensorboard").glob("events.out.tfevents.*")))
     assert scalars["probe_ema/score"] == [(10, 0.5), (20, pytest.approx(0.7))]
     assert scalars["probe_raw/fewshot/digits/5shot"][-1] == (20, pytest.approx(0.6))

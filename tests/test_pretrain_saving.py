@@ -15,6 +15,7 @@ import torch
 from pipeline.pretrain.checkpoints import (
     META_FILE,
     checkpoint_dir_name,
+    ema_files,
     latest_checkpoint,
     rank_record,
     scan_checkpoints,
@@ -33,7 +34,7 @@ class Run:
 
     def __init__(self, run: Path, scratch: Path) -> None:
         torch.manual_seed(0)
-        self.run, self.scratch, self.step = run, scratch, 0
+        self.run, self.scratch, self.step, self.attempts = run, scratch, 0, 0
         self.engine = build_engine(VisionTransformer(TINY), RECIPE, ZERO, world_size=1)
         self.patches, self.labels = dataset()
         self.rng = np.random.default_rng(0)
@@ -50,9 +51,12 @@ class Run:
         folder = self.scratch / name
         staged = stage_checkpoint(self.engine, folder, tag, {"step": self.step})
         meta = {"step": self.step, "tag": tag, "world_size": 1, "parts": 1, "zero_stage": ZERO.stage}
-        (folder / META_FILE).write_text(json.dumps({**meta, **architecture_record(TINY)}))
+        attempt = f"attempt-{self.attempts}"
+        self.attempts += 1
+        (folder / META_FILE).write_text(json.dumps({**meta, "attempt": attempt, **architecture_record(TINY)}))
         destination = self.run / name
-        publish_checkpoint(folder, staged, 0, self.step, pafs.LocalFileSystem(), str(destination))
+        record = {"rank": 0, "step": self.step, "attempt": attempt}
+        publish_checkpoint(folder, staged, record, pafs.LocalFileSystem(), str(destination))
         return destination
 
 
@@ -144,3 +148,30 @@ def test_a_checkpoint_is_complete_only_with_every_rank_s_record(tmp_path, capsys
     parted_checkpoint(tmp_path, 200, records)
     assert latest_checkpoint(str(tmp_path)).step == 100
     assert f"checkpoint_00000200: {why}" in capsys.readouterr().err
+
+
+def test_a_record_of_another_attempt_at_the_step_does_not_vouch_for_this_one(tmp_path, capsys):
+    """A save of step S on two ranks stopped after rank 1's record was up; the relaunch saves S again and
+    rank 0's new vitpipe.json is in before rank 1's old record is replaced: the folder is not complete."""
+    folder = parted_checkpoint(tmp_path, 20, {0: "", 1: ""})
+    meta = json.loads((folder / META_FILE).read_text())
+    (folder / META_FILE).write_text(json.dumps({**meta, "attempt": "new"}))
+    for rank in (0, 1):
+        record = json.loads((folder / rank_record(rank)).read_text())
+        attempt = "new" if rank == 0 else "old"
+        (folder / rank_record(rank)).write_text(json.dumps({**record, "attempt": attempt}))
+    assert scan_checkpoints(str(tmp_path))[0] == []
+    assert latest_checkpoint(str(tmp_path)) is None
+    assert "vitpipe.rank-00001.json is of another attempt at this step" in capsys.readouterr().err
+
+
+def test_only_the_ema_parts_the_checkpoint_s_records_list_are_read(tmp_path):
+    """An EMA part left by an earlier attempt at the step on more ranks is not read with this one's."""
+    folder = tmp_path / checkpoint_dir_name(20)
+    (folder / "ema").mkdir(parents=True)
+    for rank in (0, 1):
+        (folder / "ema" / f"rank-{rank:05d}.safetensors").write_bytes(b"x")
+    record = {"rank": 0, "files": {"ema/rank-00000.safetensors": 1}}
+    (folder / rank_record(0)).write_text(json.dumps(record))
+    assert ema_files(folder, {"parts": 1}) == [folder / "ema" / "rank-00000.safetensors"]
+    assert len(ema_files(folder, {})) == 2  # a checkpoint from before the records: every file there

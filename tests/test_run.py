@@ -225,7 +225,7 @@ def assert_transfer_was_watched_while_pretraining(run: Path, killed_at: int) -> 
     best_raw = json.loads((run / "pretrain" / "best" / "raw" / "best.json").read_text())
     assert (exported["select"], exported["weights"], exported["step"]) == ("best", "raw", best_raw["step"])
     exported_weights = load_file(run / "pretrain" / "export" / "vitpipe" / "model.safetensors")
-    best_weights = load_file(run / "pretrain" / "best" / "raw" / "model.safetensors")
+    best_weights = load_file(run / "pretrain" / "best" / "raw" / best_raw["folder"] / "model.safetensors")
     assert exported_weights.keys() == best_weights.keys()
     assert all(np.array_equal(exported_weights[name], best_weights[name]) for name in best_weights)
     card = (run / "pretrain" / "export" / "vitpipe" / "README.md").read_text()
@@ -236,6 +236,10 @@ def assert_transfer_was_watched_while_pretraining(run: Path, killed_at: int) -> 
             "rank-00000.safetensors",
             "rank-00001.safetensors",
         ]
+    before = (run / "pretrain" / "export" / "export.json").read_text()
+    assert main(["export", str(run / "pretrain")]) == 0  # the last raw weights, beside the job's choice
+    assert (run / "pretrain" / "export" / "export.json").read_text() == before
+    assert json.loads((run / "pretrain" / "export-last" / "export.json").read_text())["step"] == 80
     status = run_status(str(run)).text()
     assert "probe raw @ step 80:" in status
     assert "probe ema @ step 80:" in status

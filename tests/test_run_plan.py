@@ -579,3 +579,6 @@ def test_probes_read_the_finetune_targets_with_the_evaluate_settings_and_rerun_t
         keys.add(json.dumps(other.step("pretrain").settings, sort_keys=True))
         assert run_identity(other.job.pretrain, None) == run_identity(plain.job.pretrain, None)
     assert len(keys) == 4
+    resourced = {**JOB["pretrain"], "eval": {"every": 5, "cpus": 0.25, "batch_size": 8}}
+    other = load_plan(write_job(tmp_path, changed(pretrain=resourced)))
+    assert json.dumps(other.step("pretrain").settings, sort_keys=True) in keys  # how probes run: no key

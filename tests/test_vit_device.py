@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vit.device import autocast, copy_ahead, enable_tf32, prefetch_to_device
+from vit.device import autocast, copy_ahead, enable_tf32, object_group, prefetch_to_device
 
 CPU = torch.device("cpu")
 # What makes the host wait for a device: a value read back (on a GPU each of these synchronises).
@@ -119,3 +119,15 @@ def test_on_cuda_the_side_stream_copy_delivers_every_batch_intact():
         assert busy.shape == (64, 196, 768)
         np.testing.assert_array_equal(patches.cpu().numpy(), want_patches)
         np.testing.assert_array_equal(labels.cpu().numpy(), want_labels)
+
+
+def test_objects_travel_in_a_gloo_group_beside_nccl_and_in_the_default_group_otherwise(one_rank_group):
+    """Both answers on a CPU: under NCCL a gloo group of every rank (built here beside the one-rank gloo
+    group, as a GPU worker builds it beside NCCL), else the default group itself."""
+    assert object_group("gloo") is None
+    group = object_group("nccl")
+    assert torch.distributed.get_backend(group) == "gloo"
+    assert torch.distributed.get_world_size(group) == torch.distributed.get_world_size()
+    holder = ["mark"]
+    torch.distributed.broadcast_object_list(holder, src=0, group=group)
+    assert holder == ["mark"]

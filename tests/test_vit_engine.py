@@ -434,7 +434,7 @@ def test_a_staged_checkpoint_holds_the_state_of_its_step_however_training_goes_o
     stage, bf16, one_rank_group, tmp_path
 ):
     """What a staged save writes is the engine's state when it was staged: the files written after a
-    further optimizer step equal, bit for bit, those of a save written at once at the staged step (model,
+    further optimizer step equal, bit for bit, those DeepSpeed's own save wrote at the staged step (model,
     fp32 master and Adam's moments under every ZeRO stage), and they load, while the engine's weights have
     moved on."""
     torch.manual_seed(0)
@@ -444,7 +444,9 @@ def test_a_staged_checkpoint_holds_the_state_of_its_step_however_training_goes_o
     rng = np.random.default_rng(0)
     for start in (0, MICRO):
         train_micro_batch(engine, patches[start : start + MICRO], labels[start : start + MICRO], recipe, rng)
-    save_checkpoint(engine, tmp_path / "at-once", "step2", {"step": 2})
+    engine.save_checkpoint(
+        str(tmp_path / "at-once"), tag="step2", client_state={"step": 2}
+    )  # DeepSpeed's own
     staged = stage_checkpoint(engine, tmp_path / "staged", "step2", {"step": 2})
     train_micro_batch(engine, patches[:MICRO], labels[:MICRO], recipe, rng)  # step 3 changes every tensor
     save_checkpoint(engine, tmp_path / "later", "step3", {"step": 3})

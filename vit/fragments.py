@@ -180,15 +180,18 @@ def load_fragments(paths: Iterable[str | Path]) -> list[Fragment]:
     return pieces
 
 
-def gather_full(fragments: Fragments, shapes: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor] | None:
+def gather_full(
+    fragments: Fragments, shapes: Mapping[str, Sequence[int]], group: Any = None
+) -> dict[str, torch.Tensor] | None:
     """A collective (every rank calls it): rank 0 gets the full fp32 state on the CPU, the others None.
 
-    Every rank sends CPU copies of its pieces to rank 0 (`dist.gather_object`; under NCCL the current
-    CUDA device must be set, as Ray Train does); replicated pieces are whole on rank 0 already."""
+    Every rank sends CPU copies of its pieces to rank 0 (`dist.gather_object` in `group`: under NCCL,
+    `vit.device.object_group`'s gloo group, so the bytes stay off the GPUs); replicated pieces are whole
+    on rank 0 already."""
     rank = dist.get_rank()
     if fragments.replicated:
         return assemble(fragments, shapes) if rank == 0 else None
     local = [Fragment(p.name, p.offset, p.tensor.detach().to("cpu", copy=True)) for p in fragments]
     gathered: list[list[Fragment]] | None = [[] for _ in range(dist.get_world_size())] if rank == 0 else None
-    dist.gather_object(local, gathered, dst=0)
+    dist.gather_object(local, gathered, dst=0, group=group)
     return assemble(itertools.chain.from_iterable(gathered), shapes) if gathered is not None else None

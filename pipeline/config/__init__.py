@@ -16,7 +16,13 @@ from pipeline.config.data import (
 from pipeline.config.job import PipelineConfig, StudyConfig, TrackingConfig, WandbConfig
 from pipeline.config.loader import check_name, load_config, load_yaml, validate
 from pipeline.config.model import AnyModel, BiTModelConfig, ModelConfig
-from pipeline.config.pretrain import PRETRAIN_BUDGET, PRETRAIN_OPERATIONAL, PRETRAIN_OUTPUTS, PretrainConfig
+from pipeline.config.pretrain import (
+    PRETRAIN_BUDGET,
+    PRETRAIN_OPERATIONAL,
+    PRETRAIN_OUTPUTS,
+    PROBE_OPERATIONAL,
+    PretrainConfig,
+)
 from pipeline.config.transfer import FINETUNE_OPERATIONAL, AnalyzeConfig, EvaluateConfig, FinetuneConfig
 
 __all__ = [
@@ -28,6 +34,7 @@ __all__ = [
     "PRETRAIN_BUDGET",
     "PRETRAIN_OPERATIONAL",
     "PRETRAIN_OUTPUTS",
+    "PROBE_OPERATIONAL",
     "AnalyzeConfig",
     "AnyModel",
     "BiTModelConfig",

@@ -39,6 +39,8 @@ PRETRAIN_OPERATIONAL = frozenset({
 # Operational keys that change what the pretrain step writes (its probes, EMA weights and export), though
 # not the run: in the step's cache key, so a change reruns the step, which resumes the run.
 PRETRAIN_OUTPUTS = frozenset({"eval", "ema", "export"})
+# How the probes run, not what they measure: out of the pretrain step's key.
+PROBE_OPERATIONAL = frozenset({"cpus", "gpus", "batch_size"})
 # Keys of the data path before each worker read its own rows (Ray Data): refused, saying what replaced them.
 PRETRAIN_RETIRED = {
     "data_cpus": "replaced by data_threads (each worker reads its own rows with that many threads, "
@@ -74,12 +76,6 @@ class ProbeSection(Section):
     @classmethod
     def _sorted_shots(cls, shots: tuple[int, ...] | None) -> tuple[int, ...] | None:
         return None if shots is None else tuple(sorted(set(shots)))
-
-    @model_validator(mode="after")
-    def _selected_shots_are_probed(self) -> ProbeSection:
-        if self.select_shots is not None and self.shots is not None and self.select_shots not in self.shots:
-            raise ValueError(f"select_shots {self.select_shots} is not one of shots {list(self.shots)}")
-        return self
 
 
 class EmaSection(Section):

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import pyarrow.fs as pafs
 
 from pipeline.console import say
-from pipeline.storage import basename, resolve, url_of
+from pipeline.storage import basename, join, resolve, url_of
 from vit.config import FAMILIES, Architecture, architecture_from_record
 
 META_FILE = "vitpipe.json"
@@ -27,7 +27,7 @@ EXPORT_DIR = "export"
 VITPIPE_DIR = "vitpipe"
 EMA_DIR = "ema"  # in a checkpoint folder: each rank's EMA weights (vit.fragments files)
 BEST_DIR = "best"  # in a run folder: best/KIND/, the weights the probes scored best, as a vitpipe model
-BEST_RECORD = "best.json"  # in best/KIND/: the step, its score and what was probed
+BEST_RECORD = "best.json"  # in best/KIND/: the step, its score, what was probed, and its weights' folder
 
 
 Kind = Literal["raw", "ema"]  # the weights a run keeps: as trained, or their EMA (pretrain.ema)
@@ -46,6 +46,18 @@ class Selection:
 
 
 LAST_RAW = Selection()  # what an export holds unless asked otherwise
+
+
+def best_dir(run_dir: str, kind: str) -> str:
+    """RUN/best/KIND: where the best-scored weights of a kind are kept (best.json, and the weights in the
+    step folder it names)."""
+    return join(run_dir, BEST_DIR, kind)
+
+
+def best_weights_name(step: int) -> str:
+    """The folder in RUN/best/KIND holding the weights of a best step: each best its own, so the record
+    switches from one whole folder to the next."""
+    return f"step-{step:08d}"
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -146,14 +158,16 @@ def _missing_files(filesystem: pafs.FileSystem, folder: str, meta: dict[str, Any
         if record not in sizes:
             return f"rank {rank} did not finish its upload (no {record})"
         listed, why = _read_record(filesystem, posixpath.join(folder, record))
-        why = why or _unlike(listed, sizes, record)
+        if not why and listed.get("attempt") != meta.get("attempt"):
+            why = f"{record} is of another attempt at this step (a save stopped part-way, then made again)"
+        why = why or _unlike(listed["files"], sizes, record)
         if why:
             return why
     return ""
 
 
-def _read_record(filesystem: pafs.FileSystem, path: str) -> tuple[dict[str, int], str]:
-    """A rank record's files and sizes, or why it cannot be read."""
+def _read_record(filesystem: pafs.FileSystem, path: str) -> tuple[dict[str, Any], str]:
+    """A rank record (its `files` and their sizes, and the save's `attempt`), or why it cannot be read."""
     name = posixpath.basename(path)
     try:
         with filesystem.open_input_stream(path) as stream:
@@ -163,7 +177,22 @@ def _read_record(filesystem: pafs.FileSystem, path: str) -> tuple[dict[str, int]
     files = record.get("files") if isinstance(record, dict) else None
     if not isinstance(files, dict):
         return {}, f"{name} is damaged (it lists no files)"
-    return files, ""
+    return record, ""
+
+
+def ema_files(folder: Path, meta: dict[str, Any]) -> list[Path]:
+    """The EMA part files of a complete checkpoint (a local copy of it): those its ranks' records list,
+    so a file left by an earlier, unfinished attempt at the same step on more ranks is not read."""
+    found = sorted((folder / EMA_DIR).glob("*.safetensors"))
+    if "parts" not in meta:
+        return found
+    listed: set[str] = set()
+    for rank in range(int(meta["parts"])):
+        record, why = _read_record(pafs.LocalFileSystem(), str(folder / rank_record(rank)))
+        if why:
+            raise ValueError(f"{folder}: {why}")
+        listed |= set(record["files"])
+    return [path for path in found if str(path.relative_to(folder)) in listed]
 
 
 def _unlike(listed: dict[str, int], sizes: dict[str, int], record: str) -> str:
@@ -210,7 +239,7 @@ def file_sizes(folder: Path) -> dict[str, int]:
 # What a pretraining run writes into its folder (vitpipe's workers and driver, and Ray Train itself):
 # `--force pretrain` deletes these and nothing else the folder may hold.
 RUN_OUTPUTS = re.compile(
-    rf"({CHECKPOINT_PREFIX}[0-9]+|{EXPORT_DIR}(-[0-9]+|-best)?(-ema)?|{BEST_DIR}|metrics\.jsonl|tensorboard|loss\.png"
+    rf"({CHECKPOINT_PREFIX}[0-9]+|{EXPORT_DIR}(-[0-9]+|-best|-last)?(-ema)?|{BEST_DIR}|metrics\.jsonl|tensorboard|loss\.png"
     r"|checkpoint_manager_snapshot\.json|\..*\.partial)"
 )
 

@@ -16,7 +16,6 @@ import pyarrow.fs as pafs
 
 from pipeline.pretrain.card import CARD_FILE, card_facts, write_cards
 from pipeline.pretrain.checkpoints import (
-    BEST_DIR,
     BEST_RECORD,
     EMA_DIR,
     EXPORT_DIR,
@@ -26,7 +25,9 @@ from pipeline.pretrain.checkpoints import (
     Kind,
     Selection,
     architecture_of,
+    best_dir,
     checkpoint_dir_name,
+    ema_files,
     newest,
     scan_checkpoints,
     step_of,
@@ -100,16 +101,26 @@ def choose_checkpoint(run_dir: str, name: str | None = None) -> CheckpointInfo:
 
 def default_out(run_dir: str, info: CheckpointInfo, selection: Selection) -> str:
     """RUN/export for the newest checkpoint's raw weights; a name saying what else was chosen otherwise
-    (`export-00000200`, `export-best`, `export-ema`), so a look at other weights never replaces the export
-    the run's fine-tuning reads (the pretrain stage names RUN/export for the job's own choice)."""
+    (`export-00000200`, `export-best`, `export-ema`, and `export-last` when RUN/export holds the job's
+    best or EMA weights), so a look at other weights never replaces the export the run's fine-tuning
+    reads (the pretrain stage names RUN/export for the job's own choice)."""
     name = EXPORT_DIR
     if selection.select == "best":
         name += "-best"
     elif info.step != scan_checkpoints(run_dir)[0][-1].step:
         name += f"-{info.step:08d}"
+    elif selection == LAST_RAW and _holds_other_selection(join(run_dir, EXPORT_DIR)):
+        name += "-last"  # the run's export is its job's choice (best, or EMA): left as it is
     if selection.weights == "ema":
         name += "-ema"
     return join(run_dir, name)
+
+
+def _holds_other_selection(out: str) -> bool:
+    """Whether the export in `out` holds other weights than the last step's raw ones."""
+    filesystem, root = resolve(out)
+    record = _previous_export(filesystem, root) or {}
+    return (record.get("select", "last"), record.get("weights", "raw")) != ("last", "raw")
 
 
 def export_checkpoint(
@@ -162,10 +173,12 @@ def _weights(
     """The weights of one kind for an export, or None when the run did not keep them."""
     if select == "best":
         return _best(run_dir, kind, scratch, probe_key)
-    folder = local_folder(info.path, scratch / "checkpoint")
+    folder = scratch / "checkpoint"
+    if not folder.is_dir():  # a checkpoint in object storage is downloaded once, for both kinds
+        folder = local_folder(info.path, folder)
     if kind == "raw":
         return Weights(kind, info.step, info.path, consolidated_state(folder, info.tag))
-    files = sorted((folder / EMA_DIR).glob("*.safetensors"))
+    files = ema_files(folder, info.meta)
     if not files:
         return None
     shapes = {
@@ -178,7 +191,7 @@ def _weights(
 def _best(run_dir: str, kind: Kind, scratch: Path, probe_key: str | None) -> Weights | None:
     """The weights the probes scored best of this kind (RUN/best/KIND), or None when none were probed;
     a best scored by probes other than `probe_key`'s (other targets or shots) is refused, said why."""
-    location = join(run_dir, BEST_DIR, kind)
+    location = best_dir(run_dir, kind)
     record = read_json(join(location, BEST_RECORD))
     if record is None:
         return None
@@ -188,14 +201,15 @@ def _best(run_dir: str, kind: Kind, scratch: Path, probe_key: str | None) -> Wei
             f"{record.get('probe_key')}, the run's now {probe_key}: other targets, shots or seeds) and no "
             "probe of these has run since; train on (raise steps) to probe it again, or export the last step"
         )
-    folder = local_folder(location, scratch / f"best-{kind}")
-    return Weights(kind, int(record["step"]), location, read_checkpoint(folder).state, record)
+    weights = join(location, str(record.get("folder", "")))
+    folder = local_folder(weights, scratch / f"best-{kind}")
+    return Weights(kind, int(record["step"]), weights, read_checkpoint(folder).state, record)
 
 
 def _missing(run_dir: str, info: CheckpointInfo, select: str, kind: Kind) -> str:
     if select == "best":
         return (
-            f"{run_dir}: no {kind} weights were probed ({join(run_dir, BEST_DIR, kind, BEST_RECORD)} is "
+            f"{run_dir}: no {kind} weights were probed ({join(best_dir(run_dir, kind), BEST_RECORD)} is "
             "missing): probes run every pretrain.eval.every steps (set pretrain.eval"
             + (" and pretrain.ema" if kind == "ema" else "")
             + "), or export the last step"

@@ -56,8 +56,10 @@ class ProbeClient:
         cadence: ProbeCadence | None,
         shapes: dict[str, Any],
         log: MetricsLog | None,
+        group: Any = None,
     ) -> None:
         self.prober, self.cadence, self.shapes, self.log = prober, cadence, shapes, log
+        self.group = group  # the process group objects travel in (vit.device.object_group)
         self.pending: deque[tuple[str, int, ray.ObjectRef]] = deque()
 
     def due(self, step: int) -> bool:
@@ -67,12 +69,10 @@ class ProbeClient:
     def submit(self, step: int, weights: dict[str, Fragments]) -> None:
         """Hand each kind of weights (`{"raw": ..., "ema": ...}`) over to the prober (a collective: every
         rank calls it at a probe step); skipped, said and recorded while earlier probes still run, except
-        at the run's last step, which waits for them (training is over: nothing waits on it)."""
+        at the run's last step, which is always handed over (the end of the launch waits for it)."""
         last = self.cadence is not None and step == self.cadence.total_steps
         self.collect(wait=False)
-        while last and self.log is not None and self._busy():
-            self._collect_one()
-        if _from_rank_zero(self._busy() if self.log is not None else False):
+        if not last and from_rank_zero(self._busy() if self.log is not None else False, self.group):
             if self.log is not None:
                 self.log.event("probe_skipped", step=step, pending=len(self.pending))
                 say(
@@ -82,7 +82,7 @@ class ProbeClient:
                 )
             return
         for kind, fragments in weights.items():
-            self._submit(step, kind, gather_full(fragments, self.shapes))
+            self._submit(step, kind, gather_full(fragments, self.shapes, self.group))
 
     def resume(self, step: int, weights: dict[str, Fragments], run_dir: str) -> None:
         """A relaunch that starts at a probe step probes each kind of weights the stopped launch left
@@ -93,7 +93,7 @@ class ProbeClient:
         recorded = set()
         if self.log is not None:
             recorded = {(r["probe"], r["step"]) for r in probe_records(read_records(run_dir))}
-        missing = _from_rank_zero([kind for kind in weights if (kind, step) not in recorded])
+        missing = from_rank_zero([kind for kind in weights if (kind, step) not in recorded], self.group)
         if missing:
             self.submit(step, {kind: weights[kind] for kind in missing})
 
@@ -132,8 +132,8 @@ class ProbeClient:
         say(f"pretrain: {probe_line(record)}")
 
 
-def _from_rank_zero(value: T) -> T:
+def from_rank_zero(value: T, group: Any = None) -> T:
     """Rank 0's answer on every rank (only rank 0 knows what is in flight, and what was recorded)."""
     holder = [value]
-    dist.broadcast_object_list(holder, src=0)
+    dist.broadcast_object_list(holder, src=0, group=group)
     return holder[0]

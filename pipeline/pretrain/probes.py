@@ -9,10 +9,8 @@ per launch and hands it to the workers, which send it full fp32 state dicts.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import posixpath
 import re
 import tempfile
 from collections.abc import Iterator
@@ -28,9 +26,9 @@ from pipeline.config import EvaluateConfig, digest
 from pipeline.config.pretrain import ProbeSection
 from pipeline.metrics import FEWSHOT_PREFIX
 from pipeline.preprocess.manifest import read_manifest
-from pipeline.pretrain.checkpoints import BEST_DIR, BEST_RECORD
+from pipeline.pretrain.checkpoints import BEST_RECORD, best_dir, best_weights_name
 from pipeline.ray_session import ray_task_device
-from pipeline.storage import join, publish_folder, read_json, resolve, write_atomic
+from pipeline.storage import join, publish_folder, read_json, remove_entries, write_atomic
 from pipeline.transfer.data import VALIDATION_BYTES, SplitReader, holdout, holdout_sizes
 from pipeline.transfer.plan import TRAIN_SPLIT, TargetError, TargetPlan, check_fits, plan_target
 from vit.config import Architecture
@@ -375,21 +373,15 @@ class Prober:
         return best
 
 
-def best_dir(run_dir: str, kind: str) -> str:
-    """RUN/best/KIND: where the best-scored weights of a kind are kept."""
-    return join(run_dir, BEST_DIR, kind)
-
-
 def write_best(folder: str, model: torch.nn.Module, best: dict[str, Any]) -> None:
-    """The model as a vitpipe folder in `folder`, and `best`, as best.json: the old best.json goes first
-    and the new one is written last, so a folder that holds a best.json holds the weights it describes."""
-    filesystem, path = resolve(folder)
-    with contextlib.suppress(FileNotFoundError):
-        filesystem.delete_file(posixpath.join(path, BEST_RECORD))
+    """The model as a vitpipe folder in `folder/step-NNNNNNNN`, then `best` (naming it) as best.json, then
+    the older step folders go: a kill at any point leaves a best.json whose weights are whole."""
+    name = best_weights_name(int(best["step"]))
     with tempfile.TemporaryDirectory(prefix="vitpipe-best-") as scratch:
-        save_pretrained(model, scratch)
+        save_pretrained(model, Path(scratch) / name)
         publish_folder(Path(scratch), folder)
-    write_atomic(join(folder, BEST_RECORD), json.dumps(best, indent=2) + "\n")
+    write_atomic(join(folder, BEST_RECORD), json.dumps({**best, "folder": name}, indent=2) + "\n")
+    remove_entries(folder, lambda entry: entry != name and entry.startswith("step-"))
 
 
 def start_prober(plan: ProbePlan, run_dir: str) -> ray.actor.ActorHandle:

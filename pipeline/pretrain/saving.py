@@ -55,10 +55,18 @@ class Saver:
         self._complete_at = -1  # the step a notice asked to save: its save returns once uploaded
         self._staged_step = -1
 
-    def save(self, engine: Any, step: int, meta: dict[str, Any] | None, ema: Fragments | None = None) -> None:
+    def save(
+        self,
+        engine: Any,
+        step: int,
+        attempt: str,
+        meta: dict[str, Any] | None,
+        ema: Fragments | None = None,
+    ) -> None:
         """Stage this rank's shards of `step` (rank 0 adds `meta`, the checkpoint's vitpipe.json; `ema`:
         this rank's EMA pieces to keep beside them) and hand them to `ray.train.report`, whose upload
-        thread writes and uploads them."""
+        thread writes and uploads them. `attempt` (the same on every rank, and in `meta`) marks this save's
+        records: a record left by an earlier attempt at the same step never vouches for this one."""
         started = time.perf_counter()
         self._settle()  # at most one save in flight: host memory holds one staged copy
         waited = time.perf_counter() - started
@@ -77,7 +85,7 @@ class Saver:
             checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
             checkpoint_dir_name=checkpoint_dir_name(step),
             checkpoint_upload_mode=mode,
-            checkpoint_upload_fn=self._upload_fn(staged, pieces, step, started, done),
+            checkpoint_upload_fn=self._upload_fn(staged, pieces, step, attempt, started, done),
             delete_local_checkpoint_after_upload=False,  # the upload fn removes it once uploaded
         )
         self._flight = done
@@ -125,6 +133,7 @@ class Saver:
         staged: list[StagedFile],
         pieces: list[Fragment],
         step: int,
+        attempt: str,
         started: float,
         done: Future[dict[str, Any]],
     ) -> Callable[[ray.train.Checkpoint, str], ray.train.Checkpoint]:
@@ -140,7 +149,10 @@ class Saver:
                 local = Path(checkpoint.path)
                 if pieces:
                     save_fragments(local / EMA_DIR / f"rank-{self.rank:05d}.safetensors", pieces)
-                publish_checkpoint(local, staged, self.rank, step, storage.storage_filesystem, destination)
+                record = {"rank": self.rank, "step": step, "attempt": attempt}
+                publish_checkpoint(local, staged, record, storage.storage_filesystem, destination)
+                staged.clear()  # Ray keeps this function until its report is in: the host copies go now
+                pieces.clear()
             except BaseException as error:
                 failure = CheckpointWriteError(
                     f"{destination}: rank {self.rank} could not write or upload its part of the checkpoint "
@@ -170,20 +182,20 @@ class Saver:
 def publish_checkpoint(
     folder: Path,
     staged: list[StagedFile],
-    rank: int,
-    step: int,
+    record: dict[str, Any],
     filesystem: pafs.FileSystem,
     destination: str,
 ) -> None:
     """A rank's part of a checkpoint into `destination` (a folder on `filesystem`): its staged files
     written into its local `folder`, every file of that folder uploaded (rank 0's vitpipe.json after its
-    shards), and last this rank's record of them. Its record of an earlier attempt at the step (a run
-    killed mid-save and resumed from before it) goes first: it would vouch for files being replaced."""
+    shards), and last this rank's `record` (rank, step, attempt) with the files and their sizes. Its
+    record of an earlier attempt at the step (a run killed mid-save and resumed from before it) goes
+    first (and would not match this attempt's vitpipe.json anyway)."""
+    target_record = posixpath.join(destination, rank_record(record["rank"]))
+    with contextlib.suppress(FileNotFoundError):
+        filesystem.delete_file(target_record)
     write_staged(staged)
     sizes = file_sizes(folder)
-    record = posixpath.join(destination, rank_record(rank))
-    with contextlib.suppress(FileNotFoundError):
-        filesystem.delete_file(record)
     for name in sorted(sizes, key=lambda name: (name == META_FILE, name)):
         target = posixpath.join(destination, name)
         filesystem.create_dir(posixpath.dirname(target), recursive=True)
@@ -195,5 +207,5 @@ def publish_checkpoint(
             chunk_size=UPLOAD_CHUNK,
             use_threads=False,  # one file; pyarrow's threaded S3 uploads are unsafe (arrow#32372)
         )
-    with filesystem.open_output_stream(record) as stream:
-        stream.write(json.dumps({"rank": rank, "step": step, "files": sizes}, indent=2).encode() + b"\n")
+    with filesystem.open_output_stream(target_record) as stream:
+        stream.write(json.dumps({**record, "files": sizes}, indent=2).encode() + b"\n")

@@ -15,6 +15,7 @@ import json
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, closing
 from functools import partial
@@ -32,9 +33,9 @@ from pipeline.console import detail, say
 from pipeline.console import progress as show_progress
 from pipeline.metrics import MetricsLog, ProgressLine
 from pipeline.pretrain.checkpoints import (
-    EMA_DIR,
     META_FILE,
     architecture_of,
+    ema_files,
     list_checkpoints,
     tag_of,
 )
@@ -43,12 +44,12 @@ from pipeline.pretrain.elastic import Notices
 from pipeline.pretrain.feed import Feed
 from pipeline.pretrain.order import ORDER_FORMAT, Lineage, extend_lineage
 from pipeline.pretrain.plan import WorkerSettings
-from pipeline.pretrain.probe_client import ProbeClient, probe_cadence
+from pipeline.pretrain.probe_client import ProbeClient, from_rank_zero, probe_cadence
 from pipeline.pretrain.saving import Saver
 from pipeline.storage import resolve
 from vit.build import build_model
 from vit.config import architecture_record
-from vit.device import enable_tf32, prefetch_to_device
+from vit.device import enable_tf32, object_group, prefetch_to_device
 from vit.ema import Ema
 from vit.engine import build_engine, load_checkpoint, to_universal
 from vit.flops import peak_flops, train_flops
@@ -79,8 +80,8 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
     with ExitStack() as cleanup:
         scratch = Path(tempfile.mkdtemp(prefix="vitpipe-worker-"))
         cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
-        engine, step, resumed, ema_files = _engine(model, recipe, settings, world, scratch, cleanup)
-        ema = _start_ema(engine, plan.ema_decay, ema_files, step, rank)
+        engine, step, resumed, ema_parts = _engine(model, recipe, settings, world, scratch, cleanup)
+        ema = _start_ema(engine, plan.ema_decay, ema_parts, step, rank)
         log = (
             cleanup.enter_context(closing(MetricsLog(settings.run_dir, settings.tracking)))
             if rank == 0
@@ -90,11 +91,13 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
         feed = cleanup.enter_context(closing(_feed(settings, rank, world, step, resumed, device)))
         saver = Saver(rank, scratch, log, asynchronous=plan.checkpoint_async)
         cleanup.callback(saver.wait)  # a save in flight ends before its scratch folder goes, on errors too
-        probes = ProbeClient(settings.prober, probe_cadence(plan, batch), parameter_shapes(engine), log)
+        objects = object_group(dist.get_backend())
+        cadence = probe_cadence(plan, batch)
+        probes = ProbeClient(settings.prober, cadence, parameter_shapes(engine), log, objects)
         probes.resume(step, _probed(ema, engine), settings.run_dir)
         hooks = Hooks(
             batches=partial(_on_device, feed, device),
-            save=partial(_save, saver, engine, settings, recipe, world, feed, ema),
+            save=partial(_save, saver, engine, settings, recipe, world, feed, ema, objects),
             record=partial(_record, log, ProgressLine(recipe.total_steps, step), world),
             stop_requested=StopPoll(settings.control) if rank == 0 else (lambda: False),
             notice=saver.heed(
@@ -149,7 +152,7 @@ def _engine(
     resume = ray.train.Checkpoint(path, filesystem=filesystem)
     folder = Path(cleanup.enter_context(resume.as_directory()))
     meta = json.loads((folder / META_FILE).read_text())
-    ema_files = sorted((folder / EMA_DIR).glob("*.safetensors"))
+    ema_parts = ema_files(folder, meta)
     saved, wanted = architecture_of(meta, str(folder)), settings.plan.architecture
     if saved != wanted:
         changed = sorted(k for k, v in wanted.to_dict().items() if saved.to_dict().get(k) != v)
@@ -168,7 +171,7 @@ def _engine(
         raise RuntimeError(
             f"{resume.path}: the checkpoint cannot be loaded: {type(error).__name__}: {error}"
         ) from error
-    return engine, int(meta["step"]), meta, ema_files
+    return engine, int(meta["step"]), meta, ema_parts
 
 
 def _start_ema(engine: Any, decay: float | None, files: list[Path], step: int, rank: int) -> Ema | None:
@@ -296,6 +299,7 @@ def _save(
     world: int,
     feed: Feed,
     ema: Ema | None,
+    objects: Any,
     step: int,
     epoch: int,
 ) -> None:
@@ -317,8 +321,10 @@ def _save(
         "data": position_record(feed, step),
         **({"ema": {"decay": ema.decay}} if ema is not None else {}),
     }
+    # This save's mark, rank 0's on every rank: a record left by an earlier attempt at the step is not this.
+    meta["attempt"] = from_rank_zero(uuid.uuid4().hex[:12], objects)
     pieces = ema.pieces() if ema is not None and ema.pieces().writes(saver.rank) else None
-    saver.save(engine, step, meta if saver.rank == 0 else None, pieces)
+    saver.save(engine, step, meta["attempt"], meta if saver.rank == 0 else None, pieces)
 
 
 def _record(log: MetricsLog | None, progress: ProgressLine, world: int, record: dict[str, Any]) -> None:

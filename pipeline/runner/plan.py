@@ -17,6 +17,7 @@ from pipeline.config import (
     FINETUNE_OPERATIONAL,
     PRETRAIN_OPERATIONAL,
     PRETRAIN_OUTPUTS,
+    PROBE_OPERATIONAL,
     ConfigError,
     FinetuneConfig,
     PipelineConfig,
@@ -258,7 +259,8 @@ def _pretrain_step(pretrain: PretrainConfig, job: PipelineConfig, source: str, l
     settings = pretrain.model_dump(mode="json", exclude=PRETRAIN_OPERATIONAL - PRETRAIN_OUTPUTS)
     probed, probe_depends, probe_external = _probe_targets(job, layout)
     if probed is not None:
-        settings["eval"] = {**settings["eval"], **job.probes().model_dump(mode="json"), "targets": probed}
+        resolved = job.probes().model_dump(mode="json", exclude=PROBE_OPERATIONAL)
+        settings["eval"] = {**resolved, "targets": probed}
     if pretrain.data in job.preprocess:
         model, entry = pretrain.model, job.preprocess[pretrain.data]
         geometry = entry.geometry()
