@@ -12,6 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import ray
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.transforms import Bbox
@@ -37,9 +38,10 @@ from pipeline.pretrain.checkpoints import (
     latest_checkpoint,
     list_checkpoints,
 )
-from pipeline.pretrain.control import TrainingStopped
+from pipeline.pretrain.control import TrainingStopped, start_control
 from pipeline.pretrain.export import choose_checkpoint, export_checkpoint
-from pipeline.pretrain.launch import _refuse_unfinished
+from pipeline.pretrain.launch import _refuse_stopped_at_the_end, _refuse_unfinished
+from pipeline.pretrain.probe_client import unprobed
 from pipeline.storage import remove_entries
 from vit.loop import LoopEnd
 
@@ -304,14 +306,42 @@ def test_a_forced_redo_removes_the_run_s_outputs_and_nothing_else(tmp_path):
 
 def test_the_best_step_is_exported_only_as_the_run_s_probes_scored_it(tmp_path):
     """`select: best` reads RUN/best/KIND: none there is said with the way on; one scored by other probes
-    (other targets or shots, and none of the run's probes since) is refused, not exported as the best."""
+    (other targets or shots, and none of the run's probes since) is refused, not exported as the best; a
+    damaged best.json is named."""
     make_checkpoint(tmp_path, 200)
     with pytest.raises(FileNotFoundError, match=r"no raw weights were probed .*or export the last step"):
         export_checkpoint(str(tmp_path), selection=Selection("best"))
     (tmp_path / "best" / "raw").mkdir(parents=True)
-    (tmp_path / "best" / "raw" / "best.json").write_text(json.dumps({"step": 100, "probe_key": "old"}))
+    best = {"step": 100, "score": 0.5, "folder": "step-00000100", "probe_key": "old"}
+    (tmp_path / "best" / "raw" / "best.json").write_text(json.dumps(best))
     with pytest.raises(ValueError, match=r"step 100 was the best of other probes .* train on"):
         export_checkpoint(str(tmp_path), selection=Selection("best"), probe_key="new")
+    (tmp_path / "best" / "raw" / "best.json").write_text(json.dumps({**best, "step": "twenty"}))
+    with pytest.raises(ValueError, match=r"best/raw/best.json: damaged \(step missing or not what"):
+        export_checkpoint(str(tmp_path), selection=Selection("best"))
     with pytest.raises(ValueError, match="a checkpoint named and select best both choose the step"):
         export_checkpoint(str(tmp_path), "200", selection=Selection("best"))
     assert not list(tmp_path.glob("export*"))  # nothing written
+
+
+def test_a_relaunch_probes_its_first_step_where_these_probes_have_no_result(tmp_path):
+    """A stopped launch's probe lost with it, or a finished run relaunched with other probes (targets,
+    shots): its first step is probed again, so the history and the best are these probes'."""
+    records = [
+        {**probe_record("raw", 40, 0.5, 40), "probe_key": "old"},
+        {**probe_record("ema", 40, 0.5, 40), "probe_key": "new"},
+        {"event": "probe_failed", "probe": "ema", "step": 60, "error": "x"},
+    ]
+    assert unprobed(records, 40, ["raw", "ema"], "new") == ["raw"]
+    assert unprobed(records, 40, ["raw", "ema"], "old") == ["ema"]
+    assert unprobed(records, 60, ["raw", "ema"], "new") == ["raw", "ema"]  # a failure is no result
+
+
+def test_a_stop_asked_as_the_last_step_trained_stops_the_run_before_its_export(ray_local, tmp_path):
+    """The loop ended "finished" but a stop was asked for meanwhile (no log step was left to stop at): the
+    launch stops before its export and the stages after it, saying how to go on."""
+    control = start_control()
+    _refuse_stopped_at_the_end(LoopEnd(40, "finished"), control, str(tmp_path))  # no stop asked: goes on
+    ray.get(control.request_stop.remote())
+    with pytest.raises(TrainingStopped, match=r"stopped on request after its last step, 40 .* goes on"):
+        _refuse_stopped_at_the_end(LoopEnd(40, "finished"), control, str(tmp_path))

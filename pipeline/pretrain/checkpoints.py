@@ -17,7 +17,7 @@ from typing import Any, Literal
 import pyarrow.fs as pafs
 
 from pipeline.console import say
-from pipeline.storage import basename, join, resolve, url_of
+from pipeline.storage import basename, join, read_json, resolve, url_of
 from vit.config import FAMILIES, Architecture, architecture_from_record
 
 META_FILE = "vitpipe.json"
@@ -52,6 +52,27 @@ def best_dir(run_dir: str, kind: str) -> str:
     """RUN/best/KIND: where the best-scored weights of a kind are kept (best.json, and the weights in the
     step folder it names)."""
     return join(run_dir, BEST_DIR, kind)
+
+
+def read_best(folder: str) -> dict[str, Any] | None:
+    """A kind's best.json (in RUN/best/KIND), or None when there is none; one that is not what the probes
+    write (step, score, the weights' folder, the probes' key) is named, with the way on."""
+    location = join(folder, BEST_RECORD)
+    record = read_json(location)
+    if record is None:
+        return None
+    fields = {"step": int, "score": int | float, "folder": str, "probe_key": str}
+    wrong = [
+        name
+        for name, kind in fields.items()
+        if not isinstance(record.get(name), kind) or isinstance(record.get(name), bool)
+    ]
+    if wrong:
+        raise ValueError(
+            f"{location}: damaged ({', '.join(wrong)} missing or not what the probes write); delete {folder} "
+            "for the probes to find the best again, or export the last step"
+        )
+    return record
 
 
 def best_weights_name(step: int) -> str:

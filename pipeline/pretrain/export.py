@@ -29,10 +29,11 @@ from pipeline.pretrain.checkpoints import (
     checkpoint_dir_name,
     ema_files,
     newest,
+    read_best,
     scan_checkpoints,
     step_of,
 )
-from pipeline.storage import join, local_folder, publish_folder, read_json, resolve, write_atomic
+from pipeline.storage import join, local_folder, publish_folder, resolve, write_atomic
 from vit.build import build_model
 from vit.config import CONFIG_FILE
 from vit.engine import consolidated_state
@@ -192,14 +193,15 @@ def _best(run_dir: str, kind: Kind, scratch: Path, probe_key: str | None) -> Wei
     """The weights the probes scored best of this kind (RUN/best/KIND), or None when none were probed;
     a best scored by probes other than `probe_key`'s (other targets or shots) is refused, said why."""
     location = best_dir(run_dir, kind)
-    record = read_json(join(location, BEST_RECORD))
+    record = read_best(location)
     if record is None:
         return None
     if probe_key is not None and record.get("probe_key") != probe_key:
         raise ValueError(
             f"{join(location, BEST_RECORD)}: step {record.get('step')} was the best of other probes (key "
-            f"{record.get('probe_key')}, the run's now {probe_key}: other targets, shots or seeds) and no "
-            "probe of these has run since; train on (raise steps) to probe it again, or export the last step"
+            f"{record.get('probe_key')}, the run's now {probe_key}: other targets, shots, seeds, l2, "
+            "val_fraction or select_shots) and no probe of these has run since; train on (raise steps) to "
+            "probe again, or export the last step"
         )
     weights = join(location, str(record.get("folder", "")))
     folder = local_folder(weights, scratch / f"best-{kind}")

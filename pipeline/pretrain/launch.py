@@ -91,6 +91,7 @@ def pretrain(
             break
         say(f"pretrain: regrouping at step {end.step:,} (checkpointed) on what the cluster offers", err=True)
     _refuse_unfinished(end, run_dir)
+    _refuse_stopped_at_the_end(end, control, run_dir)
     exported = export_checkpoint(
         run_dir,
         out=join(run_dir, EXPORT_DIR),
@@ -123,6 +124,18 @@ def _refuse_unfinished(end: LoopEnd | None, run_dir: str) -> None:
         f"pretraining diverged at step {end.step:,}: {end.detail} (not finite); nothing was exported and "
         f"no checkpoint of that state kept. {kept} Lower optimizer.lr (or fix "
         "the data), then start afresh (another name, or --force pretrain)"
+    )
+
+
+def _refuse_stopped_at_the_end(end: LoopEnd | None, control: Any, run_dir: str) -> None:
+    """A stop asked for as the loop trained its last step (or waited for its last probes) finds no log
+    step to stop at: the run trained to its end, and stops here, before its export and the stages after
+    it (a `vitpipe run` of a long job would otherwise go on to fine-tune)."""
+    if end is None or end.reason != "finished" or not ray.get(control.stop_requested.remote()):
+        return
+    raise TrainingStopped(
+        f"pretraining stopped on request after its last step, {end.step:,} (checkpointed in {run_dir}); the "
+        "same command exports it and goes on"
     )
 
 

@@ -34,6 +34,7 @@ class ProbeCadence:
     every: int
     total_steps: int
     images_per_step: int
+    key: str  # the probes' key: a probe recorded under another (other targets or shots) is not theirs
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.total_steps
@@ -43,7 +44,7 @@ def probe_cadence(plan: PretrainPlan, batch: BatchSplit) -> ProbeCadence | None:
     """When the run's probes fall (None without pretrain.eval)."""
     if plan.probes is None:
         return None
-    return ProbeCadence(plan.probes.every, plan.total_steps, batch.global_batch)
+    return ProbeCadence(plan.probes.every, plan.total_steps, batch.global_batch, plan.probes.key)
 
 
 class ProbeClient:
@@ -86,14 +87,15 @@ class ProbeClient:
 
     def resume(self, step: int, weights: dict[str, Fragments], run_dir: str) -> None:
         """A relaunch that starts at a probe step probes each kind of weights the stopped launch left
-        unrecorded there (its probe was running when that launch ended): the history misses no probe step
-        (a collective: every rank calls it as the launch starts)."""
+        unrecorded there (its probe was running when that launch ended), or recorded under other probes
+        (a finished run relaunched with other targets or shots, whose best then needs a probe of these):
+        the history misses no probe step (a collective: every rank calls it as the launch starts)."""
         if step == 0 or not self.due(step):
             return
-        recorded = set()
-        if self.log is not None:
-            recorded = {(r["probe"], r["step"]) for r in probe_records(read_records(run_dir))}
-        missing = from_rank_zero([kind for kind in weights if (kind, step) not in recorded], self.group)
+        missing: list[str] = []
+        if self.log is not None and self.cadence is not None:
+            missing = unprobed(read_records(run_dir), step, list(weights), self.cadence.key)
+        missing = from_rank_zero(missing, self.group)
         if missing:
             self.submit(step, {kind: weights[kind] for kind in missing})
 
@@ -130,6 +132,12 @@ class ProbeClient:
             return
         self.log.write(record, section=f"probe_{kind}")
         say(f"pretrain: {probe_line(record)}")
+
+
+def unprobed(records: list[dict[str, Any]], step: int, kinds: list[str], key: str) -> list[str]:
+    """The kinds of weights with no probe result at `step` under the probes' `key` in a run's records."""
+    recorded = {(r["probe"], r["step"]) for r in probe_records(records) if r.get("probe_key") == key}
+    return [kind for kind in kinds if (kind, step) not in recorded]
 
 
 def from_rank_zero(value: T, group: Any = None) -> T:

@@ -26,9 +26,9 @@ from pipeline.config import EvaluateConfig, digest
 from pipeline.config.pretrain import ProbeSection
 from pipeline.metrics import FEWSHOT_PREFIX
 from pipeline.preprocess.manifest import read_manifest
-from pipeline.pretrain.checkpoints import BEST_RECORD, best_dir, best_weights_name
+from pipeline.pretrain.checkpoints import BEST_RECORD, best_dir, best_weights_name, read_best
 from pipeline.ray_session import ray_task_device
-from pipeline.storage import join, publish_folder, read_json, remove_entries, write_atomic
+from pipeline.storage import join, publish_folder, remove_entries, write_atomic
 from pipeline.transfer.data import VALIDATION_BYTES, SplitReader, holdout, holdout_sizes
 from pipeline.transfer.plan import TRAIN_SPLIT, TargetError, TargetPlan, check_fits, plan_target
 from vit.config import Architecture
@@ -304,7 +304,7 @@ class Prober:
         if skipped:
             record["skipped"] = skipped
         selected = [record[score_name(target.name, self.plan.select_shots)] for target in self.plan.targets]
-        record |= {"score": float(np.mean(selected)), "metric": self.plan.metric}
+        record |= {"score": float(np.mean(selected)), "metric": self.plan.metric, "probe_key": self.plan.key}
         best = self._keep_best(kind, record, state, source)
         record |= {"best_step": best["step"], "best_score": best["score"]}
         if kind in self._notes:
@@ -343,7 +343,10 @@ class Prober:
     def _best_of(self, kind: str) -> dict[str, Any] | None:
         """The kind's best to beat; read once from RUN/best/KIND/best.json, kept only under the same key."""
         if kind not in self._best:
-            stored = read_json(join(best_dir(self.run_dir, kind), BEST_RECORD))
+            try:
+                stored = read_best(best_dir(self.run_dir, kind))
+            except ValueError as error:  # the probes find the best again rather than fail every probe
+                self._notes[kind], stored = f"{BEST_RESET}: {error}", None
             if stored is not None and stored.get("probe_key") != self.plan.key:
                 self._notes[kind] = (
                     f"{BEST_RESET} (the best of step {stored.get('step')} was scored under probe key "

@@ -132,8 +132,6 @@ def run_pretrain(context: RunContext, step: Step, clear: bool) -> StepOutcome:
         say(f"pretrain: redone on request: discarding the {latest.step:,} steps trained in {layout.pretrain}")
     if clear:  # the run's own outputs only: the folder may be the run folder, or hold others' files
         remove_entries(layout.pretrain, is_run_output)
-    elif latest is not None:
-        say(f"resuming pretraining from its checkpoint at step {latest.step:,}")
     probes = context.plan.job.probes()
     targets = step.settings["eval"]["targets"] if probes is not None else None  # by name, as folders
     plan = check_pretrain(
@@ -142,6 +140,8 @@ def run_pretrain(context: RunContext, step: Step, clear: bool) -> StepOutcome:
         layout.pretrain,
         probe_targets=targets,
     )
+    if latest is not None and not clear:  # said once the plan holds: a refused run resumes nothing
+        say(f"resuming pretraining from its checkpoint at step {latest.step:,}")
 
     from pipeline.pretrain.launch import pretrain
 
