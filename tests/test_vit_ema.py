@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vit.config import ViTConfig
+from tests.test_vit_engine import TINY
 from vit.ema import Ema
 from vit.engine import build_engine, train_micro_batch
 from vit.fragments import (
@@ -24,9 +24,6 @@ from vit.fragments import (
 from vit.model import VisionTransformer
 from vit.recipe import BatchSplit, Optimizer, Recipe, Schedule, Zero
 
-TINY = ViTConfig(
-    image_size=16, patch_size=4, channels=3, num_classes=5, width=32, depth=2, heads=2, mlp_dim=64
-)
 DECAY = 0.9
 
 
