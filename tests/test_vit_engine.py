@@ -20,12 +20,14 @@ from vit.ema import Ema
 from vit.engine import (
     build_engine,
     consolidated_state,
+    copied_asynchronously,
     load_checkpoint,
     save_checkpoint,
     stage_checkpoint,
     to_host,
     to_universal,
     train_micro_batch,
+    wait_for_host_copies,
     write_staged,
 )
 from vit.fragments import (
@@ -478,3 +480,17 @@ def test_to_host_copies_a_view_alone_and_keeps_it_apart_from_its_source():
     flat.zero_()
     assert copied.untyped_storage().nbytes() == 10 * 4
     assert torch.equal(copied, torch.arange(10, 20, dtype=torch.float32))
+
+
+def test_host_copies_are_waited_for_on_a_gpu_and_done_at_once_on_a_cpu(monkeypatch):
+    """Both answers on a CPU: a GPU's copy into pinned memory is asynchronous, so each GPU copied from is
+    synchronised once (recorded here in place of CUDA); a CPU's is a clone, and nothing is waited for."""
+    cpu, gpu0, gpu1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda", 1)
+    assert copied_asynchronously(gpu0)
+    assert not copied_asynchronously(cpu)
+    synchronised: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronised.append)
+    wait_for_host_copies([cpu, cpu])
+    assert synchronised == []
+    wait_for_host_copies([gpu0, cpu, gpu0, gpu1])
+    assert sorted(synchronised, key=str) == [gpu0, gpu1]

@@ -18,7 +18,7 @@ import functools
 import io
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,8 +230,7 @@ def _staging_engine_type() -> type:
         def save(self, state_dict: Any, path: str) -> None:
             devices: set[torch.device] = set()
             state = _host_copies(state_dict, devices)
-            for device in devices:
-                torch.cuda.synchronize(device)  # to_host's copies into pinned memory have landed
+            wait_for_host_copies(devices)
             self.staged.append(StagedFile(Path(path), state, bool(self.zipfile_serialization)))
 
     return StagingCheckpointEngine
@@ -240,10 +239,9 @@ def _staging_engine_type() -> type:
 def _host_copies(value: Any, devices: set[torch.device]) -> Any:
     """`value` with every tensor in it replaced by its host copy, and its containers rebuilt (a state
     dict's lists and dicts, such as the optimizer's param_groups, change as training goes on); other
-    objects are kept as they are. The GPUs copied from are added to `devices`."""
+    objects are kept as they are. The devices copied from are added to `devices`."""
     if torch.is_tensor(value):
-        if value.device.type == "cuda":
-            devices.add(value.device)
+        devices.add(value.device)
         return to_host(value)
     if isinstance(value, dict):
         copied = copy.copy(value)  # keeps the mapping's type (OrderedDict, defaultdict's factory)
@@ -263,10 +261,22 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
     a clone on the CPU; from a GPU, an asynchronous copy into pinned memory that the caller waits for
     with `torch.cuda.synchronize()`."""
     tensor = tensor.detach()
-    if tensor.device.type == "cpu":
+    if not copied_asynchronously(tensor.device):
         return tensor.clone(memory_format=torch.contiguous_format)
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     return host.copy_(tensor, non_blocking=True)
+
+
+def copied_asynchronously(device: torch.device) -> bool:
+    """Whether `to_host` copies from `device` into pinned memory without waiting (a GPU), so the copy must
+    be waited for; from the CPU it is a clone, done when it returns."""
+    return device.type == "cuda"
+
+
+def wait_for_host_copies(devices: Iterable[torch.device]) -> None:
+    """Wait until `to_host`'s copies from `devices` have landed: a synchronize of each GPU among them."""
+    for device in {device for device in devices if copied_asynchronously(device)}:
+        torch.cuda.synchronize(device)
 
 
 def load_checkpoint(engine: Any, directory: str | Path, tag: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from vit.engine import to_host
+from vit.engine import to_host, wait_for_host_copies
 from vit.files import read_safetensors
 
 
@@ -163,8 +163,7 @@ def stage_fragments(pieces: Iterable[Fragment]) -> list[Fragment]:
     tensors go on changing, these do not."""
     pieces = list(pieces)
     staged = [Fragment(piece.name, piece.offset, to_host(piece.tensor)) for piece in pieces]
-    for device in {piece.tensor.device for piece in pieces if piece.tensor.device.type == "cuda"}:
-        torch.cuda.synchronize(device)  # to_host's copies into pinned memory have landed
+    wait_for_host_copies(piece.tensor.device for piece in pieces)
     return staged
 
 
