@@ -21,7 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from transformers import BitForImageClassification
 
-from benchmarks.study_results import answer, sentences
+from pipeline.study.answer import answer, sentences
 from pipeline.cli import main
 from pipeline.config import ConfigError
 from pipeline.metrics import read_records
@@ -97,6 +97,37 @@ def test_a_study_is_planned_as_concurrent_points_reading_nested_subsets(tmp_path
     assert points[-1].settings["finetune"]["modes"] == ["scratch"]
     assert "pretrain" not in ids
     assert "finetune" not in ids
+    # Each point probes the finetune targets while it pretrains (shots from evaluate), and what it probes
+    # and exports is in its key: another probe or export is another point.
+    probes = pretrained.settings["pretrain"]["eval"]
+    assert (probes["targets"], probes["shots"], probes["every"]) == (["digits"], [1, 5], 8)
+    assert "cpus" not in probes  # how the probes run is not what they measure
+    assert pretrained.settings["pretrain"]["export"]["select"] == "best"
+
+
+def study_with(change: dict, tmp_path: Path) -> Path:
+    """The smoke job with some of its sections' settings changed, written to a file."""
+    job = yaml.safe_load(SMOKE.read_text())
+    for section, values in change.items():
+        job[section] = {**job[section], **values}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def test_a_budget_in_epochs_with_a_floor_gives_small_subsets_the_floor_and_large_ones_their_epochs(tmp_path):
+    path = study_with({"study": {"epochs": 2, "min_steps": 10, "steps": None}}, tmp_path)
+    plan = load_plan(path, str(tmp_path / "run"))
+    budgets = {
+        step.item: {key: step.settings["pretrain"][key] for key in ("steps", "epochs")}
+        for step in plan.steps
+        if step.concurrent and step.settings["pretrain"] is not None
+    }
+    # 100 images are 3 steps of 32 an epoch: 2 epochs (6 steps) fall under the floor; 400 are 12 a pass.
+    assert budgets["n0000000100-vit-seed0"] == {"steps": 10, "epochs": None}
+    assert budgets["n0000000400-bit-seed0"]["epochs"] == 2
+    with pytest.raises(ConfigError, match="min_steps is a floor under study.epochs"):
+        load_plan(study_with({"study": {"min_steps": 10}}, tmp_path), str(tmp_path / "run"))
 
 
 def test_one_point_runs_alone_with_the_steps_it_reads_and_no_report(tmp_path):
@@ -159,7 +190,7 @@ def test_the_curves_are_each_sizes_mean_and_spread_over_seeds_of_the_points_own_
             ]
             assert (entry["mean"], entry["std"], entry["seeds"]) == (
                 pytest.approx(np.mean(values)),
-                pytest.approx(np.std(values)),
+                pytest.approx(np.std(values, ddof=1)),  # the sample standard deviation
                 3,
             )
         panel = drawn[f"digits: {metric}"]
@@ -198,6 +229,10 @@ def test_the_curves_are_each_sizes_mean_and_spread_over_seeds_of_the_points_own_
         ({"study": {"epochs": 2, "steps": 3}}, "set either epochs or steps"),
         ({"study": {"corpus": "nowhere"}}, "study.corpus 'nowhere' is not a preprocess entry"),
         ({"finetune": None}, "a study needs a pretrain section"),
+        (
+            {"pretrain": {"eval": {"every": 4, "targets": ["fractals"]}}},
+            r"pretrain.eval.targets \['fractals'\]: a study's points probe only the finetune targets",
+        ),
     ],
 )
 def test_a_study_that_cannot_run_is_refused_before_anything_starts(tmp_path, change, message):
@@ -447,7 +482,9 @@ def assert_curves_are_the_points_own(run: Path, results: dict) -> None:
             for entry in curve:
                 values = by_size[entry["size"]]
                 assert entry["mean"] == pytest.approx(float(np.mean(values)))
-                assert entry["std"] == pytest.approx(float(np.std(values)))
+                assert entry["std"] == pytest.approx(
+                    float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+                )
             panel = drawn[f"digits: {metric}"]
             pretrained = [e for e in curve if e["size"]]
             assert panel[model]["x"] == [e["size"] for e in pretrained]

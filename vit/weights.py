@@ -193,10 +193,23 @@ def adapted_model(
     return model
 
 
-def state_digest(model: torch.nn.Module) -> str:
-    """A hash of a model's weights (names, shapes, values in fp32): which weights a run started from."""
+# The classifier a target replaces (and the pre-logits layer fine-tuning drops): not the backbone.
+CLASSIFIER_PREFIXES = ("head.", "pre_logits.")
+
+
+def state_digest(model: torch.nn.Module, skip: tuple[str, ...] = ()) -> str:
+    """A hash of a model's weights (names, shapes, values in fp32), less the tensors whose names start with
+    one of `skip`: which weights a run started from."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        if skip and name.startswith(skip):
+            continue
         digest.update(f"{name}{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def backbone_digest(model: torch.nn.Module) -> str:
+    """The digest of a model's weights less its classifier: the same for a pretrained model and the one a
+    target adapted from it (a new head), so a fine-tuning's start can be traced to a pretraining step."""
+    return state_digest(model, skip=CLASSIFIER_PREFIXES)

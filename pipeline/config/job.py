@@ -27,6 +27,9 @@ class StudyConfig(Section):
     # fixed number of steps at every size. Default: the pretrain section's epochs, else its steps.
     epochs: StepBudget | None = None
     steps: StepBudget | None = None
+    # With epochs, the fewest steps a point takes: a small subset's few passes would stop it before it
+    # learns anything, while the best step the probes find (pretrain.eval) stops its overfitting.
+    min_steps: PositiveInt | None = None
     scratch: Flag = True  # also each model trained from scratch on each target: the size-0 row
     subset_seed: NonNegativeInt = 0  # draws the nested subsets, once for every model and seed
 
@@ -41,6 +44,8 @@ class StudyConfig(Section):
     def _one_budget(self) -> StudyConfig:
         if self.epochs is not None and self.steps is not None:
             raise ValueError("set either epochs or steps, not both")
+        if self.min_steps is not None and self.epochs is None:
+            raise ValueError("min_steps is a floor under study.epochs; set epochs, or a fixed steps alone")
         return self
 
 
@@ -94,10 +99,11 @@ class PipelineConfig(Section):
                 "a study needs a pretrain section (its points' recipe) and a finetune section "
                 "(the targets each point is evaluated on)"
             )
-        if self.pretrain.eval is not None:
+        probed = set(self.pretrain.eval.targets or ()) if self.pretrain.eval is not None else set()
+        if unknown := sorted(probed - set(self.finetune.targets)):
             raise ValueError(
-                "pretrain.eval: a study's points do not probe while they pretrain (yet); drop it, or run the "
-                "job without its study section"
+                f"pretrain.eval.targets {unknown}: a study's points probe "
+                "only the finetune targets they transfer to; drop them, or add them to finetune.targets"
             )
         if "model" in self.pretrain.model_fields_set:
             raise ValueError("pretrain.model is not used by a study: its points train study.models; drop it")

@@ -61,16 +61,17 @@ class ProbeClient:
     ) -> None:
         self.prober, self.cadence, self.shapes, self.log = prober, cadence, shapes, log
         self.group = group  # the process group objects travel in (vit.device.object_group)
-        self.pending: deque[tuple[str, int, ray.ObjectRef]] = deque()
+        self.pending: deque[tuple[str, int, ray.ObjectRef, str | None]] = deque()
 
     def due(self, step: int) -> bool:
         """Whether `step` is a probe step (every rank answers alike)."""
         return self.prober is not None and self.cadence is not None and self.cadence.due(step)
 
-    def submit(self, step: int, weights: dict[str, Fragments]) -> None:
+    def submit(self, step: int, weights: dict[str, Fragments], engine_weights: str | None = None) -> None:
         """Hand each kind of weights (`{"raw": ..., "ema": ...}`) over to the prober (a collective: every
         rank calls it at a probe step); skipped, said and recorded while earlier probes still run, except
-        at the run's last step, which is always handed over (the end of the launch waits for it)."""
+        at the run's last step, which is always handed over (the end of the launch waits for it). The raw
+        probe's record carries `engine_weights` (the engine's own digest of them) as `weights`."""
         last = self.cadence is not None and step == self.cadence.total_steps
         self.collect(wait=False)
         if not last and from_rank_zero(self._busy() if self.log is not None else False, self.group):
@@ -83,7 +84,8 @@ class ProbeClient:
                 )
             return
         for kind, fragments in weights.items():
-            self._submit(step, kind, gather_full(fragments, self.shapes, self.group))
+            digest = engine_weights if kind == "raw" else None
+            self._submit(step, kind, gather_full(fragments, self.shapes, self.group), digest)
 
     def resume(self, step: int, weights: dict[str, Fragments], run_dir: str) -> None:
         """A relaunch that starts at a probe step probes each kind of weights the stopped launch left
@@ -100,14 +102,14 @@ class ProbeClient:
             self.submit(step, {kind: weights[kind] for kind in missing})
 
     def _busy(self) -> bool:
-        kinds = [kind for kind, _, _ in self.pending]
+        kinds = [kind for kind, *_ in self.pending]
         return any(kinds.count(kind) >= MAX_PENDING for kind in set(kinds))
 
-    def _submit(self, step: int, kind: str, state: dict[str, Any] | None) -> None:
+    def _submit(self, step: int, kind: str, state: dict[str, Any] | None, digest: str | None) -> None:
         if self.log is None or state is None:
             return
         images = step * self.cadence.images_per_step if self.cadence else 0
-        self.pending.append((kind, step, self.prober.probe.remote(step, images, kind, state)))
+        self.pending.append((kind, step, self.prober.probe.remote(step, images, kind, state), digest))
 
     def collect(self, *, wait: bool) -> None:
         """Record the probes that have finished, in the order they were submitted; with `wait`, every one
@@ -122,9 +124,9 @@ class ProbeClient:
 
     def _collect_one(self) -> None:
         """Wait for the oldest probe in flight and record it."""
-        kind, step, ref = self.pending.popleft()
+        kind, step, ref, digest = self.pending.popleft()
         try:
-            record = ray.get(ref)
+            record = ray.get(ref) | ({"weights": digest} if digest is not None else {})
         except (ray.exceptions.RayError, ValueError, RuntimeError) as error:
             reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
             self.log.event("probe_failed", step=step, probe=kind, error=reason)

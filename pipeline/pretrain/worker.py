@@ -57,7 +57,7 @@ from vit.fragments import Fragments, assemble, load_fragments, local_fragments, 
 from vit.loop import Batch, Hooks, Throughput, pretrain_loop
 from vit.objective import use_bf16
 from vit.recipe import Recipe
-from vit.weights import state_digest
+from vit.weights import backbone_digest, state_digest
 
 SETTINGS = "settings"  # the one key of the train_loop_config
 
@@ -193,8 +193,17 @@ def _after_step(ema: Ema | None, engine: Any, probes: ProbeClient, step: int) ->
     if ema is not None:
         ema.update()
     if probes.due(step):
-        probes.submit(step, _probed(ema, engine))
+        probes.submit(step, _probed(ema, engine), engine_weights=_engine_backbone(engine, probes))
     probes.collect(wait=False)
+
+
+def _engine_backbone(engine: Any, probes: ProbeClient) -> str | None:
+    """Rank 0's digest of the engine's own in-memory weights (less the head) at a probe step, which the raw
+    probe's record carries: an export of that step, and a fine-tuning from it, can be traced to them
+    (vit.weights.backbone_digest). None on other ranks, and under ZeRO-3 (no rank holds the whole module)."""
+    if probes.log is None or engine.zero_optimization_stage() >= 3:
+        return None
+    return backbone_digest(engine.module)
 
 
 def _probed(ema: Ema | None, engine: Any) -> dict[str, Fragments]:

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from pipeline.console import say
-from pipeline.pretrain.checkpoints import is_run_output
+from pipeline.pretrain.checkpoints import best_dir, is_run_output, read_best
 from pipeline.pretrain.control import TrainingStopped
-from pipeline.pretrain.launch import pretrain
-from pipeline.pretrain.plan import check_pretrain, worker_group
+from pipeline.pretrain.launch import PretrainResult, pretrain
+from pipeline.pretrain.plan import check_pretrain
 from pipeline.storage import join, remove_entries, write_atomic
 from pipeline.study.plan import POINT_FILE, Point
-from pipeline.study.slots import pretrain_slots
+from pipeline.study.slots import pretrain_slots, run_needs
 from pipeline.study.subsets import read_subset
 from pipeline.tracking import OFF, TrackingTarget
 from pipeline.transfer.launch import clear_groups, transfer
@@ -60,7 +60,7 @@ def submit_point(settings: PointSettings, run: str) -> ray.ObjectRef:
     readers, the fine-tuning tasks) asks Ray for its own resources and waits for them."""
     if settings.clear:
         clear_point(settings)
-    slots = pretrain_slots(worker_group(settings.pretrain), run) if settings.pretrain is not None else None
+    slots = pretrain_slots(run_needs(settings.pretrain), run) if settings.pretrain is not None else None
     remote = ray.remote(run_point).options(num_cpus=0, name=f"study:{settings.point.name}", max_retries=0)
     return remote.remote(settings, slots)
 
@@ -137,7 +137,10 @@ def _pretrain(settings: PointSettings) -> dict[str, Any]:
     subset = read_subset(settings.subset)
     redo = f"--force study --point {settings.point.name}"
     beyond = f"raise the study's steps (or epochs) to go on from there, or redo the point with {redo}"
-    plan = check_pretrain(config, settings.corpus, run_dir, subset.rows, redo=redo, beyond_budget=beyond)
+    probed = {name: settings.targets[name] for name in config.eval.targets or ()} if config.eval else None
+    plan = check_pretrain(
+        config, settings.corpus, run_dir, subset.rows, redo=redo, beyond_budget=beyond, probe_targets=probed
+    )
     result = pretrain(
         plan, storage=settings.storage, name="pretrain", tracking=settings.tracking, control=settings.control
     )
@@ -153,7 +156,24 @@ def _pretrain(settings: PointSettings) -> dict[str, Any]:
         "params": sum(parameter.numel() for parameter in model.parameters()),
         "architecture": plan.architecture.describe(),
         "per_class": subset.per_class,
+        **exported_step(result),
     }
+
+
+def exported_step(result: PretrainResult) -> dict[str, Any]:
+    """Which step of the point's pretraining its fine-tuning starts from, and why: `start_step` (the
+    export's), `start_selection` (last or best, raw or EMA) and, with probes, the best step's record (the
+    paper's protocol: the step of best validation few-shot accuracy)."""
+    selection = result.export.selection
+    found: dict[str, Any] = {
+        "start_step": result.export.step,
+        "start_selection": {"select": selection.select, "weights": selection.weights},
+    }
+    if result.plan.probes is not None:
+        best = read_best(best_dir(result.run_dir, selection.weights))
+        if best is not None:
+            found["best"] = {key: best.get(key) for key in ("step", "score", "metric", "images_seen")}
+    return found
 
 
 def _scratch_params(results: list[dict[str, Any]]) -> int | None:

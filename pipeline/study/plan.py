@@ -14,6 +14,8 @@ from typing import Any
 from pipeline.config import (
     FINETUNE_OPERATIONAL,
     PRETRAIN_OPERATIONAL,
+    PRETRAIN_OUTPUTS,
+    PROBE_OPERATIONAL,
     AnyModel,
     EvaluateConfig,
     FinetuneConfig,
@@ -77,10 +79,12 @@ class StudyJob:
 
 
 def study_job(job: PipelineConfig, source: str) -> StudyJob:
-    """The study's sections (the config schema has checked that a study comes with both)."""
+    """The study's sections (the config schema has checked that a study comes with both), the recipe's
+    probes resolved from the job (its finetune targets, the evaluate section's shots)."""
     if job.study is None or job.pretrain is None or job.finetune is None:
         raise ValueError(f"{source}: a study needs study, pretrain and finetune sections")
-    return StudyJob(job.study, job.pretrain, job.finetune, job.evaluate, source)
+    pretrain = job.pretrain.model_copy(update={"eval": job.probes()})
+    return StudyJob(job.study, pretrain, job.finetune, job.evaluate, source)
 
 
 def point_model(job: StudyJob, point: Point) -> AnyModel:
@@ -91,7 +95,10 @@ def point_pretrain(job: StudyJob, point: Point) -> PretrainConfig:
     """The job's pretrain section with the point's model, seed and the study's budget."""
     study, pretrain = job.study, job.pretrain
     settings = pretrain.model_dump(mode="json", exclude={"model", "seed", "steps", "epochs", "data"})
-    if study.epochs is not None:
+    passes = point.size // pretrain.global_batch_size  # steps of one epoch (the plan's, whole batches)
+    if study.epochs is not None and study.min_steps is not None and study.epochs * passes < study.min_steps:
+        settings["steps"] = study.min_steps
+    elif study.epochs is not None:
         settings["epochs"] = study.epochs
     elif study.steps is not None:
         settings["steps"] = study.steps
@@ -116,7 +123,16 @@ def point_settings(job: StudyJob, point: Point) -> dict[str, Any]:
     return {
         "point": {"size": point.size, "model": point.model, "seed": point.seed},
         "model": point_model(job, point).model_dump(mode="json"),
-        "pretrain": pretrain.model_dump(mode="json", exclude=PRETRAIN_OPERATIONAL) if pretrain else None,
+        "pretrain": _pretrain_key(pretrain) if pretrain else None,
         "finetune": point_finetune(job, point).model_dump(mode="json", exclude=FINETUNE_OPERATIONAL),
         "evaluate": job.evaluate.model_dump(mode="json") if job.evaluate else None,
     }
+
+
+def _pretrain_key(pretrain: PretrainConfig) -> dict[str, Any]:
+    """What of a point's recipe its results depend on: less how it is operated, but with what it probes,
+    keeps and exports (the fine-tuned weights are the step the probes chose), less how the probes run."""
+    settings = pretrain.model_dump(mode="json", exclude=PRETRAIN_OPERATIONAL - PRETRAIN_OUTPUTS)
+    if pretrain.eval is not None:
+        settings["eval"] = pretrain.eval.model_dump(mode="json", exclude=PROBE_OPERATIONAL)
+    return settings

@@ -1,9 +1,10 @@
 """The study's figure and table: transfer accuracy against pretraining images, one line per model.
 
 The paper's Figures 3 and 4 as this run measured them: for every target, fine-tuned test top-1 and each
-few-shot linear accuracy against the number of pretraining images (log axis), mean ± std over seeds,
-with the models trained from scratch (size 0) as a dashed level. `results.json` holds every point and
-every curve; `results.md` the table of every point.
+few-shot linear accuracy against the number of pretraining images (log axis), the mean over seeds with
+their sample standard deviation (ddof 1), with the models trained from scratch (size 0) as a dashed level.
+`results.json` holds every point, every curve and the answer they give (`answer.py`); `results.md` the
+table of every point.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from typing import Any
 
 from pipeline.figures import saved_figure
 from pipeline.storage import write_atomic
+from pipeline.study.answer import answer, sentences
 
 STUDY_FORMAT = "vitpipe.study/1"
 FIGURE = "transfer_vs_data.png"
 FIGURE_DATA = "transfer_vs_data.json"  # what each panel of the figure plots, read back from its artists
 FINETUNE_METRIC = "finetune top-1"
+SPREAD = "sample std over seeds (ddof 1)"  # what a curve's `std` and the figure's bars are
 
 
 def point_metrics(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -41,7 +44,8 @@ def metric_order(metric: str) -> tuple[int, int]:
 
 
 def curves(points: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, list[dict[str, Any]]]]]:
-    """{target: {metric: {model: [{size, mean, std, seeds}]}}} over the finished points, sizes ascending."""
+    """{target: {metric: {model: [{size, mean, std, seeds}]}}} over the finished points, sizes ascending;
+    `std` is the seeds' sample standard deviation (ddof 1: 0 for one seed, which has no spread to show)."""
     grouped: dict[tuple[str, str, str, int], list[float]] = {}
     for point in points:
         if point.get("status") != "done":
@@ -51,7 +55,7 @@ def curves(points: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, list[d
                 grouped.setdefault((target, metric, point["model"], point["size"]), []).append(value)
     out: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
     for (target, metric, model, size), values in sorted(grouped.items()):
-        std = statistics.pstdev(values) if len(values) > 1 else 0.0
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
         entry = {"size": size, "mean": statistics.fmean(values), "std": std, "seeds": len(values)}
         out.setdefault(target, {}).setdefault(metric, {}).setdefault(model, []).append(entry)
     return out
@@ -62,7 +66,17 @@ def write_study_results(
 ) -> dict[str, Any]:
     """results.json, results.md and the figure into `folder`; returns the document."""
     folder.mkdir(parents=True, exist_ok=True)
-    document = {"format": STUDY_FORMAT, **settings, "points": points, "curves": curves(points)}
+    found = curves(points)
+    slide = answer(found)
+    document = {
+        "format": STUDY_FORMAT,
+        **settings,
+        "spread": SPREAD,
+        "points": points,
+        "curves": found,
+        "answer": slide,
+        "answer_lines": sentences(slide),
+    }
     write_atomic(str(folder / "results.json"), json.dumps(document, indent=2) + "\n")
     write_atomic(str(folder / "results.md"), markdown_table(points) + "\n")
     if document["curves"]:
@@ -90,6 +104,7 @@ def markdown_table(points: list[dict[str, Any]]) -> str:
         "params",
         "pretrain FLOPs",
         "steps",
+        "start step",
         *(f"{t} {m}" for t, m in metrics),
         *(f"{t} lr (val)" for t in targets),
     ]
@@ -103,6 +118,7 @@ def markdown_table(points: list[dict[str, Any]]) -> str:
             f"{point['params'] / 1e6:.2f}M" if point.get("params") else "—",
             f"{point['pretrain_flops']:.2e}" if point.get("pretrain_flops") else "—",
             f"{point['steps']:,}" if point.get("steps") else "—",
+            start_step(point),
         ]
         if point.get("status") != "done":
             cells += [f"{point.get('status', 'not run')}: {point.get('error') or ''}".strip(": ")] * len(
@@ -115,6 +131,13 @@ def markdown_table(points: list[dict[str, Any]]) -> str:
             cells += [f"{rates[t]:g}" if t in rates else "—" for t in targets]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def start_step(point: dict[str, Any]) -> str:
+    """The pretraining step a point fine-tuned from, and how it was chosen: `300 (best)`, `1,404 (last)`."""
+    if point.get("start_step") is None:
+        return "—"
+    return f"{point['start_step']:,} ({point.get('start_selection', {}).get('select', 'last')})"
 
 
 def _percent(value: float | None) -> str:
@@ -135,7 +158,9 @@ def plot_curves(document_curves: dict[str, dict[str, dict[str, list[dict[str, An
         {model for metrics in document_curves.values() for lines in metrics.values() for model in lines}
     )
     layout = {"nrows": rows, "ncols": columns, "figsize": (4.5 * columns, 3.4 * rows), "squeeze": False}
-    with saved_figure(path, dpi=120, **layout) as (_, axes):
+    with saved_figure(path, dpi=120, **layout) as (figure, axes):
+        seeds = max(e["seeds"] for m in document_curves.values() for c in m.values() for e in _entries(c))
+        figure.suptitle(f"mean over {seeds} seed(s); bars: {SPREAD}", fontsize=9)
         for axis, (target, metric) in zip(axes.flat, panels, strict=False):
             _draw_panel(axis, document_curves[target][metric], models, colours, f"{target}: {metric}")
         for axis in list(axes.flat)[len(panels) :]:
@@ -143,6 +168,10 @@ def plot_curves(document_curves: dict[str, dict[str, dict[str, list[dict[str, An
         drawn = {f"{t}: {m}": _plotted(axis) for axis, (t, m) in zip(axes.flat, panels, strict=False)}
     write_atomic(str(path.with_name(FIGURE_DATA)), json.dumps(drawn, indent=2) + "\n")
     return path
+
+
+def _entries(lines: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [entry for entries in lines.values() for entry in entries]
 
 
 def _draw_panel(

@@ -8,9 +8,9 @@ from typing import Any
 
 import ray
 
-from pipeline.config import digest
+from pipeline.config import PretrainConfig, digest
 from pipeline.console import say
-from pipeline.pretrain.plan import WorkerGroup
+from pipeline.pretrain.plan import worker_group
 
 
 @ray.remote(num_cpus=0)
@@ -27,10 +27,19 @@ class PretrainSlots:
         self.semaphore.release()
 
 
-def pretrain_slots(group: WorkerGroup, run: str) -> Any:
+def run_needs(config: PretrainConfig) -> dict[str, float]:
+    """What one point's pretraining takes of the cluster: its worker group, and its probes' actor."""
+    needs = dict(worker_group(config).needs())
+    if config.eval is not None:
+        for key, value in {"CPU": config.eval.cpus, "GPU": config.eval.gpus}.items():
+            needs[key] = needs.get(key, 0.0) + value
+    return {key: value for key, value in needs.items() if value}
+
+
+def pretrain_slots(needs: dict[str, float], run: str) -> Any:
     """The run's slots actor, created by the first point submitted with as many slots as the cluster
-    holds whole pretraining runs of `group` (at least one: check_resources refuses a run that never fits)."""
-    needs = group.needs()
+    holds whole pretraining runs taking `needs` (at least one: check_resources refuses a run that never
+    fits)."""
     have = ray.cluster_resources()
     slots = max(1, int(min(have.get(key, 0.0) // need for key, need in needs.items())))
     key = f"{ray.get_runtime_context().get_job_id()}-{digest(run)}"

@@ -39,7 +39,14 @@ from vit.finetune import finetune, freeze_backbone
 from vit.hf import HF_DIR
 from vit.objective import use_bf16
 from vit.recipe import Recipe, Speed
-from vit.weights import export_hf_folder, load_pretrained, read_checkpoint, save_pretrained, state_digest
+from vit.weights import (
+    backbone_digest,
+    export_hf_folder,
+    load_pretrained,
+    read_checkpoint,
+    save_pretrained,
+    state_digest,
+)
 
 if TYPE_CHECKING:  # the task receives these sections as values; it never loads or checks a config
     from pipeline.config import EvaluateConfig, FinetuneConfig
@@ -128,6 +135,7 @@ def _run(settings: TaskSettings) -> dict[str, Any]:
         del probe_model
         model = _starting_model(settings, keep_pre_logits=False)
         result["start_weights"] = state_digest(model)  # shows which weights fine-tuning started from
+        result["start_backbone"] = backbone_digest(model)  # ... and which pretraining step's they are
         result |= _finetune(model, train_reader, settings, device, bf16, metrics, label)
     mismatch = None if settings.train else _head_mismatch(settings.weights, target.classes)
     if mismatch is None:
