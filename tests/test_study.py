@@ -21,7 +21,6 @@ import yaml
 from mlflow.tracking import MlflowClient
 from transformers import BitForImageClassification
 
-from pipeline.study.answer import answer, sentences
 from pipeline.cli import main
 from pipeline.config import ConfigError
 from pipeline.metrics import read_records
@@ -33,12 +32,15 @@ from pipeline.runner.execute import point_steps
 from pipeline.runner.plan import RunOptions, load_plan
 from pipeline.runner.records import write_record
 from pipeline.runner.stages import collect_study_point, finished_points
+from pipeline.study.answer import answer, sentences
 from pipeline.study.launch import PointSettings, _pretrain, run_point, submit_point
 from pipeline.study.plan import SCRATCH, Point, point_finetune, point_model, point_pretrain, study_job
 from pipeline.study.report import write_study_results
 from pipeline.study.slots import PretrainSlots
 from pipeline.study.subsets import draw_subsets, read_subset
+from pipeline.transfer.data import VALIDATION_BYTES, SplitReader, holdout
 from tests.conftest import REPO, VITPIPE
+from vit.evaluate import evaluate_classifier
 from vit.flops import train_flops
 from vit.patches import patchify
 from vit.weights import load_pretrained, read_checkpoint, state_digest
@@ -126,7 +128,7 @@ def test_a_budget_in_epochs_with_a_floor_gives_small_subsets_the_floor_and_large
     # 100 images are 3 steps of 32 an epoch: 2 epochs (6 steps) fall under the floor; 400 are 12 a pass.
     assert budgets["n0000000100-vit-seed0"] == {"steps": 10, "epochs": None}
     assert budgets["n0000000400-bit-seed0"]["epochs"] == 2
-    with pytest.raises(ConfigError, match="min_steps is a floor under study.epochs"):
+    with pytest.raises(ConfigError, match=r"min_steps is a floor under study\.epochs"):
         load_plan(study_with({"study": {"min_steps": 10}}, tmp_path), str(tmp_path / "run"))
 
 
@@ -493,24 +495,78 @@ def assert_curves_are_the_points_own(run: Path, results: dict) -> None:
             assert panel[f"{model} from scratch"]["y"] == pytest.approx([100 * curve[0]["mean"]])
 
 
-def assert_fine_tuning_started_from_the_engines_final_weights(point: dict) -> None:
-    """The pretrained point's fine-tuning started from its pretraining engine's last weights: DeepSpeed's
-    own zero_to_fp32 of the last checkpoint, tensor by tensor, against the model whose digest the task
-    recorded as its start (the export read by vitpipe's loader, adapted to digits with a new head)."""
+def assert_fine_tuning_started_from_the_engines_weights_at_its_best_step(point: dict) -> None:
+    """The paper's protocol: the pretrained point fine-tuned from its step of best validation few-shot
+    accuracy, with the weights its pretraining engine held in memory at that step (the digest rank 0 took
+    of the engine's module, recorded on that step's raw probe), which are also DeepSpeed's own
+    zero_to_fp32 of that step's checkpoint, tensor by tensor (the export read by vitpipe's loader, adapted
+    to the target with a new head)."""
     # DeepSpeed picks its accelerator when first imported: not at collection, before one_rank_group's
     # DS_ACCELERATOR=cpu
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
 
-    last = sorted(Path(point["run"]).glob("checkpoint_0*"))[-1]
-    tag = json.loads((last / "vitpipe.json").read_text())["tag"]
-    engine_weights = get_fp32_state_dict_from_zero_checkpoint(str(last), tag=tag)
-    started = load_pretrained(point["weights"], num_classes=10)
-    assert point["results"][0]["start_weights"] == state_digest(started)
-    state = started.state_dict()
+    records = read_records(point["run"])
+    probed = {r["step"]: r for r in records if r.get("probe") == "raw" and "score" in r}
+    assert sorted(probed) == [8, 16]  # every 8 steps, and the last
+    best = max(probed.values(), key=lambda r: (r["score"], -r["step"]))  # the first of the highest
+    assert point["start_step"] == point["best"]["step"] == best["step"]
+    assert point["start_selection"] == {"select": "best", "weights": "raw"}
+    started = point["results"][0]
+    assert started["start_backbone"] == best["weights"]  # the engine's in-memory weights at that step
+    assert started["start_backbone"] != probed[24 - best["step"]]["weights"]  # not the other step's
+
+    checkpoint = Path(point["run"]) / f"checkpoint_{best['step']:08d}"
+    tag = json.loads((checkpoint / "vitpipe.json").read_text())["tag"]
+    engine_weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag)
+    loaded = load_pretrained(point["weights"], num_classes=10)
+    assert started["start_weights"] == state_digest(loaded)
+    state = loaded.state_dict()
     compared = [key for key in engine_weights if not key.startswith("head.")]
     assert len(compared) > 10
     for key in compared:
         assert torch.equal(state[key], engine_weights[key].float()), key
+
+
+def checkpoint_digest(point: dict, step: int) -> str:
+    """state_digest of the point's model holding DeepSpeed's own zero_to_fp32 of its checkpoint at `step`."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
+
+    checkpoint = Path(point["run"]) / f"checkpoint_{step:08d}"
+    tag = json.loads((checkpoint / "vitpipe.json").read_text())["tag"]
+    model = load_pretrained(point["weights"])
+    model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag))
+    return state_digest(model)
+
+
+def assert_the_sweep_extended_at_its_edge_once(result: dict) -> None:
+    """The sweep [0.01, 0.03] with lr_extend 1: a choice at either edge added the next rate beyond it, once,
+    and every rate it ran is in its sweep; a choice inside added nothing."""
+    ran = [member["lr"] for member in result["lr_sweep"]]
+    added = [step["added"] for step in result.get("lr_extended", [])]
+    assert sorted(ran) == sorted(result["lr_grid"]) == sorted([0.01, 0.03, *added])
+    assert len(added) <= 1
+    if added:
+        assert added[0] == pytest.approx(0.09 if result["lr_extended"][0]["edge"] == "high" else 0.01 / 3)
+    if added and result["lr"] in (min(ran), max(ran)):
+        assert result.get("lr_at_edge")  # still at an edge, and the result says so
+
+
+def assert_each_rate_rescored_on_the_holdout_gives_its_recorded_score(point: dict, digits: Path) -> None:
+    """Each rate of the point's sweep: its saved weights, scored again here on the validation hold-out
+    carved from digits' training split, give the validation top-1 its result records (the score the rate
+    was chosen by), and the chosen rate is the one of best validation score, whatever the test says."""
+    result = point["results"][0]
+    reader = SplitReader(str(digits), "train")
+    held = holdout(reader.labels(), 0.1, point["seed"], VALIDATION_BYTES // reader.geometry.sample_bytes)
+    folder = Path(result["weights"]).parent.parent
+    scores = {}
+    for member in result["lr_sweep"]:
+        model = load_pretrained(str(folder / f"lr-{member['lr']:g}" / "model"))
+        scored = evaluate_classifier(model, reader.take(held, 64), 10, torch.device("cpu"))
+        assert scored.samples == len(held) == result["val_samples"]
+        assert scored.top1 == pytest.approx(member["val_top1"], abs=1e-9), member
+        scores[member["lr"]] = scored.top1
+    assert result["lr"] == min(lr for lr, score in scores.items() if score == max(scores.values()))
 
 
 def tracked_job(tmp_path: Path) -> Path:
@@ -525,9 +581,10 @@ def tracked_job(tmp_path: Path) -> Path:
     return path
 
 
-def assert_point_tracked(uri: str, point: str) -> None:
+def assert_point_tracked(uri: str, point: str, grid: list[float]) -> None:
     """The point's MLflow child of the run holds its fine-tuning's (target, mode) run, the chosen rate's
-    score, with a run per rate under it (and a pretrained point's pretraining steps)."""
+    score, with a run per rate of its sweep's `grid` under it (and a pretrained point's pretraining
+    steps)."""
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("study-smoke").experiment_id], max_results=200)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -543,9 +600,9 @@ def assert_point_tracked(uri: str, point: str) -> None:
         logged = sorted({m.step for m in client.get_metric_history(tracked.info.run_id, "loss")})
         assert logged[-1] == 16  # its pretraining's steps, on the point's own run
     task = children(tracked)[f"digits/{mode}"]
-    assert task.data.metrics["lr"] in (0.01, 0.03)
+    assert task.data.metrics["lr"] in grid
     assert "test_top1" in task.data.metrics
-    assert set(children(task)) == {f"digits/{mode}/lr=0.01", f"digits/{mode}/lr=0.03"}
+    assert set(children(task)) == {f"digits/{mode}/lr={lr:g}" for lr in grid}
 
 
 @pytest.mark.slow
@@ -579,11 +636,13 @@ def test_scaling_smoke_runs_every_point_keeps_a_failed_one_apart_and_reruns_only
     assert "| 400 | bit | 0 |" in report
     assert "![transfer against pretraining images](report/transfer_vs_data.png)" in report
     assert (run / "report" / "transfer_vs_data.png").stat().st_size > 20_000
-    # Every point records the rate its validation split chose, in its results and the report's table.
-    for name, point in by_name.items():
+    digits = run / "patches" / "digits"
+    # Every point records the rate its validation split chose, in its results and the report's table; a
+    # choice at an edge of [0.01, 0.03] added the rate beyond it (x3) once, and chose again.
+    for point in by_name.values():
         if point["status"] == "done":
-            assert point["results"][0]["lr"] in (0.01, 0.03), name
-            assert [e["lr"] for e in point["results"][0]["lr_sweep"]] == [0.01, 0.03]
+            assert_the_sweep_extended_at_its_edge_once(point["results"][0])
+            assert_each_rate_rescored_on_the_holdout_gives_its_recorded_score(point, digits)
     assert "digits lr (val)" in (run / "study" / "results.md").read_text()
     # The analyses ran on the points that finished (BiTs have no attention: never submitted).
     analysis = json.loads((run / "analysis" / "analysis.json").read_text())
@@ -602,7 +661,7 @@ def test_scaling_smoke_runs_every_point_keeps_a_failed_one_apart_and_reruns_only
     losses = [r["loss"] for r in read_records(bit["run"]) if "loss" in r]
     assert losses[-1] < losses[0] - 0.2, losses  # BiT learns on the fractals
     assert type(load_pretrained(bit["weights"])).__name__ == "ResNetV2"
-    assert_fine_tuning_started_from_the_engines_final_weights(bit)
+    assert_fine_tuning_started_from_the_engines_weights_at_its_best_step(bit)
     assert bit["pretrain_flops"] == train_flops(read_checkpoint(bit["weights"]).config) * 16 * 32
     # The BiT's HF exports, pretrained and fine-tuned, load in HF transformers and give vitpipe's logits.
     finetuned = Path(bit["results"][0]["weights"])
@@ -642,8 +701,8 @@ def test_scaling_smoke_runs_every_point_keeps_a_failed_one_apart_and_reruns_only
     resumed_point = json.loads((run / "study" / "n0000000100-vit-seed0" / "point.json").read_text())
     resumed = [r for r in read_records(resumed_point["run"]) if r.get("event") == "resumed"]
     assert [r["step"] for r in resumed] == [16]
-    assert resumed[0]["weights"] == state_digest(load_pretrained(resumed_point["weights"]))
-    assert_fine_tuning_started_from_the_engines_final_weights(resumed_point)
+    assert resumed[0]["weights"] == checkpoint_digest(resumed_point, 16)
+    assert_fine_tuning_started_from_the_engines_weights_at_its_best_step(resumed_point)
     # With every point done, the study's report shows how attention distance by depth moves with data.
     analysis = json.loads((run / "analysis" / "analysis.json").read_text())
     assert [model["name"] for model in analysis["models"]] == [
@@ -684,7 +743,10 @@ def test_scaling_smoke_runs_every_point_keeps_a_failed_one_apart_and_reruns_only
     }
     assert {path: path.stat().st_mtime_ns for path in kept} == kept
     assert point_file.stat().st_mtime_ns > before  # done again, not taken from the cache
-    assert_point_tracked(f"sqlite:///{tmp_path / 'mlflow.db'}", alone_name)
+    alone_point = json.loads(point_file.read_text())
+    assert_point_tracked(
+        f"sqlite:///{tmp_path / 'mlflow.db'}", alone_name, alone_point["results"][0]["lr_grid"]
+    )
     assert list((run / "tracking" / "wandb").glob("offline-run-*"))
 
 
