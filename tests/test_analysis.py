@@ -1,21 +1,30 @@
 """The analysis stage on real weights and real Ray: every model analysed into its own folder from its stored
-weights, a BiT left out with the reason, a broken weights folder named while the others are kept; and a
-study's attention distance by depth per pretraining size."""
+weights, a BiT left out with the reason, a broken weights folder named while the others are kept; its numbers
+recomputed outside vitpipe (numpy on the weights file, HF transformers' own attention); and a study's
+attention distance by depth per pretraining size."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.numpy
+import torch
+import torch.nn.functional as F
+from transformers import ViTForImageClassification, ViTImageProcessorPil
 
 from pipeline.analysis.launch import BY_DATA, _by_data, _plot_by_data, analyze
 from pipeline.analysis.subjects import FINETUNED, PRETRAINED, Subject, run_subjects, study_subjects
 from pipeline.analysis.task import PICTURES, ImageSource
 from pipeline.config import AnalyzeConfig
-from vit.analysis import position_similarity
+from pipeline.transfer.data import SplitReader
 from vit.build import build_model
 from vit.config import BiTConfig
+from vit.files import WEIGHTS_FILE
+from vit.hf import export_hf
+from vit.patches import PatchGeometry, unpatchify
 from vit.weights import load_pretrained, save_pretrained
 
 
@@ -60,11 +69,71 @@ def test_every_model_gets_its_pictures_and_numbers_a_bit_is_skipped_and_a_broken
     assert np.array(document["rollout"]["maps"]).shape == (5, 4, 4)
     distances = np.array(document["attention_distance"]["per_layer_and_head"])
     assert distances.shape == (2, 2)  # TINY_RUN: depth 2, 2 heads
-    model = load_pretrained(pretrained_export)
-    similarity = position_similarity(model.pos_embed, 1).numpy()
-    np.testing.assert_allclose(document["position_embedding"]["similarity"], similarity, atol=1e-4)
+    # the position-embedding similarity recomputed with numpy alone from the raw array in the weights file
+    pos_embed = safetensors.numpy.load_file(pretrained_export / WEIGHTS_FILE)["pos_embed"]  # [1, 1 + N, D]
+    patches = pos_embed[0, 1:].astype(np.float64)  # the class token's embedding left out
+    unit = patches / np.linalg.norm(patches, axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    np.testing.assert_allclose(document["position_embedding"]["similarity"], similarity, rtol=0, atol=1e-4)
+    grid = document["position_embedding"]["grid"]
+    tiles = similarity.reshape(grid, grid, grid, grid)  # tiles[r, c] is patch (r, c)'s tile, as in Figure 7
+    side_by_side = [tiles[r, c, r, c + 1] for r in range(grid) for c in range(grid - 1)]
+    side_by_side += [tiles[r, c, r + 1, c] for r in range(grid - 1) for c in range(grid)]
+    assert document["position_embedding"]["neighbours"] == pytest.approx(np.mean(side_by_side), abs=1e-4)
     assert len(document["embedding_filters"]["explained_variance"]) == 6
     assert not (tmp_path / "analysis" / "bit").exists()
+
+
+def _hf_eager_attentions(hf_folder: Path, stored: np.ndarray, geometry: PatchGeometry) -> list[np.ndarray]:
+    """HF transformers' own attention probabilities [B, heads, T, T] per layer, on stored uint8 patches:
+    each whole image resized as the analysis stage says it does (bilinear, antialiased, rounded to uint8),
+    then rescaled and normalised by HF's image processor from the exported folder."""
+    model = ViTForImageClassification.from_pretrained(hf_folder, attn_implementation="eager").eval()
+    size = model.config.image_size
+    images = torch.from_numpy(unpatchify(stored, geometry.patch_size, geometry.channels))
+    resized = F.interpolate(
+        images.permute(0, 3, 1, 2).float(), size=(size, size), mode="bilinear", antialias=True
+    )
+    pixels = resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    inputs = ViTImageProcessorPil.from_pretrained(hf_folder)(images=list(pixels), return_tensors="pt")
+    with torch.no_grad():
+        out = model(pixel_values=inputs["pixel_values"], output_attentions=True)
+    return [attention.double().numpy() for attention in out.attentions]
+
+
+def _attention_distance(attention: np.ndarray, grid: int, patch_size: int) -> np.ndarray:
+    """[heads] the paper's mean attention distance in pixels, averaged over the images: the class token's
+    row and column dropped, each query's weights over the patches renormalised."""
+    rows, cols = np.divmod(np.arange(grid * grid), grid)
+    pixels = patch_size * np.hypot(rows[:, None] - rows[None], cols[:, None] - cols[None])
+    weights = attention[..., 1:, 1:] / attention[..., 1:, 1:].sum(axis=-1, keepdims=True)
+    return (weights * pixels).sum(axis=-1).mean(axis=(0, 2))
+
+
+def test_attention_distances_on_real_weights_are_those_of_hugging_faces_own_attention(
+    ray_local, pretrained_export, digits_patches, tmp_path
+):
+    """The stage's distances recomputed without vitpipe's model: its weights exported to HF transformers,
+    HF's eager attention on the same test images, the distances by numpy."""
+    wanted = 12
+    config = AnalyzeConfig(images=2, distance_images=wanted, components=4, cpus_per_task=0.5)
+    subject = Subject("pretrained", "pretrained", str(pretrained_export), PRETRAINED)
+    result = analyze([subject], ImageSource("digits", digits_patches, "test"), config, str(tmp_path / "out"))
+    assert not result.failures
+    document = json.loads((tmp_path / "out" / "pretrained" / "analysis.json").read_text())
+
+    reader = SplitReader(digits_patches, "test")
+    rows = np.linspace(0, len(reader) - 1, wanted).round().astype(np.int64)  # spread over the split
+    assert document["images"]["rows"] == rows.tolist()
+    [(stored, _)] = reader.take(rows, wanted)
+    hf_folder = export_hf(load_pretrained(pretrained_export), tmp_path / "hf")
+    attentions = _hf_eager_attentions(hf_folder, stored, reader.geometry)
+    grid = document["position_embedding"]["grid"]
+    patch_size = document["architecture"]["patch_size"]
+    expected = np.stack([_attention_distance(a, grid, patch_size) for a in attentions])
+    assert expected.std() > 0.1  # heads and layers differ: a wrong image or layer would show
+    found = np.array(document["attention_distance"]["per_layer_and_head"])
+    np.testing.assert_allclose(found, expected, rtol=0, atol=2e-4)  # analysis.json keeps 4 decimals
 
 
 def _document(name: str, role: str, point: dict, distances: list[list[float]]) -> dict:

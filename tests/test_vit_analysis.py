@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,6 +105,30 @@ def test_rollout_averages_the_heads():
     expected = 0.5 * (0.5 * one_hot_attention([0] * tokens, tokens, 1)[0, 0] + 0.5 * torch.eye(tokens))
     expected += 0.5 * torch.eye(tokens)
     torch.testing.assert_close(attention_rollout([heads])[0], expected.double())
+
+
+def test_the_rollout_multiplies_the_layers_from_the_first_to_the_last():
+    # Abnar & Zuidema (2020), eq. 1: R_i = Ã_i R_{i-1}, so R = Ã_2 Ã_1. Layer 1 sends every query to key 1;
+    # layer 2's heads send query i to key i+1 and to itself. These do not commute, so the other order
+    # (Ã_1 Ã_2) gives a different matrix that a reversed product would be caught by.
+    tokens = 5
+    first = one_hot_attention([1] * tokens, tokens)
+    shift = [(i + 1) % tokens for i in range(tokens)]
+    second = torch.cat(
+        [one_hot_attention(shift, tokens, 1), one_hot_attention(list(range(tokens)), tokens, 1)], dim=1
+    )
+
+    def mixed(attention: torch.Tensor) -> np.ndarray:
+        """One layer by hand: heads averaged, the residual's identity half added, rows renormalised."""
+        averaged = 0.5 * attention[0].numpy().astype(np.float64).mean(axis=0) + 0.5 * np.eye(tokens)
+        return averaged / averaged.sum(axis=1, keepdims=True)
+
+    first_to_last = mixed(second) @ mixed(first)
+    last_to_first = mixed(first) @ mixed(second)
+    assert np.abs(first_to_last - last_to_first).max() > 0.1  # the two orders really differ
+    rollout = attention_rollout([first, second])[0].numpy()
+    np.testing.assert_allclose(rollout, first_to_last, rtol=0, atol=1e-12)
+    assert np.abs(rollout - last_to_first).max() > 0.1
 
 
 def test_rollout_map_reads_the_class_token_row_or_the_mean_of_every_row():
