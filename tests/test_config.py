@@ -113,7 +113,7 @@ def test_unknown_nested_key_in_pretrain(tmp_path):
         ),
         ("micro_batch_size: 32", "micro_batch_size: 48", "global_batch_size 128 is not a multiple of"),
         ("zero_stage: 2", "zero_stage: 4", "pretrain.zero_stage: Input should be 0, 1, 2 or 3"),
-        ("kind: digits", "kind: mnist", "datasets.digits: Input tag 'mnist' found using 'kind'"),
+        ("kind: digits", "kind: cifar10", "datasets.digits: Input tag 'cifar10' found using 'kind'"),
     ],
 )
 def test_bad_value_names_key_and_value(tmp_path, old, new, expected):

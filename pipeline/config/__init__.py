@@ -7,10 +7,12 @@ from pipeline.config.base import DEFAULT_PATCH_SIZE, DEFAULT_RUNS, ConfigError, 
 from pipeline.config.data import (
     IMAGE_EXTENSIONS,
     OUTPUT_NEUTRAL,
+    ArrayDatasetConfig,
     DatasetConfig,
     DigitsConfig,
     FractalsConfig,
     ImageFolderConfig,
+    MnistConfig,
     PreprocessConfig,
 )
 from pipeline.config.job import PipelineConfig, StudyConfig, TrackingConfig, WandbConfig
@@ -37,6 +39,7 @@ __all__ = [
     "PROBE_OPERATIONAL",
     "AnalyzeConfig",
     "AnyModel",
+    "ArrayDatasetConfig",
     "BiTModelConfig",
     "ConfigError",
     "DatasetConfig",
@@ -45,6 +48,7 @@ __all__ = [
     "FinetuneConfig",
     "FractalsConfig",
     "ImageFolderConfig",
+    "MnistConfig",
     "ModelConfig",
     "PipelineConfig",
     "PreprocessConfig",

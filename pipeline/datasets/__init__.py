@@ -1,1 +1,1 @@
-"""Datasets vitpipe writes as standard WebDataset shards: digits, synthetic fractals, image folders."""
+"""Datasets vitpipe writes as standard WebDataset shards: digits, MNIST, synthetic fractals, image folders."""

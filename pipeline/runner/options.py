@@ -13,6 +13,7 @@ from pipeline.config import (
     DigitsConfig,
     FractalsConfig,
     ImageFolderConfig,
+    MnistConfig,
     PreprocessConfig,
     Section,
     check_name,
@@ -22,6 +23,7 @@ from pipeline.runner.plan import Overrides, StageOptions
 
 DATASET_MODELS: dict[str, type[Section]] = {
     "digits": DigitsConfig,
+    "mnist": MnistConfig,
     "fractals": FractalsConfig,
     "imagefolder": ImageFolderConfig,
 }
