@@ -50,6 +50,10 @@ class FinetuneConfig(Section):
     # `optimizer.lr` when the job sets it. Each task trains at its own rate, whatever `optimizer.lr` says
     # (set alone, `lr_sweep` makes it its largest rate).
     lr_sweep: tuple[PositiveFloat, ...] = Field(PAPER_FINETUNE_LRS, min_length=1)
+    # How many times a rate chosen at the lowest or highest rate of the sweep adds the next rate beyond
+    # that edge (by the grid's own ratio there: [0.01, 0.03] chosen at 0.03 adds 0.09) and chooses again;
+    # 0: never (a choice at an edge is then noted in the results).
+    lr_extend: NonNegativeInt = 0
     schedule: ScheduleSection = Schedule(warmup_steps=50)
     label_smoothing: UnitFraction = 0.0
     # As pretrain's: the resolution fine-tuned at (default: the target's stored one) and the random crop;
@@ -121,15 +125,22 @@ class FinetuneConfig(Section):
                 f"lr_sweep {list(self.lr_sweep)} is chosen from on a validation split: set val_fraction > 0 "
                 "(the paper holds out 2% to 10% of train) or a single optimizer.lr"
             )
+        if self.lr_extend and len(self.lr_sweep) < 2:
+            raise ValueError(
+                f"lr_extend {self.lr_extend} steps past an edge of lr_sweep by the ratio of its edge rates, "
+                f"and lr_sweep {list(self.lr_sweep)} has one rate: list two or more rates in lr_sweep, or "
+                "set lr_extend 0"
+            )
         micro = self.micro_batch_size or self.batch_size
         if self.batch_size % micro:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {micro}")
         return self
 
     def at_rate(self, lr: float) -> FinetuneConfig:
-        """This section for one member of the sweep: fine-tuning at `lr` alone."""
+        """This section for one member of the sweep: fine-tuning at `lr` alone (one rate: no grid to
+        extend, whether the sweep listed the rate or an extension added it)."""
         optimizer = dataclasses.replace(self.optimizer, lr=lr)
-        return self.model_copy(update={"optimizer": optimizer, "lr_sweep": (lr,)})
+        return self.model_copy(update={"optimizer": optimizer, "lr_sweep": (lr,), "lr_extend": 0})
 
 
 def _with_sweep_lr(data: dict[str, Any], optimizer: Any, sweep: Any) -> dict[str, Any]:

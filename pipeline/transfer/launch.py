@@ -1,5 +1,7 @@
 """`vitpipe finetune` / `vitpipe evaluate`: every (target, mode) as its own Ray task, all submitted at once,
 results gathered as they finish. A target that fails is reported beside the others' results, not instead.
+With `finetune.lr_extend`, a (target, mode) whose rate is chosen at an edge of its grid runs one more rate
+beyond that edge, in rounds: every such (target, mode)'s next rate at once, then every choice again.
 """
 
 from __future__ import annotations
@@ -7,7 +9,7 @@ from __future__ import annotations
 import posixpath
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,16 @@ from pipeline.tracking import OFF, StepLogger, TrackingTarget, end, open_child
 from pipeline.transfer.plan import TransferPlan, TransferTask
 from pipeline.transfer.report import RESULTS_MD, write_results
 from pipeline.transfer.reuse import reusable, run_keys
-from pipeline.transfer.sweep import choose, is_member_folder, member_folder, write_group_result
+from pipeline.transfer.sweep import (
+    choose,
+    edge_of,
+    is_member_folder,
+    member_folder,
+    next_rate,
+    reachable_rates,
+    with_grid,
+    write_group_result,
+)
 from pipeline.transfer.task import RESULT_FILE, TaskSettings, transfer_task
 
 
@@ -107,46 +118,133 @@ def transfer(
 
 
 Member = tuple[str, str, float | None]  # (target, mode, rate) of a task
+Group = tuple[str, str]  # (target, mode)
+
+
+@dataclass
+class _Progress:
+    """A command's runs so far: the finished members (`reused`: those kept from an earlier command), the
+    failures, and each (target, mode)'s grid of rates with the extensions that grew it."""
+
+    members: list[dict[str, Any]]
+    reused: set[Member]
+    grids: dict[Group, list[float]]
+    extended: dict[Group, list[dict[str, Any]]] = field(default_factory=dict)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    def finished(self, group: Group) -> list[dict[str, Any]]:
+        """The (target, mode)'s finished members, kept or run now."""
+        return [r for r in self.members if (r["target"], r["mode"]) == group]
 
 
 def _run_tasks(
     plan: TransferPlan, address: str | None, tracking: TrackingTarget, reuse: bool
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Submit every task not kept from an earlier command, collect each as it finishes, then each
-    (target, mode)'s result: its member of best validation top-1 (`sweep.choose`). A failed task becomes
-    a failure entry; a (target, mode) is reported from the members that finished."""
+    """Submit every task not kept from an earlier command, collect each as it finishes, extend the grid of
+    each (target, mode) whose choice lands at an edge (`_extend`), then each (target, mode)'s result: its
+    member of best validation top-1 (`sweep.choose`). A failed task becomes a failure entry; a (target,
+    mode) is reported from the members that finished."""
     for target, mode in plan.groups():
         _refuse_foreign(join(plan.out, target.name, mode))
-    keys = run_keys(plan)
+    reach = _reachable(plan)
+    keys = run_keys(plan, [*plan.tasks, *reach])
     kept = reusable(plan, keys) if reuse else {}
-    parents = _open_groups(plan, tracking, kept)
+    later = reusable(plan, keys, reach) if reuse else {}  # extensions an earlier command ran
+    parents = _open_groups(plan, tracking, {**kept, **later})
     todo = [task for task in plan.tasks if (task.target.name, task.mode, task.lr) not in kept]
     if kept:
         say(
             f"transfer: {len(kept)} of {len(plan.tasks)} run(s) kept from an earlier command with the same "
             f"settings; {len(todo)} to run"
         )
-    members, failures = list(kept.values()), []
-    if todo:
-        connect_ray(address)
-        remedy = "lower cpus_per_task or gpus_per_task, or add bigger nodes"
-        check_resources(plan.needs(), "finetune: a task", remedy, per_node=True)
-        pending: dict[Any, tuple[str, str, float | None, TrackingTarget]] = {}
-        for task in todo:
-            key = keys.get((task.target.name, task.mode, task.lr))
-            member = _member_settings(plan, task, parents[task.target.name, task.mode], key)
-            pending[_submit(member, plan)] = (task.target.name, task.mode, task.lr, member.tracking)
-        detail(f"transfer: {len(pending)} task(s) submitted")
-        finished, failures = _gather(pending)
-        members += finished
-    return _group_results(plan, parents, members, set(kept)), failures
+    grids = {(target.name, mode): list(plan.finetune.lr_sweep) for target, mode in plan.groups()}
+    progress = _Progress(list(kept.values()), set(kept), grids)
+    _run_members(plan, todo, keys, parents, address, progress)
+    _extend(plan, keys, parents, address, later, progress)
+    for member in set(later) - progress.reused:  # not reached this time: not this command's
+        remove_folder(member_folder(join(plan.out, member[0], member[1]), member[2]))
+    return _group_results(plan, parents, progress), progress.failures
+
+
+def _reachable(plan: TransferPlan) -> list[TransferTask]:
+    """Every member the grid's extensions (`finetune.lr_extend`) could add, of every (target, mode)."""
+    if not plan.train:
+        return []
+    rates = reachable_rates(plan.finetune.lr_sweep, plan.finetune.lr_extend)
+    return [plan.task_at(target.name, mode, lr) for target, mode in plan.groups() for lr in rates]
+
+
+def _run_members(
+    plan: TransferPlan,
+    todo: list[TransferTask],
+    keys: dict[tuple[str, str, float], str],
+    parents: dict[Group, TrackingTarget],
+    address: str | None,
+    progress: _Progress,
+) -> None:
+    """Submit `todo` all at once, each member in its own folder and tracking run, and gather them."""
+    if not todo:
+        return
+    connect_ray(address)
+    remedy = "lower cpus_per_task or gpus_per_task, or add bigger nodes"
+    check_resources(plan.needs(), "finetune: a task", remedy, per_node=True)
+    pending: dict[Any, tuple[str, str, float | None, TrackingTarget]] = {}
+    for task in todo:
+        key = keys.get((task.target.name, task.mode, task.lr))
+        member = _member_settings(plan, task, parents[task.target.name, task.mode], key)
+        pending[_submit(member, plan)] = (task.target.name, task.mode, task.lr, member.tracking)
+    detail(f"transfer: {len(pending)} task(s) submitted")
+    finished, failures = _gather(pending)
+    progress.members += finished
+    progress.failures += failures
+
+
+def _extend(
+    plan: TransferPlan,
+    keys: dict[tuple[str, str, float], str],
+    parents: dict[Group, TrackingTarget],
+    address: str | None,
+    later: dict[Member, dict[str, Any]],
+    progress: _Progress,
+) -> None:
+    """Rounds of `finetune.lr_extend` at most: each (target, mode) whose choice lies at an edge of its grid
+    gets the next rate beyond it, all such members run together (or are kept from an earlier command),
+    and every choice is made again. A (target, mode) extends once a round, so `lr_extend` times at most."""
+    for _ in range(plan.finetune.lr_extend if plan.train else 0):
+        tasks = [task for group in progress.grids if (task := _extension(plan, group, progress))]
+        if not tasks:
+            return
+        members = [(task.target.name, task.mode, task.lr) for task in tasks]
+        reused = [member for member in members if member in later]
+        progress.members += [later[member] for member in reused]
+        progress.reused |= set(reused)
+        todo = [task for task, member in zip(tasks, members, strict=True) if member not in later]
+        _run_members(plan, todo, keys, parents, address, progress)
+
+
+def _extension(plan: TransferPlan, group: Group, progress: _Progress) -> TransferTask | None:
+    """(target, mode)'s next member beyond the edge of its grid its choice lies at, recorded in its grid
+    and extensions; None when its choice is inside (or it has no finished member)."""
+    finished, grid = progress.finished(group), progress.grids[group]
+    edge = edge_of(choose(finished), grid) if finished else None
+    if edge is None:
+        return None
+    edge_rate, added = (grid[0] if edge == "low" else grid[-1]), next_rate(grid, edge)
+    steps = progress.extended.setdefault(group, [])
+    steps.append({"edge": edge, "from": edge_rate, "added": added})
+    progress.grids[group] = sorted([*grid, added])
+    say(
+        f"transfer: {group[0]}/{group[1]}: lr {edge_rate:g} scored best at the {edge} edge of the grid; "
+        f"adding lr {added:g} (extension {len(steps)} of {plan.finetune.lr_extend})"
+    )
+    return plan.task_at(*group, added)
 
 
 def _open_groups(
     plan: TransferPlan, tracking: TrackingTarget, kept: dict[Member, dict[str, Any]]
-) -> dict[tuple[str, str], TrackingTarget]:
+) -> dict[Group, TrackingTarget]:
     """Each (target, mode)'s folder started afresh but for the member folders kept, and its tracking run."""
-    parents: dict[tuple[str, str], TrackingTarget] = {}
+    parents: dict[Group, TrackingTarget] = {}
     for target, mode in plan.groups():
         group = join(plan.out, target.name, mode)
         keep = {
@@ -170,25 +268,26 @@ def _open_groups(
 
 
 def _group_results(
-    plan: TransferPlan,
-    parents: dict[tuple[str, str], TrackingTarget],
-    members: list[dict[str, Any]],
-    kept: set[Member],
+    plan: TransferPlan, parents: dict[Group, TrackingTarget], progress: _Progress
 ) -> list[dict[str, Any]]:
-    """Each (target, mode)'s result from its finished members (the chosen rate of a sweep), written beside
-    them; a warning for a choice its validation split could not make."""
+    """Each (target, mode)'s result from its finished members (the chosen rate of a sweep, with the grid
+    it was chosen from), written beside them; a warning for a choice its validation split could not make
+    or one still at an edge of the grid."""
     results = []
     for (target, mode), parent in parents.items():
-        finished = [r for r in members if (r["target"], r["mode"]) == (target, mode)]
+        finished = progress.finished((target, mode))
         if not finished:
             end(parent, "FAILED")
             continue
         if not plan.train:
             results.append(finished[0])
             continue
-        result = choose(finished, reused={lr for t, m, lr in kept if (t, m) == (target, mode)})
-        if result.get("lr_choice_warning"):
-            say(f"transfer: warning: {target}/{mode}: {result['lr_choice_warning']}", err=True)
+        reused = {lr for t, m, lr in progress.reused if (t, m) == (target, mode)}
+        grid, extended = progress.grids[target, mode], progress.extended.get((target, mode), [])
+        result = with_grid(choose(finished, reused), grid, extended, plan.finetune.lr_extend)
+        for note in ("lr_choice_warning", "lr_at_edge"):
+            if result.get(note):
+                say(f"transfer: warning: {target}/{mode}: {result[note]}", err=True)
         write_group_result(join(plan.out, target, mode), result)
         _track_choice(parent, result)
         results.append(result)

@@ -227,6 +227,13 @@ class TransferPlan:
         """What one task takes of a node."""
         return {"CPU": self.finetune.cpus_per_task, "GPU": self.finetune.gpus_per_task}
 
+    def task_at(self, target: str, mode: str, lr: float) -> TransferTask:
+        """(target, mode)'s member at `lr`, a rate the sweep does not list (an extension of its grid):
+        planned as the listed ones (so its run key is what a listed rate's would be), with no few-shot
+        probe (the lowest listed rate's task runs it)."""
+        planned = next(task for task in self.tasks if (task.target.name, task.mode) == (target, mode))
+        return _task(planned.target, mode, planned.architecture, self.finetune, lr, probe=False)
+
     def settings(self, name: str) -> dict[str, Any]:
         """The command's settings as results.json records them."""
         evaluate = self.evaluate.model_dump(mode="json") if self.evaluate else None

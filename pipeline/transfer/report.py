@@ -116,13 +116,17 @@ def markdown_table(document: dict[str, Any]) -> str:
 
 
 def _sweep_table(results: list[dict[str, Any]]) -> str:
-    """Each (target, mode)'s validation top-1 at every rate of the sweep; the chosen rate in bold."""
+    """Each (target, mode)'s validation top-1 at every rate of the sweep; the chosen rate in bold, a rate an
+    extension of the grid added (`finetune.lr_extend`) marked as such, notes on a choice still at an edge."""
     rates = sorted({entry["lr"] for r in results for entry in r["lr_sweep"]})
+    added = {entry["lr"] for r in results for entry in r["lr_sweep"] if entry.get("extension")}
+    legend = "; (added): past the edge of lr_sweep a choice landed on, by finetune.lr_extend" if added else ""
+    header = " | ".join(f"lr {lr:g}" + (" (added)" if lr in added else "") for lr in rates)
     lines = [
         "Learning rate chosen on the validation split (top-1 %, held out of train; test reported at the "
-        "chosen rate only):",
+        f"chosen rate only{legend}):",
         "",
-        "| target | mode | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |",
+        f"| target | mode | {header} |",
         "| --- | --- |" + " --- |" * len(rates),
     ]
     for r in results:
@@ -134,9 +138,10 @@ def _sweep_table(results: list[dict[str, Any]]) -> str:
         ]
         lines.append(f"| {r['target']} | {r['mode']} | " + " | ".join(cells) + " |")
     notes = [
-        f"- {r['target']} / {r['mode']}: warning: {r['lr_choice_warning']}"
+        f"- {r['target']} / {r['mode']}: warning: {r[note]}"
         for r in results
-        if r.get("lr_choice_warning")
+        for note in ("lr_choice_warning", "lr_at_edge")
+        if r.get(note)
     ]
     return "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "")
 

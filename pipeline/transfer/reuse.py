@@ -2,7 +2,8 @@
 in its result.json a key of everything that defines that one run: the starting weights' bytes, the
 target's manifest, the finetune section at its rate, the architecture, the evaluation settings. A later
 command (`reuse`: not a forced redo) takes the result of a member whose key is its own instead of training
-it again, so adding a rate to `lr_sweep` trains only that rate; any other change trains every rate.
+it again, so adding a rate to `lr_sweep` trains only that rate; any other change trains every rate. A rate
+an extension of the grid added (`lr_extend`) is the run a sweep listing that rate trains, kept the same way.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ if TYPE_CHECKING:
     from pipeline.config import EvaluateConfig
     from pipeline.transfer.plan import TransferPlan, TransferTask
 
-# Settings of the whole command, not of one run: another target, mode or weights path retrains no run.
-COMMAND_WIDE = frozenset({"targets", "weights", "modes"})
+# Settings of the whole command, not of one run: another target, mode or weights path retrains no run,
+# nor does another lr_extend (how far the grid grows: a rate an extension added is the run a sweep
+# listing that rate trains).
+COMMAND_WIDE = frozenset({"targets", "weights", "modes", "lr_extend"})
 CHUNK_BYTES = 16 * 1024**2
 WEIGHT_FILES = (".json", ".safetensors", "pytorch_model.bin")  # what read_checkpoint reads of a folder
 
@@ -71,29 +74,32 @@ def run_key(task: TransferTask, evaluate: EvaluateConfig | None, weights: str | 
     )
 
 
-def run_keys(plan: TransferPlan) -> dict[tuple[str, str, float], str]:
-    """Every fine-tuning member's key, by (target, mode, rate); the weights are read once."""
+def run_keys(
+    plan: TransferPlan, tasks: list[TransferTask] | None = None
+) -> dict[tuple[str, str, float], str]:
+    """The key of every fine-tuning member of `tasks` (default: the plan's), by (target, mode, rate); the
+    weights are read once."""
+    tasks = plan.tasks if tasks is None else tasks
     if not plan.train:
         return {}
-    pretrained = any(task.mode == "pretrained" for task in plan.tasks)
+    pretrained = any(task.mode == "pretrained" for task in tasks)
     weights = weights_fingerprint(plan.weights) if plan.weights is not None and pretrained else None
-    data = {
-        task.target.name: files_fingerprint(task.target.directory, [MANIFEST_FILE]) for task in plan.tasks
-    }
+    data = {task.target.name: files_fingerprint(task.target.directory, [MANIFEST_FILE]) for task in tasks}
     return {
         (task.target.name, task.mode, task.lr): run_key(task, plan.evaluate, weights, data[task.target.name])
-        for task in plan.tasks
+        for task in tasks
         if task.lr is not None
     }
 
 
 def reusable(
-    plan: TransferPlan, keys: dict[tuple[str, str, float], str]
+    plan: TransferPlan, keys: dict[tuple[str, str, float], str], tasks: list[TransferTask] | None = None
 ) -> dict[tuple[str, str, float], Any]:
-    """The finished members whose result.json holds their key and whose weights are still there, by
-    (target, mode, rate); a member that did not probe few-shot only if it need not (not the lowest rate)."""
+    """The finished members of `tasks` (default: the plan's) whose result.json holds their key and whose
+    weights are still there, by (target, mode, rate); a member that did not probe few-shot only if it need
+    not (not the lowest rate)."""
     kept = {}
-    for task in plan.tasks:
+    for task in plan.tasks if tasks is None else tasks:
         if task.lr is None:
             continue
         folder = member_folder(join(plan.out, task.target.name, task.mode), task.lr)

@@ -3,18 +3,28 @@ rate its own Ray task in its own folder (`OUT/TARGET/MODE/lr-0.003/`), and the r
 on the validation split carved from the target's training data is the one reported: its test accuracy,
 its weights. The test split plays no part in the choice. `OUT/TARGET/MODE/result.json` is the chosen
 member's result with the whole sweep recorded beside it.
+
+A choice at the grid's lowest or highest rate does not bracket the optimum: with `lr_extend`, the grid
+grows by one step beyond that edge (`next_rate`) and the rate is chosen again, up to `lr_extend` times.
+An edge choice (`edge_of`) is one where the edge rate alone scored best: at the top, the tie rule (lowest
+rate) already keeps an inner rate that ties the top; at the bottom it picks the edge whenever the edge
+ties an inner rate, but that is a tie-break, not a sign that lower rates do better, and extending on it
+would walk the grid down one tie at a time.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from pipeline.storage import join, write_atomic
 from pipeline.transfer.task import RESULT_FILE  # a task's in its member folder; a (target, mode)'s above
 
 _MEMBER = re.compile(r"^lr-[0-9.e+-]+$")
+SIGNIFICANT = 3  # digits of an added rate: lr-0.09, not lr-0.09000000000000001
+Edge = Literal["low", "high"]
 
 
 def member_folder(group: str, lr: float) -> str:
@@ -93,6 +103,69 @@ def _choice_warning(ordered: list[dict[str, Any]], chosen: dict[str, Any], chose
             "lowest, not shown to be the best"
         )
     return None
+
+
+def next_rate(rates: Sequence[float], edge: Edge) -> float:
+    """The rate one step beyond `edge` of the grid `rates` (two or more), by the grid's own ratio at that
+    edge ([0.01, 0.03]: 0.09 above, 0.00333 below), rounded to 3 significant digits (more only where 3
+    would not step past the edge, in a grid of rates under 1% apart)."""
+    grid = sorted(rates)
+    exact = grid[0] * grid[0] / grid[1] if edge == "low" else grid[-1] * grid[-1] / grid[-2]
+    rounded = (float(f"{exact:.{digits}g}") for digits in range(SIGNIFICANT, 18))
+    return next(rate for rate in rounded if (rate < grid[0] if edge == "low" else rate > grid[-1]))
+
+
+def edge_of(choice: dict[str, Any], rates: Sequence[float]) -> Edge | None:
+    """Which edge of the grid `rates` the choice (`choose`'s result) lies at, if any: the grid's lowest
+    (highest) rate scored best on validation, alone, among two or more members scored. A tie with another
+    rate is no edge choice (module docstring), nor is a choice without a validation score."""
+    grid = sorted(rates)
+    score = choice.get("val_top1")
+    best = [entry["lr"] for entry in choice["lr_sweep"] if entry.get("val_top1") == score]
+    if score is None or len(grid) < 2 or len(choice["lr_sweep"]) < 2 or len(best) > 1:
+        return None
+    return "low" if best == [grid[0]] else "high" if best == [grid[-1]] else None
+
+
+def reachable_rates(rates: Sequence[float], extend: int) -> list[float]:
+    """Every rate `extend` extensions of the grid `rates` could add, beyond either edge (a choice moves
+    off the edge it was extended at, or stays there: it never crosses to the other)."""
+    added = []
+    for edge in ("low", "high"):
+        grid = sorted(rates)
+        for _ in range(extend):
+            grid = sorted([*grid, next_rate(grid, edge)])
+            added.append(grid[0] if edge == "low" else grid[-1])
+    return added
+
+
+def with_grid(
+    result: dict[str, Any], grid: Sequence[float], extended: list[dict[str, Any]], extend: int
+) -> dict[str, Any]:
+    """The chosen result with the grid it was chosen from: the final `lr_grid`, the steps that grew it
+    (`lr_extended`: edge, from, added), each sweep entry marked `extension` or not, and `lr_at_edge`, a
+    note when the choice is still at an edge (so the best rate may lie beyond the grid)."""
+    added = {step["added"] for step in extended}
+    edge = edge_of(result, grid)
+    return {
+        **result,
+        "lr_sweep": [{**entry, "extension": entry["lr"] in added} for entry in result["lr_sweep"]],
+        "lr_grid": sorted(grid),
+        "lr_extended": extended,
+        "lr_at_edge": _at_edge(result["lr"], sorted(grid), edge, len(extended), extend) if edge else None,
+    }
+
+
+def _at_edge(lr: float, grid: list[float], edge: Edge, steps: int, extend: int) -> str:
+    side, way = ("lowest", "lower") if edge == "low" else ("highest", "higher")
+    shown = ", ".join(f"{rate:g}" for rate in grid)
+    done = f" after {steps} extension(s) (finetune.lr_extend {extend})" if steps else ""
+    remedy = "raise finetune.lr_extend" if extend else "set finetune.lr_extend (e.g. 1)"
+    return (
+        f"lr {lr:g} scored best on the validation split and is the {side} rate of the grid [{shown}]{done}: "
+        f"a {way} rate may score better. To extend the grid past an edge choice, {remedy} (a rerun keeps "
+        f"the rates already trained), or add {way} rates to lr_sweep"
+    )
 
 
 def write_group_result(group: str, result: dict[str, Any]) -> None:
