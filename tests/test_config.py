@@ -378,12 +378,15 @@ def test_an_unquoted_exponent_is_a_number(tmp_path):
     assert config.pretrain.optimizer.lr == pytest.approx(3e-4)
 
 
-def test_a_study_refuses_probes_its_points_would_not_run(tmp_path):
+def test_a_study_refuses_probes_of_a_target_its_points_do_not_transfer_to(tmp_path):
     job = yaml.safe_load(GOOD_JOB)
     job["pretrain"].pop("model")
-    job["pretrain"]["eval"] = {"every": 10}
+    job["pretrain"]["eval"] = {"every": 10, "targets": ["corpus"]}
     job["study"] = {
         "sizes": [100],
         "models": {"ti": {"variant": "Ti/4", "width": 32, "depth": 1, "heads": 1}},
     }
-    assert "a study's points do not probe while they pretrain" in errors_of(tmp_path, yaml.safe_dump(job))
+    expected = "pretrain.eval.targets ['corpus']: a study's points probe only the finetune targets"
+    assert expected in errors_of(tmp_path, yaml.safe_dump(job))
+    job["pretrain"]["eval"].pop("targets")  # the finetune targets, which every point has
+    assert load_config(write(tmp_path, yaml.safe_dump(job))).probes().targets == job["finetune"]["targets"]

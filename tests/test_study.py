@@ -400,13 +400,20 @@ def test_a_failed_point_is_what_its_task_raised_in_one_line_not_rays_coloured_tr
 
 
 def test_a_point_trained_beyond_the_studys_budget_is_refused_with_advice_for_that_point(
-    fractal_patches, tmp_path
+    fractal_patches, digits_patches, tmp_path
 ):
     """A point's run resumed on a smaller study budget than it reached (the study's steps raised, then set
     back): the advice is the study's (its budget, or the point redone), not `vitpipe export` of a run."""
     point = Point(100, "vit", 0)
     subset = draw_subsets(fractal_patches, "train", (100,), 0, str(tmp_path / "subsets"))[100]
-    settings = point_settings_for(tmp_path, point, fractal_patches, subset)
+    without = point_settings_for(tmp_path, point, fractal_patches, subset)
+    with pytest.raises(
+        ValueError, match=r"pretrain.eval.targets \['digits'\] are not among its targets \[\]"
+    ):
+        _pretrain(without)  # its probes score a target the point was not given
+    settings = point_settings_for(
+        tmp_path, point, fractal_patches, subset, targets={"digits": digits_patches}
+    )
     plan = plan_pretrain(settings.pretrain, fractal_patches, read_subset(subset).rows)
     checkpoint = tmp_path / "point" / "pretrain" / "checkpoint_00000024"
     checkpoint.mkdir(parents=True)

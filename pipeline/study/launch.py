@@ -137,7 +137,7 @@ def _pretrain(settings: PointSettings) -> dict[str, Any]:
     subset = read_subset(settings.subset)
     redo = f"--force study --point {settings.point.name}"
     beyond = f"raise the study's steps (or epochs) to go on from there, or redo the point with {redo}"
-    probed = {name: settings.targets[name] for name in config.eval.targets or ()} if config.eval else None
+    probed = _probed_targets(settings)
     plan = check_pretrain(
         config, settings.corpus, run_dir, subset.rows, redo=redo, beyond_budget=beyond, probe_targets=probed
     )
@@ -158,6 +158,20 @@ def _pretrain(settings: PointSettings) -> dict[str, Any]:
         "per_class": subset.per_class,
         **exported_step(result),
     }
+
+
+def _probed_targets(settings: PointSettings) -> dict[str, str] | None:
+    """The folders of the targets the point's probes score (of its finetune targets: the job checks so)."""
+    probes = settings.pretrain.eval if settings.pretrain is not None else None
+    if probes is None:
+        return None
+    missing = [name for name in probes.targets or () if name not in settings.targets]
+    if missing:
+        raise ValueError(
+            f"study point {settings.point.name}: pretrain.eval.targets {missing} are not among its targets "
+            f"{sorted(settings.targets)}"
+        )
+    return {name: settings.targets[name] for name in probes.targets or ()}
 
 
 def exported_step(result: PretrainResult) -> dict[str, Any]:
