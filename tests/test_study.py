@@ -648,6 +648,10 @@ def test_scaling_smoke_runs_every_point_keeps_a_failed_one_apart_and_reruns_only
     assert "| 400 | bit | 0 |" in report
     assert "![transfer against pretraining images](report/transfer_vs_data.png)" in report
     assert (run / "report" / "transfer_vs_data.png").stat().st_size > 20_000
+    # The slide's answer, computed from the curves, in results.json and the report.
+    assert results["answer_lines"] == sentences(answer(results["curves"]))
+    assert "What the curves say" in report
+    assert f"- {results['answer_lines'][0]}" in report
     digits = run / "patches" / "digits"
     # Every point records the rate its validation split chose, in its results and the report's table; a
     # choice at an edge of [0.01, 0.03] added the rate beyond it (x3) once, and chose again.

@@ -112,6 +112,13 @@ def _study_section(plan: JobPlan, pictures: Path) -> str:
     if document["curves"] and figure.is_file():
         shutil.copyfile(figure, pictures / FIGURE)
         text += ["", f"![transfer against pretraining images]({PICTURES}/{FIGURE})"]
+    if document["answer_lines"]:
+        text += [
+            "",
+            f"What the curves say (`answer` in study/results.json; spreads: {document['spread']}):",
+            "",
+            *(f"- {line}" for line in document["answer_lines"]),
+        ]
     text += [
         "",
         f"Per point: pretraining run, transfer results and point.json under `{plan.layout.study}`; "
