@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,12 +24,18 @@ from pipeline.study.report import FIGURE
 RUN = "RUN"  # what the run folder's path is written as: the results hold no path of the machine that ran them
 
 
-def relative_to_run(document: dict[str, Any], run: Path) -> dict[str, Any]:
-    """`document` with every string naming a path in the run folder written from RUN (`RUN/study/...`)."""
-    text = json.dumps(document)
-    for prefix in {str(run.resolve()), str(run)}:
-        text = text.replace(json.dumps(prefix.rstrip("/"))[1:-1], RUN)
-    return json.loads(text)
+def relative_to_run(document: Any, run: Path) -> Any:
+    """`document` with the run folder written as RUN wherever a string names it or a path in it (the
+    folder itself, or it followed by `/`), never where it is only the start of another name (`RUN2`)."""
+    folders = sorted({str(run.resolve()), str(run.absolute())}, key=len, reverse=True)
+    if "/" in folders:
+        raise ValueError("the run folder is /: give the run's own folder")
+    pattern = re.compile("|".join(re.escape(folder) for folder in folders) + r"(?=/|$|[^\w.-])")
+    if isinstance(document, dict):
+        return {key: relative_to_run(value, run) for key, value in document.items()}
+    if isinstance(document, list):
+        return [relative_to_run(value, run) for value in document]
+    return pattern.sub(RUN, document) if isinstance(document, str) else document
 
 
 def main() -> None:

@@ -211,6 +211,12 @@ def basename(location: str) -> str:
     return posixpath.basename(_split_query(location)[0].rstrip("/"))
 
 
+def target_name(location: str) -> str:
+    """The name a target given as a folder goes by: its last path component (`data/c10-384/` -> c10-384,
+    a URL's query left out)."""
+    return basename(location) or location
+
+
 def _split_query(location: str) -> tuple[str, str]:
     if "://" not in location or "?" not in location:
         return location, ""

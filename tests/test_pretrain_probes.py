@@ -285,3 +285,32 @@ def test_the_best_step_s_weights_are_kept_and_a_resumed_run_keeps_them(plan, tar
     assert json.loads((run / "best" / "raw" / "best.json").read_text())["probe_key"] == changed.key
     assert "note" not in probe(reset, 60, zero)  # said once
     ray.kill(reset)
+
+
+@pytest.mark.parametrize(
+    ("stage", "bf16", "traced"),
+    [(2, False, True), (0, True, True), (2, True, False), (3, False, False)],
+)
+def test_a_probe_step_is_traced_to_the_engines_own_weights_only_where_its_module_holds_them(
+    stage, bf16, traced, one_rank_group
+):
+    """The digest a raw probe record carries is the engine module's backbone where that module holds the
+    fp32 weights an export holds (fp32 training, or ZeRO-0's fp32 weights under autocast); under bf16
+    ZeRO >= 1 it holds bf16 copies, under ZeRO-3 a shard: no digest, rather than one no export matches."""
+    from pipeline.pretrain.worker import _engine_backbone  # noqa: PLC0415  (DeepSpeed on import)
+    from vit.engine import build_engine  # noqa: PLC0415
+    from vit.recipe import BatchSplit, Optimizer, Recipe, Schedule, Zero  # noqa: PLC0415
+    from vit.weights import adapted_model, backbone_digest  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    tiny = ViTConfig(image_size=16, patch_size=4, num_classes=5, width=32, depth=1, heads=2, mlp_dim=64)
+    recipe = Recipe(
+        Optimizer(lr=1e-3), Schedule(warmup_steps=0), total_steps=1, batch=BatchSplit(4, 4), bf16=bf16
+    )
+    model = VisionTransformer(tiny)
+    expected = backbone_digest(model)
+    engine = build_engine(model, recipe, Zero(stage), world_size=1)
+    assert _engine_backbone(engine) == (expected if traced else None)
+    # A target's model adapted from those weights (a new head, 3 classes) has the same backbone digest.
+    adapted = adapted_model(model.state_dict(), tiny, "test", num_classes=3)
+    assert backbone_digest(adapted) == backbone_digest(model)

@@ -32,7 +32,6 @@ from pipeline.runner.plan import (
     afresh_advice,
     load_plan,
     plan_job,
-    target_name,
 )
 from pipeline.runner.records import (
     is_side,
@@ -44,7 +43,7 @@ from pipeline.runner.records import (
 )
 from pipeline.runner.report import _transfer_section
 from pipeline.runner.stages import RUNNERS, outputs_present
-from pipeline.storage import join, resolve_all, url_of
+from pipeline.storage import join, resolve_all, target_name, url_of
 from tests.conftest import REPO
 
 PATCHES = {"image_size": 16, "patch_size": 4}

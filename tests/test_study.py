@@ -4,6 +4,7 @@ apart from the others, a rerun redoing only what is missing, then fully cached).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from transformers import BitForImageClassification
 
+from benchmarks.study_results import relative_to_run
 from pipeline.cli import main
 from pipeline.config import ConfigError
 from pipeline.metrics import read_records
@@ -33,7 +35,7 @@ from pipeline.runner.plan import RunOptions, load_plan
 from pipeline.runner.records import write_record
 from pipeline.runner.stages import collect_study_point, finished_points
 from pipeline.study.answer import answer, sentences
-from pipeline.study.launch import PointSettings, _pretrain, run_point, submit_point
+from pipeline.study.launch import PointSettings, _pretrain, _probed_targets, run_point, submit_point
 from pipeline.study.plan import SCRATCH, Point, point_finetune, point_model, point_pretrain, study_job
 from pipeline.study.report import write_study_results
 from pipeline.study.slots import PretrainSlots
@@ -427,6 +429,34 @@ def test_a_point_trained_beyond_the_studys_budget_is_refused_with_advice_for_tha
     assert "vitpipe export" not in message
 
 
+def test_a_point_whose_best_step_other_probes_scored_is_refused_with_its_redo(
+    fractal_patches, digits_patches, tmp_path
+):
+    """A point relaunched with other probes (here: a best.json under another key) would take the best
+    among its remaining steps as the best of its training: refused, naming the way to redo that point."""
+    point = Point(100, "vit", 0)
+    subset = draw_subsets(fractal_patches, "train", (100,), 0, str(tmp_path / "subsets"))[100]
+    settings = point_settings_for(
+        tmp_path, point, fractal_patches, subset, targets={"digits": digits_patches}
+    )
+    best = tmp_path / "point" / "pretrain" / "best" / "raw"
+    best.mkdir(parents=True)
+    (best / "best.json").write_text(
+        json.dumps({"step": 8, "score": 0.5, "folder": "step-00000008", "probe_key": "other"})
+    )
+    with pytest.raises(ValueError, match="its best raw step \\(8\\) was scored by other probes") as refused:
+        _pretrain(settings)
+    assert str(refused.value).endswith("redo the point with --force study --point n0000000100-vit-seed0")
+
+
+def test_a_point_probes_a_target_the_job_names_by_its_folder_under_that_folders_name(tmp_path):
+    point = Point(100, "vit", 0)
+    settings = point_settings_for(tmp_path, point, "corpus", "subset", targets={"digits16": "/data/digits16"})
+    probes = settings.pretrain.eval.model_copy(update={"targets": ["/data/digits16/"]})
+    settings = dataclasses.replace(settings, pretrain=settings.pretrain.model_copy(update={"eval": probes}))
+    assert _probed_targets(settings) == {"digits16": "/data/digits16"}
+
+
 def test_the_analyses_read_only_points_whose_record_says_done(tmp_path):
     """A point that fails after an earlier run finished it keeps that run's point.json: its record, not
     the file, says whether this run's analyses take its models."""
@@ -519,8 +549,9 @@ def assert_fine_tuning_started_from_the_engines_weights_at_its_best_step(point: 
     assert point["start_step"] == point["best"]["step"] == best["step"]
     assert point["start_selection"] == {"select": "best", "weights": "raw"}
     started = point["results"][0]
-    assert started["start_backbone"] == best["weights"]  # the engine's in-memory weights at that step
-    assert started["start_backbone"] != probed[24 - best["step"]]["weights"]  # not the other step's
+    assert started["start_backbone"] == best["backbone"]  # the engine's in-memory weights at that step
+    other = 8 if best["step"] == 16 else 16
+    assert started["start_backbone"] != probed[other]["backbone"]  # not the other step's
 
     checkpoint = Path(point["run"]) / f"checkpoint_{best['step']:08d}"
     tag = json.loads((checkpoint / "vitpipe.json").read_text())["tag"]
@@ -767,10 +798,11 @@ def test_scaling_smoke_runs_every_point_keeps_a_failed_one_apart_and_reruns_only
 
 
 def test_the_studys_answer_is_computed_from_its_curves():
-    def curve(scratch: float, means: list[float], std: float = 0.01) -> list[dict]:
+    def curve(scratch: float, means: list[float], std: float = 0.01, seeds: int = 3) -> list[dict]:
         sizes = [1000, 10000, 100000]
-        return [{"size": 0, "mean": scratch, "std": std}] + [
-            {"size": size, "mean": mean, "std": std} for size, mean in zip(sizes, means, strict=True)
+        return [{"size": 0, "mean": scratch, "std": std, "seeds": seeds}] + [
+            {"size": size, "mean": mean, "std": std, "seeds": seeds}
+            for size, mean in zip(sizes, means, strict=True)
         ]
 
     shots_curves = {"vit": curve(0.5, [0.4, 0.6, 0.8]), "bit": curve(0.5, [0.6, 0.65, 0.7])}
@@ -785,7 +817,24 @@ def test_the_studys_answer_is_computed_from_its_curves():
     assert not top1["vit"]["gain_over_scratch"]["above_spread"]  # +0.01 against a spread of 0.02
     assert top1["vit_vs_bit"]["crossover_at"] is None
     assert "extrapolated_crossover_images" not in top1["vit_vs_bit"]  # the ViT's line is not steeper
-    assert "ViT catches BiT at 100,000 images" in sentences(found)[0]
+    assert "vit catches bit at 100,000 images" in sentences(found)[0]
+    # A crossing of the lines inside the sizes measured is no extrapolation: the gaps there say behind.
+    inside = answer({"d": {"m": {"vit": curve(0.5, [0.3, 0.59, 0.6]), "bit": curve(0.5, [0.5, 0.6, 0.61])}}})
+    assert "extrapolated_crossover_images" not in inside["d"]["m"]["vit_vs_bit"]
+    # A tie is not a crossover: the ViT must be ahead.
+    tied = answer({"d": {"m": {"vit": curve(0.5, [0.4, 0.6, 0.7]), "bit": curve(0.5, [0.6, 0.6, 0.8])}}})
+    assert tied["d"]["m"]["vit_vs_bit"]["crossover_at"] is None
+    # Models are paired by family, whatever their names; one seed has no spread to beat.
+    named = {
+        "vit_b16": curve(0.5, [0.4, 0.6, 0.8], seeds=1),
+        "bit_r50": curve(0.5, [0.6, 0.65, 0.7], seeds=1),
+    }
+    found = answer({"d": {"m": named}}, {"vit_b16": "vit", "bit_r50": "bit"})
+    assert found["d"]["m"]["vit_b16_vs_bit_r50"]["crossover_at"] == 100000
+    assert found["d"]["m"]["vit_b16"]["gain_over_scratch"]["above_spread"] is None
+    [line] = sentences(found)
+    assert "vit_b16 80.0 vs scratch 50.0 (one seed: no spread to beat), +20.0 pts/decade" in line
+    assert "vit_b16 catches bit_r50 at 100,000 images" in line
 
 
 @pytest.mark.slow
@@ -868,3 +917,21 @@ def test_a_signalled_study_point_checkpoints_its_step_says_how_to_go_on_and_resu
         assert "\x1b" not in text
         assert "Traceback" not in text
         assert "vitpipe export" not in text
+
+
+def test_the_benchmarks_results_name_the_run_folder_as_run_and_no_other_folder(tmp_path):
+    run = tmp_path / "run"
+    document = {
+        "weights": f"{run}/study/p/export",
+        "error": f"{run}: bad",
+        "beside": f"{run}2/study",  # another folder whose name starts like the run's
+        "points": [{"run": str(run)}],
+        "top1": 0.93,
+    }
+    assert relative_to_run(document, run) == {
+        "weights": "RUN/study/p/export",
+        "error": "RUN: bad",
+        "beside": f"{run}2/study",
+        "points": [{"run": "RUN"}],
+        "top1": 0.93,
+    }

@@ -166,6 +166,21 @@ def test_a_choice_still_at_an_edge_is_noted_with_the_way_to_extend_the_grid():
     assert "raise finetune.lr_extend" in exhausted["lr_at_edge"]
 
 
+@pytest.mark.parametrize(("rates", "edge"), [([1e200, 1e300], "high"), ([1e-300, 1e-200], "low")])
+def test_a_rate_beyond_an_edge_that_is_no_number_is_refused_naming_lr_extend(rates, edge):
+    with pytest.raises(ValueError, match=r"finetune.lr_extend: no learning rate one step beyond the"):
+        next_rate(rates, edge)
+
+
+def test_an_extension_that_failed_leaves_the_choice_at_the_edge_noted_with_the_failed_rate():
+    extended = [{"edge": "high", "from": 0.03, "added": 0.09}]
+    members = [member(0.01, 0.5), member(0.03, 0.8)]  # the task at 0.09 failed: no result
+    result = with_grid(choose(members), [0.01, 0.03, 0.09], extended, extend=1)
+    assert (result["lr"], result["lr_grid"], result["lr_failed"]) == (0.03, [0.01, 0.03, 0.09], [0.09])
+    assert "is the highest rate of the grid [0.01, 0.03] after 1 extension(s)" in result["lr_at_edge"]
+    assert "lr 0.09 failed" in result["lr_at_edge"]
+
+
 def test_the_sweep_table_marks_added_rates_and_notes_a_choice_at_an_edge():
     extended = [{"edge": "high", "from": 0.03, "added": 0.09}]
     members = [member(0.01, 0.5), member(0.03, 0.7), member(0.09, 0.8)]

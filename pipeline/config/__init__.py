@@ -24,6 +24,7 @@ from pipeline.config.pretrain import (
     PRETRAIN_OUTPUTS,
     PROBE_OPERATIONAL,
     PretrainConfig,
+    pretrain_key,
 )
 from pipeline.config.transfer import FINETUNE_OPERATIONAL, AnalyzeConfig, EvaluateConfig, FinetuneConfig
 
@@ -61,5 +62,6 @@ __all__ = [
     "digest",
     "load_config",
     "load_yaml",
+    "pretrain_key",
     "validate",
 ]

@@ -45,7 +45,9 @@ class StudyConfig(Section):
         if self.epochs is not None and self.steps is not None:
             raise ValueError("set either epochs or steps, not both")
         if self.min_steps is not None and self.epochs is None:
-            raise ValueError("min_steps is a floor under study.epochs; set epochs, or a fixed steps alone")
+            raise ValueError(
+                "min_steps is a floor under study.epochs: set study.epochs, or a fixed study.steps alone"
+            )
         return self
 
 

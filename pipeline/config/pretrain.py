@@ -226,3 +226,13 @@ class PretrainConfig(Section):
 
     def speed(self) -> Speed:
         return Speed(self.compile, self.activation_checkpointing, self.tf32)
+
+
+def pretrain_key(pretrain: PretrainConfig) -> dict[str, Any]:
+    """What of a pretrain section a step's results depend on (its cache key): less how it is operated, but
+    with what it probes, keeps and exports, less how the probes run. The budget stays: a longer `steps` is
+    more training (the step resumes the run to it)."""
+    settings = pretrain.model_dump(mode="json", exclude=PRETRAIN_OPERATIONAL - PRETRAIN_OUTPUTS)
+    if pretrain.eval is not None:
+        settings["eval"] = pretrain.eval.model_dump(mode="json", exclude=PROBE_OPERATIONAL)
+    return settings

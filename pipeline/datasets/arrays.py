@@ -34,10 +34,17 @@ class ArraySource:
 
 
 def split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
-    """Stratified train/test indices, each sorted so shards follow the source's order."""
-    train, test = train_test_split(
-        np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=seed
-    )
+    """Stratified train/test indices, each sorted so shards follow the source's order; a fraction that
+    leaves a split fewer images than classes is refused, naming test_fraction."""
+    try:
+        train, test = train_test_split(
+            np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=seed
+        )
+    except ValueError as error:
+        raise ValueError(
+            f"test_fraction {test_fraction}: a stratified split of {len(labels)} images of "
+            f"{len(np.unique(labels))} classes needs at least one image a class in each split ({error})"
+        ) from None
     return {"train": np.sort(train), "test": np.sort(test)}
 
 

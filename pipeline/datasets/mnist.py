@@ -44,11 +44,11 @@ def mnist_csv() -> Traversable:
 def load_mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
     """The 5,000 MNIST images as uint8 [n, 28, 28] (0..255) and their int64 labels, in the CSV's order."""
     csv = mnist_csv()
-    with csv.open("rb") as raw, gzip.open(raw, "rt") as text:
-        try:
+    try:
+        with csv.open("rb") as raw, gzip.open(raw, "rt") as text:
             rows = np.loadtxt(text, delimiter=",", dtype=np.int64, ndmin=2)
-        except ValueError as error:
-            raise ValueError(f"{csv}: not MNIST's CSV of integers ({error})") from None
+    except (ValueError, EOFError, OSError) as error:  # not integers, a cut or damaged gzip
+        raise ValueError(f"{csv}: not MNIST's gzipped CSV of integers ({error})") from None
     pixels, labels = rows[:, :-1], rows[:, -1]
     if pixels.shape[1] != MNIST_SIDE**2 or pixels.min() < 0 or pixels.max() > 255:
         raise ValueError(f"{csv}: expected rows of {MNIST_SIDE**2} pixels in 0..255 then the label")

@@ -31,7 +31,7 @@ from pipeline.pretrain.checkpoints import EXPORT_DIR, latest_checkpoint
 from pipeline.pretrain.control import TrainingStopped, fit_stoppably, start_control
 from pipeline.pretrain.elastic import MinimumWatch
 from pipeline.pretrain.export import Export, export_checkpoint
-from pipeline.pretrain.plan import PretrainPlan, WorkerSettings, worker_settings
+from pipeline.pretrain.plan import PretrainPlan, WorkerSettings, run_needs, worker_settings
 from pipeline.pretrain.probes import start_prober
 from pipeline.pretrain.worker import SETTINGS, data_loop, train_loop
 from pipeline.ray_session import check_resources, connect_ray, worker_env
@@ -157,10 +157,7 @@ def _check_placeable(plan: PretrainPlan) -> None:
     group, probes = plan.group, plan.probes
     if group.elastic:
         return
-    needs = dict(group.needs())
-    if probes is not None:
-        for key, value in probes.needs().items():
-            needs[key] = needs.get(key, 0.0) + value
+    needs = run_needs(group, probes.needs() if probes is not None else None)
     beside = " and the probes' actor" if probes is not None else ""
     check_resources(
         needs,

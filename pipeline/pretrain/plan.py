@@ -81,6 +81,15 @@ class WorkerGroup:
         return f"{self.min_workers}-{self.max_workers} worker(s) (elastic)"
 
 
+def run_needs(group: WorkerGroup, probes: dict[str, float] | None = None) -> dict[str, float]:
+    """What a whole run takes of a cluster: its worker group's, and its probes' actor's beside it."""
+    needs = dict(group.needs())
+    for key, value in (probes or {}).items():
+        if value:
+            needs[key] = needs.get(key, 0.0) + value
+    return needs
+
+
 def worker_group(config: PretrainConfig) -> WorkerGroup:
     """The worker group of the config: its sizes, one worker's CPUs (it reads its own data) and GPU."""
     return WorkerGroup(

@@ -8,6 +8,7 @@ once at the end of the launch, with waiting, so that none is lost.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -24,6 +25,7 @@ from vit.recipe import BatchSplit
 # said), so that a prober slower than the probe cadence never holds more weights than this in memory.
 MAX_PENDING = 2
 T = TypeVar("T")
+Backbone = Callable[[], "str | None"]  # rank 0's digest of the engine's in-memory weights at a probe step
 
 
 @dataclass(frozen=True)
@@ -67,11 +69,11 @@ class ProbeClient:
         """Whether `step` is a probe step (every rank answers alike)."""
         return self.prober is not None and self.cadence is not None and self.cadence.due(step)
 
-    def submit(self, step: int, weights: dict[str, Fragments], engine_weights: str | None = None) -> None:
+    def submit(self, step: int, weights: dict[str, Fragments], backbone: Backbone | None = None) -> None:
         """Hand each kind of weights (`{"raw": ..., "ema": ...}`) over to the prober (a collective: every
         rank calls it at a probe step); skipped, said and recorded while earlier probes still run, except
         at the run's last step, which is always handed over (the end of the launch waits for it). The raw
-        probe's record carries `engine_weights` (the engine's own digest of them) as `weights`."""
+        probe's record carries what `backbone` answers on rank 0 (the engine's own digest of the weights)."""
         last = self.cadence is not None and step == self.cadence.total_steps
         self.collect(wait=False)
         if not last and from_rank_zero(self._busy() if self.log is not None else False, self.group):
@@ -83,11 +85,15 @@ class ProbeClient:
                     err=True,
                 )
             return
+        digest = backbone() if backbone is not None and self.log is not None and "raw" in weights else None
         for kind, fragments in weights.items():
-            digest = engine_weights if kind == "raw" else None
-            self._submit(step, kind, gather_full(fragments, self.shapes, self.group), digest)
+            self._submit(
+                step, kind, gather_full(fragments, self.shapes, self.group), digest if kind == "raw" else None
+            )
 
-    def resume(self, step: int, weights: dict[str, Fragments], run_dir: str) -> None:
+    def resume(
+        self, step: int, weights: dict[str, Fragments], run_dir: str, backbone: Backbone | None = None
+    ) -> None:
         """A relaunch that starts at a probe step probes each kind of weights the stopped launch left
         unrecorded there (its probe was running when that launch ended), or recorded under other probes
         (a finished run relaunched with other targets or shots, whose best then needs a probe of these):
@@ -99,7 +105,7 @@ class ProbeClient:
             missing = unprobed(read_records(run_dir), step, list(weights), self.cadence.key)
         missing = from_rank_zero(missing, self.group)
         if missing:
-            self.submit(step, {kind: weights[kind] for kind in missing})
+            self.submit(step, {kind: weights[kind] for kind in missing}, backbone)
 
     def _busy(self) -> bool:
         kinds = [kind for kind, *_ in self.pending]
@@ -126,7 +132,7 @@ class ProbeClient:
         """Wait for the oldest probe in flight and record it."""
         kind, step, ref, digest = self.pending.popleft()
         try:
-            record = ray.get(ref) | ({"weights": digest} if digest is not None else {})
+            record = ray.get(ref) | ({"backbone": digest} if digest is not None else {})
         except (ray.exceptions.RayError, ValueError, RuntimeError) as error:
             reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
             self.log.event("probe_failed", step=step, probe=kind, error=reason)

@@ -94,7 +94,7 @@ def train_loop(config: dict[str, WorkerSettings]) -> None:
         objects = object_group(dist.get_backend())
         cadence = probe_cadence(plan, batch)
         probes = ProbeClient(settings.prober, cadence, parameter_shapes(engine), log, objects)
-        probes.resume(step, _probed(ema, engine), settings.run_dir)
+        probes.resume(step, _probed(ema, engine), settings.run_dir, partial(_engine_backbone, engine))
         hooks = Hooks(
             batches=partial(_on_device, feed, device),
             save=partial(_save, saver, engine, settings, recipe, world, feed, ema, objects),
@@ -193,15 +193,18 @@ def _after_step(ema: Ema | None, engine: Any, probes: ProbeClient, step: int) ->
     if ema is not None:
         ema.update()
     if probes.due(step):
-        probes.submit(step, _probed(ema, engine), engine_weights=_engine_backbone(engine, probes))
+        probes.submit(step, _probed(ema, engine), backbone=partial(_engine_backbone, engine))
     probes.collect(wait=False)
 
 
-def _engine_backbone(engine: Any, probes: ProbeClient) -> str | None:
-    """Rank 0's digest of the engine's own in-memory weights (less the head) at a probe step, which the raw
-    probe's record carries: an export of that step, and a fine-tuning from it, can be traced to them
-    (vit.weights.backbone_digest). None on other ranks, and under ZeRO-3 (no rank holds the whole module)."""
-    if probes.log is None or engine.zero_optimization_stage() >= 3:
+def _engine_backbone(engine: Any) -> str | None:
+    """The digest of the engine's own in-memory weights, less the head (vit.weights.backbone_digest), which
+    rank 0's raw probe record of a step carries: an export of that step, and a fine-tuning from it, are
+    traced to them. Only where the module holds the weights themselves: None under ZeRO-3 (no rank holds
+    the whole module) and under bf16 (the module holds bf16 copies of the fp32 weights the export holds)."""
+    if engine.zero_optimization_stage() >= 3:
+        return None
+    if any(parameter.dtype != torch.float32 for parameter in engine.module.parameters()):
         return None
     return backbone_digest(engine.module)
 

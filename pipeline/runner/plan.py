@@ -15,21 +15,19 @@ from typing import Any
 from pipeline.config import (
     DEFAULT_RUNS,
     FINETUNE_OPERATIONAL,
-    PRETRAIN_OPERATIONAL,
-    PRETRAIN_OUTPUTS,
-    PROBE_OPERATIONAL,
     ConfigError,
     FinetuneConfig,
     PipelineConfig,
     PretrainConfig,
     digest,
     load_yaml,
+    pretrain_key,
     validate,
 )
 from pipeline.runner.layout import JOB_FILE, RunLayout, run_layout
 from pipeline.runner.lock import RUN_FILE
 from pipeline.runner.records import side_item
-from pipeline.storage import basename
+from pipeline.storage import target_name
 from pipeline.study.plan import point_settings, study_job, study_points
 from vit.patches import misfits
 
@@ -255,12 +253,10 @@ def plan_job(
 
 
 def _pretrain_step(pretrain: PretrainConfig, job: PipelineConfig, source: str, layout: RunLayout) -> Step:
-    # The budget stays in the key: a longer `steps` is more training (the step resumes the run to it).
-    settings = pretrain.model_dump(mode="json", exclude=PRETRAIN_OPERATIONAL - PRETRAIN_OUTPUTS)
+    settings = pretrain_key(pretrain.model_copy(update={"eval": job.probes()}))
     probed, probe_depends, probe_external = _probe_targets(job, layout)
-    if probed is not None:
-        resolved = job.probes().model_dump(mode="json", exclude=PROBE_OPERATIONAL)
-        settings["eval"] = {**resolved, "targets": probed}
+    if probed is not None:  # the targets as folders: another folder is other data
+        settings["eval"]["targets"] = probed
     if pretrain.data in job.preprocess:
         model, entry = pretrain.model, job.preprocess[pretrain.data]
         geometry = entry.geometry()
@@ -464,12 +460,6 @@ def _study_steps(job: PipelineConfig, source: str, layout: RunLayout, overrides:
             )
         )
     return steps
-
-
-def target_name(location: str) -> str:
-    """The name a target given as a folder goes by: its last path component (`data/c10-384/` -> c10-384,
-    a URL's query left out)."""
-    return basename(location) or location
 
 
 def afresh_advice(plan: JobPlan) -> str:

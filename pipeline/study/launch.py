@@ -21,10 +21,10 @@ from pipeline.console import say
 from pipeline.pretrain.checkpoints import best_dir, is_run_output, read_best
 from pipeline.pretrain.control import TrainingStopped
 from pipeline.pretrain.launch import PretrainResult, pretrain
-from pipeline.pretrain.plan import check_pretrain
-from pipeline.storage import join, remove_entries, write_atomic
+from pipeline.pretrain.plan import PretrainPlan, check_pretrain
+from pipeline.storage import join, remove_entries, target_name, write_atomic
 from pipeline.study.plan import POINT_FILE, Point
-from pipeline.study.slots import pretrain_slots, run_needs
+from pipeline.study.slots import point_needs, pretrain_slots
 from pipeline.study.subsets import read_subset
 from pipeline.tracking import OFF, TrackingTarget
 from pipeline.transfer.launch import clear_groups, transfer
@@ -60,7 +60,7 @@ def submit_point(settings: PointSettings, run: str) -> ray.ObjectRef:
     readers, the fine-tuning tasks) asks Ray for its own resources and waits for them."""
     if settings.clear:
         clear_point(settings)
-    slots = pretrain_slots(run_needs(settings.pretrain), run) if settings.pretrain is not None else None
+    slots = pretrain_slots(point_needs(settings.pretrain), run) if settings.pretrain is not None else None
     remote = ray.remote(run_point).options(num_cpus=0, name=f"study:{settings.point.name}", max_retries=0)
     return remote.remote(settings, slots)
 
@@ -141,6 +141,7 @@ def _pretrain(settings: PointSettings) -> dict[str, Any]:
     plan = check_pretrain(
         config, settings.corpus, run_dir, subset.rows, redo=redo, beyond_budget=beyond, probe_targets=probed
     )
+    _refuse_other_probes(plan, run_dir, redo)
     result = pretrain(
         plan, storage=settings.storage, name="pretrain", tracking=settings.tracking, control=settings.control
     )
@@ -160,18 +161,36 @@ def _pretrain(settings: PointSettings) -> dict[str, Any]:
     }
 
 
+def _refuse_other_probes(plan: PretrainPlan, run_dir: str, redo: str) -> None:
+    """A point's run whose best step other probes scored (other shots, targets, hold-out) is refused: its
+    probes would find the best again among the steps still to come, the last alone for a finished run,
+    and the point would fine-tune from that step as if it were the best of its training."""
+    if plan.probes is None:
+        return
+    for kind in ("raw", "ema"):
+        best = read_best(best_dir(run_dir, kind))
+        if best is not None and best["probe_key"] != plan.probes.key:
+            raise ValueError(
+                f"{run_dir}: its best {kind} step ({best['step']:,}) was scored by other probes (key "
+                f"{best['probe_key']}; these probes' is {plan.probes.key}), which cannot score its steps "
+                f"before this launch; redo the point with {redo}"
+            )
+
+
 def _probed_targets(settings: PointSettings) -> dict[str, str] | None:
     """The folders of the targets the point's probes score (of its finetune targets: the job checks so)."""
     probes = settings.pretrain.eval if settings.pretrain is not None else None
     if probes is None:
         return None
-    missing = [name for name in probes.targets or () if name not in settings.targets]
+    # A target the job names by its folder goes by that folder's name (as its transfer's).
+    names = [entry if entry in settings.targets else target_name(entry) for entry in probes.targets or ()]
+    missing = [name for name in names if name not in settings.targets]
     if missing:
         raise ValueError(
             f"study point {settings.point.name}: pretrain.eval.targets {missing} are not among its targets "
-            f"{sorted(settings.targets)}"
+            f"{sorted(settings.targets)}; probe the finetune targets (drop pretrain.eval.targets)"
         )
-    return {name: settings.targets[name] for name in probes.targets or ()}
+    return {name: settings.targets[name] for name in names}
 
 
 def exported_step(result: PretrainResult) -> dict[str, Any]:

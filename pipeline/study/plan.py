@@ -13,15 +13,13 @@ from typing import Any
 
 from pipeline.config import (
     FINETUNE_OPERATIONAL,
-    PRETRAIN_OPERATIONAL,
-    PRETRAIN_OUTPUTS,
-    PROBE_OPERATIONAL,
     AnyModel,
     EvaluateConfig,
     FinetuneConfig,
     PipelineConfig,
     PretrainConfig,
     StudyConfig,
+    pretrain_key,
     validate,
 )
 
@@ -123,16 +121,7 @@ def point_settings(job: StudyJob, point: Point) -> dict[str, Any]:
     return {
         "point": {"size": point.size, "model": point.model, "seed": point.seed},
         "model": point_model(job, point).model_dump(mode="json"),
-        "pretrain": _pretrain_key(pretrain) if pretrain else None,
+        "pretrain": pretrain_key(pretrain) if pretrain else None,
         "finetune": point_finetune(job, point).model_dump(mode="json", exclude=FINETUNE_OPERATIONAL),
         "evaluate": job.evaluate.model_dump(mode="json") if job.evaluate else None,
     }
-
-
-def _pretrain_key(pretrain: PretrainConfig) -> dict[str, Any]:
-    """What of a point's recipe its results depend on: less how it is operated, but with what it probes,
-    keeps and exports (the fine-tuned weights are the step the probes chose), less how the probes run."""
-    settings = pretrain.model_dump(mode="json", exclude=PRETRAIN_OPERATIONAL - PRETRAIN_OUTPUTS)
-    if pretrain.eval is not None:
-        settings["eval"] = pretrain.eval.model_dump(mode="json", exclude=PROBE_OPERATIONAL)
-    return settings

@@ -67,7 +67,8 @@ def write_study_results(
     """results.json, results.md and the figure into `folder`; returns the document."""
     folder.mkdir(parents=True, exist_ok=True)
     found = curves(points)
-    slide = answer(found)
+    families = {name: model.get("family", name) for name, model in settings.get("models", {}).items()}
+    slide = answer(found, families)
     document = {
         "format": STUDY_FORMAT,
         **settings,
@@ -159,8 +160,11 @@ def plot_curves(document_curves: dict[str, dict[str, dict[str, list[dict[str, An
     )
     layout = {"nrows": rows, "ncols": columns, "figsize": (4.5 * columns, 3.4 * rows), "squeeze": False}
     with saved_figure(path, dpi=120, **layout) as (figure, axes):
-        seeds = max(e["seeds"] for m in document_curves.values() for c in m.values() for e in _entries(c))
-        figure.suptitle(f"mean over {seeds} seed(s); bars: {SPREAD}", fontsize=9)
+        seeds = sorted(
+            {e["seeds"] for m in document_curves.values() for c in m.values() for e in _entries(c)}
+        )
+        counted = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+        figure.suptitle(f"mean over {counted} seed(s) a point; bars: {SPREAD}", fontsize=9)
         for axis, (target, metric) in zip(axes.flat, panels, strict=False):
             _draw_panel(axis, document_curves[target][metric], models, colours, f"{target}: {metric}")
         for axis in list(axes.flat)[len(panels) :]:

@@ -10,7 +10,7 @@ import ray
 
 from pipeline.config import PretrainConfig, digest
 from pipeline.console import say
-from pipeline.pretrain.plan import worker_group
+from pipeline.pretrain.plan import run_needs, worker_group
 
 
 @ray.remote(num_cpus=0)
@@ -27,13 +27,10 @@ class PretrainSlots:
         self.semaphore.release()
 
 
-def run_needs(config: PretrainConfig) -> dict[str, float]:
+def point_needs(config: PretrainConfig) -> dict[str, float]:
     """What one point's pretraining takes of the cluster: its worker group, and its probes' actor."""
-    needs = dict(worker_group(config).needs())
-    if config.eval is not None:
-        for key, value in {"CPU": config.eval.cpus, "GPU": config.eval.gpus}.items():
-            needs[key] = needs.get(key, 0.0) + value
-    return {key: value for key, value in needs.items() if value}
+    probes = {"CPU": config.eval.cpus, "GPU": config.eval.gpus} if config.eval is not None else None
+    return run_needs(worker_group(config), probes)
 
 
 def pretrain_slots(needs: dict[str, float], run: str) -> Any:

@@ -15,6 +15,7 @@ would walk the grid down one tie at a time.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -112,7 +113,15 @@ def next_rate(rates: Sequence[float], edge: Edge) -> float:
     grid = sorted(rates)
     exact = grid[0] * grid[0] / grid[1] if edge == "low" else grid[-1] * grid[-1] / grid[-2]
     rounded = (float(f"{exact:.{digits}g}") for digits in range(SIGNIFICANT, 18))
-    return next(rate for rate in rounded if (rate < grid[0] if edge == "low" else rate > grid[-1]))
+    past = (rate for rate in rounded if (rate < grid[0] if edge == "low" else rate > grid[-1]))
+    rate = next(past, None)
+    if rate is None or not math.isfinite(rate) or rate <= 0:
+        shown = ", ".join(f"{r:g}" for r in grid)
+        raise ValueError(
+            f"finetune.lr_extend: no learning rate one step beyond the {edge} edge of lr_sweep [{shown}] "
+            f"(it would be {exact:g}); lower lr_extend, or list the rates in lr_sweep"
+        )
+    return rate
 
 
 def edge_of(choice: dict[str, Any], rates: Sequence[float]) -> Edge | None:
@@ -146,20 +155,24 @@ def with_grid(
     (`lr_extended`: edge, from, added), each sweep entry marked `extension` or not, and `lr_at_edge`, a
     note when the choice is still at an edge (so the best rate may lie beyond the grid)."""
     added = {step["added"] for step in extended}
-    edge = edge_of(result, grid)
+    scored = sorted(entry["lr"] for entry in result["lr_sweep"])  # a failed member's rate tells nothing
+    edge = edge_of(result, scored)
+    failed = sorted(set(grid) - set(scored))
     return {
         **result,
         "lr_sweep": [{**entry, "extension": entry["lr"] in added} for entry in result["lr_sweep"]],
         "lr_grid": sorted(grid),
         "lr_extended": extended,
-        "lr_at_edge": _at_edge(result["lr"], sorted(grid), edge, len(extended), extend) if edge else None,
+        "lr_failed": failed,
+        "lr_at_edge": _at_edge(result["lr"], scored, edge, len(extended), extend, failed) if edge else None,
     }
 
 
-def _at_edge(lr: float, grid: list[float], edge: Edge, steps: int, extend: int) -> str:
+def _at_edge(lr: float, grid: list[float], edge: Edge, steps: int, extend: int, failed: list[float]) -> str:
     side, way = ("lowest", "lower") if edge == "low" else ("highest", "higher")
     shown = ", ".join(f"{rate:g}" for rate in grid)
     done = f" after {steps} extension(s) (finetune.lr_extend {extend})" if steps else ""
+    done += f"; lr {', '.join(f'{rate:g}' for rate in failed)} failed" if failed else ""
     remedy = "raise finetune.lr_extend" if extend else "set finetune.lr_extend (e.g. 1)"
     return (
         f"lr {lr:g} scored best on the validation split and is the {side} rate of the grid [{shown}]{done}: "
