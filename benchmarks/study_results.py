@@ -47,7 +47,8 @@ def main() -> None:
     args = parser.parse_args()
     study = relative_to_run(json.loads((args.run / "study" / "results.json").read_text()), args.run)
     run = relative_to_run(json.loads((args.run / "run.json").read_text()), args.run)
-    found = study.get("answer") or answer(study["curves"])
+    families = {name: model.get("family", name) for name, model in study.get("models", {}).items()}
+    found = answer(study["curves"], families)  # as this code computes it (the run's may be older)
     revision = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
     path = save(
         "scaling_study",
