@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.machine import RESULTS, save
-from pipeline.study.answer import answer, sentences
+from pipeline.study.answer import answer, model_families, sentences
 from pipeline.study.report import FIGURE
 
 RUN = "RUN"  # what the run folder's path is written as: the results hold no path of the machine that ran them
@@ -47,8 +47,9 @@ def main() -> None:
     args = parser.parse_args()
     study = relative_to_run(json.loads((args.run / "study" / "results.json").read_text()), args.run)
     run = relative_to_run(json.loads((args.run / "run.json").read_text()), args.run)
-    families = {name: model.get("family", name) for name, model in study.get("models", {}).items()}
-    found = answer(study["curves"], families)  # as this code computes it (the run's may be older)
+    found = answer(
+        study["curves"], model_families(study.get("models", {}))
+    )  # by this code (the run's may be older)
     revision = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
     path = save(
         "scaling_study",

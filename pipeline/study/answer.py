@@ -69,6 +69,11 @@ def crossover(vit: Curve, bit: Curve) -> dict[str, Any]:
     return answer
 
 
+def model_families(models: dict[str, Any]) -> dict[str, str]:
+    """{name: family} of a study's models as its settings (results.json) hold them."""
+    return {name: model.get("family", name) for name, model in models.items()}
+
+
 def pairs(models: list[str], families: dict[str, str]) -> list[tuple[str, str]]:
     """Every (ViT, BiT) pair of the study's models, by their families (a model not named is taken to be
     of the family its name says: `vit`, `bit`)."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.figures import saved_figure
 from pipeline.storage import write_atomic
-from pipeline.study.answer import answer, sentences
+from pipeline.study.answer import answer, model_families, sentences
 
 STUDY_FORMAT = "vitpipe.study/1"
 FIGURE = "transfer_vs_data.png"
@@ -67,8 +67,7 @@ def write_study_results(
     """results.json, results.md and the figure into `folder`; returns the document."""
     folder.mkdir(parents=True, exist_ok=True)
     found = curves(points)
-    families = {name: model.get("family", name) for name, model in settings.get("models", {}).items()}
-    slide = answer(found, families)
+    slide = answer(found, model_families(settings.get("models", {})))
     document = {
         "format": STUDY_FORMAT,
         **settings,
