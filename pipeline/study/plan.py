@@ -93,8 +93,9 @@ def point_pretrain(job: StudyJob, point: Point) -> PretrainConfig:
     """The job's pretrain section with the point's model, seed and the study's budget."""
     study, pretrain = job.study, job.pretrain
     settings = pretrain.model_dump(mode="json", exclude={"model", "seed", "steps", "epochs", "data"})
-    passes = point.size // pretrain.global_batch_size  # steps of one epoch (the plan's, whole batches)
-    if study.epochs is not None and study.min_steps is not None and study.epochs * passes < study.min_steps:
+    steps_per_epoch = point.size // pretrain.global_batch_size  # as the plan counts them: whole batches
+    floor = study.min_steps or 0
+    if study.epochs is not None and study.epochs * steps_per_epoch < floor:
         settings["steps"] = study.min_steps
     elif study.epochs is not None:
         settings["epochs"] = study.epochs
