@@ -23,7 +23,7 @@ from vit.engine import (
     place_optimizer_state,
     train_micro_batch,
 )
-from vit.loop import LoopEnd, Throughput, peak_memory_gb, pretrain_loop
+from vit.loop import Hooks, LoopEnd, Throughput, peak_memory_gb, pretrain_loop
 from vit.model import VisionTransformer
 from vit.objective import step_randomness, training_view
 from vit.recipe import BatchSplit, Cadence, Crop, Optimizer, Recipe, Schedule, Zero
@@ -54,17 +54,20 @@ def train(
     log_every: int = 1,
     checkpoint_every: int = 3,
     stop_after: int | None = None,
+    hooks: Hooks | None = None,
+    seed: int = 11,
 ) -> LoopEnd:
+    """The loop on `engine` from step `start`, with `memory`'s hooks (or `hooks`, which save to it)."""
     memory.engine = engine
     return pretrain_loop(
         engine,
         recipe,
-        memory.hooks(stop_after),
+        hooks or memory.hooks(stop_after),
         start_step=start,
         steps_per_epoch=STEPS_PER_EPOCH,
         cadence=Cadence(log_every, checkpoint_every),
         throughput=THROUGHPUT,
-        seed=11,
+        seed=seed,
     )
 
 
@@ -395,15 +398,14 @@ def test_a_non_finite_step_between_log_steps_is_not_checkpointed_by_a_notice(one
     )
     memory = Memory(tmp_path)
     hooks = dataclasses.replace(memory.hooks(), notice=lambda step: "checkpoint" if step == 5 else "")
-    memory.engine = engine = fresh_engine(exploding)
-    end = pretrain_loop(
-        engine,
+    end = train(
+        memory,
+        fresh_engine(exploding),
+        0,
         exploding,
-        hooks,
-        start_step=0,
-        steps_per_epoch=STEPS_PER_EPOCH,
-        cadence=Cadence(log_every=100, checkpoint_every=100),
-        throughput=THROUGHPUT,
+        log_every=100,
+        checkpoint_every=100,
+        hooks=hooks,
         seed=0,
     )
     assert end.reason == "diverged"
@@ -428,16 +430,7 @@ def test_after_step_sees_each_optimizer_step_s_weights_before_its_checkpoint(one
     hooks = dataclasses.replace(memory.hooks(), after_step=after_step)
     memory.engine = engine = fresh_engine()
     previous.update(weights(engine))
-    end = pretrain_loop(
-        engine,
-        NOISY_RECIPE,
-        hooks,
-        start_step=0,
-        steps_per_epoch=STEPS_PER_EPOCH,
-        cadence=Cadence(log_every=2, checkpoint_every=3),
-        throughput=THROUGHPUT,
-        seed=0,
-    )
+    end = train(memory, engine, 0, NOISY_RECIPE, log_every=2, checkpoint_every=3, hooks=hooks, seed=0)
     assert end.reason == "finished"
     assert seen == [(1, 0), (2, 0), (3, 0), (4, 1), (5, 1), (6, 1)]  # step 3's call came before its save
     assert all(moved)  # the weights had moved by each call
