@@ -26,11 +26,10 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.machine import save
+from benchmarks.machine import alternate, save
 from pipeline.config import FractalsConfig, PreprocessConfig, PretrainConfig
 from pipeline.datasets.fractals import build_fractals
 from pipeline.metrics import read_records
@@ -144,22 +143,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vitpipe-stall-") as scratch:
         directory = corpus(Path(scratch))
         for cpus in (int(value) for value in args.cpus.split(",")):
-            modes = runs.setdefault(f"{cpus}_cpus", {"synchronous": [], "asynchronous": []})
-            for round_ in range(args.rounds):
-                for mode, outcomes in modes.items():
-                    began, name = time.perf_counter(), f"{cpus}cpu-{mode}-{round_}"
-                    asynchronous = mode == "asynchronous"
-                    outcome = run(
-                        directory,
-                        Path(scratch) / "runs",
-                        name,
-                        asynchronous=asynchronous,
-                        cpus=cpus,
-                        steps=args.steps,
-                        every=args.every,
-                    )
-                    outcomes.append(outcome)
-                    print(f"{name}: {json.dumps(outcome)} ({time.perf_counter() - began:.0f} s)", flush=True)
+
+            def one(mode: str, name: str, cpus: int = cpus) -> dict[str, Any]:
+                asynchronous = mode == "asynchronous"
+                return run(
+                    directory,
+                    Path(scratch) / "runs",
+                    name,
+                    asynchronous=asynchronous,
+                    cpus=cpus,
+                    steps=args.steps,
+                    every=args.every,
+                )
+
+            runs[f"{cpus}_cpus"] = alternate(["synchronous", "asynchronous"], args.rounds, one, f"{cpus}cpu-")
     results = {
         "settings": {
             "model": MODEL,

@@ -19,13 +19,12 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from benchmarks.machine import save
+from benchmarks.machine import alternate, save
 from pipeline.config import PipelineConfig, PreprocessConfig
 from pipeline.datasets.build import build_dataset
 from pipeline.metrics import probe_records, read_records
@@ -94,23 +93,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs with and without probes")
     args = parser.parse_args()
     init_ray()
-    runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
     with tempfile.TemporaryDirectory(prefix="vitpipe-probes-") as scratch:
         job, folders = quickstart_data(Path(scratch))
-        for round_ in range(args.rounds):
-            for mode, outcomes in runs.items():
-                began, name = time.perf_counter(), f"{mode}-{round_}"
-                outcome = run(
-                    job,
-                    folders,
-                    Path(scratch) / "runs",
-                    name,
-                    probes=mode == "on",
-                    steps=args.steps,
-                    every=args.every,
-                )
-                outcomes.append(outcome)
-                print(f"{name}: {json.dumps(outcome)} ({time.perf_counter() - began:.0f} s)", flush=True)
+
+        def one(mode: str, name: str) -> dict[str, Any]:
+            runs_dir = Path(scratch) / "runs"
+            return run(job, folders, runs_dir, name, probes=mode == "on", steps=args.steps, every=args.every)
+
+        runs = alternate(["off", "on"], args.rounds, one)
     results = {
         "settings": {
             "job": "jobs/quickstart.yaml (its pretrain section; EMA on in both modes)",
