@@ -161,12 +161,8 @@ def _run_tasks(
     progress = _Progress(list(kept.values()), set(kept), grids)
     _run_members(plan, todo, keys, parents, address, progress)
     _extend(plan, keys, parents, address, later, progress)
-    # An earlier command's extension this one did not reach is not this command's result; but where a
-    # member of its group failed, its own choice may yet reach it: kept for the rerun.
-    failed = {(failure["target"], failure["mode"]) for failure in progress.failures}
-    for member in set(later) - progress.reused:
-        if member[:2] not in failed:
-            remove_folder(member_folder(join(plan.out, member[0], member[1]), member[2]))
+    for member in set(later) - progress.reused:  # not reached this time: not this command's
+        remove_folder(member_folder(join(plan.out, member[0], member[1]), member[2]))
     return _group_results(plan, parents, progress), progress.failures
 
 
